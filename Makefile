@@ -1,0 +1,47 @@
+# Rampart: `make run` builds and starts the gateway on configs/gateway.toml; `make test` runs every test.
+# Both install what they need (Debian packages via apt, crates via cargo). Run as root.
+
+CARGO        ?= cargo
+CONFIG       ?= configs/gateway.toml
+APT_PACKAGES := wireguard-go wireguard-tools iproute2 iperf3 socat netcat-openbsd curl python3 jq procps
+export CARGO_TERM_COLOR := never
+
+.PHONY: all build release run test deps lint unit e2e bench clean-test-netns
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+## Start the gateway in the foreground on the default config (Ctrl-C stops it).
+run: release
+	./target/release/rampart run -c $(CONFIG)
+
+## Install the Debian packages the tests drive (real WireGuard clients, iperf3, ...). Idempotent.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "deps: all present"; fi
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Unit, property and in-memory scenario tests (no root needed).
+unit:
+	$(CARGO) test --bins
+
+## End-to-end tests with real wireguard-go clients in network namespaces (root).
+e2e: deps
+	@for t in tests/e2e_*.rs; do \
+	  [ -e "$$t" ] || continue; \
+	  name=$$(basename $$t .rs); \
+	  $(CARGO) test --test $$name -- --test-threads=1 || exit 1; \
+	done
+
+test: deps lint unit e2e

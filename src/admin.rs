@@ -1,0 +1,185 @@
+//! The admin listener: `GET /health` and `GET /metrics` (Prometheus text format). It reads counters only; it
+//! never reaches into the core.
+//!
+//! A deliberately small HTTP/1.1 responder (one request per connection, bounded request size and time); the
+//! audit review UI will replace it with a full server.
+#![deny(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+use crate::core::{DropReason, Metrics, TrafficCounters};
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut n = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() {
+                    let r = conn.read(&mut buf[n..]).await?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                        || buf[..n].windows(2).any(|w| w == b"\n\n")
+                    {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+                ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render(&metrics)),
+                ("GET", _) => (
+                    "404 Not Found",
+                    "text/plain",
+                    "not found; try /health or /metrics\n".to_string(),
+                ),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "only GET\n".to_string(),
+                ),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+/// Renders all counters in the Prometheus text exposition format.
+pub fn render(m: &Metrics) -> String {
+    let tenants = m.tenants();
+    let mut out = String::with_capacity(4096);
+    let per_tenant = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      get: &dyn Fn(&TrafficCounters) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, c) in &tenants {
+            let _ = writeln!(out, "{name}{{tenant=\"{id}\"}} {}", get(c));
+        }
+    };
+    per_tenant(
+        &mut out,
+        "rampart_handshakes_total",
+        "counter",
+        "Completed WireGuard handshakes.",
+        &|c| c.handshakes.get(),
+    );
+    per_tenant(
+        &mut out,
+        "rampart_rx_packets_total",
+        "counter",
+        "Inner packets received from devices.",
+        &|c| c.rx_packets.get(),
+    );
+    per_tenant(
+        &mut out,
+        "rampart_rx_bytes_total",
+        "counter",
+        "Inner bytes received from devices.",
+        &|c| c.rx_bytes.get(),
+    );
+    per_tenant(
+        &mut out,
+        "rampart_tx_packets_total",
+        "counter",
+        "Inner packets sent to devices.",
+        &|c| c.tx_packets.get(),
+    );
+    per_tenant(
+        &mut out,
+        "rampart_tx_bytes_total",
+        "counter",
+        "Inner bytes sent to devices.",
+        &|c| c.tx_bytes.get(),
+    );
+    per_tenant(
+        &mut out,
+        "rampart_peers",
+        "gauge",
+        "Devices configured or enrolled.",
+        &|c| c.peers.get(),
+    );
+    per_tenant(
+        &mut out,
+        "rampart_peers_connected",
+        "gauge",
+        "Devices with a handshake in the last 180 s.",
+        &|c| c.peers_connected.get(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rampart_dropped_packets_total Datagrams and inner packets dropped, by reason.\n# TYPE rampart_dropped_packets_total counter"
+    );
+    let un = &m.global.unattributed;
+    for r in DropReason::ALL {
+        let _ = writeln!(
+            out,
+            "rampart_dropped_packets_total{{tenant=\"\",reason=\"{}\"}} {}",
+            r.as_str(),
+            un.drops(r)
+        );
+        for (id, c) in &tenants {
+            let _ = writeln!(
+                out,
+                "rampart_dropped_packets_total{{tenant=\"{id}\",reason=\"{}\"}} {}",
+                r.as_str(),
+                c.drops(r)
+            );
+        }
+    }
+    let g = &m.global;
+    for (name, help, v) in [
+        (
+            "rampart_datagrams_received_total",
+            "UDP datagrams received.",
+            g.datagrams_rx.get(),
+        ),
+        (
+            "rampart_datagrams_sent_total",
+            "UDP datagrams sent.",
+            g.datagrams_tx.get(),
+        ),
+        (
+            "rampart_cookie_replies_total",
+            "Cookie replies sent to handshake initiators while under load.",
+            g.cookie_replies.get(),
+        ),
+        (
+            "rampart_send_errors_total",
+            "UDP datagrams the kernel refused to send.",
+            g.send_errors.get(),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    out
+}

@@ -1,0 +1,291 @@
+//! `rampart run`: assembles the gateway from a validated config (key, UDP socket, core, on-ramp thread, admin
+//! listener, control socket, signals) and keeps it running. Reloads validate first and leave the running
+//! gateway untouched when the new config is bad.
+#![deny(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::control::{self, PeerStatusWire, Reply, Request};
+use crate::core::{Gateway, Metrics};
+use crate::keys::{PeerKey, PrivateKey};
+use crate::onramp::{Command, Onramp};
+
+/// How often last-known device endpoints are saved (used to re-handshake right after a restart).
+const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(15);
+
+struct Running {
+    config_path: PathBuf,
+    config: Mutex<Arc<Config>>,
+    onramp: Onramp,
+}
+
+impl Running {
+    /// Re-reads the config and registry; applies them only if valid.
+    fn reload(&self) -> Result<String, String> {
+        let new = Config::load(&self.config_path).map_err(|e| {
+            tracing::error!("reload rejected, gateway unchanged:\n{e}");
+            format!("reload rejected, running gateway unchanged:\n{e}")
+        })?;
+        let old = self.config.lock().expect("config lock").clone();
+        for key in old.restart_only_differences(&new) {
+            tracing::warn!(
+                key,
+                "changed in the config file; it takes effect after a restart"
+            );
+        }
+        let new = Arc::new(new);
+        let summary = self.onramp.apply(new.clone()).ok_or("data path stopped")?;
+        *self.config.lock().expect("config lock") = new.clone();
+        let msg = format!(
+            "reloaded {}: {} tenants, {} devices ({} added, {} removed, {} updated)",
+            self.config_path.display(),
+            new.tenants.len(),
+            new.device_count(),
+            summary.added,
+            summary.removed,
+            summary.updated
+        );
+        tracing::info!("{msg}");
+        Ok(msg)
+    }
+}
+
+/// Loads the gateway key, creating it (mode 0600) on first start.
+fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    if path.exists() {
+        return PrivateKey::read_file(path);
+    }
+    let key = PrivateKey::generate();
+    key.write_new_file(path)
+        .with_context(|| format!("cannot create gateway key {}", path.display()))?;
+    tracing::info!(path = %path.display(), public_key = %key.public_key(), "generated a new gateway key");
+    Ok(key)
+}
+
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = Arc::new(cfg);
+    let g = &cfg.gateway;
+    std::fs::create_dir_all(&g.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", g.state_dir.display()))?;
+    let key = load_or_create_key(&g.private_key_file)?;
+
+    let socket = UdpSocket::bind(g.listen).with_context(|| {
+        format!(
+            "cannot listen on udp {} (gateway.listen in {})",
+            g.listen,
+            config_path.display()
+        )
+    })?;
+    let metrics = Arc::new(Metrics::default());
+    let mut gateway = Gateway::new(0, &key, metrics.clone());
+    let public = gateway.public_key();
+    let summary = gateway.apply(&cfg, Instant::now());
+    if summary.rejected > 0 {
+        tracing::error!(
+            rejected = summary.rejected,
+            "some devices could not be loaded"
+        );
+    }
+    let onramp =
+        Onramp::spawn(socket, gateway, metrics.clone()).context("cannot start the data path")?;
+    let restored = load_endpoints(&g.state_dir);
+    if !restored.is_empty() {
+        onramp.send(Command::RestoreEndpoints(restored));
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let running = Arc::new(Running {
+        config_path: config_path.to_path_buf(),
+        config: Mutex::new(cfg.clone()),
+        onramp,
+    });
+    let result = rt.block_on(serve(running.clone(), cfg.clone(), metrics, public));
+    let running = Arc::into_inner(running).expect("all tasks stopped");
+    save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
+    running.onramp.shutdown();
+    let _ = std::fs::remove_file(control::socket_path(&cfg.gateway.state_dir));
+    tracing::info!("stopped");
+    result
+}
+
+async fn serve(
+    running: Arc<Running>,
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    public: PeerKey,
+) -> anyhow::Result<()> {
+    let g = &cfg.gateway;
+    let admin = TcpListener::bind(g.admin_listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (gateway.admin_listen in {})",
+            g.admin_listen,
+            cfg.source.display()
+        )
+    })?;
+    let control = bind_control(&g.state_dir)?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let admin_task = tokio::spawn(crate::admin::serve(admin, metrics));
+    let control_task = tokio::spawn(serve_control(control, running.clone()));
+
+    let tenants: Vec<String> = cfg.tenants.iter().map(|t| t.id.to_string()).collect();
+    tracing::info!(
+        listen = %g.listen, admin = %g.admin_listen, public_key = %public, tenants = tenants.len(),
+        devices = cfg.device_count(), "rampart gateway running"
+    );
+    eprintln!(
+        "rampart: WireGuard on udp {}, admin http://{} (/health, /metrics), gateway public key {}\n\
+         rampart: enroll a device:  rampart device add -c {} --tenant {} --name laptop --user alice@example.com --endpoint <this-host>:{}",
+        g.listen,
+        g.admin_listen,
+        public,
+        cfg.source.display(),
+        tenants.first().map(String::as_str).unwrap_or("<tenant-id>"),
+        g.listen.port()
+    );
+
+    let mut save = tokio::time::interval(ENDPOINT_SAVE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let r = running.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = save.tick() => {
+                let r = running.clone();
+                let dir = g.state_dir.clone();
+                let _ = tokio::task::spawn_blocking(move || save_endpoints(&dir, &r.onramp.status())).await;
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    admin_task.abort();
+    control_task.abort();
+    let _ = admin_task.await;
+    let _ = control_task.await;
+    Ok(())
+}
+
+/// Binds `state_dir/control.sock`, refusing to steal it from another running gateway.
+fn bind_control(state_dir: &Path) -> anyhow::Result<UnixListener> {
+    let path = control::socket_path(state_dir);
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        anyhow::bail!(
+            "another rampart gateway is already running with state_dir {}; stop it first or use another state_dir",
+            state_dir.display()
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path)
+        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn serve_control(listener: UnixListener, running: Arc<Running>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let running = running.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = conn.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd);
+            if tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Reload) => {
+                    let r = running.clone();
+                    match tokio::task::spawn_blocking(move || r.reload()).await {
+                        Ok(Ok(message)) => Reply {
+                            ok: true,
+                            message,
+                            peers: Vec::new(),
+                        },
+                        Ok(Err(message)) => Reply {
+                            ok: false,
+                            message,
+                            peers: Vec::new(),
+                        },
+                        Err(e) => Reply {
+                            ok: false,
+                            message: e.to_string(),
+                            peers: Vec::new(),
+                        },
+                    }
+                }
+                Ok(Request::Status) => {
+                    let r = running.clone();
+                    let peers = tokio::task::spawn_blocking(move || r.onramp.status())
+                        .await
+                        .unwrap_or_default();
+                    Reply {
+                        ok: true,
+                        message: String::new(),
+                        peers: peers.iter().map(PeerStatusWire::from).collect(),
+                    }
+                }
+                Err(e) => Reply {
+                    ok: false,
+                    message: format!("bad request: {e}"),
+                    peers: Vec::new(),
+                },
+            };
+            let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+            out.push(b'\n');
+            let _ = wr.write_all(&out).await;
+        });
+    }
+}
+
+fn endpoints_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("endpoints.json")
+}
+
+fn save_endpoints(state_dir: &Path, peers: &[crate::core::PeerStatus]) {
+    let map: HashMap<String, String> = peers
+        .iter()
+        .filter_map(|p| Some((p.public_key.to_string(), p.endpoint?.to_string())))
+        .collect();
+    let tmp = state_dir.join("endpoints.json.tmp");
+    let result = serde_json::to_vec(&map)
+        .map_err(std::io::Error::other)
+        .and_then(|body| std::fs::write(&tmp, body))
+        .and_then(|()| std::fs::rename(&tmp, endpoints_path(state_dir)));
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "cannot save device endpoints");
+    }
+}
+
+fn load_endpoints(state_dir: &Path) -> Vec<(PeerKey, SocketAddr)> {
+    let Ok(text) = std::fs::read_to_string(endpoints_path(state_dir)) else {
+        return Vec::new();
+    };
+    let map: HashMap<String, String> = serde_json::from_str(&text).unwrap_or_default();
+    map.into_iter()
+        .filter_map(|(k, e)| Some((k.parse().ok()?, e.parse().ok()?)))
+        .collect()
+}

@@ -1,0 +1,166 @@
+//! Device enrollment: address allocation from a tenant's pool and the wg-quick client config a device imports.
+#![deny(unsafe_code)]
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::config::Tenant;
+use crate::keys::{PeerKey, PrivateKey};
+
+/// Inner MTU every device uses (wireguard-go's default; fits a 1500-byte underlay with an IPv6 outer header).
+pub const DEVICE_MTU: u16 = 1420;
+/// Keeps NAT mappings open and lets the gateway reach the device (it learns endpoints only from traffic).
+pub const PERSISTENT_KEEPALIVE: u16 = 25;
+/// Upper bound on addresses probed in huge (IPv6) pools.
+const MAX_PROBES: usize = 1 << 20;
+
+/// The first free host address of `tenant`'s pool: not the network or broadcast address, not the gateway, not
+/// a device's.
+pub fn allocate_address(tenant: &Tenant) -> Option<IpAddr> {
+    let used: HashSet<IpAddr> = tenant
+        .devices
+        .iter()
+        .map(|d| d.address)
+        .chain([tenant.gateway_address])
+        .collect();
+    let pool = tenant.address_pool;
+    match pool {
+        IpNet::V4(p) => p
+            .hosts()
+            .map(IpAddr::V4)
+            .take(MAX_PROBES)
+            .find(|a| !used.contains(a)),
+        IpNet::V6(p) => p
+            .hosts()
+            .skip(1)
+            .map(IpAddr::V6)
+            .take(MAX_PROBES)
+            .find(|a| !used.contains(a)),
+    }
+}
+
+/// Everything that goes into a device's client config.
+pub struct ClientConfig<'a> {
+    pub tenant: &'a Tenant,
+    pub device_name: &'a str,
+    pub private_key: Option<&'a PrivateKey>,
+    pub address: IpAddr,
+    pub gateway_key: PeerKey,
+    pub endpoint: &'a str,
+}
+
+impl ClientConfig<'_> {
+    /// A standard wg-quick config: `[Interface]` with the device key and address, `[Peer]` = the gateway, routing
+    /// the tenant's pool into the tunnel.
+    pub fn render(&self) -> String {
+        let host_prefix = if self.address.is_ipv4() { 32 } else { 128 };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# Rampart device {:?}, tenant {:?} ({})",
+            self.device_name,
+            self.tenant.id.as_str(),
+            self.tenant.name
+        );
+        let _ = writeln!(s, "[Interface]");
+        match self.private_key {
+            Some(k) => {
+                let _ = writeln!(s, "PrivateKey = {}", k.to_base64());
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "# PrivateKey = <the private key this device was created with>"
+                );
+            }
+        }
+        let _ = writeln!(s, "Address = {}/{host_prefix}", self.address);
+        let _ = writeln!(s, "MTU = {DEVICE_MTU}");
+        let _ = writeln!(s);
+        let _ = writeln!(s, "[Peer]");
+        let _ = writeln!(s, "PublicKey = {}", self.gateway_key);
+        let _ = writeln!(s, "Endpoint = {}", self.endpoint);
+        let _ = writeln!(s, "AllowedIPs = {}", self.tenant.address_pool);
+        let _ = writeln!(s, "PersistentKeepalive = {PERSISTENT_KEEPALIVE}");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Device, DeviceName, DeviceOrigin, TenantId, UserName};
+
+    fn tenant(pool: &str, gw: &str) -> Tenant {
+        Tenant {
+            id: TenantId::parse("acme").unwrap(),
+            name: "Acme".into(),
+            address_pool: pool.parse().unwrap(),
+            gateway_address: gw.parse().unwrap(),
+            devices: Vec::new(),
+        }
+    }
+
+    fn device(addr: &str, n: usize) -> Device {
+        Device {
+            name: DeviceName::parse(&format!("d{n}")).unwrap(),
+            public_key: PeerKey([n as u8; 32]),
+            address: addr.parse().unwrap(),
+            user: UserName::parse("u").unwrap(),
+            groups: vec![],
+            origin: DeviceOrigin::Enrolled,
+        }
+    }
+
+    #[test]
+    fn allocates_first_free_skipping_gateway_and_used() {
+        let mut t = tenant("100.96.0.0/24", "100.96.0.1");
+        assert_eq!(allocate_address(&t), Some("100.96.0.2".parse().unwrap()));
+        t.devices.push(device("100.96.0.2", 1));
+        t.devices.push(device("100.96.0.4", 2));
+        assert_eq!(allocate_address(&t), Some("100.96.0.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn full_pool_yields_none() {
+        let mut t = tenant("100.96.0.0/30", "100.96.0.1");
+        t.devices.push(device("100.96.0.2", 1));
+        assert_eq!(allocate_address(&t), None);
+    }
+
+    #[test]
+    fn ipv6_pool_allocates() {
+        let t = tenant("fd00:1::/64", "fd00:1::1");
+        assert_eq!(allocate_address(&t), Some("fd00:1::2".parse().unwrap()));
+    }
+
+    #[test]
+    fn client_config_is_wg_quick_shaped() {
+        let t = tenant("100.96.0.0/24", "100.96.0.1");
+        let k = PrivateKey::generate();
+        let text = ClientConfig {
+            tenant: &t,
+            device_name: "laptop",
+            private_key: Some(&k),
+            address: "100.96.0.2".parse().unwrap(),
+            gateway_key: PeerKey([1; 32]),
+            endpoint: "198.18.0.1:51820",
+        }
+        .render();
+        for line in [
+            format!("PrivateKey = {}", k.to_base64()),
+            "Address = 100.96.0.2/32".into(),
+            "Endpoint = 198.18.0.1:51820".into(),
+            "AllowedIPs = 100.96.0.0/24".into(),
+            "PersistentKeepalive = 25".into(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Rampart: a WireGuard-terminating zero-trust gateway. See ARCHITECTURE.md for the module map.
+#![deny(unsafe_code)]
+
+mod admin;
+mod cli;
+mod config;
+mod control;
+mod core;
+mod daemon;
+mod enroll;
+mod keys;
+mod onramp;
+mod packet;
+mod registry;
+#[allow(unsafe_code)]
+mod sys;
+mod system;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|e| {
+        eprintln!(
+            "rampart: --log-level {:?} is not a valid filter ({e}); using info",
+            cli.log_level
+        );
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::dispatch(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rampart: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

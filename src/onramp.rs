@@ -1,0 +1,146 @@
+//! The WireGuard on-ramp IO shell: one UDP socket for every peer of every tenant, pumped by a dedicated thread
+//! that owns the `core::Gateway`. It receives in batches (`recvmmsg`), hands each datagram to the core, runs the
+//! timer tick, and sends what the core queued in batches (`sendmmsg`). It decides nothing itself.
+//!
+//! Control (reloads, status queries) reaches the thread over a channel and is applied between batches, so the
+//! core never needs a lock.
+#![deny(unsafe_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::core::{tx::BUF_SIZE, ApplySummary, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK};
+use crate::keys::PeerKey;
+use crate::sys;
+
+/// Flush queued output after this many datagrams even in the middle of a receive batch.
+const TX_FLUSH_AT: usize = 128;
+
+pub enum Command {
+    Apply(Arc<Config>, Sender<ApplySummary>),
+    Status(Sender<Vec<PeerStatus>>),
+    RestoreEndpoints(Vec<(PeerKey, SocketAddr)>),
+    Shutdown,
+}
+
+/// Handle to the running data-path thread.
+pub struct Onramp {
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Onramp {
+    /// Starts the pump on `socket` (already bound) with `gateway` (already configured).
+    pub fn spawn(
+        socket: UdpSocket,
+        gateway: Gateway,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Onramp> {
+        sys::set_recv_timeout(&socket, TIMER_TICK)?;
+        sys::set_socket_buffers(&socket, 8 << 20);
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rampart-onramp".into())
+            .spawn(move || pump(socket, gateway, metrics, rx))?;
+        Ok(Onramp {
+            commands: tx,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+
+    /// Applies a new configuration and waits for the summary.
+    pub fn apply(&self, cfg: Arc<Config>) -> Option<ApplySummary> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Apply(cfg, tx));
+        rx.recv().ok()
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Status(tx));
+        rx.recv().unwrap_or_default()
+    }
+
+    pub fn shutdown(mut self) {
+        self.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pump(socket: UdpSocket, mut gw: Gateway, metrics: Arc<Metrics>, commands: Receiver<Command>) {
+    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut rx = sys::RecvBatch::new(BUF_SIZE);
+    let mut scratch = vec![0u8; BUF_SIZE];
+    let mut tx = TxQueue::new();
+    let mut next_tick = Instant::now();
+    let flush = |tx: &mut TxQueue| {
+        if !tx.is_empty() {
+            let (sent, failed) = sys::send_batch(&socket, v6, tx.iter());
+            metrics.global.datagrams_tx.add(sent as u64);
+            metrics.global.send_errors.add(failed as u64);
+            tx.clear();
+        }
+    };
+    loop {
+        match sys::recv_batch(&socket, &mut rx) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "UDP receive failed");
+                std::thread::sleep(TIMER_TICK);
+            }
+        }
+        for (i, &(from, len, truncated)) in rx.meta.iter().enumerate() {
+            if truncated {
+                metrics
+                    .global
+                    .unattributed
+                    .count_drop(crate::core::DropReason::MalformedDatagram);
+                continue;
+            }
+            gw.handle_datagram(from, &rx.bufs[i][..len], &mut scratch, &mut tx);
+            if tx.len() >= TX_FLUSH_AT {
+                flush(&mut tx);
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            gw.handle_timers(&mut tx);
+            next_tick = now + TIMER_TICK;
+        }
+        flush(&mut tx);
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Apply(cfg, reply)) => {
+                    let summary = gw.apply(&cfg, Instant::now());
+                    let _ = reply.send(summary);
+                }
+                Ok(Command::Status(reply)) => {
+                    let _ = reply.send(gw.peer_status());
+                }
+                Ok(Command::RestoreEndpoints(list)) => {
+                    let n = list
+                        .iter()
+                        .filter(|(k, ep)| gw.handle_restored_endpoint(*k, *ep, &mut tx))
+                        .count();
+                    tracing::info!(
+                        peers = n,
+                        "sent handshake initiations to last known device endpoints"
+                    );
+                    flush(&mut tx);
+                }
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+    }
+}
