@@ -16,6 +16,8 @@ mod registry;
 mod sys;
 mod system;
 
+use std::io::IsTerminal as _;
+
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
