@@ -31,6 +31,7 @@ fn main() -> std::process::ExitCode {
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match cli::dispatch(cli) {
