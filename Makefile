@@ -34,7 +34,7 @@ lint:
 
 ## Unit, property and in-memory scenario tests (no root needed).
 unit:
-	$(CARGO) test --bins
+	$(CARGO) test --lib --bins
 
 ## End-to-end tests with real wireguard-go clients in network namespaces (root).
 e2e: deps

@@ -62,10 +62,43 @@ pub enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Review the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Appliance slots and updates.
     System {
         #[command(subcommand)]
         command: crate::system::SystemCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Flows: who, from which device, to where, which rule decided, bytes each way, how it ended.
+    Flows {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Source device name.
+        #[arg(long)]
+        device: Option<String>,
+        /// Destination inside this CIDR (or exactly this address).
+        #[arg(long)]
+        dst: Option<String>,
+        /// Only flows started since: a duration back from now (15m, 2h, 7d) or a UTC time (2026-11-26T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many flows (newest first).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -171,6 +204,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 tenant,
                 name,
             } => device_remove(&config, &tenant, &name),
+        },
+        Command::Audit { command } => match command {
+            AuditCommand::Flows {
+                config,
+                tenant,
+                user,
+                device,
+                dst,
+                since,
+                limit,
+                json,
+            } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
         },
         Command::System { command } => crate::system::run(command),
     }
@@ -439,4 +484,100 @@ fn device_remove(config: &Path, tenant: &str, name: &str) -> anyhow::Result<()> 
     drop(lock);
     eprintln!("removed device {name} from tenant {tenant_id}");
     notify_gateway(&pre)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit_flows(
+    config: &Path,
+    tenant: Option<String>,
+    user: Option<String>,
+    device: Option<String>,
+    dst: Option<String>,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::audit::store::{FlowFilter, Store};
+    use crate::audit::time::{format_ms, parse_since};
+    let cfg = load(config)?;
+    let path = &cfg.audit.path;
+    if !path.exists() {
+        bail!(
+            "no audit store at {} yet (it is created when the gateway first runs)",
+            path.display()
+        );
+    }
+    let now_ms = unix_now() as i64 * 1000;
+    let dst = dst
+        .map(|d| {
+            d.parse::<ipnet::IpNet>()
+                .or_else(|_| d.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        })
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("--dst: not a CIDR or address; write it like 10.1.0.0/16"))?;
+    let since_ms = since
+        .map(|s| parse_since(&s, now_ms))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let store = Store::open_readonly(path)
+        .with_context(|| format!("cannot open the audit store {}", path.display()))?;
+    let rows = store.flows(&FlowFilter {
+        tenant,
+        user,
+        device,
+        dst,
+        since_ms,
+        limit,
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  END",
+        "STARTED",
+        "TENANT",
+        "USER",
+        "DEVICE",
+        "PROTO",
+        "FLOW",
+        "ACTION",
+        "RULE",
+        "OUT pkts/bytes",
+        "IN pkts/bytes"
+    )?;
+    for r in &rows {
+        let proto = match r.protocol {
+            1 | 58 => "icmp".to_string(),
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            p => p.to_string(),
+        };
+        let flow = format!("{}:{} -> {}:{}", r.src, r.sport, r.dst, r.dport);
+        let end = match (&r.end_reason, r.ended_ms) {
+            (Some(reason), Some(ms)) => {
+                format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
+            }
+            _ => "open".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
+            format_ms(r.started_ms),
+            r.tenant,
+            r.user,
+            r.device,
+            proto,
+            flow,
+            r.action,
+            r.rule,
+            format!("{}/{}", r.packets_out, r.bytes_out),
+            format!("{}/{}", r.packets_in, r.bytes_in),
+        )?;
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -30,8 +31,44 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub gateway: RawGateway,
+    pub flows: Option<RawFlows>,
+    pub audit: Option<RawAudit>,
     #[serde(default)]
     pub tenant: Vec<RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlows {
+    pub max_flows: Option<u64>,
+    pub tcp_established_timeout_secs: Option<u64>,
+    pub tcp_transitory_timeout_secs: Option<u64>,
+    pub udp_timeout_secs: Option<u64>,
+    pub icmp_timeout_secs: Option<u64>,
+    pub other_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub path: Option<String>,
+    pub queue: Option<u64>,
+    pub commit_interval_ms: Option<u64>,
+    pub on_overflow: Option<String>,
+    pub on_failure: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub id: String,
+    pub action: String,
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    pub devices: Option<Vec<String>>,
+    pub dst: Option<Vec<String>>,
+    pub proto: Option<String>,
+    pub ports: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +88,10 @@ pub struct RawTenant {
     pub name: Option<String>,
     pub address_pool: String,
     pub gateway_address: String,
+    pub max_flows: Option<u64>,
+    pub offramp: Option<Vec<String>>,
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
     #[serde(default)]
     pub device: Vec<RawDevice>,
 }
@@ -176,7 +217,119 @@ pub struct Tenant {
     pub name: String,
     pub address_pool: IpNet,
     pub gateway_address: IpAddr,
+    /// Most concurrent flows of this tenant (`None`: only the global limit applies).
+    pub max_flows: Option<usize>,
+    /// Ordered policy rules; the first match decides, no match denies.
+    pub rules: Vec<Rule>,
     pub devices: Vec<Device>,
+}
+
+/// What a rule does with the flows it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Forward at layer 3.
+    Allow,
+    /// Drop silently.
+    Deny,
+    /// Drop and tell the sender (TCP RST, ICMP administratively prohibited).
+    Reject,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Reject => "reject",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A destination a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DstMatch {
+    Net(IpNet),
+    /// A device of the same tenant, by name (resolved to its address when policy is compiled).
+    Device(DeviceName),
+    /// The tenant's gateway address.
+    Gateway,
+}
+
+/// A policy rule, as validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub id: String,
+    pub action: Action,
+    /// Empty = anyone in the tenant (for each of users, groups, devices; all given lists must match).
+    pub users: Vec<UserName>,
+    pub groups: Vec<String>,
+    pub devices: Vec<DeviceName>,
+    /// `None` = anywhere.
+    pub dst: Option<Vec<DstMatch>>,
+    pub proto: Proto,
+    /// Destination port ranges (inclusive); empty = any port.
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// Flow tracking settings (`[flows]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowSettings {
+    pub max_flows: usize,
+    pub tcp_established_timeout: Duration,
+    pub tcp_transitory_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub icmp_timeout: Duration,
+    pub other_timeout: Duration,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        FlowSettings {
+            max_flows: 1_000_000,
+            tcp_established_timeout: Duration::from_secs(3600),
+            tcp_transitory_timeout: Duration::from_secs(60),
+            udp_timeout: Duration::from_secs(60),
+            icmp_timeout: Duration::from_secs(30),
+            other_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the data path does when the audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Keep forwarding; drop the record and count it.
+    Drop,
+    /// Refuse new flows until the queue drains (existing flows continue).
+    BlockNewFlows,
+}
+
+/// What the gateway does while the audit store cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Keep forwarding; records are lost and counted.
+    FailOpen,
+    /// Refuse new flows until writes succeed again.
+    FailClosed,
+}
+
+/// Audit store settings (`[audit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    pub queue: usize,
+    pub commit_interval: Duration,
+    pub on_overflow: OverflowPolicy,
+    pub on_failure: FailurePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +347,8 @@ pub struct Config {
     /// The file this was loaded from (for messages).
     pub source: PathBuf,
     pub gateway: GatewaySettings,
+    pub flows: FlowSettings,
+    pub audit: AuditSettings,
     pub tenants: Vec<Tenant>,
 }
 
@@ -351,6 +506,12 @@ impl Config {
         if a.state_dir != b.state_dir {
             out.push("gateway.state_dir");
         }
+        if self.audit != new.audit {
+            out.push("audit");
+        }
+        if self.flows.max_flows != new.flows.max_flows {
+            out.push("flows.max_flows");
+        }
         out
     }
 }
@@ -408,6 +569,8 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
         }
     }
 
+    let flows = validate_flows(raw.flows, c);
+    let audit = validate_audit(raw.audit, &state_dir, base, c);
     let mut tenants = Vec::new();
     let mut ids = HashSet::new();
     for (i, rt) in raw.tenant.into_iter().enumerate() {
@@ -454,11 +617,46 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
                 format!("{gw} is outside address_pool {pool}; pick an address inside the pool (usually its first)"),
             );
         }
+        if let Some(nets) = rt.offramp.as_ref().filter(|n| !n.is_empty()) {
+            c.push(
+                format!("{key}.offramp"),
+                format!(
+                    "{nets:?}: off-ramp routing to upstream networks is not available in this version \
+                     (it needs the layer-4 upgrade path); remove the key"
+                ),
+            );
+        }
+        let max_flows = rt.max_flows.map(|n| n as usize);
+        if max_flows == Some(0) {
+            c.push(
+                format!("{key}.max_flows"),
+                "must be at least 1 (omit it for no per-tenant limit)",
+            );
+        }
+        let mut rule_ids = HashSet::new();
+        let mut rules = Vec::new();
+        for (j, rr) in rt.rule.into_iter().enumerate() {
+            let rkey = format!("{key}.rule[{j}]");
+            if !rule_ids.insert(rr.id.clone()) {
+                c.push(
+                    format!("{rkey}.id"),
+                    format!(
+                        "duplicate rule id {:?}; rule ids are unique per tenant",
+                        rr.id
+                    ),
+                );
+            }
+            if let Some(r) = validate_rule(rr, &rkey, c) {
+                rules.push(r);
+            }
+        }
         let mut tenant = Tenant {
             name: rt.name.unwrap_or_else(|| id.to_string()),
             id,
             address_pool: pool,
             gateway_address: gw,
+            max_flows,
+            rules,
             devices: Vec::new(),
         };
         for (j, rd) in rt.device.into_iter().enumerate() {
@@ -480,13 +678,279 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
             admin_listen,
             public_endpoint: g.public_endpoint,
         },
+        flows,
+        audit,
         tenants,
     }
+}
+
+fn validate_flows(raw: Option<RawFlows>, c: &mut Collector<'_>) -> FlowSettings {
+    let d = FlowSettings::default();
+    let Some(r) = raw else { return d };
+    let mut secs = |key: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => {
+            c.push(format!("flows.{key}"), "must be at least 1 second");
+            default
+        }
+        Some(n) => Duration::from_secs(n),
+        None => default,
+    };
+    let s = FlowSettings {
+        max_flows: d.max_flows,
+        tcp_established_timeout: secs(
+            "tcp_established_timeout_secs",
+            r.tcp_established_timeout_secs,
+            d.tcp_established_timeout,
+        ),
+        tcp_transitory_timeout: secs(
+            "tcp_transitory_timeout_secs",
+            r.tcp_transitory_timeout_secs,
+            d.tcp_transitory_timeout,
+        ),
+        udp_timeout: secs("udp_timeout_secs", r.udp_timeout_secs, d.udp_timeout),
+        icmp_timeout: secs("icmp_timeout_secs", r.icmp_timeout_secs, d.icmp_timeout),
+        other_timeout: secs("other_timeout_secs", r.other_timeout_secs, d.other_timeout),
+    };
+    match r.max_flows {
+        Some(0) => {
+            c.push("flows.max_flows", "must be at least 1");
+            s
+        }
+        Some(n) if n > u64::from(u32::MAX) => {
+            c.push(
+                "flows.max_flows",
+                format!("{n} is too large; at most {}", u32::MAX),
+            );
+            s
+        }
+        Some(n) => FlowSettings {
+            max_flows: n as usize,
+            ..s
+        },
+        None => s,
+    }
+}
+
+fn validate_audit(
+    raw: Option<RawAudit>,
+    state_dir: &Path,
+    base: &Path,
+    c: &mut Collector<'_>,
+) -> AuditSettings {
+    let r = raw.unwrap_or(RawAudit {
+        path: None,
+        queue: None,
+        commit_interval_ms: None,
+        on_overflow: None,
+        on_failure: None,
+    });
+    let on_overflow = match r.on_overflow.as_deref() {
+        None | Some("drop") => OverflowPolicy::Drop,
+        Some("block_new_flows") => OverflowPolicy::BlockNewFlows,
+        Some(o) => {
+            c.push(
+                "audit.on_overflow",
+                format!("{o:?} is not a policy; use \"drop\" or \"block_new_flows\""),
+            );
+            OverflowPolicy::Drop
+        }
+    };
+    let on_failure = match r.on_failure.as_deref() {
+        None | Some("fail_open") => FailurePolicy::FailOpen,
+        Some("fail_closed") => FailurePolicy::FailClosed,
+        Some(o) => {
+            c.push(
+                "audit.on_failure",
+                format!("{o:?} is not a policy; use \"fail_open\" or \"fail_closed\""),
+            );
+            FailurePolicy::FailOpen
+        }
+    };
+    let queue = match r.queue {
+        Some(n) if !(16..=10_000_000).contains(&n) => {
+            c.push(
+                "audit.queue",
+                format!("{n} is out of range; use 16..=10000000 records"),
+            );
+            65_536
+        }
+        Some(n) => n as usize,
+        None => 65_536,
+    };
+    let commit_interval = match r.commit_interval_ms {
+        Some(n) if !(1..=60_000).contains(&n) => {
+            c.push(
+                "audit.commit_interval_ms",
+                format!("{n} is out of range; use 1..=60000 (milliseconds)"),
+            );
+            Duration::from_millis(250)
+        }
+        Some(n) => Duration::from_millis(n),
+        None => Duration::from_millis(250),
+    };
+    AuditSettings {
+        path: r
+            .path
+            .as_deref()
+            .map(|p| resolve(base, p))
+            .unwrap_or_else(|| state_dir.join("audit.db")),
+        queue,
+        commit_interval,
+        on_overflow,
+        on_failure,
+    }
+}
+
+fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
+    let n = c.errors.len();
+    if !valid_ident(&r.id, 64) {
+        c.push(format!("{key}.id"), format!("{:?} is not a valid rule id: use letters, digits, '-', '_' or '.', like \"eng-ssh\"", r.id));
+    }
+    let action = match r.action.as_str() {
+        "allow" => Some(Action::Allow),
+        "deny" => Some(Action::Deny),
+        "reject" => Some(Action::Reject),
+        "proxy" | "inspect_ssh" | "inspect_http" => {
+            c.push(
+                format!("{key}.action"),
+                format!(
+                    "{:?} needs the layer-4 upgrade path, which this version does not have yet; \
+                     use \"allow\", \"deny\" or \"reject\"",
+                    r.action
+                ),
+            );
+            None
+        }
+        other => {
+            c.push(format!("{key}.action"), format!("{other:?} is not an action; use allow, deny, reject, proxy, inspect_ssh or inspect_http"));
+            None
+        }
+    };
+    let users = r
+        .users
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|u| {
+            UserName::parse(u)
+                .map_err(|m| c.push(format!("{key}.users"), m))
+                .ok()
+        })
+        .collect();
+    let devices = r
+        .devices
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| {
+            DeviceName::parse(d)
+                .map_err(|m| c.push(format!("{key}.devices"), m))
+                .ok()
+        })
+        .collect();
+    let groups = r.groups.unwrap_or_default();
+    for g in &groups {
+        if !valid_ident(g, 64) {
+            c.push(
+                format!("{key}.groups"),
+                format!("{g:?} is not a valid group name"),
+            );
+        }
+    }
+    let dst = r.dst.map(|list| {
+        list.iter()
+            .filter_map(|d| {
+                if d == "gateway" {
+                    Some(DstMatch::Gateway)
+                } else if d.contains('/') || d.parse::<IpAddr>().is_ok() {
+                    let net = d
+                        .parse::<IpNet>()
+                        .or_else(|_| d.parse::<IpAddr>().map(IpNet::from));
+                    net.map(|n| DstMatch::Net(n.trunc()))
+                        .map_err(|_| {
+                            c.push(
+                                format!("{key}.dst"),
+                                format!("{d:?} is not a CIDR; write it like \"10.1.0.0/16\""),
+                            )
+                        })
+                        .ok()
+                } else {
+                    DeviceName::parse(d)
+                        .map(DstMatch::Device)
+                        .map_err(|_| {
+                            c.push(
+                                format!("{key}.dst"),
+                                format!("{d:?} is neither a CIDR, a device name nor \"gateway\""),
+                            )
+                        })
+                        .ok()
+                }
+            })
+            .collect()
+    });
+    let proto = match r.proto.as_deref() {
+        None | Some("any") => Proto::Any,
+        Some("tcp") => Proto::Tcp,
+        Some("udp") => Proto::Udp,
+        Some("icmp") => Proto::Icmp,
+        Some(p) => {
+            c.push(
+                format!("{key}.proto"),
+                format!("{p:?} is not a protocol; use tcp, udp, icmp or any"),
+            );
+            Proto::Any
+        }
+    };
+    let mut ports = Vec::new();
+    for p in r.ports.unwrap_or_default() {
+        let range = match p.split_once('-') {
+            Some((a, b)) => a
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .zip(b.trim().parse::<u16>().ok()),
+            None => p.trim().parse::<u16>().ok().map(|v| (v, v)),
+        };
+        match range {
+            Some((a, b)) if a <= b => ports.push((a, b)),
+            _ => c.push(
+                format!("{key}.ports"),
+                format!("{p:?} is not a port or range; write \"22\" or \"8000-8100\""),
+            ),
+        }
+    }
+    if !ports.is_empty() && !matches!(proto, Proto::Tcp | Proto::Udp) {
+        c.push(
+            format!("{key}.ports"),
+            "ports need proto = \"tcp\" or \"udp\"",
+        );
+    }
+    if c.errors.len() != n {
+        return None;
+    }
+    Some(Rule {
+        id: r.id,
+        action: action?,
+        users,
+        groups,
+        devices,
+        dst,
+        proto,
+        ports,
+    })
 }
 
 fn empty(path: &Path) -> Config {
     Config {
         source: path.to_path_buf(),
+        flows: FlowSettings::default(),
+        audit: validate_audit(
+            None,
+            Path::new(""),
+            Path::new(""),
+            &mut Collector {
+                file: "",
+                errors: Vec::new(),
+            },
+        ),
         gateway: GatewaySettings {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             private_key_file: PathBuf::new(),

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::control::{self, PeerStatusWire, Reply, Request};
-use crate::core::{Gateway, Metrics};
+use crate::core::{Gateway, Metrics, TxQueue};
 use crate::keys::{PeerKey, PrivateKey};
 use crate::onramp::{Command, Onramp};
 
@@ -88,17 +88,19 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         )
     })?;
     let metrics = Arc::new(Metrics::default());
-    let mut gateway = Gateway::new(0, &key, metrics.clone());
+    let (audit, audit_writer) =
+        crate::audit::start(&cfg.audit, crate::audit::WallClock::now(), metrics.clone())?;
+    let mut gateway = Gateway::new(0, &key, metrics.clone(), Instant::now());
     let public = gateway.public_key();
-    let summary = gateway.apply(&cfg, Instant::now());
+    let summary = gateway.apply(&cfg, Instant::now(), &mut TxQueue::new());
     if summary.rejected > 0 {
         tracing::error!(
             rejected = summary.rejected,
             "some devices could not be loaded"
         );
     }
-    let onramp =
-        Onramp::spawn(socket, gateway, metrics.clone()).context("cannot start the data path")?;
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit)
+        .context("cannot start the data path")?;
     let restored = load_endpoints(&g.state_dir);
     if !restored.is_empty() {
         onramp.send(Command::RestoreEndpoints(restored));
@@ -116,6 +118,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let running = Arc::into_inner(running).expect("all tasks stopped");
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
     running.onramp.shutdown();
+    audit_writer.finish();
     let _ = std::fs::remove_file(control::socket_path(&cfg.gateway.state_dir));
     tracing::info!("stopped");
     result

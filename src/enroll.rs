@@ -100,6 +100,8 @@ mod tests {
             name: "Acme".into(),
             address_pool: pool.parse().unwrap(),
             gateway_address: gw.parse().unwrap(),
+            max_flows: None,
+            rules: Vec::new(),
             devices: Vec::new(),
         }
     }

@@ -1,24 +1,10 @@
 //! Rampart: a WireGuard-terminating zero-trust gateway. See ARCHITECTURE.md for the module map.
 #![deny(unsafe_code)]
 
-mod admin;
-mod cli;
-mod config;
-mod control;
-mod core;
-mod daemon;
-mod enroll;
-mod keys;
-mod onramp;
-mod packet;
-mod registry;
-#[allow(unsafe_code)]
-mod sys;
-mod system;
-
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
+use rampart::cli;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();

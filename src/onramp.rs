@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::core::{tx::BUF_SIZE, ApplySummary, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK};
 use crate::keys::PeerKey;
@@ -39,13 +40,14 @@ impl Onramp {
         socket: UdpSocket,
         gateway: Gateway,
         metrics: Arc<Metrics>,
+        audit: AuditSink,
     ) -> std::io::Result<Onramp> {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
-            .spawn(move || pump(socket, gateway, metrics, rx))?;
+            .spawn(move || pump(socket, gateway, metrics, audit, rx))?;
         Ok(Onramp {
             commands: tx,
             thread: Some(thread),
@@ -77,12 +79,25 @@ impl Onramp {
     }
 }
 
-fn pump(socket: UdpSocket, mut gw: Gateway, metrics: Arc<Metrics>, commands: Receiver<Command>) {
+fn pump(
+    socket: UdpSocket,
+    mut gw: Gateway,
+    metrics: Arc<Metrics>,
+    audit: AuditSink,
+    commands: Receiver<Command>,
+) {
     let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut rx = sys::RecvBatch::new(BUF_SIZE);
     let mut scratch = vec![0u8; BUF_SIZE];
     let mut tx = TxQueue::new();
     let mut next_tick = Instant::now();
+    let mut events = Vec::new();
+    let mut emit = |gw: &mut Gateway| {
+        gw.take_events(&mut events);
+        for ev in events.drain(..) {
+            audit.offer(ev);
+        }
+    };
     let flush = |tx: &mut TxQueue| {
         if !tx.is_empty() {
             let (sent, failed) = sys::send_batch(&socket, v6, tx.iter());
@@ -99,6 +114,8 @@ fn pump(socket: UdpSocket, mut gw: Gateway, metrics: Arc<Metrics>, commands: Rec
                 std::thread::sleep(TIMER_TICK);
             }
         }
+        let now = Instant::now();
+        gw.set_admit_new_flows(audit.admits_new_flows());
         for (i, &(from, len, truncated)) in rx.meta.iter().enumerate() {
             if truncated {
                 metrics
@@ -107,21 +124,23 @@ fn pump(socket: UdpSocket, mut gw: Gateway, metrics: Arc<Metrics>, commands: Rec
                     .count_drop(crate::core::DropReason::MalformedDatagram);
                 continue;
             }
-            gw.handle_datagram(from, &rx.bufs[i][..len], &mut scratch, &mut tx);
+            gw.handle_datagram(now, from, &rx.bufs[i][..len], &mut scratch, &mut tx);
             if tx.len() >= TX_FLUSH_AT {
                 flush(&mut tx);
             }
         }
-        let now = Instant::now();
         if now >= next_tick {
-            gw.handle_timers(&mut tx);
+            gw.handle_timers(now, &mut tx);
             next_tick = now + TIMER_TICK;
         }
         flush(&mut tx);
+        emit(&mut gw);
         loop {
             match commands.try_recv() {
                 Ok(Command::Apply(cfg, reply)) => {
-                    let summary = gw.apply(&cfg, Instant::now());
+                    let summary = gw.apply(&cfg, Instant::now(), &mut tx);
+                    flush(&mut tx);
+                    emit(&mut gw);
                     let _ = reply.send(summary);
                 }
                 Ok(Command::Status(reply)) => {
@@ -138,7 +157,11 @@ fn pump(socket: UdpSocket, mut gw: Gateway, metrics: Arc<Metrics>, commands: Rec
                     );
                     flush(&mut tx);
                 }
-                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return,
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    gw.shutdown(Instant::now());
+                    emit(&mut gw);
+                    return;
+                }
                 Err(TryRecvError::Empty) => break,
             }
         }

@@ -29,7 +29,16 @@ pub struct IpView {
 }
 
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6 fragment extension header.
+const IPV6_FRAGMENT: u8 = 44;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Parses the IP header of `p` (IPv4 or IPv6) without copying.
 pub fn parse_ip(p: &[u8]) -> Result<IpView, PacketError> {
@@ -69,7 +78,7 @@ pub fn parse_ip(p: &[u8]) -> Result<IpView, PacketError> {
                 protocol: p[6],
                 l4_offset: 40,
                 len,
-                fragment: false,
+                fragment: p[6] == IPV6_FRAGMENT,
             })
         }
         _ => Err(PacketError::Malformed),
@@ -91,6 +100,208 @@ fn read16(p: &[u8], at: usize) -> u16 {
 
 fn write16(p: &mut [u8], at: usize, v: u16) {
     p[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The transport fields flow tracking needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Transport {
+    /// Ports for TCP/UDP; the echo identifier (both) for ICMP echo; zero otherwise.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags (zero for other protocols).
+    pub tcp_flags: u8,
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// Sequence space the segment consumes (payload + SYN + FIN).
+    pub tcp_seg_len: u32,
+}
+
+impl Transport {
+    /// Whether the flow has ports policy can match (TCP and UDP).
+    pub fn has_ports(protocol: u8) -> bool {
+        protocol == PROTO_TCP || protocol == PROTO_UDP
+    }
+}
+
+/// Parses the transport header after `v`. Unknown protocols carry no ports; truncated TCP/UDP/ICMP headers
+/// are `Malformed`.
+pub fn parse_transport(p: &[u8], v: &IpView) -> Result<Transport, PacketError> {
+    let l4 = &p[v.l4_offset..v.len];
+    match v.protocol {
+        PROTO_TCP => {
+            if l4.len() < 20 {
+                return Err(PacketError::Malformed);
+            }
+            let off = usize::from(l4[12] >> 4) * 4;
+            if off < 20 || off > l4.len() {
+                return Err(PacketError::Malformed);
+            }
+            let flags = l4[13];
+            let payload = (l4.len() - off) as u32;
+            Ok(Transport {
+                sport: read16(l4, 0),
+                dport: read16(l4, 2),
+                tcp_flags: flags,
+                tcp_seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+                tcp_ack: u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
+                tcp_seg_len: payload
+                    + u32::from(flags & TCP_SYN != 0)
+                    + u32::from(flags & TCP_FIN != 0),
+            })
+        }
+        PROTO_UDP => {
+            if l4.len() < 8 || usize::from(read16(l4, 4)) > l4.len() || read16(l4, 4) < 8 {
+                return Err(PacketError::Malformed);
+            }
+            Ok(Transport {
+                sport: read16(l4, 0),
+                dport: read16(l4, 2),
+                ..Transport::default()
+            })
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            if l4.len() < 8 {
+                return Err(PacketError::Malformed);
+            }
+            let echo = matches!(
+                (v.protocol, l4[0]),
+                (PROTO_ICMP, 0 | 8) | (PROTO_ICMPV6, 128 | 129)
+            );
+            let id = if echo { read16(l4, 4) } else { 0 };
+            Ok(Transport {
+                sport: id,
+                dport: id,
+                ..Transport::default()
+            })
+        }
+        _ => Ok(Transport::default()),
+    }
+}
+
+/// Why the gateway refuses a packet, for the ICMP error it sends back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// No device has the address (ICMP host / ICMPv6 address unreachable).
+    NoRoute,
+    /// Policy rejected the flow (ICMP communication administratively prohibited).
+    Prohibited,
+}
+
+fn write_ip_header(
+    out: &mut [u8],
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    payload_len: usize,
+) -> Option<usize> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = 20 + payload_len;
+            let h = out.get_mut(..20)?;
+            h.fill(0);
+            h[0] = 0x45;
+            h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            h[8] = 64;
+            h[9] = protocol;
+            h[12..16].copy_from_slice(&s.octets());
+            h[16..20].copy_from_slice(&d.octets());
+            let ck = !fold(ones_sum(h, 0));
+            h[10..12].copy_from_slice(&ck.to_be_bytes());
+            Some(20)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let h = out.get_mut(..40)?;
+            h.fill(0);
+            h[0] = 0x60;
+            h[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+            h[6] = protocol;
+            h[7] = 64;
+            h[8..24].copy_from_slice(&s.octets());
+            h[24..40].copy_from_slice(&d.octets());
+            Some(40)
+        }
+        _ => None,
+    }
+}
+
+/// Pseudo-header sum for TCP/UDP/ICMPv6 checksums.
+fn pseudo_sum(src: IpAddr, dst: IpAddr, protocol: u8, len: usize) -> u32 {
+    let sum = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ones_sum(&d.octets(), ones_sum(&s.octets(), 0)),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ones_sum(&d.octets(), ones_sum(&s.octets(), 0)),
+        _ => 0,
+    };
+    sum + len as u32 + u32::from(protocol)
+}
+
+/// Writes into `out` the ICMP/ICMPv6 destination-unreachable error for `orig`, from `from` (the gateway's
+/// tenant address) back to the sender. Returns the length, or `None` if `out` is too small.
+pub fn build_unreachable(
+    orig: &[u8],
+    v: &IpView,
+    from: IpAddr,
+    why: Unreachable,
+    out: &mut [u8],
+) -> Option<usize> {
+    let (protocol, ty, code, quote) = match v.src {
+        IpAddr::V4(_) => (
+            PROTO_ICMP,
+            3u8,
+            if why == Unreachable::NoRoute { 1u8 } else { 13 },
+            (v.l4_offset + 8).min(v.len),
+        ),
+        // RFC 4443: as much of the invoking packet as fits in the minimum MTU.
+        IpAddr::V6(_) => (
+            PROTO_ICMPV6,
+            1,
+            if why == Unreachable::NoRoute { 3 } else { 1 },
+            v.len.min(1280 - 48),
+        ),
+    };
+    let msg_len = 8 + quote;
+    let hl = write_ip_header(out, from, v.src, protocol, msg_len)?;
+    let msg = out.get_mut(hl..hl + msg_len)?;
+    msg[..8].fill(0);
+    msg[0] = ty;
+    msg[1] = code;
+    msg[8..].copy_from_slice(&orig[..quote]);
+    let init = if protocol == PROTO_ICMPV6 {
+        pseudo_sum(from, v.src, protocol, msg_len)
+    } else {
+        0
+    };
+    let ck = !fold(ones_sum(msg, init));
+    msg[2..4].copy_from_slice(&ck.to_be_bytes());
+    Some(hl + msg_len)
+}
+
+/// Writes a TCP RST that appears to come from `src:sport` and resets the connection at `dst:dport`, whose next
+/// expected sequence number is `seq`; with `ack` set, the RST also acknowledges `ack`.
+#[allow(clippy::too_many_arguments)]
+pub fn build_tcp_rst(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    seq: u32,
+    ack: Option<u32>,
+    out: &mut [u8],
+) -> Option<usize> {
+    let hl = write_ip_header(out, src, dst, PROTO_TCP, 20)?;
+    let t = out.get_mut(hl..hl + 20)?;
+    t.fill(0);
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = TCP_RST;
+    if let Some(a) = ack {
+        t[8..12].copy_from_slice(&a.to_be_bytes());
+        t[13] |= TCP_ACK;
+    }
+    let ck = !fold(ones_sum(t, pseudo_sum(src, dst, PROTO_TCP, 20)));
+    t[16..18].copy_from_slice(&ck.to_be_bytes());
+    Some(hl + 20)
 }
 
 /// Outcome of forwarding one hop.
@@ -302,6 +513,90 @@ mod tests {
                 let _ = echo_reply_in_place(&mut data, &v);
             }
         }
+    }
+
+    fn tcp_syn(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4([100, 96, 0, 2], [100, 96, 0, 3], 64)
+            .tcp(40000, 22, 1000, 64000)
+            .syn()
+            .write(&mut out, payload)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn transport_fields_of_tcp_udp_icmp() {
+        let p = tcp_syn(b"");
+        let v = parse_ip(&p).unwrap();
+        let t = parse_transport(&p, &v).unwrap();
+        assert_eq!(
+            (t.sport, t.dport, t.tcp_seq, t.tcp_seg_len),
+            (40000, 22, 1000, 1)
+        );
+        assert_ne!(t.tcp_flags & TCP_SYN, 0);
+        let p = echo_v4(77, 1, b"x");
+        let t = parse_transport(&p, &parse_ip(&p).unwrap()).unwrap();
+        assert_eq!((t.sport, t.dport), (77, 77));
+        let mut p = tcp_syn(b"");
+        p[20 + 12] = 0xf0; // data offset beyond the packet
+        assert_eq!(
+            parse_transport(&p, &parse_ip(&p).unwrap()),
+            Err(PacketError::Malformed)
+        );
+    }
+
+    #[test]
+    fn rst_for_a_syn_is_a_valid_tcp_packet() {
+        let mut out = [0u8; 128];
+        let n = build_tcp_rst(
+            ip("100.96.0.3"),
+            22,
+            ip("100.96.0.2"),
+            40000,
+            0,
+            Some(1001),
+            &mut out,
+        )
+        .unwrap();
+        let s = SlicedPacket::from_ip(&out[..n]).unwrap();
+        let Some(TransportSlice::Tcp(tcp)) = &s.transport else {
+            panic!("not tcp")
+        };
+        assert!(tcp.rst() && tcp.ack());
+        assert_eq!(tcp.acknowledgment_number(), 1001);
+        assert_eq!(
+            tcp.calc_checksum_ipv4([100, 96, 0, 3], [100, 96, 0, 2])
+                .unwrap(),
+            tcp.checksum()
+        );
+    }
+
+    #[test]
+    fn unreachable_quotes_the_original_and_checksums() {
+        let orig = tcp_syn(b"0123456789");
+        let v = parse_ip(&orig).unwrap();
+        let mut out = [0u8; 256];
+        let n = build_unreachable(
+            &orig,
+            &v,
+            ip("100.96.0.1"),
+            Unreachable::Prohibited,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(n, 20 + 8 + 28);
+        let s = SlicedPacket::from_ip(&out[..n]).unwrap();
+        let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else {
+            panic!("not icmp")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 13));
+        assert_eq!(fold(ones_sum(&out[20..n], 0)), 0xffff);
+        assert_eq!(&out[28..n], &orig[..28]);
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[test]

@@ -37,10 +37,22 @@ pub enum DropReason {
     TtlExpired,
     /// The peer's handshake or rekey timed out; traffic to it is dropped until it reconnects.
     ConnectionExpired,
+    /// An IP fragment (ports unknown, so policy cannot be enforced on it).
+    Fragment,
+    /// A TCP/UDP/ICMP header that is truncated or has inconsistent lengths.
+    MalformedTransport,
+    /// Policy denied the flow.
+    PolicyDenied,
+    /// Policy rejected the flow (the sender was told with a RST or ICMP error).
+    PolicyRejected,
+    /// The global or tenant flow limit is reached.
+    FlowLimit,
+    /// New flows are refused while the audit trail cannot record them (fail-closed policy).
+    AuditUnavailable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::MalformedDatagram,
         DropReason::UnknownReceiver,
         DropReason::UnknownPeer,
@@ -56,6 +68,12 @@ impl DropReason {
         DropReason::NoLocalService,
         DropReason::TtlExpired,
         DropReason::ConnectionExpired,
+        DropReason::Fragment,
+        DropReason::MalformedTransport,
+        DropReason::PolicyDenied,
+        DropReason::PolicyRejected,
+        DropReason::FlowLimit,
+        DropReason::AuditUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +93,12 @@ impl DropReason {
             DropReason::NoLocalService => "no_local_service",
             DropReason::TtlExpired => "ttl_expired",
             DropReason::ConnectionExpired => "connection_expired",
+            DropReason::Fragment => "fragment",
+            DropReason::MalformedTransport => "malformed_transport",
+            DropReason::PolicyDenied => "policy_denied",
+            DropReason::PolicyRejected => "policy_rejected",
+            DropReason::FlowLimit => "flow_limit",
+            DropReason::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -112,6 +136,9 @@ pub struct TrafficCounters {
     pub tx_bytes: Counter,
     pub peers: Counter,
     pub peers_connected: Counter,
+    /// Live flows (gauge, refreshed every timer tick).
+    pub flows: Counter,
+    pub flows_started: Counter,
     drops: [Counter; DropReason::ALL.len()],
 }
 
@@ -132,6 +159,8 @@ pub struct GlobalCounters {
     pub datagrams_tx: Counter,
     pub cookie_replies: Counter,
     pub send_errors: Counter,
+    /// Audit records lost (queue full under the drop policy, or store failures under fail-open).
+    pub audit_records_dropped: Counter,
     /// Drops that cannot be attributed to a tenant.
     pub unattributed: TrafficCounters,
 }

@@ -2,9 +2,14 @@
 //!
 //! It never touches sockets, files or threads. The IO shell (`onramp`) drives it:
 //! 1. `Gateway::apply` with a validated `Config` at start and on every reload;
-//! 2. for each received UDP datagram, `Gateway::handle_datagram(from, datagram, scratch, tx)`;
-//! 3. every `TIMER_TICK`, `Gateway::handle_timers(tx)`;
-//! 4. after each batch, send every datagram in the `TxQueue` (one `sendmmsg`) and `TxQueue::clear` it.
+//! 2. for each received UDP datagram, `Gateway::handle_datagram(now, from, datagram, scratch, tx)`;
+//! 3. every `TIMER_TICK`, `Gateway::handle_timers(now, tx)`;
+//! 4. after each batch, send every datagram in the `TxQueue` (one `sendmmsg`) and `TxQueue::clear` it, and
+//!    drain flow lifecycle events with `Gateway::take_events` (they feed the audit trail);
+//! 5. before exiting, `Gateway::shutdown` ends every flow (so no flow record is left open).
+//!
+//! `now` only moves forward. Every decrypted packet belongs to exactly one flow (`flow_table`); a flow's route
+//! and policy decision (`policy`) are computed at its first packet and memoized, as a router would.
 //!
 //! Output is written into buffers the caller owns (`TxQueue` slots are reused, never freed), so the hot path
 //! does not allocate. A bad datagram is never an error: it is dropped and counted by `DropReason`.
@@ -14,6 +19,8 @@
 #![deny(unsafe_code)]
 
 pub mod counters;
+pub mod flow_table;
+pub mod policy;
 pub mod tx;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -27,10 +34,16 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
-use crate::config::{Config, Device, DeviceName, TenantId};
+use crate::config::{Action, Config, Device, DeviceName, FlowSettings, TenantId, UserName};
 use crate::keys::{PeerKey, PrivateKey};
-use crate::packet::{self, Hop, LocalReply};
+use crate::packet::{
+    self, Hop, IpView, LocalReply, Transport, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    TCP_ACK, TCP_RST,
+};
 pub use counters::{DropReason, GlobalCounters, TrafficCounters};
+pub use flow_table::EndReason;
+use flow_table::{Flow, FlowKey, FlowTable, FlowTarget, KeyDir, Transition, IN, OUT};
+use policy::{Policy, Subject, Target};
 pub use tx::TxQueue;
 
 /// How often the shell must call `handle_timers`.
@@ -44,6 +57,46 @@ pub const SLOT_QUARANTINE: Duration = Duration::from_secs(540);
 pub const MAX_SLOTS: usize = 1 << 16;
 /// A peer counts as connected while its last handshake is younger than this (REJECT_AFTER_TIME).
 const CONNECTED_WINDOW: Duration = Duration::from_secs(180);
+/// Most idle flows examined per timer tick (bounded work; the rest expire on later ticks).
+const EXPIRY_BUDGET: usize = 20_000;
+/// At most one "flow limit reached" warning per this many milliseconds.
+const LIMIT_WARN_EVERY_MS: u64 = 10_000;
+
+/// A flow began: who, from which device, to where, and what policy decided.
+#[derive(Debug, Clone)]
+pub struct FlowStart {
+    pub seq: u64,
+    pub tenant: TenantId,
+    pub device: DeviceName,
+    pub user: UserName,
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub action: Action,
+    pub rule: Arc<str>,
+    /// The destination device, when the flow goes to one.
+    pub dst_device: Option<DeviceName>,
+    pub at: Instant,
+}
+
+/// Flow lifecycle events, drained by the shell with `take_events`.
+#[derive(Debug, Clone)]
+pub enum FlowEvent {
+    Start(Box<FlowStart>),
+    Established {
+        seq: u64,
+        at: Instant,
+    },
+    End {
+        seq: u64,
+        at: Instant,
+        packets: [u64; 2],
+        bytes: [u64; 2],
+        reason: EndReason,
+    },
+}
 
 /// Counters shared between the data path (writer) and the admin endpoint (reader).
 #[derive(Debug, Default)]
@@ -81,14 +134,18 @@ struct Peer {
     tunn: Tunn,
     key: PeerKey,
     tenant: usize,
-    device: Device,
+    device: Arc<Device>,
     /// Where the device was last seen sending authenticated traffic from.
     endpoint: Option<SocketAddr>,
 }
 
 struct TenantState {
     id: TenantId,
+    /// Stable across reloads; part of every flow key.
+    num: u32,
     gateway_address: IpAddr,
+    policy: Policy,
+    max_flows: Option<usize>,
     /// Device address -> peer slot. Addresses are per tenant: two tenants may use the same ones.
     routes: HashMap<IpAddr, u32>,
     counters: Arc<TrafficCounters>,
@@ -131,18 +188,39 @@ pub struct Gateway {
     by_key: HashMap<PeerKey, u32>,
     tenants: Vec<TenantState>,
     metrics: Arc<Metrics>,
+    epoch: Instant,
+    flows: FlowTable,
+    max_flows: usize,
+    next_flow_seq: u64,
+    tenant_nums: HashMap<TenantId, u32>,
+    /// Live flows per tenant number.
+    flow_counts: Vec<usize>,
+    events: Vec<FlowEvent>,
+    /// Cleared by the shell while the audit trail cannot take records and policy says fail closed.
+    admit_new_flows: bool,
+    last_limit_warn_ms: Option<u64>,
+    /// Room to build packets the gateway originates (echo replies are built in place instead).
+    build_buf: Box<[u8]>,
 }
 
-/// What to do with a decrypted packet after routing.
-enum Route {
-    /// Answer locally; the reply is in the scratch buffer and goes back to the source peer.
-    Reply(usize),
-    /// Re-encrypt towards the peer in this slot.
-    Peer(u32),
+fn subject(p: &Peer) -> Subject<'_> {
+    Subject {
+        user: &p.device.user,
+        groups: &p.device.groups,
+        device: &p.device.name,
+    }
+}
+
+fn is_echo_request(pkt: &[u8], v: &IpView) -> bool {
+    let ty = pkt.get(v.l4_offset).copied();
+    matches!(
+        (v.protocol, ty),
+        (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128))
+    )
 }
 
 impl Gateway {
-    pub fn new(worker: u8, key: &PrivateKey, metrics: Arc<Metrics>) -> Gateway {
+    pub fn new(worker: u8, key: &PrivateKey, metrics: Arc<Metrics>, now: Instant) -> Gateway {
         let secret = key.to_x25519();
         let public = x25519::PublicKey::from(&secret);
         Gateway {
@@ -156,7 +234,36 @@ impl Gateway {
             by_key: HashMap::new(),
             tenants: Vec::new(),
             metrics,
+            epoch: now,
+            flows: FlowTable::new(&FlowSettings::default()),
+            max_flows: FlowSettings::default().max_flows,
+            next_flow_seq: 1,
+            tenant_nums: HashMap::new(),
+            flow_counts: Vec::new(),
+            events: Vec::new(),
+            admit_new_flows: true,
+            last_limit_warn_ms: None,
+            build_buf: vec![0u8; 2048].into_boxed_slice(),
         }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Whether new flows may start (the shell clears this while the audit trail refuses records under a
+    /// fail-closed policy). Existing flows are not affected.
+    pub fn set_admit_new_flows(&mut self, admit: bool) {
+        self.admit_new_flows = admit;
+    }
+
+    /// Moves the pending flow events into `out`.
+    pub fn take_events(&mut self, out: &mut Vec<FlowEvent>) {
+        out.append(&mut self.events);
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
     }
 
     pub fn public_key(&self) -> PeerKey {
@@ -165,7 +272,9 @@ impl Gateway {
 
     /// Reconciles tenants and devices with `cfg`: new devices get a tunnel, removed devices lose theirs at once
     /// (their packets are dropped from the next datagram on), unchanged devices keep their sessions.
-    pub fn apply(&mut self, cfg: &Config, now: Instant) -> ApplySummary {
+    /// Live flows are re-checked against the new policy and routes: a flow that is no longer allowed ends
+    /// (`PolicyRevoked` / `PeerRemoved`), and TCP connections are reset on both sides (RSTs queued in `tx`).
+    pub fn apply(&mut self, cfg: &Config, now: Instant, tx: &mut TxQueue) -> ApplySummary {
         let mut summary = ApplySummary::default();
         let mut wanted: HashMap<PeerKey, (usize, &Device)> = HashMap::new();
         for (ti, t) in cfg.tenants.iter().enumerate() {
@@ -192,16 +301,28 @@ impl Gateway {
             self.remove_peer(k, now);
             summary.removed += 1;
         }
+        let mut nums = Vec::with_capacity(cfg.tenants.len());
+        for t in &cfg.tenants {
+            let next = self.tenant_nums.len() as u32;
+            nums.push(*self.tenant_nums.entry(t.id.clone()).or_insert(next));
+        }
+        self.flow_counts.resize(self.tenant_nums.len(), 0);
         self.tenants = cfg
             .tenants
             .iter()
-            .map(|t| TenantState {
+            .zip(nums)
+            .map(|(t, num)| TenantState {
                 id: t.id.clone(),
+                num,
                 gateway_address: t.gateway_address,
+                policy: Policy::compile(t),
+                max_flows: t.max_flows,
                 routes: HashMap::with_capacity(t.devices.len()),
                 counters: self.metrics.tenant(&t.id),
             })
             .collect();
+        self.flows.set_timeouts(&cfg.flows);
+        self.max_flows = cfg.flows.max_flows;
         let mut keys: Vec<&PeerKey> = wanted.keys().collect();
         keys.sort(); // deterministic slot assignment
         for key in keys {
@@ -210,11 +331,11 @@ impl Gateway {
                 let peer = self.peers[slot as usize]
                     .as_mut()
                     .expect("indexed peer exists");
-                if peer.device != *d {
+                if *peer.device != *d {
                     summary.updated += 1;
+                    peer.device = Arc::new(d.clone());
                 }
                 peer.tenant = ti;
-                peer.device = d.clone();
             } else if self.add_peer(ti, d, now).is_some() {
                 summary.added += 1;
             } else {
@@ -231,7 +352,149 @@ impl Gateway {
         for t in &self.tenants {
             t.counters.peers.set(t.routes.len() as u64);
         }
+        self.recheck_flows(now, tx);
         summary
+    }
+
+    /// After a reload: ends flows whose route or decision changed; resets cut TCP connections.
+    fn recheck_flows(&mut self, now: Instant, tx: &mut TxQueue) {
+        let tenant_of_num: HashMap<u32, usize> = self
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.num, i))
+            .collect();
+        for idx in self.flows.indices() {
+            let f = self.flows.get(idx);
+            if f.state == flow_table::FlowState::Ended {
+                continue;
+            }
+            let (src, sport, dst, dport) = f.endpoints();
+            let verdict = match (
+                tenant_of_num.get(&f.key.tenant()),
+                self.peers.get(f.src_slot as usize),
+            ) {
+                (Some(&ti), Some(Some(p))) if p.tenant == ti && p.device.address == src => {
+                    let t = &self.tenants[ti];
+                    match self.route_of(ti, f.src_slot, dst) {
+                        Some(target) if target == f.target => {
+                            let protocol = f.key.protocol();
+                            let dport_for_policy = Transport::has_ports(protocol).then_some(dport);
+                            let d = t.policy.evaluate(
+                                &subject(p),
+                                &Target {
+                                    dst,
+                                    protocol,
+                                    dport: dport_for_policy,
+                                },
+                            );
+                            if d.action == f.action {
+                                Ok(d.rule)
+                            } else {
+                                Err(EndReason::PolicyRevoked)
+                            }
+                        }
+                        _ => Err(EndReason::PeerRemoved),
+                    }
+                }
+                _ => Err(EndReason::PeerRemoved),
+            };
+            match verdict {
+                Ok(rule) => self.flows.get_mut(idx).rule = rule,
+                Err(reason) => {
+                    let f = self.flows.get(idx);
+                    let (seq, was_open_tcp) = (
+                        f.seq,
+                        f.action == Action::Allow && f.key.protocol() == PROTO_TCP,
+                    );
+                    if was_open_tcp {
+                        self.reset_both_sides(idx, src, sport, dst, dport, tx);
+                    }
+                    tracing::debug!(seq, reason = reason.as_str(), "flow cut after reload");
+                    self.end_flow(idx, now, reason);
+                }
+            }
+        }
+    }
+
+    /// Sends an acceptable RST to each end of a TCP flow, as if from the other end.
+    fn reset_both_sides(
+        &mut self,
+        idx: u32,
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+        tx: &mut TxQueue,
+    ) {
+        let f = self.flows.get(idx);
+        let (src_slot, target, next_seq) = (f.src_slot, f.target, f.next_seq);
+        if let Some(n) = packet::build_tcp_rst(
+            dst,
+            dport,
+            src,
+            sport,
+            next_seq[IN],
+            None,
+            &mut self.build_buf,
+        ) {
+            self.send_built(src_slot, n, tx);
+        }
+        if let FlowTarget::Peer(t) = target {
+            if let Some(n) = packet::build_tcp_rst(
+                src,
+                sport,
+                dst,
+                dport,
+                next_seq[OUT],
+                None,
+                &mut self.build_buf,
+            ) {
+                self.send_built(t, n, tx);
+            }
+        }
+    }
+
+    /// Removes a flow that has not ended yet and records its end.
+    fn end_flow(&mut self, idx: u32, now: Instant, reason: EndReason) {
+        let f = self.flows.remove(idx);
+        self.forget_flow(&f);
+        self.events.push(FlowEvent::End {
+            seq: f.seq,
+            at: now,
+            packets: f.packets,
+            bytes: f.bytes,
+            reason,
+        });
+    }
+
+    fn forget_flow(&mut self, f: &Flow) {
+        let n = &mut self.flow_counts[f.key.tenant() as usize];
+        *n = n.saturating_sub(1);
+    }
+
+    /// Ends every live flow (clean shutdown), so every flow record gets its end.
+    pub fn shutdown(&mut self, now: Instant) {
+        for idx in self.flows.indices() {
+            if self.flows.get(idx).state == flow_table::FlowState::Ended {
+                let f = self.flows.remove(idx);
+                self.forget_flow(&f);
+            } else {
+                self.end_flow(idx, now, EndReason::Shutdown);
+            }
+        }
+    }
+
+    /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
+    fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<FlowTarget> {
+        let t = &self.tenants[ti];
+        if dst == t.gateway_address {
+            return Some(FlowTarget::Local);
+        }
+        match t.routes.get(&dst) {
+            Some(&slot) if slot != src_slot => Some(FlowTarget::Peer(slot)),
+            _ => None,
+        }
     }
 
     fn add_peer(&mut self, tenant: usize, d: &Device, now: Instant) -> Option<u32> {
@@ -263,7 +526,7 @@ impl Gateway {
             tunn,
             key: d.public_key,
             tenant,
-            device: d.clone(),
+            device: Arc::new(d.clone()),
             endpoint: None,
         });
         self.by_key.insert(d.public_key, slot);
@@ -283,6 +546,7 @@ impl Gateway {
     /// Handles one UDP datagram from `from`. `scratch` must hold any datagram (65,536 bytes is enough).
     pub fn handle_datagram(
         &mut self,
+        now: Instant,
         from: SocketAddr,
         datagram: &[u8],
         scratch: &mut [u8],
@@ -335,7 +599,7 @@ impl Gateway {
             },
         };
         let is_data = datagram.first() == Some(&4);
-        self.decapsulate(slot, from, datagram, is_data, scratch, tx);
+        self.decapsulate(now, slot, from, datagram, is_data, scratch, tx);
     }
 
     /// The peer slot a receiver index names, if it belongs to this worker and is occupied.
@@ -346,8 +610,10 @@ impl Gateway {
             .then_some(slot)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn decapsulate(
         &mut self,
+        now: Instant,
         slot: u32,
         from: SocketAddr,
         datagram: &[u8],
@@ -411,56 +677,255 @@ impl Gateway {
         peer.endpoint = Some(from);
         counters.rx_packets.add(1);
         counters.rx_bytes.add(inner_len as u64);
-        self.route_inner(slot, &mut scratch[..inner_len], tx);
+        self.route_inner(now, slot, &mut scratch[..inner_len], tx);
     }
 
-    /// Anti-spoofing, then local delivery or re-encryption towards the destination device of the same tenant.
-    fn route_inner(&mut self, src_slot: u32, pkt: &mut [u8], tx: &mut TxQueue) {
+    /// Anti-spoofing, flow lookup (or a new flow: route, limits, policy), then local delivery or re-encryption
+    /// towards the destination device of the same tenant.
+    fn route_inner(&mut self, now: Instant, src_slot: u32, pkt: &mut [u8], tx: &mut TxQueue) {
         let src_peer = self.peers[src_slot as usize]
             .as_ref()
             .expect("caller holds slot");
-        let tenant = &self.tenants[src_peer.tenant];
+        let ti = src_peer.tenant;
+        let tenant = &self.tenants[ti];
         let Ok(view) = packet::parse_ip(pkt) else {
             return tenant.counters.count_drop(DropReason::InvalidInnerPacket);
         };
         if view.src != src_peer.device.address {
             return tenant.counters.count_drop(DropReason::SpoofedSource);
         }
-        let route = if view.dst == tenant.gateway_address {
-            match packet::echo_reply_in_place(pkt, &view) {
-                LocalReply::Reply(len) => Route::Reply(len),
-                LocalReply::NotHandled => {
-                    return tenant.counters.count_drop(DropReason::NoLocalService)
-                }
-            }
-        } else {
-            match tenant.routes.get(&view.dst) {
-                Some(&dst) if dst != src_slot => {
-                    if packet::decrement_ttl(pkt, &view) == Hop::Expired {
-                        return tenant.counters.count_drop(DropReason::TtlExpired);
-                    }
-                    Route::Peer(dst)
-                }
-                _ => return tenant.counters.count_drop(DropReason::NoRoute),
-            }
+        if view.fragment {
+            // Fragments after the first carry no ports, so port rules could not be enforced on them.
+            return tenant.counters.count_drop(DropReason::Fragment);
+        }
+        let Ok(t) = packet::parse_transport(pkt, &view) else {
+            return tenant.counters.count_drop(DropReason::MalformedTransport);
         };
-        let (dst_slot, len) = match route {
-            Route::Reply(len) => (src_slot, len),
-            Route::Peer(dst) => (dst, pkt.len()),
+        let (key, dir) = FlowKey::new(
+            tenant.num,
+            view.protocol,
+            view.src,
+            t.sport,
+            view.dst,
+            t.dport,
+        );
+        let idx = match self.flows.lookup(&key) {
+            Some(i) => i,
+            None => match self.start_flow(now, ti, src_slot, key, dir, &view, &t, pkt, tx) {
+                Some(i) => i,
+                None => return,
+            },
         };
-        let counters = tenant.counters.clone();
-        let dst_peer = self.peers[dst_slot as usize]
+        let now_ms = self.ms(now);
+        let flow = self.flows.get_mut(idx);
+        let side = flow.side(dir);
+        let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
+        let transition = flow.record(side, view.len, tcp, now_ms);
+        let (action, target, initiator_slot, seq) =
+            (flow.action, flow.target, flow.src_slot, flow.seq);
+        match transition {
+            Transition::None => {}
+            Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
+            Transition::Ended(reason) => {
+                let f = self.flows.get(idx);
+                self.events.push(FlowEvent::End {
+                    seq,
+                    at: now,
+                    packets: f.packets,
+                    bytes: f.bytes,
+                    reason,
+                });
+            }
+        }
+        let counters = self.tenants[ti].counters.clone();
+        match action {
+            Action::Allow => {}
+            Action::Deny => return counters.count_drop(DropReason::PolicyDenied),
+            Action::Reject => {
+                if side == OUT {
+                    self.reject(src_slot, ti, pkt, &view, &t, Unreachable::Prohibited, tx);
+                }
+                return counters.count_drop(DropReason::PolicyRejected);
+            }
+        }
+        let dst_slot = match (side, target) {
+            (OUT, FlowTarget::Local) => match packet::echo_reply_in_place(pkt, &view) {
+                LocalReply::Reply(_) => src_slot,
+                LocalReply::NotHandled => return counters.count_drop(DropReason::NoLocalService),
+            },
+            (OUT, FlowTarget::Peer(dst)) => dst,
+            (_, _) => initiator_slot,
+        };
+        if dst_slot != src_slot && packet::decrement_ttl(pkt, &view) == Hop::Expired {
+            return counters.count_drop(DropReason::TtlExpired);
+        }
+        self.send_to_peer(dst_slot, pkt, &counters, tx);
+    }
+
+    /// Routes, limits and decides a new flow; records its start. `None` when no flow is created (the packet
+    /// has been dropped and counted).
+    #[allow(clippy::too_many_arguments)]
+    fn start_flow(
+        &mut self,
+        now: Instant,
+        ti: usize,
+        src_slot: u32,
+        key: FlowKey,
+        dir: KeyDir,
+        view: &IpView,
+        t: &Transport,
+        pkt: &[u8],
+        tx: &mut TxQueue,
+    ) -> Option<u32> {
+        let counters = self.tenants[ti].counters.clone();
+        let Some(target) = self.route_of(ti, src_slot, view.dst) else {
+            self.reject(src_slot, ti, pkt, view, t, Unreachable::NoRoute, tx);
+            counters.count_drop(DropReason::NoRoute);
+            return None;
+        };
+        if !self.admit_new_flows {
+            counters.count_drop(DropReason::AuditUnavailable);
+            return None;
+        }
+        let now_ms = self.ms(now);
+        let tenant = &self.tenants[ti];
+        let num = tenant.num as usize;
+        if self.flows.len() >= self.max_flows
+            || tenant.max_flows.is_some_and(|m| self.flow_counts[num] >= m)
+        {
+            counters.count_drop(DropReason::FlowLimit);
+            if self
+                .last_limit_warn_ms
+                .is_none_or(|t| now_ms >= t + LIMIT_WARN_EVERY_MS)
+            {
+                self.last_limit_warn_ms = Some(now_ms);
+                tracing::warn!(tenant = %tenant.id, flows = self.flows.len(), tenant_flows = self.flow_counts[num], "flow limit reached; new flows are dropped until some end");
+            }
+            return None;
+        }
+        let peer = self.peers[src_slot as usize]
+            .as_ref()
+            .expect("caller holds slot");
+        let dport = Transport::has_ports(view.protocol).then_some(t.dport);
+        let decision = tenant.policy.evaluate(
+            &subject(peer),
+            &Target {
+                dst: view.dst,
+                protocol: view.protocol,
+                dport,
+            },
+        );
+        let seq = self.next_flow_seq;
+        self.next_flow_seq += 1;
+        let dst_device = match target {
+            FlowTarget::Peer(s) => self.peers[s as usize]
+                .as_ref()
+                .map(|p| p.device.name.clone()),
+            FlowTarget::Local => None,
+        };
+        self.events.push(FlowEvent::Start(Box::new(FlowStart {
+            seq,
+            tenant: tenant.id.clone(),
+            device: peer.device.name.clone(),
+            user: peer.device.user.clone(),
+            protocol: view.protocol,
+            src: view.src,
+            sport: t.sport,
+            dst: view.dst,
+            dport: t.dport,
+            action: decision.action,
+            rule: tenant.policy.rule_id(&decision),
+            dst_device,
+            at: now,
+        })));
+        tracing::trace!(seq, action = decision.action.as_str(), "flow start");
+        counters.flows_started.add(1);
+        self.flow_counts[num] += 1;
+        Some(self.flows.insert(Flow::new(
+            key,
+            dir,
+            seq,
+            src_slot,
+            target,
+            decision.action,
+            decision.rule,
+            now_ms,
+        )))
+    }
+
+    /// Tells the sender of `pkt` that it was refused: TCP RST for TCP, ICMP unreachable otherwise (never in
+    /// answer to an ICMP error or a RST).
+    #[allow(clippy::too_many_arguments)]
+    fn reject(
+        &mut self,
+        src_slot: u32,
+        ti: usize,
+        pkt: &[u8],
+        v: &IpView,
+        t: &Transport,
+        why: Unreachable,
+        tx: &mut TxQueue,
+    ) {
+        let gw = self.tenants[ti].gateway_address;
+        let n = match v.protocol {
+            PROTO_TCP if t.tcp_flags & TCP_RST != 0 => return,
+            PROTO_TCP => {
+                let (seq, ack) = if t.tcp_flags & TCP_ACK != 0 {
+                    (t.tcp_ack, None)
+                } else {
+                    (0, Some(t.tcp_seq.wrapping_add(t.tcp_seg_len)))
+                };
+                packet::build_tcp_rst(
+                    v.dst,
+                    t.dport,
+                    v.src,
+                    t.sport,
+                    seq,
+                    ack,
+                    &mut self.build_buf,
+                )
+            }
+            PROTO_ICMP | PROTO_ICMPV6 if !is_echo_request(pkt, v) => return,
+            _ => packet::build_unreachable(pkt, v, gw, why, &mut self.build_buf),
+        };
+        if let Some(n) = n {
+            self.send_built(src_slot, n, tx);
+        }
+    }
+
+    /// Encrypts the first `n` bytes of `build_buf` to the peer in `slot`.
+    fn send_built(&mut self, slot: u32, n: usize, tx: &mut TxQueue) {
+        let Some(p) = self.peers[slot as usize].as_mut() else {
+            return;
+        };
+        let Some(endpoint) = p.endpoint else { return };
+        if let TunnResult::WriteToNetwork(out) = p.tunn.encapsulate(&self.build_buf[..n], tx.slot())
+        {
+            let len = out.len();
+            tx.commit(endpoint, len);
+        }
+    }
+
+    /// Encrypts an inner packet to the peer in `slot` and queues it for its endpoint.
+    fn send_to_peer(
+        &mut self,
+        slot: u32,
+        pkt: &[u8],
+        counters: &TrafficCounters,
+        tx: &mut TxQueue,
+    ) {
+        let peer = self.peers[slot as usize]
             .as_mut()
-            .expect("routes name live slots");
-        let Some(endpoint) = dst_peer.endpoint else {
+            .expect("flows name live slots");
+        let Some(endpoint) = peer.endpoint else {
             return counters.count_drop(DropReason::DestinationOffline);
         };
-        match dst_peer.tunn.encapsulate(&pkt[..len], tx.slot()) {
+        match peer.tunn.encapsulate(pkt, tx.slot()) {
             TunnResult::WriteToNetwork(out) => {
                 let n = out.len();
                 tx.commit(endpoint, n);
                 counters.tx_packets.add(1);
-                counters.tx_bytes.add(len as u64);
+                counters.tx_bytes.add(pkt.len() as u64);
             }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 counters.count_drop(DropReason::ConnectionExpired)
@@ -471,8 +936,29 @@ impl Gateway {
     }
 
     /// Drives every peer's timers (handshake retries, keepalives, expiry) and resets the handshake gate.
-    pub fn handle_timers(&mut self, tx: &mut TxQueue) {
+    /// Also expires idle flows (bounded work per call).
+    pub fn handle_timers(&mut self, now: Instant, tx: &mut TxQueue) {
         self.gate.reset_count();
+        let mut expired = Vec::new();
+        self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
+        for e in expired {
+            self.forget_flow(&e.flow);
+            if e.idle {
+                let f = e.flow;
+                self.events.push(FlowEvent::End {
+                    seq: f.seq,
+                    at: now,
+                    packets: f.packets,
+                    bytes: f.bytes,
+                    reason: EndReason::IdleTimeout,
+                });
+            }
+        }
+        for t in &self.tenants {
+            t.counters
+                .flows
+                .set(self.flow_counts[t.num as usize] as u64);
+        }
         let mut connected = vec![0u64; self.tenants.len()];
         for p in self.peers.iter_mut().flatten() {
             match p.tunn.update_timers(tx.slot()) {

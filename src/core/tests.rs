@@ -13,6 +13,24 @@ use crate::keys::PrivateKey;
 
 const GW_UNDERLAY: &str = "198.18.0.1:51820";
 
+/// Policy used by the scenario tests unless a test replaces it: device 1 ("dev1"/"dev3") may not receive UDP
+/// on port 9 (rejected) nor TCP on 23 (denied); everything else within the tenant is allowed.
+const RULES: &str = r#"
+[[tenant.rule]]
+id = "no-discard"
+action = "reject"
+proto = "udp"
+ports = ["9"]
+[[tenant.rule]]
+id = "no-telnet"
+action = "deny"
+proto = "tcp"
+ports = ["23"]
+[[tenant.rule]]
+id = "all"
+action = "allow"
+"#;
+
 struct Client {
     tunn: Tunn,
     key: PrivateKey,
@@ -63,7 +81,7 @@ fn config_for(clients: &[Client], tenant_of: &[&str]) -> Config {
     let mut text =
         String::from("[gateway]\nlisten = \"198.18.0.1:51820\"\nstate_dir = \"/nonexistent\"\n");
     for t in ["acme", "globex"] {
-        text += &format!("[[tenant]]\nid = \"{t}\"\naddress_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n");
+        text += &format!("[[tenant]]\nid = \"{t}\"\naddress_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n{RULES}");
         for (i, c) in clients.iter().enumerate() {
             if tenant_of[i] == t {
                 text += &format!(
@@ -86,8 +104,12 @@ impl Net {
             .collect();
         let tenants: Vec<&str> = specs.iter().map(|(t, _, _)| *t).collect();
         let metrics = Arc::new(Metrics::default());
-        let mut gw = Gateway::new(0, &gw_key, metrics.clone());
-        gw.apply(&config_for(&clients, &tenants), Instant::now());
+        let mut gw = Gateway::new(0, &gw_key, metrics.clone(), Instant::now());
+        gw.apply(
+            &config_for(&clients, &tenants),
+            Instant::now(),
+            &mut TxQueue::new(),
+        );
         Net {
             gw_key,
             gw,
@@ -105,8 +127,13 @@ impl Net {
 
     /// Feeds one datagram from `from` to the gateway and delivers everything that results until quiet.
     fn deliver(&mut self, from: SocketAddr, datagram: &[u8]) {
-        self.gw
-            .handle_datagram(from, datagram, &mut self.scratch, &mut self.tx);
+        self.gw.handle_datagram(
+            Instant::now(),
+            from,
+            datagram,
+            &mut self.scratch,
+            &mut self.tx,
+        );
         self.settle();
     }
 
@@ -126,8 +153,13 @@ impl Net {
                 let replies = self.client_receive(ci, &data);
                 for r in replies {
                     let from = self.clients[ci].underlay;
-                    self.gw
-                        .handle_datagram(from, &r, &mut self.scratch, &mut self.tx);
+                    self.gw.handle_datagram(
+                        Instant::now(),
+                        from,
+                        &r,
+                        &mut self.scratch,
+                        &mut self.tx,
+                    );
                 }
             }
         }
@@ -355,7 +387,7 @@ fn removed_device_loses_its_tunnel_immediately() {
     let tenants = ["acme", "acme", "globex", "globex"];
     let mut cfg = config_for(&net.clients, &tenants);
     cfg.tenants[0].devices.retain(|d| d.name.as_str() != "dev0");
-    let s = net.gw.apply(&cfg, Instant::now());
+    let s = net.gw.apply(&cfg, Instant::now(), &mut TxQueue::new());
     assert_eq!((s.added, s.removed), (0, 1));
     net.send(
         0,
@@ -429,8 +461,13 @@ fn handshake_flood_gets_cookie_replies_and_real_clients_still_connect() {
             panic!()
         };
         let init = init.to_vec();
-        net.gw
-            .handle_datagram(attacker, &init, &mut net.scratch, &mut net.tx);
+        net.gw.handle_datagram(
+            Instant::now(),
+            attacker,
+            &init,
+            &mut net.scratch,
+            &mut net.tx,
+        );
         net.tx.clear();
     }
     assert!(
@@ -479,8 +516,12 @@ fn restarted_gateway_reconnects_known_endpoints_itself() {
         .collect();
     // "Restart": a new core with the same key and config, no sessions.
     let tenants = ["acme", "acme", "globex", "globex"];
-    let mut fresh = Gateway::new(0, &net.gw_key, net.metrics.clone());
-    fresh.apply(&config_for(&net.clients, &tenants), Instant::now());
+    let mut fresh = Gateway::new(0, &net.gw_key, net.metrics.clone(), Instant::now());
+    fresh.apply(
+        &config_for(&net.clients, &tenants),
+        Instant::now(),
+        &mut TxQueue::new(),
+    );
     net.gw = fresh;
     // The client's old session is unknown to the new gateway.
     net.send(0, &ping(ip("100.96.0.2"), ip("100.96.0.1"), 1));
@@ -530,10 +571,11 @@ fn slots_are_quarantined_before_reuse() {
         .collect();
     let mut cfg = full.clone();
     cfg.tenants[0].devices.clear();
-    net.gw.apply(&cfg, t0);
+    net.gw.apply(&cfg, t0, &mut TxQueue::new());
     assert_eq!(net.gw.peer_count(), 2);
     // Re-adding right away must not reuse the freed slots (late packets could reach the new peer).
-    net.gw.apply(&full, t0 + Duration::from_secs(1));
+    net.gw
+        .apply(&full, t0 + Duration::from_secs(1), &mut TxQueue::new());
     let slots: Vec<u32> = net.clients[..2]
         .iter()
         .map(|c| net.gw.by_key[&c.key.public_key()])
@@ -543,9 +585,13 @@ fn slots_are_quarantined_before_reuse() {
         "{slots:?} reused {acme_slots:?}"
     );
     // After the quarantine they are reused.
-    net.gw.apply(&cfg, t0 + Duration::from_secs(2));
     net.gw
-        .apply(&full, t0 + SLOT_QUARANTINE + Duration::from_secs(5));
+        .apply(&cfg, t0 + Duration::from_secs(2), &mut TxQueue::new());
+    net.gw.apply(
+        &full,
+        t0 + SLOT_QUARANTINE + Duration::from_secs(5),
+        &mut TxQueue::new(),
+    );
     let slots: Vec<u32> = net.clients[..2]
         .iter()
         .map(|c| net.gw.by_key[&c.key.public_key()])
@@ -573,8 +619,285 @@ proptest! {
                 1 => { let mut r = real.clone(); let i = usize::from(flip) % r.len(); r[i] ^= 0x5a; r }
                 _ => { let mut b = bytes; if !b.is_empty() { b[0] = kind % 5; } b }
             };
-            net.gw.handle_datagram(from, &dg, &mut net.scratch, &mut net.tx);
+            net.gw.handle_datagram(Instant::now(), from, &dg, &mut net.scratch, &mut net.tx);
             net.tx.clear();
         }
     }
+}
+
+fn tcp(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    seq: u32,
+    flags: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        panic!("v4 only")
+    };
+    let mut b = PacketBuilder::ipv4(s.octets(), d.octets(), 64).tcp(sport, dport, seq, 64000);
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            _ => b,
+        };
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn events(net: &mut Net) -> Vec<FlowEvent> {
+    let mut out = Vec::new();
+    net.gw.take_events(&mut out);
+    out
+}
+
+fn starts(evs: &[FlowEvent]) -> Vec<(String, Action)> {
+    evs.iter()
+        .filter_map(|e| match e {
+            FlowEvent::Start(s) => Some((s.rule.to_string(), s.action)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn denied_port_is_dropped_and_recorded_with_its_rule() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 23, 1, "S", b""));
+    net.send(0, &tcp(a, 40000, b, 23, 1, "S", b"")); // retransmission: same flow, decided once
+    assert!(net.clients[1].inbox.is_empty());
+    assert!(net.clients[0].inbox.is_empty(), "deny is silent");
+    let evs = events(&mut net);
+    assert_eq!(starts(&evs), vec![("no-telnet".to_string(), Action::Deny)]);
+    assert_eq!(net.tenant("acme").drops(DropReason::PolicyDenied), 2);
+}
+
+#[test]
+fn rejected_flow_gets_icmp_prohibited_and_no_route_gets_unreachable() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    net.send(0, &udp(ip("100.96.0.2"), ip("100.96.0.3"), b"to port 9")); // udp() uses dport 5000
+    assert_eq!(net.clients[1].inbox.len(), 1, "port 5000 allowed");
+    let mut p = udp(ip("100.96.0.2"), ip("100.96.0.3"), b"discard me");
+    p[22..24].copy_from_slice(&9u16.to_be_bytes());
+    p[26..28].copy_from_slice(&[0, 0]); // no UDP checksum
+    net.send(0, &p);
+    assert_eq!(net.clients[1].inbox.len(), 1, "port 9 not delivered");
+    let err = net.clients[0]
+        .inbox
+        .pop()
+        .expect("ICMP error back to the sender");
+    assert_eq!(
+        (err[9], err[20], err[21]),
+        (1, 3, 13),
+        "ICMP admin prohibited"
+    );
+    net.send(0, &udp(ip("100.96.0.2"), ip("100.96.0.200"), b"nobody"));
+    let err = net.clients[0]
+        .inbox
+        .pop()
+        .expect("ICMP error back to the sender");
+    assert_eq!((err[20], err[21]), (3, 1), "ICMP host unreachable");
+    assert_eq!(net.tenant("acme").drops(DropReason::PolicyRejected), 1);
+    assert_eq!(net.tenant("acme").drops(DropReason::NoRoute), 1);
+}
+
+#[test]
+fn tcp_flow_lifecycle_is_recorded_with_counters() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 5201, 100, "S", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 900, "SA", b""));
+    net.send(0, &tcp(a, 40000, b, 5201, 101, "A", b"0123456789"));
+    net.send(0, &tcp(a, 40000, b, 5201, 111, "FA", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 901, "FA", b""));
+    net.send(0, &tcp(a, 40000, b, 5201, 112, "A", b"")); // late ACK: absorbed by the lingering flow
+    assert_eq!(net.clients[1].inbox.len(), 4);
+    assert_eq!(net.clients[0].inbox.len(), 2);
+    let evs = events(&mut net);
+    assert_eq!(starts(&evs), vec![("all".to_string(), Action::Allow)]);
+    assert!(evs
+        .iter()
+        .any(|e| matches!(e, FlowEvent::Established { .. })));
+    let ends: Vec<_> = evs
+        .iter()
+        .filter_map(|e| {
+            if let FlowEvent::End {
+                packets,
+                bytes,
+                reason,
+                ..
+            } = e
+            {
+                Some((*packets, *bytes, *reason))
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(ends.len(), 1);
+    let (packets, bytes, reason) = ends[0];
+    assert_eq!(reason, EndReason::TcpFin);
+    assert_eq!(packets, [3, 2]);
+    assert_eq!(bytes, [40 + 50 + 40, 80]);
+}
+
+#[test]
+fn reload_cuts_a_flow_the_new_policy_denies_with_rsts_both_ways() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 5201, 100, "S", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 900, "SA", b""));
+    net.send(0, &tcp(a, 40000, b, 5201, 101, "A", b"data"));
+    let _ = events(&mut net);
+    net.clients[0].inbox.clear();
+    net.clients[1].inbox.clear();
+    // New policy: tcp/5201 is denied.
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    let mut deny = cfg.tenants[0].rules[1].clone();
+    deny.id = "no-iperf".into();
+    deny.ports = vec![(5201, 5201)];
+    cfg.tenants[0].rules.insert(0, deny);
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    net.settle();
+    let evs = events(&mut net);
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            FlowEvent::End {
+                reason: EndReason::PolicyRevoked,
+                ..
+            }
+        )),
+        "{evs:?}"
+    );
+    for c in 0..2 {
+        let rst = net.clients[c]
+            .inbox
+            .pop()
+            .unwrap_or_else(|| panic!("client {c} got no RST"));
+        assert_ne!(rst[33] & 0x04, 0, "RST flag");
+    }
+    // Later packets of the connection start a new flow, which the new policy denies.
+    net.send(0, &tcp(a, 40000, b, 5201, 105, "A", b"more"));
+    assert!(net.clients[1].inbox.is_empty());
+    assert_eq!(
+        starts(&events(&mut net)),
+        vec![("no-iperf".to_string(), Action::Deny)]
+    );
+}
+
+#[test]
+fn tenant_flow_limit_drops_new_flows_only() {
+    let mut net = two_tenants();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.tenants[0].max_flows = Some(2);
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    net.handshake(0);
+    net.handshake(1);
+    net.handshake(2);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    for port in [1000, 1001, 1002] {
+        net.send(0, &tcp(a, port, b, 5201, 1, "S", b""));
+    }
+    assert_eq!(net.clients[1].inbox.len(), 2);
+    assert_eq!(net.tenant("acme").drops(DropReason::FlowLimit), 1);
+    net.send(0, &tcp(a, 1000, b, 5201, 2, "A", b"x")); // existing flow unaffected
+    assert_eq!(net.clients[1].inbox.len(), 3);
+    net.send(2, &ping(ip("100.96.0.2"), ip("100.96.0.1"), 1)); // other tenant unaffected
+    assert_eq!(net.clients[2].inbox.len(), 1);
+}
+
+#[test]
+fn fail_closed_audit_refuses_new_flows_but_keeps_existing() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 1000, b, 5201, 1, "S", b""));
+    net.gw.set_admit_new_flows(false);
+    net.send(0, &tcp(a, 1001, b, 5201, 1, "S", b""));
+    net.send(0, &tcp(a, 1000, b, 5201, 2, "A", b"x"));
+    assert_eq!(net.clients[1].inbox.len(), 2);
+    assert_eq!(net.tenant("acme").drops(DropReason::AuditUnavailable), 1);
+}
+
+#[test]
+fn idle_flows_end_by_timeout_and_shutdown_ends_the_rest() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &udp(a, b, b"one"));
+    net.send(0, &tcp(a, 1000, b, 5201, 1, "S", b""));
+    let _ = events(&mut net);
+    let later = Instant::now() + Duration::from_secs(61);
+    net.gw.handle_timers(later, &mut net.tx);
+    net.tx.clear();
+    let evs = events(&mut net);
+    assert_eq!(
+        evs.iter()
+            .filter(|e| matches!(
+                e,
+                FlowEvent::End {
+                    reason: EndReason::IdleTimeout,
+                    ..
+                }
+            ))
+            .count(),
+        2,
+        "udp 60 s, tcp SYN-only 60 s"
+    );
+    net.send(0, &tcp(a, 1001, b, 5201, 1, "S", b""));
+    net.gw.shutdown(Instant::now());
+    let evs = events(&mut net);
+    assert!(evs.iter().any(|e| matches!(
+        e,
+        FlowEvent::End {
+            reason: EndReason::Shutdown,
+            ..
+        }
+    )));
+    assert_eq!(net.gw.flow_count(), 0);
+}
+
+#[test]
+fn removed_device_ends_its_flows() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    net.send(0, &udp(ip("100.96.0.2"), ip("100.96.0.3"), b"x"));
+    let _ = events(&mut net);
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.tenants[0].devices.retain(|d| d.name.as_str() != "dev1");
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    let evs = events(&mut net);
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            FlowEvent::End {
+                reason: EndReason::PeerRemoved,
+                ..
+            }
+        )),
+        "{evs:?}"
+    );
 }

@@ -1,0 +1,578 @@
+//! The flow table: every packet of a tenant maps to exactly one flow, keyed by tenant + protocol + the two
+//! (address, port) endpoints in canonical order, so both directions find the same entry with one lookup.
+//!
+//! Layout for 1M+ flows: a hash map from key to a slab index, the flows themselves in a slab (`Vec<Flow>`,
+//! freed entries reused), and a min-heap of (deadline, index, generation) for idle expiry. A packet costs one
+//! hash lookup and a few stores; the heap is touched only when a flow starts or a deadline passes.
+//! Time is milliseconds since the core's epoch, passed in by the caller (virtual clocks work).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::IpAddr;
+
+use crate::config::{Action, FlowSettings};
+use crate::packet::{
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
+
+/// How long a flow that ended (FIN both ways, RST) lingers to absorb late packets without starting a new flow.
+pub const LINGER_MS: u64 = 10_000;
+
+/// Canonical flow key: endpoint `a` is the lower (address, port) of the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    tenant: u32,
+    a: [u8; 16],
+    b: [u8; 16],
+    a_port: u16,
+    b_port: u16,
+    protocol: u8,
+    v6: bool,
+}
+
+/// Which way a packet travels relative to the key's canonical order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDir {
+    AToB,
+    BToA,
+}
+
+fn octets(ip: IpAddr) -> ([u8; 16], bool) {
+    match ip {
+        IpAddr::V4(v) => (v.to_ipv6_mapped().octets(), false),
+        IpAddr::V6(v) => (v.octets(), true),
+    }
+}
+
+impl FlowKey {
+    pub fn new(
+        tenant: u32,
+        protocol: u8,
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+    ) -> (FlowKey, KeyDir) {
+        let (s, v6) = octets(src);
+        let (d, _) = octets(dst);
+        if (s, sport) <= (d, dport) {
+            (
+                FlowKey {
+                    tenant,
+                    a: s,
+                    b: d,
+                    a_port: sport,
+                    b_port: dport,
+                    protocol,
+                    v6,
+                },
+                KeyDir::AToB,
+            )
+        } else {
+            (
+                FlowKey {
+                    tenant,
+                    a: d,
+                    b: s,
+                    a_port: dport,
+                    b_port: sport,
+                    protocol,
+                    v6,
+                },
+                KeyDir::BToA,
+            )
+        }
+    }
+
+    pub fn tenant(&self) -> u32 {
+        self.tenant
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.protocol
+    }
+
+    fn addr(octets: [u8; 16], v6: bool) -> IpAddr {
+        let a = std::net::Ipv6Addr::from(octets);
+        match a.to_ipv4_mapped() {
+            Some(v4) if !v6 => IpAddr::V4(v4),
+            _ => IpAddr::V6(a),
+        }
+    }
+}
+
+/// Where an allowed flow's packets go (from the initiator's point of view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowTarget {
+    /// Answered by the gateway itself.
+    Local,
+    /// The destination device's peer slot.
+    Peer(u32),
+}
+
+/// TCP progress (other protocols stay `Open`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// Non-TCP, or TCP picked up mid-stream and not yet seen both ways.
+    Open,
+    SynSent,
+    Established,
+    /// FIN seen from one side (bit 0: initiator, bit 1: responder).
+    Closing(u8),
+    /// Ended (both FINs, or RST); lingering until `LINGER_MS` after the last packet.
+    Ended,
+}
+
+/// Index into `packets`/`bytes`: 0 = initiator to responder, 1 = replies.
+pub const OUT: usize = 0;
+pub const IN: usize = 1;
+
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub key: FlowKey,
+    /// Unique within this gateway run; names the flow in audit records.
+    pub seq: u64,
+    /// Canonical direction of the initiator's packets.
+    pub initiator: KeyDir,
+    pub src_slot: u32,
+    pub target: FlowTarget,
+    pub action: Action,
+    pub rule: Option<u16>,
+    pub state: FlowState,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    /// Next sequence number each side will send (for cutting a connection with an acceptable RST).
+    pub next_seq: [u32; 2],
+    generation: u32,
+    live: bool,
+}
+
+/// What a packet did to its flow's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    None,
+    Established,
+    /// The flow just ended (FIN both ways or RST).
+    Ended(EndReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    TcpFin,
+    TcpRst,
+    IdleTimeout,
+    /// A reload changed policy or routing so the flow is no longer allowed.
+    PolicyRevoked,
+    /// The source or destination device was removed.
+    PeerRemoved,
+    Shutdown,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::TcpFin => "tcp_fin",
+            EndReason::TcpRst => "tcp_rst",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::PolicyRevoked => "policy_revoked",
+            EndReason::PeerRemoved => "peer_removed",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl Flow {
+    /// A new flow; `dir` is the canonical direction of its first packet (the initiator's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: FlowKey,
+        dir: KeyDir,
+        seq: u64,
+        src_slot: u32,
+        target: FlowTarget,
+        action: Action,
+        rule: Option<u16>,
+        now_ms: u64,
+    ) -> Flow {
+        Flow {
+            key,
+            seq,
+            initiator: dir,
+            src_slot,
+            target,
+            action,
+            rule,
+            state: FlowState::Open,
+            packets: [0; 2],
+            bytes: [0; 2],
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+            next_seq: [0; 2],
+            generation: 0,
+            live: true,
+        }
+    }
+
+    /// (initiator address, port, responder address, port).
+    pub fn endpoints(&self) -> (IpAddr, u16, IpAddr, u16) {
+        let k = &self.key;
+        let a = FlowKey::addr(k.a, k.v6);
+        let b = FlowKey::addr(k.b, k.v6);
+        match self.initiator {
+            KeyDir::AToB => (a, k.a_port, b, k.b_port),
+            KeyDir::BToA => (b, k.b_port, a, k.a_port),
+        }
+    }
+
+    /// 0 for the initiator's packets, 1 for replies.
+    pub fn side(&self, dir: KeyDir) -> usize {
+        if dir == self.initiator {
+            OUT
+        } else {
+            IN
+        }
+    }
+
+    /// Accounts one packet of `len` bytes travelling `side` and advances TCP state.
+    pub fn record(
+        &mut self,
+        side: usize,
+        len: usize,
+        tcp: Option<(u8, u32, u32)>,
+        now_ms: u64,
+    ) -> Transition {
+        self.packets[side] += 1;
+        self.bytes[side] += len as u64;
+        self.last_seen_ms = now_ms;
+        let Some((flags, seq, seg_len)) = tcp else {
+            return Transition::None;
+        };
+        self.next_seq[side] = seq.wrapping_add(seg_len);
+        if self.state == FlowState::Ended {
+            return Transition::None;
+        }
+        if flags & TCP_RST != 0 {
+            self.state = FlowState::Ended;
+            return Transition::Ended(EndReason::TcpRst);
+        }
+        let fin_bit = 1u8 << side;
+        match self.state {
+            FlowState::Open
+                if self.packets == [1, 0] && flags & TCP_SYN != 0 && flags & TCP_ACK == 0 =>
+            {
+                self.state = FlowState::SynSent;
+                Transition::None
+            }
+            FlowState::SynSent
+                if side == IN && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK =>
+            {
+                self.state = FlowState::Established;
+                Transition::Established
+            }
+            FlowState::Open
+                if self.packets[IN] > 0 && self.packets[OUT] > 0 && flags & TCP_FIN == 0 =>
+            {
+                self.state = FlowState::Established; // picked up mid-stream, now seen both ways
+                Transition::Established
+            }
+            FlowState::Open | FlowState::SynSent | FlowState::Established
+                if flags & TCP_FIN != 0 =>
+            {
+                self.state = FlowState::Closing(fin_bit);
+                Transition::None
+            }
+            FlowState::Closing(bits) if flags & TCP_FIN != 0 && bits | fin_bit == 3 => {
+                self.state = FlowState::Ended;
+                Transition::Ended(EndReason::TcpFin)
+            }
+            _ => Transition::None,
+        }
+    }
+
+    fn timeout_ms(&self, s: &Timeouts) -> u64 {
+        match (self.key.protocol, self.state) {
+            (_, FlowState::Ended) => LINGER_MS,
+            (PROTO_TCP, FlowState::Established) => s.tcp_established,
+            (PROTO_TCP, _) => s.tcp_transitory,
+            (PROTO_UDP, _) => s.udp,
+            (PROTO_ICMP | PROTO_ICMPV6, _) => s.icmp,
+            _ => s.other,
+        }
+    }
+}
+
+struct Timeouts {
+    tcp_established: u64,
+    tcp_transitory: u64,
+    udp: u64,
+    icmp: u64,
+    other: u64,
+}
+
+/// What `expire` found.
+pub struct Expired {
+    pub flow: Flow,
+    /// The flow had not ended yet: it ends now, by idle timeout.
+    pub idle: bool,
+}
+
+type Hasher = foldhash::fast::RandomState;
+
+pub struct FlowTable {
+    map: HashMap<FlowKey, u32, Hasher>,
+    slab: Vec<Flow>,
+    free: Vec<u32>,
+    deadlines: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    timeouts: Timeouts,
+}
+
+impl FlowTable {
+    pub fn new(settings: &FlowSettings) -> FlowTable {
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        FlowTable {
+            map: HashMap::with_hasher(Hasher::default()),
+            slab: Vec::new(),
+            free: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            timeouts: Timeouts {
+                tcp_established: ms(settings.tcp_established_timeout),
+                tcp_transitory: ms(settings.tcp_transitory_timeout),
+                udp: ms(settings.udp_timeout),
+                icmp: ms(settings.icmp_timeout),
+                other: ms(settings.other_timeout),
+            },
+        }
+    }
+
+    pub fn set_timeouts(&mut self, settings: &FlowSettings) {
+        self.timeouts = FlowTable::new(settings).timeouts;
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey) -> Option<u32> {
+        self.map.get(key).copied()
+    }
+
+    #[inline]
+    pub fn get_mut(&mut self, idx: u32) -> &mut Flow {
+        &mut self.slab[idx as usize]
+    }
+
+    pub fn get(&self, idx: u32) -> &Flow {
+        &self.slab[idx as usize]
+    }
+
+    /// Inserts a flow whose key is not present. Returns its index.
+    pub fn insert(&mut self, mut flow: Flow) -> u32 {
+        debug_assert!(!self.map.contains_key(&flow.key));
+        let deadline = flow.last_seen_ms + flow.timeout_ms(&self.timeouts);
+        let idx = match self.free.pop() {
+            Some(i) => {
+                flow.generation = self.slab[i as usize].generation.wrapping_add(1);
+                self.slab[i as usize] = flow;
+                i
+            }
+            None => {
+                self.slab.push(flow);
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let f = &self.slab[idx as usize];
+        self.map.insert(f.key, idx);
+        self.deadlines.push(Reverse((deadline, idx, f.generation)));
+        idx
+    }
+
+    /// Removes a flow and returns it.
+    pub fn remove(&mut self, idx: u32) -> Flow {
+        let f = &mut self.slab[idx as usize];
+        debug_assert!(f.live);
+        f.live = false;
+        let out = f.clone();
+        self.map.remove(&out.key);
+        self.free.push(idx);
+        out
+    }
+
+    /// Indices of all live flows (for re-checking after a reload).
+    pub fn indices(&self) -> Vec<u32> {
+        self.map.values().copied().collect()
+    }
+
+    /// Removes flows idle past their timeout, at most `budget` heap entries per call (bounded work per tick).
+    pub fn expire(&mut self, now_ms: u64, budget: usize, out: &mut Vec<Expired>) {
+        for _ in 0..budget {
+            let Some(&Reverse((deadline, idx, gen))) = self.deadlines.peek() else {
+                return;
+            };
+            if deadline > now_ms {
+                return;
+            }
+            self.deadlines.pop();
+            let f = &self.slab[idx as usize];
+            if !f.live || f.generation != gen {
+                continue; // removed or replaced since this deadline was scheduled
+            }
+            let due = f.last_seen_ms + f.timeout_ms(&self.timeouts);
+            if due > now_ms {
+                self.deadlines.push(Reverse((due, idx, gen)));
+                continue;
+            }
+            let idle = f.state != FlowState::Ended;
+            out.push(Expired {
+                flow: self.remove(idx),
+                idle,
+            });
+        }
+    }
+
+    /// Bytes held per live flow (map entry + slab entry + one heap entry), for the benchmark.
+    pub fn memory_bytes(&self) -> usize {
+        let map = self.map.capacity() * (std::mem::size_of::<(FlowKey, u32)>() + 1);
+        let slab = self.slab.capacity() * std::mem::size_of::<Flow>();
+        let heap = self.deadlines.capacity() * std::mem::size_of::<Reverse<(u64, u32, u32)>>();
+        map + slab + heap + self.free.capacity() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn table() -> FlowTable {
+        FlowTable::new(&FlowSettings::default())
+    }
+
+    #[test]
+    fn both_directions_share_one_key() {
+        let (k1, d1) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
+        let (k2, d2) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.3"), 22, ip("100.96.0.2"), 40000);
+        assert_eq!(k1, k2);
+        assert_ne!(d1, d2);
+        let (k3, _) = FlowKey::new(2, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
+        assert_ne!(k1, k3, "tenants never share flows");
+    }
+
+    #[test]
+    fn tcp_lifecycle_start_established_fin() {
+        let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
+        let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, Some(0), 0);
+        assert_eq!(
+            f.record(OUT, 60, Some((TCP_SYN, 100, 1)), 0),
+            Transition::None
+        );
+        assert_eq!(
+            f.record(IN, 60, Some((TCP_SYN | TCP_ACK, 500, 1)), 1),
+            Transition::Established
+        );
+        assert_eq!(
+            f.record(OUT, 1000, Some((TCP_ACK, 101, 960)), 2),
+            Transition::None
+        );
+        assert_eq!(
+            f.record(OUT, 52, Some((TCP_FIN | TCP_ACK, 1061, 1)), 3),
+            Transition::None
+        );
+        assert_eq!(
+            f.record(IN, 52, Some((TCP_FIN | TCP_ACK, 501, 1)), 4),
+            Transition::Ended(EndReason::TcpFin)
+        );
+        assert_eq!(
+            f.record(OUT, 52, Some((TCP_ACK, 1062, 0)), 5),
+            Transition::None,
+            "late ACK absorbed"
+        );
+        assert_eq!(f.packets, [4, 2]);
+        assert_eq!(f.bytes, [60 + 1000 + 52 + 52, 112]);
+        assert_eq!(f.next_seq, [1062, 502]);
+    }
+
+    #[test]
+    fn rst_ends_at_once() {
+        let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 1, ip("100.96.0.3"), 2);
+        let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, None, 0);
+        f.record(OUT, 40, Some((TCP_SYN, 1, 1)), 0);
+        assert_eq!(
+            f.record(IN, 40, Some((TCP_RST | TCP_ACK, 0, 0)), 0),
+            Transition::Ended(EndReason::TcpRst)
+        );
+    }
+
+    #[test]
+    fn idle_flows_expire_with_virtual_clock() {
+        let mut t = table();
+        let (k, d) = FlowKey::new(1, PROTO_UDP, ip("100.96.0.2"), 53000, ip("100.96.0.3"), 53);
+        let i = t.insert(Flow::new(
+            k,
+            d,
+            1,
+            0,
+            FlowTarget::Peer(1),
+            Action::Allow,
+            None,
+            0,
+        ));
+        let mut out = Vec::new();
+        t.expire(59_999, 100, &mut out);
+        assert!(out.is_empty());
+        t.get_mut(i).record(OUT, 10, None, 30_000); // activity pushes the deadline
+        t.expire(60_000, 100, &mut out);
+        assert!(out.is_empty());
+        t.expire(90_000, 100, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].idle);
+        assert_eq!(t.len(), 0);
+        assert!(t.lookup(&k).is_none());
+    }
+
+    proptest! {
+        /// Every packet maps to exactly one flow; counters add up to what was sent; expiry leaves no stray entry.
+        #[test]
+        fn packets_map_to_one_flow_and_counters_add_up(
+            pkts in proptest::collection::vec((0u8..4, 0u8..4, 0u16..3, 0u16..3, 1usize..1500, 0u64..5000), 1..300)
+        ) {
+            let mut t = table();
+            let hosts = ["100.96.0.2", "100.96.0.3", "100.96.0.4", "100.96.0.5"];
+            let mut sent: std::collections::HashMap<FlowKey, u64> = Default::default();
+            let mut now = 0u64;
+            for (s, d, sp, dp, len, dt) in pkts {
+                now += dt;
+                let (k, dir) = FlowKey::new(1, PROTO_UDP, ip(hosts[usize::from(s)]), sp, ip(hosts[usize::from(d)]), dp);
+                let idx = match t.lookup(&k) {
+                    Some(i) => i,
+                    None => t.insert(Flow::new(k, dir, 0, 0, FlowTarget::Local, Action::Allow, None, now)),
+                };
+                let f = t.get_mut(idx);
+                prop_assert_eq!(f.key, k);
+                let side = f.side(dir);
+                f.record(side, len, None, now);
+                *sent.entry(k).or_default() += len as u64;
+            }
+            for (k, total) in &sent {
+                let f = t.get(t.lookup(k).unwrap());
+                prop_assert_eq!(f.bytes[0] + f.bytes[1], *total);
+            }
+            prop_assert_eq!(t.len(), sent.len());
+            let mut out = Vec::new();
+            t.expire(now + 61_000, usize::MAX, &mut out);
+            prop_assert_eq!(out.len(), sent.len());
+            prop_assert_eq!(t.len(), 0);
+        }
+    }
+}

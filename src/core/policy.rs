@@ -1,0 +1,282 @@
+//! Zero-trust policy: each tenant's ordered rules compiled for evaluation. The first matching rule decides;
+//! nothing matching means deny. Evaluated once per flow (at its first packet) and again on reload.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::config::{Action, DeviceName, DstMatch, Proto, Tenant, UserName};
+use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+/// Who opened a flow: the identity bound to the source device's WireGuard key.
+pub struct Subject<'a> {
+    pub user: &'a UserName,
+    pub groups: &'a [String],
+    pub device: &'a DeviceName,
+}
+
+/// What a flow is addressed to.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// Destination port for TCP/UDP.
+    pub dport: Option<u16>,
+}
+
+/// The outcome of evaluating a flow against policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// Index of the deciding rule; `None` for the default deny.
+    pub rule: Option<u16>,
+}
+
+impl Decision {
+    pub const DEFAULT_DENY: Decision = Decision {
+        action: Action::Deny,
+        rule: None,
+    };
+}
+
+/// The id recorded for flows no rule matched.
+pub const DEFAULT_DENY_ID: &str = "default-deny";
+
+struct CompiledRule {
+    id: Arc<str>,
+    action: Action,
+    users: Vec<UserName>,
+    groups: Vec<String>,
+    devices: Vec<DeviceName>,
+    dst: Option<Vec<IpNet>>,
+    proto: Proto,
+    ports: Vec<(u16, u16)>,
+}
+
+/// A tenant's compiled rules.
+pub struct Policy {
+    rules: Vec<CompiledRule>,
+    default_id: Arc<str>,
+}
+
+impl Policy {
+    /// Resolves device names and `gateway` to addresses of this tenant. A rule naming a device that does not
+    /// exist (yet) matches nothing for that entry.
+    pub fn compile(t: &Tenant) -> Policy {
+        let rules = t
+            .rules
+            .iter()
+            .take(usize::from(u16::MAX))
+            .map(|r| CompiledRule {
+                id: Arc::from(r.id.as_str()),
+                action: r.action,
+                users: r.users.clone(),
+                groups: r.groups.clone(),
+                devices: r.devices.clone(),
+                dst: r.dst.as_ref().map(|list| {
+                    list.iter()
+                        .filter_map(|d| match d {
+                            DstMatch::Net(n) => Some(*n),
+                            DstMatch::Gateway => Some(IpNet::from(t.gateway_address)),
+                            DstMatch::Device(name) => {
+                                let found = t.devices.iter().find(|dev| &dev.name == name).map(|dev| IpNet::from(dev.address));
+                                if found.is_none() {
+                                    tracing::debug!(tenant = %t.id, rule = %r.id, device = %name, "rule names a device that is not enrolled");
+                                }
+                                found
+                            }
+                        })
+                        .collect()
+                }),
+                proto: r.proto,
+                ports: r.ports.clone(),
+            })
+            .collect();
+        Policy {
+            rules,
+            default_id: Arc::from(DEFAULT_DENY_ID),
+        }
+    }
+
+    pub fn evaluate(&self, s: &Subject<'_>, t: &Target) -> Decision {
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.matches(s, t) {
+                return Decision {
+                    action: r.action,
+                    rule: Some(i as u16),
+                };
+            }
+        }
+        Decision::DEFAULT_DENY
+    }
+
+    /// The id records name for a decision.
+    pub fn rule_id(&self, d: &Decision) -> Arc<str> {
+        match d.rule.and_then(|i| self.rules.get(usize::from(i))) {
+            Some(r) => r.id.clone(),
+            None => self.default_id.clone(),
+        }
+    }
+}
+
+impl CompiledRule {
+    fn matches(&self, s: &Subject<'_>, t: &Target) -> bool {
+        (self.users.is_empty() || self.users.contains(s.user))
+            && (self.groups.is_empty() || self.groups.iter().any(|g| s.groups.contains(g)))
+            && (self.devices.is_empty() || self.devices.contains(s.device))
+            && self
+                .dst
+                .as_ref()
+                .is_none_or(|nets| nets.iter().any(|n| n.contains(&t.dst)))
+            && match self.proto {
+                Proto::Any => true,
+                Proto::Tcp => t.protocol == PROTO_TCP,
+                Proto::Udp => t.protocol == PROTO_UDP,
+                Proto::Icmp => t.protocol == PROTO_ICMP || t.protocol == PROTO_ICMPV6,
+            }
+            && (self.ports.is_empty()
+                || t.dport
+                    .is_some_and(|p| self.ports.iter().any(|&(a, b)| (a..=b).contains(&p))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    const CFG: &str = r#"
+[gateway]
+state_dir = "/x"
+[[tenant]]
+id = "acme"
+address_pool = "100.96.0.0/24"
+gateway_address = "100.96.0.1"
+[[tenant.rule]]
+id = "eng-ssh"
+action = "allow"
+groups = ["eng"]
+dst = ["10.1.0.0/16", "db-1"]
+proto = "tcp"
+ports = ["22"]
+[[tenant.rule]]
+id = "block-db-web"
+action = "reject"
+dst = ["db-1"]
+[[tenant.rule]]
+id = "wiki"
+action = "allow"
+dst = ["100.96.0.0/24"]
+proto = "tcp"
+ports = ["443", "8000-8100"]
+[[tenant.rule]]
+id = "ping-gw"
+action = "allow"
+dst = ["gateway"]
+proto = "icmp"
+[[tenant.device]]
+name = "db-1"
+public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+address = "100.96.0.5"
+user = "svc"
+"#;
+
+    fn policy() -> Policy {
+        let c = Config::from_toml(CFG, Path::new("/t.toml")).unwrap();
+        Policy::compile(&c.tenants[0])
+    }
+
+    fn eval(
+        p: &Policy,
+        groups: &[&str],
+        dst: &str,
+        proto: u8,
+        port: Option<u16>,
+    ) -> (Action, String) {
+        let user = UserName::parse("alice").unwrap();
+        let device = DeviceName::parse("laptop").unwrap();
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let d = p.evaluate(
+            &Subject {
+                user: &user,
+                groups: &groups,
+                device: &device,
+            },
+            &Target {
+                dst: dst.parse().unwrap(),
+                protocol: proto,
+                dport: port,
+            },
+        );
+        (d.action, p.rule_id(&d).to_string())
+    }
+
+    #[test]
+    fn first_match_wins_in_order() {
+        let p = policy();
+        assert_eq!(
+            eval(&p, &["eng"], "100.96.0.5", PROTO_TCP, Some(22)),
+            (Action::Allow, "eng-ssh".into())
+        );
+        assert_eq!(
+            eval(&p, &["sales"], "100.96.0.5", PROTO_TCP, Some(22)),
+            (Action::Reject, "block-db-web".into())
+        );
+        assert_eq!(
+            eval(&p, &["eng"], "10.1.2.3", PROTO_TCP, Some(22)),
+            (Action::Allow, "eng-ssh".into())
+        );
+        assert_eq!(
+            eval(&p, &[], "100.96.0.9", PROTO_TCP, Some(8050)),
+            (Action::Allow, "wiki".into())
+        );
+        assert_eq!(
+            eval(&p, &[], "100.96.0.1", PROTO_ICMP, None),
+            (Action::Allow, "ping-gw".into())
+        );
+    }
+
+    #[test]
+    fn anything_else_is_denied_by_default() {
+        let p = policy();
+        assert_eq!(
+            eval(&p, &["eng"], "10.1.2.3", PROTO_TCP, Some(23)),
+            (Action::Deny, DEFAULT_DENY_ID.into())
+        );
+        assert_eq!(
+            eval(&p, &["eng"], "10.1.2.3", PROTO_UDP, Some(22)),
+            (Action::Deny, DEFAULT_DENY_ID.into())
+        );
+        assert_eq!(
+            eval(&p, &[], "100.96.0.9", PROTO_ICMP, None),
+            (Action::Deny, DEFAULT_DENY_ID.into())
+        );
+    }
+
+    proptest! {
+        /// An empty rule list denies every flow.
+        #[test]
+        fn empty_policy_denies_everything(a in any::<u32>(), proto in any::<u8>(), port in any::<Option<u16>>()) {
+            let mut c = Config::from_toml(CFG, Path::new("/t.toml")).unwrap();
+            c.tenants[0].rules.clear();
+            let p = Policy::compile(&c.tenants[0]);
+            let user = UserName::parse("u").unwrap();
+            let device = DeviceName::parse("d").unwrap();
+            let d = p.evaluate(&Subject { user: &user, groups: &[], device: &device }, &Target { dst: IpAddr::from(a.to_be_bytes()), protocol: proto, dport: port });
+            prop_assert_eq!(d, Decision::DEFAULT_DENY);
+        }
+
+        /// A decision always names the rule that made it, and only an allow rule can allow.
+        #[test]
+        fn allow_only_by_a_matching_allow_rule(a in any::<u32>(), proto in prop_oneof![Just(PROTO_TCP), Just(PROTO_UDP), Just(PROTO_ICMP)], port in any::<u16>()) {
+            let p = policy();
+            let (action, id) = eval(&p, &["eng"], &IpAddr::from(a.to_be_bytes()).to_string(), proto, Some(port));
+            if action == Action::Allow {
+                prop_assert!(["eng-ssh", "wiki", "ping-gw"].contains(&id.as_str()));
+            }
+        }
+    }
+}

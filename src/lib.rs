@@ -1,0 +1,19 @@
+//! Rampart: a WireGuard-terminating zero-trust gateway. See ARCHITECTURE.md for the module map and the life
+//! of a packet. The binary (`main.rs`) is only the CLI entry point.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod core;
+pub mod daemon;
+pub mod enroll;
+pub mod keys;
+pub mod onramp;
+pub mod packet;
+pub mod registry;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod system;

@@ -1,0 +1,239 @@
+//! The `rampart` binary under test: config files, the `rampart run` process inside the gateway
+//! namespace, the CLI (`device add/remove/list`, `reload`, `check-config`) and `/metrics`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use super::metrics::Metrics;
+use super::netns::Netns;
+use super::process::{poll_until, run, tail, Proc, Ran};
+use super::wg_client::ClientConfig;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rampart");
+/// The gateway's underlay address (on the gateway namespace's loopback, routed to by clients).
+pub const UNDERLAY_ADDR: &str = "198.18.0.1";
+pub const PORT: u16 = 51820;
+pub const ADMIN: &str = "127.0.0.1:8080";
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `rampart run` may take to serve `/health`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct TenantSpec {
+    pub id: String,
+    pub name: String,
+    pub pool: String,
+    pub gateway_address: String,
+    /// `[[tenant.rule]]` tables (TOML) for this tenant; the default allows everything within the tenant
+    /// (policy is default deny).
+    pub rules: String,
+}
+
+/// Policy that allows every flow within the tenant.
+pub const ALLOW_ALL: &str = "[[tenant.rule]]\nid = \"allow-all\"\naction = \"allow\"\n";
+
+impl TenantSpec {
+    pub fn new(id: &str, pool: &str, gateway_address: &str) -> TenantSpec {
+        TenantSpec {
+            id: id.to_string(),
+            name: format!("Tenant {id}"),
+            pool: pool.to_string(),
+            gateway_address: gateway_address.to_string(),
+            rules: ALLOW_ALL.to_string(),
+        }
+    }
+}
+
+/// Writes `<dir>/gateway.toml` (key file and state dir relative to it) and returns its path.
+pub fn write_config(dir: &Path, tenants: &[TenantSpec]) -> PathBuf {
+    let mut s = format!(
+        "[gateway]\nlisten = \"{UNDERLAY_ADDR}:{PORT}\"\nprivate_key_file = \"gateway.key\"\n\
+         state_dir = \"state\"\nadmin_listen = \"{ADMIN}\"\npublic_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n"
+    );
+    for t in tenants {
+        s.push_str(&format!(
+            "\n[[tenant]]\nid = \"{}\"\nname = \"{}\"\naddress_pool = \"{}\"\ngateway_address = \"{}\"\n",
+            t.id, t.name, t.pool, t.gateway_address
+        ));
+        s.push_str(&t.rules);
+    }
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+/// The gateway: its config and (while running) its `rampart run` process.
+pub struct Gateway {
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    ns: String,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Gateway {
+    pub fn new(config: PathBuf, dir: &Path, ns: &Netns) -> Gateway {
+        Gateway {
+            config,
+            dir: dir.to_path_buf(),
+            ns: ns.name().to_string(),
+            proc: None,
+            starts: 0,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Starts `rampart run -c CONFIG` in the gateway namespace and waits until `/health`
+    /// answers "ok" (panics with the gateway's log if it exits or times out).
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "gateway already running");
+        self.starts += 1;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, BIN, "run", "-c"])
+            .arg(&self.config)
+            .env(
+                "RAMPART_LOG",
+                std::env::var("RAMPART_E2E_LOG").unwrap_or_else(|_| "debug".into()),
+            );
+        let log = self.dir.join("gateway.log");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| {
+                use std::io::Write;
+                writeln!(f, "===== harness: gateway start #{} =====", self.starts)
+            });
+        self.proc = Some(Proc::spawn("gateway", cmd, &self.dir));
+        let ready = poll_until(START_TIMEOUT, Duration::from_millis(100), || {
+            self.assert_alive();
+            self.health().then_some(())
+        });
+        if ready.is_none() {
+            panic!(
+                "gateway did not answer GET /health within {START_TIMEOUT:?}; log:\n{}",
+                tail(&self.log(), 60)
+            );
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map(|p| p.pid()).unwrap_or(0)
+    }
+
+    /// Panics with the log if the gateway process has exited.
+    pub fn assert_alive(&mut self) {
+        let p = self.proc.as_mut().expect("gateway not started");
+        if let Some(s) = p.exit_status() {
+            panic!("gateway exited ({s}); log:\n{}", tail(&p.log(), 80));
+        }
+    }
+
+    /// SIGKILL by PID (a crash, nothing is flushed).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status (SIGKILL after `grace`, returning `None`).
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let mut p = self.proc.take()?;
+        p.signal("TERM");
+        let s = p.wait_timeout(grace);
+        if s.is_none() {
+            p.kill();
+        }
+        s
+    }
+
+    /// Sends a signal (e.g. "HUP") to the running gateway.
+    pub fn signal(&mut self, sig: &str) {
+        if let Some(p) = self.proc.as_mut() {
+            p.signal(sig);
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// `curl` inside the gateway namespace; `None` unless HTTP 2xx.
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        let r = run(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-sS",
+                "-f",
+                "--max-time",
+                "5",
+                &format!("http://{ADMIN}{path}"),
+            ]),
+            Duration::from_secs(10),
+        );
+        r.success().then_some(r.stdout)
+    }
+
+    pub fn health(&self) -> bool {
+        self.http_get("/health").is_some_and(|b| b.trim() == "ok")
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let text = self
+            .http_get("/metrics")
+            .unwrap_or_else(|| panic!("GET /metrics failed; log:\n{}", tail(&self.log(), 40)));
+        Metrics::parse(&text).unwrap_or_else(|e| panic!("/metrics is not Prometheus text: {e}"))
+    }
+
+    /// `rampart SUBCOMMAND... -c CONFIG ARGS...`, run in the root namespace (it only touches
+    /// files and the control socket in the state dir, never the network).
+    pub fn cli(&self, subcommand: &[&str], args: &[&str]) -> Ran {
+        run(
+            Command::new(BIN)
+                .args(subcommand)
+                .arg("-c")
+                .arg(&self.config)
+                .args(args),
+            CLI_TIMEOUT,
+        )
+    }
+
+    /// `rampart device add` and the parsed config it printed.
+    pub fn device_add(&self, tenant: &str, name: &str, user: &str) -> ClientConfig {
+        let out = self
+            .cli(
+                &["device", "add"],
+                &["--tenant", tenant, "--name", name, "--user", user],
+            )
+            .expect_ok();
+        ClientConfig::parse(&out).unwrap_or_else(|e| {
+            panic!("`rampart device add` printed an unusable config ({e}):\n{out}")
+        })
+    }
+
+    pub fn device_remove(&self, tenant: &str, name: &str) {
+        self.cli(&["device", "remove"], &["--tenant", tenant, "--name", name])
+            .expect_ok();
+    }
+
+    pub fn device_list_json(&self) -> serde_json::Value {
+        let out = self.cli(&["device", "list"], &["--json"]).expect_ok();
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`device list --json` is not JSON ({e}):\n{out}"))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+}
