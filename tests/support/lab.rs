@@ -1,0 +1,227 @@
+//! One test's world: a temp dir, a gateway namespace running `rampart run`, and helpers to
+//! attach wireguard-go clients and plain underlay hosts to it.
+//!
+//! Topology (all names carry `rpt<pid>x<n>`, so parallel runs and other users never collide):
+//!
+//! ```text
+//!   <id>-<client> eth0 198.18.L.2/24 ---veth--- vL 198.18.L.1/24  <id>-gw
+//!   (wireguard-go, tunnel address         (roaming: eth1 198.18.L+100.2 --- rL)
+//!    from `rampart device add`)           lo 198.18.0.1/32: rampart listens here
+//! ```
+//!
+//! Clients route only 198.18.0.1/32 over the underlay; the gateway namespace does not forward,
+//! so the only path between devices is the gateway's userspace relay.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::gateway::{write_config, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
+use super::netns::{link, Netns};
+use super::process::tail;
+use super::wg_client::WgClient;
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+static IFACES: AtomicU32 = AtomicU32::new(0);
+
+/// apt packages providing the tools the harness runs.
+pub const APT_PACKAGES: &str = "wireguard-go wireguard-tools iproute2 iputils-ping python3 curl";
+
+/// Fails loudly (never skips) when the harness cannot run here.
+pub fn preflight() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("?");
+    assert_eq!(
+        euid, "0",
+        "the end-to-end tests create network namespaces and TUN devices: run them as root \
+         (they do not skip themselves when not root)"
+    );
+    let path = std::env::var("PATH").unwrap_or_default();
+    for tool in [
+        "wireguard-go",
+        "wg",
+        "ip",
+        "python3",
+        "curl",
+        "ping",
+        "sh",
+        "kill",
+    ] {
+        let found = path.split(':').any(|d| Path::new(d).join(tool).is_file());
+        assert!(
+            found,
+            "`{tool}` not found in PATH; the end-to-end tests need the apt packages: {APT_PACKAGES}"
+        );
+    }
+}
+
+/// A temp dir removed on drop (kept when RAMPART_E2E_KEEP is set, for debugging).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("rampart-e2e-{tag}"));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("RAMPART_E2E_KEEP").is_some() {
+            eprintln!("keeping {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A plain host on the underlay (e.g. an attacker), no WireGuard.
+pub struct Host {
+    pub ns: Netns,
+    pub underlay: Ipv4Addr,
+}
+
+pub struct Lab {
+    // Drop order matters: the gateway process stops before its namespace goes, the temp dir
+    // (logs) goes last.
+    pub gateway: Gateway,
+    pub gw_ns: Netns,
+    pub id: String,
+    next_link: u8,
+    dir: TempDir,
+}
+
+impl Lab {
+    /// A gateway namespace with `rampart run` serving `tenants`, healthy.
+    pub fn new(tenants: &[TenantSpec]) -> Lab {
+        preflight();
+        let id = format!(
+            "rpt{}x{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = TempDir::new(&id);
+        let gw_ns = Netns::create(&format!("{id}-gw"));
+        gw_ns.ip(&["addr", "add", &format!("{UNDERLAY_ADDR}/32"), "dev", "lo"]);
+        let config = write_config(dir.path(), tenants);
+        let mut gateway = Gateway::new(config, dir.path(), &gw_ns);
+        let check = gateway.cli(&["check-config"], &[]);
+        assert!(check.success(), "generated config rejected: {check}");
+        gateway.start();
+        Lab {
+            gateway,
+            gw_ns,
+            id,
+            next_link: 1,
+            dir,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `host:port` clients use to reach the gateway.
+    pub fn endpoint(&self) -> String {
+        format!("{UNDERLAY_ADDR}:{PORT}")
+    }
+
+    fn take_link(&mut self) -> u8 {
+        let l = self.next_link;
+        assert!(l < 100, "too many underlay links in one lab");
+        self.next_link += 1;
+        l
+    }
+
+    /// A new namespace linked to the gateway namespace on 198.18.L.0/24 with a route to the
+    /// gateway's underlay address only.
+    fn underlay_ns(&mut self, role: &str) -> (Netns, Ipv4Addr, u8) {
+        let l = self.take_link();
+        let ns = Netns::create(&format!("{}-{role}", self.id));
+        link(
+            &ns,
+            "eth0",
+            &format!("198.18.{l}.2/24"),
+            &self.gw_ns,
+            &format!("v{l}"),
+            &format!("198.18.{l}.1/24"),
+        );
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{UNDERLAY_ADDR}/32"),
+            "via",
+            &format!("198.18.{l}.1"),
+        ]);
+        (ns, Ipv4Addr::new(198, 18, l, 2), l)
+    }
+
+    /// Enrolls device `name` in `tenant` with `rampart device add` and brings up a wireguard-go
+    /// client with exactly the printed config, in its own namespace.
+    pub fn add_client(&mut self, tenant: &str, name: &str) -> WgClient {
+        let (ns, underlay, l) = self.underlay_ns(name);
+        let config = self
+            .gateway
+            .device_add(tenant, name, &format!("{name}@{tenant}.example"));
+        assert_eq!(
+            config.endpoint,
+            self.endpoint(),
+            "device add printed an Endpoint other than public_endpoint:\n{}",
+            config.text
+        );
+        let ifname = format!(
+            "rw{:x}n{}",
+            std::process::id(),
+            IFACES.fetch_add(1, Ordering::SeqCst)
+        );
+        WgClient::start(ns, tenant, name, &ifname, config, underlay, l, self.dir())
+    }
+
+    /// A plain underlay host (no WireGuard) that can reach the gateway's UDP port.
+    pub fn add_host(&mut self, role: &str) -> Host {
+        let (ns, underlay, _) = self.underlay_ns(role);
+        Host { ns, underlay }
+    }
+
+    /// Gives `client` a second underlay link (eth1, 198.18.L+100.2/24) without using it yet;
+    /// returns the new address and its gateway-side next hop.
+    pub fn add_second_link(&self, client: &WgClient) -> (Ipv4Addr, Ipv4Addr) {
+        let l = client.link + 100;
+        link(
+            &client.ns,
+            "eth1",
+            &format!("198.18.{l}.2/24"),
+            &self.gw_ns,
+            &format!("r{}", client.link),
+            &format!("198.18.{l}.1/24"),
+        );
+        (Ipv4Addr::new(198, 18, l, 2), Ipv4Addr::new(198, 18, l, 1))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- gateway log ({}), last 120 lines ---\n{}",
+                self.dir().join("gateway.log").display(),
+                tail(&self.gateway.log(), 120)
+            );
+            if let Some(m) = self.gateway.http_get("/metrics") {
+                eprintln!("--- /metrics ---\n{m}");
+            }
+        }
+        // Stop the gateway explicitly, before its namespace is deleted.
+        self.gateway.terminate(Duration::from_secs(10));
+    }
+}
