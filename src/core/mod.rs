@@ -750,7 +750,11 @@ impl Gateway {
         }
         let dst_slot = match (side, target) {
             (OUT, FlowTarget::Local) => match packet::echo_reply_in_place(pkt, &view) {
-                LocalReply::Reply(_) => src_slot,
+                LocalReply::Reply(len) => {
+                    // The gateway's answer is the flow's reply direction.
+                    self.flows.get_mut(idx).record(IN, len, None, now_ms);
+                    src_slot
+                }
                 LocalReply::NotHandled => return counters.count_drop(DropReason::NoLocalService),
             },
             (OUT, FlowTarget::Peer(dst)) => dst,
