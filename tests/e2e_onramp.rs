@@ -365,6 +365,54 @@ fn client_moving_to_a_new_underlay_address_and_port_keeps_its_session() {
 }
 
 #[test]
+fn forged_data_packets_from_elsewhere_do_not_redirect_a_device() {
+    let mut lab = Lab::new(&[acme()]);
+    let a = lab.add_client("acme", "victim");
+    let b = lab.add_client("acme", "peer");
+    wait_ping(&a.ns, GW_ADDR, TUNNEL_UP, "victim -> gateway");
+    wait_ping(&b.ns, GW_ADDR, TUNNEL_UP, "peer -> gateway");
+    let a_addr = a.address().to_string();
+    wait_ping(&b.ns, &a_addr, TUNNEL_UP, "peer -> victim");
+    let attacker = lab.add_host("atk");
+    let dir = lab.dir().to_path_buf();
+
+    // Data messages with garbage ciphertext for every receiver index of the first peer slots:
+    // if the gateway moved a peer's endpoint on an unauthenticated packet, the relayed echo
+    // requests below would go to the attacker instead of the victim.
+    let endpoint = lab.endpoint();
+    let mut forge = hsflood(
+        &attacker.ns,
+        &dir,
+        "forge",
+        &endpoint,
+        &a.config.peer_public_key,
+        &["--listen", "6"],
+    );
+    forge.wait_stdout("SENT", Duration::from_secs(60));
+    let st = ping(&b.ns, &a_addr, 3, 0.3, 2, None);
+    let result = parse_json_line(&forge.finish(Duration::from_secs(60)));
+    eprintln!("forge: {result}; relayed echo afterwards {}/3", st.received);
+    assert_eq!(
+        result["other_replies"].as_u64(),
+        Some(0),
+        "the gateway sent traffic to the forger: {result}"
+    );
+    assert!(
+        st.received >= 2,
+        "relay to the victim broke after forged packets: {}",
+        st.output
+    );
+    // Some forgeries hit the victim's (or peer's) live receiver index and were rejected there.
+    let m = lab.gateway.metrics();
+    assert!(
+        m.sum_or_zero(DROPPED, &[("tenant", "acme")]) > 0.0,
+        "no forged packet reached a live session; the attack missed:\n{}",
+        m.describe(DROPPED)
+    );
+    lab.gateway.assert_alive();
+}
+
+#[test]
 fn removed_device_loses_connectivity_within_seconds() {
     let mut lab = Lab::new(&[acme()]);
     let a = lab.add_client("acme", "stolen");

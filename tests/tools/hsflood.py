@@ -7,6 +7,10 @@ Modes (both bounded; run from a test namespace only):
          mac1), data packets with random receiver indices.
   flood  handshake initiations with a VALID mac1 and random contents at --rate per second for
          --duration seconds; counts the cookie replies (type 3, 64 bytes) that come back.
+  forge  data messages (type 4) with garbage ciphertext for every receiver index of the first
+         --slots peer slots (index layout (slot << 16) | (worker << 8) | counter8), then listens
+         --listen seconds: anything the gateway sends here would be another peer's traffic
+         redirected by an unauthenticated packet. Prints "SENT" once the forgeries are out.
 
 mac1 (WireGuard whitepaper 5.4.4): key = BLAKE2s-256("mac1----" || responder static public key);
 mac1 = keyed BLAKE2s-128 over the first 116 bytes of the 148-byte initiation; mac2 left zero.
@@ -73,12 +77,15 @@ def junk_datagrams(key):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["junk", "flood"])
+    p.add_argument("mode", choices=["junk", "flood", "forge"])
     p.add_argument("--target", required=True, help="HOST:PORT of the gateway")
     p.add_argument("--pubkey", required=True, help="gateway public key, base64")
     p.add_argument("--rate", type=int, default=3000, help="flood: initiations per second")
     p.add_argument("--duration", type=float, default=5.0, help="flood: seconds (hard limit 30)")
     p.add_argument("--repeat", type=int, default=3, help="junk: passes over the corpus")
+    p.add_argument("--slots", type=int, default=4, help="forge: peer slots to cover")
+    p.add_argument("--workers", type=int, default=4, help="forge: worker ids to cover")
+    p.add_argument("--listen", type=float, default=5.0, help="forge: seconds to listen after")
     a = p.parse_args()
 
     host, port = a.target.rsplit(":", 1)
@@ -133,6 +140,21 @@ def main():
                 send(d)
                 time.sleep(0.001)
                 drain()
+    elif a.mode == "forge":
+        for slot in range(a.slots):
+            for worker in range(a.workers):
+                for counter in range(256):
+                    idx = (slot << 16) | (worker << 8) | counter
+                    # type 4, receiver index, a high counter, garbage "ciphertext" + tag
+                    send(struct.pack("<IIQ", 4, idx, 1 << 40) + os.urandom(48))
+                    if sent % 64 == 0:
+                        time.sleep(0.002)
+                        drain()
+        print("SENT", flush=True)
+        end = time.monotonic() + min(a.listen, 30.0)
+        while time.monotonic() < end:
+            drain()
+            time.sleep(0.02)
     else:
         duration = min(a.duration, 30.0)
         while True:
