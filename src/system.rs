@@ -327,7 +327,7 @@ pub fn locate_root<R: Read + Seek>(r: &mut R) -> Result<RootImage, String> {
         let table_lba = u64_le(&h[72..80]);
         let count = u32_le(&h[80..84]).min(256) as usize;
         let size = u32_le(&h[84..88]) as usize;
-        if size < 128 || size > 4096 {
+        if !(128..=4096).contains(&size) {
             return Err(format!("has a GPT with an odd partition entry size {size}"));
         }
         let mut table = vec![0u8; count * size];
@@ -686,11 +686,12 @@ fn root_disk() -> Option<String> {
     let mounts = fs::read_to_string("/proc/mounts").ok()?;
     let dev = mounts
         .lines()
+        .rev()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.len() > 2 && f[1] == "/" && f[2] == "squashfs").then(|| f[0].to_string())
         })
-        .last()?;
+        .next()?;
     let part = dev.strip_prefix("/dev/")?;
     let parent = fs::canonicalize(Path::new(SYS_BLOCK).join(part).join("..")).ok()?;
     Some(parent.file_name()?.to_string_lossy().into_owned())
