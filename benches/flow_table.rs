@@ -32,7 +32,14 @@ fn keys(n: usize, seed: u64) -> Vec<(FlowKey, rampart::core::flow_table::KeyDir)
             let v = r.next();
             let src = IpAddr::V4(Ipv4Addr::from(0x6460_0000 | (v as u32 & 0xffff)));
             let dst = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | ((v >> 16) as u32 & 0xff_ffff)));
-            FlowKey::new((v >> 40) as u32 % 64, 6, src, (v >> 48) as u16 | 1024, dst, 443)
+            FlowKey::new(
+                (v >> 40) as u32 % 64,
+                6,
+                src,
+                (v >> 48) as u16 | 1024,
+                dst,
+                443,
+            )
         })
         .collect()
 }
@@ -56,7 +63,16 @@ fn main() {
         let start = Instant::now();
         for (i, (k, d)) in ks.iter().enumerate() {
             if t.lookup(k).is_none() {
-                t.insert(Flow::new(*k, *d, i as u64, 0, FlowTarget::Peer(1), Action::Allow, Some(0), 0));
+                t.insert(Flow::new(
+                    *k,
+                    *d,
+                    i as u64,
+                    0,
+                    FlowTarget::Peer(1),
+                    Action::Allow,
+                    Some(0),
+                    0,
+                ));
             }
         }
         inserts.push(start.elapsed().as_nanos() as f64 / FLOWS as f64);
@@ -76,8 +92,14 @@ fn main() {
         }
     }
     println!("flow_table: {FLOWS} flows, {ROUNDS} rounds (median)");
-    println!("  insert (lookup miss + insert): {:.1} ns/flow", median(inserts));
-    println!("  lookup + per-packet update (random order): {:.1} ns/packet", median(lookups));
+    println!(
+        "  insert (lookup miss + insert): {:.1} ns/flow",
+        median(inserts)
+    );
+    println!(
+        "  lookup + per-packet update (random order): {:.1} ns/packet",
+        median(lookups)
+    );
     println!("  memory: {mem:.0} bytes/flow (map + slab + expiry heap, at capacity)");
     println!("  hits per round: {}", median(hits));
 }

@@ -449,14 +449,7 @@ fn records_committed_before_a_crash_survive_kill_9_and_the_store_reopens() {
         },
     );
     // Traffic is still flowing when the gateway is killed.
-    let mut pinger = support::probe::spawn_ping(
-        &a.ns,
-        lab.dir(),
-        "crash-ping",
-        GW_ADDR,
-        100,
-        0.05,
-    );
+    let mut pinger = support::probe::spawn_ping(&a.ns, lab.dir(), "crash-ping", GW_ADDR, 100, 0.05);
     udp_send(&a.ns, &src, &dst, 7000, 2, "during");
     lab.gateway.kill();
     let _ = pinger.kill();

@@ -272,8 +272,21 @@ fn device_handshakes_and_gateway_answers_ping() {
     assert_eq!(net.tenant("acme").handshakes.get(), 1);
     assert_eq!(net.tenant("acme").rx_packets.get(), 1);
     net.gw.shutdown(Instant::now());
-    let ends: Vec<_> = events(&mut net).into_iter().filter_map(|e| if let FlowEvent::End { packets, .. } = e { Some(packets) } else { None }).collect();
-    assert_eq!(ends, vec![[1, 1]], "the gateway's reply is counted as the flow's reply direction");
+    let ends: Vec<_> = events(&mut net)
+        .into_iter()
+        .filter_map(|e| {
+            if let FlowEvent::End { packets, .. } = e {
+                Some(packets)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        vec![[1, 1]],
+        "the gateway's reply is counted as the flow's reply direction"
+    );
 }
 
 #[test]
