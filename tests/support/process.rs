@@ -186,9 +186,10 @@ impl Proc {
     /// Sends `signal` (e.g. "TERM", "HUP") to this process only, if it has not been reaped.
     pub fn signal(&mut self, signal: &str) {
         if self.is_running() {
+            // The shell's builtin `kill`, so no extra package is needed.
             let pid = self.pid().to_string();
             let _ = run(
-                Command::new("kill").args([&format!("-{signal}"), &pid]),
+                Command::new("sh").args(["-c", "kill -s \"$1\" \"$2\"", "sh", signal, &pid]),
                 Duration::from_secs(5),
             );
         }
