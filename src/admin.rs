@@ -132,6 +132,16 @@ pub fn render(m: &Metrics) -> String {
         "Devices with a handshake in the last 180 s.",
         &|c| c.peers_connected.get(),
     );
+    per_tenant(&mut out, "rampart_flows", "gauge", "Live flows.", &|c| {
+        c.flows.get()
+    });
+    per_tenant(
+        &mut out,
+        "rampart_flows_started_total",
+        "counter",
+        "Flows started (any decision).",
+        &|c| c.flows_started.get(),
+    );
     let _ = writeln!(
         out,
         "# HELP rampart_dropped_packets_total Datagrams and inner packets dropped, by reason.\n# TYPE rampart_dropped_packets_total counter"
@@ -175,6 +185,11 @@ pub fn render(m: &Metrics) -> String {
             "UDP datagrams the kernel refused to send.",
             g.send_errors.get(),
         ),
+        (
+            "rampart_audit_records_dropped_total",
+            "Audit records lost (queue full, or store failing past the retry buffer).",
+            g.audit_records_dropped.get(),
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -182,4 +197,34 @@ pub fn render(m: &Metrics) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantId;
+
+    #[test]
+    fn metrics_render_every_family_with_tenant_labels() {
+        let m = Metrics::default();
+        let t = m.tenant(&TenantId::parse("acme").unwrap());
+        t.handshakes.add(2);
+        t.count_drop(DropReason::SpoofedSource);
+        m.global.cookie_replies.add(5);
+        let text = render(&m);
+        for line in [
+            "rampart_handshakes_total{tenant=\"acme\"} 2",
+            "rampart_dropped_packets_total{tenant=\"acme\",reason=\"spoofed_source\"} 1",
+            "rampart_dropped_packets_total{tenant=\"\",reason=\"malformed_datagram\"} 0",
+            "rampart_cookie_replies_total 5",
+            "rampart_flows{tenant=\"acme\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?}");
+        }
+        // Every sample line is `name{labels} value` or `name value` with a numeric value.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let v = l.rsplit(' ').next().unwrap();
+            assert!(v.parse::<f64>().is_ok(), "bad sample {l:?}");
+        }
+    }
 }
