@@ -1,0 +1,23 @@
+# Appliance image targets; included by the top-level Makefile (`include firmware-image/image.mk`).
+#   make image-deps   install the Debian packages the image build and boot test need (idempotent, quiet)
+#   make image        build/image/rampart.img (raw GPT), rampart.img.zst, rampart.qcow2, rampart-rootfs.sqfs
+#   make image-test   boot the image under QEMU (TCG) + OVMF: first boot, WireGuard + /health, A/B update and
+#                     rollback; closes with "image-test: N passed, M failed"
+# See firmware-image/README.md for the layout and expected durations.
+
+IMAGE_CARGO ?= $(or $(CARGO),cargo)
+IMAGE_OUT   ?= $(CURDIR)/build/image
+IMAGE_WORK  ?= $(CURDIR)/build/image-work
+
+.PHONY: image image-deps image-test
+
+image-deps:
+	@$(CURDIR)/firmware-image/scripts/deps.sh
+
+image: image-deps
+	nice $(IMAGE_CARGO) build --release
+	nice $(CURDIR)/firmware-image/scripts/build.sh --rampart $(CURDIR)/target/release/rampart \
+		--out $(IMAGE_OUT) --work $(IMAGE_WORK)
+
+image-test: image
+	$(CURDIR)/tests/image_test.sh $(IMAGE_OUT)

@@ -1,0 +1,416 @@
+#!/bin/bash
+# Boot tests of the appliance image under QEMU (TCG, no KVM) with OVMF. Entry point: `make image-test`.
+#
+#   tests/image_test.sh [IMAGE_DIR]     (default build/image, as written by `make image`)
+#
+# Every VM runs inside a network namespace this script creates (rpimg<PID>): QEMU's user-mode network forwards
+# 127.0.0.1:51820/udp and 127.0.0.1:8080/tcp of that namespace to the guest, and a wireguard-go client in the same
+# namespace tunnels to the gateway in the VM. Nothing is routed in the root namespace. One VM at a time.
+# Serial logs are kept in build/image-test/. Closing line: "image-test: N passed, M failed".
+set -uo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+img_dir=$(realpath "${1:-$repo/build/image}")
+art=$repo/build/image-test
+fw=$repo/firmware-image
+
+# Deadlines are generous on purpose: under TCG on a loaded 2-core host a boot takes 15-60 s.
+BOOT_TIMEOUT=${IMAGE_TEST_BOOT_TIMEOUT:-420}
+CMD_TIMEOUT=120
+OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
+OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
+
+NS=rpimg$$
+WGIF=rpw$$
+work=$(mktemp -d /tmp/rpimg.XXXXXX)
+VM_PID= WG_PID= VM_IN= VM_LOG= VM_NAME= GN=0
+declare -a results=()
+
+log() { echo "image-test: $*"; }
+
+cleanup() {
+    [ -n "$WG_PID" ] && kill "$WG_PID" 2>/dev/null
+    if [ -n "$VM_PID" ] && kill -0 "$VM_PID" 2>/dev/null; then
+        kill "$VM_PID" 2>/dev/null
+        sleep 1
+        kill -9 "$VM_PID" 2>/dev/null
+    fi
+    ip netns del "$NS" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- VM helpers
+
+# vm_start NAME DISK FORMAT [PAYLOAD...]: boot DISK (virtio) with a fresh copy of the OVMF variables; each
+# PAYLOAD is attached read-only as a further virtio disk (/dev/vdb, /dev/vdc, ...).
+vm_start() {
+    VM_NAME=$1
+    local disk=$2 fmt=$3
+    shift 3
+    local extra=() p
+    for p in "$@"; do extra+=(-drive "if=virtio,format=raw,readonly=on,file=$p"); done
+    cp "$OVMF_VARS" "$work/$VM_NAME.vars"
+    VM_LOG=$art/$VM_NAME.serial.log
+    : >"$VM_LOG"
+    rm -f "$work/$VM_NAME.in" "$work/qmp.sock"
+    mkfifo "$work/$VM_NAME.in"
+    # Held open read-write so QEMU's stdin never sees EOF; commands for the serial shell go here.
+    exec {VM_IN}<>"$work/$VM_NAME.in"
+    ip netns exec "$NS" nice qemu-system-x86_64 -accel tcg -machine q35 -m 512 -smp 1 -nodefaults \
+        -display none -serial stdio \
+        -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE" \
+        -drive "if=pflash,format=raw,unit=1,file=$work/$VM_NAME.vars" \
+        -drive "if=virtio,format=$fmt,file=$disk" "${extra[@]}" \
+        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080 \
+        -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
+        -qmp "unix:$work/qmp.sock,server=on,wait=off" \
+        <&"$VM_IN" >"$VM_LOG" 2>&1 &
+    VM_PID=$!
+    VM_MARK=0
+    VM_T0=$SECONDS
+    log "  [$VM_NAME] qemu pid $VM_PID started"
+}
+
+# The serial log since the last vm_mark, without carriage returns.
+since_mark() { tail -c +$((VM_MARK + 1)) "$VM_LOG" | tr -d '\r'; }
+vm_mark() { VM_MARK=$(stat -c %s "$VM_LOG"); }
+
+# wait_for REGEX TIMEOUT: a serial line matching REGEX (extended) since the last vm_mark.
+wait_for() {
+    local pat=$1 deadline=$((SECONDS + $2))
+    while [ $SECONDS -lt $deadline ]; do
+        if since_mark | grep -aqE -e "$pat"; then
+            log "  [$VM_NAME] +$((SECONDS - VM_T0))s $(since_mark | grep -aE -e "$pat" | head -n 1)"
+            return 0
+        fi
+        kill -0 "$VM_PID" 2>/dev/null || { log "  [$VM_NAME] qemu exited while waiting for /$pat/"; return 1; }
+        sleep 1
+    done
+    log "  [$VM_NAME] timeout ($2 s) waiting for /$pat/"
+    return 1
+}
+
+# guest_run CMD: run CMD in the serial maintenance shell; sets GUEST_OUT (its output) and GUEST_RC.
+guest_run() {
+    GN=$((GN + 1))
+    local start deadline=$((SECONDS + CMD_TIMEOUT)) seg
+    start=$(stat -c %s "$VM_LOG")
+    # The markers are split with "" so the shell's echo of the typed line never matches them.
+    printf 'echo @@""B%d; %s; echo @@""E%d rc=$?\n' "$GN" "$1" "$GN" >&"$VM_IN"
+    while [ $SECONDS -lt $deadline ]; do
+        seg=$(tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r')
+        if echo "$seg" | grep -aqE "^@@E$GN rc=[0-9]+"; then
+            GUEST_OUT=$(echo "$seg" | sed -n "/^@@B$GN\$/,/^@@E$GN rc=/p" | sed '1d;$d')
+            GUEST_RC=$(echo "$seg" | sed -n "s/^@@E$GN rc=\([0-9]*\).*/\1/p" | head -n 1)
+            return 0
+        fi
+        kill -0 "$VM_PID" 2>/dev/null || break
+        sleep 1
+    done
+    GUEST_OUT="(no answer from the serial shell)" GUEST_RC=255
+    return 1
+}
+
+# expect_guest CMD REGEX...: CMD must exit 0 and its output match every REGEX.
+expect_guest() {
+    local cmd=$1 pat
+    shift
+    guest_run "$cmd"
+    if [ "$GUEST_RC" != 0 ]; then
+        log "  [$VM_NAME] '$cmd' exited $GUEST_RC:"
+        echo "$GUEST_OUT" | sed 's/^/      /'
+        return 1
+    fi
+    for pat in "$@"; do
+        if ! echo "$GUEST_OUT" | grep -aqE -e "$pat"; then
+            log "  [$VM_NAME] '$cmd' output lacks /$pat/:"
+            echo "$GUEST_OUT" | sed 's/^/      /'
+            return 1
+        fi
+    done
+    return 0
+}
+
+# guest_send CMD: type CMD into the serial shell without waiting (for reboot).
+guest_send() { printf '%s\n' "$1" >&"$VM_IN"; }
+
+wait_shell() { wait_for 'maintenance shell on ttyS0' 60 && guest_run true && [ "$GUEST_RC" = 0 ]; }
+
+# ACPI power button via QMP; the guest must power off by itself and QEMU exit 0.
+vm_powerdown() {
+    local deadline=$((SECONDS + 120)) rc
+    vm_mark
+    printf '{"execute":"qmp_capabilities"}\n{"execute":"system_powerdown"}\n' |
+        socat -t 3 - "UNIX-CONNECT:$work/qmp.sock" >/dev/null
+    while kill -0 "$VM_PID" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 1; done
+    if kill -0 "$VM_PID" 2>/dev/null; then
+        log "  [$VM_NAME] still running 120 s after ACPI powerdown; killing it"
+        kill -9 "$VM_PID"
+        wait "$VM_PID" 2>/dev/null
+        VM_PID=
+        return 1
+    fi
+    wait "$VM_PID"
+    rc=$?
+    VM_PID=
+    exec {VM_IN}>&-
+    if [ "$rc" != 0 ]; then log "  [$VM_NAME] qemu exited $rc after powerdown"; return 1; fi
+    since_mark | grep -aq 'MARK shutdown-clean' || { log "  [$VM_NAME] no 'MARK shutdown-clean' before poweroff"; return 1; }
+    log "  [$VM_NAME] powered off cleanly (qemu rc 0) at +$((SECONDS - VM_T0))s"
+}
+
+vm_kill() {
+    if [ -n "$VM_PID" ]; then
+        kill "$VM_PID" 2>/dev/null
+        wait "$VM_PID" 2>/dev/null
+        VM_PID=
+    fi
+    [ -n "$VM_IN" ] && exec {VM_IN}>&- 2>/dev/null
+    VM_IN=
+}
+
+# ---------------------------------------------------------------- WireGuard client in the test namespace
+
+# wg_check: a fresh wireguard-go client handshakes with the gateway in the VM and pings the tenant gateway.
+wg_check() {
+    local deadline ok=1 hs
+    ip netns exec "$NS" wireguard-go -f "$WGIF" >"$art/wireguard-go.log" 2>&1 &
+    WG_PID=$!
+    deadline=$((SECONDS + 20))
+    until ip -n "$NS" link show "$WGIF" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { log "  wireguard-go did not create $WGIF"; wg_stop; return 1; }
+        sleep 0.2
+    done
+    ip netns exec "$NS" wg setconf "$WGIF" "$work/client.conf" &&
+        ip -n "$NS" addr add 100.96.0.2/32 dev "$WGIF" &&
+        ip -n "$NS" link set "$WGIF" up &&
+        ip -n "$NS" route add 100.96.0.0/24 dev "$WGIF" || { wg_stop; return 1; }
+    deadline=$((SECONDS + 90))
+    while [ $SECONDS -lt $deadline ]; do
+        if ip netns exec "$NS" ping -c 1 -W 3 100.96.0.1 >/dev/null 2>&1; then ok=0; break; fi
+    done
+    hs=$(ip netns exec "$NS" wg show "$WGIF" latest-handshakes | awk '{ print $2 }')
+    if [ "$ok" = 0 ] && [ "${hs:-0}" -gt 0 ]; then
+        ip netns exec "$NS" ping -c 3 -i 0.5 -W 3 100.96.0.1 >"$work/ping.out" 2>&1
+        log "  wireguard-go handshake ok; ping 100.96.0.1: $(grep -o '[0-9]* received' "$work/ping.out")"
+    else
+        log "  no ping reply from 100.96.0.1 through the tunnel (latest handshake: ${hs:-none})"
+        ok=1
+    fi
+    wg_stop
+    return $ok
+}
+
+wg_stop() {
+    [ -n "$WG_PID" ] && { kill "$WG_PID" 2>/dev/null; wait "$WG_PID" 2>/dev/null; }
+    WG_PID=
+}
+
+health_check() {
+    local body
+    body=$(ip netns exec "$NS" curl -s --max-time 15 http://127.0.0.1:8080/health)
+    [ "$body" = ok ] || { log "  GET /health through hostfwd answered '${body}'"; return 1; }
+    log "  GET /health -> ok"
+}
+
+# ---------------------------------------------------------------- fixtures
+
+# seeded_disk OUT: a raw copy of the image whose data partition already holds a gateway config with one static
+# device (the test client) and the gateway key, as an operator would preconfigure it.
+seeded_disk() {
+    cp --sparse=always "$img_dir/rampart.img" "$1"
+    local start size
+    read -r start size < <(sfdisk -d "$1" | sed -n 's/.*start= *\([0-9]*\), size= *\([0-9]*\),.*name="data".*/\1 \2/p')
+    [ -n "$start" ] || { log "no data partition in $1"; return 1; }
+    dd if="$work/data.img" of="$1" bs=512 seek="$start" conv=notrunc,sparse status=none
+}
+
+setup() {
+    local need
+    for need in qemu-system-x86_64 socat wireguard-go wg curl sfdisk mkfs.ext4 unsquashfs mksquashfs; do
+        command -v "$need" >/dev/null || { log "missing $need: run 'make image-deps'"; return 1; }
+    done
+    [ "$(id -u)" = 0 ] || { log "needs root (network namespaces, wireguard-go)"; return 1; }
+    for f in rampart.img rampart.qcow2 rampart-rootfs.sqfs; do
+        [ -f "$img_dir/$f" ] || { log "missing $img_dir/$f: run 'make image'"; return 1; }
+    done
+    mkdir -p "$art"
+    ip netns add "$NS" && ip -n "$NS" link set lo up || return 1
+
+    (umask 077 && wg genkey >"$work/client.key" && wg genkey >"$work/gateway.key") || return 1
+    client_pub=$(wg pubkey <"$work/client.key")
+    gateway_pub=$(wg pubkey <"$work/gateway.key")
+    cat >"$work/client.conf" <<EOF
+[Interface]
+PrivateKey = $(cat "$work/client.key")
+
+[Peer]
+PublicKey = $gateway_pub
+Endpoint = 127.0.0.1:51820
+AllowedIPs = 100.96.0.0/24
+EOF
+    local seed=$work/seed
+    mkdir -p "$seed/config/state" "$seed/log" "$seed/system"
+    cp "$work/gateway.key" "$seed/config/gateway.key"
+    chmod 600 "$seed/config/gateway.key"
+    cat >"$seed/config/gateway.toml" <<EOF
+[gateway]
+listen = "0.0.0.0:51820"
+private_key_file = "gateway.key"
+state_dir = "state"
+admin_listen = "0.0.0.0:8080"
+public_endpoint = "127.0.0.1:51820"
+
+[[tenant]]
+id = "default"
+name = "Default"
+address_pool = "100.96.0.0/24"
+gateway_address = "100.96.0.1"
+
+[[tenant.device]]
+name = "laptop"
+public_key = "$client_pub"
+address = "100.96.0.2"
+user = "alice"
+groups = ["eng"]
+
+# Zero trust: nothing passes without a rule. The test pings the tenant gateway address.
+[[tenant.rule]]
+id = "ping-gateway"
+action = "allow"
+dst = ["gateway"]
+proto = "icmp"
+EOF
+    local size_mb
+    size_mb=$(sfdisk -d "$img_dir/rampart.img" | sed -n 's/.*size= *\([0-9]*\),.*name="data".*/\1/p')
+    "$fw/scripts/mkdata.sh" "$seed" "$work/data.img" $((size_mb / 2048)) || return 1
+
+    # Update payloads derived from the built root: the same build with a new version, and one whose gateway
+    # exits at once (rampart run fails; the other subcommands still work).
+    base_version=$(unsquashfs -cat "$img_dir/rampart-rootfs.sqfs" etc/rampart-release | sed -n 's/^VERSION=//p')
+    unsquashfs -q -n -d "$work/root2" "$img_dir/rampart-rootfs.sqfs" >/dev/null || return 1
+    sed -i "s/^VERSION=.*/VERSION=$base_version+update/" "$work/root2/etc/rampart-release"
+    mksquashfs "$work/root2" "$work/update.sqfs" -comp zstd -all-root -noappend -quiet -no-progress >/dev/null || return 1
+    sed -i "s/^VERSION=.*/VERSION=$base_version+broken/" "$work/root2/etc/rampart-release"
+    mv "$work/root2/usr/bin/rampart" "$work/root2/usr/bin/rampart.real"
+    cat >"$work/root2/usr/bin/rampart" <<'EOF'
+#!/bin/sh
+# Deliberately broken gateway for the rollback test.
+if [ "$1" = run ]; then echo "deliberately broken gateway: exiting" >&2; exit 1; fi
+exec /usr/bin/rampart.real "$@"
+EOF
+    chmod 755 "$work/root2/usr/bin/rampart"
+    mksquashfs "$work/root2" "$work/broken.sqfs" -comp zstd -all-root -noappend -quiet -no-progress >/dev/null || return 1
+    rm -rf "$work/root2"
+}
+
+# ---------------------------------------------------------------- tests
+
+# The shipped qcow2 as a customer gets it: empty data partition.
+test_first_boot_creates_config_and_prints_enrollment_hint() {
+    qemu-img create -q -f qcow2 -b "$img_dir/rampart.qcow2" -F qcow2 "$work/first.qcow2" || return 1
+    vm_start first-boot "$work/first.qcow2" qcow2
+    wait_for 'MARK root-mounted slot=a' "$BOOT_TIMEOUT" &&
+        wait_for 'MARK data-mounted .*boots=1' 120 &&
+        wait_for 'Rampart enrollment: first boot created /data/config/gateway.toml' 120 &&
+        wait_for 'rampart device add -c /data/config/gateway.toml --tenant default' 10 &&
+        wait_for '--endpoint 10\.0\.2\.15:51820' 10 &&
+        wait_for 'MARK first-boot-config created' 10 &&
+        wait_for 'MARK boot-good slot=a' 180 &&
+        wait_shell &&
+        expect_guest 'rampart check-config -c /data/config/gateway.toml' ': ok' &&
+        expect_guest 'ls /data/config' 'gateway.key' 'gateway.toml' &&
+        expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' '^b +/dev/vda3 +empty' \
+            '^next boot: slot a' 'health: healthy' &&
+        vm_powerdown || { vm_kill; return 1; }
+}
+
+test_gateway_serves_wireguard_and_health() {
+    seeded_disk "$work/wg.img" || return 1
+    vm_start wireguard "$work/wg.img" raw
+    wait_for 'MARK root-mounted slot=a' "$BOOT_TIMEOUT" &&
+        wait_for 'MARK boot-good slot=a' 180 &&
+        wg_check &&
+        health_check &&
+        wait_shell &&
+        expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' &&
+        expect_guest 'ls /boot/efi/loader/entries' '^gateway-a\.conf' &&
+        vm_powerdown || { vm_kill; return 1; }
+}
+
+test_update_boots_slot_b_and_broken_slot_falls_back() {
+    seeded_disk "$work/ab.img" || return 1
+    vm_start ab-update "$work/ab.img" raw "$work/update.sqfs" "$work/broken.sqfs"
+    wait_for 'MARK boot-good slot=a' "$BOOT_TIMEOUT" && wait_shell || { vm_kill; return 1; }
+    # State on /data that must survive: an enrolled device (gateway state_dir) and the boot counter.
+    expect_guest 'rampart device add -c /data/config/gateway.toml --tenant default --name phone --user bob --endpoint 127.0.0.1:51820' \
+        'PrivateKey' &&
+        expect_guest 'rampart system update /dev/vdb' "slot b: Rampart $base_version\\+update .*armed" &&
+        expect_guest 'rampart system status' '^b +/dev/vda3 +trial \(3 left, 0 done\)' '^next boot: slot b' ||
+        { vm_kill; return 1; }
+    log "  -> rebooting into slot b"
+    vm_mark
+    guest_send reboot
+    wait_for "MARK rootfs-init slot=b version=$base_version\\+update" "$BOOT_TIMEOUT" &&
+        wait_for 'MARK data-mounted .*boots=2' 60 &&
+        wait_for "MARK boot-good slot=b version=$base_version\\+update" 180 &&
+        wait_shell &&
+        wg_check &&
+        expect_guest 'rampart system status' '^a +/dev/vda2 +good ' '^b +/dev/vda3 +good \*booted' \
+            "$base_version\\+update" &&
+        expect_guest 'rampart device list -c /data/config/gateway.toml' 'phone' &&
+        expect_guest 'rampart audit flows -c /data/config/gateway.toml --device laptop' 'laptop .*ping-gateway' &&
+        expect_guest 'rampart system update /dev/vdc' "slot a: Rampart $base_version\\+broken .*armed" ||
+        { vm_kill; return 1; }
+    log "  -> rebooting into the broken slot a (3 tries by default, then fallback to b)"
+    vm_mark
+    guest_send reboot
+    local try
+    for try in 1 2 3; do
+        wait_for "MARK rootfs-init slot=a version=$base_version\\+broken" "$BOOT_TIMEOUT" &&
+            wait_for 'MARK boot-failed stage=health slot=a action=reboot' 180 || { vm_kill; return 1; }
+        vm_mark
+    done
+    wait_for "MARK rootfs-init slot=b version=$base_version\\+update" "$BOOT_TIMEOUT" &&
+        wait_for 'MARK data-mounted .*boots=6' 60 &&
+        wait_for "MARK boot-good slot=b" 180 &&
+        wait_shell &&
+        expect_guest 'rampart system status' '^a +/dev/vda2 +bad \(no tries left\)' '^b +/dev/vda3 +good \*booted' \
+            '^next boot: slot b' &&
+        expect_guest 'rampart device list -c /data/config/gateway.toml' 'phone' &&
+        expect_guest 'rampart audit flows -c /data/config/gateway.toml --device laptop' 'laptop .*ping-gateway' &&
+        wg_check &&
+        health_check &&
+        vm_powerdown || { vm_kill; return 1; }
+}
+
+# ---------------------------------------------------------------- runner
+
+pass=0 fail=0
+run_test() {
+    local name=$1 t0=$SECONDS
+    log "--- $name"
+    if "test_$name"; then
+        pass=$((pass + 1))
+        log "--- PASS $name ($((SECONDS - t0)) s)"
+    else
+        fail=$((fail + 1))
+        log "--- FAIL $name ($((SECONDS - t0)) s); serial log: ${VM_LOG#$repo/}; last lines:"
+        [ -n "$VM_LOG" ] && tail -n 25 "$VM_LOG" | tr -d '\r' | sed 's/^/      | /'
+    fi
+}
+
+t_all=$SECONDS
+if setup; then
+    run_test first_boot_creates_config_and_prints_enrollment_hint
+    run_test gateway_serves_wireguard_and_health
+    run_test update_boots_slot_b_and_broken_slot_falls_back
+else
+    log "setup failed"
+    fail=3
+fi
+log "total $((SECONDS - t_all)) s"
+echo "image-test: $pass passed, $fail failed"
+[ "$fail" = 0 ]
