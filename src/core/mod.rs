@@ -20,6 +20,7 @@
 
 pub mod counters;
 pub mod flow_table;
+pub mod nat;
 pub mod policy;
 pub mod tx;
 

@@ -1,0 +1,429 @@
+//! NAT between device flows and the gateway's private namespace (the upgrade/downgrade paths of Oxy).
+//!
+//! - Upgrade: a device flow `(tenant, src:sport -> dst:dport)` claims a slot `nat_src` (an address:port in a
+//!   range routed to the upgrade TUN). Packets from the device are rewritten `nat_src -> listener`; packets the
+//!   namespace kernel sends back (`listener -> nat_src`) are rewritten to `dst:dport -> src:sport`. The
+//!   listener's `accept()` peer address is `nat_src`, which names the original flow.
+//! - Downgrade: a stream the gateway opens towards a device gets a reserved `nat_dst` (routed to the downgrade
+//!   TUN); the SYN the kernel sends to it is rewritten to `local:lport -> remote:rport` and goes to the device.
+//!
+//! Pure data structures and in-place rewrites with RFC 1624 incremental checksums; no IO, no clock (time is
+//! passed in). Slots are quarantined after release so a TIME_WAIT in the namespace never meets a new flow.
+//! IPv4 only for now (IPv6 flows are refused with `NatError::Unsupported`).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use crate::packet::{checksum_update, PROTO_TCP, PROTO_UDP, TCP_SYN};
+
+/// How long a released slot rests before reuse (longer than the namespace's TIME_WAIT of 60 s).
+pub const QUARANTINE_MS: u64 = 120_000;
+
+/// The original flow a slot stands for, as seen from the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub tenant: u32,
+    pub protocol: u8,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NatError {
+    #[error("all NAT slots are in use or quarantined")]
+    Exhausted,
+    #[error("only IPv4 TCP/UDP can be translated")]
+    Unsupported,
+}
+
+/// A pool of `address:port` slots over `base/prefix` × `ports`, handed out in order, recycled through a
+/// quarantine.
+#[derive(Debug)]
+pub struct SlotPool {
+    base: u32,
+    hosts: u32,
+    ports: (u16, u16),
+    next: u64,
+    capacity: u64,
+    free: VecDeque<(SocketAddrV4, u64)>,
+}
+
+impl SlotPool {
+    /// Slots over the `hosts` addresses starting at `base` (skipping `.0` of the range) and ports `ports`.
+    pub fn new(base: Ipv4Addr, hosts: u32, ports: (u16, u16)) -> SlotPool {
+        let per_host = u64::from(ports.1 - ports.0) + 1;
+        SlotPool {
+            base: u32::from(base),
+            hosts,
+            ports,
+            next: 0,
+            capacity: u64::from(hosts) * per_host,
+            free: VecDeque::new(),
+        }
+    }
+
+    fn take(&mut self, now_ms: u64) -> Option<SocketAddrV4> {
+        if let Some(&(slot, released)) = self.free.front() {
+            if now_ms >= released + QUARANTINE_MS {
+                self.free.pop_front();
+                return Some(slot);
+            }
+        }
+        if self.next < self.capacity {
+            let per_host = u64::from(self.ports.1 - self.ports.0) + 1;
+            let host = (self.next / per_host) as u32;
+            let port = self.ports.0 + (self.next % per_host) as u16;
+            self.next += 1;
+            // Skip the range's network address.
+            return Some(SocketAddrV4::new(
+                Ipv4Addr::from(self.base + 1 + host % self.hosts),
+                port,
+            ));
+        }
+        None
+    }
+
+    fn give_back(&mut self, slot: SocketAddrV4, now_ms: u64) {
+        self.free.push_back((slot, now_ms));
+    }
+}
+
+/// Upgrade translation table.
+#[derive(Debug)]
+pub struct UpgradeNat {
+    listener: SocketAddrV4,
+    pool: SlotPool,
+    by_key: HashMap<NatKey, SocketAddrV4>,
+    by_slot: HashMap<SocketAddrV4, NatKey>,
+}
+
+impl UpgradeNat {
+    pub fn new(listener: SocketAddrV4, pool: SlotPool) -> UpgradeNat {
+        UpgradeNat {
+            listener,
+            pool,
+            by_key: HashMap::new(),
+            by_slot: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The slot of `key`, claiming one for a new flow.
+    pub fn claim(&mut self, key: NatKey, now_ms: u64) -> Result<SocketAddrV4, NatError> {
+        if let Some(&s) = self.by_key.get(&key) {
+            return Ok(s);
+        }
+        let slot = self.pool.take(now_ms).ok_or(NatError::Exhausted)?;
+        self.by_key.insert(key, slot);
+        self.by_slot.insert(slot, key);
+        Ok(slot)
+    }
+
+    /// The original flow behind an accepted connection's peer address (or a packet leaving the TUN).
+    pub fn original(&self, slot: SocketAddrV4) -> Option<NatKey> {
+        self.by_slot.get(&slot).copied()
+    }
+
+    pub fn release(&mut self, key: &NatKey, now_ms: u64) {
+        if let Some(slot) = self.by_key.remove(key) {
+            self.by_slot.remove(&slot);
+            self.pool.give_back(slot, now_ms);
+        }
+    }
+
+    /// Device -> namespace: `src -> dst` becomes `slot -> listener`, in place.
+    pub fn inbound(&self, pkt: &mut [u8], slot: SocketAddrV4) -> Result<(), NatError> {
+        rewrite_v4(pkt, slot, self.listener)
+    }
+
+    /// Namespace -> device: `listener -> slot` becomes `dst -> src` of the original flow, in place. Returns the
+    /// flow, or `None` if the packet is not for a live slot.
+    pub fn outbound(&self, pkt: &mut [u8]) -> Option<NatKey> {
+        let (_, dst) = ports_v4(pkt)?;
+        let key = self.original(dst)?;
+        rewrite_v4(pkt, key.dst, key.src).ok()?;
+        Some(key)
+    }
+}
+
+/// Reads `(src, dst)` socket addresses of an IPv4 TCP/UDP packet.
+pub fn ports_v4(p: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    if !(p[9] == PROTO_TCP || p[9] == PROTO_UDP) || p.len() < ihl + 8 {
+        return None;
+    }
+    let ip = |at: usize| Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+    Some((
+        SocketAddrV4::new(ip(12), port(ihl)),
+        SocketAddrV4::new(ip(16), port(ihl + 2)),
+    ))
+}
+
+fn word(p: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([p[at], p[at + 1]])
+}
+
+/// Rewrites source and destination address:port of an IPv4 TCP/UDP packet in place, patching the IP header
+/// checksum and the transport checksum incrementally (a zero UDP checksum stays zero: "none").
+pub fn rewrite_v4(p: &mut [u8], src: SocketAddrV4, dst: SocketAddrV4) -> Result<(), NatError> {
+    let (old_src, old_dst) = ports_v4(p).ok_or(NatError::Unsupported)?;
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    let l4_ck = match p[9] {
+        PROTO_TCP if p.len() >= ihl + 18 => Some(ihl + 16),
+        PROTO_UDP if word(p, ihl + 6) != 0 => Some(ihl + 6),
+        PROTO_UDP => None,
+        _ => return Err(NatError::Unsupported),
+    };
+    let mut ip_ck = word(p, 10);
+    let mut tp_ck = l4_ck.map(|at| word(p, at));
+    let changes = [
+        (12, old_src.ip().octets(), src.ip().octets()),
+        (16, old_dst.ip().octets(), dst.ip().octets()),
+    ];
+    for (at, old, new) in changes {
+        for i in [0, 2] {
+            let (o, n) = (
+                u16::from_be_bytes([old[i], old[i + 1]]),
+                u16::from_be_bytes([new[i], new[i + 1]]),
+            );
+            ip_ck = checksum_update(ip_ck, o, n);
+            tp_ck = tp_ck.map(|c| checksum_update(c, o, n));
+        }
+        p[at..at + 4].copy_from_slice(&new);
+    }
+    for (at, o, n) in [
+        (ihl, old_src.port(), src.port()),
+        (ihl + 2, old_dst.port(), dst.port()),
+    ] {
+        tp_ck = tp_ck.map(|c| checksum_update(c, o, n));
+        p[at..at + 2].copy_from_slice(&n.to_be_bytes());
+    }
+    p[10..12].copy_from_slice(&ip_ck.to_be_bytes());
+    if let (Some(at), Some(c)) = (l4_ck, tp_ck) {
+        // RFC 768: a computed UDP checksum of zero is sent as all ones.
+        let c = if p[9] == PROTO_UDP && c == 0 {
+            0xffff
+        } else {
+            c
+        };
+        p[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    Ok(())
+}
+
+/// Lowers the MSS option of a TCP SYN to `max` (so segments fit the tunnel), patching the checksum. Returns
+/// whether it changed anything.
+pub fn clamp_mss(p: &mut [u8], max: u16) -> bool {
+    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != PROTO_TCP {
+        return false;
+    }
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    if p.len() < ihl + 20 || p[ihl + 13] & TCP_SYN == 0 {
+        return false;
+    }
+    let doff = usize::from(p[ihl + 12] >> 4) * 4;
+    let end = (ihl + doff).min(p.len());
+    let mut i = ihl + 20;
+    while i < end {
+        match p[i] {
+            0 => return false,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*p.get(i + 1).unwrap_or(&0));
+                if len < 2 || i + len > end {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let old = word(p, i + 2);
+                    if old <= max {
+                        return false;
+                    }
+                    let ck = checksum_update(word(p, ihl + 16), old, max);
+                    p[i + 2..i + 4].copy_from_slice(&max.to_be_bytes());
+                    p[ihl + 16..ihl + 18].copy_from_slice(&ck.to_be_bytes());
+                    return true;
+                }
+                i += len;
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+    use proptest::prelude::*;
+
+    fn sa(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    fn tcp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], syn: bool) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64).tcp(
+            src.port(),
+            dst.port(),
+            7,
+            1000,
+        );
+        if syn {
+            b = b.syn();
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// IPv4 header checksum and the TCP/UDP checksum (pseudo-header + segment sums to 0xffff; UDP 0 = none).
+    fn checksums_valid(p: &[u8]) -> bool {
+        let h = etherparse::Ipv4HeaderSlice::from_slice(p).unwrap();
+        if h.to_header().calc_header_checksum() != h.header_checksum() {
+            return false;
+        }
+        let ihl = usize::from(p[0] & 0xf) * 4;
+        let seg = &p[ihl..usize::from(h.total_len())];
+        if p[9] == PROTO_UDP && word(seg, 6) == 0 {
+            return true;
+        }
+        let mut sum: u32 = [12, 14, 16, 18]
+            .iter()
+            .map(|&i| u32::from(word(p, i)))
+            .sum();
+        sum += u32::from(p[9]) + seg.len() as u32;
+        for c in seg.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    fn nat() -> UpgradeNat {
+        UpgradeNat::new(
+            sa("100.66.0.1:7000"),
+            SlotPool::new(Ipv4Addr::new(100, 64, 0, 0), 65_534, (1024, 65_535)),
+        )
+    }
+
+    proptest! {
+        /// device -> namespace -> (kernel answers) -> device restores the original addressing byte for byte,
+        /// and every intermediate packet has valid checksums.
+        #[test]
+        fn round_trip_restores_packet_and_keeps_checksums_valid(
+            src in any::<[u8; 4]>(), dst in any::<[u8; 4]>(), sport in 1u16.., dport in 1u16..,
+            payload in proptest::collection::vec(any::<u8>(), 0..200), udp in any::<bool>(),
+        ) {
+            let (src, dst) = (SocketAddrV4::new(src.into(), sport), SocketAddrV4::new(dst.into(), dport));
+            let mut original = Vec::new();
+            let b = PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64);
+            if udp { b.udp(sport, dport).write(&mut original, &payload).unwrap() } else { b.tcp(sport, dport, 1, 100).write(&mut original, &payload).unwrap() }
+            let mut n = nat();
+            let key = NatKey { tenant: 3, protocol: if udp { PROTO_UDP } else { PROTO_TCP }, src, dst };
+            let slot = n.claim(key, 0).unwrap();
+            let mut p = original.clone();
+            n.inbound(&mut p, slot).unwrap();
+            prop_assert!(checksums_valid(&p));
+            prop_assert_eq!(ports_v4(&p), Some((slot, sa("100.66.0.1:7000"))));
+            // Undo with the reverse mapping applied twice (namespace reply direction, then back).
+            rewrite_v4(&mut p, src, dst).unwrap();
+            prop_assert_eq!(&p, &original);
+            // A packet from the listener to the slot leaves as dst -> src of the original flow.
+            let mut reply = original.clone();
+            rewrite_v4(&mut reply, sa("100.66.0.1:7000"), slot).unwrap();
+            prop_assert_eq!(n.outbound(&mut reply), Some(key));
+            prop_assert_eq!(ports_v4(&reply), Some((dst, src)));
+            prop_assert!(checksums_valid(&reply));
+        }
+
+        /// Live flows never share a slot; a released slot is not reused inside the quarantine.
+        #[test]
+        fn slots_unique_and_quarantined(ops in proptest::collection::vec((any::<bool>(), 0u16..50, 0u64..30_000), 1..300)) {
+            let mut n = UpgradeNat::new(sa("100.66.0.1:7000"), SlotPool::new(Ipv4Addr::new(100, 64, 0, 0), 1, (1024, 1100)));
+            let mut now = 0;
+            let mut released: HashMap<SocketAddrV4, u64> = HashMap::new();
+            for (claim, port, dt) in ops {
+                now += dt;
+                let key = NatKey { tenant: 1, protocol: PROTO_TCP, src: SocketAddrV4::new(Ipv4Addr::new(100, 96, 0, 2), 1000 + port), dst: sa("10.0.0.1:22") };
+                if claim {
+                    if let Ok(slot) = n.claim(key, now) {
+                        if let Some(&at) = released.get(&slot) {
+                            prop_assert!(now >= at + QUARANTINE_MS, "slot reused after {} ms", now - at);
+                        }
+                        released.remove(&slot);
+                    }
+                } else if let Some(slot) = n.by_key.get(&key).copied() {
+                    n.release(&key, now);
+                    released.insert(slot, now);
+                }
+                let mut seen = std::collections::HashSet::new();
+                for s in n.by_key.values() {
+                    prop_assert!(seen.insert(*s), "two live flows share {s}");
+                }
+                prop_assert_eq!(n.by_key.len(), n.by_slot.len());
+            }
+        }
+    }
+
+    #[test]
+    fn exhaustion_is_an_error_not_a_panic() {
+        let mut n = UpgradeNat::new(
+            sa("100.66.0.1:7000"),
+            SlotPool::new(Ipv4Addr::new(100, 64, 0, 0), 1, (1024, 1025)),
+        );
+        let key = |p| NatKey {
+            tenant: 1,
+            protocol: PROTO_TCP,
+            src: SocketAddrV4::new(Ipv4Addr::new(100, 96, 0, 2), p),
+            dst: sa("10.0.0.1:22"),
+        };
+        assert!(n.claim(key(1), 0).is_ok());
+        assert!(n.claim(key(2), 0).is_ok());
+        assert_eq!(n.claim(key(3), 0), Err(NatError::Exhausted));
+        n.release(&key(1), 0);
+        assert_eq!(n.claim(key(3), 1), Err(NatError::Exhausted), "quarantined");
+        assert!(n.claim(key(3), QUARANTINE_MS).is_ok());
+    }
+
+    #[test]
+    fn mss_is_clamped_with_valid_checksum() {
+        let mut p = Vec::new();
+        PacketBuilder::ipv4([100, 96, 0, 2], [10, 0, 0, 1], 64)
+            .tcp(40000, 22, 1, 64000)
+            .syn()
+            .options(&[
+                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                etherparse::TcpOptionElement::Noop,
+            ])
+            .unwrap()
+            .write(&mut p, &[])
+            .unwrap();
+        assert!(clamp_mss(&mut p, 1380));
+        assert!(checksums_valid(&p));
+        {
+            let s = SlicedPacket::from_ip(&p).unwrap();
+            let Some(TransportSlice::Tcp(t)) = s.transport else {
+                panic!()
+            };
+            assert!(t.options_iterator().any(|o| matches!(
+                o,
+                Ok(etherparse::TcpOptionElement::MaximumSegmentSize(1380))
+            )));
+        }
+        assert!(!clamp_mss(&mut p, 1400), "never raised");
+        let mut plain = tcp_packet(sa("1.2.3.4:5"), sa("5.6.7.8:9"), b"x", false);
+        assert!(!clamp_mss(&mut plain, 1000), "only SYNs");
+    }
+}
