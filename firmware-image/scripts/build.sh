@@ -127,7 +127,7 @@ cp "$kmod"/modules.{builtin,order,builtin.modinfo} "$ird/lib/modules/$kv/"
 busybox depmod -b "$ird" "$kv"
 find "$ird" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 initrd=$work/initrd.zst
-(cd "$ird" && find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 --quiet | zstd -q -19 -T0 -f -o "$initrd")
+(cd "$ird" && find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 --reproducible --quiet | zstd -q -19 -T0 -f -o "$initrd")
 step "  ${#want_files[@]} modules, initrd $(du -k "$initrd" | cut -f1) KiB"
 
 # ---------------------------------------------------------------- root filesystem (one slot)
