@@ -219,6 +219,8 @@ pub struct Tenant {
     pub gateway_address: IpAddr,
     /// Most concurrent flows of this tenant (`None`: only the global limit applies).
     pub max_flows: Option<usize>,
+    /// Upstream networks reached through the gateway host (allowed TCP/UDP flows are proxied with sockets).
+    pub offramp: Vec<IpNet>,
     /// Ordered policy rules; the first match decides, no match denies.
     pub rules: Vec<Rule>,
     pub devices: Vec<Device>,
@@ -234,6 +236,9 @@ pub enum Action {
     Deny,
     /// Drop and tell the sender (TCP RST, ICMP administratively prohibited).
     Reject,
+    /// Terminate at layer 4 and re-originate: the flow is upgraded to a kernel stream and spliced to its
+    /// destination (upstream socket, or a stream downgraded towards the destination device).
+    Proxy,
 }
 
 impl Action {
@@ -242,6 +247,7 @@ impl Action {
             Action::Allow => "allow",
             Action::Deny => "deny",
             Action::Reject => "reject",
+            Action::Proxy => "proxy",
         }
     }
 }
@@ -617,13 +623,21 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
                 format!("{gw} is outside address_pool {pool}; pick an address inside the pool (usually its first)"),
             );
         }
-        if let Some(nets) = rt.offramp.as_ref().filter(|n| !n.is_empty()) {
+        let mut offramp = Vec::new();
+        for n in rt.offramp.unwrap_or_default() {
+            match n.parse::<IpNet>() {
+                Ok(net) => offramp.push(net.trunc()),
+                Err(_) => c.push(
+                    format!("{key}.offramp"),
+                    format!("{n:?} is not a CIDR; write it like \"0.0.0.0/0\" or \"10.9.0.0/16\""),
+                ),
+            }
+        }
+        if !offramp.is_empty() && !crate::OFFRAMP_AVAILABLE {
             c.push(
                 format!("{key}.offramp"),
-                format!(
-                    "{nets:?}: off-ramp routing to upstream networks is not available in this version \
-                     (it needs the layer-4 upgrade path); remove the key"
-                ),
+                "off-ramp routing to upstream networks is not available in this build (it needs the layer-4 \
+                 upgrade path); remove the key",
             );
         }
         let max_flows = rt.max_flows.map(|n| n as usize);
@@ -656,6 +670,7 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
             address_pool: pool,
             gateway_address: gw,
             max_flows,
+            offramp,
             rules,
             devices: Vec::new(),
         };

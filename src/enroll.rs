@@ -101,6 +101,7 @@ mod tests {
             address_pool: pool.parse().unwrap(),
             gateway_address: gw.parse().unwrap(),
             max_flows: None,
+            offramp: Vec::new(),
             rules: Vec::new(),
             devices: Vec::new(),
         }

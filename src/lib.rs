@@ -2,6 +2,10 @@
 //! of a packet. The binary (`main.rs`) is only the CLI entry point.
 #![deny(unsafe_code)]
 
+/// Whether this build can off-ramp flows to upstream networks (`[[tenant]] offramp`) and run `proxy` rules.
+/// Config validation refuses those keys while the layer-4 path is not wired in.
+pub const OFFRAMP_AVAILABLE: bool = false;
+
 pub mod admin;
 pub mod audit;
 pub mod cli;

@@ -133,8 +133,8 @@ fn run_id() -> i64 {
     (u64::from_le_bytes(b) >> 1) as i64
 }
 
-fn to_record(ev: FlowEvent, clock: &WallClock) -> Record {
-    match ev {
+fn to_record(ev: FlowEvent, clock: &WallClock) -> Option<Record> {
+    Some(match ev {
         FlowEvent::Start(s) => {
             let at_ms = clock.unix_ms(s.at);
             Record::FlowStart { start: s, at_ms }
@@ -156,7 +156,8 @@ fn to_record(ev: FlowEvent, clock: &WallClock) -> Record {
             bytes,
             reason,
         },
-    }
+        FlowEvent::Upgraded(_) => return None,
+    })
 }
 
 /// Batches records and commits them at most `interval` after the first of a batch arrived. A failed commit
@@ -183,7 +184,7 @@ fn writer(
             match rx.recv_timeout(wait) {
                 Ok(ev) => {
                     shared.queued.fetch_sub(1, Ordering::Relaxed);
-                    pending.push_back(to_record(ev, &clock));
+                    pending.extend(to_record(ev, &clock));
                 }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {

@@ -49,10 +49,16 @@ pub enum DropReason {
     FlowLimit,
     /// New flows are refused while the audit trail cannot record them (fail-closed policy).
     AuditUnavailable,
+    /// No NAT slot is free for a flow that must be upgraded.
+    NatExhausted,
+    /// Only IPv4 TCP and UDP can be off-ramped (ICMP and IPv6 to upstream networks are not carried yet).
+    OfframpUnsupported,
+    /// A packet from the gateway's namespace for a NAT slot that no longer has a flow.
+    NatStale,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::MalformedDatagram,
         DropReason::UnknownReceiver,
         DropReason::UnknownPeer,
@@ -74,6 +80,9 @@ impl DropReason {
         DropReason::PolicyRejected,
         DropReason::FlowLimit,
         DropReason::AuditUnavailable,
+        DropReason::NatExhausted,
+        DropReason::OfframpUnsupported,
+        DropReason::NatStale,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +108,9 @@ impl DropReason {
             DropReason::PolicyRejected => "policy_rejected",
             DropReason::FlowLimit => "flow_limit",
             DropReason::AuditUnavailable => "audit_unavailable",
+            DropReason::NatExhausted => "nat_exhausted",
+            DropReason::OfframpUnsupported => "offramp_unsupported",
+            DropReason::NatStale => "nat_stale",
         }
     }
 

@@ -108,6 +108,11 @@ pub enum FlowTarget {
     Local,
     /// The destination device's peer slot.
     Peer(u32),
+    /// Upgraded: the initiator's packets go, NAT-ed from this slot, into the gateway's namespace where a
+    /// kernel socket terminates them; replies come back out of the namespace.
+    Upgrade(std::net::SocketAddrV4),
+    /// An upstream network the flow was not carried to (denied or rejected by policy).
+    Offramp,
 }
 
 /// TCP progress (other protocols stay `Open`).

@@ -25,7 +25,7 @@ pub mod policy;
 pub mod tx;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use crate::packet::{
 pub use counters::{DropReason, GlobalCounters, TrafficCounters};
 pub use flow_table::EndReason;
 use flow_table::{Flow, FlowKey, FlowTable, FlowTarget, KeyDir, Transition, IN, OUT};
+use nat::{NatKey, SlotPool, UpgradeNat};
 use policy::{Policy, Subject, Target};
 pub use tx::TxQueue;
 
@@ -82,10 +83,38 @@ pub struct FlowStart {
     pub at: Instant,
 }
 
+/// Where upgraded flows enter the gateway's namespace: NAT sources come from `UPGRADE_NAT_RANGE`/16 (routed to
+/// the upgrade TUN there) and every upgraded TCP/UDP flow lands on `UPGRADE_LISTENER`.
+pub const UPGRADE_NAT_RANGE: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
+pub const UPGRADE_LISTENER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(100, 66, 0, 1), 7000);
+/// `TxQueue` entries bound for the TUN carry no address.
+const UNADDRESSED: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+/// MSS announced to devices for upgraded TCP (inner MTU 1420 minus 40 bytes of IPv4 + TCP headers).
+pub const UPGRADE_MSS: u16 = 1380;
+
+/// An upgraded flow: the application side (off-ramp proxy, inspectors) sees a connection from `slot` on
+/// `UPGRADE_LISTENER` and uses this to know what it really is.
+#[derive(Debug, Clone)]
+pub struct Upgraded {
+    pub seq: u64,
+    pub slot: SocketAddrV4,
+    pub protocol: u8,
+    /// The device side of the original flow.
+    pub src: SocketAddrV4,
+    /// Where the device was going.
+    pub dst: SocketAddrV4,
+    pub tenant: TenantId,
+    pub device: DeviceName,
+    pub user: UserName,
+    pub rule: Arc<str>,
+}
+
 /// Flow lifecycle events, drained by the shell with `take_events`.
 #[derive(Debug, Clone)]
 pub enum FlowEvent {
     Start(Box<FlowStart>),
+    /// A flow was handed to layer 4 (for the application side, not the audit trail).
+    Upgraded(Box<Upgraded>),
     Established {
         seq: u64,
         at: Instant,
@@ -147,6 +176,7 @@ struct TenantState {
     gateway_address: IpAddr,
     policy: Policy,
     max_flows: Option<usize>,
+    offramp: Vec<ipnet::IpNet>,
     /// Device address -> peer slot. Addresses are per tenant: two tenants may use the same ones.
     routes: HashMap<IpAddr, u32>,
     counters: Arc<TrafficCounters>,
@@ -202,6 +232,30 @@ pub struct Gateway {
     last_limit_warn_ms: Option<u64>,
     /// Room to build packets the gateway originates (echo replies are built in place instead).
     build_buf: Box<[u8]>,
+    upgrade_nat: UpgradeNat,
+    /// Packets for the upgrade TUN (the address of each entry is unused).
+    tun_out: TxQueue,
+}
+
+/// Where a destination is, before policy decides how to carry the flow there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Local,
+    Peer(u32),
+    /// An upstream network of the tenant, reached through the gateway host.
+    Offramp,
+}
+
+impl Route {
+    /// Whether an existing flow's target is still this route.
+    fn carries(self, target: FlowTarget) -> bool {
+        match (self, target) {
+            (Route::Local, FlowTarget::Local) => true,
+            (Route::Peer(a), FlowTarget::Peer(b)) => a == b,
+            (Route::Offramp, FlowTarget::Upgrade(_) | FlowTarget::Offramp) => true,
+            _ => false,
+        }
+    }
 }
 
 fn subject(p: &Peer) -> Subject<'_> {
@@ -209,6 +263,19 @@ fn subject(p: &Peer) -> Subject<'_> {
         user: &p.device.user,
         groups: &p.device.groups,
         device: &p.device.name,
+    }
+}
+
+/// The NAT key of an upgraded flow (IPv4 only).
+fn nat_key(f: &Flow) -> Option<NatKey> {
+    match f.endpoints() {
+        (IpAddr::V4(s), sport, IpAddr::V4(d), dport) => Some(NatKey {
+            tenant: f.key.tenant(),
+            protocol: f.key.protocol(),
+            src: SocketAddrV4::new(s, sport),
+            dst: SocketAddrV4::new(d, dport),
+        }),
+        _ => None,
     }
 }
 
@@ -245,7 +312,17 @@ impl Gateway {
             admit_new_flows: true,
             last_limit_warn_ms: None,
             build_buf: vec![0u8; 2048].into_boxed_slice(),
+            upgrade_nat: UpgradeNat::new(
+                UPGRADE_LISTENER,
+                SlotPool::new(UPGRADE_NAT_RANGE, 65_534, (1024, 65_535)),
+            ),
+            tun_out: TxQueue::new(),
         }
+    }
+
+    /// Packets the core wants written to the upgrade TUN; the shell writes and clears them after each batch.
+    pub fn tun_queue(&mut self) -> &mut TxQueue {
+        &mut self.tun_out
     }
 
     fn ms(&self, now: Instant) -> u64 {
@@ -318,6 +395,7 @@ impl Gateway {
                 gateway_address: t.gateway_address,
                 policy: Policy::compile(t),
                 max_flows: t.max_flows,
+                offramp: t.offramp.clone(),
                 routes: HashMap::with_capacity(t.devices.len()),
                 counters: self.metrics.tenant(&t.id),
             })
@@ -378,7 +456,7 @@ impl Gateway {
                 (Some(&ti), Some(Some(p))) if p.tenant == ti && p.device.address == src => {
                     let t = &self.tenants[ti];
                     match self.route_of(ti, f.src_slot, dst) {
-                        Some(target) if target == f.target => {
+                        Some(route) if route.carries(f.target) => {
                             let protocol = f.key.protocol();
                             let dport_for_policy = Transport::has_ports(protocol).then_some(dport);
                             let d = t.policy.evaluate(
@@ -459,7 +537,7 @@ impl Gateway {
     /// Removes a flow that has not ended yet and records its end.
     fn end_flow(&mut self, idx: u32, now: Instant, reason: EndReason) {
         let f = self.flows.remove(idx);
-        self.forget_flow(&f);
+        self.forget_flow(&f, self.ms(now));
         self.events.push(FlowEvent::End {
             seq: f.seq,
             at: now,
@@ -469,9 +547,14 @@ impl Gateway {
         });
     }
 
-    fn forget_flow(&mut self, f: &Flow) {
+    fn forget_flow(&mut self, f: &Flow, now_ms: u64) {
         let n = &mut self.flow_counts[f.key.tenant() as usize];
         *n = n.saturating_sub(1);
+        if let FlowTarget::Upgrade(_) = f.target {
+            if let Some(key) = nat_key(f) {
+                self.upgrade_nat.release(&key, now_ms);
+            }
+        }
     }
 
     /// Ends every live flow (clean shutdown), so every flow record gets its end.
@@ -479,7 +562,7 @@ impl Gateway {
         for idx in self.flows.indices() {
             if self.flows.get(idx).state == flow_table::FlowState::Ended {
                 let f = self.flows.remove(idx);
-                self.forget_flow(&f);
+                self.forget_flow(&f, self.ms(now));
             } else {
                 self.end_flow(idx, now, EndReason::Shutdown);
             }
@@ -487,14 +570,16 @@ impl Gateway {
     }
 
     /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
-    fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<FlowTarget> {
+    fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<Route> {
         let t = &self.tenants[ti];
         if dst == t.gateway_address {
-            return Some(FlowTarget::Local);
+            return Some(Route::Local);
         }
         match t.routes.get(&dst) {
-            Some(&slot) if slot != src_slot => Some(FlowTarget::Peer(slot)),
-            _ => None,
+            Some(&slot) if slot != src_slot => Some(Route::Peer(slot)),
+            Some(_) => None,
+            None if t.offramp.iter().any(|n| n.contains(&dst)) => Some(Route::Offramp),
+            None => None,
         }
     }
 
@@ -740,7 +825,7 @@ impl Gateway {
         }
         let counters = self.tenants[ti].counters.clone();
         match action {
-            Action::Allow => {}
+            Action::Allow | Action::Proxy => {}
             Action::Deny => return counters.count_drop(DropReason::PolicyDenied),
             Action::Reject => {
                 if side == OUT {
@@ -759,6 +844,21 @@ impl Gateway {
                 LocalReply::NotHandled => return counters.count_drop(DropReason::NoLocalService),
             },
             (OUT, FlowTarget::Peer(dst)) => dst,
+            (OUT, FlowTarget::Upgrade(slot)) => {
+                // Into the gateway's namespace: NAT to `slot -> listener`; the kernel there terminates it.
+                if self.upgrade_nat.inbound(pkt, slot).is_err() {
+                    return counters.count_drop(DropReason::OfframpUnsupported);
+                }
+                nat::clamp_mss(pkt, UPGRADE_MSS);
+                let buf = self.tun_out.slot();
+                buf[..pkt.len()].copy_from_slice(pkt);
+                self.tun_out.commit(UNADDRESSED, pkt.len());
+                return;
+            }
+            // Replies of upgraded flows come out of the namespace (`handle_tun_packet`), never from a device.
+            (_, FlowTarget::Upgrade(_) | FlowTarget::Offramp) => {
+                return counters.count_drop(DropReason::NoRoute)
+            }
             (_, _) => initiator_slot,
         };
         if dst_slot != src_slot && packet::decrement_ttl(pkt, &view) == Hop::Expired {
@@ -783,7 +883,7 @@ impl Gateway {
         tx: &mut TxQueue,
     ) -> Option<u32> {
         let counters = self.tenants[ti].counters.clone();
-        let Some(target) = self.route_of(ti, src_slot, view.dst) else {
+        let Some(route) = self.route_of(ti, src_slot, view.dst) else {
             self.reject(src_slot, ti, pkt, view, t, Unreachable::NoRoute, tx);
             counters.count_drop(DropReason::NoRoute);
             return None;
@@ -820,29 +920,81 @@ impl Gateway {
                 dport,
             },
         );
+        let rule = tenant.policy.rule_id(&decision);
+        let carried = matches!(decision.action, Action::Allow | Action::Proxy);
+        // Until the downgrade path exists, `proxy` towards a device is forwarded at layer 3 (config refuses
+        // `proxy` rules while `OFFRAMP_AVAILABLE` is false).
+        let upgrade = carried && route == Route::Offramp;
+        let (device, user) = (peer.device.name.clone(), peer.device.user.clone());
         let seq = self.next_flow_seq;
+        let target = match route {
+            Route::Local => FlowTarget::Local,
+            Route::Peer(s) => FlowTarget::Peer(s),
+            Route::Offramp if !upgrade => FlowTarget::Offramp,
+            Route::Offramp => {
+                let (IpAddr::V4(s), IpAddr::V4(d)) = (view.src, view.dst) else {
+                    counters.count_drop(DropReason::OfframpUnsupported);
+                    return None;
+                };
+                if !Transport::has_ports(view.protocol) {
+                    counters.count_drop(DropReason::OfframpUnsupported);
+                    return None;
+                }
+                let (src, dst) = (SocketAddrV4::new(s, t.sport), SocketAddrV4::new(d, t.dport));
+                let nat_key = NatKey {
+                    tenant: tenant.num,
+                    protocol: view.protocol,
+                    src,
+                    dst,
+                };
+                let Ok(slot) = self.upgrade_nat.claim(nat_key, now_ms) else {
+                    counters.count_drop(DropReason::NatExhausted);
+                    return None;
+                };
+                self.events.push(FlowEvent::Upgraded(Box::new(Upgraded {
+                    seq,
+                    slot,
+                    protocol: view.protocol,
+                    src,
+                    dst,
+                    tenant: tenant.id.clone(),
+                    device: device.clone(),
+                    user: user.clone(),
+                    rule: rule.clone(),
+                })));
+                FlowTarget::Upgrade(slot)
+            }
+        };
         self.next_flow_seq += 1;
-        let dst_device = match target {
-            FlowTarget::Peer(s) => self.peers[s as usize]
+        let dst_device = match route {
+            Route::Peer(s) => self.peers[s as usize]
                 .as_ref()
                 .map(|p| p.device.name.clone()),
-            FlowTarget::Local => None,
+            Route::Local | Route::Offramp => None,
         };
-        self.events.push(FlowEvent::Start(Box::new(FlowStart {
+        let tenant = &self.tenants[ti];
+        // The start record goes before the `Upgraded` event in the queue so the audit trail sees it first.
+        let start = FlowEvent::Start(Box::new(FlowStart {
             seq,
             tenant: tenant.id.clone(),
-            device: peer.device.name.clone(),
-            user: peer.device.user.clone(),
+            device,
+            user,
             protocol: view.protocol,
             src: view.src,
             sport: t.sport,
             dst: view.dst,
             dport: t.dport,
             action: decision.action,
-            rule: tenant.policy.rule_id(&decision),
+            rule,
             dst_device,
             at: now,
-        })));
+        }));
+        let at = if upgrade {
+            self.events.len() - 1
+        } else {
+            self.events.len()
+        };
+        self.events.insert(at, start);
         tracing::trace!(seq, action = decision.action.as_str(), "flow start");
         counters.flows_started.add(1);
         self.flow_counts[num] += 1;
@@ -940,14 +1092,61 @@ impl Gateway {
         }
     }
 
+    /// A packet the gateway's namespace sent out of the upgrade TUN (a reply on an upgraded flow): un-NAT it to
+    /// `dst -> src` of the original flow and encrypt it to the device that opened the flow.
+    pub fn handle_tun_packet(&mut self, now: Instant, pkt: &mut [u8], tx: &mut TxQueue) {
+        let unattributed = &self.metrics.global.unattributed;
+        let Some(nat_key) = self.upgrade_nat.outbound(pkt) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let (key, dir) = FlowKey::new(
+            nat_key.tenant,
+            nat_key.protocol,
+            IpAddr::V4(*nat_key.dst.ip()),
+            nat_key.dst.port(),
+            IpAddr::V4(*nat_key.src.ip()),
+            nat_key.src.port(),
+        );
+        let Some(idx) = self.flows.lookup(&key) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let Ok(view) = packet::parse_ip(pkt) else {
+            return unattributed.count_drop(DropReason::InvalidInnerPacket);
+        };
+        let t = packet::parse_transport(pkt, &view).unwrap_or_default();
+        let now_ms = self.ms(now);
+        let flow = self.flows.get_mut(idx);
+        let side = flow.side(dir);
+        let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
+        let transition = flow.record(side, view.len, tcp, now_ms);
+        let (seq, initiator, packets, bytes) = (flow.seq, flow.src_slot, flow.packets, flow.bytes);
+        match transition {
+            Transition::None => {}
+            Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
+            Transition::Ended(reason) => self.events.push(FlowEvent::End {
+                seq,
+                at: now,
+                packets,
+                bytes,
+                reason,
+            }),
+        }
+        let Some(ti) = self.tenants.iter().position(|t| t.num == nat_key.tenant) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let counters = self.tenants[ti].counters.clone();
+        self.send_to_peer(initiator, pkt, &counters, tx);
+    }
+
     /// Drives every peer's timers (handshake retries, keepalives, expiry) and resets the handshake gate.
     /// Also expires idle flows (bounded work per call).
     pub fn handle_timers(&mut self, now: Instant, tx: &mut TxQueue) {
         self.gate.reset_count();
         let mut expired = Vec::new();
         self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
+        let now_ms = self.ms(now);
         for e in expired {
-            self.forget_flow(&e.flow);
+            self.forget_flow(&e.flow, now_ms);
             if e.idle {
                 let f = e.flow;
                 self.events.push(FlowEvent::End {

@@ -917,3 +917,145 @@ fn removed_device_ends_its_flows() {
         "{evs:?}"
     );
 }
+
+fn offramp_net() -> Net {
+    let mut net = two_tenants();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.tenants[0].offramp = vec!["198.51.100.0/24".parse().unwrap()];
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    net
+}
+
+fn take_tun(net: &mut Net) -> Vec<Vec<u8>> {
+    let q = net.gw.tun_queue();
+    let out = q.iter().map(|(_, p)| p.to_vec()).collect();
+    q.clear();
+    out
+}
+
+#[test]
+fn offramp_tcp_flow_is_upgraded_into_the_namespace_and_replies_reach_the_device() {
+    let mut net = offramp_net();
+    net.handshake(0);
+    let (a, web) = (ip("100.96.0.2"), ip("198.51.100.7"));
+    let mut syn = Vec::new();
+    PacketBuilder::ipv4([100, 96, 0, 2], [198, 51, 100, 7], 64)
+        .tcp(40000, 80, 100, 64000)
+        .syn()
+        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+        .unwrap()
+        .write(&mut syn, &[])
+        .unwrap();
+    net.send(0, &syn);
+    let tun = take_tun(&mut net);
+    assert_eq!(tun.len(), 1, "the SYN goes into the namespace");
+    let (src, dst) = nat::ports_v4(&tun[0]).unwrap();
+    assert_eq!(dst, UPGRADE_LISTENER);
+    assert!(
+        src.ip().octets()[..2] == [100, 64],
+        "NAT source {src} from the upgrade range"
+    );
+    let s = etherparse::SlicedPacket::from_ip(&tun[0]).unwrap();
+    let Some(etherparse::TransportSlice::Tcp(tcp_h)) = &s.transport else {
+        panic!()
+    };
+    assert!(tcp_h.options_iterator().any(
+        |o| matches!(o, Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) if m == UPGRADE_MSS)
+    ));
+    assert_eq!(
+        tcp_h
+            .calc_checksum_ipv4(
+                [
+                    src.ip().octets()[0],
+                    src.ip().octets()[1],
+                    src.ip().octets()[2],
+                    src.ip().octets()[3]
+                ],
+                [100, 66, 0, 1]
+            )
+            .unwrap(),
+        tcp_h.checksum()
+    );
+    let evs = events(&mut net);
+    let upgraded: Vec<&Upgraded> = evs
+        .iter()
+        .filter_map(|e| {
+            if let FlowEvent::Upgraded(u) = e {
+                Some(&**u)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(upgraded.len(), 1);
+    assert_eq!(
+        (upgraded[0].slot, upgraded[0].dst.to_string()),
+        (src, "198.51.100.7:80".to_string())
+    );
+    assert!(
+        matches!(evs[0], FlowEvent::Start(_)),
+        "start record precedes the upgrade event"
+    );
+    // The namespace kernel answers the SYN: listener -> slot.
+    let mut synack = Vec::new();
+    PacketBuilder::ipv4([100, 66, 0, 1], src.ip().octets(), 64)
+        .tcp(7000, src.port(), 900, 64000)
+        .syn()
+        .ack(101)
+        .write(&mut synack, &[])
+        .unwrap();
+    net.gw
+        .handle_tun_packet(Instant::now(), &mut synack, &mut net.tx);
+    net.settle();
+    let got = net.clients[0]
+        .inbox
+        .pop()
+        .expect("SYN-ACK delivered to the device");
+    let v = packet::parse_ip(&got).unwrap();
+    assert_eq!(
+        (v.src, v.dst),
+        (web, a),
+        "the device sees the upstream host, not the namespace"
+    );
+    let tp = packet::parse_transport(&got, &v).unwrap();
+    assert_eq!((tp.sport, tp.dport), (80, 40000));
+    assert!(events(&mut net)
+        .iter()
+        .any(|e| matches!(e, FlowEvent::Established { .. })));
+    // Stale packets (no slot) are counted, not delivered.
+    let mut stray = synack.clone();
+    nat::rewrite_v4(
+        &mut stray,
+        UPGRADE_LISTENER,
+        "100.64.200.200:9".parse().unwrap(),
+    )
+    .unwrap();
+    net.gw
+        .handle_tun_packet(Instant::now(), &mut stray, &mut net.tx);
+    assert_eq!(
+        net.metrics.global.unattributed.drops(DropReason::NatStale),
+        1
+    );
+}
+
+#[test]
+fn offramp_denied_and_unsupported_flows_never_enter_the_namespace() {
+    let mut net = offramp_net();
+    net.handshake(0);
+    net.send(
+        0,
+        &tcp(ip("100.96.0.2"), 40000, ip("198.51.100.7"), 23, 1, "S", b""),
+    ); // no-telnet: deny
+    net.send(0, &ping(ip("100.96.0.2"), ip("198.51.100.7"), 1)); // ICMP to upstream: not carried yet
+    assert!(take_tun(&mut net).is_empty());
+    let c = net.tenant("acme");
+    assert_eq!(c.drops(DropReason::PolicyDenied), 1);
+    assert_eq!(c.drops(DropReason::OfframpUnsupported), 1);
+    // Without an offramp network the same destination has no route.
+    net.send(
+        2,
+        &tcp(ip("100.96.0.2"), 40000, ip("198.51.100.7"), 80, 1, "S", b""),
+    );
+    assert_eq!(net.tenant("globex").drops(DropReason::NoRoute), 1);
+}
