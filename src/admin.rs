@@ -186,6 +186,11 @@ pub fn render(m: &Metrics) -> String {
             g.send_errors.get(),
         ),
         (
+            "rampart_tun_write_errors_total",
+            "Packets for the gateway's namespace that the upgrade TUN refused.",
+            g.tun_write_errors.get(),
+        ),
+        (
             "rampart_audit_records_dropped_total",
             "Audit records lost (queue full, or store failing past the retry buffer).",
             g.audit_records_dropped.get(),

@@ -99,7 +99,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             "some devices could not be loaded"
         );
     }
-    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit)
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, None)
         .context("cannot start the data path")?;
     let restored = load_endpoints(&g.state_dir);
     if !restored.is_empty() {

@@ -2,10 +2,17 @@
 //! that owns the `core::Gateway`. It receives in batches (`recvmmsg`), hands each datagram to the core, runs the
 //! timer tick, and sends what the core queued in batches (`sendmmsg`). It decides nothing itself.
 //!
-//! Control (reloads, status queries) reaches the thread over a channel and is applied between batches, so the
-//! core never needs a lock.
+//! When the layer-4 path is on, the same thread also owns the upgrade TUN of the gateway's namespace: it waits
+//! on both descriptors (`poll`), feeds packets leaving the namespace to `Gateway::handle_tun_packet`, and writes
+//! what the core queued for the namespace. `Upgraded` events go to the application side (off-ramp proxy),
+//! every other flow event to the audit sink.
+//!
+//! Control (reloads, status queries, a new namespace) reaches the thread over a channel and is applied between
+//! batches, so the core never needs a lock.
 #![deny(unsafe_code)]
 
+use std::fs::File;
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -14,17 +21,28 @@ use std::time::Instant;
 
 use crate::audit::AuditSink;
 use crate::config::Config;
-use crate::core::{tx::BUF_SIZE, ApplySummary, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK};
+use crate::core::{
+    tx::BUF_SIZE, ApplySummary, FlowEvent, Gateway, Metrics, PeerStatus, TxQueue, Upgraded,
+    TIMER_TICK,
+};
 use crate::keys::PeerKey;
 use crate::sys;
 
 /// Flush queued output after this many datagrams even in the middle of a receive batch.
 const TX_FLUSH_AT: usize = 128;
+/// Most packets read from the TUN per loop turn (the UDP socket gets its turn in between).
+const TUN_BATCH: usize = 64;
+
+/// Where `Upgraded` events go (the application side).
+pub type UpgradeSink = tokio::sync::mpsc::UnboundedSender<Box<Upgraded>>;
 
 pub enum Command {
     Apply(Arc<Config>, Sender<ApplySummary>),
     Status(Sender<Vec<PeerStatus>>),
     RestoreEndpoints(Vec<(PeerKey, SocketAddr)>),
+    /// A new upgrade TUN (the namespace helper started or restarted); flows upgraded into an older namespace
+    /// end. `None` detaches the TUN.
+    SetTun(Option<File>),
     Shutdown,
 }
 
@@ -41,13 +59,14 @@ impl Onramp {
         gateway: Gateway,
         metrics: Arc<Metrics>,
         audit: AuditSink,
+        upgrades: Option<UpgradeSink>,
     ) -> std::io::Result<Onramp> {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
-            .spawn(move || pump(socket, gateway, metrics, audit, rx))?;
+            .spawn(move || pump(socket, gateway, metrics, audit, upgrades, rx))?;
         Ok(Onramp {
             commands: tx,
             thread: Some(thread),
@@ -84,18 +103,27 @@ fn pump(
     mut gw: Gateway,
     metrics: Arc<Metrics>,
     audit: AuditSink,
+    upgrades: Option<UpgradeSink>,
     commands: Receiver<Command>,
 ) {
     let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut rx = sys::RecvBatch::new(BUF_SIZE);
     let mut scratch = vec![0u8; BUF_SIZE];
     let mut tx = TxQueue::new();
+    let mut tun: Option<File> = None;
     let mut next_tick = Instant::now();
     let mut events = Vec::new();
     let mut emit = |gw: &mut Gateway| {
         gw.take_events(&mut events);
         for ev in events.drain(..) {
-            audit.offer(ev);
+            match ev {
+                FlowEvent::Upgraded(u) => {
+                    if let Some(app) = &upgrades {
+                        let _ = app.send(u);
+                    }
+                }
+                ev => audit.offer(ev),
+            }
         }
     };
     let flush = |tx: &mut TxQueue| {
@@ -106,13 +134,38 @@ fn pump(
             tx.clear();
         }
     };
+    let write_tun = |gw: &mut Gateway, tun: &mut Option<File>| {
+        let q = gw.tun_queue();
+        if let Some(f) = tun.as_mut() {
+            for (_, p) in q.iter() {
+                // A full TUN queue drops the packet; TCP in the namespace recovers.
+                if f.write(p).is_err() {
+                    metrics.global.tun_write_errors.add(1);
+                }
+            }
+        }
+        q.clear();
+    };
     loop {
-        match sys::recv_batch(&socket, &mut rx) {
-            Ok(_) => {}
+        let now = Instant::now();
+        let wait = next_tick
+            .saturating_duration_since(now)
+            .max(std::time::Duration::from_millis(1));
+        let (udp_ready, tun_ready) = match sys::poll_readable(&socket, tun.as_ref(), wait) {
+            Ok(r) => r,
             Err(e) => {
+                tracing::error!(error = %e, "poll failed");
+                std::thread::sleep(TIMER_TICK);
+                (false, false)
+            }
+        };
+        if udp_ready {
+            if let Err(e) = sys::recv_batch(&socket, &mut rx) {
                 tracing::error!(error = %e, "UDP receive failed");
                 std::thread::sleep(TIMER_TICK);
             }
+        } else {
+            rx.meta.clear();
         }
         let now = Instant::now();
         gw.set_admit_new_flows(audit.admits_new_flows());
@@ -129,11 +182,31 @@ fn pump(
                 flush(&mut tx);
             }
         }
+        if tun_ready {
+            if let Some(f) = tun.as_mut() {
+                for _ in 0..TUN_BATCH {
+                    match f.read(&mut scratch) {
+                        Ok(0) => break,
+                        Ok(n) => gw.handle_tun_packet(now, &mut scratch[..n], &mut tx),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "upgrade TUN read failed; detaching it");
+                            tun = None;
+                            break;
+                        }
+                    }
+                    if tx.len() >= TX_FLUSH_AT {
+                        flush(&mut tx);
+                    }
+                }
+            }
+        }
         if now >= next_tick {
             gw.handle_timers(now, &mut tx);
             next_tick = now + TIMER_TICK;
         }
         flush(&mut tx);
+        write_tun(&mut gw, &mut tun);
         emit(&mut gw);
         loop {
             match commands.try_recv() {
@@ -156,6 +229,17 @@ fn pump(
                         "sent handshake initiations to last known device endpoints"
                     );
                     flush(&mut tx);
+                }
+                Ok(Command::SetTun(new)) => {
+                    gw.end_upgraded_flows(Instant::now(), &mut tx);
+                    flush(&mut tx);
+                    emit(&mut gw);
+                    if let Some(f) = &new {
+                        if let Err(e) = sys::set_nonblocking(f) {
+                            tracing::error!(error = %e, "cannot make the upgrade TUN non-blocking");
+                        }
+                    }
+                    tun = new;
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     gw.shutdown(Instant::now());

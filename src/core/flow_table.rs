@@ -174,6 +174,8 @@ pub enum EndReason {
     /// The source or destination device was removed.
     PeerRemoved,
     Shutdown,
+    /// The gateway's namespace (which held the upgraded stream) was restarted.
+    UpgradeLost,
 }
 
 impl EndReason {
@@ -185,6 +187,7 @@ impl EndReason {
             EndReason::PolicyRevoked => "policy_revoked",
             EndReason::PeerRemoved => "peer_removed",
             EndReason::Shutdown => "shutdown",
+            EndReason::UpgradeLost => "upgrade_lost",
         }
     }
 }

@@ -557,6 +557,28 @@ impl Gateway {
         }
     }
 
+    /// Ends every upgraded flow (their kernel sockets lived in a namespace that is gone); TCP devices get a RST.
+    pub fn end_upgraded_flows(&mut self, now: Instant, tx: &mut TxQueue) {
+        for idx in self.flows.indices() {
+            let f = self.flows.get(idx);
+            if !matches!(f.target, FlowTarget::Upgrade(_))
+                || f.state == flow_table::FlowState::Ended
+            {
+                continue;
+            }
+            if f.key.protocol() == PROTO_TCP {
+                let (src, sport, dst, dport) = f.endpoints();
+                let (slot, seq_in) = (f.src_slot, f.next_seq[IN]);
+                if let Some(n) =
+                    packet::build_tcp_rst(dst, dport, src, sport, seq_in, None, &mut self.build_buf)
+                {
+                    self.send_built(slot, n, tx);
+                }
+            }
+            self.end_flow(idx, now, EndReason::UpgradeLost);
+        }
+    }
+
     /// Ends every live flow (clean shutdown), so every flow record gets its end.
     pub fn shutdown(&mut self, now: Instant) {
         for idx in self.flows.indices() {
