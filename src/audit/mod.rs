@@ -5,6 +5,7 @@
 //! Start reading at `AuditSink` (data path side) and `writer` (store side).
 #![deny(unsafe_code)]
 
+pub mod capture;
 pub mod store;
 pub mod time;
 
