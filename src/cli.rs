@@ -100,6 +100,14 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make a reviewer key pair for encrypting recordings at rest (the ssh-log-cli format). The private key is
+    /// written to FILE (mode 0600) and never given to the gateway; put the printed public key into the
+    /// tenant's `audit_recipient`.
+    Keygen {
+        /// Where to write the private key (refuses to overwrite); the public key goes to FILE.pub.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -216,6 +224,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 limit,
                 json,
             } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
+            AuditCommand::Keygen { out } => audit_keygen(&out),
         },
         Command::System { command } => crate::system::run(command),
     }
@@ -579,5 +588,24 @@ fn audit_flows(
             format!("{}/{}", r.packets_in, r.bytes_in),
         )?;
     }
+    Ok(())
+}
+
+fn audit_keygen(out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (private, public) = crate::audit::capture::audit_keygen()?;
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
+    // No trailing newline: the exact format ssh-log-cli writes and reads.
+    f.write_all(private.as_bytes())?;
+    f.sync_all()?;
+    std::fs::write(&pub_path, public.as_bytes()).with_context(|| format!("cannot write {}", pub_path.display()))?;
+    eprintln!("private key: {} (keep it off the gateway)\npublic key:  {}", out.display(), pub_path.display());
+    println!("audit_recipient = \"{public}\"");
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod core;
 pub mod daemon;
 pub mod enroll;
 pub mod keys;
+pub mod offramp;
 pub mod onramp;
 pub mod packet;
 pub mod registry;
