@@ -83,7 +83,10 @@ impl ClientConfig<'_> {
         let _ = writeln!(s, "[Peer]");
         let _ = writeln!(s, "PublicKey = {}", self.gateway_key);
         let _ = writeln!(s, "Endpoint = {}", self.endpoint);
-        let _ = writeln!(s, "AllowedIPs = {}", self.tenant.address_pool);
+        // The tenant's pool plus its off-ramp networks, so a stock client routes both into the tunnel.
+        let mut allowed = vec![self.tenant.address_pool.to_string()];
+        allowed.extend(self.tenant.offramp.iter().map(|n| n.to_string()));
+        let _ = writeln!(s, "AllowedIPs = {}", allowed.join(", "));
         let _ = writeln!(s, "PersistentKeepalive = {PERSISTENT_KEEPALIVE}");
         s
     }
@@ -138,6 +141,23 @@ mod tests {
     fn ipv6_pool_allocates() {
         let t = tenant("fd00:1::/64", "fd00:1::1");
         assert_eq!(allocate_address(&t), Some("fd00:1::2".parse().unwrap()));
+    }
+
+    #[test]
+    fn offramp_networks_are_routed_into_the_tunnel() {
+        let mut t = tenant("100.96.0.0/24", "100.96.0.1");
+        t.offramp = vec!["198.51.100.0/24".parse().unwrap(), "10.9.0.0/16".parse().unwrap()];
+        let text = ClientConfig {
+            tenant: &t,
+            device_name: "laptop",
+            private_key: None,
+            address: "100.96.0.2".parse().unwrap(),
+            gateway_key: PeerKey([1; 32]),
+            endpoint: "198.18.0.1:51820",
+        }
+        .render();
+        assert!(text.lines().any(|l| l == "AllowedIPs = 100.96.0.0/24, 198.51.100.0/24, 10.9.0.0/16"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("PrivateKey")), "no private key unless given");
     }
 
     #[test]
