@@ -147,6 +147,19 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a device's client config again (for example after the tenant's off-ramp networks changed). The
+    /// private key is not kept by the gateway, so the printed config has a placeholder for it.
+    Config {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        /// HOST:PORT the device uses to reach the gateway (default: gateway.public_endpoint).
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
     /// Remove an enrolled device; a running gateway cuts its tunnel at once.
     Remove {
         #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
@@ -212,6 +225,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 tenant,
                 name,
             } => device_remove(&config, &tenant, &name),
+            DeviceCommand::Config {
+                config,
+                tenant,
+                name,
+                endpoint,
+            } => device_config(&config, &tenant, &name, endpoint),
         },
         Command::Audit { command } => match command {
             AuditCommand::Flows {
@@ -319,15 +338,7 @@ fn device_add(
     let name = DeviceName::parse(name).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
     let user = UserName::parse(user).map_err(|m| anyhow::anyhow!("--user: {m}"))?;
     let pre = load(config)?;
-    let endpoint = match endpoint.or_else(|| pre.gateway.public_endpoint.clone()) {
-        Some(e) => e,
-        None if !pre.gateway.listen.ip().is_unspecified() => pre.gateway.listen.to_string(),
-        None => bail!(
-            "no endpoint known for client configs: pass --endpoint HOST:PORT (the address devices reach this gateway at), \
-             or set gateway.public_endpoint in {}",
-            config.display()
-        ),
-    };
+    let endpoint = client_endpoint(&pre, endpoint)?;
     let gateway_key = PrivateKey::read_file(&pre.gateway.private_key_file)
         .or_else(|_| {
             // First use before the gateway ever ran: create the key it will use.
@@ -398,6 +409,51 @@ fn device_add(
             .build();
         eprintln!("{art}");
     }
+    Ok(())
+}
+
+/// The Endpoint printed into client configs: `--endpoint`, else `gateway.public_endpoint`, else a specific
+/// listen address.
+fn client_endpoint(cfg: &Config, endpoint: Option<String>) -> anyhow::Result<String> {
+    match endpoint.or_else(|| cfg.gateway.public_endpoint.clone()) {
+        Some(e) => Ok(e),
+        None if !cfg.gateway.listen.ip().is_unspecified() => Ok(cfg.gateway.listen.to_string()),
+        None => bail!(
+            "no endpoint known for client configs: pass --endpoint HOST:PORT (the address devices reach this gateway at), \
+             or set gateway.public_endpoint in {}",
+            cfg.source.display()
+        ),
+    }
+}
+
+fn device_config(
+    config: &Path,
+    tenant: &str,
+    name: &str,
+    endpoint: Option<String>,
+) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    let t = tenant_or_bail(&cfg, tenant)?;
+    let Some(d) = t.devices.iter().find(|d| d.name.as_str() == name) else {
+        bail!(
+            "no device {name:?} in tenant {}; see `rampart device list -c {}`",
+            t.id,
+            config.display()
+        );
+    };
+    let endpoint = client_endpoint(&cfg, endpoint)?;
+    let gateway_key = PrivateKey::read_file(&cfg.gateway.private_key_file)?.public_key();
+    let text = ClientConfig {
+        tenant: t,
+        device_name: name,
+        private_key: None,
+        address: d.address,
+        gateway_key,
+        endpoint: &endpoint,
+    }
+    .render();
+    eprintln!("the gateway does not keep device private keys: keep the PrivateKey line of the device's current config");
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 
@@ -604,8 +660,13 @@ fn audit_keygen(out: &Path) -> anyhow::Result<()> {
     // No trailing newline: the exact format ssh-log-cli writes and reads.
     f.write_all(private.as_bytes())?;
     f.sync_all()?;
-    std::fs::write(&pub_path, public.as_bytes()).with_context(|| format!("cannot write {}", pub_path.display()))?;
-    eprintln!("private key: {} (keep it off the gateway)\npublic key:  {}", out.display(), pub_path.display());
+    std::fs::write(&pub_path, public.as_bytes())
+        .with_context(|| format!("cannot write {}", pub_path.display()))?;
+    eprintln!(
+        "private key: {} (keep it off the gateway)\npublic key:  {}",
+        out.display(),
+        pub_path.display()
+    );
     println!("audit_recipient = \"{public}\"");
     Ok(())
 }
