@@ -15,6 +15,8 @@ pub mod core;
 pub mod daemon;
 pub mod enroll;
 pub mod keys;
+#[allow(unsafe_code)]
+pub mod netns;
 pub mod offramp;
 pub mod onramp;
 pub mod packet;

@@ -7,6 +7,9 @@ use clap::Parser as _;
 use rampart::cli;
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = rampart::netns::helper::maybe_run_helper() {
+        return code;
+    }
     let cli = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|e| {
         eprintln!(
