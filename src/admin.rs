@@ -201,6 +201,11 @@ pub fn render(m: &Metrics) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP rampart_nat_slots NAT slots held by upgraded flows.\n# TYPE rampart_nat_slots gauge\nrampart_nat_slots {}",
+        g.nat_slots.get()
+    );
     out
 }
 

@@ -826,11 +826,13 @@ fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
         "deny" => Some(Action::Deny),
         "reject" => Some(Action::Reject),
         "proxy" | "inspect_ssh" | "inspect_http" => {
+            // `proxy` between devices needs the downgrade path; allowed off-ramp flows are proxied already.
             c.push(
                 format!("{key}.action"),
                 format!(
-                    "{:?} needs the layer-4 upgrade path, which this version does not have yet; \
-                     use \"allow\", \"deny\" or \"reject\"",
+                    "{:?} is not available in this version (device-to-device streams need the downgrade path); \
+                     use \"allow\", \"deny\" or \"reject\" (allowed flows to a tenant's offramp networks are \
+                     proxied at layer 4 already)",
                     r.action
                 ),
             );

@@ -99,7 +99,21 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             "some devices could not be loaded"
         );
     }
-    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, None)
+    // The layer-4 path (off-ramp) needs the namespace helper; start it only when the config uses it.
+    let mut layer4 = if needs_layer4(&cfg) {
+        let ns = crate::netns::supervisor::NsSupervisor::start().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start the gateway's private network namespace (needed for tenant offramp networks): {e}; \
+                 run as root, or make /dev/net/tun accessible and allow unprivileged user namespaces"
+            )
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Some((ns, tx, rx))
+    } else {
+        None
+    };
+    let upgrades = layer4.as_ref().map(|(_, tx, _)| tx.clone());
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, upgrades)
         .context("cannot start the data path")?;
     let restored = load_endpoints(&g.state_dir);
     if !restored.is_empty() {
@@ -114,7 +128,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         config: Mutex::new(cfg.clone()),
         onramp,
     });
-    let result = rt.block_on(serve(running.clone(), cfg.clone(), metrics, public));
+    let l4 = layer4.as_mut().map(|(ns, _, rx)| {
+        let events = ns.take_events().expect("namespace events taken once");
+        let upgrades = std::mem::replace(rx, tokio::sync::mpsc::unbounded_channel().1);
+        (events, upgrades)
+    });
+    let result = rt.block_on(serve(running.clone(), cfg.clone(), metrics, public, l4));
+    // Stops the namespace helper (and its flows) before the data path.
+    drop(layer4);
     let running = Arc::into_inner(running).expect("all tasks stopped");
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
     running.onramp.shutdown();
@@ -124,11 +145,68 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     result
 }
 
+/// Whether any tenant off-ramps flows (which needs the namespace helper).
+fn needs_layer4(cfg: &Config) -> bool {
+    cfg.tenants.iter().any(|t| !t.offramp.is_empty())
+}
+
+type Layer4Channels = (
+    tokio::sync::mpsc::UnboundedReceiver<crate::netns::supervisor::NsEvent>,
+    tokio::sync::mpsc::UnboundedReceiver<Box<crate::core::Upgraded>>,
+);
+
+/// Follows the namespace helper's lifecycle: each new namespace gets its TUN handed to the data path and its
+/// listener/UDP socket served by the off-ramp proxy; a dead namespace ends its flows.
+async fn run_layer4(running: Arc<Running>, (mut events, upgrades): Layer4Channels) {
+    use crate::netns::supervisor::NsEvent;
+    let flows = Arc::new(crate::offramp::Flows::default());
+    let counters = Arc::new(crate::offramp::OfframpCounters::default());
+    let tracker = tokio::spawn(crate::offramp::track(upgrades, flows.clone()));
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    while let Some(ev) = events.recv().await {
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        match ev {
+            NsEvent::Ready(inst) => {
+                tracing::info!(
+                    generation = inst.generation.0,
+                    helper_pid = inst.helper_pid,
+                    "gateway namespace ready"
+                );
+                running
+                    .onramp
+                    .send(Command::SetTun(Some(std::fs::File::from(
+                        inst.upgrade_tun.fd,
+                    ))));
+                match crate::offramp::serve(
+                    inst.tcp_listener,
+                    inst.udp_socket,
+                    flows.clone(),
+                    counters.clone(),
+                ) {
+                    Ok(t) => tasks = t,
+                    Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),
+                }
+            }
+            NsEvent::Died { generation, status } => {
+                tracing::warn!(generation = generation.0, %status, "gateway namespace helper died; upgraded flows end, restarting it");
+                running.onramp.send(Command::SetTun(None));
+            }
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    tracker.abort();
+}
+
 async fn serve(
     running: Arc<Running>,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     public: PeerKey,
+    layer4: Option<Layer4Channels>,
 ) -> anyhow::Result<()> {
     let g = &cfg.gateway;
     let admin = TcpListener::bind(g.admin_listen).await.with_context(|| {
@@ -145,6 +223,7 @@ async fn serve(
 
     let admin_task = tokio::spawn(crate::admin::serve(admin, metrics));
     let control_task = tokio::spawn(serve_control(control, running.clone()));
+    let layer4_task = layer4.map(|ch| tokio::spawn(run_layer4(running.clone(), ch)));
 
     let tenants: Vec<String> = cfg.tenants.iter().map(|t| t.id.to_string()).collect();
     tracing::info!(
@@ -181,6 +260,10 @@ async fn serve(
     tracing::info!("shutting down");
     admin_task.abort();
     control_task.abort();
+    if let Some(t) = layer4_task {
+        t.abort();
+        let _ = t.await;
+    }
     let _ = admin_task.await;
     let _ = control_task.await;
     Ok(())

@@ -146,7 +146,10 @@ mod tests {
     #[test]
     fn offramp_networks_are_routed_into_the_tunnel() {
         let mut t = tenant("100.96.0.0/24", "100.96.0.1");
-        t.offramp = vec!["198.51.100.0/24".parse().unwrap(), "10.9.0.0/16".parse().unwrap()];
+        t.offramp = vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "10.9.0.0/16".parse().unwrap(),
+        ];
         let text = ClientConfig {
             tenant: &t,
             device_name: "laptop",
@@ -156,8 +159,15 @@ mod tests {
             endpoint: "198.18.0.1:51820",
         }
         .render();
-        assert!(text.lines().any(|l| l == "AllowedIPs = 100.96.0.0/24, 198.51.100.0/24, 10.9.0.0/16"), "{text}");
-        assert!(!text.lines().any(|l| l.starts_with("PrivateKey")), "no private key unless given");
+        assert!(
+            text.lines()
+                .any(|l| l == "AllowedIPs = 100.96.0.0/24, 198.51.100.0/24, 10.9.0.0/16"),
+            "{text}"
+        );
+        assert!(
+            !text.lines().any(|l| l.starts_with("PrivateKey")),
+            "no private key unless given"
+        );
     }
 
     #[test]

@@ -2,9 +2,8 @@
 //! of a packet. The binary (`main.rs`) is only the CLI entry point.
 #![deny(unsafe_code)]
 
-/// Whether this build can off-ramp flows to upstream networks (`[[tenant]] offramp`) and run `proxy` rules.
-/// Config validation refuses those keys while the layer-4 path is not wired in.
-pub const OFFRAMP_AVAILABLE: bool = false;
+/// Whether this build can off-ramp flows to upstream networks (`[[tenant]] offramp`).
+pub const OFFRAMP_AVAILABLE: bool = true;
 
 pub mod admin;
 pub mod audit;

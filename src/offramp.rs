@@ -56,18 +56,30 @@ impl Flows {
     }
 
     fn get(&self, slot: SocketAddrV4) -> Option<Arc<Upgraded>> {
-        self.by_slot.lock().expect("flows lock").get(&slot).map(|(u, _)| u.clone())
+        self.by_slot
+            .lock()
+            .expect("flows lock")
+            .get(&slot)
+            .map(|(u, _)| u.clone())
     }
 
     fn take(&self, slot: SocketAddrV4) -> Option<Arc<Upgraded>> {
-        self.by_slot.lock().expect("flows lock").remove(&slot).map(|(u, _)| u)
+        self.by_slot
+            .lock()
+            .expect("flows lock")
+            .remove(&slot)
+            .map(|(u, _)| u)
     }
 
     /// Waits (briefly) for the event of `slot`.
     async fn wait(&self, slot: SocketAddrV4, take: bool) -> Option<Arc<Upgraded>> {
         let deadline = Instant::now() + LOOKUP_WAIT;
         loop {
-            let found = if take { self.take(slot) } else { self.get(slot) };
+            let found = if take {
+                self.take(slot)
+            } else {
+                self.get(slot)
+            };
             if found.is_some() || Instant::now() >= deadline {
                 return found;
             }
@@ -85,7 +97,12 @@ pub async fn track(mut upgrades: UnboundedReceiver<Box<Upgraded>>, flows: Arc<Fl
 
 /// Serves one namespace generation: TCP accept loop and UDP relay. Returns the tasks (abort them when the
 /// namespace goes away).
-pub fn serve(tcp: std::net::TcpListener, udp: std::net::UdpSocket, flows: Arc<Flows>, counters: Arc<OfframpCounters>) -> std::io::Result<Vec<JoinHandle<()>>> {
+pub fn serve(
+    tcp: std::net::TcpListener,
+    udp: std::net::UdpSocket,
+    flows: Arc<Flows>,
+    counters: Arc<OfframpCounters>,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
     tcp.set_nonblocking(true)?;
     udp.set_nonblocking(true)?;
     let tcp = TcpListener::from_std(tcp)?;
@@ -148,7 +165,9 @@ async fn proxy_tcp(mut conn: TcpStream, flow: &Upgraded, counters: &OfframpCount
     let _ = conn.set_nodelay(true);
     match tokio::io::copy_bidirectional(&mut conn, &mut upstream).await {
         Ok((up, down)) => tracing::trace!(seq = flow.seq, up, down, "off-ramp connection done"),
-        Err(e) => tracing::trace!(seq = flow.seq, error = %e, "off-ramp connection ended with an error"),
+        Err(e) => {
+            tracing::trace!(seq = flow.seq, error = %e, "off-ramp connection ended with an error")
+        }
     }
 }
 
@@ -168,19 +187,30 @@ async fn udp_loop(ns: Arc<UdpSocket>, flows: Arc<Flows>, counters: Arc<OfframpCo
         };
         let SocketAddr::V4(slot) = peer else { continue };
         upstreams.retain(|_, (_, task)| !task.is_finished());
-        if !upstreams.contains_key(&slot) {
-            let Some(flow) = flows.wait(slot, false).await.filter(|f| f.protocol == PROTO_UDP) else {
+        if let std::collections::hash_map::Entry::Vacant(entry) = upstreams.entry(slot) {
+            let Some(flow) = flows
+                .wait(slot, false)
+                .await
+                .filter(|f| f.protocol == PROTO_UDP)
+            else {
                 counters.unknown_slot.add(1);
                 continue;
             };
-            let Ok(sock) = UdpSocket::bind(if flow.dst.ip().is_loopback() { "127.0.0.1:0" } else { "0.0.0.0:0" }).await else { continue };
+            let bind = if flow.dst.ip().is_loopback() {
+                "127.0.0.1:0"
+            } else {
+                "0.0.0.0:0"
+            };
+            let Ok(sock) = UdpSocket::bind(bind).await else {
+                continue;
+            };
             if sock.connect(flow.dst).await.is_err() {
                 continue;
             }
             counters.udp_flows.add(1);
             let sock = Arc::new(sock);
             let task = tokio::spawn(udp_replies(sock.clone(), ns.clone(), slot));
-            upstreams.insert(slot, (sock, task));
+            entry.insert((sock, task));
         }
         if let Some((sock, _)) = upstreams.get(&slot) {
             let _ = sock.send(&buf[..n]).await;

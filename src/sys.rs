@@ -253,45 +253,6 @@ pub fn set_recv_timeout(sock: &UdpSocket, t: Duration) -> io::Result<()> {
     sock.set_read_timeout(Some(t))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_round_trip_over_loopback() {
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        set_recv_timeout(&b, Duration::from_secs(5)).unwrap();
-        let to = b.local_addr().unwrap();
-        let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
-        let (sent, failed) = send_batch(&a, false, payloads.iter().map(|p| (to, p.as_slice())));
-        assert_eq!((sent, failed), (40, 0));
-        let mut batch = RecvBatch::new(2048);
-        let mut got = Vec::new();
-        while got.len() < 40 {
-            let n = recv_batch(&b, &mut batch).unwrap();
-            assert!(n > 0, "timed out after {} datagrams", got.len());
-            for (i, &(from, len, trunc)) in batch.meta.iter().enumerate() {
-                assert_eq!(from, a.local_addr().unwrap());
-                assert!(!trunc);
-                got.push(batch.bufs[i][..len].to_vec());
-            }
-        }
-        assert_eq!(got, payloads);
-    }
-
-    #[test]
-    fn oversized_datagram_is_flagged_truncated() {
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        set_recv_timeout(&b, Duration::from_secs(5)).unwrap();
-        a.send_to(&[7u8; 3000], b.local_addr().unwrap()).unwrap();
-        let mut batch = RecvBatch::new(1024);
-        assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1);
-        assert!(batch.meta[0].2);
-    }
-}
-
 /// Waits until `a` or (if given) `b` is readable, at most `timeout`. Returns (a readable, b readable).
 pub fn poll_readable(
     a: &impl AsRawFd,
@@ -337,4 +298,43 @@ pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trip_over_loopback() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_recv_timeout(&b, Duration::from_secs(5)).unwrap();
+        let to = b.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let (sent, failed) = send_batch(&a, false, payloads.iter().map(|p| (to, p.as_slice())));
+        assert_eq!((sent, failed), (40, 0));
+        let mut batch = RecvBatch::new(2048);
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            let n = recv_batch(&b, &mut batch).unwrap();
+            assert!(n > 0, "timed out after {} datagrams", got.len());
+            for (i, &(from, len, trunc)) in batch.meta.iter().enumerate() {
+                assert_eq!(from, a.local_addr().unwrap());
+                assert!(!trunc);
+                got.push(batch.bufs[i][..len].to_vec());
+            }
+        }
+        assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn oversized_datagram_is_flagged_truncated() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_recv_timeout(&b, Duration::from_secs(5)).unwrap();
+        a.send_to(&[7u8; 3000], b.local_addr().unwrap()).unwrap();
+        let mut batch = RecvBatch::new(1024);
+        assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1);
+        assert!(batch.meta[0].2);
+    }
 }

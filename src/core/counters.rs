@@ -171,6 +171,8 @@ pub struct GlobalCounters {
     pub datagrams_tx: Counter,
     pub cookie_replies: Counter,
     pub send_errors: Counter,
+    /// NAT slots held by upgraded flows (gauge, refreshed every timer tick; quarantined slots not included).
+    pub nat_slots: Counter,
     /// Packets for the gateway's namespace the upgrade TUN refused (queue full).
     pub tun_write_errors: Counter,
     /// Audit records lost (queue full under the drop policy, or store failures under fail-open).

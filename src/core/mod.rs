@@ -1185,6 +1185,10 @@ impl Gateway {
                 .flows
                 .set(self.flow_counts[t.num as usize] as u64);
         }
+        self.metrics
+            .global
+            .nat_slots
+            .set(self.upgrade_nat.len() as u64);
         let mut connected = vec![0u64; self.tenants.len()];
         for p in self.peers.iter_mut().flatten() {
             match p.tunn.update_timers(tx.slot()) {
