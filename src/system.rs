@@ -144,7 +144,8 @@ impl Slot {
 
 impl fmt::Display for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.letter())
+        // pad, not write!: the status table aligns slots with {:<5}.
+        f.pad(self.letter().encode_utf8(&mut [0; 4]))
     }
 }
 
@@ -1035,6 +1036,10 @@ mod tests {
         assert_eq!(st.slots[0].state, SlotState::Good);
         assert_eq!(st.slots[1].state, SlotState::Bad);
         let text = st.to_string();
+        assert!(
+            text.contains("\nb     -              bad (no tries left)"),
+            "{text}"
+        );
         assert!(text.contains("0.2.0 (b2)"), "{text}");
         assert!(text.contains("bad (no tries left)"), "{text}");
         let json = serde_json::to_value(&st).unwrap();

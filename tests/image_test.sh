@@ -329,14 +329,20 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
 
 test_gateway_serves_wireguard_and_health() {
     seeded_disk "$work/wg.img" || return 1
-    vm_start wireguard "$work/wg.img" raw
-    wait_for 'MARK root-mounted slot=a' "$BOOT_TIMEOUT" &&
+    # The shipped raw image rides along as a second disk (/dev/vdb): its partitions carry the same names, which
+    # must not confuse the boot, and it is a payload for `rampart system update` (GPT path, no reboot here).
+    vm_start wireguard "$work/wg.img" raw "$img_dir/rampart.img"
+    wait_for 'MARK root-mounted slot=a dev=vda2' "$BOOT_TIMEOUT" &&
+        wait_for 'MARK data-mounted dev=vda4' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         wg_check &&
         health_check &&
         wait_shell &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' &&
         expect_guest 'ls /boot/efi/loader/entries' '^gateway-a\.conf' &&
+        expect_guest 'rampart system update /dev/vdb' "slot b: Rampart $base_version .*/dev/vda3 .*gateway-b\\+3\\.conf" &&
+        expect_guest 'rampart system status' '^b +/dev/vda3 +trial \(3 left, 0 done\)' '^next boot: slot b' &&
+        expect_guest 'ls /boot/efi/b' 'initrd' 'vmlinuz' &&
         vm_powerdown || { vm_kill; return 1; }
 }
 
@@ -392,6 +398,8 @@ test_update_boots_slot_b_and_broken_slot_falls_back() {
 pass=0 fail=0
 run_test() {
     local name=$1 t0=$SECONDS
+    # IMAGE_TEST_ONLY=substring runs only the matching tests (debugging aid).
+    case "$name" in *"${IMAGE_TEST_ONLY:-}"*) ;; *) return 0 ;; esac
     log "--- $name"
     if "test_$name"; then
         pass=$((pass + 1))
