@@ -39,7 +39,7 @@ use crate::config::{Action, Config, Device, DeviceName, FlowSettings, TenantId, 
 use crate::keys::{PeerKey, PrivateKey};
 use crate::packet::{
     self, Hop, IpView, LocalReply, Transport, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    TCP_ACK, TCP_RST,
+    TCP_ACK, TCP_RST, TCP_SYN,
 };
 pub use counters::{DropReason, GlobalCounters, TrafficCounters};
 pub use flow_table::EndReason;
@@ -817,7 +817,19 @@ impl Gateway {
             view.dst,
             t.dport,
         );
-        let idx = match self.flows.lookup(&key) {
+        let mut existing = self.flows.lookup(&key);
+        if let Some(i) = existing {
+            // A fresh SYN on a connection that already ended (the client reused its port while the old flow
+            // lingers) opens a new flow: new decision, new NAT slot, new record.
+            let syn_only =
+                view.protocol == PROTO_TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if syn_only && self.flows.get(i).state == flow_table::FlowState::Ended {
+                let old = self.flows.remove(i);
+                self.forget_flow(&old, self.ms(now));
+                existing = None;
+            }
+        }
+        let idx = match existing {
             Some(i) => i,
             None => match self.start_flow(now, ti, src_slot, key, dir, &view, &t, pkt, tx) {
                 Some(i) => i,

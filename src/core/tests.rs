@@ -1059,3 +1059,20 @@ fn offramp_denied_and_unsupported_flows_never_enter_the_namespace() {
     );
     assert_eq!(net.tenant("globex").drops(DropReason::NoRoute), 1);
 }
+
+#[test]
+fn a_syn_reusing_the_ports_of_an_ended_connection_starts_a_new_flow() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 5201, 100, "S", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 900, "SA", b""));
+    net.send(0, &tcp(a, 40000, b, 5201, 101, "FA", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 901, "FA", b""));
+    let _ = events(&mut net);
+    net.send(0, &tcp(a, 40000, b, 5201, 5000, "S", b"")); // same ports, new connection
+    let evs = events(&mut net);
+    assert_eq!(starts(&evs).len(), 1, "a new flow record: {evs:?}");
+    assert_eq!(net.clients[1].inbox.len(), 3);
+}

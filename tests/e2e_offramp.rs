@@ -1,0 +1,364 @@
+//! End-to-end acceptance of issue 4's off-ramp: devices reach hosts on a tenant's `offramp` networks through
+//! the gateway's namespace (upgrade) and its proxy, with real wireguard-go clients, a real nginx upstream and
+//! the real `rampart run`.
+//!
+//! Run: `cargo test --test e2e_offramp -- --test-threads=1` (root).
+
+#[allow(unused_imports)]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::lab::Host;
+use support::process::{run, Proc};
+use support::{wait_ping, wait_until, Lab, TenantSpec};
+
+const GW_ADDR: &str = "100.96.0.1";
+const TUNNEL_UP: Duration = Duration::from_secs(30);
+const HTTPLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/httpload.py");
+/// The first underlay link of a lab is 198.18.1.0/24: the upstream host is added first, so it lives there.
+const UPSTREAM_NET: &str = "198.18.1.0/24";
+const UPSTREAM: &str = "198.18.1.2";
+
+/// Tenant "acme" off-ramps 198.18.1.0/24; policy allows HTTP and UDP/5353 there and ping to the gateway.
+fn acme() -> TenantSpec {
+    let mut t = TenantSpec::new("acme", "100.96.0.0/24", GW_ADDR);
+    t.rules = format!(
+        r#"offramp = ["{UPSTREAM_NET}"]
+[[tenant.rule]]
+id = "ping-gateway"
+action = "allow"
+dst = ["gateway"]
+proto = "icmp"
+[[tenant.rule]]
+id = "web"
+action = "allow"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["80"]
+[[tenant.rule]]
+id = "dns"
+action = "allow"
+dst = ["{UPSTREAM_NET}"]
+proto = "udp"
+ports = ["5353"]
+"#
+    );
+    t
+}
+
+/// A real nginx serving `files` (name, size) from a temp dir in the upstream namespace, on port 80.
+struct Nginx {
+    proc: Proc,
+}
+
+impl Nginx {
+    fn start(host: &Host, dir: &std::path::Path, files: &[(&str, u64)]) -> Nginx {
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        for (name, size) in files {
+            let r = run(
+                Command::new("sh").arg("-c").arg(format!(
+                    "head -c {size} /dev/urandom > {}",
+                    www.join(name).display()
+                )),
+                Duration::from_secs(60),
+            );
+            assert!(r.success(), "{r}");
+        }
+        let d = dir.display();
+        let conf = format!(
+            "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; \
+             uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5; keepalive_timeout 0; \
+             server {{ listen {UPSTREAM}:80 backlog=4096; root {d}/www; }} }}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut cmd = host.ns.exec("nginx");
+        cmd.arg("-c").arg(&conf_path);
+        let proc = Proc::spawn("nginx", cmd, dir);
+        let probe = format!("http://{UPSTREAM}/{}", files[0].0);
+        wait_until(
+            "nginx to serve",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let r = host.ns.run(
+                    "curl",
+                    &[
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "5",
+                        &probe,
+                    ],
+                    Duration::from_secs(10),
+                );
+                (r.stdout.trim() == "200").then_some(())
+            },
+        );
+        Nginx { proc }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.proc.stop(Duration::from_secs(10));
+    }
+}
+
+/// A lab with the upstream host (first link) and one enrolled device whose config routes the off-ramp.
+fn lab_with_upstream(files: &[(&str, u64)]) -> (Lab, Host, Nginx, support::wg_client::WgClient) {
+    let mut lab = Lab::new(&[acme()]);
+    let host = lab.add_host("up");
+    assert_eq!(
+        host.underlay.to_string(),
+        UPSTREAM,
+        "upstream host must be on the first link"
+    );
+    let nginx = Nginx::start(&host, &lab.dir().join("up"), files);
+    let dev = lab.add_client("acme", "laptop");
+    assert!(
+        dev.config.allowed_ips.iter().any(|n| n == UPSTREAM_NET),
+        "AllowedIPs lacks the off-ramp network:\n{}",
+        dev.config.text
+    );
+    wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "laptop -> gateway");
+    (lab, host, nginx, dev)
+}
+
+fn curl(ns: &support::netns::Netns, args: &[&str]) -> support::process::Ran {
+    ns.run("curl", args, Duration::from_secs(180))
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let r = run(Command::new("sha256sum").arg(path), Duration::from_secs(60));
+    r.stdout.split_whitespace().next().unwrap_or("").to_string()
+}
+
+fn httpload(
+    ns: &support::netns::Netns,
+    url: &str,
+    count: u32,
+    parallel: u32,
+    expect: u64,
+) -> serde_json::Value {
+    let r = ns.run(
+        "python3",
+        &[
+            HTTPLOAD,
+            url,
+            "--count",
+            &count.to_string(),
+            "--parallel",
+            &parallel.to_string(),
+            "--expect-bytes",
+            &expect.to_string(),
+        ],
+        Duration::from_secs(300),
+    );
+    serde_json::from_str(r.stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("httpload output ({e}): {r}"))
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The namespace helper: the gateway's child whose command line carries the helper marker.
+fn helper_pid(gateway: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+        (ppid == gateway && cmd.contains("netns-helper")).then_some(pid)
+    })
+}
+
+#[test]
+fn curl_downloads_100_mb_from_nginx_through_the_offramp_intact_and_the_flow_is_audited() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let (lab, _host, _nginx, dev) = lab_with_upstream(&[("big", SIZE), ("small", 1000)]);
+    let out = lab.dir().join("big.downloaded");
+    let r = curl(
+        &dev.ns,
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "170",
+            "-o",
+            &out.display().to_string(),
+            "-w",
+            "%{http_code} %{size_download}",
+            &format!("http://{UPSTREAM}/big"),
+        ],
+    );
+    assert!(
+        r.success(),
+        "download failed: {r}\ngateway log:\n{}",
+        support::process::tail(&lab.gateway.log(), 30)
+    );
+    assert_eq!(r.stdout.trim(), format!("200 {SIZE}"));
+    assert_eq!(
+        sha256(&out),
+        sha256(&lab.dir().join("up/www/big")),
+        "corrupted through the off-ramp"
+    );
+    let _ = std::fs::remove_file(&out);
+    // A denied port on the same host fails.
+    let denied = curl(
+        &dev.ns,
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{UPSTREAM}:8080/"),
+        ],
+    );
+    assert!(!denied.success());
+    let (flow, _) = wait_until(
+        "the download's flow record",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = lab
+                .gateway
+                .cli(&["audit", "flows"], &["--json"])
+                .expect_ok();
+            out.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .find(|f| f["dport"] == 80 && f["bytes_in"].as_u64().is_some_and(|b| b >= SIZE))
+        },
+    );
+    assert_eq!(
+        (
+            flow["rule"].as_str(),
+            flow["dst"].as_str(),
+            flow["action"].as_str()
+        ),
+        (Some("web"), Some(UPSTREAM), Some("allow")),
+        "{flow}"
+    );
+}
+
+#[test]
+fn five_hundred_concurrent_connections_through_the_offramp_all_complete() {
+    let (_lab, _host, _nginx, dev) = lab_with_upstream(&[("small", 2000)]);
+    let v = httpload(&dev.ns, &format!("http://{UPSTREAM}/small"), 500, 500, 2000);
+    assert_eq!(v["ok"], 500, "{v}");
+}
+
+#[test]
+fn udp_request_response_through_the_offramp() {
+    let (lab, host, _nginx, dev) = lab_with_upstream(&[("small", 10)]);
+    // A UDP echo service on the upstream host (answers each datagram with "echo:" + it).
+    let echo = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('198.18.1.2',5353))\nprint('LISTENING',flush=True)\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(b'echo:'+d,a)\n";
+    let mut cmd = host.ns.exec("python3");
+    cmd.args(["-c", echo]);
+    let mut server = Proc::spawn("udp-echo", cmd, lab.dir());
+    server.wait_stdout("LISTENING", Duration::from_secs(30));
+    let client = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\nok=0\nfor i in range(5):\n for _ in range(3):\n  s.sendto(b'q%d'%i,('198.18.1.2',5353))\n  try:\n   d,_=s.recvfrom(2048)\n   if d==b'echo:q%d'%i: ok+=1; break\n  except OSError: pass\nprint('OK',ok)\n";
+    let r = dev
+        .ns
+        .run("python3", &["-c", client], Duration::from_secs(120));
+    assert_eq!(r.stdout.trim(), "OK 5", "{r}");
+    server.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn killed_namespace_helper_is_restarted_and_new_flows_work() {
+    let (mut lab, _host, _nginx, dev) = lab_with_upstream(&[("small", 1000)]);
+    let url = format!("http://{UPSTREAM}/small");
+    assert!(curl(
+        &dev.ns,
+        &["-sS", "--fail", "--max-time", "20", "-o", "/dev/null", &url]
+    )
+    .success());
+    let gw = lab.gateway.pid();
+    let (old, _) = wait_until(
+        "the namespace helper process",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || helper_pid(gw),
+    );
+    let r = run(
+        Command::new("kill").args(["-9", &old.to_string()]),
+        Duration::from_secs(5),
+    );
+    assert!(r.success(), "{r}");
+    wait_until(
+        "a new namespace helper",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || helper_pid(gw).filter(|p| *p != old),
+    );
+    wait_until(
+        "new flows through the restarted namespace",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            curl(
+                &dev.ns,
+                &["-sS", "--fail", "--max-time", "5", "-o", "/dev/null", &url],
+            )
+            .success()
+            .then_some(())
+        },
+    );
+    lab.gateway.assert_alive();
+}
+
+#[test]
+fn ten_thousand_short_connections_leak_no_fds_or_nat_slots() {
+    let (lab, _host, _nginx, dev) = lab_with_upstream(&[("small", 100)]);
+    let url = format!("http://{UPSTREAM}/small");
+    // Warm up, then measure the gateway's and the helper's descriptors around the load.
+    assert_eq!(httpload(&dev.ns, &url, 20, 4, 100)["ok"], 20);
+    let gw = lab.gateway.pid();
+    let helper = helper_pid(gw).expect("helper running");
+    let settle = |what: &str| {
+        wait_until(
+            what,
+            Duration::from_secs(90),
+            Duration::from_millis(500),
+            || {
+                let m = lab.gateway.metrics();
+                (m.value("rampart_nat_slots", &[]) == 0.0
+                    && m.value("rampart_flows", &[("tenant", "acme")]) <= 2.0)
+                    .then_some(())
+            },
+        )
+    };
+    settle("flows and NAT slots of the warm-up to be released");
+    let (gw_fds, helper_fds) = (fd_count(gw), fd_count(helper));
+    let v = httpload(&dev.ns, &url, 10_000, 32, 100);
+    assert_eq!(v["ok"], 10_000, "{v}");
+    settle("flows and NAT slots of the 10,000 connections to be released");
+    let (gw_after, helper_after) = (fd_count(gw), fd_count(helper));
+    assert!(gw_after <= gw_fds + 4, "gateway fds {gw_fds} -> {gw_after}");
+    assert!(
+        helper_after <= helper_fds + 2,
+        "helper fds {helper_fds} -> {helper_after}"
+    );
+    assert_eq!(
+        helper_pid(gw),
+        Some(helper),
+        "the helper was restarted during the load"
+    );
+}
