@@ -435,7 +435,7 @@ impl fmt::Display for SystemStatus {
         }
         writeln!(
             f,
-            "{:<5} {:<14} {:<26} {:<22} {:>4}  ENTRY",
+            "{:<5} {:<14} {:<26} {:<30} {:>4}  ENTRY",
             "SLOT", "DEVICE", "STATE", "VERSION", "GEN"
         )?;
         for s in &self.slots {
@@ -462,7 +462,7 @@ impl fmt::Display for SystemStatus {
                 .unwrap_or_else(|| "-".into());
             writeln!(
                 f,
-                "{:<5} {:<14} {:<26} {:<22} {:>4}  {}",
+                "{:<5} {:<14} {:<26} {:<30} {:>4}  {}",
                 s.slot, device, state, version, generation, file
             )?;
         }
