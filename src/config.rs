@@ -825,14 +825,13 @@ fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
         "allow" => Some(Action::Allow),
         "deny" => Some(Action::Deny),
         "reject" => Some(Action::Reject),
-        "proxy" | "inspect_ssh" | "inspect_http" => {
-            // `proxy` between devices needs the downgrade path; allowed off-ramp flows are proxied already.
+        "proxy" => Some(Action::Proxy),
+        "inspect_ssh" | "inspect_http" => {
             c.push(
                 format!("{key}.action"),
                 format!(
-                    "{:?} is not available in this version (device-to-device streams need the downgrade path); \
-                     use \"allow\", \"deny\" or \"reject\" (allowed flows to a tenant's offramp networks are \
-                     proxied at layer 4 already)",
+                    "{:?} is not available in this version yet (SSH and HTTP inspection); use \"proxy\" to \
+                     carry the flow at layer 4, or \"allow\", \"deny\", \"reject\"",
                     r.action
                 ),
             );

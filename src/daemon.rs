@@ -131,7 +131,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let l4 = layer4.as_mut().map(|(ns, _, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
         let upgrades = std::mem::replace(rx, tokio::sync::mpsc::unbounded_channel().1);
-        (events, upgrades)
+        (events, upgrades, ns.connector())
     });
     let result = rt.block_on(serve(running.clone(), cfg.clone(), metrics, public, l4));
     // Stops the namespace helper (and its flows) before the data path.
@@ -145,19 +145,25 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     result
 }
 
-/// Whether any tenant off-ramps flows (which needs the namespace helper).
+/// Whether any tenant off-ramps flows or proxies between devices (which needs the namespace helper).
 fn needs_layer4(cfg: &Config) -> bool {
-    cfg.tenants.iter().any(|t| !t.offramp.is_empty())
+    cfg.tenants.iter().any(|t| {
+        !t.offramp.is_empty()
+            || t.rules
+                .iter()
+                .any(|r| r.action == crate::config::Action::Proxy)
+    })
 }
 
 type Layer4Channels = (
     tokio::sync::mpsc::UnboundedReceiver<crate::netns::supervisor::NsEvent>,
     tokio::sync::mpsc::UnboundedReceiver<Box<crate::core::Upgraded>>,
+    crate::netns::supervisor::NsConnector,
 );
 
 /// Follows the namespace helper's lifecycle: each new namespace gets its TUN handed to the data path and its
 /// listener/UDP socket served by the off-ramp proxy; a dead namespace ends its flows.
-async fn run_layer4(running: Arc<Running>, (mut events, upgrades): Layer4Channels) {
+async fn run_layer4(running: Arc<Running>, (mut events, upgrades, connector): Layer4Channels) {
     use crate::netns::supervisor::NsEvent;
     let flows = Arc::new(crate::offramp::Flows::default());
     let counters = Arc::new(crate::offramp::OfframpCounters::default());
@@ -174,16 +180,17 @@ async fn run_layer4(running: Arc<Running>, (mut events, upgrades): Layer4Channel
                     helper_pid = inst.helper_pid,
                     "gateway namespace ready"
                 );
-                running
-                    .onramp
-                    .send(Command::SetTun(Some(std::fs::File::from(
-                        inst.upgrade_tun.fd,
-                    ))));
+                let tuns = (
+                    std::fs::File::from(inst.upgrade_tun.fd),
+                    std::fs::File::from(inst.downgrade_tun.fd),
+                );
+                running.onramp.send(Command::SetTun(Some(tuns)));
                 match crate::offramp::serve(
                     inst.tcp_listener,
                     inst.udp_socket,
                     flows.clone(),
                     counters.clone(),
+                    connector.clone(),
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),

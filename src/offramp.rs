@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::core::counters::Counter;
 use crate::core::Upgraded;
+use crate::netns::supervisor::NsConnector;
 use crate::packet::PROTO_UDP;
 
 /// How long a connection to an upstream host may take.
@@ -102,18 +103,24 @@ pub fn serve(
     udp: std::net::UdpSocket,
     flows: Arc<Flows>,
     counters: Arc<OfframpCounters>,
+    connector: NsConnector,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     tcp.set_nonblocking(true)?;
     udp.set_nonblocking(true)?;
     let tcp = TcpListener::from_std(tcp)?;
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     Ok(vec![
-        tokio::spawn(accept_loop(tcp, flows.clone(), counters.clone())),
+        tokio::spawn(accept_loop(tcp, flows.clone(), counters.clone(), connector)),
         tokio::spawn(udp_loop(udp, flows, counters)),
     ])
 }
 
-async fn accept_loop(listener: TcpListener, flows: Arc<Flows>, counters: Arc<OfframpCounters>) {
+async fn accept_loop(
+    listener: TcpListener,
+    flows: Arc<Flows>,
+    counters: Arc<OfframpCounters>,
+    connector: NsConnector,
+) {
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -123,7 +130,7 @@ async fn accept_loop(listener: TcpListener, flows: Arc<Flows>, counters: Arc<Off
                 continue;
             }
         };
-        let (flows, counters) = (flows.clone(), counters.clone());
+        let (flows, counters, connector) = (flows.clone(), counters.clone(), connector.clone());
         tokio::spawn(async move {
             let SocketAddr::V4(slot) = peer else { return };
             let Some(flow) = flows.wait(slot, true).await else {
@@ -132,7 +139,7 @@ async fn accept_loop(listener: TcpListener, flows: Arc<Flows>, counters: Arc<Off
                 reset(conn);
                 return;
             };
-            proxy_tcp(conn, &flow, &counters).await;
+            proxy_tcp(conn, &flow, &counters, &connector).await;
         });
     }
 }
@@ -145,8 +152,32 @@ fn reset(conn: TcpStream) {
     drop(conn);
 }
 
-async fn proxy_tcp(mut conn: TcpStream, flow: &Upgraded, counters: &OfframpCounters) {
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(flow.dst)).await;
+/// Opens the other leg: an ordinary socket to the upstream host, or (for `proxy` between devices) a
+/// downgraded connection from inside the namespace whose packets reach the destination device as
+/// `src -> dst` of the original flow.
+async fn connect_leg(flow: &Upgraded, connector: &NsConnector) -> std::io::Result<TcpStream> {
+    let Some(nat_dst) = flow.downgrade else {
+        return TcpStream::connect(flow.dst).await;
+    };
+    let std = connector
+        .connect_async(SocketAddr::V4(nat_dst), None)
+        .await
+        .map_err(std::io::Error::other)?;
+    let s = TcpStream::from_std(std)?;
+    s.writable().await?;
+    match s.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(s),
+    }
+}
+
+async fn proxy_tcp(
+    mut conn: TcpStream,
+    flow: &Upgraded,
+    counters: &OfframpCounters,
+    connector: &NsConnector,
+) {
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(flow, connector)).await;
     let mut upstream = match upstream {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd as _;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -40,9 +41,9 @@ pub enum Command {
     Apply(Arc<Config>, Sender<ApplySummary>),
     Status(Sender<Vec<PeerStatus>>),
     RestoreEndpoints(Vec<(PeerKey, SocketAddr)>),
-    /// A new upgrade TUN (the namespace helper started or restarted); flows upgraded into an older namespace
-    /// end. `None` detaches the TUN.
-    SetTun(Option<File>),
+    /// New TUNs of the gateway's namespace (upgrade, downgrade), after the namespace helper (re)started; flows
+    /// upgraded into an older namespace end. `None` detaches them.
+    SetTun(Option<(File, File)>),
     Shutdown,
 }
 
@@ -110,7 +111,8 @@ fn pump(
     let mut rx = sys::RecvBatch::new(BUF_SIZE);
     let mut scratch = vec![0u8; BUF_SIZE];
     let mut tx = TxQueue::new();
-    let mut tun: Option<File> = None;
+    // The upgrade and downgrade TUNs of the gateway's namespace, when the layer-4 path is on.
+    let mut tuns: Option<(File, File)> = None;
     let mut next_tick = Instant::now();
     let mut events = Vec::new();
     let mut emit = |gw: &mut Gateway| {
@@ -134,31 +136,41 @@ fn pump(
             tx.clear();
         }
     };
-    let write_tun = |gw: &mut Gateway, tun: &mut Option<File>| {
-        let q = gw.tun_queue();
-        if let Some(f) = tun.as_mut() {
-            for (_, p) in q.iter() {
-                // A full TUN queue drops the packet; TCP in the namespace recovers.
-                if f.write(p).is_err() {
-                    metrics.global.tun_write_errors.add(1);
+    let write_tuns = |gw: &mut Gateway, tuns: &mut Option<(File, File)>| {
+        for downgrade in [false, true] {
+            let q = if downgrade {
+                gw.downgrade_queue()
+            } else {
+                gw.tun_queue()
+            };
+            if let Some((up, dn)) = tuns.as_mut() {
+                let f = if downgrade { dn } else { up };
+                for (_, p) in q.iter() {
+                    // A full TUN queue drops the packet; TCP in the namespace recovers.
+                    if f.write(p).is_err() {
+                        metrics.global.tun_write_errors.add(1);
+                    }
                 }
             }
+            q.clear();
         }
-        q.clear();
     };
     loop {
         let now = Instant::now();
         let wait = next_tick
             .saturating_duration_since(now)
             .max(std::time::Duration::from_millis(1));
-        let (udp_ready, tun_ready) = match sys::poll_readable(&socket, tun.as_ref(), wait) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "poll failed");
-                std::thread::sleep(TIMER_TICK);
-                (false, false)
-            }
-        };
+        let fds = [
+            socket.as_raw_fd(),
+            tuns.as_ref().map_or(-1, |(up, _)| up.as_raw_fd()),
+            tuns.as_ref().map_or(-1, |(_, dn)| dn.as_raw_fd()),
+        ];
+        let mut ready = [false; 3];
+        if let Err(e) = sys::poll_readable(&fds, wait, &mut ready) {
+            tracing::error!(error = %e, "poll failed");
+            std::thread::sleep(TIMER_TICK);
+        }
+        let [udp_ready, up_ready, dn_ready] = ready;
         if udp_ready {
             if let Err(e) = sys::recv_batch(&socket, &mut rx) {
                 tracing::error!(error = %e, "UDP receive failed");
@@ -182,23 +194,33 @@ fn pump(
                 flush(&mut tx);
             }
         }
-        if tun_ready {
-            if let Some(f) = tun.as_mut() {
-                for _ in 0..TUN_BATCH {
-                    match f.read(&mut scratch) {
-                        Ok(0) => break,
-                        Ok(n) => gw.handle_tun_packet(now, &mut scratch[..n], &mut tx),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            tracing::error!(error = %e, "upgrade TUN read failed; detaching it");
-                            tun = None;
-                            break;
-                        }
+        for (downgrade, is_ready) in [(false, up_ready), (true, dn_ready)] {
+            if !is_ready {
+                continue;
+            }
+            let Some((up, dn)) = tuns.as_mut() else { break };
+            let f = if downgrade { dn } else { up };
+            let mut failed = false;
+            for _ in 0..TUN_BATCH {
+                match f.read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(n) if downgrade => {
+                        gw.handle_downgrade_tun_packet(&mut scratch[..n], &mut tx)
                     }
-                    if tx.len() >= TX_FLUSH_AT {
-                        flush(&mut tx);
+                    Ok(n) => gw.handle_tun_packet(now, &mut scratch[..n], &mut tx),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "namespace TUN read failed; detaching the TUNs");
+                        failed = true;
+                        break;
                     }
                 }
+                if tx.len() >= TX_FLUSH_AT {
+                    flush(&mut tx);
+                }
+            }
+            if failed {
+                tuns = None;
             }
         }
         if now >= next_tick {
@@ -206,7 +228,7 @@ fn pump(
             next_tick = now + TIMER_TICK;
         }
         flush(&mut tx);
-        write_tun(&mut gw, &mut tun);
+        write_tuns(&mut gw, &mut tuns);
         emit(&mut gw);
         loop {
             match commands.try_recv() {
@@ -234,12 +256,14 @@ fn pump(
                     gw.end_upgraded_flows(Instant::now(), &mut tx);
                     flush(&mut tx);
                     emit(&mut gw);
-                    if let Some(f) = &new {
-                        if let Err(e) = sys::set_nonblocking(f) {
-                            tracing::error!(error = %e, "cannot make the upgrade TUN non-blocking");
+                    if let Some((up, dn)) = &new {
+                        for f in [up, dn] {
+                            if let Err(e) = sys::set_nonblocking(f) {
+                                tracing::error!(error = %e, "cannot make a namespace TUN non-blocking");
+                            }
                         }
                     }
-                    tun = new;
+                    tuns = new;
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     gw.shutdown(Instant::now());

@@ -253,37 +253,34 @@ pub fn set_recv_timeout(sock: &UdpSocket, t: Duration) -> io::Result<()> {
     sock.set_read_timeout(Some(t))
 }
 
-/// Waits until `a` or (if given) `b` is readable, at most `timeout`. Returns (a readable, b readable).
-pub fn poll_readable(
-    a: &impl AsRawFd,
-    b: Option<&impl AsRawFd>,
-    timeout: Duration,
-) -> io::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.map_or(-1, |b| b.as_raw_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+/// Waits until one of `fds` is readable (or has an error), at most `timeout`; marks each in `ready`. Negative
+/// descriptors are ignored.
+pub fn poll_readable(fds: &[libc::c_int], timeout: Duration, ready: &mut [bool]) -> io::Result<()> {
+    let mut pfds = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 4];
+    let n = fds.len().min(pfds.len());
+    for (p, &fd) in pfds.iter_mut().zip(fds) {
+        p.fd = fd;
+    }
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `fds` is a live array of two pollfd structs; a negative fd is ignored by poll(2).
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    // SAFETY: `pfds` is a live array of `n` pollfd structs; a negative fd is ignored by poll(2).
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, ms) };
+    ready.iter_mut().for_each(|r| *r = false);
     if r < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {
-            Ok((false, false))
+            Ok(())
         } else {
             Err(e)
         };
     }
-    let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
-    Ok((ready(&fds[0]), b.is_some() && ready(&fds[1])))
+    for (r, p) in ready.iter_mut().zip(&pfds[..n]) {
+        *r = p.fd >= 0 && p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+    }
+    Ok(())
 }
 
 /// Puts a file descriptor (a TUN queue) into non-blocking mode.

@@ -109,8 +109,9 @@ pub enum FlowTarget {
     /// The destination device's peer slot.
     Peer(u32),
     /// Upgraded: the initiator's packets go, NAT-ed from this slot, into the gateway's namespace where a
-    /// kernel socket terminates them; replies come back out of the namespace.
-    Upgrade(std::net::SocketAddrV4),
+    /// kernel socket terminates them; replies come back out of the namespace. With a peer slot, the stream is
+    /// spliced to a downgraded connection towards that device (`proxy` between devices).
+    Upgrade(std::net::SocketAddrV4, Option<u32>),
     /// An upstream network the flow was not carried to (denied or rejected by policy).
     Offramp,
 }

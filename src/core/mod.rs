@@ -44,7 +44,7 @@ use crate::packet::{
 pub use counters::{DropReason, GlobalCounters, TrafficCounters};
 pub use flow_table::EndReason;
 use flow_table::{Flow, FlowKey, FlowTable, FlowTarget, KeyDir, Transition, IN, OUT};
-use nat::{NatKey, SlotPool, UpgradeNat};
+use nat::{DowngradeNat, NatKey, SlotPool, UpgradeNat};
 use policy::{Policy, Subject, Target};
 pub use tx::TxQueue;
 
@@ -87,6 +87,8 @@ pub struct FlowStart {
 /// the upgrade TUN there) and every upgraded TCP/UDP flow lands on `UPGRADE_LISTENER`.
 pub const UPGRADE_NAT_RANGE: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
 pub const UPGRADE_LISTENER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(100, 66, 0, 1), 7000);
+/// Downgrade connections are made to addresses of `DOWNGRADE_NAT_RANGE`/16 (routed to the downgrade TUN).
+pub const DOWNGRADE_NAT_RANGE: Ipv4Addr = Ipv4Addr::new(100, 65, 0, 0);
 /// `TxQueue` entries bound for the TUN carry no address.
 const UNADDRESSED: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 /// MSS announced to devices for upgraded TCP (inner MTU 1420 minus 40 bytes of IPv4 + TCP headers).
@@ -107,6 +109,9 @@ pub struct Upgraded {
     pub device: DeviceName,
     pub user: UserName,
     pub rule: Arc<str>,
+    /// For `proxy` between devices: the address (inside the namespace) to connect to for a stream that comes
+    /// out as `src -> dst` towards the destination device. `None`: off-ramp to `dst` with a host socket.
+    pub downgrade: Option<SocketAddrV4>,
 }
 
 /// Flow lifecycle events, drained by the shell with `take_events`.
@@ -233,8 +238,11 @@ pub struct Gateway {
     /// Room to build packets the gateway originates (echo replies are built in place instead).
     build_buf: Box<[u8]>,
     upgrade_nat: UpgradeNat,
+    downgrade_nat: DowngradeNat,
     /// Packets for the upgrade TUN (the address of each entry is unused).
     tun_out: TxQueue,
+    /// Packets for the downgrade TUN.
+    dn_out: TxQueue,
 }
 
 /// Where a destination is, before policy decides how to carry the flow there.
@@ -252,7 +260,8 @@ impl Route {
         match (self, target) {
             (Route::Local, FlowTarget::Local) => true,
             (Route::Peer(a), FlowTarget::Peer(b)) => a == b,
-            (Route::Offramp, FlowTarget::Upgrade(_) | FlowTarget::Offramp) => true,
+            (Route::Offramp, FlowTarget::Upgrade(_, None) | FlowTarget::Offramp) => true,
+            (Route::Peer(a), FlowTarget::Upgrade(_, Some(b))) => a == b,
             _ => false,
         }
     }
@@ -316,8 +325,19 @@ impl Gateway {
                 UPGRADE_LISTENER,
                 SlotPool::new(UPGRADE_NAT_RANGE, 65_534, (1024, 65_535)),
             ),
+            downgrade_nat: DowngradeNat::new(SlotPool::new(
+                DOWNGRADE_NAT_RANGE,
+                65_534,
+                (1024, 65_535),
+            )),
             tun_out: TxQueue::new(),
+            dn_out: TxQueue::new(),
         }
+    }
+
+    /// Packets the core wants written to the downgrade TUN; drained like `tun_queue`.
+    pub fn downgrade_queue(&mut self) -> &mut TxQueue {
+        &mut self.dn_out
     }
 
     /// Packets the core wants written to the upgrade TUN; the shell writes and clears them after each batch.
@@ -550,9 +570,10 @@ impl Gateway {
     fn forget_flow(&mut self, f: &Flow, now_ms: u64) {
         let n = &mut self.flow_counts[f.key.tenant() as usize];
         *n = n.saturating_sub(1);
-        if let FlowTarget::Upgrade(_) = f.target {
-            if let Some(key) = nat_key(f) {
-                self.upgrade_nat.release(&key, now_ms);
+        if let (FlowTarget::Upgrade(_, peer), Some(key)) = (f.target, nat_key(f)) {
+            self.upgrade_nat.release(&key, now_ms);
+            if peer.is_some() {
+                self.downgrade_nat.release(&key, now_ms);
             }
         }
     }
@@ -561,7 +582,7 @@ impl Gateway {
     pub fn end_upgraded_flows(&mut self, now: Instant, tx: &mut TxQueue) {
         for idx in self.flows.indices() {
             let f = self.flows.get(idx);
-            if !matches!(f.target, FlowTarget::Upgrade(_))
+            if !matches!(f.target, FlowTarget::Upgrade(..))
                 || f.state == flow_table::FlowState::Ended
             {
                 continue;
@@ -839,6 +860,21 @@ impl Gateway {
         let now_ms = self.ms(now);
         let flow = self.flows.get_mut(idx);
         let side = flow.side(dir);
+        if let (IN, FlowTarget::Upgrade(_, Some(_))) = (side, flow.target) {
+            // The destination device answering the gateway's downgraded connection: back into the namespace.
+            // Not counted in the flow (its counters follow the initiator's leg).
+            let f = self.flows.get(idx);
+            let counters = self.tenants[ti].counters.clone();
+            match nat_key(f) {
+                Some(key) if self.downgrade_nat.to_kernel(pkt, &key).is_some() => {
+                    let buf = self.dn_out.slot();
+                    buf[..pkt.len()].copy_from_slice(pkt);
+                    self.dn_out.commit(UNADDRESSED, pkt.len());
+                }
+                _ => counters.count_drop(DropReason::NatStale),
+            }
+            return;
+        }
         let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
         let transition = flow.record(side, view.len, tcp, now_ms);
         let (action, target, initiator_slot, seq) =
@@ -878,7 +914,7 @@ impl Gateway {
                 LocalReply::NotHandled => return counters.count_drop(DropReason::NoLocalService),
             },
             (OUT, FlowTarget::Peer(dst)) => dst,
-            (OUT, FlowTarget::Upgrade(slot)) => {
+            (OUT, FlowTarget::Upgrade(slot, _)) => {
                 // Into the gateway's namespace: NAT to `slot -> listener`; the kernel there terminates it.
                 if self.upgrade_nat.inbound(pkt, slot).is_err() {
                     return counters.count_drop(DropReason::OfframpUnsupported);
@@ -890,7 +926,7 @@ impl Gateway {
                 return;
             }
             // Replies of upgraded flows come out of the namespace (`handle_tun_packet`), never from a device.
-            (_, FlowTarget::Upgrade(_) | FlowTarget::Offramp) => {
+            (_, FlowTarget::Upgrade(..) | FlowTarget::Offramp) => {
                 return counters.count_drop(DropReason::NoRoute)
             }
             (_, _) => initiator_slot,
@@ -956,16 +992,18 @@ impl Gateway {
         );
         let rule = tenant.policy.rule_id(&decision);
         let carried = matches!(decision.action, Action::Allow | Action::Proxy);
-        // Until the downgrade path exists, `proxy` towards a device is forwarded at layer 3 (config refuses
-        // `proxy` rules while `OFFRAMP_AVAILABLE` is false).
-        let upgrade = carried && route == Route::Offramp;
+        // Carried at layer 4: allowed flows to upstream networks, and `proxy` flows (also between devices, by
+        // splicing the upgraded stream to a downgraded one).
+        let upgrade = carried
+            && (route == Route::Offramp
+                || (decision.action == Action::Proxy && matches!(route, Route::Peer(_))));
         let (device, user) = (peer.device.name.clone(), peer.device.user.clone());
         let seq = self.next_flow_seq;
         let target = match route {
             Route::Local => FlowTarget::Local,
-            Route::Peer(s) => FlowTarget::Peer(s),
+            Route::Peer(s) if !upgrade => FlowTarget::Peer(s),
             Route::Offramp if !upgrade => FlowTarget::Offramp,
-            Route::Offramp => {
+            Route::Offramp | Route::Peer(_) => {
                 let (IpAddr::V4(s), IpAddr::V4(d)) = (view.src, view.dst) else {
                     counters.count_drop(DropReason::OfframpUnsupported);
                     return None;
@@ -985,6 +1023,21 @@ impl Gateway {
                     counters.count_drop(DropReason::NatExhausted);
                     return None;
                 };
+                let splice_peer = match route {
+                    Route::Peer(p) => Some(p),
+                    _ => None,
+                };
+                let downgrade = match splice_peer {
+                    Some(_) => match self.downgrade_nat.claim(nat_key, now_ms) {
+                        Ok(d) => Some(d),
+                        Err(_) => {
+                            self.upgrade_nat.release(&nat_key, now_ms);
+                            counters.count_drop(DropReason::NatExhausted);
+                            return None;
+                        }
+                    },
+                    None => None,
+                };
                 self.events.push(FlowEvent::Upgraded(Box::new(Upgraded {
                     seq,
                     slot,
@@ -995,8 +1048,9 @@ impl Gateway {
                     device: device.clone(),
                     user: user.clone(),
                     rule: rule.clone(),
+                    downgrade,
                 })));
-                FlowTarget::Upgrade(slot)
+                FlowTarget::Upgrade(slot, splice_peer)
             }
         };
         self.next_flow_seq += 1;
@@ -1170,6 +1224,34 @@ impl Gateway {
         };
         let counters = self.tenants[ti].counters.clone();
         self.send_to_peer(initiator, pkt, &counters, tx);
+    }
+
+    /// A packet the gateway's namespace sent out of the downgrade TUN (the proxy's connection towards a device):
+    /// un-NAT it to `src -> dst` of the spliced flow and encrypt it to the destination device.
+    pub fn handle_downgrade_tun_packet(&mut self, pkt: &mut [u8], tx: &mut TxQueue) {
+        let unattributed = &self.metrics.global.unattributed;
+        let Some(key) = self.downgrade_nat.from_kernel(pkt) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let (fkey, _) = FlowKey::new(
+            key.tenant,
+            key.protocol,
+            IpAddr::V4(*key.src.ip()),
+            key.src.port(),
+            IpAddr::V4(*key.dst.ip()),
+            key.dst.port(),
+        );
+        let Some(FlowTarget::Upgrade(_, Some(peer))) =
+            self.flows.lookup(&fkey).map(|i| self.flows.get(i).target)
+        else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let Some(ti) = self.tenants.iter().position(|t| t.num == key.tenant) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        nat::clamp_mss(pkt, UPGRADE_MSS);
+        let counters = self.tenants[ti].counters.clone();
+        self.send_to_peer(peer, pkt, &counters, tx);
     }
 
     /// Drives every peer's timers (handshake retries, keepalives, expiry) and resets the handshake gate.

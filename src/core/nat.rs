@@ -153,6 +153,75 @@ impl UpgradeNat {
     }
 }
 
+/// Downgrade translation table: the gateway's proxy connects (inside the namespace) to a reserved `nat_dst`
+/// for each spliced flow; the kernel's packets to `nat_dst` leave as `src -> dst` of the original flow
+/// (towards the destination device), and the device's answers are turned back into `nat_dst -> kernel`.
+#[derive(Debug)]
+pub struct DowngradeNat {
+    pool: SlotPool,
+    by_key: HashMap<NatKey, (SocketAddrV4, Option<SocketAddrV4>)>,
+    by_slot: HashMap<SocketAddrV4, NatKey>,
+}
+
+impl DowngradeNat {
+    pub fn new(pool: SlotPool) -> DowngradeNat {
+        DowngradeNat {
+            pool,
+            by_key: HashMap::new(),
+            by_slot: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Reserves the address the proxy connects to for `key`.
+    pub fn claim(&mut self, key: NatKey, now_ms: u64) -> Result<SocketAddrV4, NatError> {
+        if let Some(&(s, _)) = self.by_key.get(&key) {
+            return Ok(s);
+        }
+        let slot = self.pool.take(now_ms).ok_or(NatError::Exhausted)?;
+        self.by_key.insert(key, (slot, None));
+        self.by_slot.insert(slot, key);
+        Ok(slot)
+    }
+
+    pub fn release(&mut self, key: &NatKey, now_ms: u64) {
+        if let Some((slot, _)) = self.by_key.remove(key) {
+            self.by_slot.remove(&slot);
+            self.pool.give_back(slot, now_ms);
+        }
+    }
+
+    /// Namespace -> device: the kernel's `ksrc -> nat_dst` becomes `src -> dst` of the original flow (the kernel
+    /// source is remembered for the answers). Returns the flow, or `None` for an unknown `nat_dst`.
+    pub fn from_kernel(&mut self, pkt: &mut [u8]) -> Option<NatKey> {
+        let (ksrc, nat_dst) = ports_v4(pkt)?;
+        let key = *self.by_slot.get(&nat_dst)?;
+        let entry = self.by_key.get_mut(&key)?;
+        if entry.1.is_none() {
+            entry.1 = Some(ksrc);
+        }
+        if entry.1 != Some(ksrc) {
+            return None; // another socket than the one that opened the downgrade
+        }
+        rewrite_v4(pkt, key.src, key.dst).ok()?;
+        Some(key)
+    }
+
+    /// Device -> namespace: the destination device's `dst -> src` answer becomes `nat_dst -> kernel`. `None` if
+    /// the flow has no downgrade or the kernel has not sent yet.
+    pub fn to_kernel(&self, pkt: &mut [u8], key: &NatKey) -> Option<()> {
+        let (nat_dst, ksrc) = self.by_key.get(key)?;
+        rewrite_v4(pkt, *nat_dst, (*ksrc)?).ok()
+    }
+}
+
 /// Reads `(src, dst)` socket addresses of an IPv4 TCP/UDP packet.
 pub fn ports_v4(p: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
     if p.len() < 20 || p[0] >> 4 != 4 {
@@ -375,6 +444,38 @@ mod tests {
                 prop_assert_eq!(n.by_key.len(), n.by_slot.len());
             }
         }
+    }
+
+    #[test]
+    fn downgrade_round_trip_restores_both_directions() {
+        let mut d = DowngradeNat::new(SlotPool::new(
+            Ipv4Addr::new(100, 65, 0, 0),
+            65_534,
+            (1024, 65_535),
+        ));
+        let key = NatKey {
+            tenant: 1,
+            protocol: PROTO_TCP,
+            src: sa("100.96.0.2:40000"),
+            dst: sa("100.96.0.3:22"),
+        };
+        let nat_dst = d.claim(key, 0).unwrap();
+        let ksrc = sa("100.66.1.1:51000");
+        // The proxy's SYN, as the kernel sends it on the downgrade TUN.
+        let mut syn = tcp_packet(ksrc, nat_dst, b"", true);
+        assert_eq!(d.from_kernel(&mut syn), Some(key));
+        assert_eq!(ports_v4(&syn), Some((key.src, key.dst)));
+        assert!(checksums_valid(&syn));
+        // The device's answer goes back to the kernel socket.
+        let mut answer = tcp_packet(key.dst, key.src, b"hi", false);
+        assert_eq!(d.to_kernel(&mut answer, &key), Some(()));
+        assert_eq!(ports_v4(&answer), Some((nat_dst, ksrc)));
+        assert!(checksums_valid(&answer));
+        // Another kernel socket cannot hijack the mapping.
+        let mut other = tcp_packet(sa("100.66.1.1:51001"), nat_dst, b"", true);
+        assert_eq!(d.from_kernel(&mut other), None);
+        d.release(&key, 0);
+        assert_eq!(d.to_kernel(&mut answer, &key), None);
     }
 
     #[test]

@@ -1076,3 +1076,73 @@ fn a_syn_reusing_the_ports_of_an_ended_connection_starts_a_new_flow() {
     assert_eq!(starts(&evs).len(), 1, "a new flow record: {evs:?}");
     assert_eq!(net.clients[1].inbox.len(), 3);
 }
+
+#[test]
+fn proxy_between_devices_splices_an_upgraded_and_a_downgraded_leg() {
+    let mut net = two_tenants();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    let mut proxy = cfg.tenants[0].rules[2].clone();
+    proxy.id = "ssh-proxy".into();
+    proxy.action = Action::Proxy;
+    proxy.proto = crate::config::Proto::Tcp;
+    proxy.ports = vec![(22, 22)];
+    cfg.tenants[0].rules.insert(0, proxy);
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 22, 100, "S", b""));
+    assert!(
+        net.clients[1].inbox.is_empty(),
+        "B never sees A's own packets"
+    );
+    assert_eq!(take_tun(&mut net).len(), 1, "A's SYN is upgraded");
+    let evs = events(&mut net);
+    let up = evs
+        .iter()
+        .find_map(|e| {
+            if let FlowEvent::Upgraded(u) = e {
+                Some(u.clone())
+            } else {
+                None
+            }
+        })
+        .expect("upgraded");
+    let nat_dst = up
+        .downgrade
+        .expect("a downgrade address for the device leg");
+    assert_eq!(nat_dst.ip().octets()[..2], [100, 65]);
+    // The proxy connects inside the namespace; its SYN leaves the downgrade TUN and reaches B as A -> B.
+    let ksrc: SocketAddrV4 = "100.66.1.1:51000".parse().unwrap();
+    let mut syn = Vec::new();
+    PacketBuilder::ipv4(ksrc.ip().octets(), nat_dst.ip().octets(), 64)
+        .tcp(51000, nat_dst.port(), 7, 64000)
+        .syn()
+        .write(&mut syn, &[])
+        .unwrap();
+    net.gw.handle_downgrade_tun_packet(&mut syn, &mut net.tx);
+    net.settle();
+    let got = net.clients[1]
+        .inbox
+        .pop()
+        .expect("B gets the downgraded SYN");
+    let v = packet::parse_ip(&got).unwrap();
+    let tp = packet::parse_transport(&got, &v).unwrap();
+    assert_eq!(
+        (v.src, tp.sport, v.dst, tp.dport),
+        (a, 40000, b, 22),
+        "transparent: B sees A's address and port"
+    );
+    // B answers; the answer goes back into the namespace to the proxy's socket.
+    net.send(1, &tcp(b, 22, a, 40000, 900, "SA", b""));
+    let q = net.gw.downgrade_queue();
+    let back: Vec<Vec<u8>> = q.iter().map(|(_, p)| p.to_vec()).collect();
+    q.clear();
+    assert_eq!(back.len(), 1);
+    assert_eq!(nat::ports_v4(&back[0]), Some((nat_dst, ksrc)));
+    assert!(
+        net.clients[0].inbox.is_empty(),
+        "B's answer is not sent to A directly"
+    );
+}
