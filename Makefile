@@ -32,7 +32,7 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Unit, property and in-memory scenario tests (no root needed).
+## Unit, property and in-memory scenario tests (the namespace helper's tests need root).
 unit:
 	$(CARGO) test --lib --bins
 
@@ -44,4 +44,7 @@ e2e: deps
 	  $(CARGO) test --test $$name -- --test-threads=1 || exit 1; \
 	done
 
-test: deps lint unit e2e
+## The whole suite: lint, unit/property/scenario tests, end-to-end tests, and the appliance image boot test.
+test: deps lint unit e2e image-test
+
+include firmware-image/image.mk
