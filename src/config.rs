@@ -69,6 +69,14 @@ pub struct RawRule {
     pub dst: Option<Vec<String>>,
     pub proto: Option<String>,
     pub ports: Option<Vec<String>>,
+    /// `inspect_ssh` only: off | best_effort | required.
+    pub recording: Option<String>,
+    /// `inspect_ssh` only: none | publickey.
+    pub ssh_auth: Option<String>,
+    /// `inspect_ssh` only: record typed input lines (heuristic).
+    pub capture_input: Option<bool>,
+    /// `inspect_ssh` only: allow `direct-tcpip` (ssh -L).
+    pub allow_forwarding: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +98,9 @@ pub struct RawTenant {
     pub gateway_address: String,
     pub max_flows: Option<u64>,
     pub offramp: Option<Vec<String>>,
+    /// Base64 X25519 public key (as ssh-log-cli writes it): recordings and sensitive audit fields are
+    /// encrypted to it.
+    pub audit_recipient: Option<String>,
     #[serde(default)]
     pub rule: Vec<RawRule>,
     #[serde(default)]
@@ -221,6 +232,8 @@ pub struct Tenant {
     pub max_flows: Option<usize>,
     /// Upstream networks reached through the gateway host (allowed TCP/UDP flows are proxied with sockets).
     pub offramp: Vec<IpNet>,
+    /// Reviewer public key (base64 X25519) that recordings and sensitive audit fields are encrypted to.
+    pub audit_recipient: Option<String>,
     /// Ordered policy rules; the first match decides, no match denies.
     pub rules: Vec<Rule>,
     pub devices: Vec<Device>,
@@ -239,6 +252,56 @@ pub enum Action {
     /// Terminate at layer 4 and re-originate: the flow is upgraded to a kernel stream and spliced to its
     /// destination (upstream socket, or a stream downgraded towards the destination device).
     Proxy,
+    /// Like `Proxy`, with the SSH inspector in the middle (command logging, session recording).
+    InspectSsh,
+    /// Like `Proxy`, with the HTTP inspector in the middle (request log, HTTP rules).
+    InspectHttp,
+}
+
+impl Action {
+    /// Whether flows with this action are carried at layer 4 (upgraded), wherever they go.
+    pub fn is_layer4(self) -> bool {
+        matches!(
+            self,
+            Action::Proxy | Action::InspectSsh | Action::InspectHttp
+        )
+    }
+}
+
+/// Recording of inspected SSH sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recording {
+    Off,
+    /// Record when possible; a failing recorder does not stop the session.
+    BestEffort,
+    /// A session that cannot be recorded is refused or terminated (fail-closed).
+    Required,
+}
+
+/// How the gateway authenticates the SSH client (always on top of the WireGuard identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SshAuth {
+    None,
+    Publickey,
+}
+
+/// Settings of an `inspect_ssh` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshRuleSettings {
+    pub recording: Recording,
+    pub auth: SshAuth,
+    pub capture_input: bool,
+    pub allow_forwarding: bool,
+}
+
+/// What sits between the two legs of a layer-4 flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inspect {
+    None,
+    Ssh(SshRuleSettings),
+    Http,
 }
 
 impl Action {
@@ -248,6 +311,8 @@ impl Action {
             Action::Deny => "deny",
             Action::Reject => "reject",
             Action::Proxy => "proxy",
+            Action::InspectSsh => "inspect_ssh",
+            Action::InspectHttp => "inspect_http",
         }
     }
 }
@@ -284,6 +349,8 @@ pub struct Rule {
     pub proto: Proto,
     /// Destination port ranges (inclusive); empty = any port.
     pub ports: Vec<(u16, u16)>,
+    /// The inspector of `inspect_*` rules.
+    pub inspect: Inspect,
 }
 
 /// Flow tracking settings (`[flows]`).
@@ -640,6 +707,16 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
                  upgrade path); remove the key",
             );
         }
+        let audit_recipient = rt.audit_recipient.filter(|r| {
+            let ok = crate::audit::capture::RecipientKey::from_base64(r).is_ok();
+            if !ok {
+                c.push(
+                    format!("{key}.audit_recipient"),
+                    "is not a base64 X25519 public key; paste the public key `rampart audit keygen` printed",
+                );
+            }
+            ok
+        });
         let max_flows = rt.max_flows.map(|n| n as usize);
         if max_flows == Some(0) {
             c.push(
@@ -671,6 +748,7 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
             gateway_address: gw,
             max_flows,
             offramp,
+            audit_recipient,
             rules,
             devices: Vec::new(),
         };
@@ -826,12 +904,14 @@ fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
         "deny" => Some(Action::Deny),
         "reject" => Some(Action::Reject),
         "proxy" => Some(Action::Proxy),
+        "inspect_ssh" if crate::SSH_INSPECTION_AVAILABLE => Some(Action::InspectSsh),
+        "inspect_http" if crate::HTTP_INSPECTION_AVAILABLE => Some(Action::InspectHttp),
         "inspect_ssh" | "inspect_http" => {
             c.push(
                 format!("{key}.action"),
                 format!(
-                    "{:?} is not available in this version yet (SSH and HTTP inspection); use \"proxy\" to \
-                     carry the flow at layer 4, or \"allow\", \"deny\", \"reject\"",
+                    "{:?} is not available in this version yet; use \"proxy\" to carry the flow at layer 4, or \
+                     \"allow\", \"deny\", \"reject\"",
                     r.action
                 ),
             );
@@ -942,16 +1022,89 @@ fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
     if c.errors.len() != n {
         return None;
     }
+    let action = action?;
+    let inspect = validate_inspect(
+        action,
+        &r.recording,
+        &r.ssh_auth,
+        r.capture_input,
+        r.allow_forwarding,
+        key,
+        c,
+    )?;
     Some(Rule {
         id: r.id,
-        action: action?,
+        action,
         users,
         groups,
         devices,
         dst,
         proto,
         ports,
+        inspect,
     })
+}
+
+/// The `inspect_ssh` keys: only on `inspect_ssh` rules, with defaults (recording required, client auth none).
+fn validate_inspect(
+    action: Action,
+    recording: &Option<String>,
+    ssh_auth: &Option<String>,
+    capture_input: Option<bool>,
+    allow_forwarding: Option<bool>,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Option<Inspect> {
+    if action != Action::InspectSsh {
+        let given = [
+            ("recording", recording.is_some()),
+            ("ssh_auth", ssh_auth.is_some()),
+            ("capture_input", capture_input.is_some()),
+            ("allow_forwarding", allow_forwarding.is_some()),
+        ];
+        for (k, _) in given.iter().filter(|(_, g)| *g) {
+            c.push(
+                format!("{key}.{k}"),
+                "only applies to action = \"inspect_ssh\"; remove it or change the action",
+            );
+        }
+        return Some(if action == Action::InspectHttp {
+            Inspect::Http
+        } else {
+            Inspect::None
+        });
+    }
+    let recording = match recording.as_deref() {
+        None | Some("required") => Recording::Required,
+        Some("best_effort") => Recording::BestEffort,
+        Some("off") => Recording::Off,
+        Some(o) => {
+            c.push(
+                format!("{key}.recording"),
+                format!(
+                    "{o:?} is not a recording mode; use \"off\", \"best_effort\" or \"required\""
+                ),
+            );
+            return None;
+        }
+    };
+    let auth = match ssh_auth.as_deref() {
+        None | Some("none") => SshAuth::None,
+        Some("publickey") => SshAuth::Publickey,
+        Some(o) => {
+            c.push(
+                format!("{key}.ssh_auth"),
+                format!("{o:?} is not an SSH client authentication; use \"none\" or \"publickey\""),
+            );
+            return None;
+        }
+    };
+    Some(Inspect::Ssh(SshRuleSettings {
+        recording,
+        auth,
+        capture_input: capture_input.unwrap_or(false),
+        allow_forwarding: allow_forwarding.unwrap_or(false),
+    }))
 }
 
 fn empty(path: &Path) -> Config {
@@ -1186,6 +1339,33 @@ gateway_address = "100.96.0.1"
         );
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("every device needs its own key pair"), "{err}");
+    }
+
+    #[test]
+    fn ssh_keys_only_on_inspect_ssh_rules_and_recipient_checked() {
+        let text = GOOD.replace(
+            "[[tenant.device]]",
+            "audit_recipient = \"not-a-key\"\n[[tenant.rule]]\nid = \"r\"\naction = \"allow\"\nrecording = \"off\"\n[[tenant.device]]",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("rule[0].recording: only applies to action = \"inspect_ssh\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("audit_recipient: is not a base64 X25519 public key"),
+            "{err}"
+        );
+        if !crate::SSH_INSPECTION_AVAILABLE {
+            let text = GOOD.replace(
+                "[[tenant.device]]",
+                "[[tenant.rule]]\nid = \"s\"\naction = \"inspect_ssh\"\n[[tenant.device]]",
+            );
+            assert!(load(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("not available in this version yet"));
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(15);
 
 struct Running {
     config_path: PathBuf,
-    config: Mutex<Arc<Config>>,
+    config: Arc<Mutex<Arc<Config>>>,
     onramp: Onramp,
 }
 
@@ -125,7 +125,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .build()?;
     let running = Arc::new(Running {
         config_path: config_path.to_path_buf(),
-        config: Mutex::new(cfg.clone()),
+        config: Arc::new(Mutex::new(cfg.clone())),
         onramp,
     });
     let l4 = layer4.as_mut().map(|(ns, _, rx)| {
@@ -191,6 +191,7 @@ async fn run_layer4(running: Arc<Running>, (mut events, upgrades, connector): La
                     flows.clone(),
                     counters.clone(),
                     connector.clone(),
+                    crate::offramp::InspectEnv::new(running.config.clone()),
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),

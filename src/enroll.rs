@@ -105,6 +105,7 @@ mod tests {
             gateway_address: gw.parse().unwrap(),
             max_flows: None,
             offramp: Vec::new(),
+            audit_recipient: None,
             rules: Vec::new(),
             devices: Vec::new(),
         }

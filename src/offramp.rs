@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
+use crate::config::Inspect;
 use crate::core::counters::Counter;
 use crate::core::Upgraded;
 use crate::netns::supervisor::NsConnector;
@@ -104,13 +105,20 @@ pub fn serve(
     flows: Arc<Flows>,
     counters: Arc<OfframpCounters>,
     connector: NsConnector,
+    env: InspectEnv,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     tcp.set_nonblocking(true)?;
     udp.set_nonblocking(true)?;
     let tcp = TcpListener::from_std(tcp)?;
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     Ok(vec![
-        tokio::spawn(accept_loop(tcp, flows.clone(), counters.clone(), connector)),
+        tokio::spawn(accept_loop(
+            tcp,
+            flows.clone(),
+            counters.clone(),
+            connector,
+            env,
+        )),
         tokio::spawn(udp_loop(udp, flows, counters)),
     ])
 }
@@ -120,6 +128,7 @@ async fn accept_loop(
     flows: Arc<Flows>,
     counters: Arc<OfframpCounters>,
     connector: NsConnector,
+    env: InspectEnv,
 ) {
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -130,7 +139,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (flows, counters, connector) = (flows.clone(), counters.clone(), connector.clone());
+        let (flows, counters, connector, env) = (
+            flows.clone(),
+            counters.clone(),
+            connector.clone(),
+            env.clone(),
+        );
         tokio::spawn(async move {
             let SocketAddr::V4(slot) = peer else { return };
             let Some(flow) = flows.wait(slot, true).await else {
@@ -139,7 +153,7 @@ async fn accept_loop(
                 reset(conn);
                 return;
             };
-            proxy_tcp(conn, &flow, &counters, &connector).await;
+            proxy_tcp(conn, &flow, &counters, &connector, &env).await;
         });
     }
 }
@@ -172,13 +186,14 @@ async fn connect_leg(flow: &Upgraded, connector: &NsConnector) -> std::io::Resul
 }
 
 async fn proxy_tcp(
-    mut conn: TcpStream,
+    conn: TcpStream,
     flow: &Upgraded,
     counters: &OfframpCounters,
     connector: &NsConnector,
+    env: &InspectEnv,
 ) {
     let upstream = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(flow, connector)).await;
-    let mut upstream = match upstream {
+    let upstream = match upstream {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             counters.tcp_connect_failures.add(1);
@@ -194,11 +209,42 @@ async fn proxy_tcp(
     counters.tcp_connections.add(1);
     let _ = upstream.set_nodelay(true);
     let _ = conn.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut conn, &mut upstream).await {
-        Ok((up, down)) => tracing::trace!(seq = flow.seq, up, down, "off-ramp connection done"),
-        Err(e) => {
-            tracing::trace!(seq = flow.seq, error = %e, "off-ramp connection ended with an error")
+    let _ = env; // for the inspectors
+    match &flow.inspect {
+        Inspect::None => splice(conn, upstream, flow.seq).await,
+        // The inspectors plug in here (config refuses their actions until they are wired in).
+        Inspect::Ssh(_) | Inspect::Http => {
+            tracing::error!(
+                seq = flow.seq,
+                "no inspector for this flow in this build; closing it"
+            );
+            reset(conn);
         }
+    }
+}
+
+/// The plain layer-4 proxy: bytes both ways until both sides are done.
+async fn splice(mut conn: TcpStream, mut upstream: TcpStream, seq: u64) {
+    match tokio::io::copy_bidirectional(&mut conn, &mut upstream).await {
+        Ok((up, down)) => tracing::trace!(seq, up, down, "off-ramp connection done"),
+        Err(e) => tracing::trace!(seq, error = %e, "off-ramp connection ended with an error"),
+    }
+}
+
+/// What inspectors need from the running gateway.
+#[derive(Clone)]
+pub struct InspectEnv {
+    config: Arc<Mutex<Arc<crate::config::Config>>>,
+}
+
+impl InspectEnv {
+    pub fn new(config: Arc<Mutex<Arc<crate::config::Config>>>) -> InspectEnv {
+        InspectEnv { config }
+    }
+
+    /// The configuration currently in force (it changes on reload).
+    pub fn config(&self) -> Arc<crate::config::Config> {
+        self.config.lock().expect("config lock").clone()
     }
 }
 

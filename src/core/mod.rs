@@ -112,6 +112,8 @@ pub struct Upgraded {
     /// For `proxy` between devices: the address (inside the namespace) to connect to for a stream that comes
     /// out as `src -> dst` towards the destination device. `None`: off-ramp to `dst` with a host socket.
     pub downgrade: Option<SocketAddrV4>,
+    /// What sits between the two legs (the deciding rule's inspector).
+    pub inspect: crate::config::Inspect,
 }
 
 /// Flow lifecycle events, drained by the shell with `take_events`.
@@ -895,7 +897,7 @@ impl Gateway {
         }
         let counters = self.tenants[ti].counters.clone();
         match action {
-            Action::Allow | Action::Proxy => {}
+            Action::Allow | Action::Proxy | Action::InspectSsh | Action::InspectHttp => {}
             Action::Deny => return counters.count_drop(DropReason::PolicyDenied),
             Action::Reject => {
                 if side == OUT {
@@ -991,12 +993,12 @@ impl Gateway {
             },
         );
         let rule = tenant.policy.rule_id(&decision);
-        let carried = matches!(decision.action, Action::Allow | Action::Proxy);
-        // Carried at layer 4: allowed flows to upstream networks, and `proxy` flows (also between devices, by
-        // splicing the upgraded stream to a downgraded one).
+        let carried = decision.action == Action::Allow || decision.action.is_layer4();
+        // Carried at layer 4: allowed flows to upstream networks, and `proxy`/`inspect_*` flows (also between
+        // devices, by splicing the upgraded stream to a downgraded one).
         let upgrade = carried
             && (route == Route::Offramp
-                || (decision.action == Action::Proxy && matches!(route, Route::Peer(_))));
+                || (decision.action.is_layer4() && matches!(route, Route::Peer(_))));
         let (device, user) = (peer.device.name.clone(), peer.device.user.clone());
         let seq = self.next_flow_seq;
         let target = match route {
@@ -1049,6 +1051,7 @@ impl Gateway {
                     user: user.clone(),
                     rule: rule.clone(),
                     downgrade,
+                    inspect: tenant.policy.inspect(&decision),
                 })));
                 FlowTarget::Upgrade(slot, splice_peer)
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::config::{Action, DeviceName, DstMatch, Proto, Tenant, UserName};
+use crate::config::{Action, DeviceName, DstMatch, Inspect, Proto, Tenant, UserName};
 use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// Who opened a flow: the identity bound to the source device's WireGuard key.
@@ -52,6 +52,7 @@ struct CompiledRule {
     dst: Option<Vec<IpNet>>,
     proto: Proto,
     ports: Vec<(u16, u16)>,
+    inspect: Inspect,
 }
 
 /// A tenant's compiled rules.
@@ -91,6 +92,7 @@ impl Policy {
                 }),
                 proto: r.proto,
                 ports: r.ports.clone(),
+                inspect: r.inspect.clone(),
             })
             .collect();
         Policy {
@@ -109,6 +111,13 @@ impl Policy {
             }
         }
         Decision::DEFAULT_DENY
+    }
+
+    /// The inspector the deciding rule puts between the two legs of a layer-4 flow.
+    pub fn inspect(&self, d: &Decision) -> Inspect {
+        d.rule
+            .and_then(|i| self.rules.get(usize::from(i)))
+            .map_or(Inspect::None, |r| r.inspect.clone())
     }
 
     /// The id records name for a decision.
