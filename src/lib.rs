@@ -24,6 +24,7 @@ pub mod offramp;
 pub mod onramp;
 pub mod packet;
 pub mod registry;
+pub mod ssh;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod system;

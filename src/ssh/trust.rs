@@ -1,0 +1,486 @@
+//! SSH trust material per tenant, under `state_dir/ssh/<tenant>/`:
+//!
+//! | file | what |
+//! |---|---|
+//! | `user_ca`, `user_ca.pub` | signs the short-lived user certificates the gateway logs in to targets with (targets trust it with `TrustedUserCAKeys`) |
+//! | `host_ca`, `host_ca.pub` | signs the gateway's host certificate per destination (clients trust it with `@cert-authority`) |
+//! | `host_key` | the gateway's host key towards this tenant's clients |
+//! | `known_targets` | target host keys pinned on first use (`addr:port key`) |
+//! | `target_host_ca.pub` | optional, written by the admin: a host CA whose certificates vouch for targets |
+//!
+//! Private keys are OpenSSH files with mode 0600 and are never printed. Certificates are minted in sync
+//! functions because rand's `ThreadRng` is `!Send`.
+#![deny(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
+
+use crate::audit::ssh_records::CertInfo;
+
+/// How far back certificates are valid from (clock skew between gateway and target).
+const BACKDATE: Duration = Duration::from_secs(30);
+/// Validity of a user certificate towards a target (checked only at authentication).
+pub const USER_CERT_VALIDITY: Duration = Duration::from_secs(5 * 60);
+/// Validity of a gateway host certificate; re-minted when less than a day is left.
+const HOST_CERT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error(
+        "tenant {0:?} has no SSH certificate authority yet; run `rampart ca init --tenant {0}` on the gateway"
+    )]
+    NoCa(String),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Key(String),
+}
+
+fn key_err(e: impl std::fmt::Display) -> TrustError {
+    TrustError::Key(e.to_string())
+}
+
+/// A fresh Ed25519 key.
+pub fn new_ed25519(comment: &str) -> Result<PrivateKey, TrustError> {
+    let mut rng = rand::rng();
+    let mut k = PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(key_err)?;
+    k.set_comment(comment);
+    Ok(k)
+}
+
+/// Writes an OpenSSH private key with mode 0600 (atomically) and its `.pub` beside it.
+pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), TrustError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file_err = |e: std::io::Error| TrustError::File {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(file_err)?;
+    }
+    let text = key.to_openssh(LineEnding::LF).map_err(key_err)?;
+    let tmp = with_suffix(path, ".tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(file_err)?;
+    f.write_all(text.as_bytes()).map_err(file_err)?;
+    f.sync_all().map_err(file_err)?;
+    std::fs::rename(&tmp, path).map_err(file_err)?;
+    let public = key.public_key().to_openssh().map_err(key_err)?;
+    std::fs::write(with_suffix(path, ".pub"), format!("{public}\n")).map_err(file_err)?;
+    Ok(())
+}
+
+fn read_private_key(path: &Path) -> Result<PrivateKey, TrustError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrustError::File {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    PrivateKey::from_openssh(text).map_err(|e| TrustError::File {
+        path: path.to_path_buf(),
+        msg: format!("not an OpenSSH private key: {e}"),
+    })
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// `state_dir/ssh/<tenant>`.
+pub fn tenant_dir(state_dir: &Path, tenant: &str) -> PathBuf {
+    state_dir.join("ssh").join(tenant)
+}
+
+/// What `rampart ca init` created (public parts only).
+#[derive(Debug)]
+pub struct CaInit {
+    pub dir: PathBuf,
+    pub user_ca_pub: String,
+    pub host_ca_pub: String,
+    /// False when the CAs already existed (they are never replaced).
+    pub created: bool,
+}
+
+/// Creates the tenant's user CA, host CA and gateway host key unless they exist.
+pub fn ca_init(state_dir: &Path, tenant: &str) -> Result<CaInit, TrustError> {
+    let dir = tenant_dir(state_dir, tenant);
+    let user_ca = dir.join("user_ca");
+    let host_ca = dir.join("host_ca");
+    let host_key = dir.join("host_key");
+    let mut created = false;
+    for (path, comment) in [
+        (&user_ca, format!("rampart user CA ({tenant})")),
+        (&host_ca, format!("rampart host CA ({tenant})")),
+        (&host_key, format!("rampart gateway host key ({tenant})")),
+    ] {
+        if !path.exists() {
+            write_private_key(path, &new_ed25519(&comment)?)?;
+            created = true;
+        }
+    }
+    let user_ca_pub = read_private_key(&user_ca)?
+        .public_key()
+        .to_openssh()
+        .map_err(key_err)?;
+    let host_ca_pub = read_private_key(&host_ca)?
+        .public_key()
+        .to_openssh()
+        .map_err(key_err)?;
+    Ok(CaInit {
+        dir,
+        user_ca_pub,
+        host_ca_pub,
+        created,
+    })
+}
+
+/// How a target's host key was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyTrust {
+    /// Matches the key pinned earlier.
+    Pinned,
+    /// First contact: pinned now.
+    Tofu,
+    /// A certificate from the tenant's trusted target host CA.
+    Ca,
+}
+
+impl HostKeyTrust {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostKeyTrust::Pinned => "pinned",
+            HostKeyTrust::Tofu => "tofu",
+            HostKeyTrust::Ca => "ca",
+        }
+    }
+}
+
+/// Outcome of checking a target's host key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyVerdict {
+    Accept {
+        trust: HostKeyTrust,
+        fingerprint: String,
+    },
+    /// The key differs from the pinned one: possible interception. Refuse.
+    Changed { fingerprint: String, pinned: String },
+    /// A certificate that the trusted CA did not sign, or not for this target.
+    BadCertificate(String),
+}
+
+/// One tenant's loaded trust material.
+pub struct TenantTrust {
+    dir: PathBuf,
+    tenant: String,
+    user_ca: PrivateKey,
+    host_ca: PrivateKey,
+    host_key: PrivateKey,
+    target_host_ca: Option<PublicKey>,
+    host_certs: Mutex<HashMap<String, Certificate>>,
+    pins: Mutex<()>,
+}
+
+impl std::fmt::Debug for TenantTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantTrust")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantTrust {
+    pub fn load(state_dir: &Path, tenant: &str) -> Result<TenantTrust, TrustError> {
+        let dir = tenant_dir(state_dir, tenant);
+        if !dir.join("user_ca").exists() {
+            return Err(TrustError::NoCa(tenant.to_owned()));
+        }
+        let target_ca_path = dir.join("target_host_ca.pub");
+        let target_host_ca = match std::fs::read_to_string(&target_ca_path) {
+            Ok(text) => {
+                Some(
+                    PublicKey::from_openssh(text.trim()).map_err(|e| TrustError::File {
+                        path: target_ca_path.clone(),
+                        msg: format!("not an OpenSSH public key: {e}"),
+                    })?,
+                )
+            }
+            Err(_) => None,
+        };
+        Ok(TenantTrust {
+            user_ca: read_private_key(&dir.join("user_ca"))?,
+            host_ca: read_private_key(&dir.join("host_ca"))?,
+            host_key: read_private_key(&dir.join("host_key"))?,
+            target_host_ca,
+            host_certs: Mutex::new(HashMap::new()),
+            pins: Mutex::new(()),
+            tenant: tenant.to_owned(),
+            dir,
+        })
+    }
+
+    pub fn host_key(&self) -> &PrivateKey {
+        &self.host_key
+    }
+
+    /// The gateway's host certificate for clients that connect to `principal` (the destination address),
+    /// minted on first use and cached.
+    pub fn host_cert(&self, principal: &str) -> Result<Certificate, TrustError> {
+        let now = unix_now();
+        let mut certs = self.host_certs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = certs.get(principal) {
+            if c.valid_before() > now + 24 * 3600 {
+                return Ok(c.clone());
+            }
+        }
+        let mut rng = rand::rng();
+        let valid_after = now.saturating_sub(BACKDATE.as_secs());
+        let valid_before = now + HOST_CERT_VALIDITY.as_secs();
+        let mut b = Builder::new_with_random_nonce(
+            &mut rng,
+            self.host_key.public_key(),
+            valid_after,
+            valid_before,
+        )
+        .map_err(key_err)?;
+        b.serial(rand::random::<u64>())
+            .and_then(|b| b.key_id(format!("rampart gateway {} {principal}", self.tenant)))
+            .and_then(|b| b.cert_type(CertType::Host))
+            .and_then(|b| b.valid_principal(principal))
+            .map_err(key_err)?;
+        let cert = b.sign(&self.host_ca).map_err(key_err)?;
+        certs.insert(principal.to_owned(), cert.clone());
+        Ok(cert)
+    }
+
+    /// A user certificate for an ephemeral key: principal `login`, a few minutes of validity, `key_id` naming
+    /// the session, user and device (sshd logs it verbatim).
+    pub fn mint_user_cert(
+        &self,
+        login: &str,
+        key_id: &str,
+        allow_forwarding: bool,
+    ) -> Result<(PrivateKey, Certificate, CertInfo), TrustError> {
+        let eph = new_ed25519("rampart ephemeral")?;
+        let now = unix_now();
+        let mut rng = rand::rng();
+        let serial = rand::random::<u64>();
+        let valid_after = now.saturating_sub(BACKDATE.as_secs());
+        let valid_before = now + USER_CERT_VALIDITY.as_secs();
+        let mut b =
+            Builder::new_with_random_nonce(&mut rng, eph.public_key(), valid_after, valid_before)
+                .map_err(key_err)?;
+        b.serial(serial)
+            .and_then(|b| b.key_id(key_id))
+            .and_then(|b| b.cert_type(CertType::User))
+            .and_then(|b| b.valid_principal(login))
+            .and_then(|b| b.extension("permit-pty", ""))
+            .map_err(key_err)?;
+        if allow_forwarding {
+            b.extension("permit-port-forwarding", "").map_err(key_err)?;
+        }
+        let cert = b.sign(&self.user_ca).map_err(key_err)?;
+        let info = CertInfo {
+            serial,
+            key_id: key_id.to_owned(),
+            principals: vec![login.to_owned()],
+            valid_after,
+            valid_before,
+            ca_fp: self
+                .user_ca
+                .public_key()
+                .fingerprint(HashAlg::Sha256)
+                .to_string(),
+        };
+        Ok((eph, cert, info))
+    }
+
+    /// Checks a target's host key: a certificate from the trusted target CA naming the target's address, or
+    /// the key pinned for `target` (pinning it now on first use).
+    pub fn check_target_key(
+        &self,
+        target: SocketAddrV4,
+        key: &PublicKey,
+        cert: Option<&Certificate>,
+    ) -> Result<HostKeyVerdict, TrustError> {
+        if let (Some(cert), Some(ca)) = (cert, &self.target_host_ca) {
+            let ca_fp = ca.fingerprint(HashAlg::Sha256);
+            let ip = target.ip().to_string();
+            let ok = cert.cert_type() == CertType::Host
+                && cert.validate([&ca_fp]).is_ok()
+                && (cert.valid_principals().is_empty() || cert.valid_principals().contains(&ip));
+            return Ok(if ok {
+                HostKeyVerdict::Accept {
+                    trust: HostKeyTrust::Ca,
+                    fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+                }
+            } else {
+                HostKeyVerdict::BadCertificate(format!(
+                    "target {target} presented a host certificate not signed by the tenant's target host CA \
+                     for {ip}"
+                ))
+            });
+        }
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        let openssh = PublicKey::new(key.key_data().clone(), "")
+            .to_openssh()
+            .map_err(key_err)?;
+        let _guard = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.dir.join("known_targets");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let name = target.to_string();
+        for line in text.lines() {
+            let Some((host, k)) = line.split_once(' ') else {
+                continue;
+            };
+            if host != name {
+                continue;
+            }
+            let pinned = PublicKey::from_openssh(k.trim()).map_err(|e| TrustError::File {
+                path: path.clone(),
+                msg: format!("bad pinned key for {host}: {e}"),
+            })?;
+            return Ok(if pinned.key_data() == key.key_data() {
+                HostKeyVerdict::Accept {
+                    trust: HostKeyTrust::Pinned,
+                    fingerprint,
+                }
+            } else {
+                HostKeyVerdict::Changed {
+                    fingerprint,
+                    pinned: pinned.fingerprint(HashAlg::Sha256).to_string(),
+                }
+            });
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrustError::File {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        writeln!(f, "{name} {openssh}")
+            .and_then(|_| f.sync_all())
+            .map_err(|e| TrustError::File {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        Ok(HostKeyVerdict::Accept {
+            trust: HostKeyTrust::Tofu,
+            fingerprint,
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rampart-trust-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn ca_init_is_idempotent_and_keys_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let state = tempdir();
+        let first = ca_init(&state, "acme").unwrap();
+        assert!(first.created);
+        let again = ca_init(&state, "acme").unwrap();
+        assert!(!again.created);
+        assert_eq!(first.user_ca_pub, again.user_ca_pub);
+        let mode = std::fs::metadata(first.dir.join("user_ca"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!first.user_ca_pub.contains("PRIVATE"));
+    }
+
+    #[test]
+    fn user_cert_names_the_login_and_validates_against_the_ca() {
+        let state = tempdir();
+        ca_init(&state, "acme").unwrap();
+        let t = TenantTrust::load(&state, "acme").unwrap();
+        let (eph, cert, info) = t
+            .mint_user_cert("alice", "sid alice laptop", false)
+            .unwrap();
+        assert_eq!(cert.valid_principals(), ["alice".to_string()]);
+        assert_eq!(cert.key_id(), "sid alice laptop");
+        assert_eq!(cert.public_key(), eph.public_key().key_data());
+        assert_eq!(cert.serial(), info.serial);
+        let ca_fp = t.user_ca.public_key().fingerprint(HashAlg::Sha256);
+        cert.validate([&ca_fp]).unwrap();
+        assert!(cert.extensions().contains_key("permit-pty"));
+        assert!(!cert.extensions().contains_key("permit-port-forwarding"));
+        assert!(info.valid_before - info.valid_after <= 6 * 60);
+    }
+
+    #[test]
+    fn target_keys_are_pinned_on_first_use_and_changes_refused() {
+        let state = tempdir();
+        ca_init(&state, "acme").unwrap();
+        let t = TenantTrust::load(&state, "acme").unwrap();
+        let target: SocketAddrV4 = "10.0.0.5:22".parse().unwrap();
+        let k1 = new_ed25519("a").unwrap().public_key().clone();
+        let k2 = new_ed25519("b").unwrap().public_key().clone();
+        let v = t.check_target_key(target, &k1, None).unwrap();
+        assert!(matches!(
+            v,
+            HostKeyVerdict::Accept {
+                trust: HostKeyTrust::Tofu,
+                ..
+            }
+        ));
+        let v = t.check_target_key(target, &k1, None).unwrap();
+        assert!(matches!(
+            v,
+            HostKeyVerdict::Accept {
+                trust: HostKeyTrust::Pinned,
+                ..
+            }
+        ));
+        let v = t.check_target_key(target, &k2, None).unwrap();
+        assert!(matches!(v, HostKeyVerdict::Changed { .. }));
+        // Another target is independent.
+        let other: SocketAddrV4 = "10.0.0.6:22".parse().unwrap();
+        assert!(matches!(
+            t.check_target_key(other, &k2, None).unwrap(),
+            HostKeyVerdict::Accept {
+                trust: HostKeyTrust::Tofu,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn missing_ca_says_how_to_create_it() {
+        let e = TenantTrust::load(&tempdir(), "acme").unwrap_err();
+        assert!(
+            e.to_string().contains("rampart ca init --tenant acme"),
+            "{e}"
+        );
+    }
+}
