@@ -67,10 +67,31 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Certificate authorities of a tenant (kept in state_dir).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Appliance slots and updates.
     System {
         #[command(subcommand)]
         command: crate::system::SystemCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a tenant's CA (an existing one is kept). With --tls: the TLS inspection CA that signs the
+    /// certificates shown to devices of a tenant with `tls_decrypt = true`; its certificate
+    /// (state_dir/tls/TENANT/ca.pem) must be installed as trusted on those devices.
+    Init {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// The TLS inspection CA.
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -94,6 +115,32 @@ pub enum AuditCommand {
         #[arg(long)]
         since: Option<String>,
         /// At most this many flows (newest first).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// HTTP requests seen by the HTTP inspector (`inspect_http` flows): who, method, host, path, status, bytes,
+    /// duration, the deciding HTTP rule and decision; TLS connections that were not decrypted appear with
+    /// method "-".
+    Http {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Exact host name (as requested, without port).
+        #[arg(long)]
+        host: Option<String>,
+        /// Only requests of this flow (the `id` of `rampart audit flows`).
+        #[arg(long)]
+        flow: Option<i64>,
+        /// Only requests since: a duration back from now (15m, 2h, 7d) or a UTC time (2026-11-26T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many requests (newest first).
         #[arg(long, default_value_t = 1000)]
         limit: usize,
         /// One JSON object per line instead of a table.
@@ -244,6 +291,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
             AuditCommand::Keygen { out } => audit_keygen(&out),
+            AuditCommand::Http {
+                config,
+                tenant,
+                user,
+                host,
+                flow,
+                since,
+                limit,
+                json,
+            } => audit_http(&config, tenant, user, host, flow, since, limit, json),
+        },
+        Command::Ca { command } => match command {
+            CaCommand::Init {
+                config,
+                tenant,
+                tls,
+            } => ca_init(&config, &tenant, tls),
         },
         Command::System { command } => crate::system::run(command),
     }
@@ -668,5 +732,109 @@ fn audit_keygen(out: &Path) -> anyhow::Result<()> {
         pub_path.display()
     );
     println!("audit_recipient = \"{public}\"");
+    Ok(())
+}
+
+fn ca_init(config: &Path, tenant: &str, tls: bool) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    let t = tenant_or_bail(&cfg, tenant)?;
+    if !tls {
+        bail!("say which CA: --tls creates the tenant's TLS inspection CA");
+    }
+    let r = crate::http::tls::ca_init(&cfg.gateway.state_dir, t.id.as_str())?;
+    if r.created {
+        eprintln!("created the TLS inspection CA of tenant {}", t.id);
+    } else {
+        eprintln!(
+            "the TLS inspection CA of tenant {} exists; keeping it",
+            t.id
+        );
+    }
+    if !t.http.tls_decrypt {
+        eprintln!(
+            "note: tenant {} does not decrypt yet; set `tls_decrypt = true` on its [[tenant]] and reload",
+            t.id
+        );
+    }
+    eprintln!("install this certificate as trusted on the tenant's devices:");
+    println!("{}", r.cert_path.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit_http(
+    config: &Path,
+    tenant: Option<String>,
+    user: Option<String>,
+    host: Option<String>,
+    flow_id: Option<i64>,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::audit::http_records::{query, HttpFilter};
+    use crate::audit::time::{format_ms, parse_since};
+    let cfg = load(config)?;
+    let path = &cfg.audit.path;
+    if !path.exists() {
+        bail!(
+            "no audit store at {} yet (it is created when the gateway first runs)",
+            path.display()
+        );
+    }
+    let now_ms = unix_now() as i64 * 1000;
+    let since_ms = since
+        .map(|s| parse_since(&s, now_ms))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let rows = query(
+        path,
+        &HttpFilter {
+            tenant,
+            user,
+            host,
+            flow_id,
+            since_ms,
+            limit,
+        },
+    )
+    .with_context(|| format!("cannot read HTTP records from {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
+        "TIME", "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS", "DECISION",
+        "RULE", "REF"
+    )?;
+    for r in &rows {
+        let rec = &r.record;
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
+            format_ms(rec.at_ms),
+            rec.tenant,
+            rec.user,
+            rec.device,
+            rec.method,
+            rec.host,
+            rec.path,
+            rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            rec.req_bytes,
+            rec.resp_bytes,
+            rec.duration_ms,
+            rec.decision,
+            rec.rule.as_deref().unwrap_or("-"),
+            if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
+            r.flow_id
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
+        )?;
+    }
     Ok(())
 }

@@ -105,6 +105,28 @@ pub struct RawTenant {
     pub rule: Vec<RawRule>,
     #[serde(default)]
     pub device: Vec<RawDevice>,
+    /// HTTP rules for `inspect_http` flows (`[[tenant.http_rule]]`), evaluated per request.
+    #[serde(default)]
+    pub http_rule: Vec<RawHttpRule>,
+    /// Decrypt TLS on `inspect_http` flows with the tenant TLS CA (`rampart ca init --tenant T --tls`).
+    pub tls_decrypt: Option<bool>,
+    /// Hosts (exact or `*.suffix`) and CIDRs whose TLS is never decrypted (pinned apps, banks).
+    pub do_not_inspect: Option<Vec<String>>,
+    /// PEM file of extra CA certificates trusted for origins (besides the built-in web roots).
+    pub tls_upstream_ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRule {
+    pub id: String,
+    pub action: String,
+    pub hosts: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    pub devices: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -237,6 +259,102 @@ pub struct Tenant {
     /// Ordered policy rules; the first match decides, no match denies.
     pub rules: Vec<Rule>,
     pub devices: Vec<Device>,
+    /// HTTP rules and TLS settings for `inspect_http` flows.
+    pub http: TenantHttp,
+}
+
+/// What an HTTP rule does with the requests it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpAction {
+    Allow,
+    /// Answer with the block page (403) naming the rule; the request never reaches the origin.
+    Block,
+    /// Allow, and mark the request's record with this rule.
+    Log,
+}
+
+impl HttpAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpAction::Allow => "allow",
+            HttpAction::Block => "block",
+            HttpAction::Log => "log",
+        }
+    }
+}
+
+/// A host name pattern: `example.com` (exactly) or `*.example.com` (any name below it, not the name itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored with its leading dot (`.example.com`).
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<HostPattern, String> {
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let (suffix, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        match (ok, suffix) {
+            (true, true) => Ok(HostPattern::Suffix(format!(".{name}"))),
+            (true, false) => Ok(HostPattern::Exact(name.to_string())),
+            (false, _) => Err(format!(
+                "{s:?} is not a host name pattern; write \"example.com\" or \"*.example.com\""
+            )),
+        }
+    }
+
+    /// `host` must already be lower case, without port or trailing dot.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// A `[[tenant.http_rule]]`, as validated. Every given list must match; an empty list matches anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRule {
+    pub id: String,
+    pub action: HttpAction,
+    pub hosts: Vec<HostPattern>,
+    /// Path prefixes (each starts with `/`).
+    pub paths: Vec<String>,
+    /// Upper-case method names.
+    pub methods: Vec<String>,
+    pub users: Vec<UserName>,
+    pub groups: Vec<String>,
+    pub devices: Vec<DeviceName>,
+}
+
+/// An entry of `do_not_inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoInspect {
+    Host(HostPattern),
+    Net(IpNet),
+}
+
+/// A tenant's HTTP inspection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantHttp {
+    /// Ordered; the first match decides, no match allows (the flow rule already allowed the flow).
+    pub rules: Vec<HttpRule>,
+    pub tls_decrypt: bool,
+    pub do_not_inspect: Vec<NoInspect>,
+    /// Extra CA certificates (PEM) trusted for origins.
+    pub tls_upstream_ca: Option<PathBuf>,
 }
 
 /// What a rule does with the flows it matches.
@@ -741,6 +859,15 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
                 rules.push(r);
             }
         }
+        let http = validate_tenant_http(
+            rt.http_rule,
+            rt.tls_decrypt,
+            rt.do_not_inspect,
+            rt.tls_upstream_ca,
+            base,
+            &key,
+            c,
+        );
         let mut tenant = Tenant {
             name: rt.name.unwrap_or_else(|| id.to_string()),
             id,
@@ -751,6 +878,7 @@ fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> 
             audit_recipient,
             rules,
             devices: Vec::new(),
+            http,
         };
         for (j, rd) in rt.device.into_iter().enumerate() {
             let dkey = format!("{key}.device[{j}]");
@@ -1107,6 +1235,163 @@ fn validate_inspect(
     }))
 }
 
+/// The HTTP keys of a `[[tenant]]`: `http_rule`, `tls_decrypt`, `do_not_inspect`, `tls_upstream_ca`.
+fn validate_tenant_http(
+    raw_rules: Vec<RawHttpRule>,
+    tls_decrypt: Option<bool>,
+    do_not_inspect: Option<Vec<String>>,
+    tls_upstream_ca: Option<String>,
+    base: &Path,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> TenantHttp {
+    let mut ids = HashSet::new();
+    let mut rules = Vec::new();
+    for (j, r) in raw_rules.into_iter().enumerate() {
+        let rkey = format!("{key}.http_rule[{j}]");
+        let n = c.errors.len();
+        if !valid_ident(&r.id, 64) {
+            c.push(
+                format!("{rkey}.id"),
+                format!(
+                    "{:?} is not a valid rule id: use 1-64 letters, digits, '-', '_' or '.'",
+                    r.id
+                ),
+            );
+        } else if !ids.insert(r.id.clone()) {
+            c.push(
+                format!("{rkey}.id"),
+                format!(
+                    "duplicate http_rule id {:?}; ids are unique per tenant",
+                    r.id
+                ),
+            );
+        }
+        let action = match r.action.as_str() {
+            "allow" => HttpAction::Allow,
+            "block" => HttpAction::Block,
+            "log" => HttpAction::Log,
+            other => {
+                c.push(
+                    format!("{rkey}.action"),
+                    format!(
+                        "{other:?} is not an HTTP rule action; use \"allow\", \"block\" or \"log\""
+                    ),
+                );
+                HttpAction::Allow
+            }
+        };
+        let hosts = r
+            .hosts
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| {
+                HostPattern::parse(h)
+                    .map_err(|m| c.push(format!("{rkey}.hosts"), m))
+                    .ok()
+            })
+            .collect();
+        let paths = r.paths.unwrap_or_default();
+        for p in &paths {
+            if !p.starts_with('/') || p.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                c.push(
+                    format!("{rkey}.paths"),
+                    format!("{p:?} is not a path prefix; write it like \"/admin\""),
+                );
+            }
+        }
+        let methods: Vec<String> = r
+            .methods
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.to_ascii_uppercase())
+            .collect();
+        for m in &methods {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                c.push(
+                    format!("{rkey}.methods"),
+                    format!("{m:?} is not an HTTP method; write it like \"POST\""),
+                );
+            }
+        }
+        let users = r
+            .users
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|u| {
+                UserName::parse(u)
+                    .map_err(|m| c.push(format!("{rkey}.users"), m))
+                    .ok()
+            })
+            .collect();
+        let devices = r
+            .devices
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| {
+                DeviceName::parse(d)
+                    .map_err(|m| c.push(format!("{rkey}.devices"), m))
+                    .ok()
+            })
+            .collect();
+        let groups = r.groups.unwrap_or_default();
+        for g in &groups {
+            if !valid_ident(g, 64) {
+                c.push(
+                    format!("{rkey}.groups"),
+                    format!("{g:?} is not a valid group name"),
+                );
+            }
+        }
+        if c.errors.len() == n {
+            rules.push(HttpRule {
+                id: r.id,
+                action,
+                hosts,
+                paths,
+                methods,
+                users,
+                groups,
+                devices,
+            });
+        }
+    }
+    let mut no_inspect = Vec::new();
+    for entry in do_not_inspect.unwrap_or_default() {
+        if let Ok(net) = entry.parse::<IpNet>() {
+            no_inspect.push(NoInspect::Net(net.trunc()));
+        } else if let Ok(ip) = entry.parse::<IpAddr>() {
+            no_inspect.push(NoInspect::Net(IpNet::from(ip)));
+        } else {
+            match HostPattern::parse(&entry) {
+                Ok(h) => no_inspect.push(NoInspect::Host(h)),
+                Err(_) => c.push(
+                    format!("{key}.do_not_inspect"),
+                    format!("{entry:?} is neither a host name (\"bank.example\", \"*.bank.example\") nor a CIDR (\"10.9.0.0/16\")"),
+                ),
+            }
+        }
+    }
+    let tls_upstream_ca = tls_upstream_ca.map(|p| resolve(base, &p));
+    if let Some(p) = &tls_upstream_ca {
+        if !p.is_file() {
+            c.push(
+                format!("{key}.tls_upstream_ca"),
+                format!(
+                    "{} does not exist; point it at a PEM file of CA certificates",
+                    p.display()
+                ),
+            );
+        }
+    }
+    TenantHttp {
+        rules,
+        tls_decrypt: tls_decrypt.unwrap_or(false),
+        do_not_inspect: no_inspect,
+        tls_upstream_ca,
+    }
+}
+
 fn empty(path: &Path) -> Config {
     Config {
         source: path.to_path_buf(),
@@ -1366,6 +1651,47 @@ gateway_address = "100.96.0.1"
                 .to_string()
                 .contains("not available in this version yet"));
         }
+    }
+
+    #[test]
+    fn http_rules_and_tls_keys_are_validated() {
+        let good = GOOD.replace(
+            "[[tenant.device]]",
+            "tls_decrypt = true\ndo_not_inspect = [\"bank.example\", \"*.pinned.example\", \"10.9.0.0/16\"]\n\
+             [[tenant.http_rule]]\nid = \"no-admin\"\naction = \"block\"\nhosts = [\"*.Example.com\"]\n\
+             paths = [\"/admin\"]\nmethods = [\"post\"]\ngroups = [\"eng\"]\n[[tenant.device]]",
+        );
+        let c = load(&good).unwrap();
+        let h = &c.tenants[0].http;
+        assert!(h.tls_decrypt);
+        assert_eq!(h.do_not_inspect.len(), 3);
+        assert_eq!(h.rules[0].methods, ["POST"]);
+        assert_eq!(
+            h.rules[0].hosts,
+            [HostPattern::Suffix(".example.com".into())]
+        );
+        assert!(h.rules[0].hosts[0].matches("a.example.com"));
+        assert!(!h.rules[0].hosts[0].matches("example.com"));
+        let bad = GOOD.replace(
+            "[[tenant.device]]",
+            "do_not_inspect = [\"not a host\"]\ntls_upstream_ca = \"/nonexistent/ca.pem\"\n\
+             [[tenant.http_rule]]\nid = \"x\"\naction = \"deny\"\npaths = [\"admin\"]\n[[tenant.device]]",
+        );
+        let err = load(&bad).unwrap_err().to_string();
+        for want in [
+            "tenant[0] (acme).http_rule[0].action: \"deny\" is not an HTTP rule action",
+            "http_rule[0].paths: \"admin\" is not a path prefix",
+            "do_not_inspect: \"not a host\" is neither a host name",
+            "tls_upstream_ca: /nonexistent/ca.pem does not exist",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+        let unknown = GOOD.replace(
+            "[[tenant.device]]",
+            "[[tenant.http_rule]]\nid = \"x\"\naction = \"allow\"\nhost = [\"a\"]\n[[tenant.device]]",
+        );
+        let err = load(&unknown).unwrap_err().to_string();
+        assert!(err.contains("unknown field `host`"), "{err}");
     }
 
     #[test]

@@ -108,6 +108,7 @@ mod tests {
             audit_recipient: None,
             rules: Vec::new(),
             devices: Vec::new(),
+            http: Default::default(),
         }
     }
 

@@ -7,7 +7,7 @@ pub const OFFRAMP_AVAILABLE: bool = true;
 /// Whether `inspect_ssh` rules are accepted (the SSH inspector is wired in).
 pub const SSH_INSPECTION_AVAILABLE: bool = false;
 /// Whether `inspect_http` rules are accepted (the HTTP inspector is wired in).
-pub const HTTP_INSPECTION_AVAILABLE: bool = false;
+pub const HTTP_INSPECTION_AVAILABLE: bool = true;
 
 pub mod admin;
 pub mod audit;
@@ -17,6 +17,7 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod enroll;
+pub mod http;
 pub mod keys;
 #[allow(unsafe_code)]
 pub mod netns;

@@ -213,7 +213,11 @@ async fn proxy_tcp(
     match &flow.inspect {
         Inspect::None => splice(conn, upstream, flow.seq).await,
         // The inspectors plug in here (config refuses their actions until they are wired in).
-        Inspect::Ssh(_) | Inspect::Http => {
+        Inspect::Http => {
+            let reconnect = reconnect_leg(flow, connector);
+            crate::http::inspect(conn, upstream, flow, env, reconnect).await
+        }
+        Inspect::Ssh(_) => {
             tracing::error!(
                 seq = flow.seq,
                 "no inspector for this flow in this build; closing it"
@@ -221,6 +225,19 @@ async fn proxy_tcp(
             reset(conn);
         }
     }
+}
+
+/// Opens further legs like the first (for inspectors whose origin connection may close between requests).
+fn reconnect_leg(flow: &Upgraded, connector: &NsConnector) -> crate::http::Reconnect {
+    let (flow, connector) = (Arc::new(flow.clone()), connector.clone());
+    Arc::new(move || {
+        let (flow, connector) = (flow.clone(), connector.clone());
+        Box::pin(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, &connector))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        })
+    })
 }
 
 /// The plain layer-4 proxy: bytes both ways until both sides are done.
@@ -235,11 +252,20 @@ async fn splice(mut conn: TcpStream, mut upstream: TcpStream, seq: u64) {
 #[derive(Clone)]
 pub struct InspectEnv {
     config: Arc<Mutex<Arc<crate::config::Config>>>,
+    http: crate::http::HttpServices,
 }
 
 impl InspectEnv {
     pub fn new(config: Arc<Mutex<Arc<crate::config::Config>>>) -> InspectEnv {
-        InspectEnv { config }
+        InspectEnv {
+            config,
+            http: crate::http::HttpServices::default(),
+        }
+    }
+
+    /// The HTTP inspector's shared state (audit sink, tenant TLS material).
+    pub fn http(&self) -> &crate::http::HttpServices {
+        &self.http
     }
 
     /// The configuration currently in force (it changes on reload).

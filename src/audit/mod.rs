@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod capture;
+pub mod http_records;
 pub mod ssh_records;
 pub mod store;
 pub mod time;

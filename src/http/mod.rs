@@ -1,0 +1,369 @@
+//! The HTTP inspector: on a flow upgraded by an `inspect_http` rule, the gateway serves the device's side with
+//! a hyper server and forwards each request over the leg the off-ramp opened to the original destination
+//! (re-opened when the origin closes it), applying the tenant's `[[tenant.http_rule]]`s per request and
+//! recording every request in the audit store (`audit::http_records`).
+//!
+//! - A connection whose first byte is a TLS handshake record is decided on its ClientHello (server name,
+//!   ALPN) before anything is decrypted ([`policy::classify_tls`]): passed through untouched, refused with a
+//!   TLS alert, or — for tenants with `tls_decrypt` — decrypted with a leaf from the tenant CA and
+//!   re-encrypted towards the origin, whose certificate must verify (else every request gets a block page).
+//! - Identity comes from the WireGuard peer (tenant, device, user in `core::Upgraded`), never from requests.
+//!
+//! Start reading at [`inspect`], then `proxy::handle`. Pure parts: `policy`, `rewrite`, `page`. Never: write
+//! audit storage other than through the sink, re-resolve names (the origin is always the original
+//! destination), or buffer whole bodies.
+#![deny(unsafe_code)]
+
+pub mod origin;
+pub mod page;
+pub mod policy;
+pub mod proxy;
+pub mod rewrite;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+
+use crate::audit::http_records::{HttpAuditSink, HttpRecord};
+use crate::config::{Config, Tenant};
+use crate::core::Upgraded;
+use crate::offramp::InspectEnv;
+pub use origin::Reconnect;
+use origin::{Origin, OriginIo};
+use policy::{Identity, NoDecrypt, TlsAction, TlsFacts};
+use proxy::{ConnCtx, OriginFailure, RecordGuard};
+use tls::{TenantTls, TlsError, ALPN_H2, ALPN_HTTP11};
+
+/// The device must send its first byte (request line or ClientHello) within this.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffers of a TLS passthrough relay.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Long-lived state of the HTTP inspector, shared by all flows (clone = same state).
+#[derive(Clone, Default)]
+pub struct HttpServices {
+    inner: Arc<ServicesInner>,
+}
+
+#[derive(Default)]
+struct ServicesInner {
+    /// Started on first use, with the audit store path of the config then in force.
+    sink: OnceLock<Option<HttpAuditSink>>,
+    /// Loaded tenant TLS material, keyed by tenant and the settings it was loaded with.
+    tls: Mutex<HashMap<String, (TlsKey, Arc<TenantTls>)>>,
+}
+
+type TlsKey = (PathBuf, Option<PathBuf>);
+
+impl HttpServices {
+    fn sink(&self, cfg: &Config) -> Option<HttpAuditSink> {
+        self.inner
+            .sink
+            .get_or_init(|| match HttpAuditSink::start(&cfg.audit.path) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %cfg.audit.path.display(), "cannot open the audit store for HTTP records; they are not kept");
+                    None
+                }
+            })
+            .clone()
+    }
+
+    /// The tenant's TLS material (loaded once; a missing CA is retried on the next connection, so
+    /// `rampart ca init` takes effect without a restart).
+    fn tenant_tls(&self, cfg: &Config, tenant: &Tenant) -> Result<Arc<TenantTls>, TlsError> {
+        let key: TlsKey = (
+            cfg.gateway.state_dir.clone(),
+            tenant.http.tls_upstream_ca.clone(),
+        );
+        let id = tenant.id.as_str();
+        if let Some((k, t)) = self.inner.tls.lock().expect("tls cache").get(id) {
+            if *k == key {
+                return Ok(t.clone());
+            }
+        }
+        let t = Arc::new(TenantTls::load(
+            &cfg.gateway.state_dir,
+            id,
+            tenant.http.tls_upstream_ca.as_deref(),
+        )?);
+        self.inner
+            .tls
+            .lock()
+            .expect("tls cache")
+            .insert(id.to_string(), (key, t.clone()));
+        Ok(t)
+    }
+}
+
+/// What every request of a flow shares: the flow, the gateway's environment, the record sink.
+#[derive(Clone)]
+pub struct FlowCtx {
+    pub upgraded: Arc<Upgraded>,
+    pub env: InspectEnv,
+    sink: Option<HttpAuditSink>,
+}
+
+impl FlowCtx {
+    /// A record with the flow's fields filled in.
+    pub fn base_record(&self) -> HttpRecord {
+        let u = &self.upgraded;
+        HttpRecord {
+            flow_seq: u.seq,
+            tenant: u.tenant.to_string(),
+            device: u.device.to_string(),
+            user: u.user.to_string(),
+            src: u.src.to_string(),
+            dst: u.dst.to_string(),
+            flow_rule: u.rule.to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn emit(&self, r: HttpRecord) {
+        if let Some(s) = &self.sink {
+            s.emit(r);
+        }
+    }
+}
+
+/// Inspects one upgraded flow: `client` is the device's stream, `upstream` the leg the off-ramp opened to the
+/// original destination, `reconnect` opens another one the same way. Returns when the connection is done.
+pub async fn inspect(
+    client: TcpStream,
+    upstream: TcpStream,
+    flow: &Upgraded,
+    env: &InspectEnv,
+    reconnect: Reconnect,
+) {
+    let cfg = env.config();
+    let ctx = FlowCtx {
+        upgraded: Arc::new(flow.clone()),
+        env: env.clone(),
+        sink: env.http().sink(&cfg),
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, client.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(_) => return,
+        Err(_) => {
+            tracing::debug!(
+                seq = flow.seq,
+                "no request within the first-byte timeout; closing"
+            );
+            return;
+        }
+    }
+    // 0x16: a TLS handshake record. HTTP requests start with a method token.
+    if first[0] == 0x16 {
+        inspect_tls(client, upstream, ctx, reconnect).await;
+    } else {
+        let conn = ConnCtx {
+            flow: ctx,
+            scheme: "http",
+            sni: None,
+            origin: Ok(Origin::new(OriginIo::Plain(upstream), None, reconnect)),
+        };
+        proxy::serve(client, Arc::new(conn)).await;
+    }
+}
+
+fn tls_record(
+    ctx: &FlowCtx,
+    sni: Option<&str>,
+    decision: &str,
+    rule: Option<String>,
+) -> HttpRecord {
+    let u = &ctx.upgraded;
+    HttpRecord {
+        at_ms: proxy::unix_ms(),
+        ref_id: String::new(),
+        scheme: "tls".into(),
+        sni: sni.map(str::to_string),
+        method: "-".into(),
+        host: sni
+            .map(str::to_string)
+            .unwrap_or_else(|| u.dst.ip().to_string()),
+        path: "-".into(),
+        decision: decision.into(),
+        rule,
+        ..ctx.base_record()
+    }
+}
+
+async fn inspect_tls(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    ctx: FlowCtx,
+    reconnect: Reconnect,
+) {
+    let seq = ctx.upgraded.seq;
+    let (accepted, seen) = match tls::read_client_hello(&mut client, FIRST_BYTE_TIMEOUT).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(seq, error = %e, "no usable ClientHello; closing");
+            return;
+        }
+    };
+    let hello = accepted.client_hello();
+    let sni = hello.server_name().map(|s| s.to_ascii_lowercase());
+    let offered: Option<Vec<Vec<u8>>> = hello.alpn().map(|l| l.map(<[u8]>::to_vec).collect());
+    let http_alpn: Vec<Vec<u8>> = offered
+        .iter()
+        .flatten()
+        .filter(|p| p.as_slice() == ALPN_H2 || p.as_slice() == ALPN_HTTP11)
+        .cloned()
+        .collect();
+    let alpn_http = offered.is_none() || !http_alpn.is_empty();
+
+    let cfg = ctx.env.config();
+    let Some(tenant) = cfg.tenant(ctx.upgraded.tenant.as_str()) else {
+        return;
+    };
+    let u = ctx.upgraded.clone();
+    let groups = tenant
+        .devices
+        .iter()
+        .find(|d| d.name == u.device)
+        .map(|d| d.groups.as_slice())
+        .unwrap_or(&[]);
+    let who = Identity {
+        user: &u.user,
+        device: &u.device,
+        groups,
+    };
+    let facts = TlsFacts {
+        sni: sni.as_deref(),
+        dst: (*u.dst.ip()).into(),
+        alpn_http,
+    };
+    match policy::classify_tls(&tenant.http, &who, &facts) {
+        TlsAction::Reject { rule } => {
+            let mut g =
+                RecordGuard::new(&ctx, tls_record(&ctx, sni.as_deref(), "block", Some(rule)));
+            g.record_mut().error =
+                Some("refused on the TLS server name (alert access_denied)".into());
+            drop(g);
+            tls::refuse(client).await;
+        }
+        TlsAction::Passthrough { why, rule } => {
+            let rule = match why {
+                NoDecrypt::Disabled => rule,
+                NoDecrypt::DoNotInspect => rule.or(Some("do-not-inspect".into())),
+                NoDecrypt::NotHttp => rule.or(Some("not-http-alpn".into())),
+            };
+            let g = RecordGuard::new(&ctx, tls_record(&ctx, sni.as_deref(), "passthrough", rule));
+            if upstream.write_all(&seen).await.is_err() {
+                return;
+            }
+            g.add_bytes(seen.len() as u64, 0);
+            let r = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                RELAY_BUFFER,
+                RELAY_BUFFER,
+            )
+            .await;
+            if let Ok((up, down)) = r {
+                g.add_bytes(up, down);
+            }
+        }
+        TlsAction::Decrypt => {
+            let ttls = match ctx.env.http().tenant_tls(&cfg, tenant) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Fail closed: a tenant that asked for decryption never gets a silent bypass.
+                    tracing::warn!(tenant = %u.tenant, error = %e, "cannot decrypt TLS for this tenant; refusing");
+                    let mut g = RecordGuard::new(
+                        &ctx,
+                        tls_record(
+                            &ctx,
+                            sni.as_deref(),
+                            "block",
+                            Some("tls-ca-unavailable".into()),
+                        ),
+                    );
+                    g.record_mut().error = Some(e.to_string());
+                    drop(g);
+                    tls::refuse(client).await;
+                    return;
+                }
+            };
+            // The origin first: its certificate and protocol decide what the device is offered.
+            let to_origin = if http_alpn.is_empty() {
+                vec![ALPN_HTTP11.to_vec()]
+            } else {
+                http_alpn.clone()
+            };
+            let client_cfg = ttls.client_config(to_origin);
+            let name = tls::origin_name(sni.as_deref(), (*u.dst.ip()).into());
+            let connected = tokio_rustls::TlsConnector::from(client_cfg.clone())
+                .connect(name.clone(), upstream)
+                .await;
+            let (origin, device_alpn) = match connected {
+                Ok(tls) => {
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+                    let alpn = if h2 {
+                        vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
+                    } else {
+                        vec![ALPN_HTTP11.to_vec(), ALPN_H2.to_vec()]
+                    };
+                    let o = Origin::new(
+                        OriginIo::Tls(Box::new(tls)),
+                        Some((client_cfg, name)),
+                        reconnect,
+                    );
+                    (Ok(o), alpn)
+                }
+                Err(e) => {
+                    let failure = match tls::rustls_error(&e) {
+                        Some(rustls::Error::InvalidCertificate(c)) => OriginFailure {
+                            rule: "upstream-cert-untrusted",
+                            detail: format!(
+                                "The site's certificate is not trusted ({c:?}); the gateway does not connect you to it."
+                            ),
+                        },
+                        _ => OriginFailure {
+                            rule: "upstream-tls-failed",
+                            detail: format!("A secure connection to the site failed ({e})."),
+                        },
+                    };
+                    tracing::debug!(seq, error = %e, "origin TLS handshake failed");
+                    (Err(failure), vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()])
+                }
+            };
+            let leaf_name = sni.clone().unwrap_or_else(|| u.dst.ip().to_string());
+            let leaf = match ttls.leaf(&leaf_name) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "cannot mint a leaf certificate; refusing");
+                    tls::refuse(client).await;
+                    return;
+                }
+            };
+            let server_cfg = ttls.server_config(leaf, device_alpn);
+            let stream = match tokio_rustls::StartHandshake::from_parts(accepted, client)
+                .into_stream(server_cfg)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(seq, error = %e, "device TLS handshake failed (does it trust the tenant CA?)");
+                    return;
+                }
+            };
+            let conn = ConnCtx {
+                flow: ctx,
+                scheme: "https",
+                sni,
+                origin,
+            };
+            proxy::serve(stream, Arc::new(conn)).await;
+        }
+    }
+}

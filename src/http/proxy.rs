@@ -1,0 +1,426 @@
+//! The async shell of one inspected connection: a hyper server (HTTP/1.1 or HTTP/2, picked by the preface)
+//! towards the device; each request is classified (`policy`), answered with a page or forwarded to the
+//! `Origin`, and recorded. Bodies stream through `Counted` (never collected); the record is emitted when the
+//! response body is done or dropped, so its duration and byte counts cover the whole transfer.
+//! `Upgrade` (WebSocket) and allowed `CONNECT` become a byte tunnel after the origin's 101 / 2xx.
+#![deny(unsafe_code)]
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::origin::{Body, Origin};
+use super::policy::{self, Identity, RequestFacts};
+use super::rewrite;
+use super::FlowCtx;
+use crate::audit::http_records::HttpRecord;
+use crate::config::HttpAction;
+
+/// Headers (and the whole idle time between keep-alive requests) must arrive within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/1 read buffer: the most header bytes one request may have (431 above).
+const MAX_BUF: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+const H2_MAX_STREAMS: u32 = 200;
+
+/// Why the origin cannot be used on this connection (every request gets a 502 page naming it).
+#[derive(Debug, Clone)]
+pub struct OriginFailure {
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+/// One device connection.
+pub struct ConnCtx {
+    pub flow: FlowCtx,
+    /// `http` or `https` (decrypted).
+    pub scheme: &'static str,
+    pub sni: Option<String>,
+    pub origin: Result<Origin, OriginFailure>,
+}
+
+/// Serves the device side until the connection ends.
+pub async fn serve<I>(io: I, ctx: Arc<ConnCtx>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let seq = ctx.flow.upgraded.seq;
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+    });
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!(seq, error = %e, "inspected HTTP connection ended with an error");
+    }
+}
+
+/// A record in progress; emitted (with duration and bytes) when dropped.
+pub struct RecordGuard {
+    record: HttpRecord,
+    started: Instant,
+    req_bytes: Arc<AtomicU64>,
+    resp_bytes: Arc<AtomicU64>,
+    flow: FlowCtx,
+}
+
+impl RecordGuard {
+    pub fn new(flow: &FlowCtx, record: HttpRecord) -> RecordGuard {
+        RecordGuard {
+            record,
+            started: Instant::now(),
+            req_bytes: Arc::new(AtomicU64::new(0)),
+            resp_bytes: Arc::new(AtomicU64::new(0)),
+            flow: flow.clone(),
+        }
+    }
+
+    pub fn record_mut(&mut self) -> &mut HttpRecord {
+        &mut self.record
+    }
+
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        self.req_bytes.fetch_add(up, Ordering::Relaxed);
+        self.resp_bytes.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        let mut r = std::mem::take(&mut self.record);
+        r.req_bytes = self.req_bytes.load(Ordering::Relaxed);
+        r.resp_bytes = self.resp_bytes.load(Ordering::Relaxed);
+        r.duration_ms = self.started.elapsed().as_millis() as u64;
+        tracing::debug!(
+            seq = r.flow_seq,
+            method = %r.method,
+            host = %r.host,
+            path = %r.path,
+            status = ?r.status,
+            decision = %r.decision,
+            rule = ?r.rule,
+            "http request"
+        );
+        self.flow.emit(r);
+    }
+}
+
+/// A body that counts its data bytes, notes an error, and (for responses) owns the request's record.
+struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+    failed: Option<Arc<AtomicBool>>,
+    guard: Option<RecordGuard>,
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = &this.failed {
+                    f.store(true, Ordering::Relaxed);
+                }
+                if let Some(g) = this.guard.as_mut() {
+                    g.record.error = Some("the origin aborted the response body".into());
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn random_ref() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::getrandom(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A page answered by the inspector itself; completes the record.
+fn page(
+    status: StatusCode,
+    rule: &str,
+    detail: &str,
+    mut guard: RecordGuard,
+    decision: &str,
+) -> Response<Body> {
+    let r = guard.record_mut();
+    r.status = Some(status.as_u16());
+    r.decision = decision.to_string();
+    r.rule = Some(rule.to_string());
+    let body = super::page::render(status, rule, &r.ref_id, &r.host, detail);
+    guard.add_bytes(0, body.len() as u64);
+    drop(guard);
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body> {
+    let flow = &ctx.flow;
+    let u = &flow.upgraded;
+    let tunnel = (req.version() == Version::HTTP_11 && rewrite::is_upgrade(req.headers()))
+        || req.method() == Method::CONNECT;
+    let device_upgrade = tunnel.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let authority = rewrite::request_authority(&parts)
+        .or_else(|| ctx.sni.clone())
+        .unwrap_or_else(|| u.dst.to_string());
+    let host = rewrite::normalize_host(&authority);
+    let raw_path = parts.uri.path().to_string();
+    let path = rewrite::normalize_path(&raw_path);
+    let method = parts.method.as_str().to_ascii_uppercase();
+
+    let mut guard = RecordGuard::new(
+        flow,
+        HttpRecord {
+            at_ms: unix_ms(),
+            ref_id: random_ref(),
+            scheme: ctx.scheme.to_string(),
+            sni: ctx.sni.clone(),
+            method: method.clone(),
+            host: host.clone(),
+            path: if parts.method == Method::CONNECT {
+                authority.clone()
+            } else {
+                raw_path
+            },
+            decision: "allow".into(),
+            ..flow.base_record()
+        },
+    );
+
+    let cfg = flow.env.config();
+    let Some(tenant) = cfg.tenant(u.tenant.as_str()) else {
+        return page(
+            StatusCode::FORBIDDEN,
+            "tenant-removed",
+            "This network is no longer configured on the gateway.",
+            guard,
+            "block",
+        );
+    };
+    let groups = tenant
+        .devices
+        .iter()
+        .find(|d| d.name == u.device)
+        .map(|d| d.groups.as_slice())
+        .unwrap_or(&[]);
+    let who = Identity {
+        user: &u.user,
+        device: &u.device,
+        groups,
+    };
+    let verdict = policy::classify_request(
+        &tenant.http.rules,
+        &who,
+        &RequestFacts {
+            host: &host,
+            path: Some(&path),
+            method: Some(&method),
+        },
+    );
+    guard.record.rule = verdict.rule.clone();
+    guard.record.decision = verdict.action.as_str().to_string();
+    if verdict.action == HttpAction::Block {
+        let rule = verdict.rule.unwrap_or_default();
+        let detail = if rule == policy::CONNECT_REFUSED {
+            "Tunnels (CONNECT) are not allowed through the gateway for this destination."
+        } else {
+            "The gateway's policy blocks this request."
+        };
+        return page(StatusCode::FORBIDDEN, &rule, detail, guard, "block");
+    }
+    // Decrypted: the name the device verified must be the host it asks for (no domain fronting).
+    if let Some(sni) = &ctx.sni {
+        if rewrite::normalize_host(sni) != host {
+            return page(
+                StatusCode::MISDIRECTED_REQUEST,
+                "sni-host-mismatch",
+                "The requested host differs from the TLS server name of this connection.",
+                guard,
+                "block",
+            );
+        }
+    }
+    let origin = match &ctx.origin {
+        Ok(o) => o,
+        Err(f) => return page(StatusCode::BAD_GATEWAY, f.rule, &f.detail, guard, "block"),
+    };
+    let lease = match origin.lease().await {
+        Ok(l) => l,
+        Err(e) => {
+            guard.record.error = Some(e.to_string());
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "upstream-unreachable",
+                "The gateway could not reach the site.",
+                guard,
+                "error",
+            );
+        }
+    };
+    if let Err(e) = rewrite::to_origin(&mut parts, lease.proto(), ctx.scheme, &authority) {
+        guard.record.error = Some(e.to_string());
+        return page(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "The request could not be forwarded.",
+            guard,
+            "error",
+        );
+    }
+    let body_failed = Arc::new(AtomicBool::new(false));
+    let up_body = Counted {
+        inner: body,
+        bytes: guard.req_bytes.clone(),
+        failed: Some(body_failed.clone()),
+        guard: None,
+    }
+    .boxed();
+    let mut resp = match lease.send(Request::from_parts(parts, up_body)).await {
+        Ok(r) => r,
+        Err(e) => {
+            guard.record.error = Some(e.to_string());
+            // The device's own body was broken (bad chunking, aborted upload): its fault, not the origin's.
+            if body_failed.load(Ordering::Relaxed) {
+                return page(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request-body",
+                    "The request body was malformed or cut short.",
+                    guard,
+                    "error",
+                );
+            }
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "upstream-error",
+                "The site did not answer the request.",
+                guard,
+                "error",
+            );
+        }
+    };
+    let status = resp.status();
+    guard.record.status = Some(status.as_u16());
+    if let Some(device_upgrade) = device_upgrade {
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS
+            || (method == "CONNECT" && status.is_success());
+        if switched {
+            let origin_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(relay_tunnel(device_upgrade, origin_upgrade, guard));
+            let (mut parts, _) = resp.into_parts();
+            rewrite::strip_hop_by_hop(
+                &mut parts.headers,
+                status == StatusCode::SWITCHING_PROTOCOLS,
+            );
+            return Response::from_parts(
+                parts,
+                Empty::new().map_err(|never| match never {}).boxed(),
+            );
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    rewrite::strip_hop_by_hop(&mut parts.headers, false);
+    let bytes = guard.resp_bytes.clone();
+    Response::from_parts(
+        parts,
+        Counted {
+            inner: body,
+            bytes,
+            failed: None,
+            guard: Some(guard),
+        }
+        .boxed(),
+    )
+}
+
+/// Bytes both ways between the device and the origin after a protocol switch; the record closes with it.
+async fn relay_tunnel(
+    device: hyper::upgrade::OnUpgrade,
+    origin: hyper::upgrade::OnUpgrade,
+    mut guard: RecordGuard,
+) {
+    match tokio::try_join!(device, origin) {
+        Ok((d, o)) => {
+            let (mut d, mut o) = (TokioIo::new(d), TokioIo::new(o));
+            match tokio::io::copy_bidirectional(&mut d, &mut o).await {
+                Ok((up, down)) => guard.add_bytes(up, down),
+                Err(e) => guard.record.error = Some(format!("tunnel: {e}")),
+            }
+        }
+        Err(e) => guard.record.error = Some(format!("upgrade failed: {e}")),
+    }
+}

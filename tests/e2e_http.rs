@@ -1,0 +1,727 @@
+//! End-to-end acceptance of issue 6's HTTP inspector: real wireguard-go devices, the real `rampart run`, a real
+//! nginx upstream (with a small Python application behind it for uploads, chunked answers and `Upgrade`) and
+//! real curl; certificates for the origins are made here with rcgen.
+//!
+//! Run: `cargo test --test e2e_http -- --test-threads=1` (root).
+
+#[allow(unused_imports)]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::lab::Host;
+use support::netns::Netns;
+use support::process::{run, Proc, Ran};
+use support::{wait_ping, wait_until, Lab, TenantSpec};
+
+const TUNNEL_UP: Duration = Duration::from_secs(30);
+const UPSTREAM_NET: &str = "198.18.1.0/24";
+const UPSTREAM: &str = "198.18.1.2";
+const ORIGIN_APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/http_origin.py");
+const HTTP_RAW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/http_raw.py");
+
+/// Tenant `id` whose flows to the upstream network on 80/443 go through the HTTP inspector.
+fn tenant(id: &str, pool: &str, gw: &str, extra: &str) -> TenantSpec {
+    let mut t = TenantSpec::new(id, pool, gw);
+    t.rules = format!(
+        r#"offramp = ["{UPSTREAM_NET}"]
+{extra}
+[[tenant.rule]]
+id = "ping-gateway"
+action = "allow"
+dst = ["gateway"]
+proto = "icmp"
+[[tenant.rule]]
+id = "web"
+action = "inspect_http"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["80", "443"]
+[[tenant.http_rule]]
+id = "no-admin"
+action = "block"
+paths = ["/admin"]
+[[tenant.http_rule]]
+id = "no-social"
+action = "block"
+hosts = ["social.test", "*.social.test"]
+[[tenant.http_rule]]
+id = "log-uploads"
+action = "log"
+methods = ["POST"]
+"#
+    );
+    t
+}
+
+/// A temp dir of our own (certificates must exist before the lab's config is checked).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("rampart-e2e-http-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Origin certificates: a test CA (trusted by the gateway through `tls_upstream_ca`) and another CA the
+/// gateway does not know.
+struct Certs {
+    ca: PathBuf,
+}
+
+fn make_ca(cn: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+fn make_leaf(
+    dir: &Path,
+    name: &str,
+    ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+) -> (PathBuf, PathBuf) {
+    let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, ca).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, format!("{}{}", cert.pem(), ca.pem())).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+impl Certs {
+    /// Leaves for origin.test, bank.test, social.test (test CA) and untrusted.test (other CA).
+    fn make(dir: &Path) -> (Certs, String) {
+        let test_ca = make_ca("Rampart e2e origin CA");
+        let other_ca = make_ca("Some other CA");
+        let ca = dir.join("test-ca.pem");
+        std::fs::write(&ca, test_ca.pem()).unwrap();
+        let mut servers = String::new();
+        for (name, issuer) in [
+            ("origin.test", &test_ca),
+            ("bank.test", &test_ca),
+            ("social.test", &test_ca),
+            ("untrusted.test", &other_ca),
+        ] {
+            let (c, k) = make_leaf(dir, name, issuer);
+            servers.push_str(&format!(
+                "server {{ listen {UPSTREAM}:443 ssl http2; server_name {name}; ssl_certificate {}; \
+                 ssl_certificate_key {}; location / {{ root WWW; }} }}\n",
+                c.display(),
+                k.display()
+            ));
+        }
+        (Certs { ca }, servers)
+    }
+}
+
+/// nginx on the upstream host: static files on :80 (and the TLS vhosts given), `/upload`, `/chunked` and `/ws`
+/// proxied to the Python application on 127.0.0.1:9000.
+struct Origin {
+    nginx: Proc,
+    app: Proc,
+    dir: PathBuf,
+}
+
+impl Origin {
+    fn start(host: &Host, dir: &Path, tls_servers: &str) -> Origin {
+        let www = dir.join("www");
+        std::fs::create_dir_all(www.join("admin")).unwrap();
+        std::fs::write(www.join("small"), "hello from nginx\n").unwrap();
+        std::fs::write(www.join("admin/panel"), "secret admin panel\n").unwrap();
+        let mut app_cmd = host.ns.exec("python3");
+        app_cmd.args([ORIGIN_APP, "127.0.0.1", "9000"]);
+        let mut app = Proc::spawn("origin-app", app_cmd, dir);
+        app.wait_stdout("LISTENING", Duration::from_secs(30));
+        let d = dir.display();
+        let proxy = "proxy_pass http://127.0.0.1:9000; proxy_http_version 1.1;";
+        let conf = format!(
+            "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; \
+             uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5; client_max_body_size 0; keepalive_timeout 65; \
+             server {{ listen {UPSTREAM}:80; root {d}/www; \
+               location /upload {{ {proxy} proxy_request_buffering off; }} \
+               location /chunked {{ {proxy} proxy_buffering off; }} \
+               location /ws {{ {proxy} proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; }} }}\n\
+             {tls} }}\n",
+            tls = tls_servers.replace("WWW", &format!("{d}/www")),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut cmd = host.ns.exec("nginx");
+        cmd.arg("-c").arg(&conf_path);
+        let nginx = Proc::spawn("nginx", cmd, dir);
+        wait_until(
+            "nginx to serve",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let r = host.ns.run(
+                    "curl",
+                    &[
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "5",
+                        &format!("http://{UPSTREAM}/small"),
+                    ],
+                    Duration::from_secs(10),
+                );
+                (r.stdout.trim() == "200").then_some(())
+            },
+        );
+        Origin {
+            nginx,
+            app,
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.nginx.stop(Duration::from_secs(10));
+        self.app.stop(Duration::from_secs(5));
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("nginx-error.log")).unwrap_or_default();
+            eprintln!(
+                "--- nginx error log ---\n{}",
+                support::process::tail(&log, 30)
+            );
+        }
+    }
+}
+
+fn curl(ns: &Netns, args: &[&str]) -> Ran {
+    let mut all = vec!["-sS", "--max-time", "60"];
+    all.extend_from_slice(args);
+    ns.run("curl", &all, Duration::from_secs(90))
+}
+
+fn sha256(path: &Path) -> String {
+    let r = run(Command::new("sha256sum").arg(path), Duration::from_secs(60));
+    r.stdout.split_whitespace().next().unwrap_or("").to_string()
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Polls `rampart audit http --json ARGS` until `want` finds a record.
+fn wait_record(
+    lab: &Lab,
+    args: &[&str],
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    wait_until(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = lab.gateway.cli(&["audit", "http"], &all).expect_ok();
+            json_lines(&out).into_iter().find(|r| want(r))
+        },
+    )
+    .0
+}
+
+fn is(r: &serde_json::Value, key: &str, v: &str) -> bool {
+    r[key].as_str() == Some(v)
+}
+
+#[test]
+fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
+    let mut lab = Lab::new(&[tenant("acme", "100.96.0.0/24", "100.96.0.1", "")]);
+    let host = lab.add_host("up");
+    assert_eq!(
+        host.underlay.to_string(),
+        UPSTREAM,
+        "upstream host must be on the first link"
+    );
+    let _origin = Origin::start(&host, &lab.dir().join("up"), "");
+    let dev = lab.add_client("acme", "laptop");
+    wait_ping(&dev.ns, "100.96.0.1", TUNNEL_UP, "laptop -> gateway");
+    let base = format!("http://{UPSTREAM}");
+
+    // GET, and keep-alive: the second transfer reuses the first connection.
+    let r = curl(
+        &dev.ns,
+        &[
+            "--fail",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            &format!("{base}/small"),
+            &format!("{base}/small?again"),
+        ],
+    );
+    assert!(
+        r.success(),
+        "{r}\n{}",
+        support::process::tail(&lab.gateway.log(), 40)
+    );
+    assert_eq!(
+        r.stdout.lines().collect::<Vec<_>>(),
+        ["200 1", "200 0"],
+        "{r}"
+    );
+
+    // POST 20 MB (Content-Length) and 3 MB (chunked): the application hashes what it received.
+    for (size, chunked) in [(20u64 << 20, false), (3 << 20, true)] {
+        let file = lab.dir().join(format!("upload-{size}"));
+        let mk = run(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("head -c {size} /dev/urandom > {}", file.display())),
+            Duration::from_secs(60),
+        );
+        assert!(mk.success(), "{mk}");
+        let data = format!("@{}", file.display());
+        let mut args = vec![
+            "--fail",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &data,
+        ];
+        if chunked {
+            args.extend(["-H", "Transfer-Encoding: chunked"]);
+        }
+        let url = format!("{base}/upload");
+        args.push(&url);
+        let r = curl(&dev.ns, &args);
+        assert!(r.success(), "upload of {size} bytes failed: {r}");
+        let v: serde_json::Value =
+            serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}"));
+        assert_eq!(v["bytes"].as_u64(), Some(size), "{v}");
+        assert_eq!(
+            v["sha256"].as_str().unwrap(),
+            sha256(&file),
+            "upload corrupted"
+        );
+    }
+
+    // A chunked response, streamed through.
+    let r = curl(
+        &dev.ns,
+        &["--fail", "-D", "-", &format!("{base}/chunked?n=300")],
+    );
+    assert!(r.success(), "{r}");
+    assert!(
+        r.stdout
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{r}"
+    );
+    assert!(
+        r.stdout.contains("line 0\n") && r.stdout.ends_with("line 299\n"),
+        "{r}"
+    );
+
+    // Upgrade: 101, then 200 echo round trips over the switched connection.
+    let r = dev.ns.run(
+        "python3",
+        &[HTTP_RAW, "upgrade", UPSTREAM, "80", "200"],
+        Duration::from_secs(120),
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}"));
+    assert_eq!(
+        (v["status"].as_u64(), v["echoed"].as_u64()),
+        (Some(101), Some(200)),
+        "{v}"
+    );
+
+    // A blocked path gets the block page naming the rule, also when spelled to evade the prefix.
+    for path in ["/admin/panel", "/static/../admin/panel"] {
+        let r = curl(
+            &dev.ns,
+            &[
+                "--path-as-is",
+                "-w",
+                "\n%{http_code}",
+                &format!("{base}{path}"),
+            ],
+        );
+        assert!(r.success(), "{r}");
+        assert!(r.stdout.ends_with("\n403"), "{path}: {r}");
+        assert!(
+            r.stdout.contains("<code id=\"rule\">no-admin</code>"),
+            "{r}"
+        );
+        assert!(!r.stdout.contains("secret admin panel"), "{r}");
+    }
+    let page = curl(&dev.ns, &[&format!("{base}/admin/panel")]).stdout;
+    let ref_id = page
+        .split("<code id=\"ref\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .unwrap_or_else(|| panic!("no reference on the page: {page}"))
+        .to_string();
+
+    // Malformed requests get 400 (431 for an oversized header) and do not stall other connections.
+    let r = dev.ns.run(
+        "python3",
+        &[HTTP_RAW, "malformed", UPSTREAM, "80"],
+        Duration::from_secs(120),
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}"));
+    for (case, want) in [
+        ("bad_request_line", 400),
+        ("space_in_header_name", 400),
+        ("oversized_header", 431),
+        ("invalid_chunking", 400),
+        ("good_while_stalled", 200),
+    ] {
+        assert_eq!(v[case][0].as_u64(), Some(want), "{case}: {v}");
+    }
+    lab.gateway.assert_alive();
+
+    // Every request is in `rampart audit http`, with who, what, status, bytes and decision.
+    let user = "laptop@acme.example";
+    let common = |r: &serde_json::Value| {
+        is(r, "tenant", "acme")
+            && is(r, "device", "laptop")
+            && is(r, "user", user)
+            && is(r, "flow_rule", "web")
+    };
+    let get = wait_record(
+        &lab,
+        &["--user", user, "--host", UPSTREAM],
+        "the GET record",
+        |r| common(r) && is(r, "method", "GET") && is(r, "path", "/small") && r["status"] == 200,
+    );
+    assert_eq!(get["resp_bytes"].as_u64(), Some(17), "{get}");
+    assert!(
+        get["flow_id"].as_i64().is_some(),
+        "record not linked to its flow: {get}"
+    );
+    let flows = lab
+        .gateway
+        .cli(&["audit", "flows"], &["--json"])
+        .expect_ok();
+    let flow_id = get["flow_id"].as_i64().unwrap();
+    assert!(
+        json_lines(&flows)
+            .iter()
+            .any(|f| f["id"].as_i64() == Some(flow_id) && f["action"] == "inspect_http"),
+        "flow {flow_id} not in audit flows:\n{flows}"
+    );
+    let by_flow = lab
+        .gateway
+        .cli(
+            &["audit", "http"],
+            &["--json", "--flow", &flow_id.to_string()],
+        )
+        .expect_ok();
+    assert!(
+        json_lines(&by_flow).len() >= 2,
+        "keep-alive requests of flow {flow_id}:\n{by_flow}"
+    );
+    let up = wait_record(&lab, &[], "the 20 MB upload record", |r| {
+        common(r) && is(r, "method", "POST") && r["req_bytes"].as_u64() == Some(20 << 20)
+    });
+    assert_eq!(
+        (
+            up["status"].as_u64(),
+            up["decision"].as_str(),
+            up["rule"].as_str()
+        ),
+        (Some(200), Some("log"), Some("log-uploads")),
+        "{up}"
+    );
+    wait_record(&lab, &[], "the chunked response record", |r| {
+        common(r)
+            && is(r, "path", "/chunked")
+            && r["status"] == 200
+            && r["resp_bytes"].as_u64() > Some(2000)
+    });
+    let ws = wait_record(&lab, &[], "the upgrade record", |r| {
+        common(r) && is(r, "path", "/ws") && r["status"] == 101
+    });
+    assert!(ws["resp_bytes"].as_u64() > Some(100_000), "{ws}");
+    let blocked = wait_record(&lab, &[], "the blocked request's record", |r| {
+        is(r, "ref_id", &ref_id)
+    });
+    assert_eq!(
+        (
+            blocked["status"].as_u64(),
+            blocked["decision"].as_str(),
+            blocked["rule"].as_str(),
+            blocked["path"].as_str()
+        ),
+        (
+            Some(403),
+            Some("block"),
+            Some("no-admin"),
+            Some("/admin/panel")
+        ),
+        "{blocked}"
+    );
+    let table = lab
+        .gateway
+        .cli(&["audit", "http"], &["--tenant", "acme"])
+        .expect_ok();
+    assert!(
+        table.contains("no-admin") && table.contains("/upload"),
+        "{table}"
+    );
+}
+
+#[test]
+fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
+    let scratch = Scratch::new("certs");
+    let (certs, tls_servers) = Certs::make(&scratch.0);
+    let decrypting = format!(
+        "tls_decrypt = true\ndo_not_inspect = [\"bank.test\"]\ntls_upstream_ca = \"{}\"",
+        certs.ca.display()
+    );
+    let mut lab = Lab::new(&[
+        tenant("acme", "100.96.0.0/24", "100.96.0.1", ""),
+        tenant("globex", "100.96.1.0/24", "100.96.1.1", &decrypting),
+    ]);
+    let host = lab.add_host("up");
+    assert_eq!(host.underlay.to_string(), UPSTREAM);
+    let _origin = Origin::start(&host, &lab.dir().join("up"), &tls_servers);
+    let ca = certs.ca.display().to_string();
+    let resolve = |name: &str| format!("{name}:443:{UPSTREAM}");
+
+    // Without decryption (acme): the server name decides; allowed connections are the origin's own TLS.
+    let acme = lab.add_client("acme", "laptop");
+    wait_ping(&acme.ns, "100.96.0.1", TUNNEL_UP, "acme laptop -> gateway");
+    let ok = curl(
+        &acme.ns,
+        &[
+            "--fail",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve("origin.test"),
+            "https://origin.test/small",
+        ],
+    );
+    assert!(
+        ok.success(),
+        "{ok}\n{}",
+        support::process::tail(&lab.gateway.log(), 40)
+    );
+    assert_eq!(ok.stdout, "hello from nginx\n");
+    // A path rule cannot apply without decryption: the origin's page comes through.
+    let admin = curl(
+        &acme.ns,
+        &[
+            "--fail",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve("origin.test"),
+            "https://origin.test/admin/panel",
+        ],
+    );
+    assert!(
+        admin.success() && admin.stdout.contains("secret"),
+        "{admin}"
+    );
+    let social = curl(
+        &acme.ns,
+        &[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve("social.test"),
+            "https://social.test/small",
+        ],
+    );
+    assert_eq!(
+        social.status.and_then(|s| s.code()),
+        Some(35),
+        "blocked SNI must fail the handshake: {social}"
+    );
+    assert!(social.stderr.contains("access denied"), "{social}");
+    wait_record(
+        &lab,
+        &["--tenant", "acme", "--host", "social.test"],
+        "the refused TLS connection",
+        |r| is(r, "scheme", "tls") && is(r, "decision", "block") && is(r, "rule", "no-social"),
+    );
+    wait_record(
+        &lab,
+        &["--tenant", "acme", "--host", "origin.test"],
+        "the passed-through TLS connection",
+        |r| is(r, "decision", "passthrough") && r["resp_bytes"].as_u64() > Some(1000),
+    );
+
+    // With decryption (globex): the device trusts only the tenant CA.
+    let globex = lab.add_client("globex", "desk");
+    wait_ping(
+        &globex.ns,
+        "100.96.1.1",
+        TUNNEL_UP,
+        "globex desk -> gateway",
+    );
+    let out = lab
+        .gateway
+        .cli(&["ca", "init"], &["--tenant", "globex", "--tls"])
+        .expect_ok();
+    let tenant_ca = out.trim().to_string();
+    assert!(
+        Path::new(&tenant_ca).is_file(),
+        "ca init printed {tenant_ca:?}"
+    );
+    for http in ["--http2", "--http1.1"] {
+        let r = curl(
+            &globex.ns,
+            &[
+                "--fail",
+                http,
+                "--cacert",
+                &tenant_ca,
+                "--resolve",
+                &resolve("origin.test"),
+                "-w",
+                "%{http_version}",
+                "https://origin.test/small",
+            ],
+        );
+        assert!(
+            r.success(),
+            "{http}: {r}\n{}",
+            support::process::tail(&lab.gateway.log(), 40)
+        );
+        assert_eq!(
+            r.stdout,
+            format!(
+                "hello from nginx\n{}",
+                if http == "--http2" { "2" } else { "1.1" }
+            )
+        );
+    }
+    let blocked = curl(
+        &globex.ns,
+        &[
+            "--cacert",
+            &tenant_ca,
+            "--resolve",
+            &resolve("origin.test"),
+            "-w",
+            "\n%{http_code}",
+            "https://origin.test/admin/panel",
+        ],
+    );
+    assert!(
+        blocked.stdout.ends_with("\n403") && blocked.stdout.contains("no-admin"),
+        "{blocked}"
+    );
+    wait_record(
+        &lab,
+        &["--tenant", "globex", "--host", "origin.test"],
+        "the decrypted request",
+        |r| {
+            is(r, "scheme", "https")
+                && is(r, "method", "GET")
+                && is(r, "path", "/small")
+                && r["status"] == 200
+                && is(r, "sni", "origin.test")
+        },
+    );
+    // do_not_inspect: untouched, so the device sees the origin's certificate, not the tenant CA's.
+    let bank = curl(
+        &globex.ns,
+        &[
+            "--fail",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve("bank.test"),
+            "https://bank.test/small",
+        ],
+    );
+    assert!(
+        bank.success() && bank.stdout == "hello from nginx\n",
+        "{bank}"
+    );
+    let bank_tenant = curl(
+        &globex.ns,
+        &[
+            "--cacert",
+            &tenant_ca,
+            "--resolve",
+            &resolve("bank.test"),
+            "https://bank.test/small",
+        ],
+    );
+    assert_eq!(
+        bank_tenant.status.and_then(|s| s.code()),
+        Some(60),
+        "{bank_tenant}"
+    );
+    wait_record(
+        &lab,
+        &["--tenant", "globex", "--host", "bank.test"],
+        "the do-not-inspect record",
+        |r| is(r, "decision", "passthrough") && is(r, "rule", "do-not-inspect"),
+    );
+    // An origin whose certificate the gateway does not trust: a block page, never a bypass.
+    let untrusted = curl(
+        &globex.ns,
+        &[
+            "--cacert",
+            &tenant_ca,
+            "--resolve",
+            &resolve("untrusted.test"),
+            "-w",
+            "\n%{http_code}",
+            "https://untrusted.test/small",
+        ],
+    );
+    assert!(untrusted.success(), "{untrusted}");
+    assert!(untrusted.stdout.ends_with("\n502"), "{untrusted}");
+    assert!(
+        untrusted.stdout.contains("upstream-cert-untrusted")
+            && !untrusted.stdout.contains("hello from nginx"),
+        "{untrusted}"
+    );
+    wait_record(
+        &lab,
+        &["--tenant", "globex", "--host", "untrusted.test"],
+        "the untrusted-origin record",
+        |r| is(r, "rule", "upstream-cert-untrusted") && r["status"] == 502,
+    );
+    lab.gateway.assert_alive();
+}

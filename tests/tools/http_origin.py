@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Test origin application behind nginx (tests/e2e_http.rs), standard library only.
+
+  POST /upload   reads the body (Content-Length or chunked), answers {"sha256": ..., "bytes": ...}
+  GET  /chunked  answers with a chunked body of N numbered lines (?n=N, default 50)
+  GET  /ws       with `Upgrade`: answers 101 and then echoes every byte until the peer closes
+
+Usage: http_origin.py HOST PORT   (prints LISTENING when ready)
+"""
+import hashlib
+import json
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def read_body(self):
+        h = hashlib.sha256()
+        n = 0
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    b = self.rfile.read(min(left, 1 << 16))
+                    if not b:
+                        raise ConnectionError("body cut short")
+                    h.update(b)
+                    left -= len(b)
+                    n += len(b)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                b = self.rfile.read(min(left, 1 << 16))
+                if not b:
+                    raise ConnectionError("body cut short")
+                h.update(b)
+                left -= len(b)
+                n += len(b)
+        return h.hexdigest(), n
+
+    def do_POST(self):
+        digest, n = self.read_body()
+        body = json.dumps({"sha256": digest, "bytes": n}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        if url.path == "/ws" and self.headers.get("Upgrade"):
+            self.send_response(101)
+            self.send_header("Upgrade", self.headers["Upgrade"])
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                b = self.connection.recv(65536)
+                if not b:
+                    break
+                self.connection.sendall(b)
+            self.close_connection = True
+            return
+        if url.path == "/chunked":
+            n = int(parse_qs(url.query).get("n", ["50"])[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                line = ("line %d\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        self.send_error(404)
+
+
+class Server(socketserver.ThreadingMixIn, HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+if __name__ == "__main__":
+    srv = Server((sys.argv[1], int(sys.argv[2])), Handler)
+    print("LISTENING", flush=True)
+    srv.serve_forever()
