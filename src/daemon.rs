@@ -27,6 +27,7 @@ struct Running {
     config_path: PathBuf,
     config: Arc<Mutex<Arc<Config>>>,
     onramp: Onramp,
+    ssh: Arc<crate::ssh::SshServices>,
 }
 
 impl Running {
@@ -90,6 +91,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (audit, audit_writer) =
         crate::audit::start(&cfg.audit, crate::audit::WallClock::now(), metrics.clone())?;
+    let (ssh, ssh_audit_writer) = crate::ssh::SshServices::start(&g.state_dir, &cfg.audit.path)?;
     let mut gateway = Gateway::new(0, &key, metrics.clone(), Instant::now());
     let public = gateway.public_key();
     let summary = gateway.apply(&cfg, Instant::now(), &mut TxQueue::new());
@@ -127,6 +129,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         config_path: config_path.to_path_buf(),
         config: Arc::new(Mutex::new(cfg.clone())),
         onramp,
+        ssh,
     });
     let l4 = layer4.as_mut().map(|(ns, _, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
@@ -140,6 +143,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
     running.onramp.shutdown();
     audit_writer.finish();
+    ssh_audit_writer.finish();
     let _ = std::fs::remove_file(control::socket_path(&cfg.gateway.state_dir));
     tracing::info!("stopped");
     result
@@ -191,7 +195,8 @@ async fn run_layer4(running: Arc<Running>, (mut events, upgrades, connector): La
                     flows.clone(),
                     counters.clone(),
                     connector.clone(),
-                    crate::offramp::InspectEnv::new(running.config.clone()),
+                    crate::offramp::InspectEnv::new(running.config.clone())
+                        .with_ssh(running.ssh.clone()),
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),

@@ -5,7 +5,7 @@
 /// Whether this build can off-ramp flows to upstream networks (`[[tenant]] offramp`).
 pub const OFFRAMP_AVAILABLE: bool = true;
 /// Whether `inspect_ssh` rules are accepted (the SSH inspector is wired in).
-pub const SSH_INSPECTION_AVAILABLE: bool = false;
+pub const SSH_INSPECTION_AVAILABLE: bool = true;
 /// Whether `inspect_http` rules are accepted (the HTTP inspector is wired in).
 pub const HTTP_INSPECTION_AVAILABLE: bool = true;
 

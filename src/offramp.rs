@@ -217,13 +217,18 @@ async fn proxy_tcp(
             let reconnect = reconnect_leg(flow, connector);
             crate::http::inspect(conn, upstream, flow, env, reconnect).await
         }
-        Inspect::Ssh(_) => {
-            tracing::error!(
-                seq = flow.seq,
-                "no inspector for this flow in this build; closing it"
-            );
-            reset(conn);
-        }
+        Inspect::Ssh(settings) => match env.ssh() {
+            Some(ssh) => {
+                crate::ssh::intercept_flow(conn, upstream, flow, settings, &env.config(), ssh).await
+            }
+            None => {
+                tracing::error!(
+                    seq = flow.seq,
+                    "the SSH inspector is not running; closing the flow"
+                );
+                reset(conn);
+            }
+        },
     }
 }
 
@@ -252,6 +257,7 @@ async fn splice(mut conn: TcpStream, mut upstream: TcpStream, seq: u64) {
 #[derive(Clone)]
 pub struct InspectEnv {
     config: Arc<Mutex<Arc<crate::config::Config>>>,
+    ssh: Option<Arc<crate::ssh::SshServices>>,
     http: crate::http::HttpServices,
 }
 
@@ -259,6 +265,7 @@ impl InspectEnv {
     pub fn new(config: Arc<Mutex<Arc<crate::config::Config>>>) -> InspectEnv {
         InspectEnv {
             config,
+            ssh: None,
             http: crate::http::HttpServices::default(),
         }
     }
@@ -266,6 +273,16 @@ impl InspectEnv {
     /// The HTTP inspector's shared state (audit sink, tenant TLS material).
     pub fn http(&self) -> &crate::http::HttpServices {
         &self.http
+    }
+
+    /// Adds the SSH inspector's shared services (trust material, audit sink).
+    pub fn with_ssh(mut self, ssh: Arc<crate::ssh::SshServices>) -> InspectEnv {
+        self.ssh = Some(ssh);
+        self
+    }
+
+    pub fn ssh(&self) -> Option<&Arc<crate::ssh::SshServices>> {
+        self.ssh.as_ref()
     }
 
     /// The configuration currently in force (it changes on reload).

@@ -341,10 +341,16 @@ struct Queued {
     ack: Option<oneshot::Sender<Result<u64, String>>>,
 }
 
+enum Msg {
+    Record(Box<Queued>),
+    /// Commit what is queued, sign a checkpoint, stop (sinks may still be alive).
+    Stop,
+}
+
 /// The inspector's handle on the SSH audit log. Cloning is cheap.
 #[derive(Clone)]
 pub struct SshAuditSink {
-    tx: SyncSender<Queued>,
+    tx: SyncSender<Msg>,
     shared: Arc<SinkShared>,
 }
 
@@ -362,8 +368,9 @@ pub enum AuditUnavailable {
 impl SshAuditSink {
     /// Queues a record; never blocks. When the queue is full the record is dropped and counted.
     pub fn emit(&self, record: SshRecord) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.tx.try_send(Queued { record, ack: None })
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self
+            .tx
+            .try_send(Msg::Record(Box::new(Queued { record, ack: None })))
         {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -372,10 +379,10 @@ impl SshAuditSink {
     /// Queues a record and waits until it is committed; returns its sequence number.
     pub async fn emit_durable(&self, record: SshRecord) -> Result<u64, AuditUnavailable> {
         let (ack, done) = oneshot::channel();
-        match self.tx.try_send(Queued {
+        match self.tx.try_send(Msg::Record(Box::new(Queued {
             record,
             ack: Some(ack),
-        }) {
+        }))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(AuditUnavailable::QueueFull),
             Err(TrySendError::Disconnected(_)) => return Err(AuditUnavailable::Stopped),
@@ -402,10 +409,13 @@ impl SshAuditSink {
 /// a final checkpoint.
 pub struct SshAuditWriter {
     thread: JoinHandle<()>,
+    tx: SyncSender<Msg>,
 }
 
 impl SshAuditWriter {
+    /// Commits what is queued, signs a final checkpoint and stops the writer (later `emit`s are dropped).
     pub fn finish(self) {
+        let _ = self.tx.send(Msg::Stop);
         let _ = self.thread.join();
     }
 }
@@ -416,19 +426,19 @@ pub fn start(db: &Path, signing_key: &Path) -> anyhow::Result<(SshAuditSink, Ssh
     let mut log = SshLog::open(db)
         .map_err(|e| anyhow::anyhow!("cannot open the SSH audit log in {}: {e}", db.display()))?;
     let key = load_or_create_signing_key(signing_key)?;
-    let (tx, rx) = mpsc::sync_channel::<Queued>(QUEUE);
+    let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
     let shared = Arc::new(SinkShared {
         healthy: AtomicBool::new(true),
         dropped: AtomicU64::new(0),
     });
     let sink = SshAuditSink {
-        tx,
+        tx: tx.clone(),
         shared: shared.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("rampart-ssh-audit".into())
         .spawn(move || writer(&mut log, &key, rx, &shared))?;
-    Ok((sink, SshAuditWriter { thread }))
+    Ok((sink, SshAuditWriter { thread, tx }))
 }
 
 /// The gateway's audit signing key (Ed25519, OpenSSH format, mode 0600), with its `.pub` next to it.
@@ -446,38 +456,51 @@ pub fn load_or_create_signing_key(path: &Path) -> anyhow::Result<PrivateKey> {
     Ok(key)
 }
 
-fn writer(log: &mut SshLog, key: &PrivateKey, rx: mpsc::Receiver<Queued>, shared: &SinkShared) {
+fn writer(log: &mut SshLog, key: &PrivateKey, rx: mpsc::Receiver<Msg>, shared: &SinkShared) {
     let mut open = true;
     let mut since_checkpoint = 0u64;
     let mut last_error_log: Option<Instant> = None;
     while open {
         let mut batch: Vec<Queued> = Vec::new();
-        let first = match rx.recv() {
-            Ok(q) => q,
-            Err(_) => break,
-        };
+        match rx.recv() {
+            Ok(Msg::Record(q)) => batch.push(*q),
+            Ok(Msg::Stop) | Err(_) => open = false,
+        }
         let deadline = Instant::now() + COMMIT_INTERVAL;
-        let mut urgent = first.ack.is_some();
-        batch.push(first);
-        while !urgent && batch.len() < 1024 {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(q) => {
+        let mut urgent = batch.iter().any(|q| q.ack.is_some());
+        while open && batch.len() < 1024 {
+            let msg = if urgent {
+                // Take what is already queued, without waiting.
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            match msg {
+                Msg::Record(q) => {
                     urgent |= q.ack.is_some();
-                    batch.push(q);
+                    batch.push(*q);
                 }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    break;
-                }
+                Msg::Stop => open = false,
             }
         }
-        // Pick up what else is already queued.
-        while let Ok(q) = rx.try_recv() {
-            batch.push(q);
-            if batch.len() >= 1024 {
-                break;
+        if !open {
+            // Stopping: whatever is still queued goes into this last batch.
+            while let Ok(Msg::Record(q)) = rx.try_recv() {
+                batch.push(*q);
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let records: Vec<&SshRecord> = batch.iter().map(|q| &q.record).collect();
         match log.append(&records) {
@@ -586,7 +609,9 @@ impl SshLog {
 
     /// Appends records in one transaction, continuing the chain from the last row. Returns their seqs.
     pub fn append(&mut self, records: &[&SshRecord]) -> rusqlite::Result<Vec<u64>> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let last: Option<(i64, Vec<u8>)> = tx
             .query_row(
                 "SELECT seq, hash FROM ssh_log ORDER BY seq DESC LIMIT 1",
@@ -928,8 +953,9 @@ mod tests {
         let seq = rt.block_on(sink.emit_durable(rec(1))).unwrap();
         assert_eq!(seq, 1);
         sink.emit(rec(2));
-        drop(sink);
+        // finish() stops the writer even while sinks are alive.
         writer.finish();
+        drop(sink);
         let log = SshLog::open_readonly(&db).unwrap();
         assert_eq!(log.rows_after(0, 10).unwrap().len(), 2);
         let cps = log.checkpoints().unwrap();

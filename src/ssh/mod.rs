@@ -35,7 +35,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::audit::capture::RecipientKey;
-use crate::audit::ssh_records::SshAuditSink;
+use crate::audit::ssh_records::{SshAuditSink, SshAuditWriter};
 use crate::config::SshRuleSettings;
 use trust::{TenantTrust, TrustError};
 
@@ -93,6 +93,20 @@ impl SshServices {
             trust: Mutex::new(HashMap::new()),
             preauth: Preauth::default(),
         }
+    }
+
+    /// Starts the SSH audit log writer on `audit_db` (the gateway's audit store) with the signing key under
+    /// `state_dir`, and returns the services plus the writer to finish at shutdown.
+    pub fn start(
+        state_dir: &Path,
+        audit_db: &Path,
+    ) -> anyhow::Result<(Arc<SshServices>, SshAuditWriter)> {
+        let (sink, writer) =
+            crate::audit::ssh_records::start(audit_db, &state_dir.join("audit_signing_key"))?;
+        Ok((
+            Arc::new(SshServices::new(state_dir, sink, SshLimits::default())),
+            writer,
+        ))
     }
 
     pub fn audit(&self) -> &SshAuditSink {
@@ -188,6 +202,36 @@ pub struct SshContext {
 /// Returns when the session is over and its records are emitted.
 pub async fn intercept(client: TcpStream, upstream: TcpStream, ctx: SshContext) {
     server::run(client, upstream, Arc::new(ctx)).await
+}
+
+/// Inspects an upgraded flow of an `inspect_ssh` rule: the context comes from the flow (tenant, device, user,
+/// addresses, rule) and the configuration in force (the tenant's reviewer key).
+pub async fn intercept_flow(
+    client: TcpStream,
+    upstream: TcpStream,
+    flow: &crate::core::Upgraded,
+    settings: &SshRuleSettings,
+    config: &crate::config::Config,
+    services: &Arc<SshServices>,
+) {
+    let recipient = config
+        .tenants
+        .iter()
+        .find(|t| t.id == flow.tenant)
+        .and_then(|t| t.audit_recipient.as_deref())
+        .and_then(|r| RecipientKey::from_base64(r).ok());
+    let ctx = SshContext {
+        tenant: flow.tenant.clone(),
+        device: flow.device.clone(),
+        user: flow.user.clone(),
+        src: flow.src,
+        dst: flow.dst,
+        rule: flow.rule.clone(),
+        settings: settings.clone(),
+        recipient,
+        services: services.clone(),
+    };
+    intercept(client, upstream, ctx).await
 }
 
 /// Milliseconds since the Unix epoch.
