@@ -150,6 +150,9 @@ impl Origin {
         std::fs::create_dir_all(www.join("admin")).unwrap();
         std::fs::write(www.join("small"), "hello from nginx\n").unwrap();
         std::fs::write(www.join("admin/panel"), "secret admin panel\n").unwrap();
+        std::fs::create_dir_all(www.join("once")).unwrap();
+        std::fs::write(www.join("once/a"), "first\n").unwrap();
+        std::fs::write(www.join("once/b"), "second\n").unwrap();
         let mut app_cmd = host.ns.exec("python3");
         app_cmd.args([ORIGIN_APP, "127.0.0.1", "9000"]);
         let mut app = Proc::spawn("origin-app", app_cmd, dir);
@@ -164,7 +167,8 @@ impl Origin {
              server {{ listen {UPSTREAM}:80; root {d}/www; \
                location /upload {{ {proxy} proxy_request_buffering off; }} \
                location /chunked {{ {proxy} proxy_buffering off; }} \
-               location /ws {{ {proxy} proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; }} }}\n\
+               location /ws {{ {proxy} proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; }} \
+               location /once/ {{ keepalive_timeout 0; }} }}\n\
              {tls} }}\n",
             tls = tls_servers.replace("WWW", &format!("{d}/www")),
         );
@@ -352,6 +356,36 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         r.stdout.contains("line 0\n") && r.stdout.ends_with("line 299\n"),
         "{r}"
     );
+
+    // The origin closes its connection after each response: the device's connection stays up and the next
+    // request goes over a new origin connection.
+    let r = curl(
+        &dev.ns,
+        &[
+            "--fail",
+            "-w",
+            " %{num_connects}\n",
+            &format!("{base}/once/a"),
+            &format!("{base}/once/b"),
+        ],
+    );
+    assert!(r.success(), "{r}");
+    assert_eq!(r.stdout, "first\n 1\nsecond\n 0\n", "{r}");
+
+    // HTTP/2 without TLS (prior knowledge) to an HTTP/1.1 origin. (One transfer per curl: curl 7.88 fails a
+    // second h2c transfer on a reused connection with "Error in the HTTP2 framing layer", also against nginx.)
+    let r = curl(
+        &dev.ns,
+        &[
+            "--fail",
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_version} %{http_code}",
+            &format!("{base}/chunked?n=3000"),
+        ],
+    );
+    assert!(r.success(), "{r}");
+    assert!(r.stdout.ends_with("line 2999\n\n2 200"), "{r}");
 
     // Upgrade: 101, then 200 echo round trips over the switched connection.
     let r = dev.ns.run(
@@ -604,7 +638,9 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
         Path::new(&tenant_ca).is_file(),
         "ca init printed {tenant_ca:?}"
     );
-    for http in ["--http2", "--http1.1"] {
+    // Two transfers per connection (HTTP/2 streams, or HTTP/1.1 keep-alive).
+    for (http, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let url = "https://origin.test/small";
         let r = curl(
             &globex.ns,
             &[
@@ -615,8 +651,9 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
                 "--resolve",
                 &resolve("origin.test"),
                 "-w",
-                "%{http_version}",
-                "https://origin.test/small",
+                "%{http_version} %{num_connects}\n",
+                url,
+                url,
             ],
         );
         assert!(
@@ -626,10 +663,8 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
         );
         assert_eq!(
             r.stdout,
-            format!(
-                "hello from nginx\n{}",
-                if http == "--http2" { "2" } else { "1.1" }
-            )
+            format!("hello from nginx\n{version} 1\nhello from nginx\n{version} 0\n"),
+            "{r}"
         );
     }
     let blocked = curl(
