@@ -178,7 +178,9 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>) {
 }
 
 fn write_batch(conn: &mut Connection, records: &[HttpRecord]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: take the write lock up front (a deferred read-then-write transaction fails with
+    // SQLITE_BUSY_SNAPSHOT when the flow writer commits in between).
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         // The flow's row is written by the flow audit writer, usually well before the request ends.
         let mut flow_id = tx
