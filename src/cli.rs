@@ -81,7 +81,10 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum CaCommand {
-    /// Create a tenant's CA (an existing one is kept). With --tls: the TLS inspection CA that signs the
+    /// Create a tenant's CA (an existing one is kept). Without --tls: the SSH user CA (targets trust it for
+    /// the gateway's short-lived certificates), the SSH host CA (clients trust it for the gateway) and the
+    /// gateway's SSH host key, under state_dir/ssh/TENANT (private keys are never printed). With --tls: the
+    /// TLS inspection CA that signs the
     /// certificates shown to devices of a tenant with `tls_decrypt = true`; its certificate
     /// (state_dir/tls/TENANT/ca.pem) must be installed as trusted on those devices.
     Init {
@@ -146,6 +149,17 @@ pub enum AuditCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// SSH sessions seen by the SSH inspector (`inspect_ssh` flows): list, show, replay, search, export.
+    Ssh {
+        #[command(subcommand)]
+        command: crate::audit::ssh_cli::SshCommand,
+    },
+    /// Check that the SSH audit records and recordings are unaltered: the hash chain, each recording's sha256
+    /// and the signed checkpoints. Reports the first break and exits non-zero.
+    Verify {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
     /// Make a reviewer key pair for encrypting recordings at rest (the ssh-log-cli format). The private key is
     /// written to FILE (mode 0600) and never given to the gateway; put the printed public key into the
@@ -291,6 +305,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
             AuditCommand::Keygen { out } => audit_keygen(&out),
+            AuditCommand::Ssh { command } => crate::audit::ssh_cli::run(command),
+            AuditCommand::Verify { config } => crate::audit::ssh_cli::verify(&config),
             AuditCommand::Http {
                 config,
                 tenant,
@@ -739,7 +755,7 @@ fn ca_init(config: &Path, tenant: &str, tls: bool) -> anyhow::Result<()> {
     let cfg = load(config)?;
     let t = tenant_or_bail(&cfg, tenant)?;
     if !tls {
-        bail!("say which CA: --tls creates the tenant's TLS inspection CA");
+        return crate::audit::ssh_cli::ssh_ca_init(&cfg, t.id.as_str());
     }
     let r = crate::http::tls::ca_init(&cfg.gateway.state_dir, t.id.as_str())?;
     if r.created {

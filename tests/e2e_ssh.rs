@@ -420,3 +420,449 @@ fn loopback_exec_relays_output_exit_codes_and_records_commands() {
     assert_eq!(row.keys.rule, "ssh-admins");
     assert_eq!(row.keys.cert_serial, Some(cert.serial));
 }
+
+const RAMPART: &str = env!("CARGO_BIN_EXE_rampart");
+
+impl Gw {
+    /// A config file naming this state dir (what the review CLI reads).
+    fn config_file(&self, recipient: Option<&str>) -> PathBuf {
+        let p = self.state.join("gateway.toml");
+        let recipient = recipient
+            .map(|r| format!("audit_recipient = \"{r}\"\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            &p,
+            format!(
+                "[gateway]\nstate_dir = \"{}\"\n\n[[tenant]]\nid = \"acme\"\naddress_pool = \"100.96.0.0/24\"\n\
+                 gateway_address = \"100.96.0.1\"\n{recipient}",
+                self.state.display()
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    /// `rampart <args> -c <config>`.
+    fn rampart(&self, args: &[&str], config: &Path) -> Output {
+        Command::new(RAMPART)
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .output()
+            .unwrap()
+    }
+
+    fn session_ids(&self) -> Vec<String> {
+        self.log()
+            .rows_of_kind("session.start", 0)
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|r| r.keys.session_id)
+            .collect()
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ssh_records::sha256_hex(data)
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
+    let mut opts = GwOpts::default();
+    opts.settings.capture_input = true;
+    let (gw, _sshd) = Gw::start(opts);
+    let out = gw.ssh(
+        &["-tt", "root@127.0.0.1"],
+        Some("echo h\u{e9}llo-from-pty\nexit 5\n".as_bytes()),
+    );
+    assert_eq!(out.status.code(), Some(5), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("h\u{e9}llo-from-pty"));
+    let rows = gw.wait_rows("session.end", 1);
+    let lines: Vec<String> = events(&rows, "command")
+        .into_iter()
+        .filter_map(|e| match e {
+            SshEvent::Command(c) if c.source == "input_line" => {
+                assert_eq!(c.confidence, "heuristic");
+                c.command.text.open(None)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines, ["echo h\u{e9}llo-from-pty", "exit 5"]);
+    let id = gw.session_ids().remove(0);
+    let cfg = gw.config_file(None);
+    let replay = gw.rampart(&["audit", "ssh", "replay", &id, "--max-idle", "0.05"], &cfg);
+    assert!(replay.status.success(), "{}", text(&replay.stderr));
+    assert!(
+        text(&replay.stdout).contains("h\u{e9}llo-from-pty"),
+        "replay output: {}",
+        text(&replay.stdout)
+    );
+    let dir = gw.state.join("export");
+    let export = gw.rampart(
+        &[
+            "audit",
+            "ssh",
+            "export",
+            &id,
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        &cfg,
+    );
+    assert!(export.status.success(), "{}", text(&export.stderr));
+    let cast = std::fs::read_to_string(dir.join("ch1.cast")).unwrap();
+    let mut lines = cast.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert_eq!(header["rampart"]["session_id"], id.as_str());
+    let mut output = String::new();
+    let mut last_t = 0.0;
+    for l in lines {
+        let ev: serde_json::Value = serde_json::from_str(l).unwrap();
+        let t = ev[0].as_f64().unwrap();
+        assert!(t >= last_t, "asciicast time goes back");
+        last_t = t;
+        if ev[1] == "o" {
+            output += ev[2].as_str().unwrap();
+        }
+    }
+    assert!(output.contains("h\u{e9}llo-from-pty"), "{output}");
+    let session: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("session.json")).unwrap()).unwrap();
+    assert!(session["records"].as_array().unwrap().len() >= 4);
+    let show = gw.rampart(&["audit", "ssh", "show", &id], &cfg);
+    let show = text(&show.stdout);
+    assert!(show.contains("open session shell pty"), "{show}");
+    assert!(show.contains("exit status 5"), "{show}");
+}
+
+#[test]
+fn loopback_stdin_eof_and_10mb_each_way_with_matching_sha256() {
+    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let data = pseudo_random(10 << 20, 7);
+    let up = gw.ssh(&["root@127.0.0.1", "sha256sum"], Some(&data));
+    assert!(up.status.success(), "{}", text(&up.stderr));
+    assert!(text(&up.stdout).starts_with(&sha256_hex(&data)));
+    let down = gw.ssh(
+        &[
+            "root@127.0.0.1",
+            "f=$(mktemp); head -c 10485760 /dev/urandom >$f; sha256sum $f >&2; cat $f; rm -f $f",
+        ],
+        None,
+    );
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    assert_eq!(down.stdout.len(), 10 << 20);
+    assert!(text(&down.stderr).starts_with(&sha256_hex(&down.stdout)));
+}
+
+#[test]
+fn loopback_sftp_and_scp_round_trips_log_operations() {
+    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let work = gw.state.join("files");
+    std::fs::create_dir_all(&work).unwrap();
+    let data = pseudo_random(3 << 20, 11);
+    let src = work.join("up.bin");
+    std::fs::write(&src, &data).unwrap();
+    let remote = tempdir("remote");
+    let port = gw.port.to_string();
+    let scp = |extra: &[&str], from: String, to: String| {
+        let mut cmd = Command::new("scp");
+        cmd.args(gw.ssh_opts())
+            .args(["-P", &port])
+            .args(extra)
+            .arg(from)
+            .arg(to);
+        run_with_stdin(cmd, None)
+    };
+    let r = scp(
+        &[],
+        src.display().to_string(),
+        format!("root@127.0.0.1:{}/a.bin", remote.display()),
+    );
+    assert!(r.status.success(), "scp: {}", text(&r.stderr));
+    let r = scp(
+        &["-O"],
+        format!("root@127.0.0.1:{}/a.bin", remote.display()),
+        work.join("b.bin").display().to_string(),
+    );
+    assert!(r.status.success(), "scp -O: {}", text(&r.stderr));
+    assert_eq!(
+        sha256_hex(&std::fs::read(work.join("b.bin")).unwrap()),
+        sha256_hex(&data)
+    );
+    let batch = format!(
+        "put {} {}/c.bin\nget {}/c.bin {}\nrename {}/c.bin {}/d.bin\nls {}\n",
+        src.display(),
+        remote.display(),
+        remote.display(),
+        work.join("c.bin").display(),
+        remote.display(),
+        remote.display(),
+        remote.display()
+    );
+    let mut cmd = Command::new("sftp");
+    cmd.args(gw.ssh_opts())
+        .args(["-P", &port, "-b", "-", "root@127.0.0.1"]);
+    let r = run_with_stdin(cmd, Some(batch.as_bytes()));
+    assert!(r.status.success(), "sftp: {}", text(&r.stderr));
+    assert_eq!(
+        sha256_hex(&std::fs::read(work.join("c.bin")).unwrap()),
+        sha256_hex(&data)
+    );
+    assert!(remote.join("d.bin").exists());
+    let rows = gw.wait_rows("session.end", 3);
+    let cmds: Vec<String> = events(&rows, "command")
+        .into_iter()
+        .filter_map(|e| match e {
+            SshEvent::Command(c) => Some(format!("{} {}", c.source, c.command.text.open(None)?)),
+            _ => None,
+        })
+        .collect();
+    let has = |s: &str| cmds.iter().any(|c| c.contains(s));
+    assert!(has("exec scp -f"), "{cmds:?}");
+    assert!(
+        has(&format!(
+            "sftp_op open {}/a.bin (write,create",
+            remote.display()
+        )),
+        "{cmds:?}"
+    );
+    assert!(
+        has(&format!(
+            "sftp_op open {}/c.bin (write,create,truncate)",
+            remote.display()
+        )),
+        "{cmds:?}"
+    );
+    assert!(
+        has(&format!(
+            "sftp_op rename {}/c.bin {}/d.bin",
+            remote.display(),
+            remote.display()
+        )),
+        "{cmds:?}"
+    );
+    let _ = std::fs::remove_dir_all(&remote);
+}
+
+#[test]
+fn loopback_local_forwarding_follows_the_rule() {
+    let mut opts = GwOpts::default();
+    opts.settings.allow_forwarding = true;
+    let (gw, sshd) = Gw::start(opts);
+    let lport = free_port();
+    let mut cmd = Command::new("ssh");
+    cmd.args(gw.ssh_opts())
+        .args([
+            "-p",
+            &gw.port.to_string(),
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+        ])
+        .arg(format!("127.0.0.1:{lport}:127.0.0.1:{}", sshd.port))
+        .arg("root@127.0.0.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut fwd = cmd.spawn().unwrap();
+    let banner = wait_for(
+        Duration::from_secs(20),
+        "the forwarded port to answer",
+        || {
+            use std::io::Read as _;
+            let mut s = StdStream::connect(("127.0.0.1", lport)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).ok()?;
+            (n > 0).then(|| text(&buf[..n]))
+        },
+    );
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
+    let rows = gw.wait_rows("channel.open", 1);
+    assert!(events(&rows, "channel.open").iter().any(|e| matches!(e,
+        SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "allowed")));
+
+    // The same through a rule without allow_forwarding: refused and recorded.
+    let (gw2, sshd2) = Gw::start(GwOpts::default());
+    let out = gw2.ssh(
+        &["-W", &format!("127.0.0.1:{}", sshd2.port), "root@127.0.0.1"],
+        None,
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let rows = gw2.wait_rows("channel.open", 1);
+    assert!(events(&rows, "channel.open").iter().any(|e| matches!(e,
+        SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "denied")));
+}
+
+#[test]
+fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tampering() {
+    let (private, public) = rampart::audit::capture::generate_key_pair().unwrap();
+    let mut opts = GwOpts {
+        recipient: Some(RecipientKey::from_base64(&public).unwrap()),
+        ..Default::default()
+    };
+    opts.settings.capture_input = true;
+    let (mut gw, _sshd) = Gw::start(opts);
+    let marker = "marker-7f3a9c";
+    let out = gw.ssh(&["root@127.0.0.1", &format!("echo {marker}; exit 3")], None);
+    assert_eq!(out.status.code(), Some(3));
+    let out = gw.ssh(
+        &["-tt", "root@127.0.0.1"],
+        Some(format!("echo pty-{marker}\nexit\n").as_bytes()),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    gw.wait_rows("session.end", 2);
+    gw.stop();
+    // Nothing sensitive is readable without the key: neither the database nor the recordings.
+    let db = std::fs::read(gw.state.join("audit.db")).unwrap();
+    let wal = std::fs::read(gw.state.join("audit.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()));
+    }
+    let mut caps = Vec::new();
+    for e in walk(&gw.state.join("recordings")) {
+        assert_eq!(e.extension().unwrap(), "cap", "{}", e.display());
+        let b = std::fs::read(&e).unwrap();
+        assert!(!b.windows(marker.len()).any(|w| w == marker.as_bytes()));
+        caps.push(e);
+    }
+    assert_eq!(caps.len(), 2);
+    let cfg = gw.config_file(Some(&public));
+    let keyfile = gw.state.join("reviewer.key");
+    std::fs::write(&keyfile, &private).unwrap();
+    let search = gw.rampart(&["audit", "ssh", "search", marker], &cfg);
+    assert!(!text(&search.stdout).contains(marker));
+    assert!(
+        text(&search.stderr).contains("sealed"),
+        "{}",
+        text(&search.stderr)
+    );
+    let search = gw.rampart(
+        &[
+            "audit",
+            "ssh",
+            "search",
+            marker,
+            "--key",
+            keyfile.to_str().unwrap(),
+        ],
+        &cfg,
+    );
+    assert!(
+        text(&search.stdout).contains(&format!("echo {marker}; exit 3")),
+        "{}",
+        text(&search.stdout)
+    );
+    let ids = gw.session_ids();
+    // The non-PTY capture's header (exit status) is shown by the review tool.
+    let show = gw.rampart(&["audit", "ssh", "show", &ids[0]], &cfg);
+    let show = text(&show.stdout);
+    assert!(show.contains("streams, exit status 3"), "{show}");
+    assert!(!show.contains(marker));
+    let replay = gw.rampart(
+        &["audit", "ssh", "replay", &ids[1], "--max-idle", "0.05"],
+        &cfg,
+    );
+    assert!(!replay.status.success());
+    assert!(
+        text(&replay.stderr).contains("--key"),
+        "{}",
+        text(&replay.stderr)
+    );
+    let replay = gw.rampart(
+        &[
+            "audit",
+            "ssh",
+            "replay",
+            &ids[1],
+            "--max-idle",
+            "0.05",
+            "--key",
+            keyfile.to_str().unwrap(),
+        ],
+        &cfg,
+    );
+    assert!(replay.status.success(), "{}", text(&replay.stderr));
+    assert!(text(&replay.stdout).contains(&format!("pty-{marker}")));
+    // Decodes with the format codec too (what ssh-log-cli reads).
+    let decoded = rampart::audit::capture::decode_file(
+        &caps[0],
+        &rampart::audit::capture::ReviewerKey::from_base64(&private).unwrap(),
+    )
+    .unwrap();
+    assert!(decoded.exit().is_some());
+
+    // Tamper evidence.
+    let verify = gw.rampart(&["audit", "verify"], &cfg);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        text(&verify.stdout),
+        text(&verify.stderr)
+    );
+    assert!(
+        text(&verify.stdout).contains("2 recordings"),
+        "{}",
+        text(&verify.stdout)
+    );
+    let original = std::fs::read(&caps[0]).unwrap();
+    let mut changed = original.clone();
+    let i = changed.len() - 20;
+    changed[i] ^= 1;
+    std::fs::write(&caps[0], &changed).unwrap();
+    let verify = gw.rampart(&["audit", "verify"], &cfg);
+    assert!(!verify.status.success());
+    assert!(
+        text(&verify.stderr).contains("was altered"),
+        "{}",
+        text(&verify.stderr)
+    );
+    std::fs::write(&caps[0], &original).unwrap();
+    {
+        let conn = rusqlite::Connection::open(gw.state.join("audit.db")).unwrap();
+        conn.execute(
+            "UPDATE ssh_log SET login = 'nobody' WHERE seq = (SELECT min(seq) FROM ssh_log WHERE kind = 'command')",
+            [],
+        )
+        .unwrap();
+    }
+    let verify = gw.rampart(&["audit", "verify"], &cfg);
+    assert!(!verify.status.success());
+    assert!(
+        text(&verify.stderr).contains("command of session"),
+        "{}",
+        text(&verify.stderr)
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}

@@ -95,7 +95,11 @@ impl SftpOp {
             SftpOp::Rename { from, to } => format!("rename {} {}", s(from), s(to)),
             SftpOp::Setstat { path } => format!("setstat {}", s(path)),
             SftpOp::Symlink { a, b } => format!("symlink {} {}", s(a), s(b)),
-            SftpOp::Extended { name, a, b } => format!("{name} {} {}", s(a), s(b)),
+            SftpOp::Extended { name, a, b } => match name.as_str() {
+                "posix-rename@openssh.com" => format!("rename {} {}", s(a), s(b)),
+                "hardlink@openssh.com" => format!("link {} {}", s(a), s(b)),
+                _ => format!("{name} {} {}", s(a), s(b)),
+            },
         }
     }
 }

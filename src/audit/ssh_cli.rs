@@ -1,0 +1,457 @@
+//! `rampart audit ssh …` and `rampart audit verify`: argument definitions and output. The queries, rendering
+//! and verification are in `ssh_review`.
+#![deny(unsafe_code)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+
+use super::capture::{Header, ReviewerKey};
+use super::ssh_records::{SshEvent, SshLog};
+use super::ssh_review::{self, CastMeta, SessionFilter};
+use super::time::{format_ms, parse_since};
+use crate::config::Config;
+
+const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/gateway.toml";
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SshCommand {
+    /// SSH sessions, newest first: who, from which device, to which target as which login, how it ended.
+    Sessions {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Target address (`10.0.0.5`) or address and port (`10.0.0.5:22`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Only sessions started since: a duration back from now (15m, 2h, 7d) or a UTC time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The timeline of one session: channels, commands, exit statuses, recordings.
+    Show {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Session id (or a unique prefix of at least 8 characters).
+        id: String,
+        /// The tenant's reviewer private key, to open sealed fields.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Plays a session's terminal recordings in this terminal with their original timing.
+    Replay {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        id: String,
+        /// Faster (2) or slower (0.5) than real time.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Shorten pauses longer than this many seconds.
+        #[arg(long)]
+        max_idle: Option<f64>,
+        /// Only this channel (the `chN` of `show`).
+        #[arg(long)]
+        channel: Option<u32>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Finds commands (exec commands, typed lines, SFTP operations) containing TEXT.
+    Search {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        text: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a session to DIR: session.json (every record), an asciicast file per terminal channel
+    /// (`asciinema play DIR/ch1.cast`), client/server byte streams per other channel.
+    Export {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+fn load(config: &Path) -> anyhow::Result<Config> {
+    Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn open_log(cfg: &Config) -> anyhow::Result<SshLog> {
+    let path = &cfg.audit.path;
+    if !path.exists() {
+        bail!(
+            "no audit store at {} yet (it is created when the gateway first runs)",
+            path.display()
+        );
+    }
+    SshLog::open_readonly(path).with_context(|| {
+        format!(
+            "cannot read SSH records from {} (no SSH session recorded yet?)",
+            path.display()
+        )
+    })
+}
+
+fn read_key(path: Option<&Path>) -> anyhow::Result<Option<ReviewerKey>> {
+    path.map(|p| ReviewerKey::read_file(p).with_context(|| format!("--key {}", p.display())))
+        .transpose()
+}
+
+pub fn run(command: SshCommand) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        SshCommand::Sessions {
+            config,
+            tenant,
+            user,
+            target,
+            since,
+            limit,
+            json,
+        } => {
+            let cfg = load(&config)?;
+            let log = open_log(&cfg)?;
+            let now_ms = crate::ssh::unix_ms();
+            let since_ms = since
+                .map(|s| parse_since(&s, now_ms))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let rows = ssh_review::sessions(
+                &log,
+                &SessionFilter {
+                    tenant,
+                    user,
+                    target,
+                    since_ms,
+                    limit,
+                },
+            )?;
+            if json {
+                for r in &rows {
+                    writeln!(out, "{}", serde_json::to_string(r)?)?;
+                }
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "{:<36} {:<24} {:<10} {:<20} {:<14} {:<21} {:<10} {:>3}  END",
+                "SESSION", "STARTED", "TENANT", "USER", "DEVICE", "TARGET", "LOGIN", "CH"
+            )?;
+            for r in &rows {
+                let end = match (&r.end_reason, r.ended_ms) {
+                    (Some(reason), Some(ms)) => {
+                        format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
+                    }
+                    _ => "open".into(),
+                };
+                let end = if r.decision == "allowed" {
+                    end
+                } else {
+                    format!("{end}; {}", r.decision)
+                };
+                writeln!(
+                    out,
+                    "{:<36} {:<24} {:<10} {:<20} {:<14} {:<21} {:<10} {:>3}  {end}",
+                    r.session_id,
+                    format_ms(r.started_ms),
+                    r.tenant,
+                    r.user,
+                    r.device,
+                    r.target,
+                    r.login,
+                    r.channels
+                )?;
+            }
+            Ok(())
+        }
+        SshCommand::Show { config, id, key } => {
+            let cfg = load(&config)?;
+            let log = open_log(&cfg)?;
+            let key = read_key(key.as_deref())?;
+            let id = ssh_review::resolve_session(&log, &id)?;
+            ssh_review::show(&log, &id, key.as_ref(), &mut out)?;
+            // What the ssh-log-cli container keeps only in its (plaintext) header, for every recording.
+            for (seq, rec, _) in ssh_review::recordings(&log, &id)? {
+                if let Ok(h) = read_capture_header(&cfg.gateway.state_dir.join(&rec.path)) {
+                    let exit = h.exit_data.unwrap_or_default();
+                    writeln!(
+                        out,
+                        "recording ch{seq} ({}): {} exit status {} signal {} error {}",
+                        rec.path,
+                        if h.pty.is_some() {
+                            "terminal,"
+                        } else {
+                            "streams,"
+                        },
+                        exit.status.map_or("-".into(), |s| s.to_string()),
+                        exit.signal.as_deref().unwrap_or("-"),
+                        exit.error_msg.as_deref().unwrap_or("-"),
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        SshCommand::Replay {
+            config,
+            id,
+            speed,
+            max_idle,
+            channel,
+            key,
+        } => {
+            let cfg = load(&config)?;
+            let log = open_log(&cfg)?;
+            let key = read_key(key.as_deref())?;
+            let id = ssh_review::resolve_session(&log, &id)?;
+            let mut played = 0;
+            for (seq, rec, _) in ssh_review::recordings(&log, &id)? {
+                if channel.is_some_and(|c| c != seq) || (!rec.pty && channel.is_none()) {
+                    continue;
+                }
+                let decoded =
+                    ssh_review::load_recording(&cfg.gateway.state_dir, &rec, key.as_ref())?;
+                ssh_review::replay(
+                    &decoded,
+                    speed,
+                    max_idle.map(Duration::from_secs_f64),
+                    &mut out,
+                )?;
+                played += 1;
+            }
+            if played == 0 {
+                bail!("session {id} has no terminal recording to replay (see `rampart audit ssh show {id}`)");
+            }
+            Ok(())
+        }
+        SshCommand::Search {
+            config,
+            text,
+            key,
+            json,
+        } => {
+            let cfg = load(&config)?;
+            let log = open_log(&cfg)?;
+            let key = read_key(key.as_deref())?;
+            let (hits, sealed) = ssh_review::search(&log, &text, key.as_ref())?;
+            for h in &hits {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(h)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}  {}  ch{}  {}@{} ({}, {})  {}: {}",
+                        format_ms(h.at_ms),
+                        h.session_id,
+                        h.channel_seq.unwrap_or(0),
+                        h.login,
+                        h.target,
+                        h.user,
+                        h.tenant,
+                        h.source,
+                        h.text
+                    )?;
+                }
+            }
+            if sealed > 0 {
+                eprintln!(
+                    "{sealed} sealed commands were not searched{}",
+                    if key.is_some() {
+                        " (the key does not open them: another tenant's?)"
+                    } else {
+                        "; pass --key with the tenant's reviewer key"
+                    }
+                );
+            }
+            Ok(())
+        }
+        SshCommand::Export {
+            config,
+            id,
+            out: dir,
+            key,
+        } => {
+            let cfg = load(&config)?;
+            let log = open_log(&cfg)?;
+            let key = read_key(key.as_deref())?;
+            let id = ssh_review::resolve_session(&log, &id)?;
+            export(&cfg, &log, &id, &dir, key.as_ref())?;
+            writeln!(out, "{}", dir.display())?;
+            Ok(())
+        }
+    }
+}
+
+fn export(
+    cfg: &Config,
+    log: &SshLog,
+    id: &str,
+    dir: &Path,
+    key: Option<&ReviewerKey>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let rows = log.session_rows(id)?;
+    let records: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["body"] = serde_json::from_str(&r.body).unwrap_or_default();
+            v
+        })
+        .collect();
+    std::fs::write(
+        dir.join("session.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({ "session_id": id, "records": records }))?,
+    )?;
+    let first = rows.first().map(|r| r.keys.clone()).unwrap_or_default();
+    for (seq, rec, close) in ssh_review::recordings(log, id)? {
+        let decoded = match ssh_review::load_recording(&cfg.gateway.state_dir, &rec, key) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("ch{seq}: {e}");
+                continue;
+            }
+        };
+        let command = rows.iter().find_map(|r| match r.event() {
+            Some(SshEvent::ChannelOpen(o)) if r.channel_seq == Some(seq) => {
+                o.command.map(|c| c.text.show(key))
+            }
+            _ => None,
+        });
+        if decoded.header.pty.is_some() {
+            let meta = CastMeta {
+                session_id: id.to_owned(),
+                channel_seq: seq,
+                user: first.user.clone(),
+                device: first.device.clone(),
+                target: first.target.clone(),
+                login: first.login.clone(),
+                command: command.clone(),
+            };
+            let mut f =
+                std::io::BufWriter::new(std::fs::File::create(dir.join(format!("ch{seq}.cast")))?);
+            ssh_review::write_cast(&decoded, &meta, &mut f)?;
+            f.flush()?;
+        } else {
+            use super::capture::Source;
+            std::fs::write(
+                dir.join(format!("ch{seq}.client.bin")),
+                decoded.data_from(Source::Client),
+            )?;
+            std::fs::write(
+                dir.join(format!("ch{seq}.server.bin")),
+                decoded.data_from(Source::Origin),
+            )?;
+        }
+        std::fs::write(
+            dir.join(format!("ch{seq}.json")),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "command": command,
+                "exit_status": close.exit_status,
+                "exit_signal": close.exit_signal,
+                "core_dumped": close.core_dumped,
+                "error": close.error,
+                "capture_header_exit": decoded.header.exit_data,
+                "recording": rec,
+            }))?,
+        )?;
+    }
+    Ok(())
+}
+
+/// The plaintext header of an `ssh-log-cli` capture (readable without the key).
+fn read_capture_header(path: &Path) -> anyhow::Result<Header> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 4];
+    f.read_exact(&mut len)?;
+    let mut b64 = Vec::new();
+    f.take(u64::from(u32::from_be_bytes(len)))
+        .read_to_end(&mut b64)?;
+    let json = base64::engine::general_purpose::STANDARD.decode(&b64)?;
+    Ok(serde_json::from_slice(&json)?)
+}
+
+/// `rampart audit verify`: checks the SSH audit chain, recordings and checkpoint signatures.
+pub fn verify(config: &Path) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    let log = open_log(&cfg)?;
+    let state = &cfg.gateway.state_dir;
+    let key_path = state.join("audit_signing_key.pub");
+    let key = std::fs::read_to_string(&key_path)
+        .ok()
+        .map(|t| russh::keys::ssh_key::PublicKey::from_openssh(t.trim()))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
+    let report = ssh_review::verify(&log, state, key.as_ref())?;
+    if let Some(b) = &report.first_break {
+        bail!(
+            "audit log verification FAILED at record {}: {}\n({} records verified before it)",
+            b.seq,
+            b.what,
+            b.seq.saturating_sub(1)
+        );
+    }
+    println!(
+        "ok: {} SSH audit records chained, {} recordings match their hashes, {} checkpoints signed{}{}",
+        report.records,
+        report.recordings,
+        report.checkpoints,
+        report
+            .last_checkpoint_seq
+            .map(|s| format!(" (last at record {s})"))
+            .unwrap_or_default(),
+        if report.unsigned_tail > 0 {
+            format!(
+                "; the last {} records are not signed yet (the gateway signs every {} records and at shutdown)",
+                report.unsigned_tail,
+                super::ssh_records::CHECKPOINT_EVERY
+            )
+        } else {
+            String::new()
+        }
+    );
+    if key.is_none() {
+        eprintln!(
+            "note: {} not found; signatures were checked against the key they name only",
+            key_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `rampart ca init --tenant T` (without --tls): the tenant's SSH user CA, host CA and gateway host key.
+pub fn ssh_ca_init(cfg: &Config, tenant: &str) -> anyhow::Result<()> {
+    let r = crate::ssh::trust::ca_init(&cfg.gateway.state_dir, tenant)?;
+    if r.created {
+        eprintln!(
+            "created the SSH certificate authorities of tenant {tenant} in {}",
+            r.dir.display()
+        );
+    } else {
+        eprintln!("the SSH certificate authorities of tenant {tenant} exist; keeping them");
+    }
+    eprintln!(
+        "targets trust the user CA (sshd_config: TrustedUserCAKeys /etc/ssh/rampart_user_ca.pub):"
+    );
+    println!("{}", r.user_ca_pub);
+    eprintln!("clients trust the host CA (a line in ~/.ssh/known_hosts):");
+    println!("@cert-authority * {}", r.host_ca_pub);
+    Ok(())
+}
