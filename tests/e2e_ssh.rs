@@ -866,3 +866,180 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+#[test]
+fn loopback_target_rejecting_the_certificate_is_reported_by_the_gateway() {
+    let state = tempdir("state");
+    trust::ca_init(&state, "acme").unwrap();
+    // The target trusts another CA.
+    let other = tempdir("otherca");
+    let other_ca = trust::ca_init(&other, "x").unwrap();
+    let sshd = Sshd::start(&state, &other_ca.dir.join("user_ca.pub"));
+    let gw = Gw::start_with(state, sshd.addr(), GwOpts::default());
+    let out = gw.ssh(&["root@127.0.0.1", "true"], None);
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(": rampart gateway: cannot open session to target")
+            && err.contains("rejected the gateway certificate for principal 'root'"),
+        "{err}"
+    );
+    let rows = gw.wait_rows("session.end", 1);
+    assert!(events(&rows, "session.end").iter().any(|e| matches!(e,
+        SshEvent::SessionEnd(s) if s.reason == "upstream_failed")));
+}
+
+#[test]
+fn loopback_required_recording_with_an_unwritable_store_refuses_the_session() {
+    let (gw, _sshd) = Gw::start(GwOpts::default());
+    // The recordings directory cannot be created (root ignores permissions, so use a file in its way).
+    std::fs::write(gw.state.join("recordings"), b"not a directory").unwrap();
+    let out = gw.ssh(&["root@127.0.0.1", "echo should-not-run"], None);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(!text(&out.stdout).contains("should-not-run"));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("rampart gateway: session refused: recording is required"),
+        "{err}"
+    );
+    // best_effort goes on without a recording.
+    let mut opts = GwOpts::default();
+    opts.settings.recording = Recording::BestEffort;
+    let (gw2, _sshd2) = Gw::start(opts);
+    std::fs::write(gw2.state.join("recordings"), b"not a directory").unwrap();
+    let out = gw2.ssh(&["root@127.0.0.1", "echo runs"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "runs\n");
+}
+
+/// Whether the gateway closed `s` (EOF or reset) before `deadline`.
+fn closed_within(mut s: StdStream, deadline: Duration) -> bool {
+    use std::io::Read as _;
+    let end = Instant::now() + deadline;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn loopback_garbage_half_handshakes_and_silence_are_closed_within_the_grace_period() {
+    let opts = GwOpts {
+        limits: SshLimits {
+            login_grace: Duration::from_secs(3),
+            ..SshLimits::default()
+        },
+        ..Default::default()
+    };
+    let (gw, _sshd) = Gw::start(opts);
+    let connect = || StdStream::connect(("127.0.0.1", gw.port)).unwrap();
+    let mut garbage = connect();
+    garbage.write_all(&pseudo_random(5000, 3)).unwrap();
+    let mut half = connect();
+    half.write_all(b"SSH-2.0-OpenSSH_9.2p1\r\n").unwrap();
+    let silent = connect();
+    let started = Instant::now();
+    // Meanwhile, a real session works.
+    let out = gw.ssh(&["root@127.0.0.1", "echo alive"], None);
+    assert_eq!(text(&out.stdout), "alive\n", "{}", text(&out.stderr));
+    // Generous margin over the 3 s grace; each must be closed well before "never".
+    for (name, s) in [("garbage", garbage), ("half", half), ("silent", silent)] {
+        let left = Duration::from_secs(20).saturating_sub(started.elapsed());
+        assert!(closed_within(s, left), "{name} connection still open");
+    }
+    let out = gw.ssh(&["root@127.0.0.1", "echo still-alive"], None);
+    assert_eq!(text(&out.stdout), "still-alive\n", "{}", text(&out.stderr));
+}
+
+#[test]
+fn loopback_a_1mb_command_does_not_break_the_gateway() {
+    let (gw, _sshd) = Gw::start(GwOpts::default());
+    // ssh joins its arguments; one argument may not exceed 128 KiB (execve), so use several.
+    let part = "x".repeat(100 * 1024);
+    let mut args: Vec<&str> = vec!["root@127.0.0.1", "echo"];
+    args.extend(std::iter::repeat_n(part.as_str(), 10));
+    let out = gw.ssh(&args, None);
+    assert_ne!(out.status.code(), Some(0));
+    let out = gw.ssh(&["root@127.0.0.1", "echo fine"], None);
+    assert_eq!(text(&out.stdout), "fine\n", "{}", text(&out.stderr));
+    // A 200 KB command is relayed and logged with its length and hash.
+    let big = "y".repeat(200 * 1024);
+    let out = gw.ssh(
+        &[
+            "root@127.0.0.1",
+            &format!("echo {}", &big[..100 * 1024]),
+            &big[100 * 1024..],
+        ],
+        None,
+    );
+    let _ = out;
+    let rows = gw.wait_rows("session.end", 3);
+    let lens: Vec<(usize, bool)> = events(&rows, "command")
+        .into_iter()
+        .filter_map(|e| match e {
+            SshEvent::Command(c) => Some((c.command.len, c.command.truncated)),
+            _ => None,
+        })
+        .collect();
+    assert!(lens.contains(&(5 + 200 * 1024 + 1, true)), "{lens:?}");
+}
+
+/// Established TCP connections to 127.0.0.1:`port` (both directions), from /proc/net/tcp.
+fn established_to(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want = format!("0100007F:{port:04X}");
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[3] == "01" && (f[1] == want || f[2] == want)
+        })
+        .count()
+}
+
+#[test]
+fn loopback_30_parallel_sessions_succeed_without_leaking_target_connections() {
+    let (gw, sshd) = Gw::start(GwOpts::default());
+    let children: Vec<_> = (0..30)
+        .map(|i| {
+            let mut cmd = Command::new("ssh");
+            cmd.args(gw.ssh_opts())
+                .args(["-p", &gw.port.to_string(), "root@127.0.0.1"])
+                .arg(format!("echo ok-{i}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert_eq!(
+            text(&out.stdout),
+            format!("ok-{i}\n"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    gw.wait_rows("session.end", 30);
+    wait_for(
+        Duration::from_secs(20),
+        "target connections to close",
+        || (established_to(sshd.port) == 0).then_some(()),
+    );
+}

@@ -47,7 +47,8 @@ pub const GATEWAY_NAME: &str = "rampart gateway";
 pub struct SshLimits {
     /// A connection not authenticated by then is closed (OpenSSH's `LoginGraceTime`).
     pub login_grace: Duration,
-    /// Unauthenticated connections at once, per device and in total (`MaxStartups`-like).
+    /// Unauthenticated connections at once, per device and in total (`MaxStartups`-like); more wait for a
+    /// slot within the login grace time.
     pub preauth_per_device: usize,
     pub preauth_total: usize,
     /// Channels open at once on one connection.
@@ -65,8 +66,8 @@ impl Default for SshLimits {
     fn default() -> Self {
         SshLimits {
             login_grace: Duration::from_secs(30),
-            preauth_per_device: 10,
-            preauth_total: 200,
+            preauth_per_device: 16,
+            preauth_total: 128,
             max_channels: 16,
             keepalive: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(20),
@@ -158,6 +159,20 @@ impl Drop for PreauthGuard {
                 m.remove(&self.device);
             }
         }
+    }
+}
+
+/// Waits (at most the login grace time) for a pre-auth slot.
+async fn wait_preauth(services: &Arc<SshServices>, device: &str) -> Option<PreauthGuard> {
+    let deadline = tokio::time::Instant::now() + services.limits.login_grace;
+    loop {
+        if let Some(g) = try_preauth(services, device) {
+            return Some(g);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

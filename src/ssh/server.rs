@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
+use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,7 +124,8 @@ impl SessionState {
 pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
     let services = ctx.services.clone();
     let limits = services.limits().clone();
-    let Some(preauth) = super::try_preauth(&services, ctx.device.as_str()) else {
+    // A burst waits for a pre-auth slot (within the grace period) rather than failing.
+    let Some(preauth) = super::wait_preauth(&services, ctx.device.as_str()).await else {
         tracing::debug!(device = %ctx.device, "too many unauthenticated SSH connections; closing");
         return;
     };
@@ -158,6 +160,13 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         auth_method: String::new(),
     };
     let _ = client.set_nodelay(true);
+    // russh serves the connection from a task of its own that an unauthenticated client can keep in key
+    // exchange (where it does not look at our disconnect): a duplicate of the socket lets us shut it down.
+    let killer = client
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(std::net::TcpStream::from);
     let grace = tokio::time::sleep(limits.login_grace);
     tokio::pin!(grace);
     let running = tokio::select! {
@@ -180,16 +189,23 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
                 None if session.authed.load(Ordering::Relaxed) => running.await,
                 None => {
                     session.set_end("login_timeout", None);
-                    let _ = handle
-                        .disconnect(
-                            Disconnect::ByApplication,
-                            format!("{GATEWAY_NAME}: login grace time exceeded"),
-                            "en".into(),
-                        )
-                        .await;
-                    tokio::time::timeout(Duration::from_secs(5), &mut running)
-                        .await
-                        .unwrap_or(Ok(()))
+                    let bye = handle.disconnect(
+                        Disconnect::ByApplication,
+                        format!("{GATEWAY_NAME}: login grace time exceeded"),
+                        "en".into(),
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+                    match tokio::time::timeout(Duration::from_secs(1), &mut running).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            if let Some(k) = &killer {
+                                let _ = k.shutdown(std::net::Shutdown::Both);
+                            }
+                            tokio::time::timeout(Duration::from_secs(5), &mut running)
+                                .await
+                                .unwrap_or(Ok(()))
+                        }
+                    }
                 }
             };
             match result {
