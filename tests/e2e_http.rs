@@ -39,6 +39,12 @@ action = "inspect_http"
 dst = ["{UPSTREAM_NET}"]
 proto = "tcp"
 ports = ["80", "443"]
+[[tenant.rule]]
+id = "to-server"
+action = "inspect_http"
+dst = ["server"]
+proto = "tcp"
+ports = ["8000"]
 [[tenant.http_rule]]
 id = "no-admin"
 action = "block"
@@ -282,6 +288,7 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         &dev.ns,
         &[
             "--fail",
+            "--path-as-is",
             "-o",
             "/dev/null",
             "-o",
@@ -289,7 +296,7 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
             "-w",
             "%{http_code} %{num_connects}\n",
             &format!("{base}/small"),
-            &format!("{base}/small?again"),
+            &format!("{base}/keepalive/../small"),
         ],
     );
     assert!(
@@ -447,6 +454,49 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
     }
     lab.gateway.assert_alive();
 
+    // Device to device (downgrade path): a plain HTTP/1.0 server on device "server", which closes after every
+    // response. A downgraded leg cannot be re-opened (it carries the laptop's own 5-tuple), so the gateway
+    // closes the laptop's connection after the response and curl's second request opens a new flow.
+    let server = lab.add_client("acme", "server");
+    wait_ping(&server.ns, "100.96.0.1", TUNNEL_UP, "server -> gateway");
+    let addr = server.address().to_string();
+    let www = lab.dir().join("up/www").display().to_string();
+    let mut cmd = server.ns.exec("python3");
+    cmd.args([
+        "-u",
+        "-m",
+        "http.server",
+        "8000",
+        "--bind",
+        &addr,
+        "--directory",
+        &www,
+    ]);
+    let mut web = Proc::spawn("device-web", cmd, lab.dir());
+    web.wait_stdout("Serving HTTP", Duration::from_secs(30));
+    let url = format!("http://{addr}:8000/small");
+    let r = curl(&dev.ns, &["--fail", "-w", "%{num_connects}\n", &url, &url]);
+    assert!(
+        r.success(),
+        "{r}\n{}",
+        support::process::tail(&lab.gateway.log(), 30)
+    );
+    assert_eq!(
+        r.stdout, "hello from nginx\n1\nhello from nginx\n1\n",
+        "{r}"
+    );
+    wait_record(
+        &lab,
+        &["--host", &addr],
+        "the device-to-device request",
+        |r| {
+            is(r, "flow_rule", "to-server")
+                && is(r, "dst", &format!("{addr}:8000"))
+                && r["status"] == 200
+        },
+    );
+    web.stop(Duration::from_secs(5));
+
     // Every request is in `rampart audit http`, with who, what, status, bytes and decision.
     let user = "laptop@acme.example";
     let common = |r: &serde_json::Value| {
@@ -458,8 +508,13 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
     let get = wait_record(
         &lab,
         &["--user", user, "--host", UPSTREAM],
-        "the GET record",
-        |r| common(r) && is(r, "method", "GET") && is(r, "path", "/small") && r["status"] == 200,
+        "the second GET on the kept-alive connection",
+        |r| {
+            common(r)
+                && is(r, "method", "GET")
+                && is(r, "path", "/keepalive/../small")
+                && r["status"] == 200
+        },
     );
     assert_eq!(get["resp_bytes"].as_u64(), Some(17), "{get}");
     assert!(

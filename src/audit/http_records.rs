@@ -3,10 +3,12 @@
 //! store, written through a connection of its own (WAL, so flow writes and reviews run alongside).
 //!
 //! - [`HttpAuditSink::emit`] never blocks: a full queue drops the record and counts it.
-//! - One writer thread commits batches at most [`COMMIT_INTERVAL`] after a record arrived. Durability is that
-//!   of the flow store (WAL, `synchronous = FULL`); a crash loses what was queued or in the open batch.
-//! - Each row carries the flow's `seq` and, once the flow's own row exists, its id in `flows` (`flow_id`),
-//!   so a reviewer goes from `rampart audit flows` to the flow's requests (`rampart audit http --flow ID`).
+//! - One writer thread commits batches at most [`COMMIT_INTERVAL`] after a record arrived, or up to
+//!   [`FLOW_LINK_WAIT`] later while the record waits for its flow's row. Durability is that of the flow store
+//!   (WAL, `synchronous = FULL`); a crash loses what was queued or still held.
+//! - Each row carries the flow's `seq` and its id in `flows` (`flow_id`, NULL if the flow's row never
+//!   appeared), so a reviewer goes from `rampart audit flows` to the flow's requests
+//!   (`rampart audit http --flow ID`).
 //!
 //! Never: update or delete a row.
 #![deny(unsafe_code)]
@@ -24,6 +26,9 @@ use serde::Serialize;
 const QUEUE: usize = 8192;
 /// Longest a record waits in the writer before its batch commits.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a record may wait for its flow's row (to store `flow_id`); the flow writer commits every
+/// `audit.commit_interval_ms` (250 ms by default).
+pub const FLOW_LINK_WAIT: Duration = Duration::from_secs(3);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS http_requests (
@@ -157,8 +162,15 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>) {
                 Err(RecvTimeoutError::Disconnected) => open = false,
             }
         }
-        match write_batch(&mut conn, &pending) {
-            Ok(()) => pending.clear(),
+        // At shutdown (`!open`) everything held is written, linked or not.
+        match write_batch(&mut conn, &pending, open) {
+            Ok(deferred) => {
+                pending = deferred;
+                if !pending.is_empty() && open {
+                    // Only records waiting for their flow's row: do not spin.
+                    std::thread::sleep(COMMIT_INTERVAL);
+                }
+            }
             Err(e) => {
                 if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     last_error_log = Some(Instant::now());
@@ -177,16 +189,31 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>) {
     }
 }
 
-fn write_batch(conn: &mut Connection, records: &[HttpRecord]) -> rusqlite::Result<()> {
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Inserts `records` in one transaction. With `wait_for_flows`, a record whose flow row is not there yet (the
+/// flow writer commits on its own schedule) and that ended less than [`FLOW_LINK_WAIT`] ago is returned
+/// instead of inserted, to be tried again; past that it is stored without `flow_id`.
+fn write_batch(
+    conn: &mut Connection,
+    records: &[HttpRecord],
+    wait_for_flows: bool,
+) -> rusqlite::Result<Vec<HttpRecord>> {
+    let now_ms = unix_ms_now();
+    let mut deferred = Vec::new();
     // IMMEDIATE: take the write lock up front (a deferred read-then-write transaction fails with
     // SQLITE_BUSY_SNAPSHOT when the flow writer commits in between).
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
-        // The flow's row is written by the flow audit writer, usually well before the request ends.
         let mut flow_id = tx
             .prepare_cached(
                 "SELECT id FROM flows WHERE seq = ?1 AND tenant = ?2 AND src = ?3 AND sport = ?4
-                 ORDER BY id DESC LIMIT 1",
+                   AND started_ms <= ?5 ORDER BY id DESC LIMIT 1",
             )
             .ok();
         let mut insert = tx.prepare_cached(
@@ -199,13 +226,22 @@ fn write_batch(conn: &mut Connection, records: &[HttpRecord]) -> rusqlite::Resul
             let (ip, port) = r.src.rsplit_once(':').unwrap_or((&r.src, "0"));
             let port: i64 = port.parse().unwrap_or(0);
             let fid: Option<i64> = flow_id.as_mut().and_then(|s| {
-                s.query_row(params![r.flow_seq as i64, r.tenant, ip, port], |row| {
-                    row.get(0)
-                })
+                s.query_row(
+                    params![r.flow_seq as i64, r.tenant, ip, port, r.at_ms + 1000],
+                    |row| row.get(0),
+                )
                 .optional()
                 .ok()
                 .flatten()
             });
+            let ended_ms = r.at_ms + r.duration_ms as i64;
+            if fid.is_none()
+                && wait_for_flows
+                && now_ms - ended_ms < FLOW_LINK_WAIT.as_millis() as i64
+            {
+                deferred.push(r.clone());
+                continue;
+            }
             insert.execute(params![
                 r.at_ms,
                 r.ref_id,
@@ -232,7 +268,8 @@ fn write_batch(conn: &mut Connection, records: &[HttpRecord]) -> rusqlite::Resul
             ])?;
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(deferred)
 }
 
 /// A stored record as review shows it.

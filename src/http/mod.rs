@@ -24,7 +24,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -41,6 +41,8 @@ use tls::{TenantTls, TlsError, ALPN_H2, ALPN_HTTP11};
 
 /// The device must send its first byte (request line or ClientHello) within this.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The TLS handshake with the origin (before the device's) must finish within this.
+pub const ORIGIN_TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffers of a TLS passthrough relay.
 const RELAY_BUFFER: usize = 64 * 1024;
 
@@ -58,7 +60,17 @@ struct ServicesInner {
     tls: Mutex<HashMap<String, (TlsKey, Arc<TenantTls>)>>,
 }
 
-type TlsKey = (PathBuf, Option<PathBuf>);
+/// What the loaded material depends on: paths and modification times of the CA and the trusted origin CAs.
+type TlsKey = (
+    PathBuf,
+    Option<PathBuf>,
+    Option<SystemTime>,
+    Option<SystemTime>,
+);
+
+fn mtime(p: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
 
 impl HttpServices {
     fn sink(&self, cfg: &Config) -> Option<HttpAuditSink> {
@@ -77,11 +89,13 @@ impl HttpServices {
     /// The tenant's TLS material (loaded once; a missing CA is retried on the next connection, so
     /// `rampart ca init` takes effect without a restart).
     fn tenant_tls(&self, cfg: &Config, tenant: &Tenant) -> Result<Arc<TenantTls>, TlsError> {
+        let id = tenant.id.as_str();
         let key: TlsKey = (
             cfg.gateway.state_dir.clone(),
             tenant.http.tls_upstream_ca.clone(),
+            mtime(&tls::ca_dir(&cfg.gateway.state_dir, id).join("ca.pem")),
+            tenant.http.tls_upstream_ca.as_deref().and_then(mtime),
         );
-        let id = tenant.id.as_str();
         if let Some((k, t)) = self.inner.tls.lock().expect("tls cache").get(id) {
             if *k == key {
                 return Ok(t.clone());
@@ -141,6 +155,8 @@ pub async fn inspect(
     env: &InspectEnv,
     reconnect: Reconnect,
 ) {
+    // A downgraded leg carries the device's own 5-tuple towards the destination device: there is only one.
+    let reconnect = flow.downgrade.is_none().then_some(reconnect);
     let cfg = env.config();
     let ctx = FlowCtx {
         upgraded: Arc::new(flow.clone()),
@@ -200,7 +216,7 @@ async fn inspect_tls(
     mut client: TcpStream,
     mut upstream: TcpStream,
     ctx: FlowCtx,
-    reconnect: Reconnect,
+    reconnect: Option<Reconnect>,
 ) {
     let seq = ctx.upgraded.seq;
     let (accepted, seen) = match tls::read_client_hello(&mut client, FIRST_BYTE_TIMEOUT).await {
@@ -302,9 +318,13 @@ async fn inspect_tls(
             };
             let client_cfg = ttls.client_config(to_origin);
             let name = tls::origin_name(sni.as_deref(), (*u.dst.ip()).into());
-            let connected = tokio_rustls::TlsConnector::from(client_cfg.clone())
-                .connect(name.clone(), upstream)
-                .await;
+            let connected = tokio::time::timeout(
+                ORIGIN_TLS_TIMEOUT,
+                tokio_rustls::TlsConnector::from(client_cfg.clone())
+                    .connect(name.clone(), upstream),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
             let (origin, device_alpn) = match connected {
                 Ok(tls) => {
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);

@@ -1,7 +1,9 @@
 //! The origin side of an inspected flow: a hyper client connection over the leg the off-ramp already opened
 //! (plain, or TLS towards the original destination), re-opened through the off-ramp (`Reconnect`) when the
-//! origin closes it between requests. HTTP/1.1 origins serve one request at a time (requests wait for the
-//! connection); HTTP/2 origins multiplex.
+//! origin closes it between requests. Without `Reconnect` (a downgraded leg carries the device's own 5-tuple,
+//! so there is exactly one), the origin closing is signalled (`Origin::closed`) so the device's connection is
+//! ended gracefully too. HTTP/1.1 origins serve one request at a time (requests wait for the connection);
+//! HTTP/2 origins multiplex.
 #![deny(unsafe_code)]
 
 use std::future::Future;
@@ -19,7 +21,7 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 
 use super::rewrite::OriginProto;
 use super::tls::ALPN_H2;
@@ -63,7 +65,9 @@ impl Sender {
 
 pub struct Origin {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
-    reconnect: Reconnect,
+    reconnect: Option<Reconnect>,
+    /// Set when a connection ends and none can be re-opened.
+    dead: Arc<watch::Sender<bool>>,
     first: std::sync::Mutex<Option<OriginIo>>,
     sender: Arc<Mutex<Option<Sender>>>,
 }
@@ -99,7 +103,11 @@ impl Lease {
     }
 }
 
-async fn handshake<T>(io: T, h2: bool) -> Result<Sender, hyper::Error>
+async fn handshake<T>(
+    io: T,
+    h2: bool,
+    dead: Option<Arc<watch::Sender<bool>>>,
+) -> Result<Sender, hyper::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -113,6 +121,9 @@ where
             if let Err(e) = conn.await {
                 tracing::trace!(error = %e, "origin h2 connection ended");
             }
+            if let Some(d) = dead {
+                d.send_replace(true);
+            }
         });
         Ok(Sender::H2(s))
     } else {
@@ -120,6 +131,9 @@ where
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::trace!(error = %e, "origin connection ended");
+            }
+            if let Some(d) = dead {
+                d.send_replace(true);
             }
         });
         Ok(Sender::H1(s))
@@ -135,11 +149,12 @@ impl Origin {
     pub fn new(
         first: OriginIo,
         tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
-        reconnect: Reconnect,
+        reconnect: Option<Reconnect>,
     ) -> Origin {
         Origin {
             tls,
             reconnect,
+            dead: Arc::new(watch::channel(false).0),
             first: std::sync::Mutex::new(Some(first)),
             sender: Arc::new(Mutex::new(None)),
         }
@@ -150,27 +165,42 @@ impl Origin {
         let io = match first {
             Some(io) => io,
             None => {
-                let tcp = (self.reconnect)().await.map_err(OriginError::Connect)?;
+                let Some(reconnect) = &self.reconnect else {
+                    return Err(OriginError::Connect(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "the origin closed the connection (this flow cannot open another)",
+                    )));
+                };
+                let tcp = reconnect().await.map_err(OriginError::Connect)?;
                 let _ = tcp.set_nodelay(true);
                 match &self.tls {
                     None => OriginIo::Plain(tcp),
                     Some((cfg, name)) => {
-                        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                            .connect(name.clone(), tcp)
+                        let connect = tokio_rustls::TlsConnector::from(cfg.clone())
+                            .connect(name.clone(), tcp);
+                        let tls = tokio::time::timeout(super::ORIGIN_TLS_TIMEOUT, connect)
                             .await
+                            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
                             .map_err(OriginError::Tls)?;
                         OriginIo::Tls(Box::new(tls))
                     }
                 }
             }
         };
+        let dead = self.reconnect.is_none().then(|| self.dead.clone());
         Ok(match io {
-            OriginIo::Plain(tcp) => handshake(tcp, false).await?,
+            OriginIo::Plain(tcp) => handshake(tcp, false, dead).await?,
             OriginIo::Tls(tls) => {
                 let h2 = negotiated_h2(&tls);
-                handshake(*tls, h2).await?
+                handshake(*tls, h2, dead).await?
             }
         })
+    }
+
+    /// Resolves once the origin connection has ended for good (never, for origins that can be re-opened).
+    pub async fn closed(&self) {
+        let mut rx = self.dead.subscribe();
+        let _ = rx.wait_for(|dead| *dead).await;
     }
 
     /// A connection ready for the next request; re-opens the leg if the origin closed it.

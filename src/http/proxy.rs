@@ -74,14 +74,28 @@ where
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let seq = ctx.flow.upgraded.seq;
+    let ctx_for_close = ctx.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, ctx).await) }
     });
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
+    let origin_gone = async {
+        match &ctx_for_close.origin {
+            Ok(o) => o.closed().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = origin_gone => {
+            // The origin closed and cannot be re-opened: finish the request in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
         tracing::debug!(seq, error = %e, "inspected HTTP connection ended with an error");
     }
 }
@@ -234,6 +248,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
     let tunnel = (req.version() == Version::HTTP_11 && rewrite::is_upgrade(req.headers()))
         || req.method() == Method::CONNECT;
     let device_upgrade = tunnel.then(|| hyper::upgrade::on(&mut req));
+    let device_version = req.version();
     let (mut parts, body) = req.into_parts();
     let authority = rewrite::request_authority(&parts)
         .or_else(|| ctx.sni.clone())
@@ -394,6 +409,8 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
     }
     let (mut parts, body) = resp.into_parts();
     rewrite::strip_hop_by_hop(&mut parts.headers, false);
+    // The device's protocol, not the origin's: an HTTP/1.0 origin must not end the device's keep-alive.
+    parts.version = device_version;
     let bytes = guard.resp_bytes.clone();
     Response::from_parts(
         parts,
