@@ -151,12 +151,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
 
 /// Whether any tenant off-ramps flows or proxies between devices (which needs the namespace helper).
 fn needs_layer4(cfg: &Config) -> bool {
-    cfg.tenants.iter().any(|t| {
-        !t.offramp.is_empty()
-            || t.rules
-                .iter()
-                .any(|r| r.action == crate::config::Action::Proxy)
-    })
+    cfg.tenants
+        .iter()
+        .any(|t| !t.offramp.is_empty() || t.rules.iter().any(|r| r.action.is_layer4()))
 }
 
 type Layer4Channels = (

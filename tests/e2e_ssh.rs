@@ -9,7 +9,7 @@
 #[allow(unused_imports)]
 mod support;
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -314,6 +314,7 @@ impl Drop for Gw {
     }
 }
 
+/// Runs `cmd` feeding it `stdin`; kills it after 3 minutes (a hung test fails instead of hanging).
 fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
@@ -330,7 +331,43 @@ fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
             let _ = sin.write_all(&data);
         });
     }
-    child.wait_with_output().unwrap()
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -1042,4 +1079,400 @@ fn loopback_30_parallel_sessions_succeed_without_leaking_target_connections() {
         "target connections to close",
         || (established_to(sshd.port) == 0).then_some(()),
     );
+}
+
+// ------------------------------------------------------------------------------------------- gateway -------
+
+mod gateway_e2e {
+    use super::support::lab::Host;
+    use super::support::netns::Netns;
+    use super::support::process::Proc;
+    use super::support::{wait_ping, Lab, TenantSpec};
+    use super::*;
+
+    const GW_ADDR: &str = "100.96.0.1";
+    const TUNNEL_UP: Duration = Duration::from_secs(30);
+    /// The first underlay link of a lab is 198.18.1.0/24: the upstream host is added first, so it lives there.
+    const UPSTREAM_NET: &str = "198.18.1.0/24";
+    const UPSTREAM: &str = "198.18.1.2";
+
+    fn tenant() -> TenantSpec {
+        let mut t = TenantSpec::new("acme", "100.96.0.0/24", GW_ADDR);
+        t.rules = format!(
+            r#"offramp = ["{UPSTREAM_NET}"]
+[[tenant.rule]]
+id = "ping-gateway"
+action = "allow"
+dst = ["gateway"]
+proto = "icmp"
+[[tenant.rule]]
+id = "ssh-upstream"
+action = "inspect_ssh"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["22"]
+capture_input = true
+allow_forwarding = true
+[[tenant.rule]]
+id = "ssh-alice-to-bob"
+action = "inspect_ssh"
+devices = ["alice"]
+dst = ["bob"]
+proto = "tcp"
+ports = ["22"]
+"#
+        );
+        t
+    }
+
+    /// sshd inside `ns` on `addr:22`, trusting the tenant's user CA.
+    struct NsSshd {
+        proc: Proc,
+        log: PathBuf,
+    }
+
+    impl NsSshd {
+        fn start(ns: &Netns, dir: &Path, addr: &str, user_ca_pub: &Path) -> NsSshd {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::create_dir_all("/run/sshd").unwrap();
+            let host_key = dir.join("host_key");
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(&host_key),
+            );
+            let cfg = dir.join("sshd_config");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "Port 22\nListenAddress {addr}\nHostKey {}\nPidFile {}\nUsePAM no\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile none\n\
+                     TrustedUserCAKeys {}\nPermitRootLogin prohibit-password\nStrictModes no\n\
+                     Subsystem sftp {SFTP_SERVER}\nLogLevel VERBOSE\nAllowTcpForwarding yes\n",
+                    host_key.display(),
+                    dir.join("sshd.pid").display(),
+                    user_ca_pub.display()
+                ),
+            )
+            .unwrap();
+            let log = dir.join("sshd.log");
+            let mut cmd = ns.exec(SSHD);
+            cmd.args(["-D", "-E"]).arg(&log).arg("-f").arg(&cfg);
+            let proc = Proc::spawn("sshd", cmd, dir);
+            let s = NsSshd { proc, log };
+            wait_for(Duration::from_secs(20), "sshd to listen", || {
+                s.log().contains("Server listening").then_some(())
+            });
+            s
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+    }
+
+    impl Drop for NsSshd {
+        fn drop(&mut self) {
+            self.proc.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// An OpenSSH client identity and known_hosts trusting only the tenant host CA.
+    struct SshClient {
+        dir: PathBuf,
+    }
+
+    impl SshClient {
+        fn new(dir: &Path, cert_authority_line: &str) -> SshClient {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("known_hosts"), format!("{cert_authority_line}\n")).unwrap();
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(dir.join("id")),
+            );
+            SshClient {
+                dir: dir.to_path_buf(),
+            }
+        }
+
+        fn opts(&self) -> Vec<String> {
+            vec![
+                "-F".into(),
+                "/dev/null".into(),
+                "-o".into(),
+                "BatchMode=yes".into(),
+                "-o".into(),
+                "IdentitiesOnly=yes".into(),
+                "-i".into(),
+                self.dir.join("id").display().to_string(),
+                "-o".into(),
+                format!(
+                    "UserKnownHostsFile={}",
+                    self.dir.join("known_hosts").display()
+                ),
+                "-o".into(),
+                "GlobalKnownHostsFile=/dev/null".into(),
+                "-o".into(),
+                "StrictHostKeyChecking=yes".into(),
+                "-o".into(),
+                "ConnectTimeout=30".into(),
+            ]
+        }
+
+        fn ssh(&self, ns: &Netns, args: &[&str], stdin: Option<&[u8]>) -> Output {
+            let mut cmd = ns.exec("ssh");
+            cmd.args(self.opts()).args(args);
+            run_with_stdin(cmd, stdin)
+        }
+    }
+
+    /// `rampart ca init` through the CLI; returns the `@cert-authority` line it printed.
+    fn ca_init(lab: &Lab) -> String {
+        let out = lab
+            .gateway
+            .cli(&["ca", "init"], &["--tenant", "acme"])
+            .expect_ok();
+        assert!(
+            !out.contains("PRIVATE KEY"),
+            "ca init printed a private key"
+        );
+        out.lines()
+            .find(|l| l.starts_with("@cert-authority * ssh-ed25519 "))
+            .unwrap_or_else(|| panic!("no @cert-authority line in:\n{out}"))
+            .to_string()
+    }
+
+    fn ssh_log(lab: &Lab) -> SshLog {
+        SshLog::open_readonly(&lab.gateway.state_dir().join("audit.db")).unwrap()
+    }
+
+    fn wait_ends(lab: &Lab, n: usize) -> Vec<LogRow> {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{n} session ends"),
+            || {
+                let rows = ssh_log(lab).rows_after(0, 1_000_000).ok()?;
+                (rows.iter().filter(|r| r.kind == "session.end").count() >= n).then_some(rows)
+            },
+        )
+    }
+
+    #[test]
+    fn gateway_inspects_ssh_to_an_upstream_host_end_to_end() {
+        let mut lab = Lab::new(&[tenant()]);
+        let host: Host = lab.add_host("up");
+        assert_eq!(host.underlay.to_string(), UPSTREAM);
+        let ca_line = ca_init(&lab);
+        let state = lab.gateway.state_dir();
+        let sshd = NsSshd::start(
+            &host.ns,
+            &lab.dir().join("sshd-up"),
+            UPSTREAM,
+            &state.join("ssh/acme/user_ca.pub"),
+        );
+        let dev = lab.add_client("acme", "alice");
+        wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
+        let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
+        let target = format!("root@{UPSTREAM}");
+
+        // exec: exit codes and separate streams.
+        let out = client.ssh(&dev.ns, &[&target, "echo out; echo err >&2; exit 7"], None);
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "out\n");
+        assert!(text(&out.stderr).contains("err"));
+        for (cmd, code) in [("true", 0), ("exit 255", 255)] {
+            let out = client.ssh(&dev.ns, &[&target, cmd], None);
+            assert_eq!(
+                out.status.code(),
+                Some(code),
+                "{cmd}: {}",
+                text(&out.stderr)
+            );
+        }
+        // pty shell driven by ssh -tt.
+        let out = client.ssh(
+            &dev.ns,
+            &["-tt", &target],
+            Some(b"echo typed-$((6*7))\nexit 3\n"),
+        );
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("typed-42"));
+        // 10 MB each way via stdin/stdout.
+        let data = pseudo_random(10 << 20, 5);
+        let up = client.ssh(&dev.ns, &[&target, "sha256sum"], Some(&data));
+        assert!(
+            text(&up.stdout).starts_with(&sha256_hex(&data)),
+            "{}",
+            text(&up.stderr)
+        );
+        let down = client.ssh(
+            &dev.ns,
+            &[&target, "f=$(mktemp); head -c 10485760 /dev/urandom >$f; sha256sum $f >&2; cat $f; rm -f $f"],
+            None,
+        );
+        assert_eq!(down.stdout.len(), 10 << 20);
+        assert!(text(&down.stderr).starts_with(&sha256_hex(&down.stdout)));
+        // sftp -b, scp and scp -O.
+        let files = lab.dir().join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        let src = files.join("up.bin");
+        std::fs::write(&src, pseudo_random(1 << 20, 9)).unwrap();
+        let remote = lab.dir().join("remote");
+        std::fs::create_dir_all(&remote).unwrap();
+        let mut scp = dev.exec("scp");
+        scp.args(client.opts())
+            .arg(&src)
+            .arg(format!("{target}:{}/a.bin", remote.display()));
+        assert!(run_with_stdin(scp, None).status.success());
+        let mut scp = dev.exec("scp");
+        scp.args(client.opts())
+            .arg("-O")
+            .arg(format!("{target}:{}/a.bin", remote.display()))
+            .arg(files.join("b.bin"));
+        assert!(run_with_stdin(scp, None).status.success());
+        let mut sftp = dev.exec("sftp");
+        sftp.args(client.opts()).args(["-b", "-", &target]);
+        let batch = format!(
+            "get {}/a.bin {}\n",
+            remote.display(),
+            files.join("c.bin").display()
+        );
+        assert!(run_with_stdin(sftp, Some(batch.as_bytes()))
+            .status
+            .success());
+        for f in ["b.bin", "c.bin"] {
+            assert_eq!(
+                sha256_hex(&std::fs::read(files.join(f)).unwrap()),
+                sha256_hex(&std::fs::read(&src).unwrap()),
+                "{f}"
+            );
+        }
+        // -L forwarding (the rule allows it): the forwarded port reaches the target's sshd. Bound to the
+        // device's tunnel address (namespaces' loopback may be down).
+        let dev_addr = dev.address().to_string();
+        let mut fwd = dev.exec("ssh");
+        fwd.args(client.opts())
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+            .arg(format!("{dev_addr}:2300:{UPSTREAM}:22"))
+            .arg(&target)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(lab.dir().join("ssh-L.log")).unwrap());
+        let mut fwd = fwd.spawn().unwrap();
+        let probe = format!("exec 3<>/dev/tcp/{dev_addr}/2300; head -c 20 <&3");
+        let banner = wait_for(Duration::from_secs(30), "the forwarded port", || {
+            let r = dev.run(
+                "timeout",
+                &["5", "bash", "-c", &probe],
+                Duration::from_secs(10),
+            );
+            r.stdout.starts_with("SSH-2.0-OpenSSH").then_some(r.stdout)
+        });
+        let _ = fwd.kill();
+        let _ = fwd.wait();
+        assert!(banner.starts_with("SSH-2.0-"));
+
+        // The audit trail.
+        let rows = wait_ends(&lab, 10);
+        let cmds = exec_commands(&rows);
+        for c in [
+            "echo out; echo err >&2; exit 7",
+            "true",
+            "exit 255",
+            "sha256sum",
+        ] {
+            assert!(cmds.iter().any(|x| x == c), "{c} not in {cmds:?}");
+        }
+        let start = rows.iter().find(|r| r.kind == "session.start").unwrap();
+        assert_eq!(start.keys.device, "alice");
+        assert_eq!(start.keys.user, "alice@acme.example");
+        assert_eq!(start.keys.target, format!("{UPSTREAM}:22"));
+        assert_eq!(start.keys.rule, "ssh-upstream");
+        let log = sshd.log();
+        assert!(
+            log.contains(&format!("session={}", start.keys.session_id)),
+            "sshd did not log the session id {}:\n{log}",
+            start.keys.session_id
+        );
+        let sessions = lab
+            .gateway
+            .cli(
+                &["audit", "ssh", "sessions"],
+                &["--json", "--user", "alice@acme.example"],
+            )
+            .expect_ok();
+        assert!(sessions.lines().count() >= 10, "{sessions}");
+        let pty_session = rows
+            .iter()
+            .find(|r| matches!(r.event(), Some(SshEvent::ChannelOpen(o)) if o.program == "shell"))
+            .unwrap()
+            .keys
+            .session_id
+            .clone();
+        let replay = lab
+            .gateway
+            .cli(
+                &["audit", "ssh", "replay"],
+                &[&pty_session, "--max-idle", "0.05"],
+            )
+            .expect_ok();
+        assert!(replay.contains("typed-42"), "{replay}");
+        let search = lab
+            .gateway
+            .cli(&["audit", "ssh", "search"], &["typed-"])
+            .expect_ok();
+        assert!(
+            search.contains("input_line: echo typed-$((6*7))"),
+            "{search}"
+        );
+        let verify = lab.gateway.cli(&["audit", "verify"], &[]).expect_ok();
+        assert!(verify.starts_with("ok:"), "{verify}");
+        lab.gateway.assert_alive();
+    }
+
+    #[test]
+    fn gateway_inspects_ssh_between_devices_through_the_downgrade_path() {
+        // No off-ramp here: the devices' underlay links take 198.18.1.0/24.
+        let mut t = tenant();
+        t.rules = t
+            .rules
+            .replace(&format!("offramp = [\"{UPSTREAM_NET}\"]\n"), "");
+        let mut lab = Lab::new(&[t]);
+        let ca_line = ca_init(&lab);
+        let a = lab.add_client("acme", "alice");
+        let b = lab.add_client("acme", "bob");
+        wait_ping(&a.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
+        wait_ping(&b.ns, GW_ADDR, TUNNEL_UP, "bob -> gateway");
+        let b_addr = b.address().to_string();
+        let sshd = NsSshd::start(
+            &b.ns,
+            &lab.dir().join("sshd-bob"),
+            &b_addr,
+            &lab.gateway.state_dir().join("ssh/acme/user_ca.pub"),
+        );
+        let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
+        let target = format!("root@{b_addr}");
+        let out = client.ssh(&a.ns, &[&target, "echo via-downgrade; exit 7"], None);
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "via-downgrade\n");
+        let out = client.ssh(&a.ns, &["-tt", &target], Some(b"echo pty-$((2+3))\nexit\n"));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("pty-5"));
+        let rows = wait_ends(&lab, 2);
+        let start = rows.iter().find(|r| r.kind == "session.start").unwrap();
+        assert_eq!(start.keys.target, format!("{b_addr}:22"));
+        assert_eq!(start.keys.rule, "ssh-alice-to-bob");
+        assert_eq!(exec_commands(&rows), ["echo via-downgrade; exit 7"]);
+        // B's sshd sees alice's own tunnel address and the gateway's certificate.
+        let log = sshd.log();
+        assert!(
+            log.contains(&format!("session={}", start.keys.session_id)),
+            "{log}"
+        );
+        assert!(log.contains(&format!("from {}", a.address())), "{log}");
+        let verify = lab.gateway.cli(&["audit", "verify"], &[]).expect_ok();
+        assert!(verify.starts_with("ok:"), "{verify}");
+        lab.gateway.assert_alive();
+    }
 }
