@@ -1081,6 +1081,60 @@ fn loopback_30_parallel_sessions_succeed_without_leaking_target_connections() {
     );
 }
 
+#[test]
+fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
+    let mut opts = GwOpts::default();
+    opts.settings.auth = SshAuth::Publickey;
+    let (gw, _sshd) = Gw::start(opts);
+    // The target's exit-signal reaches the client and the record.
+    let out = gw.ssh(&["root@127.0.0.1", "kill -TERM $$"], None);
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    let rows = gw.wait_rows("session.end", 1);
+    assert!(events(&rows, "channel.close").iter().any(|e| matches!(e,
+        SshEvent::ChannelClose(c) if c.exit_signal.as_deref() == Some("TERM"))));
+    // publickey: the client's key fingerprint is recorded (identity still comes from the tunnel).
+    let starts = events(&rows, "session.start");
+    let SshEvent::SessionStart(start) = &starts[0] else {
+        unreachable!()
+    };
+    assert_eq!(start.auth_method, "publickey");
+    let fp = run_ok(
+        Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(gw.client_dir.join("id.pub")),
+    );
+    assert!(
+        text(&fp.stdout).contains(start.client_key_fp.as_deref().unwrap()),
+        "{:?} vs {}",
+        start.client_key_fp,
+        text(&fp.stdout)
+    );
+    assert_eq!(start.target_host_key_trust.as_deref(), Some("tofu"));
+    assert!(events(&rows, "host_key").iter().any(|e| matches!(e,
+        SshEvent::HostKey(h) if h.change == "pinned")));
+    // The target's key changes: refused, loudly recorded.
+    let pins = gw.state.join("ssh/acme/known_targets");
+    let pinned = std::fs::read_to_string(&pins).unwrap();
+    let (host, _) = pinned.trim().split_once(' ').unwrap();
+    let other = trust::new_ed25519("impostor").unwrap();
+    std::fs::write(
+        &pins,
+        format!("{host} {}\n", other.public_key().to_openssh().unwrap()),
+    )
+    .unwrap();
+    let out = gw.ssh(&["root@127.0.0.1", "true"], None);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("rampart gateway: target 127.0.0.1:"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("host key changed"));
+    let rows = gw.wait_rows("session.end", 2);
+    assert!(events(&rows, "host_key").iter().any(|e| matches!(e,
+        SshEvent::HostKey(h) if h.change == "changed" && h.pinned_fingerprint.is_some())));
+}
+
 // ------------------------------------------------------------------------------------------- gateway -------
 
 mod gateway_e2e {
