@@ -1135,6 +1135,75 @@ fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
         SshEvent::HostKey(h) if h.change == "changed" && h.pinned_fingerprint.is_some())));
 }
 
+/// CPU seconds (user + system) this process used so far: the in-process inspector (ssh and sshd are children).
+fn self_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5), in clock ticks (100 per second on Linux).
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Not a test: gateway CPU per GiB relayed and throughput against direct ssh (docs/benchmarks.md). Run with
+/// `cargo test --release --test e2e_ssh -- --ignored --nocapture bench_ssh`.
+#[test]
+#[ignore = "benchmark"]
+fn bench_ssh_relay_cpu_and_throughput() {
+    const MIB: usize = 256;
+    let bytes = (MIB << 20) as f64;
+    let upload = format!("head -c {MIB}M /dev/zero");
+    for (label, recording, recipient) in [
+        ("recording off", Recording::Off, None),
+        ("recording required, sealed", Recording::Required, Some(())),
+    ] {
+        let mut opts = GwOpts::default();
+        opts.settings.recording = recording;
+        if recipient.is_some() {
+            let (_, public) = rampart::audit::capture::generate_key_pair().unwrap();
+            opts.recipient = Some(RecipientKey::from_base64(&public).unwrap());
+        }
+        let (gw, sshd) = Gw::start(opts);
+        for (dir, remote) in [("download", upload.as_str()), ("upload", "cat >/dev/null")] {
+            let run = |port: u16| {
+                let mut cmd = Command::new("sh");
+                let ssh = format!("ssh {} -p {port} root@127.0.0.1", gw.ssh_opts().join(" "));
+                let script = if dir == "download" {
+                    format!("{ssh} '{remote}' >/dev/null")
+                } else {
+                    format!("head -c {MIB}M /dev/zero | {ssh} '{remote}'")
+                };
+                cmd.arg("-c").arg(script);
+                let cpu = self_cpu_secs();
+                let t = Instant::now();
+                let out = run_with_stdin(cmd, None);
+                assert!(out.status.success(), "{}", text(&out.stderr));
+                (t.elapsed().as_secs_f64(), self_cpu_secs() - cpu)
+            };
+            let mut direct = Vec::new();
+            let mut via = Vec::new();
+            for _ in 0..3 {
+                direct.push(run(sshd.port).0);
+                via.push(run(gw.port));
+            }
+            direct.sort_by(f64::total_cmp);
+            via.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (wall, cpu) = via[1];
+            println!(
+                "{label:<28} {dir:<8} {MIB} MiB: direct {:.0} MB/s, through the inspector {:.0} MB/s, \
+                 inspector CPU {:.2} s = {:.2} s per GiB",
+                bytes / direct[1] / 1e6,
+                bytes / wall / 1e6,
+                cpu,
+                cpu * 1024.0 / MIB as f64,
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------- gateway -------
 
 mod gateway_e2e {

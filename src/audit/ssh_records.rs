@@ -5,8 +5,9 @@
 //!   [`SshAuditSink::emit_durable`] waits until the record is committed, for what `recording = "required"` must
 //!   not lose (session start, exec commands).
 //! - One writer thread numbers the records, chains them (`hash = sha256(prev_hash ‖ canonical row)`), commits
-//!   in batches and signs a checkpoint (Ed25519 SSHSIG over `seq ‖ hash`) every [`CHECKPOINT_EVERY`] records
-//!   and at shutdown, with the gateway's audit signing key (`state_dir/audit_signing_key`).
+//!   in batches and signs a checkpoint (Ed25519 SSHSIG over `seq ‖ hash`) every [`CHECKPOINT_EVERY`] records,
+//!   [`CHECKPOINT_INTERVAL`] after the last record and at shutdown, with the gateway's audit signing key
+//!   (`state_dir/audit_signing_key`).
 //! - Sensitive fields (command text, typed lines, env values) are [`Secret`]s: sealed to the tenant's reviewer
 //!   key, in the same container as recordings, when the tenant has `audit_recipient`.
 //!
@@ -34,6 +35,8 @@ use super::capture::{self, CaptureWriter, RecipientKey, ReviewerKey, Source};
 
 /// A checkpoint is signed after this many records (and at writer shutdown).
 pub const CHECKPOINT_EVERY: u64 = 256;
+/// ... and after this long without new records, when some are not signed yet.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// SSHSIG namespace of checkpoint signatures.
 pub const CHECKPOINT_NAMESPACE: &str = "rampart-audit-checkpoint@v1";
 /// Domain separation of the chain hash.
@@ -462,9 +465,21 @@ fn writer(log: &mut SshLog, key: &PrivateKey, rx: mpsc::Receiver<Msg>, shared: &
     let mut last_error_log: Option<Instant> = None;
     while open {
         let mut batch: Vec<Queued> = Vec::new();
-        match rx.recv() {
+        match rx.recv_timeout(CHECKPOINT_INTERVAL) {
             Ok(Msg::Record(q)) => batch.push(*q),
-            Ok(Msg::Stop) | Err(_) => open = false,
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => open = false,
+            Err(RecvTimeoutError::Timeout) => {
+                // Quiet for a while: sign what came since the last checkpoint.
+                if since_checkpoint > 0 {
+                    match log.checkpoint(key) {
+                        Ok(_) => since_checkpoint = 0,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot sign an SSH audit checkpoint")
+                        }
+                    }
+                }
+                continue;
+            }
         }
         let deadline = Instant::now() + COMMIT_INTERVAL;
         let mut urgent = batch.iter().any(|q| q.ack.is_some());
