@@ -815,3 +815,135 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
     );
     lab.gateway.assert_alive();
 }
+
+/// One wrk run: requests/s and latency percentiles (ms).
+fn wrk(ns: &Netns, url: &str, conns: u32, secs: u32) -> (f64, f64, f64) {
+    let r = ns.run(
+        "wrk",
+        &[
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ],
+        Duration::from_secs(secs as u64 + 60),
+    );
+    assert!(r.success(), "{r}");
+    let ms = |tok: &str| -> f64 {
+        let (n, unit) = tok.split_at(
+            tok.find(|c: char| c.is_ascii_alphabetic())
+                .unwrap_or(tok.len()),
+        );
+        let n: f64 = n.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => f64::NAN,
+        }
+    };
+    let pct = |p: &str| {
+        r.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| ms(v.trim())))
+            .unwrap_or(f64::NAN)
+    };
+    let rps = r
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Requests/sec:")
+                .map(|v| v.trim().parse().unwrap_or(f64::NAN))
+        })
+        .unwrap_or(f64::NAN);
+    let non2xx = r.stdout.contains("Non-2xx");
+    assert!(!non2xx, "errors during the run: {r}");
+    (rps, pct("50%"), pct("99%"))
+}
+
+/// Names resolved inside one namespace (`ip netns exec` bind-mounts /etc/netns/NAME/hosts); removed on drop.
+struct NsHosts(PathBuf);
+
+impl NsHosts {
+    fn new(ns: &Netns, lines: &str) -> NsHosts {
+        let dir = PathBuf::from("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{lines}")).unwrap();
+        NsHosts(dir)
+    }
+}
+
+impl Drop for NsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Not a test: requests per second and latency with the HTTP inspector vs the plain layer-4 proxy, plain HTTP
+/// and HTTPS (decrypted vs passed through), numbers for docs/benchmarks.md. Needs `wrk` (apt).
+/// `cargo test --release --test e2e_http bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_inspector_vs_layer4_proxy() {
+    let scratch = Scratch::new("bench-certs");
+    let (certs, tls_servers) = Certs::make(&scratch.0);
+    let extra = format!(
+        "tls_decrypt = true\ndo_not_inspect = [\"bank.test\"]\ntls_upstream_ca = \"{}\"",
+        certs.ca.display()
+    );
+    let mut t = tenant("acme", "100.96.0.0/24", "100.96.0.1", &extra);
+    t.rules.push_str(&format!(
+        "[[tenant.rule]]\nid = \"l4\"\naction = \"allow\"\ndst = [\"{UPSTREAM_NET}\"]\nproto = \"tcp\"\nports = [\"8080\"]\n"
+    ));
+    let mut lab = Lab::new(&[t]);
+    let host = lab.add_host("up");
+    assert_eq!(host.underlay.to_string(), UPSTREAM);
+    let tls_servers = format!("{tls_servers}server {{ listen {UPSTREAM}:8080; root WWW; }}\n");
+    let _origin = Origin::start(&host, &lab.dir().join("up"), &tls_servers);
+    let dev = lab.add_client("acme", "laptop");
+    wait_ping(&dev.ns, "100.96.0.1", TUNNEL_UP, "laptop -> gateway");
+    lab.gateway
+        .cli(&["ca", "init"], &["--tenant", "acme", "--tls"])
+        .expect_ok();
+    let _hosts = NsHosts::new(
+        &dev.ns,
+        &format!("{UPSTREAM} origin.test\n{UPSTREAM} bank.test\n"),
+    );
+    let secs = 8;
+    let cases = [
+        (
+            "direct (upstream host to nginx, no gateway)",
+            &host.ns,
+            format!("http://{UPSTREAM}:8080/small"),
+        ),
+        (
+            "HTTP, layer-4 proxy (`allow` to the off-ramp)",
+            &dev.ns,
+            format!("http://{UPSTREAM}:8080/small"),
+        ),
+        (
+            "HTTP, inspect_http",
+            &dev.ns,
+            format!("http://{UPSTREAM}/small"),
+        ),
+        (
+            "HTTPS, inspect_http, do_not_inspect (passthrough)",
+            &dev.ns,
+            "https://bank.test/small".to_string(),
+        ),
+        (
+            "HTTPS, inspect_http, decrypted (HTTP/1.1 to the device, h2 to nginx)",
+            &dev.ns,
+            "https://origin.test/small".to_string(),
+        ),
+    ];
+    println!("| path | c | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|");
+    for (name, ns, url) in &cases {
+        for c in [1, 16] {
+            let (rps, p50, p99) = wrk(ns, url, c, secs);
+            println!("| {name} | {c} | {rps:.0} | {p50:.2} | {p99:.2} |");
+        }
+    }
+    lab.gateway.assert_alive();
+}
