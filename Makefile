@@ -6,7 +6,7 @@ CONFIG       ?= configs/gateway.toml
 APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server
 export CARGO_TERM_COLOR := never
 
-.PHONY: all build release run test deps lint unit e2e bench clean-test-netns
+.PHONY: all build release run test deps lint unit e2e bench bench-flows
 
 all: build
 
@@ -43,6 +43,14 @@ e2e: deps
 	  name=$$(basename $$t .rs); \
 	  $(CARGO) test --test $$name -- --test-threads=1 || exit 1; \
 	done
+
+## Relay benchmark vs wireguard-go / boringtun-cli (root, ~10 min, not part of `make test`); see docs/benchmarks.md.
+bench:
+	bench/relay.sh
+
+## Flow table micro-benchmark (insert/lookup cost and memory per flow at 1M flows).
+bench-flows:
+	$(CARGO) bench --bench flow_table
 
 ## The whole suite: lint, unit/property/scenario tests, end-to-end tests, and the appliance image boot test.
 test: deps lint unit e2e image-test

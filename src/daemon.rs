@@ -79,6 +79,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let g = &cfg.gateway;
     std::fs::create_dir_all(&g.state_dir)
         .with_context(|| format!("cannot create state_dir {}", g.state_dir.display()))?;
+    // Keys, the device registry and the audit store live here: root only.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&g.state_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict state_dir {}", g.state_dir.display()))?;
+    }
     let key = load_or_create_key(&g.private_key_file)?;
 
     let socket = UdpSocket::bind(g.listen).with_context(|| {

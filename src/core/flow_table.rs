@@ -1,14 +1,19 @@
 //! The flow table: every packet of a tenant maps to exactly one flow, keyed by tenant + protocol + the two
 //! (address, port) endpoints in canonical order, so both directions find the same entry with one lookup.
 //!
-//! Layout for 1M+ flows: a hash map from key to a slab index, the flows themselves in a slab (`Vec<Flow>`,
-//! freed entries reused), and a min-heap of (deadline, index, generation) for idle expiry. A packet costs one
-//! hash lookup and a few stores; the heap is touched only when a flow starts or a deadline passes.
+//! Layout for 1M+ flows: the flows live in a slab (`Vec<Flow>`, freed entries reused); a hash table holds only
+//! slab indices (4 bytes per bucket), hashed and compared through the slab entry's key, so a lookup touches the
+//! table's control bytes, one index and the flow itself; a min-heap of (deadline, index, generation) drives
+//! idle expiry. A packet costs one lookup and a few stores; the heap is touched only when a flow starts or a
+//! deadline passes.
 //! Time is milliseconds since the core's epoch, passed in by the caller (virtual clocks work).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher as _;
 use std::net::IpAddr;
+
+use hashbrown::HashTable;
 
 use crate::config::{Action, FlowSettings};
 use crate::packet::{
@@ -331,7 +336,9 @@ pub struct Expired {
 type Hasher = foldhash::fast::RandomState;
 
 pub struct FlowTable {
-    map: HashMap<FlowKey, u32, Hasher>,
+    /// Slab indices of live flows, keyed by `slab[idx].key`.
+    table: HashTable<u32>,
+    hasher: Hasher,
     slab: Vec<Flow>,
     free: Vec<u32>,
     deadlines: BinaryHeap<Reverse<(u64, u32, u32)>>,
@@ -342,7 +349,8 @@ impl FlowTable {
     pub fn new(settings: &FlowSettings) -> FlowTable {
         let ms = |d: std::time::Duration| d.as_millis() as u64;
         FlowTable {
-            map: HashMap::with_hasher(Hasher::default()),
+            table: HashTable::new(),
+            hasher: Hasher::default(),
             slab: Vec::new(),
             free: Vec::new(),
             deadlines: BinaryHeap::new(),
@@ -361,16 +369,19 @@ impl FlowTable {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.table.is_empty()
     }
 
     #[inline]
     pub fn lookup(&self, key: &FlowKey) -> Option<u32> {
-        self.map.get(key).copied()
+        let slab = &self.slab;
+        self.table
+            .find(self.hasher.hash_one(key), |&i| slab[i as usize].key == *key)
+            .copied()
     }
 
     #[inline]
@@ -384,7 +395,7 @@ impl FlowTable {
 
     /// Inserts a flow whose key is not present. Returns its index.
     pub fn insert(&mut self, mut flow: Flow) -> u32 {
-        debug_assert!(!self.map.contains_key(&flow.key));
+        debug_assert!(self.lookup(&flow.key).is_none());
         let deadline = flow.last_seen_ms + flow.timeout_ms(&self.timeouts);
         let idx = match self.free.pop() {
             Some(i) => {
@@ -398,7 +409,10 @@ impl FlowTable {
             }
         };
         let f = &self.slab[idx as usize];
-        self.map.insert(f.key, idx);
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.table.insert_unique(hasher.hash_one(f.key), idx, |&i| {
+            hasher.hash_one(slab[i as usize].key)
+        });
         self.deadlines.push(Reverse((deadline, idx, f.generation)));
         idx
     }
@@ -409,14 +423,19 @@ impl FlowTable {
         debug_assert!(f.live);
         f.live = false;
         let out = f.clone();
-        self.map.remove(&out.key);
+        if let Ok(entry) = self
+            .table
+            .find_entry(self.hasher.hash_one(out.key), |&i| i == idx)
+        {
+            entry.remove();
+        }
         self.free.push(idx);
         out
     }
 
     /// Indices of all live flows (for re-checking after a reload).
     pub fn indices(&self) -> Vec<u32> {
-        self.map.values().copied().collect()
+        self.table.iter().copied().collect()
     }
 
     /// Removes flows idle past their timeout, at most `budget` heap entries per call (bounded work per tick).
@@ -446,9 +465,11 @@ impl FlowTable {
         }
     }
 
-    /// Bytes held per live flow (map entry + slab entry + one heap entry), for the benchmark.
+    /// Bytes held (table + slab + heap, at their capacities), for the benchmark.
     pub fn memory_bytes(&self) -> usize {
-        let map = self.map.capacity() * (std::mem::size_of::<(FlowKey, u32)>() + 1);
+        // hashbrown keeps buckets at a power of two, at most 7/8 full; each has a u32 and a control byte.
+        let buckets = (self.table.capacity() * 8 / 7 + 1).next_power_of_two();
+        let map = buckets * (std::mem::size_of::<u32>() + 1);
         let slab = self.slab.capacity() * std::mem::size_of::<Flow>();
         let heap = self.deadlines.capacity() * std::mem::size_of::<Reverse<(u64, u32, u32)>>();
         map + slab + heap + self.free.capacity() * 4
