@@ -572,6 +572,23 @@ mod tests {
     }
 
     proptest! {
+        /// Tenants never share a flow, whatever addresses and ports they use (identical pools included).
+        #[test]
+        fn no_cross_tenant_flow_ever(
+            pkts in proptest::collection::vec((0u32..3, any::<[u8; 4]>(), any::<u16>(), any::<[u8; 4]>(), any::<u16>()), 1..200)
+        ) {
+            let mut t = table();
+            for (tenant, s, sp, d, dp) in pkts {
+                let (k, dir) = FlowKey::new(tenant, PROTO_TCP, IpAddr::from(s), sp, IpAddr::from(d), dp);
+                let idx = match t.lookup(&k) {
+                    Some(i) => i,
+                    None => t.insert(Flow::new(k, dir, 0, tenant, FlowTarget::Local, Action::Allow, None, 0)),
+                };
+                prop_assert_eq!(t.get(idx).key.tenant(), tenant);
+                prop_assert_eq!(t.get(idx).src_slot, tenant, "the flow found was created by this tenant");
+            }
+        }
+
         /// Every packet maps to exactly one flow; counters add up to what was sent; expiry leaves no stray entry.
         #[test]
         fn packets_map_to_one_flow_and_counters_add_up(

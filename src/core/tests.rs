@@ -1146,3 +1146,36 @@ fn proxy_between_devices_splices_an_upgraded_and_a_downgraded_leg() {
         "B's answer is not sent to A directly"
     );
 }
+
+#[test]
+fn client_initiated_rekey_keeps_traffic_flowing_on_the_new_session() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &udp(a, b, b"before rekey"));
+    // The client starts a new handshake (as its REKEY_AFTER_TIME timer would) while the old session is live.
+    let mut buf = vec![0u8; 256];
+    let TunnResult::WriteToNetwork(init) = net.clients[0]
+        .tunn
+        .format_handshake_initiation(&mut buf, true)
+    else {
+        panic!()
+    };
+    let init = init.to_vec();
+    let from = net.clients[0].underlay;
+    net.deliver(from, &init);
+    assert_eq!(
+        net.tenant("acme").handshakes.get(),
+        3,
+        "the rekey is a completed handshake"
+    );
+    net.send(0, &udp(a, b, b"after rekey"));
+    net.send(1, &udp(b, a, b"reply on the new session"));
+    let got: Vec<&[u8]> = net.clients[1].inbox.iter().map(|p| &p[28..]).collect();
+    assert_eq!(got, [&b"before rekey"[..], &b"after rekey"[..]]);
+    assert_eq!(
+        &net.clients[0].inbox.last().unwrap()[28..],
+        b"reply on the new session"
+    );
+}
