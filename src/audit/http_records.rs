@@ -97,11 +97,24 @@ pub struct HttpRecord {
     pub error: Option<String>,
 }
 
-/// The inspector's handle on the writer.
+/// The inspector's handle on the writer. When the last clone is dropped, everything queued is committed
+/// before the drop returns (so a clean shutdown loses nothing).
 #[derive(Clone)]
 pub struct HttpAuditSink {
+    // Field order matters: the sender goes first, so the writer sees the channel close, then `_writer` joins it.
     tx: SyncSender<HttpRecord>,
     dropped: Arc<AtomicU64>,
+    _writer: Arc<WriterThread>,
+}
+
+struct WriterThread(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl HttpAuditSink {
@@ -111,11 +124,15 @@ impl HttpAuditSink {
         let conn = open_rw(path)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("rampart-http-audit".into())
             .spawn(move || writer(conn, rx))
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        Ok(HttpAuditSink { tx, dropped })
+        Ok(HttpAuditSink {
+            tx,
+            dropped,
+            _writer: Arc::new(WriterThread(Some(thread))),
+        })
     }
 
     /// Queues a record; never blocks.
@@ -398,21 +415,16 @@ mod tests {
         let sink = HttpAuditSink::start(&path).unwrap();
         sink.emit(rec("a.example", 1000));
         sink.emit(rec("b.example", 2000));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let rows = loop {
-            let rows = query(
-                &path,
-                &HttpFilter {
-                    limit: 10,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            if rows.len() == 2 || Instant::now() > deadline {
-                break rows;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        // Dropping the last sink commits everything queued before it returns.
+        drop(sink);
+        let rows = query(
+            &path,
+            &HttpFilter {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].record, rec("b.example", 2000));
         assert_eq!(rows[0].flow_id, None);
@@ -428,6 +440,54 @@ mod tests {
         .unwrap();
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].record.host, "a.example");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_record_waits_for_its_flow_row_and_is_linked() {
+        let dir = std::env::temp_dir().join(format!("rampart-http-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.db");
+        crate::audit::store::Store::open(&path).unwrap();
+        let sink = HttpAuditSink::start(&path).unwrap();
+        let now = unix_ms_now();
+        sink.emit(rec("late.example", now));
+        std::thread::sleep(COMMIT_INTERVAL * 3);
+        assert!(
+            query(
+                &path,
+                &HttpFilter {
+                    limit: 10,
+                    ..Default::default()
+                }
+            )
+            .unwrap()
+            .is_empty(),
+            "written before its flow's row appeared"
+        );
+        // The flow writer commits the flow's row a little later.
+        let conn = Connection::open(&path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute(
+            "INSERT INTO flows (run_id, seq, tenant, device, user, protocol, src, sport, dst, dport, action, rule,
+                started_ms) VALUES (1, 7, 'acme', 'laptop', 'alice', 6, '100.96.0.2', 40000, '198.18.1.2', 80,
+                'inspect_http', 'web', ?1)",
+            params![now - 5],
+        )
+        .unwrap();
+        let flow_id = conn.last_insert_rowid();
+        drop(sink);
+        let rows = query(
+            &path,
+            &HttpFilter {
+                flow_id: Some(flow_id),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].flow_id, Some(flow_id));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -190,6 +190,28 @@ pub fn to_origin(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn normalized_paths_are_canonical(p in "(/|[a-z]{1,3}|\\.|\\.\\.|%61|%2f|%|//|\\?q)*") {
+            let n = normalize_path(&p);
+            prop_assert!(n.starts_with('/'));
+            prop_assert!(!n.contains("//") && !n.contains("/./") && !n.contains("/../") && !n.ends_with("/.."));
+            prop_assert!(!n.contains('?'));
+            prop_assert_eq!(normalize_path(&n), n);
+        }
+
+        #[test]
+        fn dot_segments_and_encoding_do_not_hide_a_prefix(
+            junk in "[a-z]{1,6}",
+            rest in "(/[a-z0-9]{1,4}){0,3}",
+            dots in 0usize..3,
+        ) {
+            let evasive = format!("/{junk}/..{}/%61dmin{rest}", "/.".repeat(dots));
+            prop_assert!(normalize_path(&evasive).starts_with("/admin"), "{evasive}");
+        }
+    }
 
     #[test]
     fn hosts_normalize() {
