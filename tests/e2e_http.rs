@@ -591,6 +591,31 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         table.contains("no-admin") && table.contains("/upload"),
         "{table}"
     );
+
+    // A request just before a clean shutdown is still recorded (the writer is flushed at exit).
+    let r = curl(
+        &dev.ns,
+        &[
+            "--fail",
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            &format!("{base}/last/../small"),
+        ],
+    );
+    assert!(r.success(), "{r}");
+    let status = lab.gateway.terminate(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "gateway exit: {status:?}"
+    );
+    let out = lab.gateway.cli(&["audit", "http"], &["--json"]).expect_ok();
+    assert!(
+        json_lines(&out)
+            .iter()
+            .any(|r| is(r, "path", "/last/../small")),
+        "request before shutdown not recorded:\n{out}"
+    );
 }
 
 #[test]
