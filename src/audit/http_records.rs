@@ -84,8 +84,11 @@ pub struct HttpRecord {
     pub path: String,
     /// The status the device got; `None` when it got none (TLS records, aborted requests).
     pub status: Option<u16>,
+    /// Body bytes from the device (after a protocol switch or for TLS not decrypted: all bytes each way).
     pub req_bytes: u64,
+    /// Body bytes to the device, including the inspector's own pages.
     pub resp_bytes: u64,
+    /// From the request head to the end of the response body (or of the tunnel).
     pub duration_ms: u64,
     /// The flow rule (`[[tenant.rule]]`) that sent the flow to the inspector.
     pub flow_rule: String,
