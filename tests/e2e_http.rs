@@ -592,6 +592,22 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         "{table}"
     );
 
+    // HTTP rules change with a reload, without restarting anything.
+    let mut text = std::fs::read_to_string(&lab.gateway.config).unwrap();
+    text.push_str(
+        "[[tenant.http_rule]]\nid = \"added-by-reload\"\naction = \"block\"\npaths = [\"/once\"]\n",
+    );
+    std::fs::write(&lab.gateway.config, text).unwrap();
+    lab.gateway.cli(&["reload"], &[]).expect_ok();
+    let r = curl(
+        &dev.ns,
+        &["-w", "\n%{http_code}", &format!("{base}/once/a")],
+    );
+    assert!(
+        r.stdout.ends_with("\n403") && r.stdout.contains("added-by-reload"),
+        "{r}"
+    );
+
     // A request just before a clean shutdown is still recorded (the writer is flushed at exit).
     let r = curl(
         &dev.ns,
