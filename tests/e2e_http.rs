@@ -453,6 +453,12 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         assert_eq!(v[case][0].as_u64(), Some(want), "{case}: {v}");
     }
     lab.gateway.assert_alive();
+    // The heads hyper refused are recorded as well.
+    for status in [400, 431] {
+        wait_record(&lab, &[], "the malformed request's record", |r| {
+            is(r, "rule", "malformed-request") && r["status"] == status
+        });
+    }
 
     // Device to device (downgrade path): a plain HTTP/1.0 server on device "server", which closes after every
     // response. A downgraded leg cannot be re-opened (it carries the laptop's own 5-tuple), so the gateway

@@ -97,6 +97,29 @@ where
     };
     if let Err(e) = r {
         tracing::debug!(seq, error = %e, "inspected HTTP connection ended with an error");
+        // hyper answered a malformed request head itself (400, or 431 for oversized heads): record it too.
+        if let Some(h) = e.downcast_ref::<hyper::Error>().filter(|h| h.is_parse()) {
+            let status = if h.is_parse_too_large() { 431 } else { 400 };
+            let u = &ctx_for_close.flow.upgraded;
+            let record = HttpRecord {
+                at_ms: unix_ms(),
+                ref_id: random_ref(),
+                scheme: ctx_for_close.scheme.to_string(),
+                sni: ctx_for_close.sni.clone(),
+                method: "-".into(),
+                host: ctx_for_close
+                    .sni
+                    .clone()
+                    .unwrap_or_else(|| u.dst.ip().to_string()),
+                path: "-".into(),
+                status: Some(status),
+                decision: "error".into(),
+                rule: Some("malformed-request".into()),
+                error: Some(h.to_string()),
+                ..ctx_for_close.flow.base_record()
+            };
+            ctx_for_close.flow.emit(record);
+        }
     }
 }
 
