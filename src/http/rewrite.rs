@@ -150,7 +150,20 @@ pub fn to_origin(
     authority: &str,
 ) -> Result<(), http::Error> {
     let upgrade = parts.version == Version::HTTP_11 && is_upgrade(&parts.headers);
+    // `te: trailers` is the one TE value HTTP/2 allows; gRPC needs it end to end.
+    let te_trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if te_trailers && proto == OriginProto::Http2 {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let pq = parts
         .uri
         .path_and_query()
@@ -274,5 +287,15 @@ mod tests {
         to_origin(&mut parts, OriginProto::Http2, "https", "a.example:8443").unwrap();
         assert_eq!(parts.uri.to_string(), "https://a.example:8443/x");
         assert!(parts.headers.get("host").is_none());
+        // gRPC's `te: trailers` survives towards an HTTP/2 origin only.
+        for (proto, kept) in [(OriginProto::Http2, true), (OriginProto::Http1, false)] {
+            let (mut parts, ()) = http::Request::post("/svc/M")
+                .header("te", "trailers")
+                .body(())
+                .unwrap()
+                .into_parts();
+            to_origin(&mut parts, proto, "https", "a").unwrap();
+            assert_eq!(parts.headers.get("te").is_some(), kept);
+        }
     }
 }
