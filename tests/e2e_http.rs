@@ -435,6 +435,21 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         .unwrap_or_else(|| panic!("no reference on the page: {page}"))
         .to_string();
 
+    // CONNECT (a tunnel the inspector cannot see into) is refused: no rule allows it explicitly.
+    let r = curl(
+        &dev.ns,
+        &[
+            "-p",
+            "-x",
+            &format!("http://{UPSTREAM}:80"),
+            "http://elsewhere.test/",
+        ],
+    );
+    assert!(!r.success() && r.stderr.contains("403"), "{r}");
+    wait_record(&lab, &[], "the refused CONNECT", |r| {
+        is(r, "method", "CONNECT") && is(r, "rule", "connect-not-allowed") && r["status"] == 403
+    });
+
     // Malformed requests get 400 (431 for an oversized header) and do not stall other connections.
     let r = dev.ns.run(
         "python3",
