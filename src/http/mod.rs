@@ -310,80 +310,118 @@ async fn inspect_tls(
                     return;
                 }
             };
-            // The origin first: its certificate and protocol decide what the device is offered.
-            let to_origin = if http_alpn.is_empty() {
-                vec![ALPN_HTTP11.to_vec()]
-            } else {
-                http_alpn.clone()
-            };
-            let client_cfg = ttls.client_config(to_origin);
-            let name = tls::origin_name(sni.as_deref(), (*u.dst.ip()).into());
-            let connected = tokio::time::timeout(
-                ORIGIN_TLS_TIMEOUT,
-                tokio_rustls::TlsConnector::from(client_cfg.clone())
-                    .connect(name.clone(), upstream),
-            )
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            let (origin, device_alpn) = match connected {
-                Ok(tls) => {
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-                    let alpn = if h2 {
-                        vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
-                    } else {
-                        vec![ALPN_HTTP11.to_vec(), ALPN_H2.to_vec()]
-                    };
-                    let o = Origin::new(
-                        OriginIo::Tls(Box::new(tls)),
-                        Some((client_cfg, name)),
-                        reconnect,
-                    );
-                    (Ok(o), alpn)
-                }
-                Err(e) => {
-                    let failure = match tls::rustls_error(&e) {
-                        Some(rustls::Error::InvalidCertificate(c)) => OriginFailure {
-                            rule: "upstream-cert-untrusted",
-                            detail: format!(
-                                "The site's certificate is not trusted ({c:?}); the gateway does not connect you to it."
-                            ),
-                        },
-                        _ => OriginFailure {
-                            rule: "upstream-tls-failed",
-                            detail: format!("A secure connection to the site failed ({e})."),
-                        },
-                    };
-                    tracing::debug!(seq, error = %e, "origin TLS handshake failed");
-                    (Err(failure), vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()])
-                }
-            };
-            let leaf_name = sni.clone().unwrap_or_else(|| u.dst.ip().to_string());
-            let leaf = match ttls.leaf(&leaf_name) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(seq, error = %e, "cannot mint a leaf certificate; refusing");
-                    tls::refuse(client).await;
-                    return;
-                }
-            };
-            let server_cfg = ttls.server_config(leaf, device_alpn);
-            let stream = match tokio_rustls::StartHandshake::from_parts(accepted, client)
-                .into_stream(server_cfg)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(seq, error = %e, "device TLS handshake failed (does it trust the tenant CA?)");
-                    return;
-                }
-            };
-            let conn = ConnCtx {
-                flow: ctx,
-                scheme: "https",
+            let hello = Hello {
+                accepted,
                 sni,
-                origin,
+                http_alpn,
             };
-            proxy::serve(stream, Arc::new(conn)).await;
+            decrypt(client, upstream, hello, ctx, reconnect, ttls).await;
         }
     }
+}
+
+/// A ClientHello that was read but not answered yet.
+struct Hello {
+    accepted: rustls::server::Accepted,
+    sni: Option<String>,
+    /// The HTTP protocols the device offered (ALPN), in its order.
+    http_alpn: Vec<Vec<u8>>,
+}
+
+/// Connects to the origin with TLS (the device's name and protocols) and tells what to offer the device.
+async fn connect_origin(
+    ttls: &TenantTls,
+    upstream: TcpStream,
+    hello: &Hello,
+    dst: std::net::IpAddr,
+    reconnect: Option<Reconnect>,
+) -> (Result<Origin, OriginFailure>, Vec<Vec<u8>>) {
+    let to_origin = if hello.http_alpn.is_empty() {
+        vec![ALPN_HTTP11.to_vec()]
+    } else {
+        hello.http_alpn.clone()
+    };
+    let client_cfg = ttls.client_config(to_origin);
+    let name = tls::origin_name(hello.sni.as_deref(), dst);
+    let connected = tokio::time::timeout(
+        ORIGIN_TLS_TIMEOUT,
+        tokio_rustls::TlsConnector::from(client_cfg.clone()).connect(name.clone(), upstream),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    match connected {
+        Ok(tls) => {
+            // The origin's protocol first (rustls picks by server preference).
+            let alpn = if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
+            } else {
+                vec![ALPN_HTTP11.to_vec(), ALPN_H2.to_vec()]
+            };
+            let origin = Origin::new(
+                OriginIo::Tls(Box::new(tls)),
+                Some((client_cfg, name)),
+                reconnect,
+            );
+            (Ok(origin), alpn)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "origin TLS handshake failed");
+            let failure = match tls::rustls_error(&e) {
+                Some(rustls::Error::InvalidCertificate(c)) => OriginFailure {
+                    rule: "upstream-cert-untrusted",
+                    detail: format!(
+                        "The site's certificate is not trusted ({c:?}); the gateway does not connect you to it."
+                    ),
+                },
+                _ => OriginFailure {
+                    rule: "upstream-tls-failed",
+                    detail: format!("A secure connection to the site failed ({e})."),
+                },
+            };
+            (Err(failure), vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()])
+        }
+    }
+}
+
+/// Decrypts: the origin first (its certificate and protocol decide what the device is offered), then the
+/// device's handshake with a leaf from the tenant CA, then the HTTP server on the decrypted stream. An origin
+/// that failed TLS still gets the device handshake, so the device sees the page saying why.
+async fn decrypt(
+    client: TcpStream,
+    upstream: TcpStream,
+    hello: Hello,
+    ctx: FlowCtx,
+    reconnect: Option<Reconnect>,
+    ttls: Arc<TenantTls>,
+) {
+    let (seq, dst) = (ctx.upgraded.seq, *ctx.upgraded.dst.ip());
+    let (origin, device_alpn) =
+        connect_origin(&ttls, upstream, &hello, dst.into(), reconnect).await;
+    let leaf_name = hello.sni.clone().unwrap_or_else(|| dst.to_string());
+    let leaf = match ttls.leaf(&leaf_name) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(seq, error = %e, "cannot mint a leaf certificate; refusing");
+            tls::refuse(client).await;
+            return;
+        }
+    };
+    let server_cfg = ttls.server_config(leaf, device_alpn);
+    let stream = match tokio_rustls::StartHandshake::from_parts(hello.accepted, client)
+        .into_stream(server_cfg)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(seq, error = %e, "device TLS handshake failed (does it trust the tenant CA?)");
+            return;
+        }
+    };
+    let conn = ConnCtx {
+        flow: ctx,
+        scheme: "https",
+        sni: hello.sni,
+        origin,
+    };
+    proxy::serve(stream, Arc::new(conn)).await;
 }
