@@ -21,6 +21,7 @@ const UPSTREAM_NET: &str = "198.18.1.0/24";
 const UPSTREAM: &str = "198.18.1.2";
 const ORIGIN_APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/http_origin.py");
 const HTTP_RAW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/http_raw.py");
+const HTTPLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/httpload.py");
 
 /// Tenant `id` whose flows to the upstream network on 80/443 go through the HTTP inspector.
 fn tenant(id: &str, pool: &str, gw: &str, extra: &str) -> TenantSpec {
@@ -435,6 +436,25 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         .unwrap_or_else(|| panic!("no reference on the page: {page}"))
         .to_string();
 
+    // 300 connections, 100 at a time: all served, each request recorded.
+    let r = dev.ns.run(
+        "python3",
+        &[
+            HTTPLOAD,
+            &format!("{base}/small?load"),
+            "--count",
+            "300",
+            "--parallel",
+            "100",
+            "--expect-bytes",
+            "17",
+        ],
+        Duration::from_secs(180),
+    );
+    let v: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("httpload output ({e}): {r}"));
+    assert_eq!(v["ok"], 300, "{v}");
+
     // CONNECT (a tunnel the inspector cannot see into) is refused: no rule allows it explicitly.
     let r = curl(
         &dev.ns,
@@ -604,6 +624,23 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         ),
         "{blocked}"
     );
+    let (n, _) = wait_until(
+        "records of all 300 load requests",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = lab
+                .gateway
+                .cli(&["audit", "http"], &["--json", "--limit", "100000"])
+                .expect_ok();
+            let n = json_lines(&out)
+                .iter()
+                .filter(|r| is(r, "path", "/small") && r["status"] == 200 && r["flow_id"].is_i64())
+                .count();
+            (n >= 300).then_some(n)
+        },
+    );
+    assert!(n >= 300);
     let table = lab
         .gateway
         .cli(&["audit", "http"], &["--tenant", "acme"])
