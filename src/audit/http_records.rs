@@ -14,7 +14,7 @@
 #![deny(unsafe_code)]
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,6 +107,8 @@ pub struct HttpAuditSink {
     // Field order matters: the sender goes first, so the writer sees the channel close, then `_writer` joins it.
     tx: SyncSender<HttpRecord>,
     dropped: Arc<AtomicU64>,
+    /// False while the last write failed.
+    healthy: Arc<AtomicBool>,
     _writer: Arc<WriterThread>,
 }
 
@@ -127,13 +129,16 @@ impl HttpAuditSink {
         let conn = open_rw(path)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
         let thread = std::thread::Builder::new()
             .name("rampart-http-audit".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, h))
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         Ok(HttpAuditSink {
             tx,
             dropped,
+            healthy,
             _writer: Arc::new(WriterThread(Some(thread))),
         })
     }
@@ -143,6 +148,11 @@ impl HttpAuditSink {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(r) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether records are being committed (false while the store fails).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
     }
 
     /// Records dropped because the queue was full or the writer had stopped.
@@ -163,7 +173,7 @@ fn open_rw(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>, healthy: Arc<AtomicBool>) {
     let mut pending: Vec<HttpRecord> = Vec::new();
     let mut open = true;
     let mut last_error_log: Option<Instant> = None;
@@ -185,6 +195,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>) {
         // At shutdown (`!open`) everything held is written, linked or not.
         match write_batch(&mut conn, &pending, open) {
             Ok(deferred) => {
+                healthy.store(true, Ordering::Relaxed);
                 pending = deferred;
                 if !pending.is_empty() && open {
                     // Only records waiting for their flow's row: do not spin.
@@ -192,6 +203,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<HttpRecord>) {
                 }
             }
             Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
                 if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     last_error_log = Some(Instant::now());
                     tracing::error!(error = %e, held = pending.len(), "HTTP audit write failed; retrying");
@@ -443,6 +455,47 @@ mod tests {
         .unwrap();
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].record.host, "a.example");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_failing_store_marks_the_sink_unhealthy_until_writes_succeed_again() {
+        let dir = std::env::temp_dir().join(format!("rampart-http-health-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.db");
+        let sink = HttpAuditSink::start(&path).unwrap();
+        let all = || {
+            query(
+                &path,
+                &HttpFilter {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        sink.emit(rec("a.example", 1000));
+        wait("the first record", || all().len() == 1);
+        assert!(sink.healthy());
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::from_secs(5)).unwrap();
+        other.execute_batch("DROP TABLE http_requests").unwrap();
+        sink.emit(rec("b.example", 2000));
+        wait("the sink to notice the failure", || !sink.healthy());
+        other.execute_batch(SCHEMA).unwrap();
+        wait("the held record to be written", || {
+            all().len() == 1 && sink.healthy()
+        });
+        assert_eq!(all()[0].record.host, "b.example");
+        drop(sink);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
 use crate::audit::http_records::{HttpAuditSink, HttpRecord};
-use crate::config::{Config, Tenant};
+use crate::config::{Config, FailurePolicy, Tenant};
 use crate::core::Upgraded;
 use crate::offramp::InspectEnv;
 pub use origin::Reconnect;
@@ -137,6 +137,13 @@ impl FlowCtx {
             flow_rule: u.rule.to_string(),
             ..Default::default()
         }
+    }
+
+    /// Whether requests may be served, per `audit.on_failure`: a fail-closed gateway serves none while HTTP
+    /// records cannot be kept (store not opened, or its last write failed).
+    pub fn audit_admits(&self, cfg: &Config) -> bool {
+        cfg.audit.on_failure != FailurePolicy::FailClosed
+            || self.sink.as_ref().is_some_and(HttpAuditSink::healthy)
     }
 
     pub fn emit(&self, r: HttpRecord) {
@@ -253,6 +260,14 @@ async fn inspect_tls(
         device: &u.device,
         groups,
     };
+    if !ctx.audit_admits(&cfg) {
+        tracing::warn!(
+            seq,
+            "HTTP audit store unavailable and audit.on_failure = fail_closed; refusing"
+        );
+        tls::refuse(client).await;
+        return;
+    }
     let facts = TlsFacts {
         sni: sni.as_deref(),
         dst: (*u.dst.ip()).into(),

@@ -27,6 +27,7 @@ pub fn render(status: StatusCode, rule: &str, ref_id: &str, host: &str, detail: 
         StatusCode::FORBIDDEN => "Blocked by policy",
         StatusCode::BAD_GATEWAY => "The site cannot be reached safely",
         StatusCode::MISDIRECTED_REQUEST => "Misdirected request",
+        StatusCode::SERVICE_UNAVAILABLE => "Temporarily refused",
         _ => "Request refused",
     };
     format!(

@@ -310,6 +310,15 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             "block",
         );
     };
+    if !flow.audit_admits(&cfg) {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit-unavailable",
+            "The gateway cannot record requests right now and is set to refuse them until it can.",
+            guard,
+            "block",
+        );
+    }
     let groups = tenant
         .devices
         .iter()
