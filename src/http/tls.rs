@@ -400,6 +400,54 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn client_hello_gives_name_and_alpn_and_keeps_every_byte() {
+        let (c, mut s) = pair().await;
+        let mut cfg = origin_client_config(None).unwrap();
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"x-other".to_vec()];
+        let client = tokio::spawn(async move {
+            let _ = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(ServerName::try_from("Web.Example").unwrap(), c)
+                .await;
+        });
+        let (accepted, seen) = read_client_hello(&mut s, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let hello = accepted.client_hello();
+        assert_eq!(hello.server_name(), Some("web.example"));
+        let alpn: Vec<&[u8]> = hello.alpn().unwrap().collect();
+        assert_eq!(alpn, [ALPN_H2, b"x-other"]);
+        assert_eq!(seen[0], 0x16);
+        drop(s);
+        let _ = client.await;
+    }
+
+    #[tokio::test]
+    async fn garbage_truncation_and_silence_are_errors_not_hangs() {
+        let cases: [&[u8]; 3] = [
+            b"\x16\x03\x01\x00\x05hello",
+            b"\x16\x03\x01\x02\x00\x01\x00",
+            b"",
+        ];
+        for bytes in cases {
+            let (mut c, mut s) = pair().await;
+            c.write_all(bytes).await.unwrap();
+            if !bytes.is_empty() {
+                c.shutdown().await.unwrap();
+            }
+            let r = read_client_hello(&mut s, Duration::from_millis(300)).await;
+            assert!(r.is_err(), "{bytes:?} accepted");
+            drop(c);
+        }
+    }
+
     #[test]
     fn rustls_errors_are_found_inside_io_errors() {
         let e = io::Error::new(
