@@ -427,3 +427,94 @@ ports = ["5201"]
     );
     lab.gateway.assert_alive();
 }
+
+/// Benchmark (not part of `make test`): throughput and connections per second of the layer-4 path against
+/// the plain layer-3 relay, side by side in one run. `cargo test --release --test e2e_offramp bench -- --ignored
+/// --nocapture`; results go to docs/benchmarks.md.
+#[test]
+#[ignore = "benchmark; run by hand"]
+fn bench_layer4_vs_layer3() {
+    let mut t = acme();
+    t.rules.push_str(
+        r#"[[tenant.rule]]
+id = "l3"
+action = "allow"
+devices = ["alice"]
+dst = ["bob"]
+proto = "tcp"
+ports = ["5201", "8080"]
+[[tenant.rule]]
+id = "l4"
+action = "proxy"
+devices = ["alice"]
+dst = ["bob"]
+proto = "tcp"
+ports = ["5202", "8081"]
+"#,
+    );
+    let mut lab = Lab::new(&[t]);
+    let host = lab.add_host("up");
+    let _nginx = Nginx::start(&host, &lab.dir().join("up"), &[("small", 100)]);
+    let a = lab.add_client("acme", "alice");
+    let b = lab.add_client("acme", "bob");
+    wait_ping(&a.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
+    wait_ping(&b.ns, GW_ADDR, TUNNEL_UP, "bob -> gateway");
+    let b_addr = b.address().to_string();
+    let iperf = |port: u16, dst: &str, server_ns: &support::netns::Netns| -> f64 {
+        let mut cmd = server_ns.exec("iperf3");
+        cmd.args(["-s", "-1", "-p", &port.to_string()]);
+        let mut srv = Proc::spawn("iperf3-server", cmd, lab.dir());
+        std::thread::sleep(Duration::from_millis(500));
+        let r = a.ns.run(
+            "iperf3",
+            &["-c", dst, "-p", &port.to_string(), "-t", "5", "-J"],
+            Duration::from_secs(60),
+        );
+        srv.stop(Duration::from_secs(5));
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6
+    };
+    let gw_cpu = || -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", lab.gateway.pid()))
+            .unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0
+    };
+    let mut rows = Vec::new();
+    for (name, port, dst) in [
+        ("layer 3 relay (allow)", 5201, b_addr.as_str()),
+        ("layer 4 splice (proxy)", 5202, b_addr.as_str()),
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..3 {
+            let c0 = gw_cpu();
+            let mbps = iperf(port, dst, &b.ns);
+            samples.push((mbps, (gw_cpu() - c0) / 5.0 * 100.0));
+        }
+        samples.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap());
+        rows.push(format!(
+            "| {name} | TCP 1 stream | {:.0} Mbit/s | gw CPU {:.0} % |",
+            samples[1].0, samples[1].1
+        ));
+    }
+    let up = format!("http://{UPSTREAM}/small");
+    let start = std::time::Instant::now();
+    let v = httpload(&a.ns, &up, 2000, 16, 100);
+    rows.push(format!("| off-ramp (upgrade + host socket) | 2000 HTTP/1.0 connections, 16 at a time | {:.0} connections/s | ok {} |", 2000.0 / start.elapsed().as_secs_f64(), v["ok"]));
+    let start = std::time::Instant::now();
+    let v = httpload(&host.ns, &up, 2000, 16, 100);
+    rows.push(format!(
+        "| direct (no gateway) | same | {:.0} connections/s | ok {} |",
+        2000.0 / start.elapsed().as_secs_f64(),
+        v["ok"]
+    ));
+    eprintln!("{}", rows.join("\n"));
+}
