@@ -440,3 +440,132 @@ async fn decrypt(
     };
     proxy::serve(stream, Arc::new(conn)).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    const CONFIG: &str = r#"
+[gateway]
+state_dir = "state"
+[[tenant]]
+id = "acme"
+address_pool = "100.96.0.0/24"
+gateway_address = "100.96.0.1"
+offramp = ["127.0.0.0/8"]
+[[tenant.rule]]
+id = "web"
+action = "inspect_http"
+[[tenant.device]]
+name = "laptop"
+public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+address = "100.96.0.2"
+user = "alice"
+"#;
+
+    /// An HTTP/1.1 origin whose `/wait3` answers only once 3 requests are in flight at once (or after 10 s),
+    /// with the most it saw in flight.
+    async fn origin() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let (in_flight, most) = (in_flight.clone(), most.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let (in_flight, most) = (in_flight.clone(), most.clone());
+                        async move {
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                            while most.load(Ordering::SeqCst) < 3
+                                && tokio::time::Instant::now() < deadline
+                            {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            let body = most.load(Ordering::SeqCst).to_string();
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from(body),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn http2_streams_to_an_http1_origin_run_in_parallel() {
+        let dir = std::env::temp_dir().join(format!("rampart-http-h2h1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = Config::from_toml(CONFIG, &dir.join("gateway.toml")).unwrap();
+        let env = InspectEnv::new(Arc::new(Mutex::new(Arc::new(cfg))));
+        let origin_addr = origin().await;
+        let std::net::SocketAddr::V4(dst) = origin_addr else {
+            unreachable!()
+        };
+        let flow = Upgraded {
+            seq: 1,
+            slot: "100.64.0.1:1024".parse().unwrap(),
+            protocol: 6,
+            src: "100.96.0.2:40000".parse().unwrap(),
+            dst,
+            tenant: crate::config::TenantId::parse("acme").unwrap(),
+            device: crate::config::DeviceName::parse("laptop").unwrap(),
+            user: crate::config::UserName::parse("alice").unwrap(),
+            rule: Arc::from("web"),
+            downgrade: None,
+            inspect: crate::config::Inspect::Http,
+        };
+        // The device side: an HTTP/2 (prior knowledge) client connected to the inspector.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let device = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        let upstream = TcpStream::connect(origin_addr).await.unwrap();
+        let reconnect: Reconnect =
+            Arc::new(move || Box::pin(async move { TcpStream::connect(origin_addr).await }));
+        let env2 = env.clone();
+        let inspector = tokio::spawn(async move {
+            inspect(accepted, upstream, &flow, &env2, reconnect).await;
+        });
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(device),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let get = |path: &'static str| {
+            let mut s = sender.clone();
+            async move {
+                let req = hyper::Request::get(format!("http://127.0.0.1/{path}"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = s.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.into_body().collect().await.unwrap().to_bytes()
+            }
+        };
+        let (a, b, c) = tokio::join!(get("wait3"), get("wait3"), get("wait3"));
+        assert_eq!((&a[..], &b[..], &c[..]), (&b"3"[..], &b"3"[..], &b"3"[..]));
+        drop(sender);
+        inspector.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -21,7 +22,7 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Mutex, OwnedMutexGuard};
+use tokio::sync::{watch, Mutex};
 
 use super::rewrite::OriginProto;
 use super::tls::ALPN_H2;
@@ -49,18 +50,21 @@ pub enum OriginError {
     Http(#[from] hyper::Error),
 }
 
+/// Most HTTP/1.1 connections to the origin of one flow: the streams of an HTTP/2 device run in parallel on
+/// them (only where the leg can be re-opened).
+const MAX_H1_CONNECTIONS: usize = 6;
+
 enum Sender {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
 }
 
-impl Sender {
-    fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
+/// The open origin connections of a flow.
+enum Conns {
+    None,
+    /// Idle or busy; a busy one is not ready until its exchange completes.
+    H1(Vec<http1::SendRequest<Body>>),
+    H2(http2::SendRequest<Body>),
 }
 
 pub struct Origin {
@@ -69,33 +73,36 @@ pub struct Origin {
     /// Set when a connection ends and none can be re-opened.
     dead: Arc<watch::Sender<bool>>,
     first: std::sync::Mutex<Option<OriginIo>>,
-    sender: Arc<Mutex<Option<Sender>>>,
+    conns: Arc<Mutex<Conns>>,
 }
 
-/// A connection ready for one request (HTTP/1.1: held exclusively until the request is sent).
+/// A connection ready for one request (HTTP/1.1: taken out of the pool until the request is sent).
 pub struct Lease(LeaseKind);
 
 enum LeaseKind {
-    H1(OwnedMutexGuard<Option<Sender>>),
+    H1 {
+        sender: http1::SendRequest<Body>,
+        pool: Arc<Mutex<Conns>>,
+    },
     H2(http2::SendRequest<Body>),
 }
 
 impl Lease {
     pub fn proto(&self) -> OriginProto {
         match self.0 {
-            LeaseKind::H1(_) => OriginProto::Http1,
+            LeaseKind::H1 { .. } => OriginProto::Http1,
             LeaseKind::H2(_) => OriginProto::Http2,
         }
     }
 
     pub async fn send(self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
         match self.0 {
-            LeaseKind::H1(mut guard) => {
-                let fut = match guard.as_mut() {
-                    Some(Sender::H1(s)) => s.send_request(req),
-                    _ => unreachable!("an H1 lease holds an H1 sender"),
-                };
-                drop(guard);
+            LeaseKind::H1 { mut sender, pool } => {
+                let fut = sender.send_request(req);
+                // Back into the pool at once: it is not ready again until this exchange completes.
+                if let Conns::H1(v) = &mut *pool.lock().await {
+                    v.push(sender);
+                }
                 fut.await
             }
             LeaseKind::H2(mut s) => s.send_request(req).await,
@@ -156,7 +163,7 @@ impl Origin {
             reconnect,
             dead: Arc::new(watch::channel(false).0),
             first: std::sync::Mutex::new(Some(first)),
-            sender: Arc::new(Mutex::new(None)),
+            conns: Arc::new(Mutex::new(Conns::None)),
         }
     }
 
@@ -203,29 +210,80 @@ impl Origin {
         let _ = rx.wait_for(|dead| *dead).await;
     }
 
-    /// A connection ready for the next request; re-opens the leg if the origin closed it.
-    pub async fn lease(&self) -> Result<Lease, OriginError> {
-        let mut guard = self.sender.clone().lock_owned().await;
-        for _ in 0..2 {
-            if guard.as_ref().is_none_or(Sender::is_closed) {
-                *guard = Some(self.connect().await?);
+    fn can_open(&self) -> bool {
+        self.reconnect.is_some() || self.first.lock().expect("origin first leg").is_some()
+    }
+
+    /// Opens a connection and registers it.
+    async fn open(&self) -> Result<Lease, OriginError> {
+        let sender = self.connect().await?;
+        let mut conns = self.conns.lock().await;
+        Ok(Lease(match sender {
+            Sender::H2(s) => {
+                *conns = Conns::H2(s.clone());
+                LeaseKind::H2(s)
             }
-            let ready = match guard.as_mut() {
-                Some(Sender::H1(s)) => s.ready().await,
-                Some(Sender::H2(s)) => s.ready().await,
-                None => continue,
-            };
-            match ready {
-                Ok(()) => {
-                    return Ok(Lease(match guard.as_ref() {
-                        Some(Sender::H2(s)) => LeaseKind::H2(s.clone()),
-                        _ => LeaseKind::H1(guard),
-                    }))
+            Sender::H1(sender) => {
+                if !matches!(*conns, Conns::H1(_)) {
+                    *conns = Conns::H1(Vec::new());
                 }
-                // Closed between requests (keep-alive timeout, `Connection: close`): open a new leg once.
-                Err(e) => {
-                    tracing::trace!(error = %e, "origin connection closed; reconnecting");
-                    *guard = None;
+                LeaseKind::H1 {
+                    sender,
+                    pool: self.conns.clone(),
+                }
+            }
+        }))
+    }
+
+    /// A connection ready for the next request: an idle pooled one, a new one (the leg is re-opened when the
+    /// origin closed it, and up to `MAX_H1_CONNECTIONS` HTTP/1.1 connections run at once), or the first
+    /// busy one once it is done.
+    pub async fn lease(&self) -> Result<Lease, OriginError> {
+        for _ in 0..3 {
+            let mut conns = self.conns.lock().await;
+            match &mut *conns {
+                Conns::H2(s) if !s.is_closed() => {
+                    let mut s = s.clone();
+                    drop(conns);
+                    match s.ready().await {
+                        Ok(()) => return Ok(Lease(LeaseKind::H2(s))),
+                        Err(e) => tracing::trace!(error = %e, "origin h2 connection closed"),
+                    }
+                    let mut conns = self.conns.lock().await;
+                    if matches!(&*conns, Conns::H2(c) if c.is_closed()) {
+                        *conns = Conns::None;
+                    }
+                }
+                Conns::H1(pool) => {
+                    pool.retain(|s| !s.is_closed());
+                    let idle = pool
+                        .iter_mut()
+                        .position(|s| matches!(s.ready().now_or_never(), Some(Ok(()))));
+                    if let Some(i) = idle {
+                        let sender = pool.swap_remove(i);
+                        let pool = self.conns.clone();
+                        return Ok(Lease(LeaseKind::H1 { sender, pool }));
+                    }
+                    if pool.len() < MAX_H1_CONNECTIONS && self.can_open() {
+                        drop(conns);
+                        return self.open().await;
+                    }
+                    if pool.is_empty() {
+                        *conns = Conns::None;
+                        continue;
+                    }
+                    // All busy and no more may be opened: wait for the first to finish its exchange.
+                    let mut sender = pool.swap_remove(0);
+                    drop(conns);
+                    if sender.ready().await.is_ok() {
+                        let pool = self.conns.clone();
+                        return Ok(Lease(LeaseKind::H1 { sender, pool }));
+                    }
+                }
+                Conns::H2(_) | Conns::None => {
+                    *conns = Conns::None;
+                    drop(conns);
+                    return self.open().await;
                 }
             }
         }
