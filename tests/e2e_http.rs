@@ -39,7 +39,7 @@ id = "web"
 action = "inspect_http"
 dst = ["{UPSTREAM_NET}"]
 proto = "tcp"
-ports = ["80", "443"]
+ports = ["80", "443", "3128"]
 [[tenant.rule]]
 id = "to-server"
 action = "inspect_http"
@@ -54,6 +54,11 @@ paths = ["/admin"]
 id = "no-social"
 action = "block"
 hosts = ["social.test", "*.social.test"]
+[[tenant.http_rule]]
+id = "tunnel-to-app"
+action = "allow"
+methods = ["CONNECT"]
+hosts = ["127.0.0.1"]
 [[tenant.http_rule]]
 id = "log-uploads"
 action = "log"
@@ -148,6 +153,7 @@ impl Certs {
 struct Origin {
     nginx: Proc,
     app: Proc,
+    proxy: Proc,
     dir: PathBuf,
 }
 
@@ -164,6 +170,11 @@ impl Origin {
         app_cmd.args([ORIGIN_APP, "127.0.0.1", "9000"]);
         let mut app = Proc::spawn("origin-app", app_cmd, dir);
         app.wait_stdout("LISTENING", Duration::from_secs(30));
+        // The same application as a forward proxy (CONNECT) on the upstream address.
+        let mut proxy_cmd = host.ns.exec("python3");
+        proxy_cmd.args([ORIGIN_APP, UPSTREAM, "3128"]);
+        let mut forward_proxy = Proc::spawn("origin-proxy", proxy_cmd, dir);
+        forward_proxy.wait_stdout("LISTENING", Duration::from_secs(30));
         let d = dir.display();
         let proxy = "proxy_pass http://127.0.0.1:9000; proxy_http_version 1.1;";
         let conf = format!(
@@ -209,6 +220,7 @@ impl Origin {
         Origin {
             nginx,
             app,
+            proxy: forward_proxy,
             dir: dir.to_path_buf(),
         }
     }
@@ -218,6 +230,7 @@ impl Drop for Origin {
     fn drop(&mut self) {
         self.nginx.stop(Duration::from_secs(10));
         self.app.stop(Duration::from_secs(5));
+        self.proxy.stop(Duration::from_secs(5));
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.dir.join("nginx-error.log")).unwrap_or_default();
             eprintln!(
@@ -469,6 +482,29 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
     wait_record(&lab, &[], "the refused CONNECT", |r| {
         is(r, "method", "CONNECT") && is(r, "rule", "connect-not-allowed") && r["status"] == 403
     });
+
+    // An allowed CONNECT (the rule names the method and the target host) becomes a tunnel.
+    let r = curl(
+        &dev.ns,
+        &[
+            "--fail",
+            "-p",
+            "-x",
+            &format!("http://{UPSTREAM}:3128"),
+            "http://127.0.0.1:9000/chunked?n=3",
+        ],
+    );
+    assert!(r.success(), "{r}");
+    assert_eq!(r.stdout, "line 0\nline 1\nline 2\n", "{r}");
+    let tunnel = wait_record(&lab, &[], "the allowed CONNECT", |r| {
+        is(r, "method", "CONNECT") && is(r, "rule", "tunnel-to-app")
+    });
+    assert_eq!(
+        (tunnel["status"].as_u64(), tunnel["path"].as_str()),
+        (Some(200), Some("127.0.0.1:9000")),
+        "{tunnel}"
+    );
+    assert!(tunnel["resp_bytes"].as_u64() > Some(20), "{tunnel}");
 
     // Malformed requests get 400 (431 for an oversized header) and do not stall other connections.
     let r = dev.ns.run(

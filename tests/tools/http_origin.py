@@ -4,11 +4,14 @@
   POST /upload   reads the body (Content-Length or chunked), answers {"sha256": ..., "bytes": ...}
   GET  /chunked  answers with a chunked body of N numbered lines (?n=N, default 50)
   GET  /ws       with `Upgrade`: answers 101 and then echoes every byte until the peer closes
+  CONNECT h:p    a forward-proxy tunnel to h:p (200, then bytes both ways)
 
 Usage: http_origin.py HOST PORT   (prints LISTENING when ready)
 """
 import hashlib
 import json
+import select
+import socket
 import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -50,6 +53,33 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(b)
                 n += len(b)
         return h.hexdigest(), n
+
+    def do_CONNECT(self):
+        host, _, port = self.path.rpartition(":")
+        try:
+            upstream = socket.create_connection((host, int(port)), timeout=10)
+        except OSError:
+            self.send_error(502)
+            return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        socks = [self.connection, upstream]
+        while True:
+            ready, _, _ = select.select(socks, [], [], 60)
+            if not ready:
+                break
+            done = False
+            for s in ready:
+                b = s.recv(65536)
+                if not b:
+                    done = True
+                    break
+                (upstream if s is self.connection else self.connection).sendall(b)
+            if done:
+                break
+        upstream.close()
+        self.close_connection = True
 
     def do_POST(self):
         digest, n = self.read_body()
