@@ -311,6 +311,12 @@ impl Gw {
 impl Drop for Gw {
     fn drop(&mut self) {
         self.stop();
+        // Kept for a look after a failure; removed otherwise.
+        if !std::thread::panicking() {
+            if let Err(e) = std::fs::remove_dir_all(&self.state) {
+                eprintln!("cannot remove {}: {e}", self.state.display());
+            }
+        }
     }
 }
 
@@ -913,6 +919,7 @@ fn loopback_target_rejecting_the_certificate_is_reported_by_the_gateway() {
     let other_ca = trust::ca_init(&other, "x").unwrap();
     let sshd = Sshd::start(&state, &other_ca.dir.join("user_ca.pub"));
     let gw = Gw::start_with(state, sshd.addr(), GwOpts::default());
+    let _ = std::fs::remove_dir_all(&other);
     let out = gw.ssh(&["root@127.0.0.1", "true"], None);
     assert_eq!(out.status.code(), Some(255));
     let err = text(&out.stderr);
@@ -1167,10 +1174,30 @@ fn bench_ssh_relay_cpu_and_throughput() {
             opts.recipient = Some(RecipientKey::from_base64(&public).unwrap());
         }
         let (gw, sshd) = Gw::start(opts);
+        // Direct logins need what the gateway mints: a certificate from the tenant user CA (ssh picks up
+        // id-cert.pub next to the identity).
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-s"])
+                .arg(gw.state.join("ssh/acme/user_ca"))
+                .args(["-I", "bench", "-n", "root", "-V", "-5m:+1h"])
+                .arg(gw.client_dir.join("id.pub")),
+        );
         for (dir, remote) in [("download", upload.as_str()), ("upload", "cat >/dev/null")] {
             let run = |port: u16| {
                 let mut cmd = Command::new("sh");
-                let ssh = format!("ssh {} -p {port} root@127.0.0.1", gw.ssh_opts().join(" "));
+                // Direct to sshd: its host key is not under the tenant host CA.
+                let opts: Vec<String> = gw
+                    .ssh_opts()
+                    .into_iter()
+                    .map(|o| match o.as_str() {
+                        "StrictHostKeyChecking=yes" if port == sshd.port => {
+                            "StrictHostKeyChecking=no".to_string()
+                        }
+                        _ => o,
+                    })
+                    .collect();
+                let ssh = format!("ssh {} -p {port} root@127.0.0.1", opts.join(" "));
                 let script = if dir == "download" {
                     format!("{ssh} '{remote}' >/dev/null")
                 } else {

@@ -928,6 +928,7 @@ mod tests {
         let mut edited = rows[1].clone();
         edited.body = edited.body.replace("echo 2", "echo 3");
         assert_ne!(chain_hash(&rows[0].hash, &edited).to_vec(), rows[1].hash);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -975,6 +976,7 @@ mod tests {
         assert_eq!(log.rows_after(0, 10).unwrap().len(), 2);
         let cps = log.checkpoints().unwrap();
         assert_eq!(cps.last().unwrap().seq, 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     pub(crate) fn tempdir() -> PathBuf {

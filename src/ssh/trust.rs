@@ -417,6 +417,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!first.user_ca_pub.contains("PRIVATE"));
+        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
@@ -436,6 +437,7 @@ mod tests {
         assert!(cert.extensions().contains_key("permit-pty"));
         assert!(!cert.extensions().contains_key("permit-port-forwarding"));
         assert!(info.valid_before - info.valid_after <= 6 * 60);
+        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
@@ -473,11 +475,14 @@ mod tests {
                 ..
             }
         ));
+        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn missing_ca_says_how_to_create_it() {
-        let e = TenantTrust::load(&tempdir(), "acme").unwrap_err();
+        let dir = tempdir();
+        let e = TenantTrust::load(&dir, "acme").unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             e.to_string().contains("rampart ca init --tenant acme"),
             "{e}"
