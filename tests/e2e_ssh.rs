@@ -1142,6 +1142,115 @@ fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
         SshEvent::HostKey(h) if h.change == "changed" && h.pinned_fingerprint.is_some())));
 }
 
+/// A russh client (what OpenSSH's client cannot easily do): window changes and signals on a live channel.
+mod russh_client {
+    use std::sync::Arc;
+
+    use russh::client;
+    use russh::keys::PublicKeyOrCertificate;
+
+    /// Accepts the gateway's host certificate without checking (the OpenSSH tests check it strictly).
+    pub struct AnyHost;
+
+    impl client::Handler for AnyHost {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    pub async fn connect(port: u16) -> client::Handle<AnyHost> {
+        let config = Arc::new(client::Config::default());
+        let mut h = client::connect(config, ("127.0.0.1", port), AnyHost)
+            .await
+            .unwrap();
+        assert!(h.authenticate_none("root").await.unwrap().success());
+        h
+    }
+}
+
+#[test]
+fn loopback_window_changes_and_signals_reach_the_target() {
+    use russh::ChannelMsg;
+    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (size, signal) = rt.block_on(async {
+        let h = russh_client::connect(gw.port).await;
+        // A PTY of 80x24 resized to 100x30 before the command reads its size.
+        let mut ch = h.channel_open_session().await.unwrap();
+        ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
+            .await
+            .unwrap();
+        ch.exec(true, "sleep 1; stty size").await.unwrap();
+        ch.window_change(100, 30, 0, 0).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(msg) = ch.wait().await {
+            if let ChannelMsg::Data { data } = msg {
+                out.extend_from_slice(&data);
+            }
+        }
+        // A signal request reaches the target's sshd (OpenSSH 9.2 then refuses it: "session signalling requires
+        // privilege separation", fixed in later releases; exit-signal relay is covered by the `kill` test).
+        let ch = h.channel_open_session().await.unwrap();
+        ch.exec(true, "sleep 30").await.unwrap();
+        ch.signal(russh::Sig::TERM).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut signal = None;
+        while tokio::time::Instant::now() < deadline {
+            let log = _sshd.log();
+            if let Some(l) = log.lines().find(|l| l.contains("session_signal_req")) {
+                signal = Some(l.to_string());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = ch.close().await;
+        let _ = h
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+        (text(&out), signal)
+    });
+    assert!(
+        size.contains("30 100"),
+        "stty size after the resize: {size:?}"
+    );
+    assert!(
+        signal.is_some(),
+        "sshd never saw the signal request:\n{}",
+        _sshd.log()
+    );
+    // The resize is in the recording (an asciicast "r" event on export).
+    // The client's tasks stop with its runtime: its connection closes while `sleep 30` still runs, and the
+    // gateway ends the target connection too (the channel's close is recorded long before 30 s).
+    drop(rt);
+    let rows = gw.wait_rows("session.end", 1);
+    assert_eq!(events(&rows, "channel.close").len(), 2);
+    let id = rows[0].keys.session_id.clone();
+    let cfg = gw.config_file(None);
+    let dir = gw.state.join("export");
+    let out = gw.rampart(
+        &[
+            "audit",
+            "ssh",
+            "export",
+            &id,
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        &cfg,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cast = std::fs::read_to_string(dir.join("ch1.cast")).unwrap();
+    assert!(cast.contains(r#""r","100x30""#), "{cast}");
+}
+
 /// CPU seconds (user + system) this process used so far: the in-process inspector (ssh and sshd are children).
 fn self_cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();

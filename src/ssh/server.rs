@@ -283,6 +283,26 @@ pub struct ConnHandler {
     auth_method: String,
 }
 
+impl Drop for ConnHandler {
+    /// The client's connection is gone: end the target connection too. russh's client session outlives its
+    /// dropped `Handle` while the target keeps a channel open (a command still running), which would keep the
+    /// channel's pump, and the session's end record, waiting.
+    fn drop(&mut self) {
+        if let Some(up) = self.upstream.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let bye = up.handle.disconnect(
+                        Disconnect::ByApplication,
+                        "client disconnected",
+                        "en",
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
+                });
+            }
+        }
+    }
+}
+
 /// A login name as sshd would accept it (no control characters, no option-like names).
 fn valid_login(login: &str) -> bool {
     !login.is_empty()
