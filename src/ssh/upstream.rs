@@ -141,6 +141,10 @@ pub async fn connect(
         .await
         .map_err(|e| fail(format!("cannot open session to target {target}: {e}")))?;
     if !auth.success() {
+        // Say goodbye rather than drop the handle: russh's client session outlives a dropped handle.
+        let _ = handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
         return Err(fail(format!(
             "cannot open session to target: target {target} rejected the gateway certificate for \
              principal '{login}' (does the target trust the tenant's user CA with TrustedUserCAKeys, and \
