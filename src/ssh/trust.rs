@@ -479,6 +479,53 @@ mod tests {
     }
 
     #[test]
+    fn a_trusted_target_host_ca_vouches_for_the_target_address_only() {
+        let state = tempdir();
+        ca_init(&state, "acme").unwrap();
+        let target_ca = new_ed25519("target ca").unwrap();
+        std::fs::write(
+            tenant_dir(&state, "acme").join("target_host_ca.pub"),
+            target_ca.public_key().to_openssh().unwrap(),
+        )
+        .unwrap();
+        let t = TenantTrust::load(&state, "acme").unwrap();
+        let host = new_ed25519("target").unwrap();
+        let cert_for = |principal: &str, ca: &PrivateKey| {
+            let now = unix_now();
+            let mut b = Builder::new_with_random_nonce(
+                &mut rand::rng(),
+                host.public_key(),
+                now - 60,
+                now + 3600,
+            )
+            .unwrap();
+            b.cert_type(CertType::Host).unwrap();
+            b.valid_principal(principal).unwrap();
+            b.sign(ca).unwrap()
+        };
+        let target: SocketAddrV4 = "10.0.0.5:22".parse().unwrap();
+        let good = cert_for("10.0.0.5", &target_ca);
+        assert!(matches!(
+            t.check_target_key(target, host.public_key(), Some(&good))
+                .unwrap(),
+            HostKeyVerdict::Accept {
+                trust: HostKeyTrust::Ca,
+                ..
+            }
+        ));
+        let other_host = cert_for("10.0.0.6", &target_ca);
+        let other_ca = cert_for("10.0.0.5", &new_ed25519("rogue").unwrap());
+        for bad in [other_host, other_ca] {
+            assert!(matches!(
+                t.check_target_key(target, host.public_key(), Some(&bad))
+                    .unwrap(),
+                HostKeyVerdict::BadCertificate(_)
+            ));
+        }
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
     fn missing_ca_says_how_to_create_it() {
         let dir = tempdir();
         let e = TenantTrust::load(&dir, "acme").unwrap_err();
