@@ -311,8 +311,8 @@ impl Gw {
 impl Drop for Gw {
     fn drop(&mut self) {
         self.stop();
-        // Kept for a look after a failure; removed otherwise.
-        if !std::thread::panicking() {
+        // Kept for a look after a failure (or with RAMPART_E2E_KEEP set); removed otherwise.
+        if !std::thread::panicking() && std::env::var_os("RAMPART_E2E_KEEP").is_none() {
             if let Err(e) = std::fs::remove_dir_all(&self.state) {
                 eprintln!("cannot remove {}: {e}", self.state.display());
             }
@@ -430,6 +430,11 @@ fn loopback_exec_relays_output_exit_codes_and_records_commands() {
         .keys
         .session_id;
     let cert = start.cert.as_ref().expect("certificate recorded");
+    assert!(
+        start.client_version.starts_with("SSH-2.0-OpenSSH"),
+        "{}",
+        start.client_version
+    );
     assert!(cert.key_id.contains(session_id.as_str()));
     let log = wait_for(
         Duration::from_secs(5),

@@ -158,6 +158,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         alive: alive_tx,
         client_key_fp: None,
         auth_method: String::new(),
+        client_version: String::new(),
     };
     let _ = client.set_nodelay(true);
     // russh serves the connection from a task of its own that an unauthenticated client can keep in key
@@ -281,6 +282,7 @@ pub struct ConnHandler {
     alive: mpsc::Sender<()>,
     client_key_fp: Option<String>,
     auth_method: String,
+    client_version: String,
 }
 
 impl Drop for ConnHandler {
@@ -407,7 +409,7 @@ impl ConnHandler {
         let up = self.upstream.as_ref();
         SessionStart {
             client_addr: self.ctx.src.to_string(),
-            client_version: String::new(),
+            client_version: self.client_version.clone(),
             auth_method: self.auth_method.clone(),
             client_key_fp: self.client_key_fp.clone(),
             target_host_key_fp: up.map(|u| u.host_key_fp.clone()),
@@ -659,6 +661,11 @@ impl server::Handler for ConnHandler {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.session.authed.store(true, Ordering::Relaxed);
         self.preauth = None;
+        self.client_version = String::from_utf8_lossy(session.remote_sshid())
+            .trim()
+            .chars()
+            .take(255)
+            .collect();
         if let Some((msg, reason)) = self.failure.clone() {
             tracing::info!(session = %self.session.id, tenant = %self.ctx.tenant, device = %self.ctx.device,
                 reason, "SSH session refused");
