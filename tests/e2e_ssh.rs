@@ -961,6 +961,57 @@ fn loopback_required_recording_with_an_unwritable_store_refuses_the_session() {
     assert_eq!(text(&out.stdout), "runs\n");
 }
 
+/// A tiny tmpfs mounted on a directory (unmounted on drop): the recording store fills up mid-session.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(dir: &Path, size: &str) -> TinyFs {
+        std::fs::create_dir_all(dir).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "rampart-e2e"])
+                .arg(dir),
+        );
+        TinyFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn loopback_a_recording_that_fails_mid_session_ends_a_required_session_with_a_message() {
+    const OUT: &str = "head -c 2000000 /dev/zero | tr '\\0' x";
+    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let _fs = TinyFs::mount(&gw.state.join("recordings"), "256k");
+    let out = gw.ssh(&["root@127.0.0.1", OUT], None);
+    assert_eq!(out.status.code(), Some(254), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("rampart gateway: recording") && err.contains("the session is terminated"),
+        "{err}"
+    );
+    assert!(out.stdout.len() < 2_000_000);
+    let rows = gw.wait_rows("session.end", 1);
+    assert!(events(&rows, "channel.close").iter().any(|e| matches!(e,
+        SshEvent::ChannelClose(c) if c.recording.as_ref().is_some_and(|r| !r.complete))));
+
+    // best_effort: the program runs to its end; the close record says the recording is incomplete.
+    let mut opts = GwOpts::default();
+    opts.settings.recording = Recording::BestEffort;
+    let (gw2, _sshd2) = Gw::start(opts);
+    let _fs2 = TinyFs::mount(&gw2.state.join("recordings"), "256k");
+    let out = gw2.ssh(&["root@127.0.0.1", OUT], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 2_000_000);
+    let rows = gw2.wait_rows("session.end", 1);
+    assert!(events(&rows, "channel.close").iter().any(|e| matches!(e,
+        SshEvent::ChannelClose(c) if c.recording.as_ref().is_some_and(|r| !r.complete && r.error.is_some()))));
+}
+
 /// Whether the gateway closed `s` (EOF or reset) before `deadline`.
 fn closed_within(mut s: StdStream, deadline: Duration) -> bool {
     use std::io::Read as _;
