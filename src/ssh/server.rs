@@ -542,7 +542,7 @@ impl ConnHandler {
                 )
                 .await;
         }
-        if let (Some(cmd), Some(text)) = (command, open.command.take()) {
+        if let (Some(_), Some(text)) = (command, open.command.take()) {
             let seq = {
                 let mut st = shared.state();
                 st.command_seq += 1;
@@ -555,7 +555,6 @@ impl ConnHandler {
                 command: text,
             });
             if let Err(e) = self.session.emit_required(Some(shared.seq), ev).await {
-                let _ = cmd;
                 if let Some(r) = recorder {
                     r.finish(None);
                 }
@@ -595,7 +594,8 @@ impl ConnHandler {
     }
 
     /// Refuses a program the gateway cannot record (or log) under `recording = "required"`: a one-line message
-    /// on stderr, exit status 254, channel closed.
+    /// on stderr, exit status 254, channel closed. The request itself is answered with success so that the
+    /// client shows the message and the status, rather than OpenSSH's bare "exec request failed".
     async fn refuse_program(
         &mut self,
         channel: ChannelId,
