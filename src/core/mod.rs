@@ -512,7 +512,25 @@ impl Gateway {
                         self.reset_both_sides(idx, src, sport, dst, dport, tx);
                     }
                     tracing::debug!(seq, reason = reason.as_str(), "flow cut after reload");
-                    self.end_flow(idx, now, reason);
+                    let layer3 = matches!(self.flows.get(idx).target, FlowTarget::Peer(_));
+                    if was_open_tcp && layer3 {
+                        // Keep the cut connection as a lingering rejected flow: a segment still in flight
+                        // (which the RSTs above may not match exactly) is answered with a RST built from its
+                        // own ACK, which the sender always accepts.
+                        let f = self.flows.get_mut(idx);
+                        f.state = flow_table::FlowState::Ended;
+                        f.action = Action::Reject;
+                        let (packets, bytes) = (f.packets, f.bytes);
+                        self.events.push(FlowEvent::End {
+                            seq,
+                            at: now,
+                            packets,
+                            bytes,
+                            reason,
+                        });
+                    } else {
+                        self.end_flow(idx, now, reason);
+                    }
                 }
             }
         }
@@ -900,9 +918,8 @@ impl Gateway {
             Action::Allow | Action::Proxy | Action::InspectSsh | Action::InspectHttp => {}
             Action::Deny => return counters.count_drop(DropReason::PolicyDenied),
             Action::Reject => {
-                if side == OUT {
-                    self.reject(src_slot, ti, pkt, &view, &t, Unreachable::Prohibited, tx);
-                }
+                // Either side: a rejected flow's responder only sends after a reload cut the flow.
+                self.reject(src_slot, ti, pkt, &view, &t, Unreachable::Prohibited, tx);
                 return counters.count_drop(DropReason::PolicyRejected);
             }
         }

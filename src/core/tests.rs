@@ -810,9 +810,20 @@ fn reload_cuts_a_flow_the_new_policy_denies_with_rsts_both_ways() {
             .unwrap_or_else(|| panic!("client {c} got no RST"));
         assert_ne!(rst[33] & 0x04, 0, "RST flag");
     }
-    // Later packets of the connection start a new flow, which the new policy denies.
+    // Segments still in flight get a RST built from their own ACK (always acceptable), and reach nobody.
     net.send(0, &tcp(a, 40000, b, 5201, 105, "A", b"more"));
     assert!(net.clients[1].inbox.is_empty());
+    let rst = net.clients[0]
+        .inbox
+        .pop()
+        .expect("a RST for the late segment");
+    assert_ne!(rst[33] & 0x04, 0, "RST flag");
+    assert!(
+        starts(&events(&mut net)).is_empty(),
+        "no new flow for the cut connection's segments"
+    );
+    // A new connection on the same ports is a new flow, decided by the new policy.
+    net.send(0, &tcp(a, 40000, b, 5201, 7000, "S", b""));
     assert_eq!(
         starts(&events(&mut net)),
         vec![("no-iperf".to_string(), Action::Deny)]
