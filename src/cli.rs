@@ -643,15 +643,9 @@ fn audit_flows(
     json: bool,
 ) -> anyhow::Result<()> {
     use crate::audit::store::{FlowFilter, Store};
-    use crate::audit::time::{format_ms, parse_since};
+    use crate::audit::time::format_ms;
     let cfg = load(config)?;
-    let path = &cfg.audit.path;
-    if !path.exists() {
-        bail!(
-            "no audit store at {} yet (it is created when the gateway first runs)",
-            path.display()
-        );
-    }
+    let path = crate::audit::existing_store(&cfg)?;
     let now_ms = unix_now() as i64 * 1000;
     let dst = dst
         .map(|d| {
@@ -660,10 +654,7 @@ fn audit_flows(
         })
         .transpose()
         .map_err(|_| anyhow::anyhow!("--dst: not a CIDR or address; write it like 10.1.0.0/16"))?;
-    let since_ms = since
-        .map(|s| parse_since(&s, now_ms))
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
     let store = Store::open_readonly(path)
         .with_context(|| format!("cannot open the audit store {}", path.display()))?;
     let rows = store.flows(&FlowFilter {
@@ -789,20 +780,11 @@ fn audit_http(
     json: bool,
 ) -> anyhow::Result<()> {
     use crate::audit::http_records::{query, HttpFilter};
-    use crate::audit::time::{format_ms, parse_since};
+    use crate::audit::time::format_ms;
     let cfg = load(config)?;
-    let path = &cfg.audit.path;
-    if !path.exists() {
-        bail!(
-            "no audit store at {} yet (it is created when the gateway first runs)",
-            path.display()
-        );
-    }
+    let path = crate::audit::existing_store(&cfg)?;
     let now_ms = unix_now() as i64 * 1000;
-    let since_ms = since
-        .map(|s| parse_since(&s, now_ms))
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
     let rows = query(
         path,
         &HttpFilter {

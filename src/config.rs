@@ -1022,6 +1022,44 @@ fn validate_audit(
     }
 }
 
+/// The identity part of a rule (`users`, `groups`, `devices`), shared by flow and HTTP rules.
+fn validate_identity(
+    users: Option<Vec<String>>,
+    groups: Option<Vec<String>>,
+    devices: Option<Vec<String>>,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> (Vec<UserName>, Vec<String>, Vec<DeviceName>) {
+    let users = users
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|u| {
+            UserName::parse(u)
+                .map_err(|m| c.push(format!("{key}.users"), m))
+                .ok()
+        })
+        .collect();
+    let devices = devices
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| {
+            DeviceName::parse(d)
+                .map_err(|m| c.push(format!("{key}.devices"), m))
+                .ok()
+        })
+        .collect();
+    let groups = groups.unwrap_or_default();
+    for g in &groups {
+        if !valid_ident(g, 64) {
+            c.push(
+                format!("{key}.groups"),
+                format!("{g:?} is not a valid group name"),
+            );
+        }
+    }
+    (users, groups, devices)
+}
+
 fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
     let n = c.errors.len();
     if !valid_ident(&r.id, 64) {
@@ -1050,35 +1088,7 @@ fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
             None
         }
     };
-    let users = r
-        .users
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|u| {
-            UserName::parse(u)
-                .map_err(|m| c.push(format!("{key}.users"), m))
-                .ok()
-        })
-        .collect();
-    let devices = r
-        .devices
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|d| {
-            DeviceName::parse(d)
-                .map_err(|m| c.push(format!("{key}.devices"), m))
-                .ok()
-        })
-        .collect();
-    let groups = r.groups.unwrap_or_default();
-    for g in &groups {
-        if !valid_ident(g, 64) {
-            c.push(
-                format!("{key}.groups"),
-                format!("{g:?} is not a valid group name"),
-            );
-        }
-    }
+    let (users, groups, devices) = validate_identity(r.users, r.groups, r.devices, key, c);
     let dst = r.dst.map(|list| {
         list.iter()
             .filter_map(|d| {
@@ -1314,35 +1324,7 @@ fn validate_tenant_http(
                 );
             }
         }
-        let users = r
-            .users
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|u| {
-                UserName::parse(u)
-                    .map_err(|m| c.push(format!("{rkey}.users"), m))
-                    .ok()
-            })
-            .collect();
-        let devices = r
-            .devices
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|d| {
-                DeviceName::parse(d)
-                    .map_err(|m| c.push(format!("{rkey}.devices"), m))
-                    .ok()
-            })
-            .collect();
-        let groups = r.groups.unwrap_or_default();
-        for g in &groups {
-            if !valid_ident(g, 64) {
-                c.push(
-                    format!("{rkey}.groups"),
-                    format!("{g:?} is not a valid group name"),
-                );
-            }
-        }
+        let (users, groups, devices) = validate_identity(r.users, r.groups, r.devices, &rkey, c);
         if c.errors.len() == n {
             rules.push(HttpRule {
                 id: r.id,

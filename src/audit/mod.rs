@@ -24,6 +24,18 @@ use crate::config::{AuditSettings, FailurePolicy, OverflowPolicy};
 use crate::core::{FlowEvent, Metrics};
 use store::{Record, Store};
 
+/// The audit store of `cfg`, for review commands; a clear error if the gateway never ran.
+pub fn existing_store(cfg: &crate::config::Config) -> anyhow::Result<&std::path::Path> {
+    let path = cfg.audit.path.as_path();
+    if !path.exists() {
+        anyhow::bail!(
+            "no audit store at {} yet (it is created when the gateway first runs)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Most records written in one transaction.
 const MAX_BATCH: usize = 4096;
 

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use super::capture::{Header, ReviewerKey};
 use super::ssh_records::{SshEvent, SshLog};
 use super::ssh_review::{self, CastMeta, SessionFilter};
-use super::time::{format_ms, parse_since};
+use super::time::format_ms;
 use crate::config::Config;
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/gateway.toml";
@@ -94,13 +94,7 @@ fn load(config: &Path) -> anyhow::Result<Config> {
 }
 
 fn open_log(cfg: &Config) -> anyhow::Result<SshLog> {
-    let path = &cfg.audit.path;
-    if !path.exists() {
-        bail!(
-            "no audit store at {} yet (it is created when the gateway first runs)",
-            path.display()
-        );
-    }
+    let path = super::existing_store(cfg)?;
     SshLog::open_readonly(path).with_context(|| {
         format!(
             "cannot read SSH records from {} (no SSH session recorded yet?)",
@@ -129,10 +123,7 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             let log = open_log(&cfg)?;
             let now_ms = crate::ssh::unix_ms();
-            let since_ms = since
-                .map(|s| parse_since(&s, now_ms))
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let since_ms = super::time::since_arg(since, now_ms)?;
             let rows = ssh_review::sessions(
                 &log,
                 &SessionFilter {

@@ -87,6 +87,14 @@ pub fn parse_since(s: &str, now_ms: i64) -> Result<i64, String> {
     Ok(days_from_civil(y, m, d) * 86_400_000 + h * 3_600_000 + mi * 60_000 + (sec * 1000.0) as i64)
 }
 
+/// The `--since` option of the review commands, as unix milliseconds.
+pub fn since_arg(since: Option<String>, now_ms: i64) -> anyhow::Result<Option<i64>> {
+    since
+        .map(|s| parse_since(&s, now_ms))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--since: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
