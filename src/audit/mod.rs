@@ -7,7 +7,6 @@
 
 pub mod capture;
 pub mod http_records;
-pub mod ssh_cli;
 pub mod ssh_records;
 pub mod ssh_review;
 pub mod store;

@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 
-use super::capture::{Header, ReviewerKey};
-use super::ssh_records::{SshEvent, SshLog};
-use super::ssh_review::{self, CastMeta, SessionFilter};
-use super::time::format_ms;
+use crate::audit::capture::{Header, ReviewerKey};
+use crate::audit::ssh_records::{SshEvent, SshLog};
+use crate::audit::ssh_review::{self, CastMeta, SessionFilter};
+use crate::audit::time::format_ms;
 use crate::config::Config;
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/gateway.toml";
@@ -94,7 +94,7 @@ fn load(config: &Path) -> anyhow::Result<Config> {
 }
 
 fn open_log(cfg: &Config) -> anyhow::Result<SshLog> {
-    let path = super::existing_store(cfg)?;
+    let path = crate::audit::existing_store(cfg)?;
     SshLog::open_readonly(path).with_context(|| {
         format!(
             "cannot read SSH records from {} (no SSH session recorded yet?)",
@@ -123,7 +123,7 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             let log = open_log(&cfg)?;
             let now_ms = crate::ssh::unix_ms();
-            let since_ms = super::time::since_arg(since, now_ms)?;
+            let since_ms = crate::audit::time::since_arg(since, now_ms)?;
             let rows = ssh_review::sessions(
                 &log,
                 &SessionFilter {
@@ -340,7 +340,7 @@ fn export(
             ssh_review::write_cast(&decoded, &meta, &mut f)?;
             f.flush()?;
         } else {
-            use super::capture::Source;
+            use crate::audit::capture::Source;
             std::fs::write(
                 dir.join(format!("ch{seq}.client.bin")),
                 decoded.data_from(Source::Client),
@@ -412,7 +412,7 @@ pub fn verify(config: &Path) -> anyhow::Result<()> {
             format!(
                 "; the last {} records are not signed yet (the gateway signs every {} records and at shutdown)",
                 report.unsigned_tail,
-                super::ssh_records::CHECKPOINT_EVERY
+                crate::audit::ssh_records::CHECKPOINT_EVERY
             )
         } else {
             String::new()

@@ -1,17 +1,21 @@
 //! Command-line interface: clap definitions and the glue that calls into the modules. No logic of its own.
 #![deny(unsafe_code)]
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, DeviceName, DeviceOrigin, TenantId, UserName, DEFAULT_CONFIG};
+use crate::config::{Config, DEFAULT_CONFIG};
 use crate::control::{self, Request};
-use crate::enroll::{allocate_address, ClientConfig};
 use crate::keys::PrivateKey;
-use crate::registry::{EnrolledDevice, Registry};
+
+mod audit;
+mod audit_ssh;
+mod device;
+
+use audit::{audit_flows, audit_http, audit_keygen};
+use device::{device_add, device_config, device_list, device_remove};
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/gateway.toml";
 
@@ -153,7 +157,7 @@ pub enum AuditCommand {
     /// SSH sessions seen by the SSH inspector (`inspect_ssh` flows): list, show, replay, search, export.
     Ssh {
         #[command(subcommand)]
-        command: crate::audit::ssh_cli::SshCommand,
+        command: audit_ssh::SshCommand,
     },
     /// Check that the SSH audit records and recordings are unaltered: the hash chain, each recording's sha256
     /// and the signed checkpoints. Reports the first break and exits non-zero.
@@ -305,8 +309,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
             AuditCommand::Keygen { out } => audit_keygen(&out),
-            AuditCommand::Ssh { command } => crate::audit::ssh_cli::run(command),
-            AuditCommand::Verify { config } => crate::audit::ssh_cli::verify(&config),
+            AuditCommand::Ssh { command } => audit_ssh::run(command),
+            AuditCommand::Verify { config } => audit_ssh::verify(&config),
             AuditCommand::Http {
                 config,
                 tenant,
@@ -406,347 +410,11 @@ fn notify_gateway(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn device_add(
-    config: &Path,
-    tenant: &str,
-    name: &str,
-    user: &str,
-    groups: Vec<String>,
-    endpoint: Option<String>,
-    qr: bool,
-) -> anyhow::Result<()> {
-    let name = DeviceName::parse(name).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
-    let user = UserName::parse(user).map_err(|m| anyhow::anyhow!("--user: {m}"))?;
-    let pre = load(config)?;
-    let endpoint = client_endpoint(&pre, endpoint)?;
-    let gateway_key = PrivateKey::read_file(&pre.gateway.private_key_file)
-        .or_else(|_| {
-            // First use before the gateway ever ran: create the key it will use.
-            let k = PrivateKey::generate();
-            k.write_new_file(&pre.gateway.private_key_file)?;
-            Ok::<_, anyhow::Error>(k)
-        })
-        .with_context(|| {
-            format!(
-                "cannot read or create {}",
-                pre.gateway.private_key_file.display()
-            )
-        })?
-        .public_key();
-
-    let registry = Registry::open(&pre.gateway.state_dir);
-    let lock = registry.lock()?;
-    // Re-read under the lock so concurrent enrollments see each other.
-    let cfg = load(config)?;
-    let t = tenant_or_bail(&cfg, tenant)?;
-    if let Some(d) = t.devices.iter().find(|d| d.name == name) {
-        bail!("device {:?} already exists in tenant {} (address {}); choose another --name or remove it first", name.as_str(), t.id, d.address);
-    }
-    let Some(address) = allocate_address(t) else {
-        bail!(
-            "address pool {} of tenant {} is full ({} devices); widen address_pool in {} or remove unused devices",
-            t.address_pool,
-            t.id,
-            t.devices.len(),
-            config.display()
-        );
-    };
-    let key = PrivateKey::generate();
-    let mut devices = registry.load()?;
-    devices.push(EnrolledDevice {
-        tenant: t.id.clone(),
-        name: name.clone(),
-        public_key: key.public_key(),
-        address,
-        user,
-        groups,
-        enrolled_at: unix_now(),
-    });
-    registry.store(&lock, &devices)?;
-    drop(lock);
-    eprintln!(
-        "enrolled device {} in tenant {} with address {address}",
-        name.as_str(),
-        t.id
-    );
-    let text = ClientConfig {
-        tenant: t,
-        device_name: name.as_str(),
-        private_key: Some(&key),
-        address,
-        gateway_key,
-        endpoint: &endpoint,
-    }
-    .render();
-    notify_gateway(&cfg)?;
-    std::io::stdout().write_all(text.as_bytes())?;
-    if qr {
-        let code =
-            qrcode::QrCode::new(text.as_bytes()).context("config too large for a QR code")?;
-        let art = code
-            .render::<qrcode::render::unicode::Dense1x2>()
-            .quiet_zone(true)
-            .build();
-        eprintln!("{art}");
-    }
-    Ok(())
-}
-
-/// The Endpoint printed into client configs: `--endpoint`, else `gateway.public_endpoint`, else a specific
-/// listen address.
-fn client_endpoint(cfg: &Config, endpoint: Option<String>) -> anyhow::Result<String> {
-    match endpoint.or_else(|| cfg.gateway.public_endpoint.clone()) {
-        Some(e) => Ok(e),
-        None if !cfg.gateway.listen.ip().is_unspecified() => Ok(cfg.gateway.listen.to_string()),
-        None => bail!(
-            "no endpoint known for client configs: pass --endpoint HOST:PORT (the address devices reach this gateway at), \
-             or set gateway.public_endpoint in {}",
-            cfg.source.display()
-        ),
-    }
-}
-
-fn device_config(
-    config: &Path,
-    tenant: &str,
-    name: &str,
-    endpoint: Option<String>,
-) -> anyhow::Result<()> {
-    let cfg = load(config)?;
-    let t = tenant_or_bail(&cfg, tenant)?;
-    let Some(d) = t.devices.iter().find(|d| d.name.as_str() == name) else {
-        bail!(
-            "no device {name:?} in tenant {}; see `rampart device list -c {}`",
-            t.id,
-            config.display()
-        );
-    };
-    let endpoint = client_endpoint(&cfg, endpoint)?;
-    let gateway_key = PrivateKey::read_file(&cfg.gateway.private_key_file)?.public_key();
-    let text = ClientConfig {
-        tenant: t,
-        device_name: name,
-        private_key: None,
-        address: d.address,
-        gateway_key,
-        endpoint: &endpoint,
-    }
-    .render();
-    eprintln!("the gateway does not keep device private keys: keep the PrivateKey line of the device's current config");
-    std::io::stdout().write_all(text.as_bytes())?;
-    Ok(())
-}
-
-fn device_list(config: &Path, tenant: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let cfg = load(config)?;
-    if let Some(t) = tenant {
-        tenant_or_bail(&cfg, t)?;
-    }
-    let live = control::request(&cfg.gateway.state_dir, &Request::Status)
-        .ok()
-        .flatten()
-        .map(|r| r.peers)
-        .unwrap_or_default();
-    let mut rows = Vec::new();
-    for t in cfg
-        .tenants
-        .iter()
-        .filter(|t| tenant.is_none_or(|id| t.id.as_str() == id))
-    {
-        for d in &t.devices {
-            let key = d.public_key.to_string();
-            let st = live.iter().find(|p| p.public_key == key);
-            rows.push(serde_json::json!({
-                "tenant": t.id,
-                "name": d.name,
-                "address": d.address,
-                "user": d.user,
-                "groups": d.groups,
-                "public_key": key,
-                "origin": d.origin,
-                "endpoint": st.and_then(|s| s.endpoint.clone()),
-                "last_handshake_secs": st.and_then(|s| s.last_handshake_secs),
-                "rx_bytes": st.map(|s| s.rx_bytes),
-                "tx_bytes": st.map(|s| s.tx_bytes),
-            }));
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:<12} {:<20} {:<16} {:<24} {:<10} {:<9} HANDSHAKE",
-        "TENANT", "NAME", "ADDRESS", "USER", "GROUPS", "ORIGIN"
-    );
-    for r in &rows {
-        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
-        let groups: Vec<&str> = r["groups"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|g| g.as_str())
-            .collect();
-        let hs = match r["last_handshake_secs"].as_u64() {
-            Some(s) => format!("{s}s ago"),
-            None => "never".into(),
-        };
-        println!(
-            "{:<12} {:<20} {:<16} {:<24} {:<10} {:<9} {hs}",
-            s("tenant"),
-            s("name"),
-            s("address"),
-            s("user"),
-            groups.join(","),
-            s("origin")
-        );
-    }
-    Ok(())
-}
-
-fn device_remove(config: &Path, tenant: &str, name: &str) -> anyhow::Result<()> {
-    let pre = load(config)?;
-    let t = tenant_or_bail(&pre, tenant)?;
-    let tenant_id: TenantId = t.id.clone();
-    match t.devices.iter().find(|d| d.name.as_str() == name) {
-        None => bail!("no device {name:?} in tenant {tenant_id}; see `rampart device list -c {}`", config.display()),
-        Some(d) if d.origin == DeviceOrigin::Config => bail!(
-            "device {name:?} is declared in {}; delete its [[tenant.device]] entry there and run `rampart reload -c {}`",
-            config.display(),
-            config.display()
-        ),
-        Some(_) => {}
-    }
-    let registry = Registry::open(&pre.gateway.state_dir);
-    let lock = registry.lock()?;
-    let mut devices = registry.load()?;
-    let before = devices.len();
-    devices.retain(|d| !(d.tenant == tenant_id && d.name.as_str() == name));
-    if devices.len() == before {
-        bail!("device {name:?} in tenant {tenant_id} was removed concurrently");
-    }
-    registry.store(&lock, &devices)?;
-    drop(lock);
-    eprintln!("removed device {name} from tenant {tenant_id}");
-    notify_gateway(&pre)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn audit_flows(
-    config: &Path,
-    tenant: Option<String>,
-    user: Option<String>,
-    device: Option<String>,
-    dst: Option<String>,
-    since: Option<String>,
-    limit: usize,
-    json: bool,
-) -> anyhow::Result<()> {
-    use crate::audit::store::{FlowFilter, Store};
-    use crate::audit::time::format_ms;
-    let cfg = load(config)?;
-    let path = crate::audit::existing_store(&cfg)?;
-    let now_ms = unix_now() as i64 * 1000;
-    let dst = dst
-        .map(|d| {
-            d.parse::<ipnet::IpNet>()
-                .or_else(|_| d.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        })
-        .transpose()
-        .map_err(|_| anyhow::anyhow!("--dst: not a CIDR or address; write it like 10.1.0.0/16"))?;
-    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
-    let store = Store::open_readonly(path)
-        .with_context(|| format!("cannot open the audit store {}", path.display()))?;
-    let rows = store.flows(&FlowFilter {
-        tenant,
-        user,
-        device,
-        dst,
-        since_ms,
-        limit,
-    })?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        for r in &rows {
-            writeln!(out, "{}", serde_json::to_string(r)?)?;
-        }
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  END",
-        "STARTED",
-        "TENANT",
-        "USER",
-        "DEVICE",
-        "PROTO",
-        "FLOW",
-        "ACTION",
-        "RULE",
-        "OUT pkts/bytes",
-        "IN pkts/bytes"
-    )?;
-    for r in &rows {
-        let proto = match r.protocol {
-            1 | 58 => "icmp".to_string(),
-            6 => "tcp".to_string(),
-            17 => "udp".to_string(),
-            p => p.to_string(),
-        };
-        let flow = format!("{}:{} -> {}:{}", r.src, r.sport, r.dst, r.dport);
-        let end = match (&r.end_reason, r.ended_ms) {
-            (Some(reason), Some(ms)) => {
-                format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
-            }
-            _ => "open".to_string(),
-        };
-        writeln!(
-            out,
-            "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
-            format_ms(r.started_ms),
-            r.tenant,
-            r.user,
-            r.device,
-            proto,
-            flow,
-            r.action,
-            r.rule,
-            format!("{}/{}", r.packets_out, r.bytes_out),
-            format!("{}/{}", r.packets_in, r.bytes_in),
-        )?;
-    }
-    Ok(())
-}
-
-fn audit_keygen(out: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let (private, public) = crate::audit::capture::audit_keygen()?;
-    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-    // No trailing newline: the exact format ssh-log-cli writes and reads.
-    f.write_all(private.as_bytes())?;
-    f.sync_all()?;
-    std::fs::write(&pub_path, public.as_bytes())
-        .with_context(|| format!("cannot write {}", pub_path.display()))?;
-    eprintln!(
-        "private key: {} (keep it off the gateway)\npublic key:  {}",
-        out.display(),
-        pub_path.display()
-    );
-    println!("audit_recipient = \"{public}\"");
-    Ok(())
-}
-
 fn ca_init(config: &Path, tenant: &str, tls: bool) -> anyhow::Result<()> {
     let cfg = load(config)?;
     let t = tenant_or_bail(&cfg, tenant)?;
     if !tls {
-        return crate::audit::ssh_cli::ssh_ca_init(&cfg, t.id.as_str());
+        return audit_ssh::ssh_ca_init(&cfg, t.id.as_str());
     }
     let r = crate::http::tls::ca_init(&cfg.gateway.state_dir, t.id.as_str())?;
     if r.created {
@@ -765,74 +433,5 @@ fn ca_init(config: &Path, tenant: &str, tls: bool) -> anyhow::Result<()> {
     }
     eprintln!("install this certificate as trusted on the tenant's devices:");
     println!("{}", r.cert_path.display());
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn audit_http(
-    config: &Path,
-    tenant: Option<String>,
-    user: Option<String>,
-    host: Option<String>,
-    flow_id: Option<i64>,
-    since: Option<String>,
-    limit: usize,
-    json: bool,
-) -> anyhow::Result<()> {
-    use crate::audit::http_records::{query, HttpFilter};
-    use crate::audit::time::format_ms;
-    let cfg = load(config)?;
-    let path = crate::audit::existing_store(&cfg)?;
-    let now_ms = unix_now() as i64 * 1000;
-    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
-    let rows = query(
-        path,
-        &HttpFilter {
-            tenant,
-            user,
-            host,
-            flow_id,
-            since_ms,
-            limit,
-        },
-    )
-    .with_context(|| format!("cannot read HTTP records from {}", path.display()))?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        for r in &rows {
-            writeln!(out, "{}", serde_json::to_string(r)?)?;
-        }
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
-        "TIME", "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS", "DECISION",
-        "RULE", "REF"
-    )?;
-    for r in &rows {
-        let rec = &r.record;
-        writeln!(
-            out,
-            "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
-            format_ms(rec.at_ms),
-            rec.tenant,
-            rec.user,
-            rec.device,
-            rec.method,
-            rec.host,
-            rec.path,
-            rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-            rec.req_bytes,
-            rec.resp_bytes,
-            rec.duration_ms,
-            rec.decision,
-            rec.rule.as_deref().unwrap_or("-"),
-            if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
-            r.flow_id
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
-        )?;
-    }
     Ok(())
 }

@@ -1,0 +1,188 @@
+//! `rampart audit flows|http|keygen`: the flow and HTTP review commands.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use super::{load, unix_now};
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn audit_flows(
+    config: &Path,
+    tenant: Option<String>,
+    user: Option<String>,
+    device: Option<String>,
+    dst: Option<String>,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::audit::store::{FlowFilter, Store};
+    use crate::audit::time::format_ms;
+    let cfg = load(config)?;
+    let path = crate::audit::existing_store(&cfg)?;
+    let now_ms = unix_now() as i64 * 1000;
+    let dst = dst
+        .map(|d| {
+            d.parse::<ipnet::IpNet>()
+                .or_else(|_| d.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        })
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("--dst: not a CIDR or address; write it like 10.1.0.0/16"))?;
+    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
+    let store = Store::open_readonly(path)
+        .with_context(|| format!("cannot open the audit store {}", path.display()))?;
+    let rows = store.flows(&FlowFilter {
+        tenant,
+        user,
+        device,
+        dst,
+        since_ms,
+        limit,
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  END",
+        "STARTED",
+        "TENANT",
+        "USER",
+        "DEVICE",
+        "PROTO",
+        "FLOW",
+        "ACTION",
+        "RULE",
+        "OUT pkts/bytes",
+        "IN pkts/bytes"
+    )?;
+    for r in &rows {
+        let proto = match r.protocol {
+            1 | 58 => "icmp".to_string(),
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            p => p.to_string(),
+        };
+        let flow = format!("{}:{} -> {}:{}", r.src, r.sport, r.dst, r.dport);
+        let end = match (&r.end_reason, r.ended_ms) {
+            (Some(reason), Some(ms)) => {
+                format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
+            }
+            _ => "open".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
+            format_ms(r.started_ms),
+            r.tenant,
+            r.user,
+            r.device,
+            proto,
+            flow,
+            r.action,
+            r.rule,
+            format!("{}/{}", r.packets_out, r.bytes_out),
+            format!("{}/{}", r.packets_in, r.bytes_in),
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn audit_keygen(out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (private, public) = crate::audit::capture::audit_keygen()?;
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
+    // No trailing newline: the exact format ssh-log-cli writes and reads.
+    f.write_all(private.as_bytes())?;
+    f.sync_all()?;
+    std::fs::write(&pub_path, public.as_bytes())
+        .with_context(|| format!("cannot write {}", pub_path.display()))?;
+    eprintln!(
+        "private key: {} (keep it off the gateway)\npublic key:  {}",
+        out.display(),
+        pub_path.display()
+    );
+    println!("audit_recipient = \"{public}\"");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn audit_http(
+    config: &Path,
+    tenant: Option<String>,
+    user: Option<String>,
+    host: Option<String>,
+    flow_id: Option<i64>,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::audit::http_records::{query, HttpFilter};
+    use crate::audit::time::format_ms;
+    let cfg = load(config)?;
+    let path = crate::audit::existing_store(&cfg)?;
+    let now_ms = unix_now() as i64 * 1000;
+    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
+    let rows = query(
+        path,
+        &HttpFilter {
+            tenant,
+            user,
+            host,
+            flow_id,
+            since_ms,
+            limit,
+        },
+    )
+    .with_context(|| format!("cannot read HTTP records from {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
+        "TIME", "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS", "DECISION",
+        "RULE", "REF"
+    )?;
+    for r in &rows {
+        let rec = &r.record;
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
+            format_ms(rec.at_ms),
+            rec.tenant,
+            rec.user,
+            rec.device,
+            rec.method,
+            rec.host,
+            rec.path,
+            rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            rec.req_bytes,
+            rec.resp_bytes,
+            rec.duration_ms,
+            rec.decision,
+            rec.rule.as_deref().unwrap_or("-"),
+            if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
+            r.flow_id
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
+        )?;
+    }
+    Ok(())
+}

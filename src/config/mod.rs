@@ -1,0 +1,196 @@
+//! Configuration: the TOML file as written (`RawConfig`, serde with `deny_unknown_fields`) and the validated
+//! `Config` the rest of the gateway sees (newtypes, resolved paths, enrolled devices merged in).
+//!
+//! Every error names the file, the key and what to do. Validation never touches a running gateway: a reload
+//! builds a new `Config` and only a valid one is swapped in.
+#![deny(unsafe_code)]
+
+use std::fmt;
+use std::path::Path;
+
+use crate::registry::{EnrolledDevice, Registry};
+
+/// The default configuration shipped with the gateway (`configs/gateway.toml`); `rampart init` writes it.
+pub const DEFAULT_CONFIG: &str = include_str!("../../configs/gateway.toml");
+
+/// Default WireGuard UDP listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
+/// Default admin (metrics, health) listen address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
+
+mod ids;
+mod model;
+mod raw;
+mod validate;
+
+pub use ids::*;
+pub use model::*;
+pub use raw::*;
+use validate::{check_tenant_devices, check_unique_keys, line_of, validate};
+
+#[cfg(test)]
+mod tests;
+
+/// A configuration problem: the file, the key (a dotted path such as `tenant[1].address_pool`) and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+/// All problems found in one pass, so an admin fixes them in one edit.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Collector<'a> {
+    file: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector<'_> {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Reads and validates `path` and merges the devices enrolled in its `state_dir`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                key: "(file)".into(),
+                message: format!("cannot read: {e}; pass an existing file with -c, or create one with `rampart init`"),
+            }])
+        })?;
+        let mut cfg = Config::from_toml(&text, path)?;
+        let registry = Registry::open(&cfg.gateway.state_dir);
+        let enrolled = registry.load().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: registry.path().display().to_string(),
+                key: "(file)".into(),
+                message: format!("{e:#}; fix or move the file aside (it holds devices enrolled with `rampart device add`)"),
+            }])
+        })?;
+        cfg.merge_enrolled(&enrolled, &registry.path().display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Validates TOML text; relative paths resolve against `path`'s directory. Does not read `state_dir`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|s| line_of(text, s.start))
+                .unwrap_or_else(|| "(syntax)".into());
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                key,
+                message: format!(
+                    "{}; see configs/gateway.toml for every supported key",
+                    e.message().trim_end()
+                ),
+            }])
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut c = Collector {
+            file: &file,
+            errors: Vec::new(),
+        };
+        let cfg = validate(raw, &base, path, &mut c);
+        if c.errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(c.errors))
+        }
+    }
+
+    fn merge_enrolled(
+        &mut self,
+        enrolled: &[EnrolledDevice],
+        file: &str,
+    ) -> Result<(), ConfigErrors> {
+        let mut c = Collector {
+            file,
+            errors: Vec::new(),
+        };
+        for (i, d) in enrolled.iter().enumerate() {
+            let key = format!("devices[{i}] ({}/{})", d.tenant, d.name);
+            let Some(t) = self.tenants.iter_mut().find(|t| t.id == d.tenant) else {
+                tracing::warn!(tenant = %d.tenant, device = %d.name, "enrolled device belongs to a tenant that is no longer configured; ignoring it");
+                continue;
+            };
+            t.devices.push(Device {
+                name: d.name.clone(),
+                public_key: d.public_key,
+                address: d.address,
+                user: d.user.clone(),
+                groups: d.groups.clone(),
+                origin: DeviceOrigin::Enrolled,
+            });
+            check_tenant_devices(t, &mut c, &key);
+        }
+        check_unique_keys(&self.tenants, &mut c);
+        if c.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(c.errors))
+        }
+    }
+
+    pub fn tenant(&self, id: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.id.as_str() == id)
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.tenants.iter().map(|t| t.devices.len()).sum()
+    }
+
+    /// Settings that a reload cannot change on a running gateway (they need a restart).
+    pub fn restart_only_differences(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.gateway, &new.gateway);
+        let mut out = Vec::new();
+        if a.listen != b.listen {
+            out.push("gateway.listen");
+        }
+        if a.admin_listen != b.admin_listen {
+            out.push("gateway.admin_listen");
+        }
+        if a.private_key_file != b.private_key_file {
+            out.push("gateway.private_key_file");
+        }
+        if a.state_dir != b.state_dir {
+            out.push("gateway.state_dir");
+        }
+        if self.audit != new.audit {
+            out.push("audit");
+        }
+        if self.flows.max_flows != new.flows.max_flows {
+            out.push("flows.max_flows");
+        }
+        out
+    }
+}

@@ -1,0 +1,330 @@
+//! The validated configuration model the rest of the gateway sees: newtypes, resolved references, enums.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use super::{DeviceName, TenantId, UserName};
+use crate::keys::PeerKey;
+
+/// Where a device was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceOrigin {
+    /// `[[tenant.device]]` in the config file.
+    Config,
+    /// `rampart device add`, kept in `state_dir`.
+    Enrolled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    pub name: DeviceName,
+    pub public_key: PeerKey,
+    pub address: IpAddr,
+    pub user: UserName,
+    pub groups: Vec<String>,
+    pub origin: DeviceOrigin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    pub address_pool: IpNet,
+    pub gateway_address: IpAddr,
+    /// Most concurrent flows of this tenant (`None`: only the global limit applies).
+    pub max_flows: Option<usize>,
+    /// Upstream networks reached through the gateway host (allowed TCP/UDP flows are proxied with sockets).
+    pub offramp: Vec<IpNet>,
+    /// Reviewer public key (base64 X25519) that recordings and sensitive audit fields are encrypted to.
+    pub audit_recipient: Option<String>,
+    /// Ordered policy rules; the first match decides, no match denies.
+    pub rules: Vec<Rule>,
+    pub devices: Vec<Device>,
+    /// HTTP rules and TLS settings for `inspect_http` flows.
+    pub http: TenantHttp,
+}
+
+/// What an HTTP rule does with the requests it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpAction {
+    Allow,
+    /// Answer with the block page (403) naming the rule; the request never reaches the origin.
+    Block,
+    /// Allow, and mark the request's record with this rule.
+    Log,
+}
+
+impl HttpAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpAction::Allow => "allow",
+            HttpAction::Block => "block",
+            HttpAction::Log => "log",
+        }
+    }
+}
+
+/// A host name pattern: `example.com` (exactly) or `*.example.com` (any name below it, not the name itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored with its leading dot (`.example.com`).
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<HostPattern, String> {
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let (suffix, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        match (ok, suffix) {
+            (true, true) => Ok(HostPattern::Suffix(format!(".{name}"))),
+            (true, false) => Ok(HostPattern::Exact(name.to_string())),
+            (false, _) => Err(format!(
+                "{s:?} is not a host name pattern; write \"example.com\" or \"*.example.com\""
+            )),
+        }
+    }
+
+    /// `host` must already be lower case, without port or trailing dot.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// A `[[tenant.http_rule]]`, as validated. Every given list must match; an empty list matches anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRule {
+    pub id: String,
+    pub action: HttpAction,
+    pub hosts: Vec<HostPattern>,
+    /// Path prefixes (each starts with `/`).
+    pub paths: Vec<String>,
+    /// Upper-case method names.
+    pub methods: Vec<String>,
+    pub users: Vec<UserName>,
+    pub groups: Vec<String>,
+    pub devices: Vec<DeviceName>,
+}
+
+/// An entry of `do_not_inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoInspect {
+    Host(HostPattern),
+    Net(IpNet),
+}
+
+/// A tenant's HTTP inspection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantHttp {
+    /// Ordered; the first match decides, no match allows (the flow rule already allowed the flow).
+    pub rules: Vec<HttpRule>,
+    pub tls_decrypt: bool,
+    pub do_not_inspect: Vec<NoInspect>,
+    /// Extra CA certificates (PEM) trusted for origins.
+    pub tls_upstream_ca: Option<PathBuf>,
+}
+
+/// What a rule does with the flows it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Forward at layer 3.
+    Allow,
+    /// Drop silently.
+    Deny,
+    /// Drop and tell the sender (TCP RST, ICMP administratively prohibited).
+    Reject,
+    /// Terminate at layer 4 and re-originate: the flow is upgraded to a kernel stream and spliced to its
+    /// destination (upstream socket, or a stream downgraded towards the destination device).
+    Proxy,
+    /// Like `Proxy`, with the SSH inspector in the middle (command logging, session recording).
+    InspectSsh,
+    /// Like `Proxy`, with the HTTP inspector in the middle (request log, HTTP rules).
+    InspectHttp,
+}
+
+impl Action {
+    /// Whether flows with this action are carried at layer 4 (upgraded), wherever they go.
+    pub fn is_layer4(self) -> bool {
+        matches!(
+            self,
+            Action::Proxy | Action::InspectSsh | Action::InspectHttp
+        )
+    }
+}
+
+/// Recording of inspected SSH sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recording {
+    Off,
+    /// Record when possible; a failing recorder does not stop the session.
+    BestEffort,
+    /// A session that cannot be recorded is refused or terminated (fail-closed).
+    Required,
+}
+
+/// How the gateway authenticates the SSH client (always on top of the WireGuard identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SshAuth {
+    None,
+    Publickey,
+}
+
+/// Settings of an `inspect_ssh` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshRuleSettings {
+    pub recording: Recording,
+    pub auth: SshAuth,
+    pub capture_input: bool,
+    pub allow_forwarding: bool,
+}
+
+/// What sits between the two legs of a layer-4 flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inspect {
+    None,
+    Ssh(SshRuleSettings),
+    Http,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Reject => "reject",
+            Action::Proxy => "proxy",
+            Action::InspectSsh => "inspect_ssh",
+            Action::InspectHttp => "inspect_http",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A destination a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DstMatch {
+    Net(IpNet),
+    /// A device of the same tenant, by name (resolved to its address when policy is compiled).
+    Device(DeviceName),
+    /// The tenant's gateway address.
+    Gateway,
+}
+
+/// A policy rule, as validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub id: String,
+    pub action: Action,
+    /// Empty = anyone in the tenant (for each of users, groups, devices; all given lists must match).
+    pub users: Vec<UserName>,
+    pub groups: Vec<String>,
+    pub devices: Vec<DeviceName>,
+    /// `None` = anywhere.
+    pub dst: Option<Vec<DstMatch>>,
+    pub proto: Proto,
+    /// Destination port ranges (inclusive); empty = any port.
+    pub ports: Vec<(u16, u16)>,
+    /// The inspector of `inspect_*` rules.
+    pub inspect: Inspect,
+}
+
+/// Flow tracking settings (`[flows]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowSettings {
+    pub max_flows: usize,
+    pub tcp_established_timeout: Duration,
+    pub tcp_transitory_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub icmp_timeout: Duration,
+    pub other_timeout: Duration,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        FlowSettings {
+            max_flows: 1_000_000,
+            tcp_established_timeout: Duration::from_secs(3600),
+            tcp_transitory_timeout: Duration::from_secs(60),
+            udp_timeout: Duration::from_secs(60),
+            icmp_timeout: Duration::from_secs(30),
+            other_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the data path does when the audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Keep forwarding; drop the record and count it.
+    Drop,
+    /// Refuse new flows until the queue drains (existing flows continue).
+    BlockNewFlows,
+}
+
+/// What the gateway does while the audit store cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Keep forwarding; records are lost and counted.
+    FailOpen,
+    /// Refuse new flows until writes succeed again.
+    FailClosed,
+}
+
+/// Audit store settings (`[audit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    pub queue: usize,
+    pub commit_interval: Duration,
+    pub on_overflow: OverflowPolicy,
+    pub on_failure: FailurePolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub private_key_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub admin_listen: SocketAddr,
+    pub public_endpoint: Option<String>,
+}
+
+/// The validated configuration. Immutable; a reload builds a new one and swaps the `Arc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file this was loaded from (for messages).
+    pub source: PathBuf,
+    pub gateway: GatewaySettings,
+    pub flows: FlowSettings,
+    pub audit: AuditSettings,
+    pub tenants: Vec<Tenant>,
+}

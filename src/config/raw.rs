@@ -1,0 +1,117 @@
+//! The configuration file as written: serde structs with unknown keys rejected. Values stay as written;
+//! `validate` turns them into the model.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub gateway: RawGateway,
+    pub flows: Option<RawFlows>,
+    pub audit: Option<RawAudit>,
+    #[serde(default)]
+    pub tenant: Vec<RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlows {
+    pub max_flows: Option<u64>,
+    pub tcp_established_timeout_secs: Option<u64>,
+    pub tcp_transitory_timeout_secs: Option<u64>,
+    pub udp_timeout_secs: Option<u64>,
+    pub icmp_timeout_secs: Option<u64>,
+    pub other_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub path: Option<String>,
+    pub queue: Option<u64>,
+    pub commit_interval_ms: Option<u64>,
+    pub on_overflow: Option<String>,
+    pub on_failure: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub id: String,
+    pub action: String,
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    pub devices: Option<Vec<String>>,
+    pub dst: Option<Vec<String>>,
+    pub proto: Option<String>,
+    pub ports: Option<Vec<String>>,
+    /// `inspect_ssh` only: off | best_effort | required.
+    pub recording: Option<String>,
+    /// `inspect_ssh` only: none | publickey.
+    pub ssh_auth: Option<String>,
+    /// `inspect_ssh` only: record typed input lines (heuristic).
+    pub capture_input: Option<bool>,
+    /// `inspect_ssh` only: allow `direct-tcpip` (ssh -L).
+    pub allow_forwarding: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub listen: Option<String>,
+    pub private_key_file: Option<String>,
+    pub state_dir: Option<String>,
+    pub admin_listen: Option<String>,
+    pub public_endpoint: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub id: String,
+    pub name: Option<String>,
+    pub address_pool: String,
+    pub gateway_address: String,
+    pub max_flows: Option<u64>,
+    pub offramp: Option<Vec<String>>,
+    /// Base64 X25519 public key (as ssh-log-cli writes it): recordings and sensitive audit fields are
+    /// encrypted to it.
+    pub audit_recipient: Option<String>,
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
+    #[serde(default)]
+    pub device: Vec<RawDevice>,
+    /// HTTP rules for `inspect_http` flows (`[[tenant.http_rule]]`), evaluated per request.
+    #[serde(default)]
+    pub http_rule: Vec<RawHttpRule>,
+    /// Decrypt TLS on `inspect_http` flows with the tenant TLS CA (`rampart ca init --tenant T --tls`).
+    pub tls_decrypt: Option<bool>,
+    /// Hosts (exact or `*.suffix`) and CIDRs whose TLS is never decrypted (pinned apps, banks).
+    pub do_not_inspect: Option<Vec<String>>,
+    /// PEM file of extra CA certificates trusted for origins (besides the built-in web roots).
+    pub tls_upstream_ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRule {
+    pub id: String,
+    pub action: String,
+    pub hosts: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub users: Option<Vec<String>>,
+    pub groups: Option<Vec<String>>,
+    pub devices: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevice {
+    pub name: String,
+    pub public_key: String,
+    pub address: String,
+    pub user: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}

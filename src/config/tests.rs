@@ -1,0 +1,161 @@
+use super::*;
+
+const GOOD: &str = r#"
+[gateway]
+listen = "127.0.0.1:51820"
+state_dir = "state"
+
+[[tenant]]
+id = "acme"
+address_pool = "100.96.0.0/24"
+gateway_address = "100.96.0.1"
+
+[[tenant.device]]
+name = "laptop"
+public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+address = "100.96.0.2"
+user = "alice"
+groups = ["eng"]
+
+[[tenant]]
+id = "globex"
+address_pool = "100.96.0.0/24"
+gateway_address = "100.96.0.1"
+"#;
+
+fn load(text: &str) -> Result<Config, ConfigErrors> {
+    Config::from_toml(text, Path::new("/etc/rampart/gateway.toml"))
+}
+
+#[test]
+fn good_config_resolves_paths_and_defaults() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.gateway.state_dir, Path::new("/etc/rampart/state"));
+    assert_eq!(
+        c.gateway.private_key_file,
+        Path::new("/etc/rampart/state/gateway.key")
+    );
+    assert_eq!(c.gateway.admin_listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.tenants.len(), 2);
+    assert_eq!(c.tenants[0].devices[0].user.as_str(), "alice");
+}
+
+#[test]
+fn embedded_default_config_is_valid() {
+    let c = load(DEFAULT_CONFIG).unwrap();
+    assert!(!c.tenants.is_empty());
+}
+
+#[test]
+fn unknown_key_names_file_and_line() {
+    let err = load(&GOOD.replace("listen =", "lisen ="))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/etc/rampart/gateway.toml: line 3"), "{err}");
+    assert!(err.contains("unknown field `lisen`"), "{err}");
+}
+
+#[test]
+fn bad_values_name_key_and_fix() {
+    let text = GOOD.replace(
+        "100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n\n[[tenant.device]]",
+        "100.96.0.0/33\"\ngateway_address = \"100.96.0.1\"\n\n[[tenant.device]]",
+    );
+    let err = load(&text).unwrap_err().to_string();
+    assert!(err.contains("tenant[0] (acme).address_pool"), "{err}");
+    assert!(err.contains("write it like"), "{err}");
+}
+
+#[test]
+fn all_problems_reported_at_once() {
+    let text = GOOD
+        .replace("listen = \"127.0.0.1:51820\"", "listen = \"nowhere\"")
+        .replace("user = \"alice\"", "user = \"\"");
+    let err = load(&text).unwrap_err();
+    assert_eq!(err.0.len(), 2, "{err}");
+}
+
+#[test]
+fn duplicate_device_key_across_tenants_is_rejected() {
+    let text = format!(
+        "{GOOD}\n[[tenant.device]]\nname = \"x\"\npublic_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\naddress = \"100.96.0.9\"\nuser = \"bob\"\n"
+    );
+    let err = load(&text).unwrap_err().to_string();
+    assert!(err.contains("every device needs its own key pair"), "{err}");
+}
+
+#[test]
+fn ssh_keys_only_on_inspect_ssh_rules_and_recipient_checked() {
+    let text = GOOD.replace(
+        "[[tenant.device]]",
+        "audit_recipient = \"not-a-key\"\n[[tenant.rule]]\nid = \"r\"\naction = \"allow\"\nrecording = \"off\"\n[[tenant.device]]",
+    );
+    let err = load(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("rule[0].recording: only applies to action = \"inspect_ssh\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("audit_recipient: is not a base64 X25519 public key"),
+        "{err}"
+    );
+    if !crate::SSH_INSPECTION_AVAILABLE {
+        let text = GOOD.replace(
+            "[[tenant.device]]",
+            "[[tenant.rule]]\nid = \"s\"\naction = \"inspect_ssh\"\n[[tenant.device]]",
+        );
+        assert!(load(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("not available in this version yet"));
+    }
+}
+
+#[test]
+fn http_rules_and_tls_keys_are_validated() {
+    let good = GOOD.replace(
+        "[[tenant.device]]",
+        "tls_decrypt = true\ndo_not_inspect = [\"bank.example\", \"*.pinned.example\", \"10.9.0.0/16\"]\n\
+         [[tenant.http_rule]]\nid = \"no-admin\"\naction = \"block\"\nhosts = [\"*.Example.com\"]\n\
+         paths = [\"/admin\"]\nmethods = [\"post\"]\ngroups = [\"eng\"]\n[[tenant.device]]",
+    );
+    let c = load(&good).unwrap();
+    let h = &c.tenants[0].http;
+    assert!(h.tls_decrypt);
+    assert_eq!(h.do_not_inspect.len(), 3);
+    assert_eq!(h.rules[0].methods, ["POST"]);
+    assert_eq!(
+        h.rules[0].hosts,
+        [HostPattern::Suffix(".example.com".into())]
+    );
+    assert!(h.rules[0].hosts[0].matches("a.example.com"));
+    assert!(!h.rules[0].hosts[0].matches("example.com"));
+    let bad = GOOD.replace(
+        "[[tenant.device]]",
+        "do_not_inspect = [\"not a host\"]\ntls_upstream_ca = \"/nonexistent/ca.pem\"\n\
+         [[tenant.http_rule]]\nid = \"x\"\naction = \"deny\"\npaths = [\"admin\"]\n[[tenant.device]]",
+    );
+    let err = load(&bad).unwrap_err().to_string();
+    for want in [
+        "tenant[0] (acme).http_rule[0].action: \"deny\" is not an HTTP rule action",
+        "http_rule[0].paths: \"admin\" is not a path prefix",
+        "do_not_inspect: \"not a host\" is neither a host name",
+        "tls_upstream_ca: /nonexistent/ca.pem does not exist",
+    ] {
+        assert!(err.contains(want), "{want}\n{err}");
+    }
+    let unknown = GOOD.replace(
+        "[[tenant.device]]",
+        "[[tenant.http_rule]]\nid = \"x\"\naction = \"allow\"\nhost = [\"a\"]\n[[tenant.device]]",
+    );
+    let err = load(&unknown).unwrap_err().to_string();
+    assert!(err.contains("unknown field `host`"), "{err}");
+}
+
+#[test]
+fn duplicate_tenant_id_is_rejected() {
+    let err = load(&GOOD.replace("id = \"globex\"", "id = \"acme\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("duplicate tenant id"), "{err}");
+}

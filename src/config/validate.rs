@@ -1,0 +1,826 @@
+//! Validation: `RawConfig` -> `Config`, collecting every problem with its file, key and fix.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::*;
+use crate::keys::PeerKey;
+
+pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collector<'_>) -> Config {
+    let g = raw.gateway;
+    let listen = parse_socket(
+        c,
+        "gateway.listen",
+        g.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        "0.0.0.0:51820",
+    );
+    let admin_listen = parse_socket(
+        c,
+        "gateway.admin_listen",
+        g.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        "127.0.0.1:8080",
+    );
+    let Some(state_dir) = g.state_dir.as_deref() else {
+        c.push(
+            "gateway.state_dir",
+            "missing; add `state_dir = \"/var/lib/rampart\"` (where enrolled devices are kept)",
+        );
+        return empty(path);
+    };
+    let state_dir = resolve(base, state_dir);
+    let private_key_file = match g.private_key_file.as_deref() {
+        Some(p) => resolve(base, p),
+        None => state_dir.join("gateway.key"),
+    };
+    if let Some(ep) = &g.public_endpoint {
+        if !valid_endpoint(ep) {
+            c.push(
+                "gateway.public_endpoint",
+                format!("{ep:?} is not HOST:PORT; write the address clients reach, like \"vpn.example.com:51820\""),
+            );
+        }
+    }
+
+    let flows = validate_flows(raw.flows, c);
+    let audit = validate_audit(raw.audit, &state_dir, base, c);
+    let mut tenants = Vec::new();
+    let mut ids = HashSet::new();
+    for (i, rt) in raw.tenant.into_iter().enumerate() {
+        let key = format!("tenant[{i}]");
+        let id = match TenantId::parse(&rt.id) {
+            Ok(id) => id,
+            Err(m) => {
+                c.push(format!("{key}.id"), m);
+                continue;
+            }
+        };
+        let key = format!("tenant[{i}] ({id})");
+        if !ids.insert(id.clone()) {
+            c.push(
+                format!("{key}.id"),
+                "duplicate tenant id; give every [[tenant]] its own id",
+            );
+            continue;
+        }
+        let Ok(pool) = rt.address_pool.parse::<IpNet>() else {
+            c.push(
+                format!("{key}.address_pool"),
+                format!(
+                    "{:?} is not a CIDR; write it like \"100.96.0.0/24\"",
+                    rt.address_pool
+                ),
+            );
+            continue;
+        };
+        let pool = pool.trunc();
+        let Ok(gw) = rt.gateway_address.parse::<IpAddr>() else {
+            c.push(
+                format!("{key}.gateway_address"),
+                format!(
+                    "{:?} is not an IP address; write it like \"100.96.0.1\"",
+                    rt.gateway_address
+                ),
+            );
+            continue;
+        };
+        if !pool.contains(&gw) {
+            c.push(
+                format!("{key}.gateway_address"),
+                format!("{gw} is outside address_pool {pool}; pick an address inside the pool (usually its first)"),
+            );
+        }
+        let mut offramp = Vec::new();
+        for n in rt.offramp.unwrap_or_default() {
+            match n.parse::<IpNet>() {
+                Ok(net) => offramp.push(net.trunc()),
+                Err(_) => c.push(
+                    format!("{key}.offramp"),
+                    format!("{n:?} is not a CIDR; write it like \"0.0.0.0/0\" or \"10.9.0.0/16\""),
+                ),
+            }
+        }
+        if !offramp.is_empty() && !crate::OFFRAMP_AVAILABLE {
+            c.push(
+                format!("{key}.offramp"),
+                "off-ramp routing to upstream networks is not available in this build (it needs the layer-4 \
+                 upgrade path); remove the key",
+            );
+        }
+        let audit_recipient = rt.audit_recipient.filter(|r| {
+            let ok = crate::audit::capture::RecipientKey::from_base64(r).is_ok();
+            if !ok {
+                c.push(
+                    format!("{key}.audit_recipient"),
+                    "is not a base64 X25519 public key; paste the public key `rampart audit keygen` printed",
+                );
+            }
+            ok
+        });
+        let max_flows = rt.max_flows.map(|n| n as usize);
+        if max_flows == Some(0) {
+            c.push(
+                format!("{key}.max_flows"),
+                "must be at least 1 (omit it for no per-tenant limit)",
+            );
+        }
+        let mut rule_ids = HashSet::new();
+        let mut rules = Vec::new();
+        for (j, rr) in rt.rule.into_iter().enumerate() {
+            let rkey = format!("{key}.rule[{j}]");
+            if !rule_ids.insert(rr.id.clone()) {
+                c.push(
+                    format!("{rkey}.id"),
+                    format!(
+                        "duplicate rule id {:?}; rule ids are unique per tenant",
+                        rr.id
+                    ),
+                );
+            }
+            if let Some(r) = validate_rule(rr, &rkey, c) {
+                rules.push(r);
+            }
+        }
+        let http = validate_tenant_http(
+            rt.http_rule,
+            rt.tls_decrypt,
+            rt.do_not_inspect,
+            rt.tls_upstream_ca,
+            base,
+            &key,
+            c,
+        );
+        let mut tenant = Tenant {
+            name: rt.name.unwrap_or_else(|| id.to_string()),
+            id,
+            address_pool: pool,
+            gateway_address: gw,
+            max_flows,
+            offramp,
+            audit_recipient,
+            rules,
+            devices: Vec::new(),
+            http,
+        };
+        for (j, rd) in rt.device.into_iter().enumerate() {
+            let dkey = format!("{key}.device[{j}]");
+            if let Some(d) = validate_device(rd, &dkey, c) {
+                tenant.devices.push(d);
+                check_tenant_devices(&tenant, c, &dkey);
+            }
+        }
+        tenants.push(tenant);
+    }
+    check_unique_keys(&tenants, c);
+    Config {
+        source: path.to_path_buf(),
+        gateway: GatewaySettings {
+            listen,
+            private_key_file,
+            state_dir,
+            admin_listen,
+            public_endpoint: g.public_endpoint,
+        },
+        flows,
+        audit,
+        tenants,
+    }
+}
+
+pub(super) fn validate_flows(raw: Option<RawFlows>, c: &mut Collector<'_>) -> FlowSettings {
+    let d = FlowSettings::default();
+    let Some(r) = raw else { return d };
+    let mut secs = |key: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => {
+            c.push(format!("flows.{key}"), "must be at least 1 second");
+            default
+        }
+        Some(n) => Duration::from_secs(n),
+        None => default,
+    };
+    let s = FlowSettings {
+        max_flows: d.max_flows,
+        tcp_established_timeout: secs(
+            "tcp_established_timeout_secs",
+            r.tcp_established_timeout_secs,
+            d.tcp_established_timeout,
+        ),
+        tcp_transitory_timeout: secs(
+            "tcp_transitory_timeout_secs",
+            r.tcp_transitory_timeout_secs,
+            d.tcp_transitory_timeout,
+        ),
+        udp_timeout: secs("udp_timeout_secs", r.udp_timeout_secs, d.udp_timeout),
+        icmp_timeout: secs("icmp_timeout_secs", r.icmp_timeout_secs, d.icmp_timeout),
+        other_timeout: secs("other_timeout_secs", r.other_timeout_secs, d.other_timeout),
+    };
+    match r.max_flows {
+        Some(0) => {
+            c.push("flows.max_flows", "must be at least 1");
+            s
+        }
+        Some(n) if n > u64::from(u32::MAX) => {
+            c.push(
+                "flows.max_flows",
+                format!("{n} is too large; at most {}", u32::MAX),
+            );
+            s
+        }
+        Some(n) => FlowSettings {
+            max_flows: n as usize,
+            ..s
+        },
+        None => s,
+    }
+}
+
+pub(super) fn validate_audit(
+    raw: Option<RawAudit>,
+    state_dir: &Path,
+    base: &Path,
+    c: &mut Collector<'_>,
+) -> AuditSettings {
+    let r = raw.unwrap_or(RawAudit {
+        path: None,
+        queue: None,
+        commit_interval_ms: None,
+        on_overflow: None,
+        on_failure: None,
+    });
+    let on_overflow = match r.on_overflow.as_deref() {
+        None | Some("drop") => OverflowPolicy::Drop,
+        Some("block_new_flows") => OverflowPolicy::BlockNewFlows,
+        Some(o) => {
+            c.push(
+                "audit.on_overflow",
+                format!("{o:?} is not a policy; use \"drop\" or \"block_new_flows\""),
+            );
+            OverflowPolicy::Drop
+        }
+    };
+    let on_failure = match r.on_failure.as_deref() {
+        None | Some("fail_open") => FailurePolicy::FailOpen,
+        Some("fail_closed") => FailurePolicy::FailClosed,
+        Some(o) => {
+            c.push(
+                "audit.on_failure",
+                format!("{o:?} is not a policy; use \"fail_open\" or \"fail_closed\""),
+            );
+            FailurePolicy::FailOpen
+        }
+    };
+    let queue = match r.queue {
+        Some(n) if !(16..=10_000_000).contains(&n) => {
+            c.push(
+                "audit.queue",
+                format!("{n} is out of range; use 16..=10000000 records"),
+            );
+            65_536
+        }
+        Some(n) => n as usize,
+        None => 65_536,
+    };
+    let commit_interval = match r.commit_interval_ms {
+        Some(n) if !(1..=60_000).contains(&n) => {
+            c.push(
+                "audit.commit_interval_ms",
+                format!("{n} is out of range; use 1..=60000 (milliseconds)"),
+            );
+            Duration::from_millis(250)
+        }
+        Some(n) => Duration::from_millis(n),
+        None => Duration::from_millis(250),
+    };
+    AuditSettings {
+        path: r
+            .path
+            .as_deref()
+            .map(|p| resolve(base, p))
+            .unwrap_or_else(|| state_dir.join("audit.db")),
+        queue,
+        commit_interval,
+        on_overflow,
+        on_failure,
+    }
+}
+
+/// The identity part of a rule (`users`, `groups`, `devices`), shared by flow and HTTP rules.
+pub(super) fn validate_identity(
+    users: Option<Vec<String>>,
+    groups: Option<Vec<String>>,
+    devices: Option<Vec<String>>,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> (Vec<UserName>, Vec<String>, Vec<DeviceName>) {
+    let users = users
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|u| {
+            UserName::parse(u)
+                .map_err(|m| c.push(format!("{key}.users"), m))
+                .ok()
+        })
+        .collect();
+    let devices = devices
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| {
+            DeviceName::parse(d)
+                .map_err(|m| c.push(format!("{key}.devices"), m))
+                .ok()
+        })
+        .collect();
+    let groups = groups.unwrap_or_default();
+    for g in &groups {
+        if !valid_ident(g, 64) {
+            c.push(
+                format!("{key}.groups"),
+                format!("{g:?} is not a valid group name"),
+            );
+        }
+    }
+    (users, groups, devices)
+}
+
+pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Option<Rule> {
+    let n = c.errors.len();
+    if !valid_ident(&r.id, 64) {
+        c.push(format!("{key}.id"), format!("{:?} is not a valid rule id: use letters, digits, '-', '_' or '.', like \"eng-ssh\"", r.id));
+    }
+    let action = match r.action.as_str() {
+        "allow" => Some(Action::Allow),
+        "deny" => Some(Action::Deny),
+        "reject" => Some(Action::Reject),
+        "proxy" => Some(Action::Proxy),
+        "inspect_ssh" if crate::SSH_INSPECTION_AVAILABLE => Some(Action::InspectSsh),
+        "inspect_http" if crate::HTTP_INSPECTION_AVAILABLE => Some(Action::InspectHttp),
+        "inspect_ssh" | "inspect_http" => {
+            c.push(
+                format!("{key}.action"),
+                format!(
+                    "{:?} is not available in this version yet; use \"proxy\" to carry the flow at layer 4, or \
+                     \"allow\", \"deny\", \"reject\"",
+                    r.action
+                ),
+            );
+            None
+        }
+        other => {
+            c.push(format!("{key}.action"), format!("{other:?} is not an action; use allow, deny, reject, proxy, inspect_ssh or inspect_http"));
+            None
+        }
+    };
+    let (users, groups, devices) = validate_identity(r.users, r.groups, r.devices, key, c);
+    let dst = r.dst.map(|list| {
+        list.iter()
+            .filter_map(|d| {
+                if d == "gateway" {
+                    Some(DstMatch::Gateway)
+                } else if d.contains('/') || d.parse::<IpAddr>().is_ok() {
+                    let net = d
+                        .parse::<IpNet>()
+                        .or_else(|_| d.parse::<IpAddr>().map(IpNet::from));
+                    net.map(|n| DstMatch::Net(n.trunc()))
+                        .map_err(|_| {
+                            c.push(
+                                format!("{key}.dst"),
+                                format!("{d:?} is not a CIDR; write it like \"10.1.0.0/16\""),
+                            )
+                        })
+                        .ok()
+                } else {
+                    DeviceName::parse(d)
+                        .map(DstMatch::Device)
+                        .map_err(|_| {
+                            c.push(
+                                format!("{key}.dst"),
+                                format!("{d:?} is neither a CIDR, a device name nor \"gateway\""),
+                            )
+                        })
+                        .ok()
+                }
+            })
+            .collect()
+    });
+    let proto = match r.proto.as_deref() {
+        None | Some("any") => Proto::Any,
+        Some("tcp") => Proto::Tcp,
+        Some("udp") => Proto::Udp,
+        Some("icmp") => Proto::Icmp,
+        Some(p) => {
+            c.push(
+                format!("{key}.proto"),
+                format!("{p:?} is not a protocol; use tcp, udp, icmp or any"),
+            );
+            Proto::Any
+        }
+    };
+    let mut ports = Vec::new();
+    for p in r.ports.unwrap_or_default() {
+        let range = match p.split_once('-') {
+            Some((a, b)) => a
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .zip(b.trim().parse::<u16>().ok()),
+            None => p.trim().parse::<u16>().ok().map(|v| (v, v)),
+        };
+        match range {
+            Some((a, b)) if a <= b => ports.push((a, b)),
+            _ => c.push(
+                format!("{key}.ports"),
+                format!("{p:?} is not a port or range; write \"22\" or \"8000-8100\""),
+            ),
+        }
+    }
+    if !ports.is_empty() && !matches!(proto, Proto::Tcp | Proto::Udp) {
+        c.push(
+            format!("{key}.ports"),
+            "ports need proto = \"tcp\" or \"udp\"",
+        );
+    }
+    if c.errors.len() != n {
+        return None;
+    }
+    let action = action?;
+    let inspect = validate_inspect(
+        action,
+        &r.recording,
+        &r.ssh_auth,
+        r.capture_input,
+        r.allow_forwarding,
+        key,
+        c,
+    )?;
+    Some(Rule {
+        id: r.id,
+        action,
+        users,
+        groups,
+        devices,
+        dst,
+        proto,
+        ports,
+        inspect,
+    })
+}
+
+/// The `inspect_ssh` keys: only on `inspect_ssh` rules, with defaults (recording required, client auth none).
+pub(super) fn validate_inspect(
+    action: Action,
+    recording: &Option<String>,
+    ssh_auth: &Option<String>,
+    capture_input: Option<bool>,
+    allow_forwarding: Option<bool>,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Option<Inspect> {
+    if action != Action::InspectSsh {
+        let given = [
+            ("recording", recording.is_some()),
+            ("ssh_auth", ssh_auth.is_some()),
+            ("capture_input", capture_input.is_some()),
+            ("allow_forwarding", allow_forwarding.is_some()),
+        ];
+        for (k, _) in given.iter().filter(|(_, g)| *g) {
+            c.push(
+                format!("{key}.{k}"),
+                "only applies to action = \"inspect_ssh\"; remove it or change the action",
+            );
+        }
+        return Some(if action == Action::InspectHttp {
+            Inspect::Http
+        } else {
+            Inspect::None
+        });
+    }
+    let recording = match recording.as_deref() {
+        None | Some("required") => Recording::Required,
+        Some("best_effort") => Recording::BestEffort,
+        Some("off") => Recording::Off,
+        Some(o) => {
+            c.push(
+                format!("{key}.recording"),
+                format!(
+                    "{o:?} is not a recording mode; use \"off\", \"best_effort\" or \"required\""
+                ),
+            );
+            return None;
+        }
+    };
+    let auth = match ssh_auth.as_deref() {
+        None | Some("none") => SshAuth::None,
+        Some("publickey") => SshAuth::Publickey,
+        Some(o) => {
+            c.push(
+                format!("{key}.ssh_auth"),
+                format!("{o:?} is not an SSH client authentication; use \"none\" or \"publickey\""),
+            );
+            return None;
+        }
+    };
+    Some(Inspect::Ssh(SshRuleSettings {
+        recording,
+        auth,
+        capture_input: capture_input.unwrap_or(false),
+        allow_forwarding: allow_forwarding.unwrap_or(false),
+    }))
+}
+
+/// The HTTP keys of a `[[tenant]]`: `http_rule`, `tls_decrypt`, `do_not_inspect`, `tls_upstream_ca`.
+pub(super) fn validate_tenant_http(
+    raw_rules: Vec<RawHttpRule>,
+    tls_decrypt: Option<bool>,
+    do_not_inspect: Option<Vec<String>>,
+    tls_upstream_ca: Option<String>,
+    base: &Path,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> TenantHttp {
+    let mut ids = HashSet::new();
+    let mut rules = Vec::new();
+    for (j, r) in raw_rules.into_iter().enumerate() {
+        let rkey = format!("{key}.http_rule[{j}]");
+        let n = c.errors.len();
+        if !valid_ident(&r.id, 64) {
+            c.push(
+                format!("{rkey}.id"),
+                format!(
+                    "{:?} is not a valid rule id: use 1-64 letters, digits, '-', '_' or '.'",
+                    r.id
+                ),
+            );
+        } else if !ids.insert(r.id.clone()) {
+            c.push(
+                format!("{rkey}.id"),
+                format!(
+                    "duplicate http_rule id {:?}; ids are unique per tenant",
+                    r.id
+                ),
+            );
+        }
+        let action = match r.action.as_str() {
+            "allow" => HttpAction::Allow,
+            "block" => HttpAction::Block,
+            "log" => HttpAction::Log,
+            other => {
+                c.push(
+                    format!("{rkey}.action"),
+                    format!(
+                        "{other:?} is not an HTTP rule action; use \"allow\", \"block\" or \"log\""
+                    ),
+                );
+                HttpAction::Allow
+            }
+        };
+        let hosts = r
+            .hosts
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| {
+                HostPattern::parse(h)
+                    .map_err(|m| c.push(format!("{rkey}.hosts"), m))
+                    .ok()
+            })
+            .collect();
+        let paths = r.paths.unwrap_or_default();
+        for p in &paths {
+            if !p.starts_with('/') || p.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                c.push(
+                    format!("{rkey}.paths"),
+                    format!("{p:?} is not a path prefix; write it like \"/admin\""),
+                );
+            }
+        }
+        let methods: Vec<String> = r
+            .methods
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.to_ascii_uppercase())
+            .collect();
+        for m in &methods {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                c.push(
+                    format!("{rkey}.methods"),
+                    format!("{m:?} is not an HTTP method; write it like \"POST\""),
+                );
+            }
+        }
+        let (users, groups, devices) = validate_identity(r.users, r.groups, r.devices, &rkey, c);
+        if c.errors.len() == n {
+            rules.push(HttpRule {
+                id: r.id,
+                action,
+                hosts,
+                paths,
+                methods,
+                users,
+                groups,
+                devices,
+            });
+        }
+    }
+    let mut no_inspect = Vec::new();
+    for entry in do_not_inspect.unwrap_or_default() {
+        if let Ok(net) = entry.parse::<IpNet>() {
+            no_inspect.push(NoInspect::Net(net.trunc()));
+        } else if let Ok(ip) = entry.parse::<IpAddr>() {
+            no_inspect.push(NoInspect::Net(IpNet::from(ip)));
+        } else {
+            match HostPattern::parse(&entry) {
+                Ok(h) => no_inspect.push(NoInspect::Host(h)),
+                Err(_) => c.push(
+                    format!("{key}.do_not_inspect"),
+                    format!("{entry:?} is neither a host name (\"bank.example\", \"*.bank.example\") nor a CIDR (\"10.9.0.0/16\")"),
+                ),
+            }
+        }
+    }
+    let tls_upstream_ca = tls_upstream_ca.map(|p| resolve(base, &p));
+    if let Some(p) = &tls_upstream_ca {
+        if !p.is_file() {
+            c.push(
+                format!("{key}.tls_upstream_ca"),
+                format!(
+                    "{} does not exist; point it at a PEM file of CA certificates",
+                    p.display()
+                ),
+            );
+        }
+    }
+    TenantHttp {
+        rules,
+        tls_decrypt: tls_decrypt.unwrap_or(false),
+        do_not_inspect: no_inspect,
+        tls_upstream_ca,
+    }
+}
+
+pub(super) fn empty(path: &Path) -> Config {
+    Config {
+        source: path.to_path_buf(),
+        flows: FlowSettings::default(),
+        audit: validate_audit(
+            None,
+            Path::new(""),
+            Path::new(""),
+            &mut Collector {
+                file: "",
+                errors: Vec::new(),
+            },
+        ),
+        gateway: GatewaySettings {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            private_key_file: PathBuf::new(),
+            state_dir: PathBuf::new(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            public_endpoint: None,
+        },
+        tenants: Vec::new(),
+    }
+}
+
+pub(super) fn valid_endpoint(ep: &str) -> bool {
+    match ep.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+pub(super) fn parse_socket(c: &mut Collector<'_>, key: &str, v: &str, example: &str) -> SocketAddr {
+    v.parse().unwrap_or_else(|_| {
+        c.push(
+            key,
+            format!("{v:?} is not IP:PORT; write it like \"{example}\""),
+        );
+        example.parse().expect("valid example")
+    })
+}
+
+pub(super) fn validate_device(rd: RawDevice, key: &str, c: &mut Collector<'_>) -> Option<Device> {
+    let name = DeviceName::parse(&rd.name)
+        .map_err(|m| c.push(format!("{key}.name"), m))
+        .ok();
+    let public_key = rd
+        .public_key
+        .parse::<PeerKey>()
+        .map_err(|e| {
+            c.push(
+                format!("{key}.public_key"),
+                format!("{e}; paste the output of `wg pubkey`"),
+            )
+        })
+        .ok();
+    let address = rd
+        .address
+        .parse::<IpAddr>()
+        .map_err(|_| {
+            c.push(
+                format!("{key}.address"),
+                format!(
+                    "{:?} is not an IP address; write it like \"100.96.0.2\"",
+                    rd.address
+                ),
+            )
+        })
+        .ok();
+    let user = UserName::parse(&rd.user)
+        .map_err(|m| c.push(format!("{key}.user"), m))
+        .ok();
+    for g in &rd.groups {
+        if !valid_ident(g, 64) {
+            c.push(
+                format!("{key}.groups"),
+                format!("{g:?} is not a valid group name: use letters, digits, '-', '_' or '.'"),
+            );
+        }
+    }
+    Some(Device {
+        name: name?,
+        public_key: public_key?,
+        address: address?,
+        user: user?,
+        groups: rd.groups,
+        origin: DeviceOrigin::Config,
+    })
+}
+
+/// Checks the newest device of `t` against the others: pool membership, unique name and address.
+pub(super) fn check_tenant_devices(t: &Tenant, c: &mut Collector<'_>, key: &str) {
+    let Some((d, others)) = t.devices.split_last() else {
+        return;
+    };
+    if !t.address_pool.contains(&d.address) {
+        c.push(
+            format!("{key}.address"),
+            format!(
+                "{} is outside the tenant's address_pool {}; use an address inside the pool",
+                d.address, t.address_pool
+            ),
+        );
+    }
+    if d.address == t.gateway_address {
+        c.push(
+            format!("{key}.address"),
+            format!(
+                "{} is the tenant's gateway_address; pick another",
+                d.address
+            ),
+        );
+    }
+    if others.iter().any(|o| o.name == d.name) {
+        c.push(
+            format!("{key}.name"),
+            format!(
+                "device name {:?} is already used in tenant {}; names are unique per tenant",
+                d.name.as_str(),
+                t.id
+            ),
+        );
+    }
+    if let Some(o) = others.iter().find(|o| o.address == d.address) {
+        c.push(
+            format!("{key}.address"),
+            format!(
+                "{} is already assigned to device {:?}; give each device its own address",
+                d.address,
+                o.name.as_str()
+            ),
+        );
+    }
+}
+
+pub(super) fn check_unique_keys(tenants: &[Tenant], c: &mut Collector<'_>) {
+    let mut seen: HashMap<PeerKey, (&TenantId, &DeviceName)> = HashMap::new();
+    for t in tenants {
+        for d in &t.devices {
+            if let Some((ot, od)) = seen.insert(d.public_key, (&t.id, &d.name)) {
+                c.push(
+                    format!("tenant {} device {}", t.id, d.name),
+                    format!("public_key is also used by device {od} of tenant {ot}; every device needs its own key pair"),
+                );
+            }
+        }
+    }
+}
+
+pub(super) fn line_of(text: &str, offset: usize) -> String {
+    let line = text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1;
+    format!("line {line}")
+}
+
+pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
