@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::control::{self, PeerStatusWire, Reply, Request};
 use crate::core::{Gateway, Metrics, TxQueue};
+use crate::handoff::ConfigHandle;
 use crate::keys::{PeerKey, PrivateKey};
 use crate::onramp::{Command, Onramp};
 
@@ -25,7 +26,10 @@ const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(15);
 
 struct Running {
     config_path: PathBuf,
-    config: Arc<Mutex<Arc<Config>>>,
+    config: ConfigHandle,
+    /// Held across load, apply and swap, so reloads (control socket, SIGHUP) apply in order: a slower,
+    /// older snapshot never undoes a newer one (a device removal, say).
+    reload_lock: Mutex<()>,
     onramp: Onramp,
     ssh: Arc<crate::ssh::SshServices>,
 }
@@ -33,11 +37,12 @@ struct Running {
 impl Running {
     /// Re-reads the config and registry; applies them only if valid.
     fn reload(&self) -> Result<String, String> {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let new = Config::load(&self.config_path).map_err(|e| {
             tracing::error!("reload rejected, gateway unchanged:\n{e}");
             format!("reload rejected, running gateway unchanged:\n{e}")
         })?;
-        let old = self.config.lock().expect("config lock").clone();
+        let old = self.config.current();
         for key in old.restart_only_differences(&new) {
             tracing::warn!(
                 key,
@@ -46,7 +51,7 @@ impl Running {
         }
         let new = Arc::new(new);
         let summary = self.onramp.apply(new.clone()).ok_or("data path stopped")?;
-        *self.config.lock().expect("config lock") = new.clone();
+        self.config.store(new.clone());
         let msg = format!(
             "reloaded {}: {} tenants, {} devices ({} added, {} removed, {} updated)",
             self.config_path.display(),
@@ -133,7 +138,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .build()?;
     let running = Arc::new(Running {
         config_path: config_path.to_path_buf(),
-        config: Arc::new(Mutex::new(cfg.clone())),
+        config: ConfigHandle::new(cfg.clone()),
+        reload_lock: Mutex::new(()),
         onramp,
         ssh,
     });

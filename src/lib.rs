@@ -17,6 +17,7 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod enroll;
+pub mod handoff;
 pub mod http;
 pub mod keys;
 #[allow(unsafe_code)]

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::config::Inspect;
 use crate::core::counters::Counter;
 use crate::core::Upgraded;
+use crate::handoff::{ConfigHandle, FlowContext};
 use crate::netns::supervisor::NsConnector;
 use crate::packet::PROTO_UDP;
 
@@ -46,7 +47,7 @@ pub struct OfframpCounters {
 /// Upgraded flows by NAT slot, filled from the data path's events.
 #[derive(Default)]
 pub struct Flows {
-    by_slot: Mutex<HashMap<SocketAddrV4, (Arc<Upgraded>, Instant)>>,
+    by_slot: Mutex<HashMap<SocketAddrV4, (Arc<FlowContext>, Instant)>>,
 }
 
 impl Flows {
@@ -54,10 +55,10 @@ impl Flows {
         let mut m = self.by_slot.lock().expect("flows lock");
         let now = Instant::now();
         m.retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
-        m.insert(u.slot, (Arc::from(u), now));
+        m.insert(u.slot, (Arc::new(FlowContext::new(&u)), now));
     }
 
-    fn get(&self, slot: SocketAddrV4) -> Option<Arc<Upgraded>> {
+    fn get(&self, slot: SocketAddrV4) -> Option<Arc<FlowContext>> {
         self.by_slot
             .lock()
             .expect("flows lock")
@@ -65,7 +66,7 @@ impl Flows {
             .map(|(u, _)| u.clone())
     }
 
-    fn take(&self, slot: SocketAddrV4) -> Option<Arc<Upgraded>> {
+    fn take(&self, slot: SocketAddrV4) -> Option<Arc<FlowContext>> {
         self.by_slot
             .lock()
             .expect("flows lock")
@@ -74,7 +75,7 @@ impl Flows {
     }
 
     /// Waits (briefly) for the event of `slot`.
-    async fn wait(&self, slot: SocketAddrV4, take: bool) -> Option<Arc<Upgraded>> {
+    async fn wait(&self, slot: SocketAddrV4, take: bool) -> Option<Arc<FlowContext>> {
         let deadline = Instant::now() + LOOKUP_WAIT;
         loop {
             let found = if take {
@@ -153,7 +154,7 @@ async fn accept_loop(
                 reset(conn);
                 return;
             };
-            proxy_tcp(conn, &flow, &counters, &connector, &env).await;
+            proxy_tcp(conn, flow, &counters, &connector, &env).await;
         });
     }
 }
@@ -169,7 +170,7 @@ fn reset(conn: TcpStream) {
 /// Opens the other leg: an ordinary socket to the upstream host, or (for `proxy` between devices) a
 /// downgraded connection from inside the namespace whose packets reach the destination device as
 /// `src -> dst` of the original flow.
-async fn connect_leg(flow: &Upgraded, connector: &NsConnector) -> std::io::Result<TcpStream> {
+async fn connect_leg(flow: &FlowContext, connector: &NsConnector) -> std::io::Result<TcpStream> {
     let Some(nat_dst) = flow.downgrade else {
         return TcpStream::connect(flow.dst).await;
     };
@@ -187,12 +188,12 @@ async fn connect_leg(flow: &Upgraded, connector: &NsConnector) -> std::io::Resul
 
 async fn proxy_tcp(
     conn: TcpStream,
-    flow: &Upgraded,
+    flow: Arc<FlowContext>,
     counters: &OfframpCounters,
     connector: &NsConnector,
     env: &InspectEnv,
 ) {
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(flow, connector)).await;
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, connector)).await;
     let upstream = match upstream {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -209,17 +210,24 @@ async fn proxy_tcp(
     counters.tcp_connections.add(1);
     let _ = upstream.set_nodelay(true);
     let _ = conn.set_nodelay(true);
-    let _ = env; // for the inspectors
     match &flow.inspect {
         Inspect::None => splice(conn, upstream, flow.seq).await,
-        // The inspectors plug in here (config refuses their actions until they are wired in).
         Inspect::Http => {
-            let reconnect = reconnect_leg(flow, connector);
-            crate::http::inspect(conn, upstream, flow, env, reconnect).await
+            let reconnect = reconnect_leg(&flow, connector);
+            crate::http::inspect(
+                conn,
+                upstream,
+                flow.clone(),
+                &env.config,
+                &env.http,
+                reconnect,
+            )
+            .await
         }
         Inspect::Ssh(settings) => match env.ssh() {
             Some(ssh) => {
-                crate::ssh::intercept_flow(conn, upstream, flow, settings, &env.config(), ssh).await
+                let cfg = env.config.current();
+                crate::ssh::intercept_flow(conn, upstream, &flow, settings, &cfg, ssh).await
             }
             None => {
                 tracing::error!(
@@ -233,8 +241,8 @@ async fn proxy_tcp(
 }
 
 /// Opens further legs like the first (for inspectors whose origin connection may close between requests).
-fn reconnect_leg(flow: &Upgraded, connector: &NsConnector) -> crate::http::Reconnect {
-    let (flow, connector) = (Arc::new(flow.clone()), connector.clone());
+fn reconnect_leg(flow: &Arc<FlowContext>, connector: &NsConnector) -> crate::http::Reconnect {
+    let (flow, connector) = (flow.clone(), connector.clone());
     Arc::new(move || {
         let (flow, connector) = (flow.clone(), connector.clone());
         Box::pin(async move {
@@ -256,23 +264,18 @@ async fn splice(mut conn: TcpStream, mut upstream: TcpStream, seq: u64) {
 /// What inspectors need from the running gateway.
 #[derive(Clone)]
 pub struct InspectEnv {
-    config: Arc<Mutex<Arc<crate::config::Config>>>,
+    config: ConfigHandle,
     ssh: Option<Arc<crate::ssh::SshServices>>,
     http: crate::http::HttpServices,
 }
 
 impl InspectEnv {
-    pub fn new(config: Arc<Mutex<Arc<crate::config::Config>>>) -> InspectEnv {
+    pub fn new(config: ConfigHandle) -> InspectEnv {
         InspectEnv {
             config,
             ssh: None,
             http: crate::http::HttpServices::default(),
         }
-    }
-
-    /// The HTTP inspector's shared state (audit sink, tenant TLS material).
-    pub fn http(&self) -> &crate::http::HttpServices {
-        &self.http
     }
 
     /// Adds the SSH inspector's shared services (trust material, audit sink).
@@ -283,11 +286,6 @@ impl InspectEnv {
 
     pub fn ssh(&self) -> Option<&Arc<crate::ssh::SshServices>> {
         self.ssh.as_ref()
-    }
-
-    /// The configuration currently in force (it changes on reload).
-    pub fn config(&self) -> Arc<crate::config::Config> {
-        self.config.lock().expect("config lock").clone()
     }
 }
 

@@ -108,6 +108,7 @@ pub struct Upgraded {
     pub tenant: TenantId,
     pub device: DeviceName,
     pub user: UserName,
+    pub groups: Arc<[String]>,
     pub rule: Arc<str>,
     /// For `proxy` between devices: the address (inside the namespace) to connect to for a stream that comes
     /// out as `src -> dst` towards the destination device. `None`: off-ramp to `dst` with a host socket.
@@ -1017,6 +1018,8 @@ impl Gateway {
             && (route == Route::Offramp
                 || (decision.action.is_layer4() && matches!(route, Route::Peer(_))));
         let (device, user) = (peer.device.name.clone(), peer.device.user.clone());
+        let peer_device = peer.device.clone();
+        let peer_groups = &peer_device.groups;
         let seq = self.next_flow_seq;
         let target = match route {
             Route::Local => FlowTarget::Local,
@@ -1066,6 +1069,7 @@ impl Gateway {
                     tenant: tenant.id.clone(),
                     device: device.clone(),
                     user: user.clone(),
+                    groups: Arc::from(peer_groups.as_slice()),
                     rule: rule.clone(),
                     downgrade,
                     inspect: tenant.policy.inspect(&decision),

@@ -31,8 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::audit::http_records::{HttpAuditSink, HttpRecord};
 use crate::config::{Config, FailurePolicy, Tenant};
-use crate::core::Upgraded;
-use crate::offramp::InspectEnv;
+use crate::handoff::{ConfigHandle, FlowContext};
 pub use origin::Reconnect;
 use origin::{Origin, OriginIo};
 use policy::{Identity, NoDecrypt, TlsAction, TlsFacts};
@@ -118,8 +117,9 @@ impl HttpServices {
 /// What every request of a flow shares: the flow, the gateway's environment, the record sink.
 #[derive(Clone)]
 pub struct FlowCtx {
-    pub upgraded: Arc<Upgraded>,
-    pub env: InspectEnv,
+    pub upgraded: Arc<FlowContext>,
+    pub config: ConfigHandle,
+    pub services: HttpServices,
     sink: Option<HttpAuditSink>,
 }
 
@@ -129,9 +129,9 @@ impl FlowCtx {
         let u = &self.upgraded;
         HttpRecord {
             flow_seq: u.seq,
-            tenant: u.tenant.to_string(),
-            device: u.device.to_string(),
-            user: u.user.to_string(),
+            tenant: u.identity.tenant.to_string(),
+            device: u.identity.device.to_string(),
+            user: u.identity.user.to_string(),
             src: u.src.to_string(),
             dst: u.dst.to_string(),
             flow_rule: u.rule.to_string(),
@@ -158,17 +158,19 @@ impl FlowCtx {
 pub async fn inspect(
     client: TcpStream,
     upstream: TcpStream,
-    flow: &Upgraded,
-    env: &InspectEnv,
+    flow: Arc<FlowContext>,
+    config: &ConfigHandle,
+    services: &HttpServices,
     reconnect: Reconnect,
 ) {
     // A downgraded leg carries the device's own 5-tuple towards the destination device: there is only one.
     let reconnect = flow.downgrade.is_none().then_some(reconnect);
-    let cfg = env.config();
+    let cfg = config.current();
     let ctx = FlowCtx {
-        upgraded: Arc::new(flow.clone()),
-        env: env.clone(),
-        sink: env.http().sink(&cfg),
+        upgraded: flow.clone(),
+        config: config.clone(),
+        services: services.clone(),
+        sink: services.sink(&cfg),
     };
     let mut first = [0u8; 1];
     match tokio::time::timeout(FIRST_BYTE_TIMEOUT, client.peek(&mut first)).await {
@@ -244,21 +246,15 @@ async fn inspect_tls(
         .collect();
     let alpn_http = offered.is_none() || !http_alpn.is_empty();
 
-    let cfg = ctx.env.config();
-    let Some(tenant) = cfg.tenant(ctx.upgraded.tenant.as_str()) else {
+    let cfg = ctx.config.current();
+    let Some(tenant) = cfg.tenant(ctx.upgraded.identity.tenant.as_str()) else {
         return;
     };
     let u = ctx.upgraded.clone();
-    let groups = tenant
-        .devices
-        .iter()
-        .find(|d| d.name == u.device)
-        .map(|d| d.groups.as_slice())
-        .unwrap_or(&[]);
     let who = Identity {
-        user: &u.user,
-        device: &u.device,
-        groups,
+        user: &u.identity.user,
+        device: &u.identity.device,
+        groups: &u.identity.groups,
     };
     if !ctx.audit_admits(&cfg) {
         tracing::warn!(
@@ -305,11 +301,11 @@ async fn inspect_tls(
             }
         }
         TlsAction::Decrypt => {
-            let ttls = match ctx.env.http().tenant_tls(&cfg, tenant) {
+            let ttls = match ctx.services.tenant_tls(&cfg, tenant) {
                 Ok(t) => t,
                 Err(e) => {
                     // Fail closed: a tenant that asked for decryption never gets a silent bypass.
-                    tracing::warn!(tenant = %u.tenant, error = %e, "cannot decrypt TLS for this tenant; refusing");
+                    tracing::warn!(tenant = %u.identity.tenant, error = %e, "cannot decrypt TLS for this tenant; refusing");
                     let mut g = RecordGuard::new(
                         &ctx,
                         tls_record(
@@ -515,12 +511,13 @@ user = "alice"
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = Config::from_toml(CONFIG, &dir.join("gateway.toml")).unwrap();
-        let env = InspectEnv::new(Arc::new(Mutex::new(Arc::new(cfg))));
+        let config = ConfigHandle::new(Arc::new(cfg));
+        let services = HttpServices::default();
         let origin_addr = origin().await;
         let std::net::SocketAddr::V4(dst) = origin_addr else {
             unreachable!()
         };
-        let flow = Upgraded {
+        let flow = Arc::new(FlowContext::new(&crate::core::Upgraded {
             seq: 1,
             slot: "100.64.0.1:1024".parse().unwrap(),
             protocol: 6,
@@ -529,10 +526,11 @@ user = "alice"
             tenant: crate::config::TenantId::parse("acme").unwrap(),
             device: crate::config::DeviceName::parse("laptop").unwrap(),
             user: crate::config::UserName::parse("alice").unwrap(),
+            groups: Arc::from(Vec::new()),
             rule: Arc::from("web"),
             downgrade: None,
             inspect: crate::config::Inspect::Http,
-        };
+        }));
         // The device side: an HTTP/2 (prior knowledge) client connected to the inspector.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let device = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -540,9 +538,8 @@ user = "alice"
         let upstream = TcpStream::connect(origin_addr).await.unwrap();
         let reconnect: Reconnect =
             Arc::new(move || Box::pin(async move { TcpStream::connect(origin_addr).await }));
-        let env2 = env.clone();
         let inspector = tokio::spawn(async move {
-            inspect(accepted, upstream, &flow, &env2, reconnect).await;
+            inspect(accepted, upstream, flow, &config, &services, reconnect).await;
         });
         let (sender, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),

@@ -300,8 +300,8 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
         },
     );
 
-    let cfg = flow.env.config();
-    let Some(tenant) = cfg.tenant(u.tenant.as_str()) else {
+    let cfg = flow.config.current();
+    let Some(tenant) = cfg.tenant(u.identity.tenant.as_str()) else {
         return page(
             StatusCode::FORBIDDEN,
             "tenant-removed",
@@ -319,16 +319,10 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             "block",
         );
     }
-    let groups = tenant
-        .devices
-        .iter()
-        .find(|d| d.name == u.device)
-        .map(|d| d.groups.as_slice())
-        .unwrap_or(&[]);
     let who = Identity {
-        user: &u.user,
-        device: &u.device,
-        groups,
+        user: &u.identity.user,
+        device: &u.identity.device,
+        groups: &u.identity.groups,
     };
     let verdict = policy::classify_request(
         &tenant.http.rules,

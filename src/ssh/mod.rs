@@ -224,7 +224,7 @@ pub async fn intercept(client: TcpStream, upstream: TcpStream, ctx: SshContext) 
 pub async fn intercept_flow(
     client: TcpStream,
     upstream: TcpStream,
-    flow: &crate::core::Upgraded,
+    flow: &crate::handoff::FlowContext,
     settings: &SshRuleSettings,
     config: &crate::config::Config,
     services: &Arc<SshServices>,
@@ -232,13 +232,13 @@ pub async fn intercept_flow(
     let recipient = config
         .tenants
         .iter()
-        .find(|t| t.id == flow.tenant)
+        .find(|t| t.id == flow.identity.tenant)
         .and_then(|t| t.audit_recipient.as_deref())
         .and_then(|r| RecipientKey::from_base64(r).ok());
     let ctx = SshContext {
-        tenant: flow.tenant.clone(),
-        device: flow.device.clone(),
-        user: flow.user.clone(),
+        tenant: flow.identity.tenant.clone(),
+        device: flow.identity.device.clone(),
+        user: flow.identity.user.clone(),
         src: flow.src,
         dst: flow.dst,
         rule: flow.rule.clone(),
