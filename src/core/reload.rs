@@ -1,0 +1,268 @@
+//! Reload reconciliation and flow endings: `apply` a new config (peers, tenants, policies), re-check live flows
+//! against it, cut what is no longer allowed; end flows on shutdown or when the namespace is lost.
+
+use super::*;
+
+impl Gateway {
+    /// Reconciles tenants and devices with `cfg`: new devices get a tunnel, removed devices lose theirs at once
+    /// (their packets are dropped from the next datagram on), unchanged devices keep their sessions.
+    /// Live flows are re-checked against the new policy and routes: a flow that is no longer allowed ends
+    /// (`PolicyRevoked` / `PeerRemoved`), and TCP connections are reset on both sides (RSTs queued in `tx`).
+    pub fn apply(&mut self, cfg: &Config, now: Instant, tx: &mut TxQueue) -> ApplySummary {
+        let mut summary = ApplySummary::default();
+        let mut wanted: HashMap<PeerKey, (usize, &Device)> = HashMap::new();
+        for (ti, t) in cfg.tenants.iter().enumerate() {
+            for d in &t.devices {
+                wanted.insert(d.public_key, (ti, d));
+            }
+        }
+        // Remove peers that are gone or moved to another tenant (a tenant move gets a fresh tunnel). `peer.tenant`
+        // still indexes the previous tenant list here.
+        let stale: Vec<PeerKey> = self
+            .by_key
+            .iter()
+            .filter(|(k, &slot)| {
+                let peer = self.peers[slot as usize]
+                    .as_ref()
+                    .expect("indexed peer exists");
+                wanted
+                    .get(*k)
+                    .is_none_or(|(ti, _)| cfg.tenants[*ti].id != self.tenants[peer.tenant].id)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.remove_peer(k, now);
+            summary.removed += 1;
+        }
+        let mut nums = Vec::with_capacity(cfg.tenants.len());
+        for t in &cfg.tenants {
+            let next = self.tenant_nums.len() as u32;
+            nums.push(*self.tenant_nums.entry(t.id.clone()).or_insert(next));
+        }
+        self.flow_counts.resize(self.tenant_nums.len(), 0);
+        self.tenants = cfg
+            .tenants
+            .iter()
+            .zip(nums)
+            .map(|(t, num)| TenantState {
+                id: t.id.clone(),
+                num,
+                gateway_address: t.gateway_address,
+                policy: Policy::compile(t),
+                max_flows: t.max_flows,
+                offramp: t.offramp.clone(),
+                routes: HashMap::with_capacity(t.devices.len()),
+                counters: self.metrics.tenant(&t.id),
+            })
+            .collect();
+        self.flows.set_timeouts(&cfg.flows);
+        self.max_flows = cfg.flows.max_flows;
+        let mut keys: Vec<&PeerKey> = wanted.keys().collect();
+        keys.sort(); // deterministic slot assignment
+        for key in keys {
+            let (ti, d) = wanted[key];
+            if let Some(&slot) = self.by_key.get(key) {
+                let peer = self.peers[slot as usize]
+                    .as_mut()
+                    .expect("indexed peer exists");
+                if *peer.device != *d {
+                    summary.updated += 1;
+                    peer.device = Arc::new(d.clone());
+                }
+                peer.tenant = ti;
+            } else if self.add_peer(ti, d, now).is_some() {
+                summary.added += 1;
+            } else {
+                summary.rejected += 1;
+            }
+        }
+        for (slot, p) in self.peers.iter().enumerate() {
+            if let Some(p) = p {
+                self.tenants[p.tenant]
+                    .routes
+                    .insert(p.device.address, slot as u32);
+            }
+        }
+        for t in &self.tenants {
+            t.counters.peers.set(t.routes.len() as u64);
+        }
+        self.recheck_flows(now, tx);
+        summary
+    }
+
+    /// After a reload: ends flows whose route or decision changed; resets cut TCP connections.
+    pub(super) fn recheck_flows(&mut self, now: Instant, tx: &mut TxQueue) {
+        let tenant_of_num: HashMap<u32, usize> = self
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.num, i))
+            .collect();
+        for idx in self.flows.indices() {
+            let f = self.flows.get(idx);
+            if f.state == flow_table::FlowState::Ended {
+                continue;
+            }
+            let (src, sport, dst, dport) = f.endpoints();
+            let verdict = match (
+                tenant_of_num.get(&f.key.tenant()),
+                self.peers.get(f.src_slot as usize),
+            ) {
+                (Some(&ti), Some(Some(p))) if p.tenant == ti && p.device.address == src => {
+                    let t = &self.tenants[ti];
+                    match self.route_of(ti, f.src_slot, dst) {
+                        Some(route) if route.carries(f.target) => {
+                            let protocol = f.key.protocol();
+                            let dport_for_policy = Transport::has_ports(protocol).then_some(dport);
+                            let d = t.policy.evaluate(
+                                &subject(p),
+                                &Target {
+                                    dst,
+                                    protocol,
+                                    dport: dport_for_policy,
+                                },
+                            );
+                            if d.action == f.action {
+                                Ok(d.rule)
+                            } else {
+                                Err(EndReason::PolicyRevoked)
+                            }
+                        }
+                        _ => Err(EndReason::PeerRemoved),
+                    }
+                }
+                _ => Err(EndReason::PeerRemoved),
+            };
+            match verdict {
+                Ok(rule) => self.flows.get_mut(idx).rule = rule,
+                Err(reason) => {
+                    let f = self.flows.get(idx);
+                    let (seq, was_open_tcp) = (
+                        f.seq,
+                        f.action == Action::Allow && f.key.protocol() == PROTO_TCP,
+                    );
+                    if was_open_tcp {
+                        self.reset_both_sides(idx, src, sport, dst, dport, tx);
+                    }
+                    tracing::debug!(seq, reason = reason.as_str(), "flow cut after reload");
+                    let layer3 = matches!(self.flows.get(idx).target, FlowTarget::Peer(_));
+                    if was_open_tcp && layer3 {
+                        // Keep the cut connection as a lingering rejected flow: a segment still in flight
+                        // (which the RSTs above may not match exactly) is answered with a RST built from its
+                        // own ACK, which the sender always accepts.
+                        let f = self.flows.get_mut(idx);
+                        f.state = flow_table::FlowState::Ended;
+                        f.action = Action::Reject;
+                        let (packets, bytes) = (f.packets, f.bytes);
+                        self.events.push(FlowEvent::End {
+                            seq,
+                            at: now,
+                            packets,
+                            bytes,
+                            reason,
+                        });
+                    } else {
+                        self.end_flow(idx, now, reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends an acceptable RST to each end of a TCP flow, as if from the other end.
+    pub(super) fn reset_both_sides(
+        &mut self,
+        idx: u32,
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+        tx: &mut TxQueue,
+    ) {
+        let f = self.flows.get(idx);
+        let (src_slot, target, next_seq) = (f.src_slot, f.target, f.next_seq);
+        if let Some(n) = packet::build_tcp_rst(
+            dst,
+            dport,
+            src,
+            sport,
+            next_seq[IN],
+            None,
+            &mut self.build_buf,
+        ) {
+            self.send_built(src_slot, n, tx);
+        }
+        if let FlowTarget::Peer(t) = target {
+            if let Some(n) = packet::build_tcp_rst(
+                src,
+                sport,
+                dst,
+                dport,
+                next_seq[OUT],
+                None,
+                &mut self.build_buf,
+            ) {
+                self.send_built(t, n, tx);
+            }
+        }
+    }
+
+    /// Removes a flow that has not ended yet and records its end.
+    pub(super) fn end_flow(&mut self, idx: u32, now: Instant, reason: EndReason) {
+        let f = self.flows.remove(idx);
+        self.forget_flow(&f, self.ms(now));
+        self.events.push(FlowEvent::End {
+            seq: f.seq,
+            at: now,
+            packets: f.packets,
+            bytes: f.bytes,
+            reason,
+        });
+    }
+
+    pub(super) fn forget_flow(&mut self, f: &Flow, now_ms: u64) {
+        let n = &mut self.flow_counts[f.key.tenant() as usize];
+        *n = n.saturating_sub(1);
+        if let (FlowTarget::Upgrade(_, peer), Some(key)) = (f.target, nat_key(f)) {
+            self.upgrade_nat.release(&key, now_ms);
+            if peer.is_some() {
+                self.downgrade_nat.release(&key, now_ms);
+            }
+        }
+    }
+
+    /// Ends every upgraded flow (their kernel sockets lived in a namespace that is gone); TCP devices get a RST.
+    pub fn end_upgraded_flows(&mut self, now: Instant, tx: &mut TxQueue) {
+        for idx in self.flows.indices() {
+            let f = self.flows.get(idx);
+            if !matches!(f.target, FlowTarget::Upgrade(..))
+                || f.state == flow_table::FlowState::Ended
+            {
+                continue;
+            }
+            if f.key.protocol() == PROTO_TCP {
+                let (src, sport, dst, dport) = f.endpoints();
+                let (slot, seq_in) = (f.src_slot, f.next_seq[IN]);
+                if let Some(n) =
+                    packet::build_tcp_rst(dst, dport, src, sport, seq_in, None, &mut self.build_buf)
+                {
+                    self.send_built(slot, n, tx);
+                }
+            }
+            self.end_flow(idx, now, EndReason::UpgradeLost);
+        }
+    }
+
+    /// Ends every live flow (clean shutdown), so every flow record gets its end.
+    pub fn shutdown(&mut self, now: Instant) {
+        for idx in self.flows.indices() {
+            if self.flows.get(idx).state == flow_table::FlowState::Ended {
+                let f = self.flows.remove(idx);
+                self.forget_flow(&f, self.ms(now));
+            } else {
+                self.end_flow(idx, now, EndReason::Shutdown);
+            }
+        }
+    }
+}

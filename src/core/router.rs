@@ -1,0 +1,395 @@
+//! The layer-3 router: anti-spoofing, flow lookup, new flows (route, limits, policy), and where each packet goes.
+
+use super::*;
+
+/// Where a destination is, before policy decides how to carry the flow there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    Local,
+    Peer(u32),
+    /// An upstream network of the tenant, reached through the gateway host.
+    Offramp,
+}
+
+impl Route {
+    /// Whether an existing flow's target is still this route.
+    pub(super) fn carries(self, target: FlowTarget) -> bool {
+        match (self, target) {
+            (Route::Local, FlowTarget::Local) => true,
+            (Route::Peer(a), FlowTarget::Peer(b)) => a == b,
+            (Route::Offramp, FlowTarget::Upgrade(_, None) | FlowTarget::Offramp) => true,
+            (Route::Peer(a), FlowTarget::Upgrade(_, Some(b))) => a == b,
+            _ => false,
+        }
+    }
+}
+
+pub(super) fn subject(p: &Peer) -> Subject<'_> {
+    Subject {
+        user: &p.device.user,
+        groups: &p.device.groups,
+        device: &p.device.name,
+    }
+}
+
+pub(super) fn is_echo_request(pkt: &[u8], v: &IpView) -> bool {
+    let ty = pkt.get(v.l4_offset).copied();
+    matches!(
+        (v.protocol, ty),
+        (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128))
+    )
+}
+
+impl Gateway {
+    /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
+    pub(super) fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<Route> {
+        let t = &self.tenants[ti];
+        if dst == t.gateway_address {
+            return Some(Route::Local);
+        }
+        match t.routes.get(&dst) {
+            Some(&slot) if slot != src_slot => Some(Route::Peer(slot)),
+            Some(_) => None,
+            None if t.offramp.iter().any(|n| n.contains(&dst)) => Some(Route::Offramp),
+            None => None,
+        }
+    }
+
+    /// Anti-spoofing, flow lookup (or a new flow: route, limits, policy), then local delivery or re-encryption
+    /// towards the destination device of the same tenant.
+    pub(super) fn route_inner(
+        &mut self,
+        now: Instant,
+        src_slot: u32,
+        pkt: &mut [u8],
+        tx: &mut TxQueue,
+    ) {
+        let src_peer = self.peers[src_slot as usize]
+            .as_ref()
+            .expect("caller holds slot");
+        let ti = src_peer.tenant;
+        let tenant = &self.tenants[ti];
+        let Ok(view) = packet::parse_ip(pkt) else {
+            return tenant.counters.count_drop(DropReason::InvalidInnerPacket);
+        };
+        if view.src != src_peer.device.address {
+            return tenant.counters.count_drop(DropReason::SpoofedSource);
+        }
+        if view.fragment {
+            // Fragments after the first carry no ports, so port rules could not be enforced on them.
+            return tenant.counters.count_drop(DropReason::Fragment);
+        }
+        let Ok(t) = packet::parse_transport(pkt, &view) else {
+            return tenant.counters.count_drop(DropReason::MalformedTransport);
+        };
+        let (key, dir) = FlowKey::new(
+            tenant.num,
+            view.protocol,
+            view.src,
+            t.sport,
+            view.dst,
+            t.dport,
+        );
+        let mut existing = self.flows.lookup(&key);
+        if let Some(i) = existing {
+            // A fresh SYN on a connection that already ended (the client reused its port while the old flow
+            // lingers) opens a new flow: new decision, new NAT slot, new record.
+            let syn_only =
+                view.protocol == PROTO_TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if syn_only && self.flows.get(i).state == flow_table::FlowState::Ended {
+                let old = self.flows.remove(i);
+                self.forget_flow(&old, self.ms(now));
+                existing = None;
+            }
+        }
+        let idx = match existing {
+            Some(i) => i,
+            None => match self.start_flow(now, ti, src_slot, key, dir, &view, &t, pkt, tx) {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let now_ms = self.ms(now);
+        let flow = self.flows.get_mut(idx);
+        let side = flow.side(dir);
+        if let (IN, FlowTarget::Upgrade(_, Some(_))) = (side, flow.target) {
+            // The destination device answering the gateway's downgraded connection: back into the namespace.
+            // Not counted in the flow (its counters follow the initiator's leg).
+            let f = self.flows.get(idx);
+            let counters = self.tenants[ti].counters.clone();
+            match nat_key(f) {
+                Some(key) if self.downgrade_nat.to_kernel(pkt, &key).is_some() => {
+                    let buf = self.dn_out.slot();
+                    buf[..pkt.len()].copy_from_slice(pkt);
+                    self.dn_out.commit(UNADDRESSED, pkt.len());
+                }
+                _ => counters.count_drop(DropReason::NatStale),
+            }
+            return;
+        }
+        let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
+        let transition = flow.record(side, view.len, tcp, now_ms);
+        let (action, target, initiator_slot, seq) =
+            (flow.action, flow.target, flow.src_slot, flow.seq);
+        match transition {
+            Transition::None => {}
+            Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
+            Transition::Ended(reason) => {
+                let f = self.flows.get(idx);
+                self.events.push(FlowEvent::End {
+                    seq,
+                    at: now,
+                    packets: f.packets,
+                    bytes: f.bytes,
+                    reason,
+                });
+            }
+        }
+        let counters = self.tenants[ti].counters.clone();
+        match action {
+            Action::Allow | Action::Proxy | Action::InspectSsh | Action::InspectHttp => {}
+            Action::Deny => return counters.count_drop(DropReason::PolicyDenied),
+            Action::Reject => {
+                // Either side: a rejected flow's responder only sends after a reload cut the flow.
+                self.reject(src_slot, ti, pkt, &view, &t, Unreachable::Prohibited, tx);
+                return counters.count_drop(DropReason::PolicyRejected);
+            }
+        }
+        let dst_slot = match (side, target) {
+            (OUT, FlowTarget::Local) => match packet::echo_reply_in_place(pkt, &view) {
+                LocalReply::Reply(len) => {
+                    // The gateway's answer is the flow's reply direction.
+                    self.flows.get_mut(idx).record(IN, len, None, now_ms);
+                    src_slot
+                }
+                LocalReply::NotHandled => return counters.count_drop(DropReason::NoLocalService),
+            },
+            (OUT, FlowTarget::Peer(dst)) => dst,
+            (OUT, FlowTarget::Upgrade(slot, _)) => {
+                // Into the gateway's namespace: NAT to `slot -> listener`; the kernel there terminates it.
+                if self.upgrade_nat.inbound(pkt, slot).is_err() {
+                    return counters.count_drop(DropReason::OfframpUnsupported);
+                }
+                nat::clamp_mss(pkt, UPGRADE_MSS);
+                let buf = self.tun_out.slot();
+                buf[..pkt.len()].copy_from_slice(pkt);
+                self.tun_out.commit(UNADDRESSED, pkt.len());
+                return;
+            }
+            // Replies of upgraded flows come out of the namespace (`handle_tun_packet`), never from a device.
+            (_, FlowTarget::Upgrade(..) | FlowTarget::Offramp) => {
+                return counters.count_drop(DropReason::NoRoute)
+            }
+            (_, _) => initiator_slot,
+        };
+        if dst_slot != src_slot && packet::decrement_ttl(pkt, &view) == Hop::Expired {
+            return counters.count_drop(DropReason::TtlExpired);
+        }
+        self.send_to_peer(dst_slot, pkt, &counters, tx);
+    }
+
+    /// Routes, limits and decides a new flow; records its start. `None` when no flow is created (the packet
+    /// has been dropped and counted).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_flow(
+        &mut self,
+        now: Instant,
+        ti: usize,
+        src_slot: u32,
+        key: FlowKey,
+        dir: KeyDir,
+        view: &IpView,
+        t: &Transport,
+        pkt: &[u8],
+        tx: &mut TxQueue,
+    ) -> Option<u32> {
+        let counters = self.tenants[ti].counters.clone();
+        let Some(route) = self.route_of(ti, src_slot, view.dst) else {
+            self.reject(src_slot, ti, pkt, view, t, Unreachable::NoRoute, tx);
+            counters.count_drop(DropReason::NoRoute);
+            return None;
+        };
+        if !self.admit_new_flows {
+            counters.count_drop(DropReason::AuditUnavailable);
+            return None;
+        }
+        let now_ms = self.ms(now);
+        let tenant = &self.tenants[ti];
+        let num = tenant.num as usize;
+        if self.flows.len() >= self.max_flows
+            || tenant.max_flows.is_some_and(|m| self.flow_counts[num] >= m)
+        {
+            counters.count_drop(DropReason::FlowLimit);
+            if self
+                .last_limit_warn_ms
+                .is_none_or(|t| now_ms >= t + LIMIT_WARN_EVERY_MS)
+            {
+                self.last_limit_warn_ms = Some(now_ms);
+                tracing::warn!(tenant = %tenant.id, flows = self.flows.len(), tenant_flows = self.flow_counts[num], "flow limit reached; new flows are dropped until some end");
+            }
+            return None;
+        }
+        let peer = self.peers[src_slot as usize]
+            .as_ref()
+            .expect("caller holds slot");
+        let dport = Transport::has_ports(view.protocol).then_some(t.dport);
+        let decision = tenant.policy.evaluate(
+            &subject(peer),
+            &Target {
+                dst: view.dst,
+                protocol: view.protocol,
+                dport,
+            },
+        );
+        let rule = tenant.policy.rule_id(&decision);
+        let carried = decision.action == Action::Allow || decision.action.is_layer4();
+        // Carried at layer 4: allowed flows to upstream networks, and `proxy`/`inspect_*` flows (also between
+        // devices, by splicing the upgraded stream to a downgraded one).
+        let upgrade = carried
+            && (route == Route::Offramp
+                || (decision.action.is_layer4() && matches!(route, Route::Peer(_))));
+        let (device, user) = (peer.device.name.clone(), peer.device.user.clone());
+        let peer_device = peer.device.clone();
+        let peer_groups = &peer_device.groups;
+        let seq = self.next_flow_seq;
+        let target = match route {
+            Route::Local => FlowTarget::Local,
+            Route::Peer(s) if !upgrade => FlowTarget::Peer(s),
+            Route::Offramp if !upgrade => FlowTarget::Offramp,
+            Route::Offramp | Route::Peer(_) => {
+                let (IpAddr::V4(s), IpAddr::V4(d)) = (view.src, view.dst) else {
+                    counters.count_drop(DropReason::OfframpUnsupported);
+                    return None;
+                };
+                if !Transport::has_ports(view.protocol) {
+                    counters.count_drop(DropReason::OfframpUnsupported);
+                    return None;
+                }
+                let (src, dst) = (SocketAddrV4::new(s, t.sport), SocketAddrV4::new(d, t.dport));
+                let nat_key = NatKey {
+                    tenant: tenant.num,
+                    protocol: view.protocol,
+                    src,
+                    dst,
+                };
+                let Ok(slot) = self.upgrade_nat.claim(nat_key, now_ms) else {
+                    counters.count_drop(DropReason::NatExhausted);
+                    return None;
+                };
+                let splice_peer = match route {
+                    Route::Peer(p) => Some(p),
+                    _ => None,
+                };
+                let downgrade = match splice_peer {
+                    Some(_) => match self.downgrade_nat.claim(nat_key, now_ms) {
+                        Ok(d) => Some(d),
+                        Err(_) => {
+                            self.upgrade_nat.release(&nat_key, now_ms);
+                            counters.count_drop(DropReason::NatExhausted);
+                            return None;
+                        }
+                    },
+                    None => None,
+                };
+                self.events.push(FlowEvent::Upgraded(Box::new(Upgraded {
+                    seq,
+                    slot,
+                    protocol: view.protocol,
+                    src,
+                    dst,
+                    tenant: tenant.id.clone(),
+                    device: device.clone(),
+                    user: user.clone(),
+                    groups: Arc::from(peer_groups.as_slice()),
+                    rule: rule.clone(),
+                    downgrade,
+                    inspect: tenant.policy.inspect(&decision),
+                })));
+                FlowTarget::Upgrade(slot, splice_peer)
+            }
+        };
+        self.next_flow_seq += 1;
+        let dst_device = match route {
+            Route::Peer(s) => self.peers[s as usize]
+                .as_ref()
+                .map(|p| p.device.name.clone()),
+            Route::Local | Route::Offramp => None,
+        };
+        let tenant = &self.tenants[ti];
+        // The start record goes before the `Upgraded` event in the queue so the audit trail sees it first.
+        let start = FlowEvent::Start(Box::new(FlowStart {
+            seq,
+            tenant: tenant.id.clone(),
+            device,
+            user,
+            protocol: view.protocol,
+            src: view.src,
+            sport: t.sport,
+            dst: view.dst,
+            dport: t.dport,
+            action: decision.action,
+            rule,
+            dst_device,
+            at: now,
+        }));
+        let at = if upgrade {
+            self.events.len() - 1
+        } else {
+            self.events.len()
+        };
+        self.events.insert(at, start);
+        tracing::trace!(seq, action = decision.action.as_str(), "flow start");
+        counters.flows_started.add(1);
+        self.flow_counts[num] += 1;
+        Some(self.flows.insert(Flow::new(
+            key,
+            dir,
+            seq,
+            src_slot,
+            target,
+            decision.action,
+            decision.rule,
+            now_ms,
+        )))
+    }
+
+    /// Tells the sender of `pkt` that it was refused: TCP RST for TCP, ICMP unreachable otherwise (never in
+    /// answer to an ICMP error or a RST).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn reject(
+        &mut self,
+        src_slot: u32,
+        ti: usize,
+        pkt: &[u8],
+        v: &IpView,
+        t: &Transport,
+        why: Unreachable,
+        tx: &mut TxQueue,
+    ) {
+        let gw = self.tenants[ti].gateway_address;
+        let n = match v.protocol {
+            PROTO_TCP if t.tcp_flags & TCP_RST != 0 => return,
+            PROTO_TCP => {
+                let (seq, ack) = if t.tcp_flags & TCP_ACK != 0 {
+                    (t.tcp_ack, None)
+                } else {
+                    (0, Some(t.tcp_seq.wrapping_add(t.tcp_seg_len)))
+                };
+                packet::build_tcp_rst(
+                    v.dst,
+                    t.dport,
+                    v.src,
+                    t.sport,
+                    seq,
+                    ack,
+                    &mut self.build_buf,
+                )
+            }
+            PROTO_ICMP | PROTO_ICMPV6 if !is_echo_request(pkt, v) => return,
+            _ => packet::build_unreachable(pkt, v, gw, why, &mut self.build_buf),
+        };
+        if let Some(n) = n {
+            self.send_built(src_slot, n, tx);
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The one module that talks to boringtun: peers and their slots, the WireGuard datagram front (demux by
+//! receiver index, handshake gate), decapsulation, encryption towards a peer, peer timers.
+
+use super::*;
+
+impl Gateway {
+    pub(super) fn add_peer(&mut self, tenant: usize, d: &Device, now: Instant) -> Option<u32> {
+        let slot = match self.free_slots.front() {
+            Some(&(slot, freed)) if now.saturating_duration_since(freed) >= SLOT_QUARANTINE => {
+                self.free_slots.pop_front();
+                slot
+            }
+            _ if self.peers.len() < MAX_SLOTS => {
+                self.peers.push(None);
+                (self.peers.len() - 1) as u32
+            }
+            _ => {
+                tracing::error!(device = %d.name, "no free peer slot ({MAX_SLOTS} per worker); device not connected");
+                return None;
+            }
+        };
+        let index = (slot << 8) | u32::from(self.worker);
+        debug_assert!(index < 1 << 24);
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            d.public_key.to_x25519(),
+            None,
+            None,
+            index,
+            Some(self.mac1_only.clone()),
+        );
+        self.peers[slot as usize] = Some(Peer {
+            tunn,
+            key: d.public_key,
+            tenant,
+            device: Arc::new(d.clone()),
+            endpoint: None,
+        });
+        self.by_key.insert(d.public_key, slot);
+        tracing::debug!(device = %d.name, slot, "peer added");
+        Some(slot)
+    }
+
+    pub(super) fn remove_peer(&mut self, key: PeerKey, now: Instant) {
+        if let Some(slot) = self.by_key.remove(&key) {
+            if let Some(p) = self.peers[slot as usize].take() {
+                tracing::info!(device = %p.device.name, "device removed; tunnel closed");
+            }
+            self.free_slots.push_back((slot, now));
+        }
+    }
+
+    /// Handles one UDP datagram from `from`. `scratch` must hold any datagram (65,536 bytes is enough).
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut [u8],
+        tx: &mut TxQueue,
+    ) {
+        let g = &self.metrics.global;
+        g.datagrams_rx.add(1);
+        let packet = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => return g.unattributed.count_drop(DropReason::MalformedDatagram),
+        };
+        let slot = match packet {
+            Packet::HandshakeInit(_) => {
+                // Gate before any DH: under load this answers with a cookie reply instead.
+                let half = match self
+                    .gate
+                    .verify_packet(Some(from.ip()), datagram, tx.slot())
+                {
+                    Ok(Packet::HandshakeInit(init)) => {
+                        parse_handshake_anon(&self.secret, &self.public, &init)
+                    }
+                    Ok(_) => return g.unattributed.count_drop(DropReason::MalformedDatagram),
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let len = cookie.len();
+                        tx.commit(from, len);
+                        g.cookie_replies.add(1);
+                        return g.unattributed.count_drop(DropReason::UnderLoad);
+                    }
+                    Err(_) => return g.unattributed.count_drop(DropReason::HandshakeInvalid),
+                };
+                let Ok(half) = half else {
+                    return g.unattributed.count_drop(DropReason::HandshakeInvalid);
+                };
+                match self.by_key.get(&PeerKey(half.peer_static_public)) {
+                    Some(&slot) => slot,
+                    None => return g.unattributed.count_drop(DropReason::UnknownPeer),
+                }
+            }
+            Packet::HandshakeResponse(p) => match self.slot_of(p.receiver_idx) {
+                Some(s) => s,
+                None => return g.unattributed.count_drop(DropReason::UnknownReceiver),
+            },
+            Packet::PacketCookieReply(p) => match self.slot_of(p.receiver_idx) {
+                Some(s) => s,
+                None => return g.unattributed.count_drop(DropReason::UnknownReceiver),
+            },
+            Packet::PacketData(p) => match self.slot_of(p.receiver_idx) {
+                Some(s) => s,
+                None => return g.unattributed.count_drop(DropReason::UnknownReceiver),
+            },
+        };
+        let is_data = datagram.first() == Some(&4);
+        self.decapsulate(now, slot, from, datagram, is_data, scratch, tx);
+    }
+
+    /// The peer slot a receiver index names, if it belongs to this worker and is occupied.
+    pub(super) fn slot_of(&self, receiver_idx: u32) -> Option<u32> {
+        let slot = receiver_idx >> 16;
+        let worker = (receiver_idx >> 8) & 0xff;
+        (worker == u32::from(self.worker) && matches!(self.peers.get(slot as usize), Some(Some(_))))
+            .then_some(slot)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn decapsulate(
+        &mut self,
+        now: Instant,
+        slot: u32,
+        from: SocketAddr,
+        datagram: &[u8],
+        is_data: bool,
+        scratch: &mut [u8],
+        tx: &mut TxQueue,
+    ) {
+        let peer = self.peers[slot as usize].as_mut().expect("slot_of checked");
+        let counters = &self.tenants[peer.tenant].counters;
+        let had_session = peer.tunn.time_since_last_handshake().is_some();
+        let inner_len = match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+            TunnResult::WriteToNetwork(out) => {
+                // Authenticated (a handshake answered, or a response completed): the endpoint is proven.
+                let len = out.len();
+                tx.slot()[..len].copy_from_slice(out);
+                tx.commit(from, len);
+                peer.endpoint = Some(from);
+                if !is_data {
+                    counters.handshakes.add(1);
+                    if had_session {
+                        tracing::debug!(tenant = %self.tenants[peer.tenant].id, device = %peer.device.name, "rekeyed");
+                    } else {
+                        tracing::info!(tenant = %self.tenants[peer.tenant].id, device = %peer.device.name, user = %peer.device.user, "tunnel up");
+                    }
+                }
+                // Flush packets boringtun queued while there was no session.
+                while let TunnResult::WriteToNetwork(out) =
+                    peer.tunn.decapsulate(None, &[], tx.slot())
+                {
+                    let len = out.len();
+                    tx.commit(from, len);
+                }
+                return;
+            }
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => p.len(),
+            TunnResult::Done => {
+                if is_data {
+                    peer.endpoint = Some(from); // authenticated keepalive
+                }
+                return;
+            }
+            TunnResult::Err(e) => {
+                return counters.count_drop(match e {
+                    WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+                        DropReason::Replayed
+                    }
+                    WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
+                        DropReason::NoSession
+                    }
+                    WireGuardError::InvalidAeadTag => DropReason::DecryptFailed,
+                    WireGuardError::ConnectionExpired => DropReason::ConnectionExpired,
+                    WireGuardError::UnderLoad => DropReason::UnderLoad,
+                    WireGuardError::InvalidMac
+                    | WireGuardError::WrongKey
+                    | WireGuardError::InvalidTai64nTimestamp
+                    | WireGuardError::WrongTai64nTimestamp => DropReason::HandshakeInvalid,
+                    _ => DropReason::MalformedDatagram,
+                });
+            }
+        };
+        peer.endpoint = Some(from);
+        counters.rx_packets.add(1);
+        counters.rx_bytes.add(inner_len as u64);
+        self.route_inner(now, slot, &mut scratch[..inner_len], tx);
+    }
+
+    /// Encrypts the first `n` bytes of `build_buf` to the peer in `slot`.
+    pub(super) fn send_built(&mut self, slot: u32, n: usize, tx: &mut TxQueue) {
+        let Some(p) = self.peers[slot as usize].as_mut() else {
+            return;
+        };
+        let Some(endpoint) = p.endpoint else { return };
+        if let TunnResult::WriteToNetwork(out) = p.tunn.encapsulate(&self.build_buf[..n], tx.slot())
+        {
+            let len = out.len();
+            tx.commit(endpoint, len);
+        }
+    }
+
+    /// Encrypts an inner packet to the peer in `slot` and queues it for its endpoint.
+    pub(super) fn send_to_peer(
+        &mut self,
+        slot: u32,
+        pkt: &[u8],
+        counters: &TrafficCounters,
+        tx: &mut TxQueue,
+    ) {
+        let peer = self.peers[slot as usize]
+            .as_mut()
+            .expect("flows name live slots");
+        let Some(endpoint) = peer.endpoint else {
+            return counters.count_drop(DropReason::DestinationOffline);
+        };
+        match peer.tunn.encapsulate(pkt, tx.slot()) {
+            TunnResult::WriteToNetwork(out) => {
+                let n = out.len();
+                tx.commit(endpoint, n);
+                counters.tx_packets.add(1);
+                counters.tx_bytes.add(pkt.len() as u64);
+            }
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                counters.count_drop(DropReason::ConnectionExpired)
+            }
+            // Queued inside boringtun until the handshake it started completes.
+            _ => {}
+        }
+    }
+
+    /// Drives every peer's timers (handshake retries, keepalives, expiry) and resets the handshake gate.
+    /// Also expires idle flows (bounded work per call).
+    pub fn handle_timers(&mut self, now: Instant, tx: &mut TxQueue) {
+        self.gate.reset_count();
+        let mut expired = Vec::new();
+        self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
+        let now_ms = self.ms(now);
+        for e in expired {
+            self.forget_flow(&e.flow, now_ms);
+            if e.idle {
+                let f = e.flow;
+                self.events.push(FlowEvent::End {
+                    seq: f.seq,
+                    at: now,
+                    packets: f.packets,
+                    bytes: f.bytes,
+                    reason: EndReason::IdleTimeout,
+                });
+            }
+        }
+        for t in &self.tenants {
+            t.counters
+                .flows
+                .set(self.flow_counts[t.num as usize] as u64);
+        }
+        self.metrics
+            .global
+            .nat_slots
+            .set(self.upgrade_nat.len() as u64);
+        let mut connected = vec![0u64; self.tenants.len()];
+        for p in self.peers.iter_mut().flatten() {
+            match p.tunn.update_timers(tx.slot()) {
+                TunnResult::WriteToNetwork(out) => {
+                    let len = out.len();
+                    if let Some(ep) = p.endpoint {
+                        tx.commit(ep, len);
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                TunnResult::Err(e) => tracing::trace!(device = %p.device.name, ?e, "timer error"),
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            }
+            if p.tunn
+                .time_since_last_handshake()
+                .is_some_and(|t| t < CONNECTED_WINDOW)
+            {
+                connected[p.tenant] += 1;
+            }
+        }
+        for (t, n) in self.tenants.iter().zip(connected) {
+            t.counters.peers_connected.set(n);
+        }
+    }
+
+    /// Restores a device's last known endpoint (after a restart) and sends it a handshake initiation, so the
+    /// device does not have to notice the restart by itself.
+    pub fn handle_restored_endpoint(
+        &mut self,
+        key: PeerKey,
+        endpoint: SocketAddr,
+        tx: &mut TxQueue,
+    ) -> bool {
+        let Some(&slot) = self.by_key.get(&key) else {
+            return false;
+        };
+        let p = self.peers[slot as usize]
+            .as_mut()
+            .expect("indexed peer exists");
+        if p.endpoint.is_some() {
+            return false;
+        }
+        p.endpoint = Some(endpoint);
+        match p.tunn.format_handshake_initiation(tx.slot(), false) {
+            TunnResult::WriteToNetwork(out) => {
+                let len = out.len();
+                tx.commit(endpoint, len);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .flatten()
+            .map(|p| {
+                let (last, tx_bytes, rx_bytes, _, _) = p.tunn.stats();
+                PeerStatus {
+                    tenant: self.tenants[p.tenant].id.clone(),
+                    name: p.device.name.clone(),
+                    public_key: p.key,
+                    endpoint: p.endpoint,
+                    last_handshake_secs: last.map(|d| d.as_secs()),
+                    rx_bytes: rx_bytes as u64,
+                    tx_bytes: tx_bytes as u64,
+                }
+            })
+            .collect()
+    }
+}
