@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::input_line::LineAssembler;
 use super::recorder::ChannelRecorder;
-use super::server::SessionState;
+use super::session::SessionState;
 use super::sftp::SftpParser;
 use crate::audit::capture::{ExitInfo, PtyInfo};
 use crate::audit::ssh_records::{ChannelClose, Command, CommandText, EnvVar, PtyRequest, SshEvent};

@@ -12,15 +12,19 @@
 //! - Records go to the SSH audit log (`audit::ssh_records`) through [`SshServices::audit`]; recordings per
 //!   channel ([`recorder`]).
 //!
-//! Start reading at [`intercept`], then `server::ConnHandler` (one per connection) and `bridge` (one per
-//! channel). Never: accept any target host key, take identity from what the client claims, write audit
-//! storage other than through the sink, or hold a reviewer's private key.
+//! Start reading at [`intercept`], then `session::run` (one per connection), `handler::ConnHandler` (its russh
+//! callbacks, which hand over to `auth` and `channels`) and `bridge` (one per channel).
+//! Never: accept any target host key, take identity from what the client claims, write audit storage other
+//! than through the sink, or hold a reviewer's private key.
 #![deny(unsafe_code)]
 
+mod auth;
 pub mod bridge;
+mod channels;
+mod handler;
 pub mod input_line;
 pub mod recorder;
-pub mod server;
+pub mod session;
 pub mod sftp;
 pub mod trust;
 pub mod upstream;
@@ -216,7 +220,7 @@ pub struct SshContext {
 /// Inspects one SSH connection: `client` is the device's stream, `upstream` the connected stream to the target.
 /// Returns when the session is over and its records are emitted.
 pub async fn intercept(client: TcpStream, upstream: TcpStream, ctx: SshContext) {
-    server::run(client, upstream, Arc::new(ctx)).await
+    session::run(client, upstream, Arc::new(ctx)).await
 }
 
 /// Inspects an upgraded flow of an `inspect_ssh` rule: the context comes from the flow (tenant, device, user,

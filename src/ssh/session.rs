@@ -1,0 +1,252 @@
+//! One intercepted connection from accept to `session.end`: the pre-auth slot, the tenant's trust material, the
+//! russh server configuration, the login grace timer ([`run`]), and what the session's records share
+//! ([`SessionState`]).
+#![deny(unsafe_code)]
+
+use std::collections::HashMap;
+use std::os::fd::AsFd as _;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use russh::server::{self};
+use russh::{Disconnect, MethodKind, MethodSet, SshId};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::handler::ConnHandler;
+use super::trust::TenantTrust;
+use super::{unix_ms, SshContext, GATEWAY_NAME};
+use crate::audit::ssh_records::{SessionEnd, SessionKeys, SshEvent, SshRecord};
+use crate::config::{Recording, SshAuth};
+
+/// What the session's records share, and what [`run`] reads at the end.
+pub struct SessionState {
+    pub ctx: Arc<SshContext>,
+    pub id: String,
+    pub(super) keys: Mutex<SessionKeys>,
+    pub(super) started: Instant,
+    pub(super) started_ms: i64,
+    pub(super) authed: AtomicBool,
+    pub(super) bytes_c2t: AtomicU64,
+    pub(super) bytes_t2c: AtomicU64,
+    pub(super) channels: AtomicU32,
+    pub(super) end: Mutex<Option<(String, Option<String>)>>,
+}
+
+impl SessionState {
+    pub(super) fn new(ctx: Arc<SshContext>) -> SessionState {
+        let id = super::new_session_id();
+        let keys = SessionKeys {
+            tenant: ctx.tenant.to_string(),
+            session_id: id.clone(),
+            device: ctx.device.to_string(),
+            user: ctx.user.to_string(),
+            target: ctx.dst.to_string(),
+            login: String::new(),
+            cert_serial: None,
+            rule: ctx.rule.to_string(),
+        };
+        SessionState {
+            ctx,
+            id,
+            keys: Mutex::new(keys),
+            started: Instant::now(),
+            started_ms: unix_ms(),
+            authed: AtomicBool::new(false),
+            bytes_c2t: AtomicU64::new(0),
+            bytes_t2c: AtomicU64::new(0),
+            channels: AtomicU32::new(0),
+            end: Mutex::new(None),
+        }
+    }
+
+    fn record(&self, channel_seq: Option<u32>, event: SshEvent) -> SshRecord {
+        SshRecord {
+            at_ms: unix_ms(),
+            keys: self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            channel_seq,
+            event,
+        }
+    }
+
+    pub fn emit(&self, channel_seq: Option<u32>, event: SshEvent) {
+        self.ctx
+            .services
+            .audit()
+            .emit(self.record(channel_seq, event));
+    }
+
+    /// Under `recording = "required"` waits until the record is durable; `Err` says why it is not.
+    pub(super) async fn emit_required(
+        &self,
+        channel_seq: Option<u32>,
+        event: SshEvent,
+    ) -> Result<(), String> {
+        if self.ctx.settings.recording != Recording::Required {
+            self.emit(channel_seq, event);
+            return Ok(());
+        }
+        self.ctx
+            .services
+            .audit()
+            .emit_durable(self.record(channel_seq, event))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn add_t2c(&self, n: usize) {
+        self.bytes_t2c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_end(&self, reason: &str, error: Option<String>) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_none() {
+            *end = Some((reason.to_owned(), error));
+        }
+    }
+}
+
+/// Serves one intercepted connection until it ends (see [`super::intercept`]).
+pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
+    let services = ctx.services.clone();
+    let limits = services.limits().clone();
+    // A burst waits for a pre-auth slot (within the grace period) rather than failing.
+    let Some(preauth) = super::wait_preauth(&services, ctx.device.as_str()).await else {
+        tracing::debug!(device = %ctx.device, "too many unauthenticated SSH connections; closing");
+        return;
+    };
+    let trust = match services.tenant_trust(ctx.tenant.as_str()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(tenant = %ctx.tenant, error = %e, "cannot inspect SSH");
+            return;
+        }
+    };
+    let config = match server_config(&ctx, &trust) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(tenant = %ctx.tenant, error = %e, "cannot build the SSH server configuration");
+            return;
+        }
+    };
+    let session = Arc::new(SessionState::new(ctx.clone()));
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let handler = ConnHandler {
+        ctx: ctx.clone(),
+        session: session.clone(),
+        trust,
+        upstream_stream: Some(upstream),
+        upstream: None,
+        failure: None,
+        preauth: Some(preauth),
+        channels: HashMap::new(),
+        next_seq: 0,
+        alive: alive_tx,
+        client_key_fp: None,
+        auth_method: String::new(),
+        client_version: String::new(),
+    };
+    let _ = client.set_nodelay(true);
+    // russh serves the connection from a task of its own that an unauthenticated client can keep in key
+    // exchange (where it does not look at our disconnect): a duplicate of the socket lets us shut it down.
+    let killer = client
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(std::net::TcpStream::from);
+    let grace = tokio::time::sleep(limits.login_grace);
+    tokio::pin!(grace);
+    let running = tokio::select! {
+        r = server::run_stream(config, client, handler) => r,
+        _ = &mut grace => {
+            session.set_end("login_timeout", None);
+            Err(russh::Error::ConnectionTimeout)
+        }
+    };
+    match running {
+        Ok(running) => {
+            let handle = running.handle();
+            tokio::pin!(running);
+            let result = tokio::select! {
+                r = &mut running => Some(r),
+                _ = &mut grace, if !session.authed.load(Ordering::Relaxed) => None,
+            };
+            let result = match result {
+                Some(r) => r,
+                None if session.authed.load(Ordering::Relaxed) => running.await,
+                None => {
+                    session.set_end("login_timeout", None);
+                    let bye = handle.disconnect(
+                        Disconnect::ByApplication,
+                        format!("{GATEWAY_NAME}: login grace time exceeded"),
+                        "en".into(),
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+                    match tokio::time::timeout(Duration::from_secs(1), &mut running).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            if let Some(k) = &killer {
+                                let _ = k.shutdown(std::net::Shutdown::Both);
+                            }
+                            tokio::time::timeout(Duration::from_secs(5), &mut running)
+                                .await
+                                .unwrap_or(Ok(()))
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(()) => session.set_end("client_closed", None),
+                Err(e) => session.set_end("error", Some(e.to_string())),
+            }
+        }
+        Err(e) => session.set_end("error", Some(e.to_string())),
+    }
+    // The handler (and with it the target connection) is gone; wait for the channel pumps to record their close.
+    drop(tokio::time::timeout(Duration::from_secs(10), alive_rx.recv()).await);
+    let (reason, error) = session
+        .end
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or(("client_closed".into(), None));
+    session.emit(
+        None,
+        SshEvent::SessionEnd(SessionEnd {
+            started_ms: session.started_ms,
+            duration_ms: session.started.elapsed().as_millis() as i64,
+            reason,
+            error,
+            bytes_client_to_target: session.bytes_c2t.load(Ordering::Relaxed),
+            bytes_target_to_client: session.bytes_t2c.load(Ordering::Relaxed),
+            channels: session.channels.load(Ordering::Relaxed),
+        }),
+    );
+}
+
+fn server_config(ctx: &SshContext, trust: &TenantTrust) -> Result<Arc<server::Config>, String> {
+    let cert = trust
+        .host_cert(&ctx.dst.ip().to_string())
+        .map_err(|e| e.to_string())?;
+    let limits = ctx.services.limits();
+    let methods = match ctx.settings.auth {
+        SshAuth::None => MethodSet::from(&[MethodKind::None, MethodKind::PublicKey][..]),
+        SshAuth::Publickey => MethodSet::from(&[MethodKind::PublicKey][..]),
+    };
+    Ok(Arc::new(server::Config {
+        server_id: SshId::Standard("SSH-2.0-rampart".into()),
+        methods,
+        auth_rejection_time: Duration::from_secs(1),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![trust.host_key().clone()],
+        certificates: vec![cert],
+        inactivity_timeout: None,
+        keepalive_interval: Some(limits.keepalive),
+        keepalive_max: 3,
+        nodelay: true,
+        max_auth_attempts: 6,
+        ..Default::default()
+    }))
+}
