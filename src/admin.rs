@@ -195,6 +195,11 @@ pub fn render(m: &Metrics) -> String {
             "Audit records lost (queue full, or store failing past the retry buffer).",
             g.audit_records_dropped.get(),
         ),
+        (
+            "rampart_handoffs_dropped_total",
+            "Upgraded flows refused because the application side's queue was full.",
+            g.handoffs_dropped.get(),
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -205,6 +210,13 @@ pub fn render(m: &Metrics) -> String {
         out,
         "# HELP rampart_nat_slots NAT slots held by upgraded flows.\n# TYPE rampart_nat_slots gauge\nrampart_nat_slots {}",
         g.nat_slots.get()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rampart_nat_slots_closing NAT slots whose flow ended, waiting for their sockets to close.
+# TYPE rampart_nat_slots_closing gauge
+rampart_nat_slots_closing {}",
+        g.nat_slots_closing.get()
     );
     out
 }

@@ -120,13 +120,21 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
                  run as root, or make /dev/net/tun accessible and allow unprivileged user namespaces"
             )
         })?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        Some((ns, tx, rx))
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::onramp::HANDOFF_QUEUE);
+        let releases = Arc::new(crate::handoff::SlotReleases::default());
+        Some((
+            ns,
+            crate::onramp::AppSide {
+                handoffs: tx,
+                releases,
+            },
+            rx,
+        ))
     } else {
         None
     };
-    let upgrades = layer4.as_ref().map(|(_, tx, _)| tx.clone());
-    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, upgrades)
+    let app = layer4.as_ref().map(|(_, app, _)| app.clone());
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app)
         .context("cannot start the data path")?;
     let restored = load_endpoints(&g.state_dir);
     if !restored.is_empty() {
@@ -143,10 +151,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         onramp,
         ssh,
     });
-    let l4 = layer4.as_mut().map(|(ns, _, rx)| {
+    let l4 = layer4.as_mut().map(|(ns, app, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
-        let upgrades = std::mem::replace(rx, tokio::sync::mpsc::unbounded_channel().1);
-        (events, upgrades, ns.connector())
+        let handoffs = std::mem::replace(rx, tokio::sync::mpsc::channel(1).1);
+        (events, handoffs, app.releases.clone(), ns.connector())
     });
     let result = rt.block_on(serve(running.clone(), cfg.clone(), metrics, public, l4));
     // Stops the namespace helper (and its flows) before the data path.
@@ -170,17 +178,21 @@ fn needs_layer4(cfg: &Config) -> bool {
 
 type Layer4Channels = (
     tokio::sync::mpsc::UnboundedReceiver<crate::netns::supervisor::NsEvent>,
-    tokio::sync::mpsc::UnboundedReceiver<Box<crate::core::Upgraded>>,
+    tokio::sync::mpsc::Receiver<crate::handoff::Handoff>,
+    Arc<crate::handoff::SlotReleases>,
     crate::netns::supervisor::NsConnector,
 );
 
 /// Follows the namespace helper's lifecycle: each new namespace gets its TUN handed to the data path and its
 /// listener/UDP socket served by the off-ramp proxy; a dead namespace ends its flows.
-async fn run_layer4(running: Arc<Running>, (mut events, upgrades, connector): Layer4Channels) {
+async fn run_layer4(
+    running: Arc<Running>,
+    (mut events, handoffs, releases, connector): Layer4Channels,
+) {
     use crate::netns::supervisor::NsEvent;
-    let flows = Arc::new(crate::offramp::Flows::default());
+    let flows = Arc::new(crate::offramp::Flows::new(releases));
     let counters = Arc::new(crate::offramp::OfframpCounters::default());
-    let tracker = tokio::spawn(crate::offramp::track(upgrades, flows.clone()));
+    let tracker = tokio::spawn(crate::offramp::track(handoffs, flows.clone()));
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     while let Some(ev) = events.recv().await {
         for t in tasks.drain(..) {

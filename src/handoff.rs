@@ -8,7 +8,7 @@
 #![deny(unsafe_code)]
 
 use std::net::SocketAddrV4;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -98,5 +98,59 @@ impl ConfigHandle {
 
     pub fn store(&self, cfg: Arc<Config>) {
         self.0.store(cfg);
+    }
+}
+
+/// What the data path tells the application side (in order, over one bounded channel).
+#[derive(Debug)]
+pub enum Handoff {
+    /// A flow was upgraded: its connection or datagrams will arrive from `slot`.
+    Upgraded(Box<Upgraded>),
+    /// The flow on `slot` ended: close everything held for it, then report through `SlotReleases`.
+    Released { seq: u64, slot: SocketAddrV4 },
+}
+
+/// Slots whose sockets the application side has closed, waiting for the data path to collect them
+/// (`Gateway::handle_slot_closed`). A mailbox rather than a channel: the reports come from `Drop`, which must
+/// never block or lose one, and there are at most as many as there are upgraded flows.
+#[derive(Debug, Default)]
+pub struct SlotReleases(Mutex<Vec<(SocketAddrV4, u64)>>);
+
+impl SlotReleases {
+    pub fn push(&self, slot: SocketAddrV4, seq: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((slot, seq));
+    }
+
+    /// Takes every report so far.
+    pub fn take(&self) -> Vec<(SocketAddrV4, u64)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Held by every task working for an upgraded flow: when the last one is dropped (all its sockets closed), the
+/// slot is reported closed.
+#[derive(Debug)]
+pub struct SlotLease {
+    slot: SocketAddrV4,
+    seq: u64,
+    releases: Arc<SlotReleases>,
+}
+
+impl SlotLease {
+    pub fn new(slot: SocketAddrV4, seq: u64, releases: Arc<SlotReleases>) -> SlotLease {
+        SlotLease {
+            slot,
+            seq,
+            releases,
+        }
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        self.releases.push(self.slot, self.seq);
     }
 }

@@ -1,40 +1,50 @@
-//! The layer-4 off-ramp: flows the core upgraded (`core::Upgraded`) arrive as ordinary kernel connections on
-//! the listener in the gateway's private namespace; this module proxies each one to its real destination with
-//! ordinary sockets from the gateway host.
+//! The layer-4 off-ramp: flows the core upgraded arrive as ordinary kernel connections (or datagrams) on the
+//! listener in the gateway's private namespace; this module proxies each one to its real destination with
+//! ordinary sockets from the gateway host, or hands it to an inspector.
 //!
 //! Egress: upstream sockets are opened in the gateway process's own network namespace, so the host's routing
 //! table picks the interface and source address (as for any local client). The device's address never leaves
 //! the gateway.
 //!
-//! The accepted connection's peer address is the flow's NAT slot; the `Upgraded` event for that slot (sent by
-//! the data path before the SYN is written to the TUN) says what the flow really is. This module decides
-//! nothing: policy was applied by the core when the flow started.
+//! The accepted connection's peer address is the flow's NAT slot; the `Handoff::Upgraded` for that slot (sent
+//! by the data path before the SYN is written to the TUN) says what the flow really is. The flow's end
+//! (`Handoff::Released`) reaches every task working for it through `FlowContext::ended`: the namespace socket
+//! and the upstream are closed with a RST, and when the last task is gone its `SlotLease` reports the slot
+//! closed, which is the only way the data path gives the slot to another flow. This module decides nothing:
+//! policy was applied by the core when the flow started.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{self, Receiver};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::config::Inspect;
 use crate::core::counters::Counter;
-use crate::core::Upgraded;
-use crate::handoff::{ConfigHandle, FlowContext};
+use crate::handoff::{ConfigHandle, FlowContext, Handoff, SlotLease, SlotReleases};
 use crate::netns::supervisor::NsConnector;
-use crate::packet::PROTO_UDP;
+use crate::packet::{PROTO_TCP, PROTO_UDP};
 
 /// How long a connection to an upstream host may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an accepted connection waits for its flow's `Upgraded` event (normally already there).
+/// How long an accepted connection (or a first datagram) waits for its flow's hand-off (normally already
+/// there: the data path sends it before the packet reaches the namespace).
 const LOOKUP_WAIT: Duration = Duration::from_secs(2);
-/// Upgraded flows never accepted are forgotten after this long.
-const UNCLAIMED_TTL: Duration = Duration::from_secs(120);
 /// A UDP flow's upstream socket closes after this much silence.
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Datagrams queued towards one UDP flow's upstream socket before more are dropped.
+const UDP_QUEUE: usize = 256;
+/// Keepalive and user timeout on both legs of every proxied connection: a peer that vanished is noticed.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+const USER_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Default)]
 pub struct OfframpCounters {
@@ -42,59 +52,106 @@ pub struct OfframpCounters {
     pub tcp_connect_failures: Counter,
     pub udp_flows: Counter,
     pub unknown_slot: Counter,
+    /// Connections and datagram relays closed because the data path ended their flow.
+    pub cut: Counter,
+    pub udp_queue_full: Counter,
 }
 
-/// Upgraded flows by NAT slot, filled from the data path's events.
-#[derive(Default)]
+struct Entry {
+    ctx: Arc<FlowContext>,
+    lease: Arc<SlotLease>,
+    /// A TCP flow's connection was accepted (a second connection from the same slot is refused).
+    accepted: bool,
+}
+
+/// Upgraded flows by NAT slot, kept from their hand-off to their release.
 pub struct Flows {
-    by_slot: Mutex<HashMap<SocketAddrV4, (Arc<FlowContext>, Instant)>>,
+    by_slot: Mutex<HashMap<SocketAddrV4, Entry>>,
+    arrived: Notify,
+    releases: Arc<SlotReleases>,
 }
 
 impl Flows {
-    fn insert(&self, u: Box<Upgraded>) {
-        let mut m = self.by_slot.lock().expect("flows lock");
-        let now = Instant::now();
-        m.retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
-        m.insert(u.slot, (Arc::new(FlowContext::new(&u)), now));
+    pub fn new(releases: Arc<SlotReleases>) -> Flows {
+        Flows {
+            by_slot: Mutex::new(HashMap::new()),
+            arrived: Notify::new(),
+            releases,
+        }
     }
 
-    fn get(&self, slot: SocketAddrV4) -> Option<Arc<FlowContext>> {
-        self.by_slot
-            .lock()
-            .expect("flows lock")
-            .get(&slot)
-            .map(|(u, _)| u.clone())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddrV4, Entry>> {
+        self.by_slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, slot: SocketAddrV4) -> Option<Arc<FlowContext>> {
-        self.by_slot
-            .lock()
-            .expect("flows lock")
-            .remove(&slot)
-            .map(|(u, _)| u)
-    }
-
-    /// Waits (briefly) for the event of `slot`.
-    async fn wait(&self, slot: SocketAddrV4, take: bool) -> Option<Arc<FlowContext>> {
-        let deadline = Instant::now() + LOOKUP_WAIT;
-        loop {
-            let found = if take {
-                self.take(slot)
-            } else {
-                self.get(slot)
-            };
-            if found.is_some() || Instant::now() >= deadline {
-                return found;
+    fn handle(&self, h: Handoff) {
+        match h {
+            Handoff::Upgraded(u) => {
+                let ctx = Arc::new(FlowContext::new(&u));
+                let lease = Arc::new(SlotLease::new(u.slot, u.seq, self.releases.clone()));
+                let old = self.lock().insert(
+                    u.slot,
+                    Entry {
+                        ctx,
+                        lease,
+                        accepted: false,
+                    },
+                );
+                if let Some(old) = old {
+                    // The data path released the slot before reusing it; end the old tasks anyway.
+                    old.ctx.end();
+                }
+                self.arrived.notify_waiters();
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            Handoff::Released { seq, slot } => {
+                let mut m = self.lock();
+                match m.get(&slot) {
+                    Some(e) if e.ctx.seq == seq => {
+                        let e = m.remove(&slot).expect("checked above");
+                        drop(m);
+                        e.ctx.end();
+                        // The tasks holding the lease report the slot when they are done.
+                    }
+                    // Never handed off (the hand-off channel was full): nothing is open for it.
+                    _ => self.releases.push(slot, seq),
+                }
+            }
+        }
+    }
+
+    /// The flow of `slot`, waiting briefly for its hand-off. `tcp` marks the flow's connection accepted (a
+    /// second connection from the slot gets `None`).
+    async fn claim(
+        &self,
+        slot: SocketAddrV4,
+        tcp: bool,
+    ) -> Option<(Arc<FlowContext>, Arc<SlotLease>)> {
+        let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut m = self.lock();
+                if let Some(e) = m.get_mut(&slot) {
+                    if tcp && e.accepted {
+                        return None;
+                    }
+                    e.accepted |= tcp;
+                    return Some((e.ctx.clone(), e.lease.clone()));
+                }
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return None;
+            }
         }
     }
 }
 
-/// Consumes `Upgraded` events from the data path.
-pub async fn track(mut upgrades: UnboundedReceiver<Box<Upgraded>>, flows: Arc<Flows>) {
-    while let Some(u) = upgrades.recv().await {
-        flows.insert(u);
+/// Consumes the data path's hand-offs.
+pub async fn track(mut handoffs: Receiver<Handoff>, flows: Arc<Flows>) {
+    while let Some(h) = handoffs.recv().await {
+        flows.handle(h);
     }
 }
 
@@ -148,22 +205,68 @@ async fn accept_loop(
         );
         tokio::spawn(async move {
             let SocketAddr::V4(slot) = peer else { return };
-            let Some(flow) = flows.wait(slot, true).await else {
+            let Some((flow, lease)) = flows.claim(slot, true).await else {
                 counters.unknown_slot.add(1);
                 tracing::debug!(%slot, "upgraded connection without a flow; closing");
-                reset(conn);
-                return;
+                return reset(conn);
             };
-            proxy_tcp(conn, flow, &counters, &connector, &env).await;
+            if flow.protocol != PROTO_TCP {
+                counters.unknown_slot.add(1);
+                return reset(conn);
+            }
+            let legs = Legs::default();
+            legs.hold(&conn);
+            harden(&conn);
+            let work = proxy_tcp(conn, flow.clone(), &counters, &connector, &env, &legs);
+            tokio::select! {
+                () = work => {}
+                () = flow.ended() => {
+                    counters.cut.add(1);
+                    tracing::debug!(seq = flow.seq, "flow ended by the data path; closing both legs");
+                    legs.abort();
+                }
+            }
+            drop(legs);
+            drop(lease);
         });
     }
 }
 
-/// Closes with a RST (so the device sees a refused connection, not a clean close). A zero linger never
-/// blocks on drop (the deprecation is about positive lingers).
-#[allow(deprecated)]
+/// Duplicates of every socket a flow's task opened, so that when the data path ends the flow they can be
+/// closed with a RST (SO_LINGER 0 on the shared socket; the RST goes out when the last descriptor closes)
+/// while the task that owns them is dropped mid-flight.
+#[derive(Default)]
+struct Legs(Mutex<Vec<OwnedFd>>);
+
+impl Legs {
+    fn hold(&self, s: &impl AsFd) {
+        if let Ok(fd) = s.as_fd().try_clone_to_owned() {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
+        }
+    }
+
+    fn abort(&self) {
+        for fd in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// Keepalive and a user timeout on a proxied leg, so a peer that vanished without a word is noticed.
+fn harden(s: &TcpStream) {
+    let r = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = r.set_tcp_keepalive(&ka);
+    let _ = r.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    let _ = r.set_tcp_nodelay(true);
+}
+
+/// Closes with a RST (so the device sees a refused connection, not a clean close).
 fn reset(conn: TcpStream) {
-    let _ = conn.set_linger(Some(Duration::ZERO));
+    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
     drop(conn);
 }
 
@@ -186,30 +289,37 @@ async fn connect_leg(flow: &FlowContext, connector: &NsConnector) -> std::io::Re
     }
 }
 
+/// `connect_leg` bounded in time, with the new leg held for aborting and hardened.
+async fn open_leg(
+    flow: &FlowContext,
+    connector: &NsConnector,
+    legs: &Legs,
+) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(flow, connector))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
+    legs.hold(&s);
+    harden(&s);
+    Ok(s)
+}
+
 async fn proxy_tcp(
     conn: TcpStream,
     flow: Arc<FlowContext>,
     counters: &OfframpCounters,
     connector: &NsConnector,
     env: &InspectEnv,
+    legs: &Legs,
 ) {
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, connector)).await;
-    let upstream = match upstream {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let upstream = match open_leg(&flow, connector, legs).await {
+        Ok(s) => s,
+        Err(e) => {
             counters.tcp_connect_failures.add(1);
             tracing::debug!(seq = flow.seq, error = %e, "off-ramp connect failed");
             return reset(conn);
         }
-        Err(_) => {
-            counters.tcp_connect_failures.add(1);
-            tracing::debug!(seq = flow.seq, "off-ramp connect timed out");
-            return reset(conn);
-        }
     };
     counters.tcp_connections.add(1);
-    let _ = upstream.set_nodelay(true);
-    let _ = conn.set_nodelay(true);
     match &flow.inspect {
         Inspect::None => splice(conn, upstream, flow.seq).await,
         Inspect::Http => {
@@ -241,14 +351,18 @@ async fn proxy_tcp(
 }
 
 /// Opens further legs like the first (for inspectors whose origin connection may close between requests).
+/// They are not held for aborting: the inspector that owns them is dropped when the flow ends, which closes
+/// them.
 fn reconnect_leg(flow: &Arc<FlowContext>, connector: &NsConnector) -> crate::http::Reconnect {
     let (flow, connector) = (flow.clone(), connector.clone());
     Arc::new(move || {
         let (flow, connector) = (flow.clone(), connector.clone());
         Box::pin(async move {
-            tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, &connector))
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, &connector))
                 .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
+            harden(&s);
+            Ok(s)
         })
     })
 }
@@ -289,10 +403,11 @@ impl InspectEnv {
     }
 }
 
-/// Datagrams of upgraded UDP flows: each flow (NAT slot) gets a connected upstream socket; replies go back to
-/// the slot through the namespace socket.
+/// Datagrams of upgraded UDP flows arrive on one namespace socket; each flow (NAT slot) gets a task of its own
+/// with a connected upstream socket (`udp_flow`), fed through a bounded queue, so one slow or unknown flow
+/// never holds up the others.
 async fn udp_loop(ns: Arc<UdpSocket>, flows: Arc<Flows>, counters: Arc<OfframpCounters>) {
-    let mut upstreams: HashMap<SocketAddrV4, (Arc<UdpSocket>, JoinHandle<()>)> = HashMap::new();
+    let mut relays: HashMap<SocketAddrV4, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, peer) = match ns.recv_from(&mut buf).await {
@@ -304,41 +419,69 @@ async fn udp_loop(ns: Arc<UdpSocket>, flows: Arc<Flows>, counters: Arc<OfframpCo
             }
         };
         let SocketAddr::V4(slot) = peer else { continue };
-        upstreams.retain(|_, (_, task)| !task.is_finished());
-        if let std::collections::hash_map::Entry::Vacant(entry) = upstreams.entry(slot) {
-            let Some(flow) = flows
-                .wait(slot, false)
-                .await
-                .filter(|f| f.protocol == PROTO_UDP)
-            else {
-                counters.unknown_slot.add(1);
-                continue;
-            };
-            let bind = if flow.dst.ip().is_loopback() {
-                "127.0.0.1:0"
-            } else {
-                "0.0.0.0:0"
-            };
-            let Ok(sock) = UdpSocket::bind(bind).await else {
-                continue;
-            };
-            if sock.connect(flow.dst).await.is_err() {
-                continue;
+        let relay = match relays.get(&slot) {
+            Some(r) if !r.is_closed() => r,
+            _ => {
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                let task = udp_flow(slot, rx, ns.clone(), flows.clone(), counters.clone());
+                tokio::spawn(task);
+                relays.insert(slot, tx);
+                // Forget relays that ended (bounded work: only when the map grows past its live size).
+                if relays.len() > 1024 && relays.len().is_power_of_two() {
+                    relays.retain(|_, r| !r.is_closed());
+                }
+                &relays[&slot]
             }
-            counters.udp_flows.add(1);
-            let sock = Arc::new(sock);
-            let task = tokio::spawn(udp_replies(sock.clone(), ns.clone(), slot));
-            entry.insert((sock, task));
-        }
-        if let Some((sock, _)) = upstreams.get(&slot) {
-            let _ = sock.send(&buf[..n]).await;
+        };
+        if relay.try_send(buf[..n].to_vec()).is_err() {
+            counters.udp_queue_full.add(1);
         }
     }
 }
 
-async fn udp_replies(up: Arc<UdpSocket>, ns: Arc<UdpSocket>, slot: SocketAddrV4) {
-    let mut buf = vec![0u8; 65_536];
-    while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, up.recv(&mut buf)).await {
-        let _ = ns.send_to(&buf[..n], slot).await;
+/// One UDP flow: a connected upstream socket, datagrams both ways, until the flow ends or goes quiet.
+async fn udp_flow(
+    slot: SocketAddrV4,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    ns: Arc<UdpSocket>,
+    flows: Arc<Flows>,
+    counters: Arc<OfframpCounters>,
+) {
+    let Some((flow, lease)) = flows.claim(slot, false).await else {
+        counters.unknown_slot.add(1);
+        return;
+    };
+    // UDP between devices is never upgraded; a downgrade address here would send tenant-internal traffic
+    // off-box, so refuse it outright.
+    if flow.protocol != PROTO_UDP || flow.downgrade.is_some() {
+        counters.unknown_slot.add(1);
+        return;
     }
+    let Ok(up) = UdpSocket::bind("0.0.0.0:0").await else {
+        return;
+    };
+    if up.connect(flow.dst).await.is_err() {
+        return;
+    }
+    counters.udp_flows.add(1);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tokio::select! {
+            () = flow.ended() => {
+                counters.cut.add(1);
+                break;
+            }
+            dg = rx.recv() => match dg {
+                Some(dg) => { let _ = up.send(&dg).await; }
+                None => break,
+            },
+            r = tokio::time::timeout(UDP_IDLE, up.recv(&mut buf)) => match r {
+                Ok(Ok(n)) => { let _ = ns.send_to(&buf[..n], slot).await; }
+                Ok(Err(_)) => {}
+                Err(_) => break,
+            },
+        }
+    }
+    drop(up);
+    drop(lease);
 }

@@ -23,9 +23,9 @@ use std::time::Instant;
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::core::{
-    tx::BUF_SIZE, ApplySummary, FlowEvent, Gateway, Metrics, PeerStatus, TxQueue, Upgraded,
-    TIMER_TICK,
+    tx::BUF_SIZE, ApplySummary, FlowEvent, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK,
 };
+use crate::handoff::{Handoff, SlotReleases};
 use crate::keys::PeerKey;
 use crate::sys;
 
@@ -34,8 +34,16 @@ const TX_FLUSH_AT: usize = 128;
 /// Most packets read from the TUN per loop turn (the UDP socket gets its turn in between).
 const TUN_BATCH: usize = 64;
 
-/// Where `Upgraded` events go (the application side).
-pub type UpgradeSink = tokio::sync::mpsc::UnboundedSender<Box<Upgraded>>;
+/// Hand-offs queued towards the application side before the data path holds them back itself.
+pub const HANDOFF_QUEUE: usize = 16_384;
+
+/// The application side of upgraded flows: hand-offs go out on a bounded channel, and closed slots come back
+/// through a mailbox the pump empties every turn.
+#[derive(Clone)]
+pub struct AppSide {
+    pub handoffs: tokio::sync::mpsc::Sender<Handoff>,
+    pub releases: Arc<SlotReleases>,
+}
 
 pub enum Command {
     Apply(Arc<Config>, Sender<ApplySummary>),
@@ -60,14 +68,14 @@ impl Onramp {
         gateway: Gateway,
         metrics: Arc<Metrics>,
         audit: AuditSink,
-        upgrades: Option<UpgradeSink>,
+        app: Option<AppSide>,
     ) -> std::io::Result<Onramp> {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
-            .spawn(move || pump(socket, gateway, metrics, audit, upgrades, rx))?;
+            .spawn(move || pump(socket, gateway, metrics, audit, app, rx))?;
         Ok(Onramp {
             commands: tx,
             thread: Some(thread),
@@ -104,7 +112,7 @@ fn pump(
     mut gw: Gateway,
     metrics: Arc<Metrics>,
     audit: AuditSink,
-    upgrades: Option<UpgradeSink>,
+    app: Option<AppSide>,
     commands: Receiver<Command>,
 ) {
     let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
@@ -115,16 +123,44 @@ fn pump(
     let mut tuns: Option<(File, File)> = None;
     let mut next_tick = Instant::now();
     let mut events = Vec::new();
+    // Releases the application side could not take yet (its queue was full); they are never dropped, or the
+    // sockets of an ended flow would stay open.
+    let mut held: std::collections::VecDeque<Handoff> = std::collections::VecDeque::new();
     let mut emit = |gw: &mut Gateway| {
         gw.take_events(&mut events);
+        let Some(app) = &app else {
+            for ev in events.drain(..) {
+                audit.offer(ev);
+            }
+            return;
+        };
+        while let Some(h) = held.pop_front() {
+            if let Err(e) = app.handoffs.try_send(h) {
+                held.push_front(e.into_inner());
+                break;
+            }
+        }
         for ev in events.drain(..) {
-            match ev {
-                FlowEvent::Upgraded(u) => {
-                    if let Some(app) = &upgrades {
-                        let _ = app.send(u);
-                    }
+            let h = match ev {
+                FlowEvent::Upgraded(u) => Handoff::Upgraded(u),
+                FlowEvent::Released { seq, slot } => Handoff::Released { seq, slot },
+                ev => {
+                    audit.offer(ev);
+                    continue;
                 }
-                ev => audit.offer(ev),
+            };
+            let h = if held.is_empty() {
+                match app.handoffs.try_send(h) {
+                    Ok(()) => continue,
+                    Err(e) => e.into_inner(),
+                }
+            } else {
+                h
+            };
+            match h {
+                // Without its hand-off the connection is refused when it arrives; the flow ends on that RST.
+                Handoff::Upgraded(_) => metrics.global.handoffs_dropped.add(1),
+                released => held.push_back(released),
             }
         }
     };
@@ -227,9 +263,16 @@ fn pump(
             gw.handle_timers(now, &mut tx);
             next_tick = now + TIMER_TICK;
         }
+        if let Some(app) = &app {
+            for (slot, seq) in app.releases.take() {
+                gw.handle_slot_closed(now, slot, seq);
+            }
+        }
         flush(&mut tx);
-        write_tuns(&mut gw, &mut tuns);
+        // Hand-offs first: the application side knows an upgraded flow before its first packet reaches the
+        // namespace.
         emit(&mut gw);
+        write_tuns(&mut gw, &mut tuns);
         loop {
             match commands.try_recv() {
                 Ok(Command::Apply(cfg, reply)) => {

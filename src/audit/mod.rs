@@ -172,7 +172,7 @@ fn to_record(ev: FlowEvent, clock: &WallClock) -> Option<Record> {
             bytes,
             reason,
         },
-        FlowEvent::Upgraded(_) => return None,
+        FlowEvent::Upgraded(_) | FlowEvent::Released { .. } => return None,
     })
 }
 

@@ -173,6 +173,10 @@ pub struct GlobalCounters {
     pub send_errors: Counter,
     /// NAT slots held by upgraded flows (gauge, refreshed every timer tick; quarantined slots not included).
     pub nat_slots: Counter,
+    /// NAT slots whose flow ended, waiting for the application side to close their sockets (gauge).
+    pub nat_slots_closing: Counter,
+    /// Upgraded flows the application side's full queue could not take (their connection is refused).
+    pub handoffs_dropped: Counter,
     /// Packets for the gateway's namespace the upgrade TUN refused (queue full).
     pub tun_write_errors: Counter,
     /// Audit records lost (queue full under the drop policy, or store failures under fail-open).

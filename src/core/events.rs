@@ -62,6 +62,13 @@ pub enum FlowEvent {
         bytes: [u64; 2],
         reason: EndReason,
     },
+    /// An upgraded flow ended: the application side must close whatever it holds for `slot` (namespace socket,
+    /// upstream, inspector) and report it with `Gateway::handle_slot_closed`; until then the slot is never
+    /// given to another flow.
+    Released {
+        seq: u64,
+        slot: SocketAddrV4,
+    },
 }
 
 /// What `apply` changed.

@@ -115,6 +115,15 @@ impl Metrics {
     }
 }
 
+/// A retired upgrade slot (see `Gateway::closing`).
+#[derive(Debug, Clone, Copy)]
+struct Closing {
+    seq: u64,
+    downgrade: Option<SocketAddrV4>,
+    /// The device that opened the flow (the close handshake's last segments still go to it), while it exists.
+    initiator: Option<u32>,
+}
+
 /// One device's tunnel.
 struct Peer {
     tunn: Tunn,
@@ -159,6 +168,8 @@ pub struct Gateway {
     tenant_nums: HashMap<TenantId, u32>,
     /// Live flows per tenant number.
     flow_counts: Vec<usize>,
+    /// Tenant number -> index in `tenants` (`None`: no longer configured).
+    tenant_by_num: Vec<Option<usize>>,
     events: Vec<FlowEvent>,
     /// Cleared by the shell while the audit trail cannot take records and policy says fail closed.
     admit_new_flows: bool,
@@ -167,6 +178,9 @@ pub struct Gateway {
     build_buf: Box<[u8]>,
     upgrade_nat: UpgradeNat,
     downgrade_nat: DowngradeNat,
+    /// Retired upgrade slots awaiting the application side's report that their sockets are closed:
+    /// slot -> (flow seq, downgrade slot, the device that opened the flow).
+    closing: HashMap<SocketAddrV4, Closing>,
     /// Packets for the upgrade TUN (the address of each entry is unused).
     tun_out: TxQueue,
     /// Packets for the downgrade TUN.
@@ -194,6 +208,7 @@ impl Gateway {
             next_flow_seq: 1,
             tenant_nums: HashMap::new(),
             flow_counts: Vec::new(),
+            tenant_by_num: Vec::new(),
             events: Vec::new(),
             admit_new_flows: true,
             last_limit_warn_ms: None,
@@ -209,6 +224,7 @@ impl Gateway {
             )),
             tun_out: TxQueue::new(),
             dn_out: TxQueue::new(),
+            closing: HashMap::new(),
         }
     }
 
@@ -220,6 +236,11 @@ impl Gateway {
     /// Packets the core wants written to the upgrade TUN; the shell writes and clears them after each batch.
     pub fn tun_queue(&mut self) -> &mut TxQueue {
         &mut self.tun_out
+    }
+
+    /// The index in `tenants` of the tenant with stable number `num`.
+    fn tenant_index(&self, num: u32) -> Option<usize> {
+        self.tenant_by_num.get(num as usize).copied().flatten()
     }
 
     fn ms(&self, now: Instant) -> u64 {

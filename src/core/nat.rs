@@ -8,13 +8,18 @@
 //!   TUN); the SYN the kernel sends to it is rewritten to `local:lport -> remote:rport` and goes to the device.
 //!
 //! Pure data structures and in-place rewrites with RFC 1624 incremental checksums; no IO, no clock (time is
-//! passed in). Slots are quarantined after release so a TIME_WAIT in the namespace never meets a new flow.
+//! passed in).
+//!
+//! A slot outlives its flow: when the flow ends the slot is *retired* (it stops carrying payload either way)
+//! and only the application side's report that the namespace socket is closed *releases* it, into a
+//! quarantine longer than the namespace's TIME_WAIT. So a slot never serves a new flow (of any tenant) while a
+//! kernel socket of the old one can still send, and replies are matched by protocol as well as slot.
 //! IPv4 only for now (IPv6 flows are refused with `NatError::Unsupported`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::packet::{checksum_update, PROTO_TCP, PROTO_UDP, TCP_SYN};
+use crate::packet::{checksum_update, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN};
 
 /// How long a released slot rests before reuse (longer than the namespace's TIME_WAIT of 60 s).
 pub const QUARANTINE_MS: u64 = 120_000;
@@ -88,13 +93,23 @@ impl SlotPool {
     }
 }
 
+/// A slot's life: `Live` while its flow is; `Closing` from the flow's end until the application side reports
+/// the namespace socket closed (`release_slot`); then quarantined in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    Live,
+    /// The flow ended: only segments without payload (the close handshake, RSTs) still pass, so nothing the
+    /// namespace still sends for the old connection reaches anyone.
+    Closing,
+}
+
 /// Upgrade translation table.
 #[derive(Debug)]
 pub struct UpgradeNat {
     listener: SocketAddrV4,
     pool: SlotPool,
     by_key: HashMap<NatKey, SocketAddrV4>,
-    by_slot: HashMap<SocketAddrV4, NatKey>,
+    by_slot: HashMap<SocketAddrV4, (NatKey, SlotState)>,
 }
 
 impl UpgradeNat {
@@ -107,12 +122,18 @@ impl UpgradeNat {
         }
     }
 
+    /// Slots of live flows.
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
+    }
+
+    /// Slots whose flow ended but whose namespace socket is not known closed yet.
+    pub fn closing(&self) -> usize {
+        self.by_slot.len() - self.by_key.len()
     }
 
     /// The slot of `key`, claiming one for a new flow.
@@ -122,19 +143,39 @@ impl UpgradeNat {
         }
         let slot = self.pool.take(now_ms).ok_or(NatError::Exhausted)?;
         self.by_key.insert(key, slot);
-        self.by_slot.insert(slot, key);
+        self.by_slot.insert(slot, (key, SlotState::Live));
         Ok(slot)
     }
 
     /// The original flow behind an accepted connection's peer address (or a packet leaving the TUN).
-    pub fn original(&self, slot: SocketAddrV4) -> Option<NatKey> {
+    pub fn original(&self, slot: SocketAddrV4) -> Option<(NatKey, SlotState)> {
         self.by_slot.get(&slot).copied()
     }
 
-    pub fn release(&mut self, key: &NatKey, now_ms: u64) {
-        if let Some(slot) = self.by_key.remove(key) {
-            self.by_slot.remove(&slot);
+    /// The flow of `key` ended: its slot stops translating payload and waits for `release_slot`. Returns the
+    /// slot (`None` if `key` holds none, e.g. already retired).
+    pub fn retire(&mut self, key: &NatKey) -> Option<SocketAddrV4> {
+        let slot = self.by_key.remove(key)?;
+        if let Some(e) = self.by_slot.get_mut(&slot) {
+            e.1 = SlotState::Closing;
+        }
+        Some(slot)
+    }
+
+    /// The namespace side of `slot` is known closed: the slot rests in quarantine, then serves a new flow.
+    pub fn release_slot(&mut self, slot: SocketAddrV4, now_ms: u64) {
+        if let Some((key, _)) = self.by_slot.remove(&slot) {
+            if self.by_key.get(&key) == Some(&slot) {
+                self.by_key.remove(&key);
+            }
             self.pool.give_back(slot, now_ms);
+        }
+    }
+
+    /// Retires and releases at once (a slot no socket ever used, or whose namespace is gone).
+    pub fn release(&mut self, key: &NatKey, now_ms: u64) {
+        if let Some(slot) = self.retire(key) {
+            self.release_slot(slot, now_ms);
         }
     }
 
@@ -144,18 +185,37 @@ impl UpgradeNat {
     }
 
     /// Namespace -> device: `listener -> slot` becomes `dst -> src` of the original flow, in place. Returns the
-    /// flow, or `None` if the packet is not for a live slot.
-    pub fn outbound(&self, pkt: &mut [u8]) -> Option<NatKey> {
+    /// flow and the slot's state, or `None` if the packet is not for a slot of its protocol, or carries payload
+    /// for a closing slot.
+    pub fn outbound(&self, pkt: &mut [u8]) -> Option<(NatKey, SlotState)> {
         let (_, dst) = ports_v4(pkt)?;
-        let key = self.original(dst)?;
+        let (key, state) = self.original(dst)?;
+        if pkt[9] != key.protocol
+            || (state == SlotState::Closing
+                && !(key.protocol == PROTO_TCP && tcp_without_payload(pkt)))
+        {
+            return None;
+        }
         rewrite_v4(pkt, key.dst, key.src).ok()?;
-        Some(key)
+        Some((key, state))
     }
+}
+
+/// Whether an IPv4 TCP segment carries no payload (and no SYN): the tail of a close, an ACK or a RST.
+fn tcp_without_payload(p: &[u8]) -> bool {
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    let total = usize::from(word(p, 2)).min(p.len());
+    let Some(&off) = p.get(ihl + 12) else {
+        return false;
+    };
+    let flags = p.get(ihl + 13).copied().unwrap_or(0);
+    total == ihl + usize::from(off >> 4) * 4 && flags & TCP_SYN == 0
 }
 
 /// Downgrade translation table: the gateway's proxy connects (inside the namespace) to a reserved `nat_dst`
 /// for each spliced flow; the kernel's packets to `nat_dst` leave as `src -> dst` of the original flow
 /// (towards the destination device), and the device's answers are turned back into `nat_dst -> kernel`.
+/// TCP only (UDP between devices is never carried through the namespace).
 #[derive(Debug)]
 pub struct DowngradeNat {
     pool: SlotPool,
@@ -191,20 +251,40 @@ impl DowngradeNat {
         Ok(slot)
     }
 
-    pub fn release(&mut self, key: &NatKey, now_ms: u64) {
-        if let Some((slot, _)) = self.by_key.remove(key) {
-            self.by_slot.remove(&slot);
+    /// The flow of `key` ended: nothing is translated for it any more; the address waits for `release_slot`.
+    pub fn retire(&mut self, key: &NatKey) -> Option<SocketAddrV4> {
+        self.by_key.remove(key).map(|(slot, _)| slot)
+    }
+
+    /// The proxy's connection to `slot` is known closed: quarantine, then reuse.
+    pub fn release_slot(&mut self, slot: SocketAddrV4, now_ms: u64) {
+        if let Some(key) = self.by_slot.remove(&slot) {
+            if self.by_key.get(&key).is_some_and(|(s, _)| *s == slot) {
+                self.by_key.remove(&key);
+            }
             self.pool.give_back(slot, now_ms);
         }
     }
 
-    /// Namespace -> device: the kernel's `ksrc -> nat_dst` becomes `src -> dst` of the original flow (the kernel
-    /// source is remembered for the answers). Returns the flow, or `None` for an unknown `nat_dst`.
+    pub fn release(&mut self, key: &NatKey, now_ms: u64) {
+        if let Some(slot) = self.retire(key) {
+            self.release_slot(slot, now_ms);
+        }
+    }
+
+    /// Namespace -> device: the kernel's `ksrc -> nat_dst` becomes `src -> dst` of the original flow. The
+    /// kernel source is learnt from the proxy's SYN only (a stale segment of an older connection to the same
+    /// address never claims the flow). Returns the flow, or `None` for an unknown `nat_dst` or another socket.
     pub fn from_kernel(&mut self, pkt: &mut [u8]) -> Option<NatKey> {
         let (ksrc, nat_dst) = ports_v4(pkt)?;
+        if pkt[9] != PROTO_TCP {
+            return None;
+        }
         let key = *self.by_slot.get(&nat_dst)?;
         let entry = self.by_key.get_mut(&key)?;
-        if entry.1.is_none() {
+        let ihl = usize::from(pkt[0] & 0xf) * 4;
+        let flags = pkt.get(ihl + 13).copied().unwrap_or(0);
+        if entry.1.is_none() && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             entry.1 = Some(ksrc);
         }
         if entry.1 != Some(ksrc) {
@@ -412,7 +492,7 @@ mod tests {
             // A packet from the listener to the slot leaves as dst -> src of the original flow.
             let mut reply = original.clone();
             rewrite_v4(&mut reply, sa("100.66.0.1:7000"), slot).unwrap();
-            prop_assert_eq!(n.outbound(&mut reply), Some(key));
+            prop_assert_eq!(n.outbound(&mut reply), Some((key, SlotState::Live)));
             prop_assert_eq!(ports_v4(&reply), Some((dst, src)));
             prop_assert!(checksums_valid(&reply));
         }

@@ -56,6 +56,10 @@ impl Gateway {
                 counters: self.metrics.tenant(&t.id),
             })
             .collect();
+        self.tenant_by_num = vec![None; self.tenant_nums.len()];
+        for (i, t) in self.tenants.iter().enumerate() {
+            self.tenant_by_num[t.num as usize] = Some(i);
+        }
         self.flows.set_timeouts(&cfg.flows);
         self.max_flows = cfg.flows.max_flows;
         let mut keys: Vec<&PeerKey> = wanted.keys().collect();
@@ -154,14 +158,7 @@ impl Gateway {
                         let f = self.flows.get_mut(idx);
                         f.state = flow_table::FlowState::Ended;
                         f.action = Action::Reject;
-                        let (packets, bytes) = (f.packets, f.bytes);
-                        self.events.push(FlowEvent::End {
-                            seq,
-                            at: now,
-                            packets,
-                            bytes,
-                            reason,
-                        });
+                        self.record_end(idx, now, reason);
                     } else {
                         self.end_flow(idx, now, reason);
                     }
@@ -210,8 +207,17 @@ impl Gateway {
 
     /// Removes a flow that has not ended yet and records its end.
     pub(super) fn end_flow(&mut self, idx: u32, now: Instant, reason: EndReason) {
+        self.record_end(idx, now, reason);
         let f = self.flows.remove(idx);
-        self.forget_flow(&f, self.ms(now));
+        self.forget_flow(&f);
+    }
+
+    /// Queues the end record of flow `idx` (which may linger in the table). Unless the connection closed
+    /// normally, its NAT slot is retired at once, so the application side cuts what it holds for the flow; a
+    /// normal close (FIN both ways) keeps the slot until the flow leaves the table, so retransmissions of
+    /// data sent before the FINs still get through while the proxy finishes on its own.
+    pub(super) fn record_end(&mut self, idx: u32, now: Instant, reason: EndReason) {
+        let f = self.flows.get(idx);
         self.events.push(FlowEvent::End {
             seq: f.seq,
             at: now,
@@ -219,17 +225,52 @@ impl Gateway {
             bytes: f.bytes,
             reason,
         });
+        if reason != EndReason::TcpFin {
+            let f = f.clone();
+            self.retire_upgrade(&f);
+        }
     }
 
-    pub(super) fn forget_flow(&mut self, f: &Flow, now_ms: u64) {
+    /// An upgraded flow ended: its slots stop translating payload and the application side is told to close
+    /// its sockets (`FlowEvent::Released`). Idempotent.
+    fn retire_upgrade(&mut self, f: &Flow) {
+        let (FlowTarget::Upgrade(_, peer), Some(key)) = (f.target, nat_key(f)) else {
+            return;
+        };
+        let Some(slot) = self.upgrade_nat.retire(&key) else {
+            return;
+        };
+        let downgrade = peer.and_then(|_| self.downgrade_nat.retire(&key));
+        self.closing.insert(
+            slot,
+            Closing {
+                seq: f.seq,
+                downgrade,
+                initiator: Some(f.src_slot),
+            },
+        );
+        self.events.push(FlowEvent::Released { seq: f.seq, slot });
+    }
+
+    /// The application side closed every socket of the flow `seq` on `slot`: the slot (and its downgrade
+    /// address) go into quarantine, after which a new flow may have them.
+    pub fn handle_slot_closed(&mut self, now: Instant, slot: SocketAddrV4, seq: u64) {
+        if self.closing.get(&slot).is_none_or(|c| c.seq != seq) {
+            return;
+        }
+        let c = self.closing.remove(&slot).expect("checked above");
+        let now_ms = self.ms(now);
+        self.upgrade_nat.release_slot(slot, now_ms);
+        if let Some(d) = c.downgrade {
+            self.downgrade_nat.release_slot(d, now_ms);
+        }
+    }
+
+    /// A flow leaves the table.
+    pub(super) fn forget_flow(&mut self, f: &Flow) {
         let n = &mut self.flow_counts[f.key.tenant() as usize];
         *n = n.saturating_sub(1);
-        if let (FlowTarget::Upgrade(_, peer), Some(key)) = (f.target, nat_key(f)) {
-            self.upgrade_nat.release(&key, now_ms);
-            if peer.is_some() {
-                self.downgrade_nat.release(&key, now_ms);
-            }
-        }
+        self.retire_upgrade(f);
     }
 
     /// Ends every upgraded flow (their kernel sockets lived in a namespace that is gone); TCP devices get a RST.
@@ -252,6 +293,14 @@ impl Gateway {
             }
             self.end_flow(idx, now, EndReason::UpgradeLost);
         }
+        // Every socket of the old namespace is gone with it: no slot waits for a report any more.
+        let now_ms = self.ms(now);
+        for (slot, c) in std::mem::take(&mut self.closing) {
+            self.upgrade_nat.release_slot(slot, now_ms);
+            if let Some(d) = c.downgrade {
+                self.downgrade_nat.release_slot(d, now_ms);
+            }
+        }
     }
 
     /// Ends every live flow (clean shutdown), so every flow record gets its end.
@@ -259,7 +308,7 @@ impl Gateway {
         for idx in self.flows.indices() {
             if self.flows.get(idx).state == flow_table::FlowState::Ended {
                 let f = self.flows.remove(idx);
-                self.forget_flow(&f, self.ms(now));
+                self.forget_flow(&f);
             } else {
                 self.end_flow(idx, now, EndReason::Shutdown);
             }

@@ -98,7 +98,7 @@ impl Gateway {
                 view.protocol == PROTO_TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if syn_only && self.flows.get(i).state == flow_table::FlowState::Ended {
                 let old = self.flows.remove(i);
-                self.forget_flow(&old, self.ms(now));
+                self.forget_flow(&old);
                 existing = None;
             }
         }
@@ -134,16 +134,7 @@ impl Gateway {
         match transition {
             Transition::None => {}
             Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
-            Transition::Ended(reason) => {
-                let f = self.flows.get(idx);
-                self.events.push(FlowEvent::End {
-                    seq,
-                    at: now,
-                    packets: f.packets,
-                    bytes: f.bytes,
-                    reason,
-                });
-            }
+            Transition::Ended(reason) => self.record_end(idx, now, reason),
         }
         let counters = self.tenants[ti].counters.clone();
         match action {

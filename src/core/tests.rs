@@ -49,6 +49,8 @@ struct Net {
     clients: Vec<Client>,
     /// Datagrams from the gateway to addresses with no client (lost on the wire).
     lost: usize,
+    /// Added to the wall clock for the core's `now` (boringtun keeps its own clock).
+    skew: Duration,
 }
 
 fn client(gw_key: &PrivateKey, underlay: &str, inner: &str) -> Client {
@@ -118,7 +120,12 @@ impl Net {
             tx: TxQueue::new(),
             clients,
             lost: 0,
+            skew: Duration::ZERO,
         }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now() + self.skew
     }
 
     fn gw_addr() -> SocketAddr {
@@ -127,13 +134,8 @@ impl Net {
 
     /// Feeds one datagram from `from` to the gateway and delivers everything that results until quiet.
     fn deliver(&mut self, from: SocketAddr, datagram: &[u8]) {
-        self.gw.handle_datagram(
-            Instant::now(),
-            from,
-            datagram,
-            &mut self.scratch,
-            &mut self.tx,
-        );
+        self.gw
+            .handle_datagram(self.now(), from, datagram, &mut self.scratch, &mut self.tx);
         self.settle();
     }
 
@@ -153,13 +155,9 @@ impl Net {
                 let replies = self.client_receive(ci, &data);
                 for r in replies {
                     let from = self.clients[ci].underlay;
-                    self.gw.handle_datagram(
-                        Instant::now(),
-                        from,
-                        &r,
-                        &mut self.scratch,
-                        &mut self.tx,
-                    );
+                    let now = self.now();
+                    self.gw
+                        .handle_datagram(now, from, &r, &mut self.scratch, &mut self.tx);
                 }
             }
         }
@@ -1189,4 +1187,114 @@ fn client_initiated_rekey_keeps_traffic_flowing_on_the_new_session() {
         &net.clients[0].inbox.last().unwrap()[28..],
         b"reply on the new session"
     );
+}
+
+/// Packets the namespace kernel sends for the flow on `slot` (listener -> slot), as `handle_tun_packet` sees them.
+fn from_namespace(slot: SocketAddrV4, flags: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = PacketBuilder::ipv4(UPGRADE_LISTENER.ip().octets(), slot.ip().octets(), 64).tcp(
+        UPGRADE_LISTENER.port(),
+        slot.port(),
+        5000,
+        64000,
+    );
+    let b = if flags.contains('R') { b.rst() } else { b };
+    let b = if flags.contains('A') { b.ack(200) } else { b };
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn released(evs: &[FlowEvent]) -> Vec<(u64, SocketAddrV4)> {
+    evs.iter()
+        .filter_map(|e| match e {
+            FlowEvent::Released { seq, slot } => Some((*seq, *slot)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn upgraded_slot(evs: &[FlowEvent]) -> Option<(u64, SocketAddrV4)> {
+    evs.iter().find_map(|e| match e {
+        FlowEvent::Upgraded(u) => Some((u.seq, u.slot)),
+        _ => None,
+    })
+}
+
+/// C1 of the security review: an upgraded flow that ends (here: its device is removed) retires its NAT slot.
+/// Nothing the namespace still sends for the old connection carries payload to anyone, and the slot goes to no
+/// other flow (of any tenant) until the application side reports its sockets closed, and then only after the
+/// quarantine.
+#[test]
+fn an_ended_upgraded_flow_keeps_its_slot_until_the_application_side_closed_it() {
+    let mut net = two_tenants();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    for t in &mut cfg.tenants {
+        t.offramp = vec!["198.51.100.0/24".parse().unwrap()];
+    }
+    net.gw.apply(&cfg, net.now(), &mut net.tx);
+    net.handshake(0);
+    net.handshake(2);
+    let web = ip("198.51.100.7");
+    net.send(0, &tcp(ip("100.96.0.2"), 40000, web, 80, 1, "S", b""));
+    let (seq, slot) = upgraded_slot(&events(&mut net)).expect("upgraded");
+    take_tun(&mut net);
+    // The namespace answers while the flow lives: delivered.
+    net.gw.handle_tun_packet(
+        net.now(),
+        &mut from_namespace(slot, "A", b"live"),
+        &mut net.tx,
+    );
+    net.settle();
+    assert_eq!(net.clients[0].inbox.len(), 1);
+
+    // Acme's device 0 is removed: its flow ends and the slot is released to the application side.
+    let mut smaller = cfg.clone();
+    smaller.tenants[0]
+        .devices
+        .retain(|d| d.name.as_str() != "dev0");
+    net.gw.apply(&smaller, net.now(), &mut net.tx);
+    net.settle();
+    assert_eq!(released(&events(&mut net)), vec![(seq, slot)]);
+    // Payload the old socket still sends reaches no one; a UDP datagram to the TCP slot neither.
+    let stale = net.metrics.global.unattributed.drops(DropReason::NatStale);
+    net.gw.handle_tun_packet(
+        net.now(),
+        &mut from_namespace(slot, "A", b"secret"),
+        &mut net.tx,
+    );
+    let mut udp_to_slot = Vec::new();
+    PacketBuilder::ipv4(UPGRADE_LISTENER.ip().octets(), slot.ip().octets(), 64)
+        .udp(UPGRADE_LISTENER.port(), slot.port())
+        .write(&mut udp_to_slot, b"secret")
+        .unwrap();
+    net.gw
+        .handle_tun_packet(net.now(), &mut udp_to_slot, &mut net.tx);
+    net.settle();
+    assert_eq!(
+        net.metrics.global.unattributed.drops(DropReason::NatStale),
+        stale + 2
+    );
+
+    // Long past the quarantine, globex's new flows never get the slot while the application side holds it.
+    net.skew = Duration::from_millis(nat::QUARANTINE_MS * 3);
+    for port in 0..4 {
+        net.send(
+            2,
+            &tcp(ip("100.96.0.2"), 41000 + port, web, 80, 1, "S", b""),
+        );
+        let (_, s) = upgraded_slot(&events(&mut net)).expect("upgraded");
+        assert_ne!(s, slot, "a closing slot was handed to another tenant");
+    }
+    // Reported closed: after its quarantine the slot serves again.
+    net.gw.handle_slot_closed(net.now(), slot, seq);
+    net.send(2, &tcp(ip("100.96.0.2"), 42000, web, 80, 1, "S", b""));
+    assert_ne!(
+        upgraded_slot(&events(&mut net)).unwrap().1,
+        slot,
+        "quarantined"
+    );
+    net.skew += Duration::from_millis(nat::QUARANTINE_MS + 1);
+    net.send(2, &tcp(ip("100.96.0.2"), 42001, web, 80, 1, "S", b""));
+    assert_eq!(upgraded_slot(&events(&mut net)).unwrap().1, slot);
 }

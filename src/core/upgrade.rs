@@ -21,7 +21,13 @@ impl Gateway {
     /// `dst -> src` of the original flow and encrypt it to the device that opened the flow.
     pub fn handle_tun_packet(&mut self, now: Instant, pkt: &mut [u8], tx: &mut TxQueue) {
         let unattributed = &self.metrics.global.unattributed;
-        let Some(nat_key) = self.upgrade_nat.outbound(pkt) else {
+        let Some((_, slot)) = nat::ports_v4(pkt) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let Some((nat_key, state)) = self.upgrade_nat.outbound(pkt) else {
+            return unattributed.count_drop(DropReason::NatStale);
+        };
+        let Some(ti) = self.tenant_index(nat_key.tenant) else {
             return unattributed.count_drop(DropReason::NatStale);
         };
         let (key, dir) = FlowKey::new(
@@ -32,8 +38,20 @@ impl Gateway {
             IpAddr::V4(*nat_key.src.ip()),
             nat_key.src.port(),
         );
+        let counters = self.tenants[ti].counters.clone();
         let Some(idx) = self.flows.lookup(&key) else {
-            return unattributed.count_drop(DropReason::NatStale);
+            // The flow is gone but its socket is closing: the close handshake (no payload) still reaches the
+            // device, so it learns the connection is over.
+            return match (state, self.closing.get(&slot)) {
+                (
+                    nat::SlotState::Closing,
+                    Some(&Closing {
+                        initiator: Some(to),
+                        ..
+                    }),
+                ) => self.send_to_peer(to, pkt, &counters, tx),
+                _ => unattributed.count_drop(DropReason::NatStale),
+            };
         };
         let Ok(view) = packet::parse_ip(pkt) else {
             return unattributed.count_drop(DropReason::InvalidInnerPacket);
@@ -44,22 +62,12 @@ impl Gateway {
         let side = flow.side(dir);
         let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
         let transition = flow.record(side, view.len, tcp, now_ms);
-        let (seq, initiator, packets, bytes) = (flow.seq, flow.src_slot, flow.packets, flow.bytes);
+        let (seq, initiator) = (flow.seq, flow.src_slot);
         match transition {
             Transition::None => {}
             Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
-            Transition::Ended(reason) => self.events.push(FlowEvent::End {
-                seq,
-                at: now,
-                packets,
-                bytes,
-                reason,
-            }),
+            Transition::Ended(reason) => self.record_end(idx, now, reason),
         }
-        let Some(ti) = self.tenants.iter().position(|t| t.num == nat_key.tenant) else {
-            return unattributed.count_drop(DropReason::NatStale);
-        };
-        let counters = self.tenants[ti].counters.clone();
         self.send_to_peer(initiator, pkt, &counters, tx);
     }
 
@@ -83,7 +91,7 @@ impl Gateway {
         else {
             return unattributed.count_drop(DropReason::NatStale);
         };
-        let Some(ti) = self.tenants.iter().position(|t| t.num == key.tenant) else {
+        let Some(ti) = self.tenant_index(key.tenant) else {
             return unattributed.count_drop(DropReason::NatStale);
         };
         nat::clamp_mss(pkt, UPGRADE_MSS);

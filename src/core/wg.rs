@@ -47,6 +47,11 @@ impl Gateway {
                 tracing::info!(device = %p.device.name, "device removed; tunnel closed");
             }
             self.free_slots.push_back((slot, now));
+            for c in self.closing.values_mut() {
+                if c.initiator == Some(slot) {
+                    c.initiator = None;
+                }
+            }
         }
     }
 
@@ -208,9 +213,10 @@ impl Gateway {
         counters: &TrafficCounters,
         tx: &mut TxQueue,
     ) {
-        let peer = self.peers[slot as usize]
-            .as_mut()
-            .expect("flows name live slots");
+        // A flow may outlive its peer until the next reload re-checks it: never trust the slot.
+        let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return counters.count_drop(DropReason::DestinationOffline);
+        };
         let Some(endpoint) = peer.endpoint else {
             return counters.count_drop(DropReason::DestinationOffline);
         };
@@ -235,11 +241,9 @@ impl Gateway {
         self.gate.reset_count();
         let mut expired = Vec::new();
         self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
-        let now_ms = self.ms(now);
         for e in expired {
-            self.forget_flow(&e.flow, now_ms);
             if e.idle {
-                let f = e.flow;
+                let f = &e.flow;
                 self.events.push(FlowEvent::End {
                     seq: f.seq,
                     at: now,
@@ -248,6 +252,7 @@ impl Gateway {
                     reason: EndReason::IdleTimeout,
                 });
             }
+            self.forget_flow(&e.flow);
         }
         for t in &self.tenants {
             t.counters
@@ -258,6 +263,10 @@ impl Gateway {
             .global
             .nat_slots
             .set(self.upgrade_nat.len() as u64);
+        self.metrics
+            .global
+            .nat_slots_closing
+            .set(self.closing.len() as u64);
         let mut connected = vec![0u64; self.tenants.len()];
         for p in self.peers.iter_mut().flatten() {
             match p.tunn.update_timers(tx.slot()) {
