@@ -1,6 +1,8 @@
-//! End-to-end acceptance of issue 6's HTTP inspector: real wireguard-go devices, the real `rampart run`, a real
-//! nginx upstream (with a small Python application behind it for uploads, chunked answers and `Upgrade`) and
-//! real curl; certificates for the origins are made here with rcgen.
+//! End-to-end acceptance of issue 6's HTTP inspector, and issue 11's attacks on it (each with a control that
+//! shows the attack works against the origin directly): real wireguard-go devices, the real `rampart run`, a
+//! real nginx upstream (with a small Python application behind it for uploads, chunked answers and `Upgrade`),
+//! a lenient Python origin that reads paths like Tomcat/IIS and ignores SNI/ALPN, real curl and
+//! `openssl s_client`; certificates for the origins are made here with rcgen.
 //!
 //! Run: `cargo test --test e2e_http -- --test-threads=1` (root).
 
@@ -22,6 +24,9 @@ const UPSTREAM: &str = "198.18.1.2";
 const ORIGIN_APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/http_origin.py");
 const HTTP_RAW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/http_raw.py");
 const HTTPLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/httpload.py");
+/// The lenient test origin (`http_origin.py --lenient`): plain on this port, TLS (origin.test) on `LENIENT_TLS`.
+const LENIENT_HTTP: &str = "8081";
+const LENIENT_TLS: &str = "8443";
 
 /// Tenant `id` whose flows to the upstream network on 80/443 go through the HTTP inspector.
 fn tenant(id: &str, pool: &str, gw: &str, extra: &str) -> TenantSpec {
@@ -39,7 +44,7 @@ id = "web"
 action = "inspect_http"
 dst = ["{UPSTREAM_NET}"]
 proto = "tcp"
-ports = ["80", "443", "3128"]
+ports = ["80", "443", "3128", "8081", "8443"]
 [[tenant.rule]]
 id = "to-server"
 action = "inspect_http"
@@ -50,6 +55,7 @@ ports = ["8000"]
 id = "no-admin"
 action = "block"
 paths = ["/admin"]
+case_insensitive = true
 [[tenant.http_rule]]
 id = "no-social"
 action = "block"
@@ -90,6 +96,8 @@ impl Drop for Scratch {
 /// gateway does not know.
 struct Certs {
     ca: PathBuf,
+    /// origin.test's certificate chain and key (test CA).
+    origin: (PathBuf, PathBuf),
 }
 
 fn make_ca(cn: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
@@ -130,6 +138,7 @@ impl Certs {
         let ca = dir.join("test-ca.pem");
         std::fs::write(&ca, test_ca.pem()).unwrap();
         let mut servers = String::new();
+        let mut origin = None;
         for (name, issuer) in [
             ("origin.test", &test_ca),
             ("bank.test", &test_ca),
@@ -137,6 +146,9 @@ impl Certs {
             ("untrusted.test", &other_ca),
         ] {
             let (c, k) = make_leaf(dir, name, issuer);
+            if name == "origin.test" {
+                origin = Some((c.clone(), k.clone()));
+            }
             servers.push_str(&format!(
                 "server {{ listen {UPSTREAM}:443 ssl http2; server_name {name}; ssl_certificate {}; \
                  ssl_certificate_key {}; location / {{ root WWW; }} }}\n",
@@ -144,21 +156,29 @@ impl Certs {
                 k.display()
             ));
         }
-        (Certs { ca }, servers)
+        let origin = origin.expect("origin.test leaf");
+        (Certs { ca, origin }, servers)
     }
 }
 
 /// nginx on the upstream host: static files on :80 (and the TLS vhosts given), `/upload`, `/chunked` and `/ws`
-/// proxied to the Python application on 127.0.0.1:9000.
+/// proxied to the Python application on 127.0.0.1:9000; the lenient origin on :8081 (and with `lenient_tls`,
+/// on :8443 with TLS).
 struct Origin {
     nginx: Proc,
     app: Proc,
     proxy: Proc,
+    lenient: Vec<Proc>,
     dir: PathBuf,
 }
 
 impl Origin {
-    fn start(host: &Host, dir: &Path, tls_servers: &str) -> Origin {
+    fn start(
+        host: &Host,
+        dir: &Path,
+        tls_servers: &str,
+        lenient_tls: Option<&(PathBuf, PathBuf)>,
+    ) -> Origin {
         let www = dir.join("www");
         std::fs::create_dir_all(www.join("admin")).unwrap();
         std::fs::write(www.join("small"), "hello from nginx\n").unwrap();
@@ -175,6 +195,20 @@ impl Origin {
         proxy_cmd.args([ORIGIN_APP, UPSTREAM, "3128"]);
         let mut forward_proxy = Proc::spawn("origin-proxy", proxy_cmd, dir);
         forward_proxy.wait_stdout("LISTENING", Duration::from_secs(30));
+        let mut lenient = Vec::new();
+        let mut cmd = host.ns.exec("python3");
+        cmd.args([ORIGIN_APP, UPSTREAM, LENIENT_HTTP, "--lenient"]);
+        lenient.push(Proc::spawn("lenient-http", cmd, dir));
+        if let Some((cert, key)) = lenient_tls {
+            let mut cmd = host.ns.exec("python3");
+            cmd.args([ORIGIN_APP, UPSTREAM, LENIENT_TLS, "--lenient", "--tls"])
+                .arg(cert)
+                .arg(key);
+            lenient.push(Proc::spawn("lenient-tls", cmd, dir));
+        }
+        for p in &mut lenient {
+            p.wait_stdout("LISTENING", Duration::from_secs(30));
+        }
         let d = dir.display();
         let proxy = "proxy_pass http://127.0.0.1:9000; proxy_http_version 1.1;";
         let conf = format!(
@@ -221,6 +255,7 @@ impl Origin {
             nginx,
             app,
             proxy: forward_proxy,
+            lenient,
             dir: dir.to_path_buf(),
         }
     }
@@ -231,6 +266,9 @@ impl Drop for Origin {
         self.nginx.stop(Duration::from_secs(10));
         self.app.stop(Duration::from_secs(5));
         self.proxy.stop(Duration::from_secs(5));
+        for p in &mut self.lenient {
+            p.stop(Duration::from_secs(5));
+        }
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.dir.join("nginx-error.log")).unwrap_or_default();
             eprintln!(
@@ -283,16 +321,80 @@ fn is(r: &serde_json::Value, key: &str, v: &str) -> bool {
     r[key].as_str() == Some(v)
 }
 
+/// `http_raw.py get`: each path sent exactly as given; `{path: [status, body]}`.
+fn raw_get(ns: &Netns, port: &str, paths: &[&str]) -> serde_json::Value {
+    let mut args = vec![HTTP_RAW, "get", UPSTREAM, port];
+    args.extend_from_slice(paths);
+    let r = ns.run("python3", &args, Duration::from_secs(120));
+    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
+/// `http_raw.py upgrade` to nginx's `/ws` asking for `token`, with `rounds` echo round trips if switched.
+fn raw_upgrade(ns: &Netns, token: &str, rounds: u32) -> serde_json::Value {
+    let rounds = rounds.to_string();
+    let r = ns.run(
+        "python3",
+        &[HTTP_RAW, "upgrade", UPSTREAM, "80", &rounds, token],
+        Duration::from_secs(120),
+    );
+    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
+/// `openssl s_client` to `UPSTREAM:port` with the given server name (`None`: none sent) and ALPN list,
+/// sending `request` (HTTP/1.1 with `Connection: close`) once the handshake is done.
+fn s_client(
+    ns: &Netns,
+    dir: &Path,
+    port: &str,
+    sni: Option<&str>,
+    alpn: Option<&str>,
+    request: &str,
+) -> Ran {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let file = dir.join(format!(
+        "s_client-{}.req",
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    std::fs::write(&file, request.replace('\n', "\r\n")).unwrap();
+    let file = file.display().to_string();
+    let connect = format!("{UPSTREAM}:{port}");
+    let mut args = vec![
+        "-c",
+        "f=$1; shift; exec openssl s_client \"$@\" < \"$f\"",
+        "sh",
+        &file,
+        "-connect",
+        &connect,
+        "-quiet",
+    ];
+    match sni {
+        Some(name) => args.extend(["-servername", name]),
+        None => args.push("-noservername"),
+    }
+    if let Some(a) = alpn {
+        args.extend(["-alpn", a]);
+    }
+    ns.run("sh", &args, Duration::from_secs(60))
+}
+
+/// An HTTP/1.1 request for `s_client`.
+fn request(host: &str, path: &str) -> String {
+    format!("GET {path} HTTP/1.1\nHost: {host}\nConnection: close\n\n")
+}
+
 #[test]
 fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
-    let mut lab = Lab::new(&[tenant("acme", "100.96.0.0/24", "100.96.0.1", "")]);
+    let mut t = tenant("acme", "100.96.0.0/24", "100.96.0.1", "");
+    t.rules
+        .push_str("\n[audit]\non_failure = \"fail_closed\"\n");
+    let mut lab = Lab::new(&[t]);
     let host = lab.add_host("up");
     assert_eq!(
         host.underlay.to_string(),
         UPSTREAM,
         "upstream host must be on the first link"
     );
-    let _origin = Origin::start(&host, &lab.dir().join("up"), "");
+    let _origin = Origin::start(&host, &lab.dir().join("up"), "", None);
     let dev = lab.add_client("acme", "laptop");
     wait_ping(&dev.ns, "100.96.0.1", TUNNEL_UP, "laptop -> gateway");
     let base = format!("http://{UPSTREAM}");
@@ -448,6 +550,93 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         .and_then(|s| s.split('<').next())
         .unwrap_or_else(|| panic!("no reference on the page: {page}"))
         .to_string();
+
+    // Path rules see what the origin sees (issue 11, HTTP finding 3). Real nginx decodes `%2F` (and merges
+    // slashes); the lenient origin resolves paths like Tomcat (`..;`, `;params`), IIS (`\`, case) and decoding
+    // backends (`%2F`, `%5C`). Asked directly, each origin serves every one of these as the admin panel;
+    // through the gateway each must be refused as ambiguous (400) or blocked (403), and recorded.
+    let mut got_through = Vec::new();
+    for (port, paths) in [
+        (
+            "80",
+            &["/%2fadmin/panel", "/%2Fadmin/panel", "//admin/panel"][..],
+        ),
+        (
+            LENIENT_HTTP,
+            &[
+                "/public/..;/admin/panel",
+                "/public/..%2Fadmin/panel",
+                "/public/%2e%2e;/admin/panel",
+                "/;x/admin/panel",
+                "/admin;x/panel",
+                "/%5Cadmin/panel",
+                "/public\\..\\admin\\panel",
+                "/ADMIN/panel",
+                "/Admin/Panel",
+            ][..],
+        ),
+    ] {
+        let direct = raw_get(&host.ns, port, paths);
+        let through = raw_get(&dev.ns, port, paths);
+        for p in paths {
+            assert_eq!(
+                direct[p][1].as_str(),
+                Some("secret admin panel\n"),
+                "control: the origin on :{port} must serve {p:?} as the admin panel: {direct}"
+            );
+            let status = through[p][0].as_u64();
+            let body = through[p][1].as_str().unwrap_or("");
+            if body.contains("secret") || !matches!(status, Some(400 | 403)) {
+                got_through.push(format!(":{port}{p} -> {status:?} {body:?}"));
+            }
+        }
+    }
+    // Control through the gateway: the lenient origin is reachable and serves what no rule blocks.
+    let small = raw_get(&dev.ns, LENIENT_HTTP, &["/small", "/public/../small"]);
+    for p in ["/small", "/public/../small"] {
+        assert_eq!(
+            small[p],
+            serde_json::json!([200, "hello from lenient\n"]),
+            "{small}"
+        );
+    }
+    assert!(
+        got_through.is_empty(),
+        "path rule evasions reached the origin:\n{}",
+        got_through.join("\n")
+    );
+    wait_record(&lab, &[], "a refused ambiguous path", |r| {
+        is(r, "rule", "ambiguous-path")
+            && is(r, "path", "/public/..;/admin/panel")
+            && r["status"] == 400
+    });
+
+    // Opaque tunnels (finding 4): only upgrades on the tenant's list (default: websocket) are switched; `h2c`
+    // never (its HTTP2-Settings header is dropped too). nginx passes any upgrade on to the application, which
+    // accepts any token: asked directly, it switches.
+    for token in ["h2c", "x-tunnel"] {
+        let direct = raw_upgrade(&host.ns, token, 3);
+        assert_eq!(
+            (direct["status"].as_u64(), direct["echoed"].as_u64()),
+            (Some(101), Some(3)),
+            "control: the origin must accept Upgrade: {token}: {direct}"
+        );
+        let through = raw_upgrade(&dev.ns, token, 3);
+        assert_ne!(
+            through["status"].as_u64(),
+            Some(101),
+            "Upgrade: {token} became an uninspected tunnel: {through}"
+        );
+        let seen: serde_json::Value = serde_json::from_str(through["body"].as_str().unwrap_or(""))
+            .unwrap_or_else(|e| {
+                panic!("Upgrade: {token} was not forwarded as a plain request ({e}): {through}")
+            });
+        assert_eq!(
+            seen,
+            serde_json::json!({"upgrade": null, "http2_settings": null}),
+            "{token}"
+        );
+    }
 
     // 300 connections, 100 at a time: all served, each request recorded.
     let r = dev.ns.run(
@@ -639,7 +828,7 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
             && r["resp_bytes"].as_u64() > Some(2000)
     });
     let ws = wait_record(&lab, &[], "the upgrade record", |r| {
-        common(r) && is(r, "path", "/ws") && r["status"] == 101
+        common(r) && is(r, "path", "/ws") && r["status"] == 101 && is(r, "scheme", "http+websocket")
     });
     assert!(ws["resp_bytes"].as_u64() > Some(100_000), "{ws}");
     let blocked = wait_record(&lab, &[], "the blocked request's record", |r| {
@@ -685,6 +874,72 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         table.contains("no-admin") && table.contains("/upload"),
         "{table}"
     );
+
+    // `inspect_*` rules are TCP only (finding 2): a rule that would carry UDP (QUIC) around the inspector is a
+    // config error naming the key and the fix. Control: the same file with proto = "tcp" is accepted.
+    let text = std::fs::read_to_string(&lab.gateway.config).unwrap();
+    let web = format!("action = \"inspect_http\"\ndst = [\"{UPSTREAM_NET}\"]\nproto = \"tcp\"");
+    assert!(text.contains(&web), "{text}");
+    for (proto, ok) in [("\"tcp\"", true), ("\"udp\"", false)] {
+        let file = lab.dir().join("proto-check.toml");
+        std::fs::write(&file, text.replace(&web, &web.replace("\"tcp\"", proto))).unwrap();
+        let r = run(
+            Command::new(support::gateway::BIN)
+                .args(["check-config", "-c"])
+                .arg(&file),
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.success(), ok, "proto = {proto}: {r}");
+        if !ok {
+            assert!(
+                r.stderr.contains("rule[1].proto") && r.stderr.contains("proto = \"tcp\""),
+                "{r}"
+            );
+        }
+    }
+
+    // audit.on_failure = "fail_closed" (set for this gateway): while HTTP records cannot be written, requests
+    // get a 503 page naming `audit-unavailable`, on a connection that was already open; once the store is
+    // writable again, the same connection is served again. The store is made unwritable by holding its
+    // write lock (another writer, as a backup tool would).
+    let trigger = lab.dir().join("keepalive");
+    std::fs::create_dir_all(&trigger).unwrap();
+    let mut cmd = dev.ns.exec("python3");
+    cmd.args([HTTP_RAW, "keepalive", UPSTREAM, "80", "/small"])
+        .arg(&trigger);
+    let mut ka = Proc::spawn("keepalive", cmd, lab.dir());
+    ka.wait_stdout("ready", Duration::from_secs(60));
+    let db = rusqlite::Connection::open(lab.gateway.state_dir().join("audit.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    std::fs::write(trigger.join("go-fail"), "").unwrap();
+    ka.wait_stdout("refused", Duration::from_secs(150));
+    db.execute_batch("ROLLBACK").unwrap();
+    drop(db);
+    std::fs::write(trigger.join("go-heal"), "").unwrap();
+    let out = ka.finish(Duration::from_secs(150));
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("keepalive output ({e}): {out}"));
+    assert!(
+        v["refused_page"]
+            .as_str()
+            .is_some_and(|p| p.contains("audit-unavailable")),
+        "{v}"
+    );
+    assert!(
+        v["healed"].as_bool() == Some(true),
+        "never served again after the store recovered: {v}"
+    );
+    let seen: Vec<u64> = v["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_u64())
+        .collect();
+    assert_eq!((seen.first(), seen.last()), (Some(&200), Some(&200)), "{v}");
+    wait_record(&lab, &[], "the refused request's record", |r| {
+        is(r, "rule", "audit-unavailable") && r["status"] == 503
+    });
 
     // HTTP rules change with a reload, without restarting anything.
     let mut text = std::fs::read_to_string(&lab.gateway.config).unwrap();
@@ -733,7 +988,8 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
     let scratch = Scratch::new("certs");
     let (certs, tls_servers) = Certs::make(&scratch.0);
     let decrypting = format!(
-        "tls_decrypt = true\ndo_not_inspect = [\"bank.test\"]\ntls_upstream_ca = \"{}\"",
+        "tls_decrypt = true\ndo_not_inspect = [\"bank.test\"]\ntls_upstream_ca = \"{}\"\n\
+         tls_passthrough_alpn = [\"x-allowed\"]",
         certs.ca.display()
     );
     let mut lab = Lab::new(&[
@@ -742,7 +998,12 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
     ]);
     let host = lab.add_host("up");
     assert_eq!(host.underlay.to_string(), UPSTREAM);
-    let _origin = Origin::start(&host, &lab.dir().join("up"), &tls_servers);
+    let _origin = Origin::start(
+        &host,
+        &lab.dir().join("up"),
+        &tls_servers,
+        Some(&certs.origin),
+    );
     let ca = certs.ca.display().to_string();
     let resolve = |name: &str| format!("{name}:443:{UPSTREAM}");
 
@@ -809,6 +1070,31 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
         &["--tenant", "acme", "--host", "origin.test"],
         "the passed-through TLS connection",
         |r| is(r, "decision", "passthrough") && r["resp_bytes"].as_u64() > Some(1000),
+    );
+
+    // Finding 5: the tenant's HTTP rules name hosts, so TLS without a usable server name (none, or an IP
+    // literal) is refused: otherwise leaving it out would dodge `no-social`. Control: asked directly, nginx
+    // serves social.test by its Host header to a ClientHello without a name.
+    let social_req = request("social.test", "/small");
+    let no_name = [("no SNI", None), ("an IP literal as SNI", Some(UPSTREAM))];
+    for (what, sni) in no_name {
+        let direct = s_client(&host.ns, lab.dir(), "443", sni, None, &social_req);
+        assert!(
+            direct.stdout.contains("hello from nginx"),
+            "control: nginx must serve social.test with {what}: {direct}"
+        );
+        let through = s_client(&acme.ns, lab.dir(), "443", sni, None, &social_req);
+        assert!(
+            !through.stdout.contains("hello from nginx")
+                && through.stderr.contains("access denied"),
+            "TLS with {what} must be refused on a tenant with host rules: {through}"
+        );
+    }
+    wait_record(
+        &lab,
+        &["--tenant", "acme"],
+        "the refused TLS connection without a server name",
+        |r| is(r, "scheme", "tls") && is(r, "decision", "block") && is(r, "rule", "sni-required"),
     );
 
     // With decryption (globex): the device trusts only the tenant CA.
@@ -922,6 +1208,152 @@ fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
         "the do-not-inspect record",
         |r| is(r, "decision", "passthrough") && is(r, "rule", "do-not-inspect"),
     );
+    // Domain fronting on a decrypted connection: the Host differs from the server name the device verified.
+    // Control: the same request with its own Host is served (above).
+    let fronted = curl(
+        &globex.ns,
+        &[
+            "--cacert",
+            &tenant_ca,
+            "--resolve",
+            &resolve("origin.test"),
+            "-H",
+            "Host: bank.test",
+            "-w",
+            "\n%{http_code}",
+            "https://origin.test/small",
+        ],
+    );
+    assert!(
+        fronted.stdout.ends_with("\n421")
+            && fronted.stdout.contains("sni-host-mismatch")
+            && !fronted.stdout.contains("hello from nginx"),
+        "{fronted}"
+    );
+    wait_record(
+        &lab,
+        &["--tenant", "globex", "--host", "bank.test"],
+        "the fronted request",
+        |r| is(r, "rule", "sni-host-mismatch") && r["status"] == 421,
+    );
+
+    // Opting out of decryption (finding 1). The lenient TLS origin on :8443 has a certificate for origin.test
+    // only and, like many servers, ignores the client's ALPN and server name: asked directly, it serves the
+    // admin panel whatever the ClientHello says.
+    let admin_req = |host: &str| request(host, "/admin/panel");
+    let attempts = [
+        (
+            "non-HTTP ALPN only",
+            Some("origin.test"),
+            Some("foo"),
+            "origin.test",
+        ),
+        (
+            "a do_not_inspect name for another host's address",
+            Some("bank.test"),
+            None,
+            "bank.test",
+        ),
+        ("no SNI", None, None, "origin.test"),
+    ];
+    let mut got_through = Vec::new();
+    for (what, sni, alpn, host_header) in attempts {
+        let direct = s_client(
+            &host.ns,
+            lab.dir(),
+            LENIENT_TLS,
+            sni,
+            alpn,
+            &admin_req(host_header),
+        );
+        assert!(
+            direct.stdout.contains("secret admin panel"),
+            "control ({what}): the origin must serve the admin panel: {direct}"
+        );
+        let through = s_client(
+            &globex.ns,
+            lab.dir(),
+            LENIENT_TLS,
+            sni,
+            alpn,
+            &admin_req(host_header),
+        );
+        if through.stdout.contains("secret") {
+            got_through.push(format!("{what}: {through}"));
+        }
+    }
+    assert!(
+        got_through.is_empty(),
+        "a device opted out of decryption:\n{}",
+        got_through.join("\n")
+    );
+    // How each was refused: non-HTTP ALPN with the `no_application_protocol` alert; the forged name is
+    // decrypted as usual (the origin's certificate is not valid for bank.test), so the path rule applies
+    // (403) and anything else gets the untrusted-origin page; no SNI with `access_denied`.
+    let alpn = s_client(
+        &globex.ns,
+        lab.dir(),
+        LENIENT_TLS,
+        Some("origin.test"),
+        Some("foo"),
+        &request("origin.test", "/small"),
+    );
+    assert!(alpn.stderr.contains("no application protocol"), "{alpn}");
+    let forged = s_client(
+        &globex.ns,
+        lab.dir(),
+        LENIENT_TLS,
+        Some("bank.test"),
+        None,
+        &admin_req("bank.test"),
+    );
+    assert!(
+        forged.stdout.starts_with("HTTP/1.1 403") && forged.stdout.contains("no-admin"),
+        "{forged}"
+    );
+    let forged = s_client(
+        &globex.ns,
+        lab.dir(),
+        LENIENT_TLS,
+        Some("bank.test"),
+        None,
+        &request("bank.test", "/small"),
+    );
+    assert!(
+        forged.stdout.starts_with("HTTP/1.1 502")
+            && forged.stdout.contains("upstream-cert-untrusted"),
+        "{forged}"
+    );
+    let no_sni = curl(&globex.ns, &["-k", &format!("https://{UPSTREAM}/small")]);
+    assert_eq!(no_sni.status.and_then(|s| s.code()), Some(35), "{no_sni}");
+    // Control: a protocol on the tenant's `tls_passthrough_alpn` list is relayed untouched (and recorded as
+    // such) by the same client to the same origin.
+    let allowed = s_client(
+        &globex.ns,
+        lab.dir(),
+        LENIENT_TLS,
+        Some("origin.test"),
+        Some("x-allowed"),
+        &request("origin.test", "/small"),
+    );
+    assert!(allowed.stdout.contains("hello from lenient"), "{allowed}");
+    wait_record(
+        &lab,
+        &["--tenant", "globex"],
+        "the refused non-HTTP ALPN",
+        |r| is(r, "decision", "block") && is(r, "rule", "alpn-not-allowed"),
+    );
+    wait_record(
+        &lab,
+        &["--tenant", "globex"],
+        "the allowed non-HTTP ALPN",
+        |r| {
+            is(r, "decision", "passthrough")
+                && is(r, "scheme", "tls+x-allowed")
+                && is(r, "rule", "allowed-alpn")
+        },
+    );
+
     // An origin whose certificate the gateway does not trust: a block page, never a bypass.
     let untrusted = curl(
         &globex.ns,
@@ -1035,7 +1467,7 @@ fn bench_inspector_vs_layer4_proxy() {
     let host = lab.add_host("up");
     assert_eq!(host.underlay.to_string(), UPSTREAM);
     let tls_servers = format!("{tls_servers}server {{ listen {UPSTREAM}:8080; root WWW; }}\n");
-    let _origin = Origin::start(&host, &lab.dir().join("up"), &tls_servers);
+    let _origin = Origin::start(&host, &lab.dir().join("up"), &tls_servers, None);
     let dev = lab.add_client("acme", "laptop");
     wait_ping(&dev.ns, "100.96.0.1", TUNNEL_UP, "laptop -> gateway");
     lab.gateway

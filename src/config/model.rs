@@ -116,8 +116,10 @@ pub struct HttpRule {
     pub id: String,
     pub action: HttpAction,
     pub hosts: Vec<HostPattern>,
-    /// Path prefixes (each starts with `/`).
+    /// Path prefixes (each starts with `/`; in lower case when `case_insensitive`).
     pub paths: Vec<String>,
+    /// Match `paths` ignoring ASCII case (for origins such as IIS that do).
+    pub case_insensitive: bool,
     /// Upper-case method names.
     pub methods: Vec<String>,
     pub users: Vec<UserName>,
@@ -133,7 +135,7 @@ pub enum NoInspect {
 }
 
 /// A tenant's HTTP inspection settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantHttp {
     /// Ordered; the first match decides, no match allows (the flow rule already allowed the flow).
     pub rules: Vec<HttpRule>,
@@ -141,7 +143,35 @@ pub struct TenantHttp {
     pub do_not_inspect: Vec<NoInspect>,
     /// Extra CA certificates (PEM) trusted for origins.
     pub tls_upstream_ca: Option<PathBuf>,
+    /// With `tls_decrypt`: ALPN protocol names (not HTTP) whose connections are relayed without decryption;
+    /// a ClientHello offering only other non-HTTP protocols is refused.
+    pub passthrough_alpn: Vec<String>,
+    /// Lower-case `Upgrade` protocol names that may switch a connection into a tunnel (never `h2c`).
+    pub allow_upgrade: Vec<String>,
 }
+
+impl TenantHttp {
+    /// Whether any HTTP rule names hosts (then TLS without a usable server name is refused).
+    pub fn names_hosts(&self) -> bool {
+        self.rules.iter().any(|r| !r.hosts.is_empty())
+    }
+}
+
+impl Default for TenantHttp {
+    fn default() -> TenantHttp {
+        TenantHttp {
+            rules: Vec::new(),
+            tls_decrypt: false,
+            do_not_inspect: Vec::new(),
+            tls_upstream_ca: None,
+            passthrough_alpn: Vec::new(),
+            allow_upgrade: vec![DEFAULT_UPGRADE.to_string()],
+        }
+    }
+}
+
+/// The protocol switch allowed when a tenant does not set `http_allow_upgrade`.
+pub const DEFAULT_UPGRADE: &str = "websocket";
 
 /// What a rule does with the flows it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -90,6 +90,10 @@ pub struct RawTenant {
     pub do_not_inspect: Option<Vec<String>>,
     /// PEM file of extra CA certificates trusted for origins (besides the built-in web roots).
     pub tls_upstream_ca: Option<String>,
+    /// With `tls_decrypt`: non-HTTP ALPN protocols relayed without decryption (any other is refused).
+    pub tls_passthrough_alpn: Option<Vec<String>>,
+    /// `Upgrade` protocols that may switch an inspected HTTP/1.1 connection into a tunnel (default websocket).
+    pub http_allow_upgrade: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +103,8 @@ pub struct RawHttpRule {
     pub action: String,
     pub hosts: Option<Vec<String>>,
     pub paths: Option<Vec<String>>,
+    /// Match `paths` ignoring ASCII case.
+    pub case_insensitive: Option<bool>,
     pub methods: Option<Vec<String>>,
     pub users: Option<Vec<String>>,
     pub groups: Option<Vec<String>>,

@@ -102,7 +102,7 @@ fn ssh_keys_only_on_inspect_ssh_rules_and_recipient_checked() {
     if !crate::SSH_INSPECTION_AVAILABLE {
         let text = GOOD.replace(
             "[[tenant.device]]",
-            "[[tenant.rule]]\nid = \"s\"\naction = \"inspect_ssh\"\n[[tenant.device]]",
+            "[[tenant.rule]]\nid = \"s\"\naction = \"inspect_ssh\"\nproto = \"tcp\"\n[[tenant.device]]",
         );
         assert!(load(&text)
             .unwrap_err()
@@ -144,12 +144,76 @@ fn http_rules_and_tls_keys_are_validated() {
     ] {
         assert!(err.contains(want), "{want}\n{err}");
     }
+    // Protocol switches and passthrough protocols: defaults, and what can never be allowed.
+    assert_eq!(h.allow_upgrade, ["websocket"]);
+    assert!(h.passthrough_alpn.is_empty());
+    let keys = GOOD.replace(
+        "[[tenant.device]]",
+        "tls_decrypt = true\ntls_passthrough_alpn = [\"imap\"]\nhttp_allow_upgrade = [\"WebSocket\", \"x-tunnel\"]\n\
+         [[tenant.http_rule]]\nid = \"a\"\naction = \"block\"\npaths = [\"/Admin\"]\ncase_insensitive = true\n\
+         [[tenant.device]]",
+    );
+    let c = load(&keys).unwrap();
+    let h = &c.tenants[0].http;
+    assert_eq!(h.allow_upgrade, ["websocket", "x-tunnel"]);
+    assert_eq!(h.passthrough_alpn, ["imap"]);
+    assert!(h.rules[0].case_insensitive && h.rules[0].paths == ["/admin"]);
+    let bad = GOOD.replace(
+        "[[tenant.device]]",
+        "tls_passthrough_alpn = [\"h2\"]\nhttp_allow_upgrade = [\"h2c\", \"a b\"]\n[[tenant.device]]",
+    );
+    let err = load(&bad).unwrap_err().to_string();
+    for want in [
+        "tls_passthrough_alpn: only applies with tls_decrypt = true",
+        "tls_passthrough_alpn: \"h2\" is HTTP, which is always decrypted",
+        "http_allow_upgrade: \"h2c\" is never allowed",
+        "http_allow_upgrade: \"a b\" is not an Upgrade protocol name",
+    ] {
+        assert!(err.contains(want), "{want}\n{err}");
+    }
     let unknown = GOOD.replace(
         "[[tenant.device]]",
         "[[tenant.http_rule]]\nid = \"x\"\naction = \"allow\"\nhost = [\"a\"]\n[[tenant.device]]",
     );
     let err = load(&unknown).unwrap_err().to_string();
     assert!(err.contains("unknown field `host`"), "{err}");
+}
+
+#[test]
+fn inspect_rules_carry_tcp_only() {
+    let rule = |action: &str, proto: &str| {
+        GOOD.replace(
+            "[[tenant.device]]",
+            &format!(
+                "[[tenant.rule]]\nid = \"i\"\naction = \"{action}\"\n{proto}[[tenant.device]]"
+            ),
+        )
+    };
+    for action in ["inspect_http", "inspect_ssh"] {
+        let enabled = match action {
+            "inspect_http" => crate::HTTP_INSPECTION_AVAILABLE,
+            _ => crate::SSH_INSPECTION_AVAILABLE,
+        };
+        if !enabled {
+            continue;
+        }
+        assert!(load(&rule(action, "proto = \"tcp\"\n")).is_ok(), "{action}");
+        for (proto, written) in [
+            ("proto = \"udp\"\n", "\"udp\""),
+            ("proto = \"any\"\n", "\"any\""),
+            ("", "missing (any protocol)"),
+        ] {
+            let err = load(&rule(action, proto)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "tenant[0] (acme).rule[0].proto: {written}, but {action} inspects TCP only"
+                )) && err.contains("set proto = \"tcp\""),
+                "{err}"
+            );
+        }
+    }
+    // Layer-4 `proxy` rules may still carry UDP.
+    assert!(load(&rule("proxy", "proto = \"udp\"\n")).is_ok());
 }
 
 #[test]

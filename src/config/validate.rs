@@ -145,10 +145,14 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             }
         }
         let http = validate_tenant_http(
-            rt.http_rule,
-            rt.tls_decrypt,
-            rt.do_not_inspect,
-            rt.tls_upstream_ca,
+            HttpKeys {
+                rules: rt.http_rule,
+                tls_decrypt: rt.tls_decrypt,
+                do_not_inspect: rt.do_not_inspect,
+                tls_upstream_ca: rt.tls_upstream_ca,
+                tls_passthrough_alpn: rt.tls_passthrough_alpn,
+                http_allow_upgrade: rt.http_allow_upgrade,
+            },
             base,
             &key,
             c,
@@ -442,6 +446,23 @@ pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Opt
             "ports need proto = \"tcp\" or \"udp\"",
         );
     }
+    // The inspectors only see TCP: anything else under such a rule would be relayed around them (QUIC).
+    if let Some(a @ (Action::InspectSsh | Action::InspectHttp)) = action {
+        if proto != Proto::Tcp {
+            let written = r
+                .proto
+                .as_deref()
+                .map_or("missing (any protocol)".to_string(), |p| format!("{p:?}"));
+            c.push(
+                format!("{key}.proto"),
+                format!(
+                    "{written}, but {} inspects TCP only (UDP such as QUIC would pass around the \
+                     inspector); set proto = \"tcp\"",
+                    a.as_str()
+                ),
+            );
+        }
+    }
     if c.errors.len() != n {
         return None;
     }
@@ -530,16 +551,33 @@ pub(super) fn validate_inspect(
     }))
 }
 
-/// The HTTP keys of a `[[tenant]]`: `http_rule`, `tls_decrypt`, `do_not_inspect`, `tls_upstream_ca`.
+/// The HTTP keys of a `[[tenant]]`, as written.
+pub(super) struct HttpKeys {
+    pub rules: Vec<RawHttpRule>,
+    pub tls_decrypt: Option<bool>,
+    pub do_not_inspect: Option<Vec<String>>,
+    pub tls_upstream_ca: Option<String>,
+    pub tls_passthrough_alpn: Option<Vec<String>>,
+    pub http_allow_upgrade: Option<Vec<String>>,
+}
+
+/// The HTTP keys of a `[[tenant]]`: `http_rule`, `tls_decrypt`, `do_not_inspect`, `tls_upstream_ca`,
+/// `tls_passthrough_alpn`, `http_allow_upgrade`.
 pub(super) fn validate_tenant_http(
-    raw_rules: Vec<RawHttpRule>,
-    tls_decrypt: Option<bool>,
-    do_not_inspect: Option<Vec<String>>,
-    tls_upstream_ca: Option<String>,
+    raw: HttpKeys,
     base: &Path,
     key: &str,
     c: &mut Collector<'_>,
 ) -> TenantHttp {
+    let HttpKeys {
+        rules: raw_rules,
+        tls_decrypt,
+        do_not_inspect,
+        tls_upstream_ca,
+        tls_passthrough_alpn,
+        http_allow_upgrade,
+    } = raw;
+    let tls_decrypt = tls_decrypt.unwrap_or(false);
     let mut ids = HashSet::new();
     let mut rules = Vec::new();
     for (j, r) in raw_rules.into_iter().enumerate() {
@@ -586,7 +624,11 @@ pub(super) fn validate_tenant_http(
                     .ok()
             })
             .collect();
-        let paths = r.paths.unwrap_or_default();
+        let case_insensitive = r.case_insensitive.unwrap_or(false);
+        let mut paths = r.paths.unwrap_or_default();
+        if case_insensitive {
+            paths.iter_mut().for_each(|p| p.make_ascii_lowercase());
+        }
         for p in &paths {
             if !p.starts_with('/') || p.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
                 c.push(
@@ -616,6 +658,7 @@ pub(super) fn validate_tenant_http(
                 action,
                 hosts,
                 paths,
+                case_insensitive,
                 methods,
                 users,
                 groups,
@@ -651,12 +694,60 @@ pub(super) fn validate_tenant_http(
             );
         }
     }
+    let passthrough_alpn = tls_passthrough_alpn.unwrap_or_default();
+    if !passthrough_alpn.is_empty() && !tls_decrypt {
+        c.push(
+            format!("{key}.tls_passthrough_alpn"),
+            "only applies with tls_decrypt = true (without decryption all TLS is relayed untouched); \
+             remove it or set tls_decrypt = true",
+        );
+    }
+    for p in &passthrough_alpn {
+        if matches!(p.as_str(), "h2" | "http/1.1" | "http/1.0" | "h2c" | "h3") {
+            c.push(
+                format!("{key}.tls_passthrough_alpn"),
+                format!("{p:?} is HTTP, which is always decrypted and inspected; remove it"),
+            );
+        } else if p.is_empty() || p.len() > 255 || !p.bytes().all(|b| b.is_ascii_graphic()) {
+            c.push(
+                format!("{key}.tls_passthrough_alpn"),
+                format!(
+                    "{p:?} is not an ALPN protocol name; write it as registered, like \"imap\""
+                ),
+            );
+        }
+    }
+    let allow_upgrade: Vec<String> = match http_allow_upgrade {
+        Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
+        None => vec![DEFAULT_UPGRADE.to_string()],
+    };
+    for p in &allow_upgrade {
+        if p == "h2c" {
+            c.push(
+                format!("{key}.http_allow_upgrade"),
+                "\"h2c\" is never allowed: it would turn the connection into HTTP/2 the inspector \
+                 does not see; remove it",
+            );
+        } else if p.is_empty() || !p.bytes().all(is_token_char) {
+            c.push(
+                format!("{key}.http_allow_upgrade"),
+                format!("{p:?} is not an Upgrade protocol name; write it like \"websocket\""),
+            );
+        }
+    }
     TenantHttp {
         rules,
-        tls_decrypt: tls_decrypt.unwrap_or(false),
+        tls_decrypt,
         do_not_inspect: no_inspect,
         tls_upstream_ca,
+        passthrough_alpn,
+        allow_upgrade,
     }
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 pub(super) fn empty(path: &Path) -> Config {

@@ -7,7 +7,12 @@
 //!   ALPN) before anything is decrypted ([`policy::classify_tls`]): passed through untouched, refused with a
 //!   TLS alert, or — for tenants with `tls_decrypt` — decrypted with a leaf from the tenant CA and
 //!   re-encrypted towards the origin, whose certificate must verify (else every request gets a block page).
-//! - Identity comes from the WireGuard peer (tenant, device, user in `core::Upgraded`), never from requests.
+//!   On a decrypting tenant the device cannot choose to be left alone: non-HTTP ALPN is refused unless listed,
+//!   and a `do_not_inspect` name counts only once the origin's certificate proves it ([`OriginCheck`]).
+//! - Paths are matched and forwarded in one canonical form (`rewrite::canonical_path`); protocol switches are
+//!   limited to the tenant's list, never `h2c` (`rewrite::limit_upgrade`).
+//! - Identity comes from the WireGuard peer (tenant, device, user in `handoff::FlowContext`, fixed when the
+//!   flow started), never from requests.
 //!
 //! Start reading at [`inspect`], then `proxy::handle`. Pure parts: `policy`, `rewrite`, `page`. Never: write
 //! audit storage other than through the sink, re-resolve names (the origin is always the original
@@ -34,8 +39,9 @@ use crate::config::{Config, FailurePolicy, Tenant};
 use crate::handoff::{ConfigHandle, FlowContext};
 pub use origin::Reconnect;
 use origin::{Origin, OriginIo};
-use policy::{Identity, NoDecrypt, TlsAction, TlsFacts};
+use policy::{Identity, NoDecrypt, TlsAction, TlsAlert, TlsFacts};
 use proxy::{ConnCtx, OriginFailure, RecordGuard};
+use rustls::pki_types::ServerName;
 use tls::{TenantTls, TlsError, ALPN_H2, ALPN_HTTP11};
 
 /// The device must send its first byte (request line or ClientHello) within this.
@@ -223,7 +229,7 @@ fn tls_record(
 
 async fn inspect_tls(
     mut client: TcpStream,
-    mut upstream: TcpStream,
+    upstream: TcpStream,
     ctx: FlowCtx,
     reconnect: Option<Reconnect>,
 ) {
@@ -236,15 +242,18 @@ async fn inspect_tls(
         }
     };
     let hello = accepted.client_hello();
-    let sni = hello.server_name().map(|s| s.to_ascii_lowercase());
+    // Only a DNS name counts (rustls reports no name for an IP literal; checked again here).
+    let sni = hello
+        .server_name()
+        .map(|s| s.to_ascii_lowercase())
+        .filter(|s| s.parse::<std::net::IpAddr>().is_err());
     let offered: Option<Vec<Vec<u8>>> = hello.alpn().map(|l| l.map(<[u8]>::to_vec).collect());
     let http_alpn: Vec<Vec<u8>> = offered
         .iter()
         .flatten()
-        .filter(|p| p.as_slice() == ALPN_H2 || p.as_slice() == ALPN_HTTP11)
+        .filter(|p| policy::is_http_alpn(p))
         .cloned()
         .collect();
-    let alpn_http = offered.is_none() || !http_alpn.is_empty();
 
     let cfg = ctx.config.current();
     let Some(tenant) = cfg.tenant(ctx.upgraded.identity.tenant.as_str()) else {
@@ -261,30 +270,66 @@ async fn inspect_tls(
             seq,
             "HTTP audit store unavailable and audit.on_failure = fail_closed; refusing"
         );
-        tls::refuse(client).await;
+        tls::refuse(client, TlsAlert::AccessDenied).await;
         return;
     }
     let facts = TlsFacts {
         sni: sni.as_deref(),
         dst: (*u.dst.ip()).into(),
-        alpn_http,
+        alpn: offered.as_deref(),
     };
-    match policy::classify_tls(&tenant.http, &who, &facts) {
-        TlsAction::Reject { rule } => {
+    let (action, mut upstream) = match policy::classify_tls(&tenant.http, &who, &facts) {
+        TlsAction::PassthroughIfOriginProvesName { rule, otherwise } => {
+            let name = sni.as_deref().unwrap_or_default();
+            let check = OriginCheck {
+                ctx: &ctx,
+                cfg: &cfg,
+                tenant,
+                name,
+                offered: offered.as_deref(),
+            };
+            match check.run(upstream, reconnect.as_ref()).await {
+                Some((true, leg)) => (
+                    TlsAction::Passthrough {
+                        why: NoDecrypt::DoNotInspect,
+                        rule,
+                    },
+                    leg,
+                ),
+                Some((false, leg)) => (*otherwise, leg),
+                None => return,
+            }
+        }
+        action => (action, upstream),
+    };
+    match action {
+        TlsAction::Reject { rule, alert } => {
             let mut g =
                 RecordGuard::new(&ctx, tls_record(&ctx, sni.as_deref(), "block", Some(rule)));
-            g.record_mut().error =
-                Some("refused on the TLS server name (alert access_denied)".into());
+            g.record_mut().error = Some(match alert {
+                TlsAlert::NoApplicationProtocol => format!(
+                    "refused before decryption: the ClientHello offers only protocols that are not HTTP \
+                     and not on tls_passthrough_alpn ({}) (alert no_application_protocol)",
+                    alpn_names(offered.as_deref().unwrap_or_default())
+                ),
+                TlsAlert::AccessDenied if sni.is_none() => "refused before decryption: no server name \
+                     (SNI) while the tenant's HTTP rules name hosts (alert access_denied)"
+                    .to_string(),
+                TlsAlert::AccessDenied => {
+                    "refused on the TLS server name (alert access_denied)".to_string()
+                }
+            });
             drop(g);
-            tls::refuse(client).await;
+            tls::refuse(client, alert).await;
         }
         TlsAction::Passthrough { why, rule } => {
-            let rule = match why {
-                NoDecrypt::Disabled => rule,
-                NoDecrypt::DoNotInspect => rule.or(Some("do-not-inspect".into())),
-                NoDecrypt::NotHttp => rule.or(Some("not-http-alpn".into())),
-            };
-            let g = RecordGuard::new(&ctx, tls_record(&ctx, sni.as_deref(), "passthrough", rule));
+            let mut record = tls_record(&ctx, sni.as_deref(), "passthrough", rule);
+            if why == NoDecrypt::AllowedAlpn {
+                // The protocol is part of what the reviewer sees: `tls+imap`.
+                record.scheme =
+                    format!("tls+{}", alpn_names(offered.as_deref().unwrap_or_default()));
+            }
+            let g = RecordGuard::new(&ctx, record);
             if upstream.write_all(&seen).await.is_err() {
                 return;
             }
@@ -317,7 +362,7 @@ async fn inspect_tls(
                     );
                     g.record_mut().error = Some(e.to_string());
                     drop(g);
-                    tls::refuse(client).await;
+                    tls::refuse(client, TlsAlert::AccessDenied).await;
                     return;
                 }
             };
@@ -327,6 +372,79 @@ async fn inspect_tls(
                 http_alpn,
             };
             decrypt(client, upstream, hello, ctx, reconnect, ttls).await;
+        }
+        TlsAction::PassthroughIfOriginProvesName { .. } => {
+            // `classify_tls` never nests it; refuse rather than guess.
+            tls::refuse(client, TlsAlert::AccessDenied).await;
+        }
+    }
+}
+
+/// ALPN protocol names for a record, comma-separated (bytes that are not printable are escaped).
+fn alpn_names(list: &[Vec<u8>]) -> String {
+    list.iter()
+        .map(|p| p.escape_ascii().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A server name on `do_not_inspect` is only the device's claim: before relaying untouched, the gateway
+/// connects to the origin itself with that name (and the device's protocols) and checks that the origin's
+/// certificate is valid for it (the tenant's origin trust: web roots and `tls_upstream_ca`).
+struct OriginCheck<'a> {
+    ctx: &'a FlowCtx,
+    cfg: &'a Config,
+    tenant: &'a Tenant,
+    name: &'a str,
+    offered: Option<&'a [Vec<u8>]>,
+}
+
+impl OriginCheck<'_> {
+    /// Uses `upstream` for the check and returns whether the origin proved the name, with a fresh leg for
+    /// what follows. `None`: no fresh leg could be opened (the connection is closed). Without `reconnect`
+    /// (a downgraded leg: there is only one) the name cannot be checked and counts as not proven.
+    async fn run(
+        &self,
+        upstream: TcpStream,
+        reconnect: Option<&Reconnect>,
+    ) -> Option<(bool, TcpStream)> {
+        let Some(reconnect) = reconnect else {
+            return Some((false, upstream));
+        };
+        let seq = self.ctx.upgraded.seq;
+        let proven = match self.ctx.services.tenant_tls(self.cfg, self.tenant) {
+            Ok(ttls) => {
+                let cfg = ttls.client_config(self.offered.map(<[_]>::to_vec).unwrap_or_default());
+                match ServerName::try_from(self.name.to_string()) {
+                    Ok(name) => {
+                        let r = tokio::time::timeout(
+                            ORIGIN_TLS_TIMEOUT,
+                            tokio_rustls::TlsConnector::from(cfg).connect(name, upstream),
+                        )
+                        .await;
+                        match r {
+                            Ok(Ok(_)) => true,
+                            Ok(Err(e)) => {
+                                tracing::debug!(seq, error = %e, "the origin did not prove the do_not_inspect name");
+                                false
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                    Err(_) => false,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(seq, error = %e, "no TLS material to check the origin's name");
+                false
+            }
+        };
+        match reconnect().await {
+            Ok(leg) => Some((proven, leg)),
+            Err(e) => {
+                tracing::debug!(seq, error = %e, "cannot reach the origin again");
+                None
+            }
         }
     }
 }
@@ -413,7 +531,7 @@ async fn decrypt(
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(seq, error = %e, "cannot mint a leaf certificate; refusing");
-            tls::refuse(client).await;
+            tls::refuse(client, TlsAlert::AccessDenied).await;
             return;
         }
     };
@@ -459,6 +577,7 @@ offramp = ["127.0.0.0/8"]
 [[tenant.rule]]
 id = "web"
 action = "inspect_http"
+proto = "tcp"
 [[tenant.device]]
 name = "laptop"
 public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="

@@ -268,8 +268,16 @@ fn page(
 async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body> {
     let flow = &ctx.flow;
     let u = &flow.upgraded;
-    let tunnel = (req.version() == Version::HTTP_11 && rewrite::is_upgrade(req.headers()))
-        || req.method() == Method::CONNECT;
+    let cfg = flow.config.current();
+    let tenant = cfg.tenant(u.identity.tenant.as_str());
+    // Only a protocol switch the tenant allows may turn this connection into a tunnel; anything else (h2c
+    // above all) is forwarded as a plain request.
+    let allowed = tenant.map_or(&[][..], |t| &t.http.allow_upgrade[..]);
+    let upgrade_to = match req.version() {
+        Version::HTTP_11 => rewrite::limit_upgrade(req.headers_mut(), allowed),
+        _ => None,
+    };
+    let tunnel = upgrade_to.is_some() || req.method() == Method::CONNECT;
     let device_upgrade = tunnel.then(|| hyper::upgrade::on(&mut req));
     let device_version = req.version();
     let (mut parts, body) = req.into_parts();
@@ -278,7 +286,12 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
         .unwrap_or_else(|| u.dst.to_string());
     let host = rewrite::normalize_host(&authority);
     let raw_path = parts.uri.path().to_string();
-    let path = rewrite::normalize_path(&raw_path);
+    // CONNECT names an authority, not a path.
+    let path = if parts.method == Method::CONNECT {
+        Ok(String::new())
+    } else {
+        rewrite::canonical_path(&raw_path)
+    };
     let method = parts.method.as_str().to_ascii_uppercase();
 
     let mut guard = RecordGuard::new(
@@ -300,8 +313,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
         },
     );
 
-    let cfg = flow.config.current();
-    let Some(tenant) = cfg.tenant(u.identity.tenant.as_str()) else {
+    let Some(tenant) = tenant else {
         return page(
             StatusCode::FORBIDDEN,
             "tenant-removed",
@@ -319,6 +331,21 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             "block",
         );
     }
+    let path = match path {
+        Ok(p) => p,
+        Err(why) => {
+            guard.record.error = Some(format!("ambiguous path: {why}"));
+            return page(
+                StatusCode::BAD_REQUEST,
+                policy::AMBIGUOUS_PATH,
+                &format!(
+                    "The gateway does not forward this path: {why}. Ask for the plain form of the address."
+                ),
+                guard,
+                "block",
+            );
+        }
+    };
     let who = Identity {
         user: &u.identity.user,
         device: &u.identity.device,
@@ -373,7 +400,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             );
         }
     };
-    if let Err(e) = rewrite::to_origin(&mut parts, lease.proto(), ctx.scheme, &authority) {
+    if let Err(e) = rewrite::to_origin(&mut parts, lease.proto(), ctx.scheme, &authority, &path) {
         guard.record.error = Some(e.to_string());
         return page(
             StatusCode::BAD_REQUEST,
@@ -416,6 +443,24 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
     };
     let status = resp.status();
     guard.record.status = Some(status.as_u16());
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let switched = upgrade_to
+            .as_deref()
+            .and_then(|asked| rewrite::switched_protocol(resp.headers(), asked));
+        let Some(protocol) = switched else {
+            // Never hand the device a switch it was not allowed to ask for.
+            guard.record.error = Some("the origin switched protocols unasked".into());
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "upstream-error",
+                "The site switched to a protocol the gateway does not allow.",
+                guard,
+                "error",
+            );
+        };
+        // The record names the protocol the connection switched to: `http+websocket`.
+        guard.record.scheme = format!("{}+{protocol}", ctx.scheme);
+    }
     if let Some(device_upgrade) = device_upgrade {
         let switched = status == StatusCode::SWITCHING_PROTOCOLS
             || (method == "CONNECT" && status.is_success());

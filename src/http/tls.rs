@@ -28,6 +28,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+use super::policy::TlsAlert;
+
 /// Most ClientHello bytes read before giving up (a real one is a few hundred bytes to a few kB).
 const MAX_HELLO: usize = 64 * 1024;
 /// Leaves minted per tenant before the cache starts over.
@@ -313,10 +315,15 @@ pub async fn read_client_hello(
         .unwrap_or(Err(HelloError::Timeout(timeout)))
 }
 
-/// Sends a fatal `access_denied` alert (plaintext, before any handshake) and closes.
-pub async fn refuse(mut tcp: TcpStream) {
-    const ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
-    let _ = tcp.write_all(&ACCESS_DENIED).await;
+/// Sends a fatal alert (plaintext, before any handshake) and closes.
+pub async fn refuse(mut tcp: TcpStream, alert: TlsAlert) {
+    let code = match alert {
+        TlsAlert::AccessDenied => 49,
+        TlsAlert::NoApplicationProtocol => 120,
+    };
+    let _ = tcp
+        .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, code])
+        .await;
     let _ = tcp.shutdown().await;
 }
 

@@ -4,18 +4,45 @@
   POST /upload   reads the body (Content-Length or chunked), answers {"sha256": ..., "bytes": ...}
   GET  /chunked  answers with a chunked body of N numbered lines (?n=N, default 50)
   GET  /ws       with `Upgrade`: answers 101 and then echoes every byte until the peer closes
+  GET  /ws       without `Upgrade`: 200 and a JSON object of the `Upgrade` and `HTTP2-Settings` it received
   CONNECT h:p    a forward-proxy tunnel to h:p (200, then bytes both ways)
 
-Usage: http_origin.py HOST PORT   (prints LISTENING when ready)
+With --lenient it plays the origins that path rules must not be fooled by: every GET path is resolved the
+most permissive way backends do (all percent-escapes decoded as Tomcat-behind-a-decoding-proxy and many
+frameworks do, `\` as `/` as IIS does, `;params` dropped from each segment as servlet containers do, dot
+segments resolved, case folded as IIS does); a path that resolves to /admin/... answers "secret admin panel",
+/small answers "hello from lenient", anything else 404. With --tls CERT KEY it speaks TLS and, like many
+servers, ignores the client's server name and ALPN.
+
+Usage: http_origin.py HOST PORT [--lenient] [--tls CERT KEY]   (prints LISTENING when ready)
 """
 import hashlib
 import json
 import select
 import socket
 import socketserver
+import ssl
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
+
+LENIENT = "--lenient" in sys.argv
+
+
+def lenient_path(raw):
+    path = raw.split("?", 1)[0]
+    path = unquote(path, errors="replace").replace("\\", "/")
+    out = []
+    for seg in path.split("/"):
+        seg = seg.split(";", 1)[0]
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    return "/" + "/".join(out).lower()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -90,8 +117,28 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def reply(self, status, body, ctype="text/plain"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self):
+        if LENIENT:
+            p = lenient_path(self.path)
+            if p == "/admin" or p.startswith("/admin/"):
+                self.reply(200, b"secret admin panel\n")
+            elif p == "/small":
+                self.reply(200, b"hello from lenient\n")
+            else:
+                self.reply(404, b"not found\n")
+            return
         url = urlparse(self.path)
+        if url.path == "/ws" and not self.headers.get("Upgrade"):
+            seen = {"upgrade": self.headers.get("Upgrade"), "http2_settings": self.headers.get("HTTP2-Settings")}
+            self.reply(200, json.dumps(seen).encode(), "application/json")
+            return
         if url.path == "/ws" and self.headers.get("Upgrade"):
             self.send_response(101)
             self.send_header("Upgrade", self.headers["Upgrade"])
@@ -127,5 +174,11 @@ class Server(socketserver.ThreadingMixIn, HTTPServer):
 
 if __name__ == "__main__":
     srv = Server((sys.argv[1], int(sys.argv[2])), Handler)
+    if "--tls" in sys.argv:
+        i = sys.argv.index("--tls")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[i + 1], sys.argv[i + 2])
+        # The handshake runs in the handler's thread (first read), not in the accept loop.
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
     print("LISTENING", flush=True)
     srv.serve_forever()
