@@ -336,8 +336,7 @@ async fn proxy_tcp(
         }
         Inspect::Ssh(settings) => match env.ssh() {
             Some(ssh) => {
-                let cfg = env.config.current();
-                crate::ssh::intercept_flow(conn, upstream, &flow, settings, &cfg, ssh).await
+                crate::ssh::intercept_flow(conn, upstream, &flow, settings, &env.config, ssh).await
             }
             None => {
                 tracing::error!(

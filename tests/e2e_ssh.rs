@@ -1,7 +1,7 @@
 //! Acceptance of issue 5 (SSH interception, command logging, recording, review) with real OpenSSH binaries.
 //!
-//! - `loopback_*`: the inspector (`rampart::ssh::intercept`) in-process between a real `ssh` client and a real
-//!   `sshd` (run by the test as its own child on a free port, temp config), both on 127.0.0.1.
+//! - `loopback_*`: the inspector in-process (`support::ssh::Inspector`, configured from a real config file)
+//!   between a real `ssh` client and a real `sshd` (the test's own child on a free port), both on 127.0.0.1.
 //! - `gateway_*`: through the real `rampart run` with wireguard-go clients in namespaces (tests/support).
 //!
 //! Run: `cargo test --test e2e_ssh -- --test-threads=1` (root: sshd, namespaces).
@@ -9,404 +9,21 @@
 #[allow(unused_imports)]
 mod support;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener as StdListener, TcpStream as StdStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
+use std::io::Write as _;
+use std::net::TcpStream as StdStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rampart::audit::capture::RecipientKey;
-use rampart::audit::ssh_records::{self, LogRow, SshAuditWriter, SshEvent, SshLog};
-use rampart::config::{Recording, SshAuth, SshRuleSettings};
-use rampart::ssh::{trust, SshContext, SshLimits, SshServices};
-
-const SSHD: &str = "/usr/sbin/sshd";
-const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
-
-fn tempdir(tag: &str) -> PathBuf {
-    let mut b = [0u8; 6];
-    getrandom::getrandom(&mut b).unwrap();
-    let d = std::env::temp_dir().join(format!("rampart-e2e-ssh-{tag}-{}", ssh_records::hex(&b)));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `deadline`.
-fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A real sshd on 127.0.0.1, trusting `user_ca_pub` for certificate logins.
-struct Sshd {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Sshd {
-    fn start(dir: &Path, user_ca_pub: &Path) -> Sshd {
-        std::fs::create_dir_all("/run/sshd").unwrap();
-        let host_key = dir.join("sshd_host_key");
-        if !host_key.exists() {
-            run_ok(
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(&host_key),
-            );
-        }
-        for _ in 0..5 {
-            let port = free_port();
-            let cfg = dir.join("sshd_config");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nUsePAM no\n\
-                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                     AuthorizedKeysFile none\nTrustedUserCAKeys {}\nPermitRootLogin prohibit-password\n\
-                     StrictModes no\nSubsystem sftp {SFTP_SERVER}\nLogLevel VERBOSE\nAllowTcpForwarding yes\n\
-                     AcceptEnv LANG LC_* RAMPART_*\nMaxStartups 100:30:200\nMaxSessions 50\n",
-                    host_key.display(),
-                    dir.join("sshd.pid").display(),
-                    user_ca_pub.display()
-                ),
-            )
-            .unwrap();
-            let log = dir.join("sshd.log");
-            let child = Command::new(SSHD)
-                .args(["-D", "-e", "-f"])
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("sshd (apt install openssh-server)");
-            let mut s = Sshd { child, port, log };
-            let up = wait_for(Duration::from_secs(10), "sshd to listen", || {
-                if let Ok(Some(_)) = s.child.try_wait() {
-                    return Some(false);
-                }
-                StdStream::connect(("127.0.0.1", port)).ok().map(|_| true)
-            });
-            if up {
-                return s;
-            }
-            // Port taken in the meantime: try another.
-            let _ = s.child.wait();
-        }
-        panic!("sshd did not start; see its log");
-    }
-
-    fn addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new([127, 0, 0, 1].into(), self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The inspector in-process: a listener on 127.0.0.1 whose connections are intercepted towards `target`.
-struct Gw {
-    rt: Option<tokio::runtime::Runtime>,
-    port: u16,
-    state: PathBuf,
-    writer: Option<SshAuditWriter>,
-    services: Option<Arc<SshServices>>,
-    client_dir: PathBuf,
-}
-
-struct GwOpts {
-    settings: SshRuleSettings,
-    recipient: Option<RecipientKey>,
-    limits: SshLimits,
-}
-
-impl Default for GwOpts {
-    fn default() -> Self {
-        GwOpts {
-            settings: SshRuleSettings {
-                recording: Recording::Required,
-                auth: SshAuth::None,
-                capture_input: false,
-                allow_forwarding: false,
-            },
-            recipient: None,
-            limits: SshLimits::default(),
-        }
-    }
-}
-
-impl Gw {
-    /// Starts the inspector with a fresh state dir whose tenant CA the returned sshd trusts.
-    fn start(opts: GwOpts) -> (Gw, Sshd) {
-        let state = tempdir("state");
-        let init = trust::ca_init(&state, "acme").unwrap();
-        let sshd = Sshd::start(&state, &init.dir.join("user_ca.pub"));
-        let gw = Gw::start_with(state, sshd.addr(), opts);
-        (gw, sshd)
-    }
-
-    fn start_with(state: PathBuf, target: SocketAddrV4, opts: GwOpts) -> Gw {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (sink, writer) =
-            ssh_records::start(&state.join("audit.db"), &state.join("audit_signing_key")).unwrap();
-        let services = Arc::new(SshServices::new(&state, sink, opts.limits));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let svc = services.clone();
-        let settings = opts.settings;
-        let recipient = opts.recipient;
-        rt.spawn(async move {
-            loop {
-                let Ok((client, peer)) = listener.accept().await else {
-                    continue;
-                };
-                let SocketAddr::V4(src) = peer else { continue };
-                let ctx = SshContext {
-                    tenant: rampart::config::TenantId::parse("acme").unwrap(),
-                    device: rampart::config::DeviceName::parse("alice-laptop").unwrap(),
-                    user: rampart::config::UserName::parse("alice@acme.example").unwrap(),
-                    src,
-                    dst: target,
-                    rule: Arc::from("ssh-admins"),
-                    settings: settings.clone(),
-                    recipient,
-                    services: svc.clone(),
-                };
-                tokio::spawn(async move {
-                    let Ok(up) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    rampart::ssh::intercept(client, up, ctx).await;
-                });
-            }
-        });
-        let client_dir = state.join("client");
-        std::fs::create_dir_all(&client_dir).unwrap();
-        let host_ca = std::fs::read_to_string(state.join("ssh/acme/host_ca.pub")).unwrap();
-        std::fs::write(
-            client_dir.join("known_hosts"),
-            format!("@cert-authority * {}", host_ca.trim()),
-        )
-        .unwrap();
-        run_ok(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(client_dir.join("id")),
-        );
-        Gw {
-            rt: Some(rt),
-            port,
-            state,
-            writer: Some(writer),
-            services: Some(services),
-            client_dir,
-        }
-    }
-
-    /// Options every OpenSSH client invocation gets: strict host checking against the tenant host CA only.
-    fn ssh_opts(&self) -> Vec<String> {
-        let kh = self.client_dir.join("known_hosts");
-        let id = self.client_dir.join("id");
-        [
-            "-F".into(),
-            "/dev/null".into(),
-            "-o".into(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            "IdentitiesOnly=yes".into(),
-            "-i".into(),
-            id.display().to_string(),
-            "-o".into(),
-            format!("UserKnownHostsFile={}", kh.display()),
-            "-o".into(),
-            "GlobalKnownHostsFile=/dev/null".into(),
-            "-o".into(),
-            "StrictHostKeyChecking=yes".into(),
-            "-o".into(),
-            "ConnectTimeout=20".into(),
-        ]
-        .to_vec()
-    }
-
-    /// `ssh -p PORT <opts> root@127.0.0.1 <args>` with `stdin`.
-    fn ssh(&self, extra: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut cmd = Command::new("ssh");
-        cmd.args(self.ssh_opts())
-            .args(["-p", &self.port.to_string()])
-            .args(extra);
-        run_with_stdin(cmd, stdin)
-    }
-
-    fn log(&self) -> SshLog {
-        SshLog::open_readonly(&self.state.join("audit.db")).unwrap()
-    }
-
-    /// Waits until the audit log holds `n` rows of `kind`, and returns all rows.
-    fn wait_rows(&self, kind: &str, n: usize) -> Vec<LogRow> {
-        wait_for(
-            Duration::from_secs(20),
-            &format!("{n} {kind} records"),
-            || {
-                let rows = self.log().rows_after(0, 100_000).ok()?;
-                (rows.iter().filter(|r| r.kind == kind).count() >= n).then_some(rows)
-            },
-        )
-    }
-
-    /// Stops the inspector and the audit writer (which signs its final checkpoint).
-    fn stop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
-        self.services = None;
-        if let Some(w) = self.writer.take() {
-            w.finish();
-        }
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        self.stop();
-        // Kept for a look after a failure (or with RAMPART_E2E_KEEP set); removed otherwise.
-        if !std::thread::panicking() && std::env::var_os("RAMPART_E2E_KEEP").is_none() {
-            if let Err(e) = std::fs::remove_dir_all(&self.state) {
-                eprintln!("cannot remove {}: {e}", self.state.display());
-            }
-        }
-    }
-}
-
-/// Runs `cmd` feeding it `stdin`; kills it after 3 minutes (a hung test fails instead of hanging).
-fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let Some(data) = stdin {
-        let mut sin = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = sin.write_all(&data);
-        });
-    }
-    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut v);
-            }
-            v
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
-    );
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn events(rows: &[LogRow], kind: &str) -> Vec<SshEvent> {
-    rows.iter()
-        .filter(|r| r.kind == kind)
-        .filter_map(LogRow::event)
-        .collect()
-}
-
-fn exec_commands(rows: &[LogRow]) -> Vec<String> {
-    events(rows, "command")
-        .into_iter()
-        .filter_map(|e| match e {
-            SshEvent::Command(c) if c.source == "exec" => c.command.text.open(None),
-            _ => None,
-        })
-        .collect()
-}
-
-fn need_openssh() -> bool {
-    Path::new(SSHD).exists() && Path::new(SFTP_SERVER).exists()
-}
+use rampart::audit::ssh_records::{LogRow, SshEvent};
+use rampart::ssh::{trust, SshLimits};
+use support::ssh::*;
 
 // ------------------------------------------------------------------------------------------- loopback ------
 
 #[test]
 fn loopback_exec_relays_output_exit_codes_and_records_commands() {
     assert!(need_openssh(), "install openssh-server (make deps)");
-    let (gw, sshd) = Gw::start(GwOpts::default());
+    let (gw, sshd) = Inspector::start(GwOpts::default());
     let out = gw.ssh(&["root@127.0.0.1", "echo out; echo err >&2; exit 7"], None);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out\n");
@@ -469,69 +86,12 @@ fn loopback_exec_relays_output_exit_codes_and_records_commands() {
     assert_eq!(row.keys.cert_serial, Some(cert.serial));
 }
 
-const RAMPART: &str = env!("CARGO_BIN_EXE_rampart");
-
-impl Gw {
-    /// A config file naming this state dir (what the review CLI reads).
-    fn config_file(&self, recipient: Option<&str>) -> PathBuf {
-        let p = self.state.join("gateway.toml");
-        let recipient = recipient
-            .map(|r| format!("audit_recipient = \"{r}\"\n"))
-            .unwrap_or_default();
-        std::fs::write(
-            &p,
-            format!(
-                "[gateway]\nstate_dir = \"{}\"\n\n[[tenant]]\nid = \"acme\"\naddress_pool = \"100.96.0.0/24\"\n\
-                 gateway_address = \"100.96.0.1\"\n{recipient}",
-                self.state.display()
-            ),
-        )
-        .unwrap();
-        p
-    }
-
-    /// `rampart <args> -c <config>`.
-    fn rampart(&self, args: &[&str], config: &Path) -> Output {
-        Command::new(RAMPART)
-            .args(args)
-            .arg("-c")
-            .arg(config)
-            .output()
-            .unwrap()
-    }
-
-    fn session_ids(&self) -> Vec<String> {
-        self.log()
-            .rows_of_kind("session.start", 0)
-            .unwrap()
-            .into_iter()
-            .rev()
-            .map(|r| r.keys.session_id)
-            .collect()
-    }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    ssh_records::sha256_hex(data)
-}
-
-fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
-
 #[test]
 fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
-    let mut opts = GwOpts::default();
-    opts.settings.capture_input = true;
-    let (gw, _sshd) = Gw::start(opts);
+    let (gw, _sshd) = Inspector::start(GwOpts {
+        rule: "capture_input = true".into(),
+        ..Default::default()
+    });
     let out = gw.ssh(
         &["-tt", "root@127.0.0.1"],
         Some("echo h\u{e9}llo-from-pty\nexit 5\n".as_bytes()),
@@ -551,8 +111,7 @@ fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
         .collect();
     assert_eq!(lines, ["echo h\u{e9}llo-from-pty", "exit 5"]);
     let id = gw.session_ids().remove(0);
-    let cfg = gw.config_file(None);
-    let replay = gw.rampart(&["audit", "ssh", "replay", &id, "--max-idle", "0.05"], &cfg);
+    let replay = gw.rampart(&["audit", "ssh", "replay", &id, "--max-idle", "0.05"]);
     assert!(replay.status.success(), "{}", text(&replay.stderr));
     assert!(
         text(&replay.stdout).contains("h\u{e9}llo-from-pty"),
@@ -560,17 +119,14 @@ fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
         text(&replay.stdout)
     );
     let dir = gw.state.join("export");
-    let export = gw.rampart(
-        &[
-            "audit",
-            "ssh",
-            "export",
-            &id,
-            "--out",
-            dir.to_str().unwrap(),
-        ],
-        &cfg,
-    );
+    let export = gw.rampart(&[
+        "audit",
+        "ssh",
+        "export",
+        &id,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(export.status.success(), "{}", text(&export.stderr));
     let cast = std::fs::read_to_string(dir.join("ch1.cast")).unwrap();
     let mut lines = cast.lines();
@@ -592,7 +148,7 @@ fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
     let session: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("session.json")).unwrap()).unwrap();
     assert!(session["records"].as_array().unwrap().len() >= 4);
-    let show = gw.rampart(&["audit", "ssh", "show", &id], &cfg);
+    let show = gw.rampart(&["audit", "ssh", "show", &id]);
     let show = text(&show.stdout);
     assert!(show.contains("open session shell pty"), "{show}");
     assert!(show.contains("exit status 5"), "{show}");
@@ -600,7 +156,7 @@ fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
 
 #[test]
 fn loopback_stdin_eof_and_10mb_each_way_with_matching_sha256() {
-    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let (gw, _sshd) = Inspector::start(GwOpts::default());
     let data = pseudo_random(10 << 20, 7);
     let up = gw.ssh(&["root@127.0.0.1", "sha256sum"], Some(&data));
     assert!(up.status.success(), "{}", text(&up.stderr));
@@ -619,7 +175,7 @@ fn loopback_stdin_eof_and_10mb_each_way_with_matching_sha256() {
 
 #[test]
 fn loopback_sftp_and_scp_round_trips_log_operations() {
-    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let (gw, _sshd) = Inspector::start(GwOpts::default());
     let work = gw.state.join("files");
     std::fs::create_dir_all(&work).unwrap();
     let data = pseudo_random(3 << 20, 11);
@@ -629,7 +185,7 @@ fn loopback_sftp_and_scp_round_trips_log_operations() {
     let port = gw.port.to_string();
     let scp = |extra: &[&str], from: String, to: String| {
         let mut cmd = Command::new("scp");
-        cmd.args(gw.ssh_opts())
+        cmd.args(gw.client.opts())
             .args(["-P", &port])
             .args(extra)
             .arg(from)
@@ -663,7 +219,7 @@ fn loopback_sftp_and_scp_round_trips_log_operations() {
         remote.display()
     );
     let mut cmd = Command::new("sftp");
-    cmd.args(gw.ssh_opts())
+    cmd.args(gw.client.opts())
         .args(["-P", &port, "-b", "-", "root@127.0.0.1"]);
     let r = run_with_stdin(cmd, Some(batch.as_bytes()));
     assert!(r.status.success(), "sftp: {}", text(&r.stderr));
@@ -709,12 +265,13 @@ fn loopback_sftp_and_scp_round_trips_log_operations() {
 
 #[test]
 fn loopback_local_forwarding_follows_the_rule() {
-    let mut opts = GwOpts::default();
-    opts.settings.allow_forwarding = true;
-    let (gw, sshd) = Gw::start(opts);
+    let (gw, sshd) = Inspector::start(GwOpts {
+        rule: "allow_forwarding = true".into(),
+        ..Default::default()
+    });
     let lport = free_port();
     let mut cmd = Command::new("ssh");
-    cmd.args(gw.ssh_opts())
+    cmd.args(gw.client.opts())
         .args([
             "-p",
             &gw.port.to_string(),
@@ -723,7 +280,7 @@ fn loopback_local_forwarding_follows_the_rule() {
             "ExitOnForwardFailure=yes",
             "-L",
         ])
-        .arg(format!("127.0.0.1:{lport}:127.0.0.1:{}", sshd.port))
+        .arg(format!("127.0.0.1:{lport}:127.0.0.1:{}", sshd.port()))
         .arg("root@127.0.0.1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -749,9 +306,13 @@ fn loopback_local_forwarding_follows_the_rule() {
         SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "allowed")));
 
     // The same through a rule without allow_forwarding: refused and recorded.
-    let (gw2, sshd2) = Gw::start(GwOpts::default());
+    let (gw2, sshd2) = Inspector::start(GwOpts::default());
     let out = gw2.ssh(
-        &["-W", &format!("127.0.0.1:{}", sshd2.port), "root@127.0.0.1"],
+        &[
+            "-W",
+            &format!("127.0.0.1:{}", sshd2.port()),
+            "root@127.0.0.1",
+        ],
         None,
     );
     assert_ne!(out.status.code(), Some(0));
@@ -763,12 +324,11 @@ fn loopback_local_forwarding_follows_the_rule() {
 #[test]
 fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tampering() {
     let (private, public) = rampart::audit::capture::generate_key_pair().unwrap();
-    let mut opts = GwOpts {
-        recipient: Some(RecipientKey::from_base64(&public).unwrap()),
+    let (mut gw, _sshd) = Inspector::start(GwOpts {
+        tenant: format!("audit_recipient = \"{public}\""),
+        rule: "capture_input = true".into(),
         ..Default::default()
-    };
-    opts.settings.capture_input = true;
-    let (mut gw, _sshd) = Gw::start(opts);
+    });
     let marker = "marker-7f3a9c";
     let out = gw.ssh(&["root@127.0.0.1", &format!("echo {marker}; exit 3")], None);
     assert_eq!(out.status.code(), Some(3));
@@ -793,27 +353,23 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
         caps.push(e);
     }
     assert_eq!(caps.len(), 2);
-    let cfg = gw.config_file(Some(&public));
     let keyfile = gw.state.join("reviewer.key");
     std::fs::write(&keyfile, &private).unwrap();
-    let search = gw.rampart(&["audit", "ssh", "search", marker], &cfg);
+    let search = gw.rampart(&["audit", "ssh", "search", marker]);
     assert!(!text(&search.stdout).contains(marker));
     assert!(
         text(&search.stderr).contains("sealed"),
         "{}",
         text(&search.stderr)
     );
-    let search = gw.rampart(
-        &[
-            "audit",
-            "ssh",
-            "search",
-            marker,
-            "--key",
-            keyfile.to_str().unwrap(),
-        ],
-        &cfg,
-    );
+    let search = gw.rampart(&[
+        "audit",
+        "ssh",
+        "search",
+        marker,
+        "--key",
+        keyfile.to_str().unwrap(),
+    ]);
     assert!(
         text(&search.stdout).contains(&format!("echo {marker}; exit 3")),
         "{}",
@@ -821,33 +377,27 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
     );
     let ids = gw.session_ids();
     // The non-PTY capture's header (exit status) is shown by the review tool.
-    let show = gw.rampart(&["audit", "ssh", "show", &ids[0]], &cfg);
+    let show = gw.rampart(&["audit", "ssh", "show", &ids[0]]);
     let show = text(&show.stdout);
     assert!(show.contains("streams, exit status 3"), "{show}");
     assert!(!show.contains(marker));
-    let replay = gw.rampart(
-        &["audit", "ssh", "replay", &ids[1], "--max-idle", "0.05"],
-        &cfg,
-    );
+    let replay = gw.rampart(&["audit", "ssh", "replay", &ids[1], "--max-idle", "0.05"]);
     assert!(!replay.status.success());
     assert!(
         text(&replay.stderr).contains("--key"),
         "{}",
         text(&replay.stderr)
     );
-    let replay = gw.rampart(
-        &[
-            "audit",
-            "ssh",
-            "replay",
-            &ids[1],
-            "--max-idle",
-            "0.05",
-            "--key",
-            keyfile.to_str().unwrap(),
-        ],
-        &cfg,
-    );
+    let replay = gw.rampart(&[
+        "audit",
+        "ssh",
+        "replay",
+        &ids[1],
+        "--max-idle",
+        "0.05",
+        "--key",
+        keyfile.to_str().unwrap(),
+    ]);
     assert!(replay.status.success(), "{}", text(&replay.stderr));
     assert!(text(&replay.stdout).contains(&format!("pty-{marker}")));
     // Decodes with the format codec too (what ssh-log-cli reads).
@@ -859,7 +409,7 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
     assert!(decoded.exit().is_some());
 
     // Tamper evidence.
-    let verify = gw.rampart(&["audit", "verify"], &cfg);
+    let verify = gw.rampart(&["audit", "verify"]);
     assert!(
         verify.status.success(),
         "{}{}",
@@ -876,7 +426,7 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
     let i = changed.len() - 20;
     changed[i] ^= 1;
     std::fs::write(&caps[0], &changed).unwrap();
-    let verify = gw.rampart(&["audit", "verify"], &cfg);
+    let verify = gw.rampart(&["audit", "verify"]);
     assert!(!verify.status.success());
     assert!(
         text(&verify.stderr).contains("was altered"),
@@ -892,27 +442,13 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
         )
         .unwrap();
     }
-    let verify = gw.rampart(&["audit", "verify"], &cfg);
+    let verify = gw.rampart(&["audit", "verify"]);
     assert!(!verify.status.success());
     assert!(
         text(&verify.stderr).contains("command of session"),
         "{}",
         text(&verify.stderr)
     );
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]
@@ -922,8 +458,8 @@ fn loopback_target_rejecting_the_certificate_is_reported_by_the_gateway() {
     // The target trusts another CA.
     let other = tempdir("otherca");
     let other_ca = trust::ca_init(&other, "x").unwrap();
-    let sshd = Sshd::start(&state, &other_ca.dir.join("user_ca.pub"));
-    let gw = Gw::start_with(state, sshd.addr(), GwOpts::default());
+    let sshd = Sshd::loopback(&state.join("sshd"), &other_ca.dir.join("user_ca.pub"));
+    let gw = Inspector::start_with(state, sshd.sockaddr(), GwOpts::default());
     let _ = std::fs::remove_dir_all(&other);
     let out = gw.ssh(&["root@127.0.0.1", "true"], None);
     assert_eq!(out.status.code(), Some(255));
@@ -940,7 +476,7 @@ fn loopback_target_rejecting_the_certificate_is_reported_by_the_gateway() {
 
 #[test]
 fn loopback_required_recording_with_an_unwritable_store_refuses_the_session() {
-    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let (gw, _sshd) = Inspector::start(GwOpts::default());
     // The recordings directory cannot be created (root ignores permissions, so use a file in its way).
     std::fs::write(gw.state.join("recordings"), b"not a directory").unwrap();
     let out = gw.ssh(&["root@127.0.0.1", "echo should-not-run"], None);
@@ -952,40 +488,20 @@ fn loopback_required_recording_with_an_unwritable_store_refuses_the_session() {
         "{err}"
     );
     // best_effort goes on without a recording.
-    let mut opts = GwOpts::default();
-    opts.settings.recording = Recording::BestEffort;
-    let (gw2, _sshd2) = Gw::start(opts);
+    let (gw2, _sshd2) = Inspector::start(GwOpts {
+        rule: "recording = \"best_effort\"".into(),
+        ..Default::default()
+    });
     std::fs::write(gw2.state.join("recordings"), b"not a directory").unwrap();
     let out = gw2.ssh(&["root@127.0.0.1", "echo runs"], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "runs\n");
 }
 
-/// A tiny tmpfs mounted on a directory (unmounted on drop): the recording store fills up mid-session.
-struct TinyFs(PathBuf);
-
-impl TinyFs {
-    fn mount(dir: &Path, size: &str) -> TinyFs {
-        std::fs::create_dir_all(dir).unwrap();
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "rampart-e2e"])
-                .arg(dir),
-        );
-        TinyFs(dir.to_path_buf())
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn loopback_a_recording_that_fails_mid_session_ends_a_required_session_with_a_message() {
     const OUT: &str = "head -c 2000000 /dev/zero | tr '\\0' x";
-    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let (gw, _sshd) = Inspector::start(GwOpts::default());
     let _fs = TinyFs::mount(&gw.state.join("recordings"), "256k");
     let out = gw.ssh(&["root@127.0.0.1", OUT], None);
     assert_eq!(out.status.code(), Some(254), "{}", text(&out.stderr));
@@ -1000,9 +516,10 @@ fn loopback_a_recording_that_fails_mid_session_ends_a_required_session_with_a_me
         SshEvent::ChannelClose(c) if c.recording.as_ref().is_some_and(|r| !r.complete))));
 
     // best_effort: the program runs to its end; the close record says the recording is incomplete.
-    let mut opts = GwOpts::default();
-    opts.settings.recording = Recording::BestEffort;
-    let (gw2, _sshd2) = Gw::start(opts);
+    let (gw2, _sshd2) = Inspector::start(GwOpts {
+        rule: "recording = \"best_effort\"".into(),
+        ..Default::default()
+    });
     let _fs2 = TinyFs::mount(&gw2.state.join("recordings"), "256k");
     let out = gw2.ssh(&["root@127.0.0.1", OUT], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -1010,31 +527,6 @@ fn loopback_a_recording_that_fails_mid_session_ends_a_required_session_with_a_me
     let rows = gw2.wait_rows("session.end", 1);
     assert!(events(&rows, "channel.close").iter().any(|e| matches!(e,
         SshEvent::ChannelClose(c) if c.recording.as_ref().is_some_and(|r| !r.complete && r.error.is_some()))));
-}
-
-/// Whether the gateway closed `s` (EOF or reset) before `deadline`.
-fn closed_within(mut s: StdStream, deadline: Duration) -> bool {
-    use std::io::Read as _;
-    let end = Instant::now() + deadline;
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
 }
 
 #[test]
@@ -1046,7 +538,7 @@ fn loopback_garbage_half_handshakes_and_silence_are_closed_within_the_grace_peri
         },
         ..Default::default()
     };
-    let (gw, _sshd) = Gw::start(opts);
+    let (gw, _sshd) = Inspector::start(opts);
     let connect = || StdStream::connect(("127.0.0.1", gw.port)).unwrap();
     let mut garbage = connect();
     garbage.write_all(&pseudo_random(5000, 3)).unwrap();
@@ -1068,7 +560,7 @@ fn loopback_garbage_half_handshakes_and_silence_are_closed_within_the_grace_peri
 
 #[test]
 fn loopback_a_1mb_command_does_not_break_the_gateway() {
-    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let (gw, _sshd) = Inspector::start(GwOpts::default());
     // ssh joins its arguments; one argument may not exceed 128 KiB (execve), so use several.
     let part = "x".repeat(100 * 1024);
     let mut args: Vec<&str> = vec!["root@127.0.0.1", "echo"];
@@ -1114,11 +606,11 @@ fn established_to(port: u16) -> usize {
 
 #[test]
 fn loopback_30_parallel_sessions_succeed_without_leaking_target_connections() {
-    let (gw, sshd) = Gw::start(GwOpts::default());
+    let (gw, sshd) = Inspector::start(GwOpts::default());
     let children: Vec<_> = (0..30)
         .map(|i| {
             let mut cmd = Command::new("ssh");
-            cmd.args(gw.ssh_opts())
+            cmd.args(gw.client.opts())
                 .args(["-p", &gw.port.to_string(), "root@127.0.0.1"])
                 .arg(format!("echo ok-{i}"))
                 .stdin(Stdio::null())
@@ -1140,15 +632,16 @@ fn loopback_30_parallel_sessions_succeed_without_leaking_target_connections() {
     wait_for(
         Duration::from_secs(20),
         "target connections to close",
-        || (established_to(sshd.port) == 0).then_some(()),
+        || (established_to(sshd.port()) == 0).then_some(()),
     );
 }
 
 #[test]
 fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
-    let mut opts = GwOpts::default();
-    opts.settings.auth = SshAuth::Publickey;
-    let (gw, _sshd) = Gw::start(opts);
+    let (gw, _sshd) = Inspector::start(GwOpts {
+        rule: "ssh_auth = \"publickey\"".into(),
+        ..Default::default()
+    });
     // The target's exit-signal reaches the client and the record.
     let out = gw.ssh(&["root@127.0.0.1", "kill -TERM $$"], None);
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
@@ -1164,7 +657,7 @@ fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
     let fp = run_ok(
         Command::new("ssh-keygen")
             .arg("-lf")
-            .arg(gw.client_dir.join("id.pub")),
+            .arg(gw.client.id_pub()),
     );
     assert!(
         text(&fp.stdout).contains(start.client_key_fp.as_deref().unwrap()),
@@ -1232,7 +725,7 @@ mod russh_client {
 #[test]
 fn loopback_window_changes_and_signals_reach_the_target() {
     use russh::ChannelMsg;
-    let (gw, _sshd) = Gw::start(GwOpts::default());
+    let (gw, _sshd) = Inspector::start(GwOpts::default());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1289,19 +782,15 @@ fn loopback_window_changes_and_signals_reach_the_target() {
     let rows = gw.wait_rows("session.end", 1);
     assert_eq!(events(&rows, "channel.close").len(), 2);
     let id = rows[0].keys.session_id.clone();
-    let cfg = gw.config_file(None);
     let dir = gw.state.join("export");
-    let out = gw.rampart(
-        &[
-            "audit",
-            "ssh",
-            "export",
-            &id,
-            "--out",
-            dir.to_str().unwrap(),
-        ],
-        &cfg,
-    );
+    let out = gw.rampart(&[
+        "audit",
+        "ssh",
+        "export",
+        &id,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let cast = std::fs::read_to_string(dir.join("ch1.cast")).unwrap();
     assert!(cast.contains(r#""r","100x30""#), "{cast}");
@@ -1328,17 +817,21 @@ fn bench_ssh_relay_cpu_and_throughput() {
     const MIB: usize = 256;
     let bytes = (MIB << 20) as f64;
     let upload = format!("head -c {MIB}M /dev/zero");
-    for (label, recording, recipient) in [
-        ("recording off", Recording::Off, None),
-        ("recording required, sealed", Recording::Required, Some(())),
+    for (label, recording, sealed) in [
+        ("recording off", "off", false),
+        ("recording required, sealed", "required", true),
     ] {
-        let mut opts = GwOpts::default();
-        opts.settings.recording = recording;
-        if recipient.is_some() {
+        let tenant = if sealed {
             let (_, public) = rampart::audit::capture::generate_key_pair().unwrap();
-            opts.recipient = Some(RecipientKey::from_base64(&public).unwrap());
-        }
-        let (gw, sshd) = Gw::start(opts);
+            format!("audit_recipient = \"{public}\"")
+        } else {
+            String::new()
+        };
+        let (gw, sshd) = Inspector::start(GwOpts {
+            rule: format!("recording = \"{recording}\""),
+            tenant,
+            ..Default::default()
+        });
         // Direct logins need what the gateway mints: a certificate from the tenant user CA (ssh picks up
         // id-cert.pub next to the identity).
         run_ok(
@@ -1346,17 +839,18 @@ fn bench_ssh_relay_cpu_and_throughput() {
                 .args(["-q", "-s"])
                 .arg(gw.state.join("ssh/acme/user_ca"))
                 .args(["-I", "bench", "-n", "root", "-V", "-5m:+1h"])
-                .arg(gw.client_dir.join("id.pub")),
+                .arg(gw.client.id_pub()),
         );
         for (dir, remote) in [("download", upload.as_str()), ("upload", "cat >/dev/null")] {
             let run = |port: u16| {
                 let mut cmd = Command::new("sh");
                 // Direct to sshd: its host key is not under the tenant host CA.
                 let opts: Vec<String> = gw
-                    .ssh_opts()
+                    .client
+                    .opts()
                     .into_iter()
                     .map(|o| match o.as_str() {
-                        "StrictHostKeyChecking=yes" if port == sshd.port => {
+                        "StrictHostKeyChecking=yes" if port == sshd.port() => {
                             "StrictHostKeyChecking=no".to_string()
                         }
                         _ => o,
@@ -1378,7 +872,7 @@ fn bench_ssh_relay_cpu_and_throughput() {
             let mut direct = Vec::new();
             let mut via = Vec::new();
             for _ in 0..3 {
-                direct.push(run(sshd.port).0);
+                direct.push(run(sshd.port()).0);
                 via.push(run(gw.port));
             }
             direct.sort_by(f64::total_cmp);
@@ -1400,8 +894,6 @@ fn bench_ssh_relay_cpu_and_throughput() {
 
 mod gateway_e2e {
     use super::support::lab::Host;
-    use super::support::netns::Netns;
-    use super::support::process::Proc;
     use super::support::{wait_ping, Lab, TenantSpec};
     use super::*;
 
@@ -1440,137 +932,8 @@ ports = ["22"]
         t
     }
 
-    /// sshd inside `ns` on `addr:22`, trusting the tenant's user CA.
-    struct NsSshd {
-        proc: Proc,
-        log: PathBuf,
-    }
-
-    impl NsSshd {
-        fn start(ns: &Netns, dir: &Path, addr: &str, user_ca_pub: &Path) -> NsSshd {
-            std::fs::create_dir_all(dir).unwrap();
-            std::fs::create_dir_all("/run/sshd").unwrap();
-            let host_key = dir.join("host_key");
-            run_ok(
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(&host_key),
-            );
-            let cfg = dir.join("sshd_config");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "Port 22\nListenAddress {addr}\nHostKey {}\nPidFile {}\nUsePAM no\n\
-                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile none\n\
-                     TrustedUserCAKeys {}\nPermitRootLogin prohibit-password\nStrictModes no\n\
-                     Subsystem sftp {SFTP_SERVER}\nLogLevel VERBOSE\nAllowTcpForwarding yes\n",
-                    host_key.display(),
-                    dir.join("sshd.pid").display(),
-                    user_ca_pub.display()
-                ),
-            )
-            .unwrap();
-            let log = dir.join("sshd.log");
-            let mut cmd = ns.exec(SSHD);
-            cmd.args(["-D", "-E"]).arg(&log).arg("-f").arg(&cfg);
-            let proc = Proc::spawn("sshd", cmd, dir);
-            let s = NsSshd { proc, log };
-            wait_for(Duration::from_secs(20), "sshd to listen", || {
-                s.log().contains("Server listening").then_some(())
-            });
-            s
-        }
-
-        fn log(&self) -> String {
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        }
-    }
-
-    impl Drop for NsSshd {
-        fn drop(&mut self) {
-            self.proc.stop(Duration::from_secs(5));
-        }
-    }
-
-    /// An OpenSSH client identity and known_hosts trusting only the tenant host CA.
-    struct SshClient {
-        dir: PathBuf,
-    }
-
-    impl SshClient {
-        fn new(dir: &Path, cert_authority_line: &str) -> SshClient {
-            std::fs::create_dir_all(dir).unwrap();
-            std::fs::write(dir.join("known_hosts"), format!("{cert_authority_line}\n")).unwrap();
-            run_ok(
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(dir.join("id")),
-            );
-            SshClient {
-                dir: dir.to_path_buf(),
-            }
-        }
-
-        fn opts(&self) -> Vec<String> {
-            vec![
-                "-F".into(),
-                "/dev/null".into(),
-                "-o".into(),
-                "BatchMode=yes".into(),
-                "-o".into(),
-                "IdentitiesOnly=yes".into(),
-                "-i".into(),
-                self.dir.join("id").display().to_string(),
-                "-o".into(),
-                format!(
-                    "UserKnownHostsFile={}",
-                    self.dir.join("known_hosts").display()
-                ),
-                "-o".into(),
-                "GlobalKnownHostsFile=/dev/null".into(),
-                "-o".into(),
-                "StrictHostKeyChecking=yes".into(),
-                "-o".into(),
-                "ConnectTimeout=30".into(),
-            ]
-        }
-
-        fn ssh(&self, ns: &Netns, args: &[&str], stdin: Option<&[u8]>) -> Output {
-            let mut cmd = ns.exec("ssh");
-            cmd.args(self.opts()).args(args);
-            run_with_stdin(cmd, stdin)
-        }
-    }
-
-    /// `rampart ca init` through the CLI; returns the `@cert-authority` line it printed.
-    fn ca_init(lab: &Lab) -> String {
-        let out = lab
-            .gateway
-            .cli(&["ca", "init"], &["--tenant", "acme"])
-            .expect_ok();
-        assert!(
-            !out.contains("PRIVATE KEY"),
-            "ca init printed a private key"
-        );
-        out.lines()
-            .find(|l| l.starts_with("@cert-authority * ssh-ed25519 "))
-            .unwrap_or_else(|| panic!("no @cert-authority line in:\n{out}"))
-            .to_string()
-    }
-
-    fn ssh_log(lab: &Lab) -> SshLog {
-        SshLog::open_readonly(&lab.gateway.state_dir().join("audit.db")).unwrap()
-    }
-
     fn wait_ends(lab: &Lab, n: usize) -> Vec<LogRow> {
-        wait_for(
-            Duration::from_secs(30),
-            &format!("{n} session ends"),
-            || {
-                let rows = ssh_log(lab).rows_after(0, 1_000_000).ok()?;
-                (rows.iter().filter(|r| r.kind == "session.end").count() >= n).then_some(rows)
-            },
-        )
+        wait_rows(&lab.gateway.state_dir().join("audit.db"), "session.end", n)
     }
 
     #[test]
@@ -1578,13 +941,15 @@ ports = ["22"]
         let mut lab = Lab::new(&[tenant()]);
         let host: Host = lab.add_host("up");
         assert_eq!(host.underlay.to_string(), UPSTREAM);
-        let ca_line = ca_init(&lab);
+        let ca_line = ca_init(&lab.gateway, "acme");
         let state = lab.gateway.state_dir();
-        let sshd = NsSshd::start(
-            &host.ns,
+        let sshd = Sshd::start(
+            Some(&host.ns),
             &lab.dir().join("sshd-up"),
             UPSTREAM,
+            &[22],
             &state.join("ssh/acme/user_ca.pub"),
+            HostKey::Plain,
         );
         let dev = lab.add_client("acme", "alice");
         wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
@@ -1754,17 +1119,19 @@ ports = ["22"]
             .rules
             .replace(&format!("offramp = [\"{UPSTREAM_NET}\"]\n"), "");
         let mut lab = Lab::new(&[t]);
-        let ca_line = ca_init(&lab);
+        let ca_line = ca_init(&lab.gateway, "acme");
         let a = lab.add_client("acme", "alice");
         let b = lab.add_client("acme", "bob");
         wait_ping(&a.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
         wait_ping(&b.ns, GW_ADDR, TUNNEL_UP, "bob -> gateway");
         let b_addr = b.address().to_string();
-        let sshd = NsSshd::start(
-            &b.ns,
+        let sshd = Sshd::start(
+            Some(&b.ns),
             &lab.dir().join("sshd-bob"),
             &b_addr,
+            &[22],
             &lab.gateway.state_dir().join("ssh/acme/user_ca.pub"),
+            HostKey::Plain,
         );
         let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
         let target = format!("root@{b_addr}");

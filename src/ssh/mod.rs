@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use crate::audit::capture::RecipientKey;
 use crate::audit::ssh_records::{SshAuditSink, SshAuditWriter};
 use crate::config::SshRuleSettings;
+use crate::handoff::{ConfigHandle, FlowContext, Identity};
 use trust::{TenantTrust, TrustError};
 
 /// How the gateway names itself in messages to SSH clients.
@@ -206,15 +207,53 @@ pub struct SshContext {
     pub tenant: crate::config::TenantId,
     pub device: crate::config::DeviceName,
     pub user: crate::config::UserName,
+    pub groups: Arc<[String]>,
     /// The device's side of the flow.
     pub src: SocketAddrV4,
     /// Where the device was going (the target).
     pub dst: SocketAddrV4,
     pub rule: Arc<str>,
+    /// The deciding rule's settings, fixed when the flow started.
     pub settings: SshRuleSettings,
     /// The tenant's reviewer key: recordings and sensitive fields are sealed to it.
     pub recipient: Option<RecipientKey>,
+    /// The configuration in force (read again for what may change during a session: registered client keys,
+    /// the flow policy forwarded channels are checked against).
+    pub config: ConfigHandle,
     pub services: Arc<SshServices>,
+}
+
+impl SshContext {
+    /// The context of a flow: the identity fixed at flow start, the rule's settings, and the tenant's reviewer
+    /// key from the configuration in force.
+    pub fn new(
+        identity: &Identity,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        rule: Arc<str>,
+        settings: SshRuleSettings,
+        config: ConfigHandle,
+        services: Arc<SshServices>,
+    ) -> SshContext {
+        let recipient = config
+            .current()
+            .tenant(identity.tenant.as_str())
+            .and_then(|t| t.audit_recipient.as_deref())
+            .and_then(|r| RecipientKey::from_base64(r).ok());
+        SshContext {
+            tenant: identity.tenant.clone(),
+            device: identity.device.clone(),
+            user: identity.user.clone(),
+            groups: identity.groups.clone(),
+            src,
+            dst,
+            rule,
+            settings,
+            recipient,
+            config,
+            services,
+        }
+    }
 }
 
 /// Inspects one SSH connection: `client` is the device's stream, `upstream` the connected stream to the target.
@@ -228,28 +267,20 @@ pub async fn intercept(client: TcpStream, upstream: TcpStream, ctx: SshContext) 
 pub async fn intercept_flow(
     client: TcpStream,
     upstream: TcpStream,
-    flow: &crate::handoff::FlowContext,
+    flow: &FlowContext,
     settings: &SshRuleSettings,
-    config: &crate::config::Config,
+    config: &ConfigHandle,
     services: &Arc<SshServices>,
 ) {
-    let recipient = config
-        .tenants
-        .iter()
-        .find(|t| t.id == flow.identity.tenant)
-        .and_then(|t| t.audit_recipient.as_deref())
-        .and_then(|r| RecipientKey::from_base64(r).ok());
-    let ctx = SshContext {
-        tenant: flow.identity.tenant.clone(),
-        device: flow.identity.device.clone(),
-        user: flow.identity.user.clone(),
-        src: flow.src,
-        dst: flow.dst,
-        rule: flow.rule.clone(),
-        settings: settings.clone(),
-        recipient,
-        services: services.clone(),
-    };
+    let ctx = SshContext::new(
+        &flow.identity,
+        flow.src,
+        flow.dst,
+        flow.rule.clone(),
+        settings.clone(),
+        config.clone(),
+        services.clone(),
+    );
     intercept(client, upstream, ctx).await
 }
 

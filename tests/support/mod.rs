@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod ssh;
 pub mod wg_client;
 
 pub use gateway::TenantSpec;
