@@ -454,6 +454,7 @@ pub fn ca_init(gateway: &super::gateway::Gateway, tenant: &str) -> String {
 
 /// Tenant `acme` with device `alice-laptop` (user `alice@acme.example` unless changed) and the
 /// `inspect_ssh` rule `ssh-admins` every connection of an [`Inspector`] is decided by.
+#[derive(Clone)]
 pub struct GwOpts {
     /// TOML keys of the rule `ssh-admins` besides id and action (e.g. `recording = "best_effort"`).
     pub rule: String,
@@ -489,7 +490,27 @@ pub struct Inspector {
     services: Option<Arc<SshServices>>,
     target: Arc<Mutex<SocketAddrV4>>,
     pub config: PathBuf,
+    config_handle: ConfigHandle,
+    audit_db: PathBuf,
     pub client: SshClient,
+}
+
+fn render_config(state: &Path, audit_db: &Path, opts: &GwOpts) -> String {
+    format!(
+        "[gateway]\nstate_dir = \"{}\"\n\n[audit]\npath = \"{}\"\n\n[[tenant]]\nid = \"acme\"\n\
+         address_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n{}\n\
+         [[tenant.rule]]\nid = \"ssh-admins\"\naction = \"inspect_ssh\"\nproto = \"tcp\"\n{}\n{}\n\
+         [[tenant.device]]\nname = \"alice-laptop\"\n\
+         public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
+         address = \"100.96.0.2\"\nuser = \"{}\"\n{}\n",
+        state.display(),
+        audit_db.display(),
+        opts.tenant,
+        opts.rule,
+        opts.more_rules,
+        opts.user,
+        opts.device
+    )
 }
 
 impl Inspector {
@@ -515,25 +536,7 @@ impl Inspector {
         opts: GwOpts,
     ) -> Inspector {
         let config = state.join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[gateway]\nstate_dir = \"{}\"\n\n[audit]\npath = \"{}\"\n\n[[tenant]]\nid = \"acme\"\n\
-                 address_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n{}\n\
-                 [[tenant.rule]]\nid = \"ssh-admins\"\naction = \"inspect_ssh\"\n{}\n{}\n\
-                 [[tenant.device]]\nname = \"alice-laptop\"\n\
-                 public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
-                 address = \"100.96.0.2\"\nuser = \"{}\"\n{}\n",
-                state.display(),
-                audit_db.display(),
-                opts.tenant,
-                opts.rule,
-                opts.more_rules,
-                opts.user,
-                opts.device
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, render_config(&state, audit_db, &opts)).unwrap();
         let cfg = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
         let tenant = cfg.tenant("acme").unwrap();
         let rule = tenant.rules.iter().find(|r| r.id == "ssh-admins").unwrap();
@@ -548,6 +551,7 @@ impl Inspector {
             groups: device.groups.clone().into(),
         };
         let handle = ConfigHandle::new(Arc::new(cfg));
+        let config_handle = handle.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -599,8 +603,18 @@ impl Inspector {
             services: Some(services),
             target,
             config,
+            config_handle,
+            audit_db: audit_db.to_path_buf(),
             client,
         }
+    }
+
+    /// Rewrites the config file from `opts` and puts it in force for new sessions (like `rampart reload`;
+    /// the rule's settings stay those of the running listener, as a flow keeps its rule).
+    pub fn reload(&self, opts: &GwOpts) {
+        std::fs::write(&self.config, render_config(&self.state, &self.audit_db, opts)).unwrap();
+        let cfg = Config::load(&self.config).unwrap_or_else(|e| panic!("{e}"));
+        self.config_handle.store(Arc::new(cfg));
     }
 
     /// Where the next connections go.
@@ -623,20 +637,20 @@ impl Inspector {
     }
 
     pub fn audit_db(&self) -> PathBuf {
-        self.state.join("audit.db")
+        self.audit_db.clone()
     }
 
     pub fn log(&self) -> SshLog {
-        SshLog::open_readonly(&self.state.join("audit.db")).unwrap()
+        SshLog::open_readonly(&self.audit_db).unwrap()
     }
 
     /// Waits until the audit log holds `n` rows of `kind`, and returns all rows.
     pub fn wait_rows(&self, kind: &str, n: usize) -> Vec<LogRow> {
-        wait_rows(&self.state.join("audit.db"), kind, n)
+        wait_rows(&self.audit_db, kind, n)
     }
 
     pub fn session_ids(&self) -> Vec<String> {
-        session_ids(&self.state.join("audit.db"))
+        session_ids(&self.audit_db)
     }
 
     /// `rampart ARGS -c <this inspector's config>` (the review CLI).
