@@ -73,7 +73,7 @@ impl Nginx {
              events {{ worker_connections 4096; }}\n\
              http {{ access_log off; client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; \
              uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5; keepalive_timeout 0; \
-             server {{ listen {UPSTREAM}:80 backlog=4096; root {d}/www; }} }}\n"
+             server {{ listen {UPSTREAM}:80 backlog=4096; listen {UPSTREAM}:8080; root {d}/www; }} }}\n"
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -138,8 +138,10 @@ fn curl(ns: &support::netns::Netns, args: &[&str]) -> support::process::Ran {
 }
 
 fn sha256(path: &std::path::Path) -> String {
-    let r = run(Command::new("sha256sum").arg(path), Duration::from_secs(60));
-    r.stdout.split_whitespace().next().unwrap_or("").to_string()
+    let out = run(Command::new("sha256sum").arg(path), Duration::from_secs(60)).expect_ok();
+    let sum = out.split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(sum.len(), 64, "sha256sum printed {out:?}");
+    sum
 }
 
 fn httpload(
@@ -173,23 +175,6 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// The namespace helper: the gateway's child whose command line carries the helper marker.
-fn helper_pid(gateway: u32) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let ppid: u32 = stat
-            .rsplit(')')
-            .next()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
-        (ppid == gateway && cmd.contains("netns-helper")).then_some(pid)
-    })
-}
-
 #[test]
 fn curl_downloads_100_mb_from_nginx_through_the_offramp_intact_and_the_flow_is_audited() {
     const SIZE: u64 = 100 * 1024 * 1024;
@@ -221,17 +206,27 @@ fn curl_downloads_100_mb_from_nginx_through_the_offramp_intact_and_the_flow_is_a
         "corrupted through the off-ramp"
     );
     let _ = std::fs::remove_file(&out);
-    // A denied port on the same host fails.
-    let denied = curl(
-        &dev.ns,
+    // A denied port on the same host fails, although nginx serves it to the gateway host.
+    let port_8080 = format!("http://{UPSTREAM}:8080/small");
+    let direct = lab.gw_ns.run(
+        "curl",
         &[
             "-sS",
+            "--fail",
             "--max-time",
-            "5",
-            &format!("http://{UPSTREAM}:8080/"),
+            "10",
+            "-o",
+            "/dev/null",
+            &port_8080,
         ],
+        Duration::from_secs(30),
     );
-    assert!(!denied.success());
+    assert!(direct.success(), "nginx does not serve :8080: {direct}");
+    let denied = curl(&dev.ns, &["-sS", "--max-time", "5", &port_8080]);
+    assert!(
+        !denied.success(),
+        "the device reached a denied port: {denied}"
+    );
     let (flow, _) = wait_until(
         "the download's flow record",
         Duration::from_secs(30),
@@ -255,6 +250,16 @@ fn curl_downloads_100_mb_from_nginx_through_the_offramp_intact_and_the_flow_is_a
         (Some("web"), Some(UPSTREAM), Some("allow")),
         "{flow}"
     );
+    let out = lab
+        .gateway
+        .cli(&["audit", "flows"], &["--json"])
+        .expect_ok();
+    let denied = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|f| f["dport"] == 8080)
+        .expect("the denied flow to :8080 is recorded");
+    assert_eq!(denied["action"], "deny", "{denied}");
 }
 
 #[test]
@@ -290,12 +295,11 @@ fn killed_namespace_helper_is_restarted_and_new_flows_work() {
         &["-sS", "--fail", "--max-time", "20", "-o", "/dev/null", &url]
     )
     .success());
-    let gw = lab.gateway.pid();
     let (old, _) = wait_until(
         "the namespace helper process",
         Duration::from_secs(10),
         Duration::from_millis(100),
-        || helper_pid(gw),
+        || lab.gateway.helper_pid(),
     );
     let r = run(
         Command::new("kill").args(["-9", &old.to_string()]),
@@ -306,7 +310,7 @@ fn killed_namespace_helper_is_restarted_and_new_flows_work() {
         "a new namespace helper",
         Duration::from_secs(30),
         Duration::from_millis(100),
-        || helper_pid(gw).filter(|p| *p != old),
+        || lab.gateway.helper_pid().filter(|p| *p != old),
     );
     wait_until(
         "new flows through the restarted namespace",
@@ -331,7 +335,7 @@ fn ten_thousand_short_connections_leak_no_fds_or_nat_slots() {
     // Warm up, then measure the gateway's and the helper's descriptors around the load.
     assert_eq!(httpload(&dev.ns, &url, 20, 4, 100)["ok"], 20);
     let gw = lab.gateway.pid();
-    let helper = helper_pid(gw).expect("helper running");
+    let helper = lab.gateway.helper_pid().expect("helper running");
     let settle = |what: &str| {
         wait_until(
             what,
@@ -357,7 +361,7 @@ fn ten_thousand_short_connections_leak_no_fds_or_nat_slots() {
         "helper fds {helper_fds} -> {helper_after}"
     );
     assert_eq!(
-        helper_pid(gw),
+        lab.gateway.helper_pid(),
         Some(helper),
         "the helper was restarted during the load"
     );
@@ -388,20 +392,41 @@ ports = ["5201"]
     wait_ping(&b.ns, GW_ADDR, TUNNEL_UP, "bob -> gateway");
     let b_addr = b.address().to_string();
     let dir = lab.dir().to_path_buf();
-    let mut server = support::probe::exchange_server(&b.ns, &dir, &b_addr, 5201, BYTES);
-    let (alice, bob) = support::probe::exchange(
-        &a.ns,
-        &dir,
-        &mut server,
-        &b_addr,
-        5201,
-        BYTES,
-        Duration::from_secs(240),
+    assert_eq!(
+        lab.gateway.metrics().value("rampart_nat_slots", &[]),
+        0.0,
+        "NAT slots in use before the transfer"
     );
+    let mut server = support::probe::exchange_server(&b.ns, &dir, &b_addr, 5201, BYTES);
+    let mut client = support::probe::spawn_exchange_client(&a.ns, &dir, &b_addr, 5201, BYTES);
+    // While the bytes flow, they go through the layer-4 path: a NAT slot is held, and the namespace
+    // helper's kernel has the upgraded connection accepted on its listener.
+    let mut through_namespace = false;
+    let mut slots = 0.0f64;
+    while client.is_running() && !(through_namespace && slots >= 1.0) {
+        slots = slots.max(lab.gateway.metrics().value("rampart_nat_slots", &[]));
+        let ss = run(
+            lab.gateway
+                .in_helper_ns("ss")
+                .args(["-tn", "state", "established"]),
+            Duration::from_secs(10),
+        );
+        through_namespace |= ss.stdout.contains("100.66.0.1:7000");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        through_namespace && slots >= 1.0,
+        "the proxied transfer did not go through the layer-4 path (NAT slots held: {slots}, an \
+         upgraded connection in the namespace: {through_namespace})"
+    );
+    let alice =
+        support::probe::exchange_end(&client.finish(Duration::from_secs(240)), "exchange client");
+    let bob =
+        support::probe::exchange_end(&server.finish(Duration::from_secs(30)), "exchange server");
     assert_eq!((bob.recv, alice.recv), (BYTES, BYTES));
     assert_eq!(bob.recv_sha256, alice.sent_sha256, "alice -> bob corrupted");
     assert_eq!(alice.recv_sha256, bob.sent_sha256, "bob -> alice corrupted");
-    // The flow is recorded as proxied (transparency of the splice is checked in the core scenario tests).
+    // The flow is recorded as proxied.
     let (flow, _) = wait_until(
         "the proxied flow's record",
         Duration::from_secs(30),

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::gateway::ALLOW_ALL;
-use support::probe::{exchange, exchange_server, udp_log, udp_receiver, udp_send};
+use support::probe::{
+    exchange, exchange_server, ident_log, ident_probe, ident_server, udp_log, udp_receiver,
+    udp_send,
+};
 use support::process::{run, Proc};
 use support::{ping, wait_ping, wait_until, Lab, TenantSpec};
 
@@ -135,21 +138,33 @@ fn policy_allows_one_port_denies_the_rest_and_audit_shows_both_with_rule_ids_and
         .map(|i: u64| 28 + 2 + i.to_string().len() as u64)
         .sum();
 
-    // A denied ping and a denied port fail.
+    // A denied ping and a denied port fail. The ping leaves through the same tunnel that just answered one,
+    // and a live listener waits on bob:5202 (it answers bob itself).
+    let p = ping(&a.ns, GW_ADDR, 1, 0.2, 2, None);
+    assert_eq!(
+        p.received, 1,
+        "alice's tunnel does not answer:\n{}",
+        p.output
+    );
     let p = ping(&a.ns, &b_addr, 3, 0.2, 1, None);
     assert_eq!(
         p.received, 0,
         "ping alice -> bob should be denied:\n{}",
         p.output
     );
+    let _listener = ident_server(&b.ns, &dir, "bob-5202", &b_addr, 5202, "bob");
+    assert_eq!(
+        ident_probe(&b.ns, &b_addr, 5202, "bob").as_deref(),
+        Ok("bob"),
+        "the listener on bob:5202 is not live"
+    );
     assert!(
         tcp_connect_fails(&a.ns, &b_addr, 5202),
         "tcp/5202 should be denied"
     );
-    // Bob may not open connections to alice either (the rule names alice as the source device).
     assert!(
-        tcp_connect_fails(&b.ns, &a.address().to_string(), 5201),
-        "bob -> alice tcp/5201 should be denied"
+        !ident_log(&dir, "bob-5202").contains(&a.address().to_string()),
+        "alice reached bob:5202"
     );
 
     // The audit trail has all of them, with the deciding rule; the transfer's flow ends with its bytes.
@@ -244,6 +259,184 @@ fn policy_allows_one_port_denies_the_rest_and_audit_shows_both_with_rule_ids_and
     assert!(m.value(DROPPED, &[("tenant", "acme"), ("reason", "policy_denied")]) >= 3.0);
 }
 
+/// Who may open what: `devices` and `users` name the source, `reject` answers at once.
+const IDENTITY_RULES: &str = r#"
+[[tenant.rule]]
+id = "ping-gateway"
+action = "allow"
+dst = ["gateway"]
+proto = "icmp"
+
+[[tenant.rule]]
+id = "carol-device-to-alice"
+action = "allow"
+devices = ["carol"]
+dst = ["alice"]
+proto = "tcp"
+ports = ["5201"]
+
+[[tenant.rule]]
+id = "carol-user-to-bob"
+action = "allow"
+users = ["carol@acme.example"]
+dst = ["bob"]
+proto = "tcp"
+ports = ["5203"]
+
+[[tenant.rule]]
+id = "reject-tcp"
+action = "reject"
+devices = ["alice"]
+dst = ["bob"]
+proto = "tcp"
+ports = ["5204"]
+
+[[tenant.rule]]
+id = "reject-udp"
+action = "reject"
+devices = ["alice"]
+dst = ["bob"]
+proto = "udp"
+ports = ["5304"]
+"#;
+
+/// What a connect attempt saw: CONNECTED, REFUSED (a RST), TIMEOUT, or another error.
+fn tcp_connect_outcome(ns: &support::netns::Netns, addr: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\ntry:\n socket.create_connection(('{addr}',{port}),timeout=10)\n print('CONNECTED')\n\
+         except ConnectionRefusedError:\n print('REFUSED')\nexcept socket.timeout:\n print('TIMEOUT')\n\
+         except OSError as e:\n print('ERROR',e)\n"
+    );
+    ns.run("python3", &["-c", &script], Duration::from_secs(30))
+        .stdout
+        .trim()
+        .to_string()
+}
+
+/// One datagram on a connected UDP socket, then a read: an ICMP error shows as an OSError.
+fn udp_outcome(ns: &support::netns::Netns, addr: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.connect(('{addr}',{port}))\n\
+         s.settimeout(5)\ns.send(b'reject me')\ntry:\n s.recv(100)\n print('ANSWER')\n\
+         except socket.timeout:\n print('TIMEOUT')\nexcept OSError as e:\n print('ICMP',e.errno,e.strerror)\n"
+    );
+    ns.run("python3", &["-c", &script], Duration::from_secs(30))
+        .stdout
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn devices_and_users_matchers_allow_only_whom_they_name_and_reject_answers_at_once() {
+    let mut lab = Lab::new(&[acme(IDENTITY_RULES)]);
+    let a = lab.add_client("acme", "alice");
+    let b = lab.add_client("acme", "bob");
+    let c = lab.add_client("acme", "carol");
+    for d in [&a, &b, &c] {
+        wait_ping(&d.ns, GW_ADDR, TUNNEL_UP, &format!("{} -> gateway", d.name));
+    }
+    let dir = lab.dir().to_path_buf();
+    let (a_addr, b_addr) = (a.address().to_string(), b.address().to_string());
+
+    // `devices`: carol (named) reaches alice:5201, bob (not named) does not.
+    let _alice = ident_server(&a.ns, &dir, "alice-5201", &a_addr, 5201, "alice");
+    assert_eq!(
+        ident_probe(&c.ns, &a_addr, 5201, "carol").as_deref(),
+        Ok("alice"),
+        "carol, named by the rule, did not reach alice:5201"
+    );
+    assert!(
+        ident_probe(&b.ns, &a_addr, 5201, "bob").is_err(),
+        "bob reached alice:5201 although the rule names only carol"
+    );
+    assert!(
+        !ident_log(&dir, "alice-5201").contains("from=bob"),
+        "bob's connection reached alice's listener"
+    );
+
+    // `users`: carol's user reaches bob:5203, alice's does not.
+    let _bob = ident_server(&b.ns, &dir, "bob-5203", &b_addr, 5203, "bob");
+    assert_eq!(
+        ident_probe(&c.ns, &b_addr, 5203, "carol").as_deref(),
+        Ok("bob"),
+        "carol@acme.example, named by the rule, did not reach bob:5203"
+    );
+    assert!(
+        ident_probe(&a.ns, &b_addr, 5203, "alice").is_err(),
+        "alice@acme.example reached bob:5203 although the rule names only carol's user"
+    );
+    assert!(
+        !ident_log(&dir, "bob-5203").contains("from=alice"),
+        "alice's connection reached bob's listener"
+    );
+
+    // `reject`: a TCP connect is refused at once (a RST from the gateway: bob's listener is live and never sees
+    // it), a UDP datagram gets an ICMP error back (bob's receiver is live and never sees it).
+    let _tcp = ident_server(&b.ns, &dir, "bob-5204", &b_addr, 5204, "bob");
+    assert_eq!(
+        ident_probe(&b.ns, &b_addr, 5204, "bob").as_deref(),
+        Ok("bob"),
+        "the listener on bob:5204 is not live"
+    );
+    assert_eq!(tcp_connect_outcome(&a.ns, &b_addr, 5204), "REFUSED");
+    assert!(
+        !ident_log(&dir, "bob-5204").contains(&a_addr),
+        "alice's rejected connection reached bob"
+    );
+    let mut rx = udp_receiver(&b.ns, &dir, "bob-5304", &b_addr, 5304);
+    udp_send(&b.ns, &b_addr, &b_addr, 5304, 1, "self");
+    wait_until(
+        "bob's UDP receiver to be live",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || udp_log(&dir, "bob-5304").contains("self").then_some(()),
+    );
+    let udp = udp_outcome(&a.ns, &b_addr, 5304);
+    assert!(
+        udp.starts_with("ICMP"),
+        "a rejected datagram got no ICMP error: {udp}"
+    );
+    rx.stop(Duration::from_secs(5));
+    assert!(
+        !udp_log(&dir, "bob-5304").contains("reject me"),
+        "the rejected datagram reached bob"
+    );
+
+    // The audit trail names the deciding rule of each.
+    let (flows, _) = wait_until(
+        "the decisions in the audit store",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let flows = audit_flows(&lab);
+            let has = |dev: &str, port: u16| {
+                flows
+                    .iter()
+                    .any(|f| f["device"] == dev && f["dport"] == port)
+            };
+            (has("bob", 5201) && has("alice", 5203) && has("alice", 5204) && has("alice", 5304))
+                .then_some(flows)
+        },
+    );
+    let decided = |dev: &str, port: u16| -> (String, String) {
+        let f = find(&flows, |f| f["device"] == dev && f["dport"] == port).unwrap();
+        (
+            f["action"].as_str().unwrap_or("").to_string(),
+            f["rule"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let pair = |a: &str, r: &str| (a.to_string(), r.to_string());
+    assert_eq!(
+        decided("carol", 5201),
+        pair("allow", "carol-device-to-alice")
+    );
+    assert_eq!(decided("bob", 5201), pair("deny", "default-deny"));
+    assert_eq!(decided("carol", 5203), pair("allow", "carol-user-to-bob"));
+    assert_eq!(decided("alice", 5203), pair("deny", "default-deny"));
+    assert_eq!(decided("alice", 5204), pair("reject", "reject-tcp"));
+    assert_eq!(decided("alice", 5304), pair("reject", "reject-udp"));
+}
+
 #[test]
 fn reload_cuts_an_open_flow_that_the_new_policy_denies() {
     let mut lab = Lab::new(&[acme(IPERF_ONLY)]);
@@ -269,6 +462,9 @@ fn reload_cuts_an_open_flow_that_the_new_policy_denies() {
         &BIG.to_string(),
         "--timeout",
         "30",
+        // Far longer than the waits below: the cut can only show as a reset, never as a timeout.
+        "--idle-timeout",
+        "600",
     ]);
     let mut client = Proc::spawn("long-exchange", client_cmd, &dir);
     wait_until(
@@ -299,7 +495,7 @@ fn reload_cuts_an_open_flow_that_the_new_policy_denies() {
         status.is_some_and(|s| !s.success()),
         "the transfer was not cut ({status:?}): {out}"
     );
-    assert!(out.contains("reset") || out.contains("timed out"), "{out}");
+    assert!(out.contains("reset"), "the cut was not a reset: {out}");
     let (flow, _) = wait_until(
         "the cut flow's end record",
         Duration::from_secs(30),
@@ -312,8 +508,18 @@ fn reload_cuts_an_open_flow_that_the_new_policy_denies() {
         },
     );
     assert!(flow["bytes_out"].as_u64().unwrap() > 0);
-    // New connections on the port are now denied.
+    // New connections on the port are now denied, with a live listener there again.
+    let _listener = ident_server(&b.ns, &dir, "bob-5201", &b_addr, 5201, "bob");
+    assert_eq!(
+        ident_probe(&b.ns, &b_addr, 5201, "bob").as_deref(),
+        Ok("bob"),
+        "the listener on bob:5201 is not live"
+    );
     assert!(tcp_connect_fails(&a.ns, &b_addr, 5201));
+    assert!(
+        !ident_log(&dir, "bob-5201").contains(&a.address().to_string()),
+        "alice reached bob:5201 after the rule was revoked"
+    );
 }
 
 #[test]

@@ -23,7 +23,9 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct TenantSpec {
     pub id: String,
     pub name: String,
+    /// One CIDR, or a TOML list of them (`["100.96.0.0/24", "fd00:96::/64"]`) for a dual-stack tenant.
     pub pool: String,
+    /// One address, or a TOML list (one per address family of the pool).
     pub gateway_address: String,
     /// `[[tenant.rule]]` tables (TOML) for this tenant; the default allows everything within the tenant
     /// (policy is default deny).
@@ -51,10 +53,21 @@ pub fn write_config(dir: &Path, tenants: &[TenantSpec]) -> PathBuf {
         "[gateway]\nlisten = \"{UNDERLAY_ADDR}:{PORT}\"\nprivate_key_file = \"gateway.key\"\n\
          state_dir = \"state\"\nadmin_listen = \"{ADMIN}\"\npublic_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n"
     );
+    // A value written as a TOML list is kept as is; anything else is a string.
+    let value = |v: &str| {
+        if v.trim_start().starts_with('[') {
+            v.to_string()
+        } else {
+            format!("\"{v}\"")
+        }
+    };
     for t in tenants {
         s.push_str(&format!(
-            "\n[[tenant]]\nid = \"{}\"\nname = \"{}\"\naddress_pool = \"{}\"\ngateway_address = \"{}\"\n",
-            t.id, t.name, t.pool, t.gateway_address
+            "\n[[tenant]]\nid = \"{}\"\nname = \"{}\"\naddress_pool = {}\ngateway_address = {}\n",
+            t.id,
+            t.name,
+            value(&t.pool),
+            value(&t.gateway_address)
         ));
         s.push_str(&t.rules);
     }
@@ -179,6 +192,58 @@ impl Gateway {
             Duration::from_secs(10),
         );
         r.success().then_some(r.stdout)
+    }
+
+    /// The HTTP status `GET path` gets from the admin listener (`None`: no answer at all).
+    pub fn http_status(&self, path: &str) -> Option<u16> {
+        let r = run(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                &format!("http://{ADMIN}{path}"),
+            ]),
+            Duration::from_secs(10),
+        );
+        r.stdout.trim().parse().ok().filter(|c| *c != 0)
+    }
+
+    /// The namespace helper: the gateway's child process whose command line carries the helper
+    /// marker (`None` while there is none, e.g. during a restart).
+    pub fn helper_pid(&self) -> Option<u32> {
+        let gateway = self.pid();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            (ppid == gateway && cmd.contains("netns-helper")).then_some(pid)
+        })
+    }
+
+    /// A `Command` for `program` inside the network namespace of the gateway's namespace helper (the
+    /// upgrade TUN `up0` and the listener live there): read-only observation of the real thing.
+    pub fn in_helper_ns(&self, program: &str) -> Command {
+        let pid = self
+            .helper_pid()
+            .unwrap_or_else(|| panic!("no namespace helper; log:\n{}", tail(&self.log(), 40)));
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{pid}/ns/net")).arg(program);
+        c
     }
 
     pub fn health(&self) -> bool {

@@ -26,7 +26,8 @@ static LABS: AtomicU32 = AtomicU32::new(0);
 static IFACES: AtomicU32 = AtomicU32::new(0);
 
 /// apt packages providing the tools the harness runs.
-pub const APT_PACKAGES: &str = "wireguard-go wireguard-tools iproute2 iputils-ping python3 curl";
+pub const APT_PACKAGES: &str =
+    "wireguard-go wireguard-tools iproute2 iputils-ping python3 curl nftables util-linux";
 
 /// Fails loudly (never skips) when the harness cannot run here.
 pub fn preflight() {
@@ -51,6 +52,8 @@ pub fn preflight() {
         "ping",
         "sh",
         "kill",
+        "nft",
+        "nsenter",
     ] {
         let found = path.split(':').any(|d| Path::new(d).join(tool).is_file());
         assert!(
@@ -97,6 +100,8 @@ pub struct Lab {
     pub gateway: Gateway,
     pub gw_ns: Netns,
     pub id: String,
+    /// Namespaces of clients added from now on keep IPv6 on (see `Netns::create_with`).
+    pub ipv6_clients: bool,
     next_link: u8,
     dir: TempDir,
 }
@@ -122,6 +127,7 @@ impl Lab {
             gateway,
             gw_ns,
             id,
+            ipv6_clients: false,
             next_link: 1,
             dir,
         }
@@ -147,7 +153,7 @@ impl Lab {
     /// gateway's underlay address only.
     fn underlay_ns(&mut self, role: &str) -> (Netns, Ipv4Addr, u8) {
         let l = self.take_link();
-        let ns = Netns::create(&format!("{}-{role}", self.id));
+        let ns = Netns::create_with(&format!("{}-{role}", self.id), self.ipv6_clients);
         link(
             &ns,
             "eth0",

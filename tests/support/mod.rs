@@ -14,6 +14,7 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod attack;
 pub mod gateway;
 pub mod lab;
 pub mod metrics;

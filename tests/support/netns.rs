@@ -20,14 +20,24 @@ impl Netns {
     /// Creates the namespace with loopback up, no forwarding and no IPv6 (so nothing but the
     /// test's own IPv4 traffic enters the tunnels).
     pub fn create(name: &str) -> Netns {
+        Netns::create_with(name, false)
+    }
+
+    /// Like `create`, but with IPv6 left on when `ipv6` (for the tests of IPv6 inside the tunnel;
+    /// router solicitations and the like still go nowhere: a WireGuard client only sends to its
+    /// AllowedIPs).
+    pub fn create_with(name: &str, ipv6: bool) -> Netns {
         run(Command::new("ip").args(["netns", "add", name]), IP_TIMEOUT).expect_ok();
         let ns = Netns {
             name: name.to_string(),
         };
         ns.ip(&["link", "set", "lo", "up"]);
         ns.sh("echo 0 > /proc/sys/net/ipv4/ip_forward");
-        ns.sh("echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; \
-             echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6");
+        let off = if ipv6 { 0 } else { 1 };
+        ns.sh(&format!(
+            "echo {off} > /proc/sys/net/ipv6/conf/all/disable_ipv6; \
+             echo {off} > /proc/sys/net/ipv6/conf/default/disable_ipv6"
+        ));
         ns
     }
 

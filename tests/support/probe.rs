@@ -59,7 +59,8 @@ fn ping_args(count: u32, interval: f64, wait_s: u32, src: Option<&str>, dst: &st
     a
 }
 
-/// `ping -c COUNT -i INTERVAL -W WAIT [-I SRC] DST` inside `ns`.
+/// `ping -c COUNT -i INTERVAL -W WAIT [-I SRC] DST` inside `ns`. Panics unless every echo request
+/// was actually sent (a ping that never left proves nothing, least of all a "denied").
 pub fn ping(
     ns: &Netns,
     dst: &str,
@@ -74,7 +75,13 @@ pub fn ping(
             .args(ping_args(count, interval, wait_s, src, dst)),
         timeout,
     );
-    parse_ping(&r.stdout)
+    let st = parse_ping(&r.stdout);
+    assert_eq!(
+        st.transmitted, count,
+        "ping {dst} sent {} of {count} echo requests: {r}",
+        st.transmitted
+    );
+    st
 }
 
 /// One echo request, waiting up to 1 s for the reply.
@@ -110,13 +117,24 @@ pub fn spawn_ping(
     Proc::spawn(name, cmd, dir)
 }
 
-/// Waits for a background ping and returns its statistics (loss is not an error here).
-pub fn finish_ping(p: &mut Proc, timeout: Duration) -> PingStats {
+/// Waits for a background ping and returns its statistics (loss is not an error here, but every
+/// echo request must have been sent).
+pub fn finish_ping(p: &mut Proc, count: u32, timeout: Duration) -> PingStats {
     if p.wait_timeout(timeout).is_none() {
         p.kill();
         panic!("ping {} did not finish within {timeout:?}", p.name());
     }
-    parse_ping(&p.stdout())
+    let st = parse_ping(&p.stdout());
+    assert_eq!(
+        st.transmitted,
+        count,
+        "ping {} sent {} of {count} echo requests:\n{}\n{}",
+        p.name(),
+        st.transmitted,
+        st.output,
+        p.log()
+    );
+    st
 }
 
 fn python(ns: &Netns, script: &str) -> Command {
@@ -169,6 +187,35 @@ pub fn exchange_server(ns: &Netns, dir: &Path, bind: &str, port: u16, bytes: u64
     let mut p = Proc::spawn("exchange-server", cmd, dir);
     p.wait_stdout("LISTENING", Duration::from_secs(30));
     p
+}
+
+/// The connecting end of an exchange, in the background; `exchange_end` reads its result.
+pub fn spawn_exchange_client(
+    client_ns: &Netns,
+    dir: &Path,
+    addr: &str,
+    port: u16,
+    bytes: u64,
+) -> Proc {
+    let mut cmd = python(client_ns, NETPROBE);
+    cmd.args([
+        "exchange",
+        "connect",
+        "--addr",
+        addr,
+        "--port",
+        &port.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+        "--timeout",
+        "30",
+    ]);
+    Proc::spawn("exchange-client", cmd, dir)
+}
+
+/// One end's result of an exchange (panics if that end reported errors).
+pub fn exchange_end(out: &str, who: &str) -> ExchangeEnd {
+    parse_exchange(out, who)
 }
 
 /// Runs the connecting end to completion and returns both ends' view (client, server).

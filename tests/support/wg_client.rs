@@ -1,7 +1,7 @@
 //! A real wireguard-go client in its own namespace, configured only from the wg-quick config
 //! that `rampart device add` printed (the way a user would import it).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -120,6 +120,16 @@ impl ClientConfig {
     }
 }
 
+impl ClientConfig {
+    /// The device's IPv6 tunnel address (dual-stack tenants).
+    pub fn address_v6(&self) -> Ipv6Addr {
+        self.addresses
+            .iter()
+            .find_map(|a| a.split('/').next()?.parse::<Ipv6Addr>().ok())
+            .unwrap_or_else(|| panic!("no IPv6 Address in client config:\n{}", self.text))
+    }
+}
+
 /// A running wireguard-go client in its own namespace.
 pub struct WgClient {
     pub tenant: String,
@@ -187,7 +197,12 @@ impl WgClient {
             .wg(&["setconf", ifname, conf_path.to_str().unwrap()])
             .expect_ok();
         for a in client.config.addresses.clone() {
-            client.ns.ip(&["addr", "add", &a, "dev", ifname]);
+            if a.contains(':') {
+                // No duplicate address detection on a point-to-point tunnel: usable at once.
+                client.ns.ip(&["addr", "add", &a, "dev", ifname, "nodad"]);
+            } else {
+                client.ns.ip(&["addr", "add", &a, "dev", ifname]);
+            }
         }
         if let Some(mtu) = client.config.mtu {
             client
@@ -208,6 +223,10 @@ impl WgClient {
 
     pub fn address(&self) -> Ipv4Addr {
         self.config.address()
+    }
+
+    pub fn address_v6(&self) -> Ipv6Addr {
+        self.config.address_v6()
     }
 
     /// Unix time of the latest handshake wireguard-go completed with the gateway (0 = never).

@@ -26,8 +26,12 @@ import threading
 import time
 
 
+def family(addr):
+    return socket.AF_INET6 if addr and ":" in addr else socket.AF_INET
+
+
 def listen_tcp(bind, port, backlog):
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = socket.socket(family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((bind, port))
     srv.listen(backlog)
@@ -39,6 +43,7 @@ def duplex(conn, nbytes):
     """Sends nbytes of random data while receiving until EOF; hashes both directions."""
     sent_hash = hashlib.sha256()
     errors = []
+    handed = [0]  # bytes the kernel took (a cut transfer reports how far it got)
 
     def sender():
         try:
@@ -47,6 +52,7 @@ def duplex(conn, nbytes):
                 chunk = os.urandom(min(65536, remaining))
                 sent_hash.update(chunk)
                 conn.sendall(chunk)
+                handed[0] += len(chunk)
                 remaining -= len(chunk)
             conn.shutdown(socket.SHUT_WR)
         except Exception as e:  # reported below, the receiver decides the exit code
@@ -69,6 +75,7 @@ def duplex(conn, nbytes):
     conn.close()
     return {
         "sent": nbytes,
+        "sent_to_kernel": handed[0],
         "sent_sha256": sent_hash.hexdigest(),
         "recv": received,
         "recv_sha256": recv_hash.hexdigest(),
@@ -86,7 +93,8 @@ def cmd_exchange(a):
         deadline = time.monotonic() + a.timeout
         while True:
             try:
-                conn = socket.create_connection((a.addr, a.port), timeout=5)
+                source = (a.src or "", a.sport) if a.sport or a.src else None
+                conn = socket.create_connection((a.addr, a.port), timeout=5, source_address=source)
                 break
             except OSError as e:
                 if time.monotonic() >= deadline:
@@ -149,7 +157,7 @@ def cmd_ident(a):
 
 
 def cmd_udp(a):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(a.bind if a.role == "recv" else a.addr), socket.SOCK_DGRAM)
     if a.role == "recv":
         s.bind((a.bind, a.port))
         print("LISTENING", flush=True)
@@ -179,6 +187,8 @@ def main():
     ex.add_argument("role", choices=["serve", "connect"])
     ex.add_argument("--bind", default="0.0.0.0")
     ex.add_argument("--addr")
+    ex.add_argument("--src", help="connect: source address")
+    ex.add_argument("--sport", type=int, default=0, help="connect: source port (0: any)")
     ex.add_argument("--port", type=int, required=True)
     ex.add_argument("--bytes", type=int, required=True)
     ex.add_argument("--timeout", type=float, default=60, help="accept/connect deadline (s)")
@@ -197,7 +207,7 @@ def main():
     ud = sub.add_parser("udp")
     ud.add_argument("role", choices=["recv", "send"])
     ud.add_argument("--bind", default="0.0.0.0")
-    ud.add_argument("--src", default="0.0.0.0")
+    ud.add_argument("--src", default="")
     ud.add_argument("--addr")
     ud.add_argument("--port", type=int, required=True)
     ud.add_argument("--count", type=int, default=1)
