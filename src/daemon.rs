@@ -66,6 +66,19 @@ impl Running {
     }
 }
 
+/// What the enrollment listener needs from the running gateway.
+impl crate::enroll::service::GatewayHandle for Running {
+    fn reload(&self) -> Result<String, String> {
+        Running::reload(self)
+    }
+    fn peers(&self) -> Vec<crate::core::PeerStatus> {
+        self.onramp.status()
+    }
+    fn config(&self) -> Arc<Config> {
+        self.config.current()
+    }
+}
+
 /// Loads the gateway key, creating it (mode 0600) on first start.
 fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
     if path.exists() {
@@ -254,6 +267,7 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let enroll = crate::enroll::server::start(running.clone()).await?;
 
     let admin_task = tokio::spawn(crate::admin::serve(admin, metrics));
     let control_task = tokio::spawn(serve_control(control, running.clone()));
@@ -292,6 +306,7 @@ async fn serve(
         }
     }
     tracing::info!("shutting down");
+    enroll.shutdown().await;
     admin_task.abort();
     control_task.abort();
     if let Some(t) = layer4_task {

@@ -45,10 +45,15 @@ pub(super) fn device_add(
     // Re-read under the lock so concurrent enrollments see each other.
     let cfg = load(config)?;
     let t = tenant_or_bail(&cfg, tenant)?;
-    if let Some(d) = t.devices.iter().find(|d| d.name == name) {
+    // Devices waiting for approval hold their name and address too.
+    let view = crate::enroll::service::with_pending(
+        t,
+        &crate::enroll::admin::devices(&cfg.gateway.state_dir)?,
+    );
+    if let Some(d) = view.devices.iter().find(|d| d.name == name) {
         bail!("device {:?} already exists in tenant {} (address {}); choose another --name or remove it first", name.as_str(), t.id, d.address);
     }
-    let Some(address) = allocate_address(t) else {
+    let Some(address) = allocate_address(&view) else {
         bail!(
             "address pool {} of tenant {} is full ({} devices); widen address_pool in {} or remove unused devices",
             t.address_pool,
@@ -153,6 +158,7 @@ pub(super) fn device_list(config: &Path, tenant: Option<&str>, json: bool) -> an
         .flatten()
         .map(|r| r.peers)
         .unwrap_or_default();
+    let self_enrolled = crate::enroll::admin::devices(&cfg.gateway.state_dir)?;
     let mut rows = Vec::new();
     for t in cfg
         .tenants
@@ -162,6 +168,9 @@ pub(super) fn device_list(config: &Path, tenant: Option<&str>, json: bool) -> an
         for d in &t.devices {
             let key = d.public_key.to_string();
             let st = live.iter().find(|p| p.public_key == key);
+            let row = self_enrolled
+                .iter()
+                .find(|r| r.tenant == t.id && r.public_key == d.public_key);
             rows.push(serde_json::json!({
                 "tenant": t.id,
                 "name": d.name,
@@ -170,6 +179,9 @@ pub(super) fn device_list(config: &Path, tenant: Option<&str>, json: bool) -> an
                 "groups": d.groups,
                 "public_key": key,
                 "origin": d.origin,
+                "state": "active",
+                "id": row.map(|r| r.api_id()),
+                "proven": row.map(|r| r.proven_at.is_some()),
                 "endpoint": st.and_then(|s| s.endpoint.clone()),
                 "last_handshake_secs": st.and_then(|s| s.last_handshake_secs),
                 "rx_bytes": st.map(|s| s.rx_bytes),
@@ -177,13 +189,35 @@ pub(super) fn device_list(config: &Path, tenant: Option<&str>, json: bool) -> an
             }));
         }
     }
+    // Pending devices are not in the config (no tunnel until approved).
+    for r in self_enrolled.iter().filter(|r| {
+        r.state == crate::enroll::api::DeviceState::Pending
+            && tenant.is_none_or(|id| r.tenant.as_str() == id)
+    }) {
+        rows.push(serde_json::json!({
+            "tenant": r.tenant,
+            "name": r.name,
+            "address": r.address,
+            "user": r.user,
+            "groups": r.groups,
+            "public_key": r.public_key,
+            "origin": DeviceOrigin::Token,
+            "state": "pending",
+            "id": r.api_id(),
+            "proven": false,
+            "endpoint": null,
+            "last_handshake_secs": null,
+            "rx_bytes": null,
+            "tx_bytes": null,
+        }));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     println!(
-        "{:<12} {:<20} {:<16} {:<24} {:<10} {:<9} HANDSHAKE",
-        "TENANT", "NAME", "ADDRESS", "USER", "GROUPS", "ORIGIN"
+        "{:<12} {:<20} {:<16} {:<24} {:<10} {:<9} {:<8} HANDSHAKE",
+        "TENANT", "NAME", "ADDRESS", "USER", "GROUPS", "ORIGIN", "STATE"
     );
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
@@ -198,13 +232,14 @@ pub(super) fn device_list(config: &Path, tenant: Option<&str>, json: bool) -> an
             None => "never".into(),
         };
         println!(
-            "{:<12} {:<20} {:<16} {:<24} {:<10} {:<9} {hs}",
+            "{:<12} {:<20} {:<16} {:<24} {:<10} {:<9} {:<8} {hs}",
             s("tenant"),
             s("name"),
             s("address"),
             s("user"),
             groups.join(","),
-            s("origin")
+            s("origin"),
+            s("state")
         );
     }
     Ok(())
@@ -214,7 +249,13 @@ pub(super) fn device_remove(config: &Path, tenant: &str, name: &str) -> anyhow::
     let pre = load(config)?;
     let t = tenant_or_bail(&pre, tenant)?;
     let tenant_id: TenantId = t.id.clone();
-    match t.devices.iter().find(|d| d.name.as_str() == name) {
+    let found = t.devices.iter().find(|d| d.name.as_str() == name);
+    if found.is_none_or(|d| d.origin == DeviceOrigin::Token)
+        && super::token::device_revoke(config, tenant, name)?
+    {
+        return Ok(());
+    }
+    match found {
         None => bail!("no device {name:?} in tenant {tenant_id}; see `rampart device list -c {}`", config.display()),
         Some(d) if d.origin == DeviceOrigin::Config => bail!(
             "device {name:?} is declared in {}; delete its [[tenant.device]] entry there and run `rampart reload -c {}`",

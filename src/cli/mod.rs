@@ -13,6 +13,8 @@ use crate::keys::PrivateKey;
 mod audit;
 mod audit_ssh;
 mod device;
+mod enroll;
+mod token;
 
 use audit::{audit_flows, audit_http, audit_keygen};
 use device::{device_add, device_config, device_list, device_remove};
@@ -66,6 +68,13 @@ pub enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Enrollment tokens: devices enroll themselves with one (`rampart enroll`, or curl and wg).
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
+    },
+    /// On a device: enroll with a token (key pair made here), refresh, rotate the key, or leave.
+    Enroll(enroll::EnrollArgs),
     /// Review the audit trail.
     Audit {
         #[command(subcommand)]
@@ -159,6 +168,28 @@ pub enum AuditCommand {
         #[command(subcommand)]
         command: audit_ssh::SshCommand,
     },
+    /// Enrollment records: tokens created and revoked, devices enrolled (or refused), approved, refreshed,
+    /// rotated, proven by their first handshake, left, revoked, expired.
+    Enroll {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Device name or id (dev_...).
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this event (device_enrolled, enroll_refused, device_approved, ...).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only records since: a duration back from now (15m, 2h, 7d) or a UTC time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that the SSH audit records and recordings are unaltered: the hash chain, each recording's sha256
     /// and the signed checkpoints. Reports the first break and exits non-zero.
     Verify {
@@ -224,6 +255,16 @@ pub enum DeviceCommand {
         /// HOST:PORT the device uses to reach the gateway (default: gateway.public_endpoint).
         #[arg(long)]
         endpoint: Option<String>,
+    },
+    /// Approve a device that enrolled with a `--pending` token: it gets its tunnel at once.
+    Approve {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// Device name (or its id, dev_...).
+        #[arg(long)]
+        name: String,
     },
     /// Remove an enrolled device; a running gateway cuts its tunnel at once.
     Remove {
@@ -296,7 +337,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 name,
                 endpoint,
             } => device_config(&config, &tenant, &name, endpoint),
+            DeviceCommand::Approve {
+                config,
+                tenant,
+                name,
+            } => token::device_approve(&config, &tenant, &name),
         },
+        Command::Token { command } => token::run(command),
+        Command::Enroll(args) => enroll::run(args),
         Command::Audit { command } => match command {
             AuditCommand::Flows {
                 config,
@@ -311,6 +359,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             AuditCommand::Keygen { out } => audit_keygen(&out),
             AuditCommand::Ssh { command } => audit_ssh::run(command),
             AuditCommand::Verify { config } => audit_ssh::verify(&config),
+            AuditCommand::Enroll {
+                config,
+                tenant,
+                device,
+                event,
+                since,
+                limit,
+                json,
+            } => token::audit_enroll(&config, tenant, device, event, since, limit, json),
             AuditCommand::Http {
                 config,
                 tenant,

@@ -18,11 +18,13 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
 /// Default admin (metrics, health) listen address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
 
+mod enroll;
 mod ids;
 mod model;
 mod raw;
 mod validate;
 
+pub use enroll::EnrollSettings;
 pub use ids::*;
 pub use model::*;
 pub use raw::*;
@@ -94,7 +96,34 @@ impl Config {
                 message: format!("{e:#}; fix or move the file aside (it holds devices enrolled with `rampart device add`)"),
             }])
         })?;
-        cfg.merge_enrolled(&enrolled, &registry.path().display().to_string())?;
+        let by_token =
+            crate::enroll::store::data_path_devices(&cfg.gateway.state_dir).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: crate::enroll::store::path(&cfg.gateway.state_dir)
+                        .display()
+                        .to_string(),
+                    key: "(file)".into(),
+                    message: format!("{e}; it holds the devices enrolled with tokens"),
+                }])
+            })?;
+        let by_token: Vec<EnrolledDevice> = by_token.into_iter().map(|d| d.into()).collect();
+        cfg.merge_enrolled(
+            &[
+                (
+                    &enrolled[..],
+                    DeviceOrigin::Enrolled,
+                    registry.path().display().to_string(),
+                ),
+                (
+                    &by_token[..],
+                    DeviceOrigin::Token,
+                    crate::enroll::store::path(&cfg.gateway.state_dir)
+                        .display()
+                        .to_string(),
+                ),
+            ],
+            &registry.path().display().to_string(),
+        )?;
         Ok(cfg)
     }
 
@@ -128,31 +157,41 @@ impl Config {
         }
     }
 
+    /// Adds devices enrolled at runtime, from each source (`devices.json`, `enroll.db`) in turn, checking them
+    /// like configured ones; errors name the source file.
     fn merge_enrolled(
         &mut self,
-        enrolled: &[EnrolledDevice],
-        file: &str,
+        sources: &[(&[EnrolledDevice], DeviceOrigin, String)],
+        keys_file: &str,
     ) -> Result<(), ConfigErrors> {
-        let mut c = Collector {
-            file,
-            errors: Vec::new(),
-        };
-        for (i, d) in enrolled.iter().enumerate() {
-            let key = format!("devices[{i}] ({}/{})", d.tenant, d.name);
-            let Some(t) = self.tenants.iter_mut().find(|t| t.id == d.tenant) else {
-                tracing::warn!(tenant = %d.tenant, device = %d.name, "enrolled device belongs to a tenant that is no longer configured; ignoring it");
-                continue;
+        let mut errors = Vec::new();
+        for (enrolled, origin, file) in sources {
+            let mut c = Collector {
+                file,
+                errors: Vec::new(),
             };
-            t.devices.push(Device {
-                name: d.name.clone(),
-                public_key: d.public_key,
-                address: d.address,
-                user: d.user.clone(),
-                groups: d.groups.clone(),
-                origin: DeviceOrigin::Enrolled,
-            });
-            check_tenant_devices(t, &mut c, &key);
+            for (i, d) in enrolled.iter().enumerate() {
+                let key = format!("devices[{i}] ({}/{})", d.tenant, d.name);
+                let Some(t) = self.tenants.iter_mut().find(|t| t.id == d.tenant) else {
+                    tracing::warn!(tenant = %d.tenant, device = %d.name, "enrolled device belongs to a tenant that is no longer configured; ignoring it");
+                    continue;
+                };
+                t.devices.push(Device {
+                    name: d.name.clone(),
+                    public_key: d.public_key,
+                    address: d.address,
+                    user: d.user.clone(),
+                    groups: d.groups.clone(),
+                    origin: *origin,
+                });
+                check_tenant_devices(t, &mut c, &key);
+            }
+            errors.append(&mut c.errors);
         }
+        let mut c = Collector {
+            file: keys_file,
+            errors,
+        };
         check_unique_keys(&self.tenants, &mut c);
         if c.errors.is_empty() {
             Ok(())
@@ -187,6 +226,9 @@ impl Config {
         }
         if self.audit != new.audit {
             out.push("audit");
+        }
+        if self.enroll != new.enroll {
+            out.push("gateway.enroll_listen and [enroll]");
         }
         if self.flows.max_flows != new.flows.max_flows {
             out.push("flows.max_flows");

@@ -18,6 +18,8 @@ pub enum DeviceOrigin {
     Config,
     /// `rampart device add`, kept in `state_dir`.
     Enrolled,
+    /// Enrolled itself with a token (`rampart enroll`, `POST /v1/enroll`), kept in `state_dir/enroll.db`.
+    Token,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -356,5 +358,6 @@ pub struct Config {
     pub gateway: GatewaySettings,
     pub flows: FlowSettings,
     pub audit: AuditSettings,
+    pub enroll: super::EnrollSettings,
     pub tenants: Vec<Tenant>,
 }

@@ -9,6 +9,7 @@ pub struct RawConfig {
     pub gateway: RawGateway,
     pub flows: Option<RawFlows>,
     pub audit: Option<RawAudit>,
+    pub enroll: Option<super::enroll::RawEnroll>,
     #[serde(default)]
     pub tenant: Vec<RawTenant>,
 }
@@ -63,6 +64,8 @@ pub struct RawGateway {
     pub state_dir: Option<String>,
     pub admin_listen: Option<String>,
     pub public_endpoint: Option<String>,
+    /// HTTPS listener of the enrollment API; absent = off.
+    pub enroll_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -47,6 +47,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
 
     let flows = validate_flows(raw.flows, c);
     let audit = validate_audit(raw.audit, &state_dir, base, c);
+    let enroll = super::enroll::validate_enroll(raw.enroll, g.enroll_listen.as_deref(), base, c);
     let mut tenants = Vec::new();
     let mut ids = HashSet::new();
     for (i, rt) in raw.tenant.into_iter().enumerate() {
@@ -190,6 +191,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         },
         flows,
         audit,
+        enroll,
         tenants,
     }
 }
@@ -770,6 +772,7 @@ pub(super) fn empty(path: &Path) -> Config {
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
             public_endpoint: None,
         },
+        enroll: super::EnrollSettings::default(),
         tenants: Vec::new(),
     }
 }

@@ -1,4 +1,4 @@
-//! Device enrollment: address allocation from a tenant's pool and the wg-quick client config a device imports.
+//! Address allocation from a tenant's pool and the wg-quick client config a device imports.
 #![deny(unsafe_code)]
 
 use std::collections::HashSet;
@@ -42,6 +42,13 @@ pub fn allocate_address(tenant: &Tenant) -> Option<IpAddr> {
     }
 }
 
+/// What a device routes into the tunnel: the tenant's pool and its off-ramp networks.
+pub fn allowed_ips(tenant: &Tenant) -> Vec<IpNet> {
+    let mut allowed = vec![tenant.address_pool];
+    allowed.extend(tenant.offramp.iter().copied());
+    allowed
+}
+
 /// Everything that goes into a device's client config.
 pub struct ClientConfig<'a> {
     pub tenant: &'a Tenant,
@@ -83,9 +90,10 @@ impl ClientConfig<'_> {
         let _ = writeln!(s, "[Peer]");
         let _ = writeln!(s, "PublicKey = {}", self.gateway_key);
         let _ = writeln!(s, "Endpoint = {}", self.endpoint);
-        // The tenant's pool plus its off-ramp networks, so a stock client routes both into the tunnel.
-        let mut allowed = vec![self.tenant.address_pool.to_string()];
-        allowed.extend(self.tenant.offramp.iter().map(|n| n.to_string()));
+        let allowed: Vec<String> = allowed_ips(self.tenant)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         let _ = writeln!(s, "AllowedIPs = {}", allowed.join(", "));
         let _ = writeln!(s, "PersistentKeepalive = {PERSISTENT_KEEPALIVE}");
         s
