@@ -12,14 +12,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
+use crate::audit::AuditCounters;
 use crate::core::{DropReason, Metrics, TrafficCounters};
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, audit: Arc<AuditCounters>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 4096];
             let mut n = 0;
@@ -47,7 +49,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
                 ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render(&metrics)),
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    render(&metrics, &audit),
+                ),
                 ("GET", _) => (
                     "404 Not Found",
                     "text/plain",
@@ -70,7 +76,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 /// Renders all counters in the Prometheus text exposition format.
-pub fn render(m: &Metrics) -> String {
+pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
     let tenants = m.tenants();
     let mut out = String::with_capacity(4096);
     let per_tenant = |out: &mut String,
@@ -191,11 +197,6 @@ pub fn render(m: &Metrics) -> String {
             g.tun_write_errors.get(),
         ),
         (
-            "rampart_audit_records_dropped_total",
-            "Audit records lost (queue full, or store failing past the retry buffer).",
-            g.audit_records_dropped.get(),
-        ),
-        (
             "rampart_handoffs_dropped_total",
             "Upgraded flows refused because the application side's queue was full.",
             g.handoffs_dropped.get(),
@@ -218,7 +219,38 @@ pub fn render(m: &Metrics) -> String {
 rampart_nat_slots_closing {}",
         g.nat_slots_closing.get()
     );
+    render_audit(&mut out, audit);
     out
+}
+
+/// The audit pipeline's counters: written and lost records by kind (and reason), gap records, checkpoints.
+fn render_audit(out: &mut String, audit: &AuditCounters) {
+    let mut seen = std::collections::HashSet::new();
+    let mut lost_total = 0;
+    for (name, labels, v) in audit.samples() {
+        if seen.insert(name) {
+            let help = match name {
+                "rampart_audit_records_written_total" => "Audit records committed, by kind.",
+                "rampart_audit_records_lost_total" => "Audit records lost, by kind and reason (each loss is also a gap record in the chain).",
+                "rampart_audit_gap_records_total" => "Gap records written (each names the records lost since the previous one).",
+                _ => "Audit checkpoints signed.",
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        }
+        if name == "rampart_audit_records_lost_total" {
+            lost_total += v;
+        }
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {v}");
+        } else {
+            let _ = writeln!(out, "{name}{{{}}} {v}", labels.join(","));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP rampart_audit_records_dropped_total Audit records lost, all kinds and reasons.\n# TYPE rampart_audit_records_dropped_total counter\nrampart_audit_records_dropped_total {lost_total}"
+    );
 }
 
 #[cfg(test)]
@@ -233,13 +265,21 @@ mod tests {
         t.handshakes.add(2);
         t.count_drop(DropReason::SpoofedSource);
         m.global.cookie_replies.add(5);
-        let text = render(&m);
+        let audit = AuditCounters::default();
+        audit.lost(
+            crate::audit::RecordKind::Http,
+            crate::audit::LossReason::QueueFull,
+            3,
+        );
+        let text = render(&m, &audit);
         for line in [
             "rampart_handshakes_total{tenant=\"acme\"} 2",
             "rampart_dropped_packets_total{tenant=\"acme\",reason=\"spoofed_source\"} 1",
             "rampart_dropped_packets_total{tenant=\"\",reason=\"malformed_datagram\"} 0",
             "rampart_cookie_replies_total 5",
             "rampart_flows{tenant=\"acme\"} 0",
+            "rampart_audit_records_lost_total{kind=\"http\",reason=\"queue_full\"} 3",
+            "rampart_audit_records_dropped_total 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?}");
         }

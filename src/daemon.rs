@@ -32,6 +32,7 @@ struct Running {
     reload_lock: Mutex<()>,
     onramp: Onramp,
     ssh: Arc<crate::ssh::SshServices>,
+    http: crate::http::HttpServices,
 }
 
 impl Running {
@@ -114,8 +115,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     })?;
     let metrics = Arc::new(Metrics::default());
     let (audit, audit_writer) =
-        crate::audit::start(&cfg.audit, crate::audit::WallClock::now(), metrics.clone())?;
-    let (ssh, ssh_audit_writer) = crate::ssh::SshServices::start(&g.state_dir, &cfg.audit.path)?;
+        crate::audit::start(crate::audit::PipelineOptions::from_config(&cfg))?;
+    let audit_counters = audit.counters().clone();
+    let ssh = Arc::new(crate::ssh::SshServices::new(
+        &g.state_dir,
+        audit.ssh(),
+        crate::ssh::SshLimits::default(),
+    ));
+    let http = crate::http::HttpServices::new(audit.http());
     let mut gateway = Gateway::new(0, &key, metrics.clone(), Instant::now());
     let public = gateway.public_key();
     let summary = gateway.apply(&cfg, Instant::now(), &mut TxQueue::new());
@@ -163,20 +170,29 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         reload_lock: Mutex::new(()),
         onramp,
         ssh,
+        http,
     });
     let l4 = layer4.as_mut().map(|(ns, app, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
         let handoffs = std::mem::replace(rx, tokio::sync::mpsc::channel(1).1);
         (events, handoffs, app.releases.clone(), ns.connector())
     });
-    let result = rt.block_on(serve(running.clone(), cfg.clone(), metrics, public, l4));
+    let result = rt.block_on(serve(
+        running.clone(),
+        cfg.clone(),
+        metrics,
+        audit_counters,
+        public,
+        l4,
+    ));
     // Stops the namespace helper (and its flows) before the data path.
     drop(layer4);
+    // Dropping the runtime drops the inspectors' tasks, whose records in progress are emitted on drop.
+    drop(rt);
     let running = Arc::into_inner(running).expect("all tasks stopped");
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
     running.onramp.shutdown();
     audit_writer.finish();
-    ssh_audit_writer.finish();
     let _ = std::fs::remove_file(control::socket_path(&cfg.gateway.state_dir));
     tracing::info!("stopped");
     result
@@ -230,7 +246,8 @@ async fn run_layer4(
                     counters.clone(),
                     connector.clone(),
                     crate::offramp::InspectEnv::new(running.config.clone())
-                        .with_ssh(running.ssh.clone()),
+                        .with_ssh(running.ssh.clone())
+                        .with_http(running.http.clone()),
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),
@@ -252,6 +269,7 @@ async fn serve(
     running: Arc<Running>,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
+    audit: Arc<crate::audit::AuditCounters>,
     public: PeerKey,
     layer4: Option<Layer4Channels>,
 ) -> anyhow::Result<()> {
@@ -269,7 +287,7 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let enroll = crate::enroll::server::start(running.clone()).await?;
 
-    let admin_task = tokio::spawn(crate::admin::serve(admin, metrics));
+    let admin_task = tokio::spawn(crate::admin::serve(admin, metrics, audit));
     let control_task = tokio::spawn(serve_control(control, running.clone()));
     let layer4_task = layer4.map(|ch| tokio::spawn(run_layer4(running.clone(), ch)));
 

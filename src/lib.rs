@@ -12,6 +12,7 @@ pub const HTTP_INSPECTION_AVAILABLE: bool = true;
 pub mod admin;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;

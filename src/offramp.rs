@@ -397,6 +397,12 @@ impl InspectEnv {
         self
     }
 
+    /// Sets the HTTP inspector's shared services (audit sink, TLS material).
+    pub fn with_http(mut self, http: crate::http::HttpServices) -> InspectEnv {
+        self.http = http;
+        self
+    }
+
     pub fn ssh(&self) -> Option<&Arc<crate::ssh::SshServices>> {
         self.ssh.as_ref()
     }

@@ -1,30 +1,45 @@
-//! The audit trail: typed records of what the gateway decided and carried, kept in an append-only store
-//! that admins review (`rampart audit ...`). Not `tracing`: records go through a bounded queue to one writer
-//! thread, with explicit policies for a full queue (`on_overflow`) and for a failing store (`on_failure`).
+//! The audit trail: typed records of what the gateway decided and carried (flows, HTTP requests, SSH
+//! sessions), kept in an append-only SQLite store that admins review (`rampart audit ...`). Not `tracing`.
 //!
-//! Start reading at `AuditSink` (data path side) and `writer` (store side).
+//! One pipeline for every kind of record: [`Record`]s are offered to one bounded queue ([`AuditSink`]; the
+//! HTTP and SSH inspectors hold typed handles on it, `HttpAuditSink` and `SshAuditSink`), one writer thread
+//! (`writer`) commits them in batches through one SQLite connection (`db`, `tables`), with one policy:
+//! `audit.queue`, `commit_interval_ms`, `on_overflow` (full queue) and `on_failure` (failing store). The queue
+//! is shared fairly: each tenant has a reserved share, so one tenant's flood cannot crowd out another's
+//! records. Every lost record is counted ([`AuditCounters`]).
+//!
+//! Start reading at [`AuditSink`] (producers) and `writer` (the store side); review is in [`review`].
+//! Never: block a producer (a full queue drops and counts; only `emit_durable` waits, and only for its own
+//! record), write the store from another thread, update or delete a committed record.
 #![deny(unsafe_code)]
 
 pub mod capture;
+pub mod counters;
+pub mod db;
 pub mod http_records;
+pub mod review;
 pub mod ssh_records;
-pub mod ssh_review;
-pub mod store;
-pub mod time;
+pub mod tables;
+mod writer;
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use crate::config::{AuditSettings, FailurePolicy, OverflowPolicy};
-use crate::core::{FlowEvent, Metrics};
-use store::{Record, Store};
+use tokio::sync::oneshot;
+
+use crate::config::{Config, FailurePolicy, OverflowPolicy};
+use crate::core::FlowEvent;
+pub use counters::{AuditCounters, LossReason, RecordKind};
+use http_records::HttpRecord;
+use ssh_records::SshRecord;
 
 /// The audit store of `cfg`, for review commands; a clear error if the gateway never ran.
-pub fn existing_store(cfg: &crate::config::Config) -> anyhow::Result<&std::path::Path> {
+pub fn existing_store(cfg: &Config) -> anyhow::Result<&std::path::Path> {
     let path = cfg.audit.path.as_path();
     if !path.exists() {
         anyhow::bail!(
@@ -38,211 +53,380 @@ pub fn existing_store(cfg: &crate::config::Config) -> anyhow::Result<&std::path:
 /// Most records written in one transaction.
 const MAX_BATCH: usize = 4096;
 
-/// Maps the data path's monotonic `Instant`s to wall-clock milliseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct WallClock {
-    instant: Instant,
-    unix_ms: i64,
+/// One record on its way to the store.
+#[derive(Debug)]
+pub enum Record {
+    /// A flow event from the data path (start, established, end).
+    Flow(FlowEvent),
+    Http(Box<HttpRecord>),
+    Ssh(Box<SshRecord>),
 }
 
-impl WallClock {
-    pub fn now() -> WallClock {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        WallClock {
-            instant: Instant::now(),
-            unix_ms,
+impl Record {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Record::Flow(_) => RecordKind::Flow,
+            Record::Http(_) => RecordKind::Http,
+            Record::Ssh(_) => RecordKind::Ssh,
         }
     }
 
-    pub fn unix_ms(&self, at: Instant) -> i64 {
-        match at.checked_duration_since(self.instant) {
-            Some(d) => self.unix_ms + d.as_millis() as i64,
-            None => self.unix_ms - self.instant.duration_since(at).as_millis() as i64,
+    /// The tenant whose queue share the record uses. Flow updates (established, end) have none: their flow's
+    /// start was admitted, and they are bounded by it.
+    fn tenant(&self) -> Option<&str> {
+        match self {
+            Record::Flow(FlowEvent::Start(s)) => Some(s.tenant.as_str()),
+            Record::Flow(_) => None,
+            Record::Http(r) => Some(&r.tenant),
+            Record::Ssh(r) => Some(&r.keys.tenant),
         }
     }
 }
 
-struct Shared {
+/// How the pipeline runs; [`PipelineOptions::from_config`] is what `rampart run` uses.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub db: PathBuf,
+    /// The gateway's audit signing key (created on first start).
+    pub signing_key: PathBuf,
+    pub queue: usize,
+    pub commit_interval: Duration,
+    pub on_overflow: OverflowPolicy,
+    pub on_failure: FailurePolicy,
+    /// Tenants known at start: each gets `queue / (2 × tenants)` reserved places in the queue.
+    pub tenants: usize,
+    /// A checkpoint is signed after this many SSH records ...
+    pub checkpoint_every: u64,
+    /// ... and this long after the last record, when some are not signed yet.
+    pub checkpoint_interval: Duration,
+}
+
+impl PipelineOptions {
+    /// Defaults for a store at `db` with the signing key at `signing_key`.
+    pub fn new(db: PathBuf, signing_key: PathBuf) -> PipelineOptions {
+        PipelineOptions {
+            db,
+            signing_key,
+            queue: 65_536,
+            commit_interval: Duration::from_millis(250),
+            on_overflow: OverflowPolicy::Drop,
+            on_failure: FailurePolicy::FailOpen,
+            tenants: 1,
+            checkpoint_every: 256,
+            checkpoint_interval: Duration::from_secs(30),
+        }
+    }
+
+    pub fn from_config(cfg: &Config) -> PipelineOptions {
+        PipelineOptions {
+            queue: cfg.audit.queue,
+            commit_interval: cfg.audit.commit_interval,
+            on_overflow: cfg.audit.on_overflow,
+            on_failure: cfg.audit.on_failure,
+            tenants: cfg.tenants.len().max(1),
+            ..PipelineOptions::new(
+                cfg.audit.path.clone(),
+                cfg.gateway.state_dir.join("audit_signing_key"),
+            )
+        }
+    }
+}
+
+/// Why a record offered with [`AuditSink::emit_durable`] is not durable.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditUnavailable {
+    #[error("the audit queue is full")]
+    QueueFull,
+    #[error("this tenant's share of the audit queue is full")]
+    TenantShare,
+    #[error("the audit writer has stopped")]
+    Stopped,
+    #[error("the audit store failed: {0}")]
+    Store(String),
+}
+
+/// A committed durable record's position: the SSH chain's sequence number, 0 for other kinds.
+pub type Ack = Result<u64, String>;
+
+pub(crate) struct Queued {
+    pub record: Record,
+    pub ack: Option<oneshot::Sender<Ack>>,
+    slot: Slot,
+}
+
+pub(crate) enum Msg {
+    Record(Box<Queued>),
+    /// Commit what is queued, sign a final checkpoint, stop (producers may still be alive).
+    Stop,
+}
+
+/// Where an admitted record counts against the queue: its tenant's reserved share, or the shared half.
+enum Slot {
+    Untracked,
+    Reserved(Arc<AtomicUsize>),
+    Shared(Arc<AtomicUsize>),
+}
+
+/// Queue places per tenant: `reserved` each, then `shared_cap` first come, first served.
+struct Fairness {
+    reserved: usize,
+    shared_cap: usize,
+    shared: AtomicUsize,
+    tenants: RwLock<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+impl Fairness {
+    fn new(capacity: usize, tenants: usize) -> Fairness {
+        let reserved = (capacity / (2 * tenants.max(1))).max(1);
+        Fairness {
+            reserved,
+            shared_cap: capacity.saturating_sub(reserved * tenants.max(1)),
+            shared: AtomicUsize::new(0),
+            tenants: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn counter(&self, tenant: &str) -> Arc<AtomicUsize> {
+        if let Some(c) = self
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+        {
+            return c.clone();
+        }
+        self.tenants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn admit(&self, tenant: Option<&str>) -> Option<Slot> {
+        let Some(tenant) = tenant else {
+            return Some(Slot::Untracked);
+        };
+        let c = self.counter(tenant);
+        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= self.reserved {
+            return Some(Slot::Reserved(c));
+        }
+        if self.shared.fetch_add(1, Ordering::Relaxed) < self.shared_cap {
+            return Some(Slot::Shared(c));
+        }
+        self.shared.fetch_sub(1, Ordering::Relaxed);
+        c.fetch_sub(1, Ordering::Relaxed);
+        None
+    }
+
+    fn release(&self, slot: &Slot) {
+        match slot {
+            Slot::Untracked => {}
+            Slot::Reserved(c) => {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+            Slot::Shared(c) => {
+                c.fetch_sub(1, Ordering::Relaxed);
+                self.shared.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+pub(crate) struct Shared {
     queued: AtomicUsize,
     store_healthy: AtomicBool,
+    fairness: Fairness,
+    pub counters: Arc<AuditCounters>,
 }
 
-/// The data path's handle: offers records without ever blocking.
+impl Shared {
+    /// The writer took `q` off the queue.
+    pub(crate) fn dequeued(&self, q: &Queued) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.fairness.release(&q.slot);
+    }
+
+    pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
+        self.store_healthy.swap(healthy, Ordering::Relaxed)
+    }
+}
+
+/// The producers' handle on the pipeline: the data path offers flow events, the inspectors their records
+/// (through [`AuditSink::http`] and [`AuditSink::ssh`]). Never blocks. Cloning is cheap.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: SyncSender<FlowEvent>,
+    tx: SyncSender<Msg>,
     shared: Arc<Shared>,
     capacity: usize,
     on_overflow: OverflowPolicy,
     on_failure: FailurePolicy,
-    metrics: Arc<Metrics>,
 }
 
 impl AuditSink {
-    /// Queues a record; when the queue is full the record is dropped and counted.
+    /// Queues a flow event (the data path's call); a full queue drops and counts it.
     pub fn offer(&self, ev: FlowEvent) {
+        if matches!(ev, FlowEvent::Upgraded(_) | FlowEvent::Released { .. }) {
+            return;
+        }
+        let _ = self.submit(Record::Flow(ev), None);
+    }
+
+    /// Queues any record; a full queue (or tenant share) drops and counts it.
+    pub fn emit(&self, record: Record) {
+        let _ = self.submit(record, None);
+    }
+
+    /// Queues a record and waits until it is committed.
+    pub async fn emit_durable(&self, record: Record) -> Result<u64, AuditUnavailable> {
+        let (ack, done) = oneshot::channel();
+        self.submit(record, Some(ack))?;
+        match done.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(AuditUnavailable::Store(e)),
+            Err(_) => Err(AuditUnavailable::Stopped),
+        }
+    }
+
+    fn submit(
+        &self,
+        record: Record,
+        ack: Option<oneshot::Sender<Ack>>,
+    ) -> Result<(), AuditUnavailable> {
+        let kind = record.kind();
+        let counters = &self.shared.counters;
+        let Some(slot) = self.shared.fairness.admit(record.tenant()) else {
+            counters.lost(kind, LossReason::TenantShare, 1);
+            return Err(AuditUnavailable::TenantShare);
+        };
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(ev) {
-            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.global.audit_records_dropped.add(1);
+        let q = Box::new(Queued { record, ack, slot });
+        match self.tx.try_send(Msg::Record(q)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let (q, why, reason) = match e {
+                    TrySendError::Full(m) => {
+                        (m, AuditUnavailable::QueueFull, LossReason::QueueFull)
+                    }
+                    TrySendError::Disconnected(m) => {
+                        (m, AuditUnavailable::Stopped, LossReason::WriterStopped)
+                    }
+                };
+                if let Msg::Record(q) = q {
+                    self.shared.dequeued(&q);
+                }
+                counters.lost(kind, reason, 1);
+                Err(why)
+            }
         }
     }
 
     /// Whether new flows may start now, per the overflow and failure policies.
     pub fn admits_new_flows(&self) -> bool {
-        let full = self.shared.queued.load(Ordering::Relaxed) + MAX_BATCH / 4 >= self.capacity;
-        let healthy = self.shared.store_healthy.load(Ordering::Relaxed);
+        let headroom = (self.capacity / 4).min(MAX_BATCH / 4);
+        let full = self.shared.queued.load(Ordering::Relaxed) + headroom >= self.capacity;
         !(self.on_overflow == OverflowPolicy::BlockNewFlows && full
-            || self.on_failure == FailurePolicy::FailClosed && !healthy)
+            || self.on_failure == FailurePolicy::FailClosed && !self.healthy())
+    }
+
+    /// Whether the last commit succeeded.
+    pub fn healthy(&self) -> bool {
+        self.shared.store_healthy.load(Ordering::Relaxed)
+    }
+
+    /// What was written and lost, for `/metrics`.
+    pub fn counters(&self) -> &Arc<AuditCounters> {
+        &self.shared.counters
+    }
+
+    /// The HTTP inspector's handle.
+    pub fn http(&self) -> http_records::HttpAuditSink {
+        http_records::HttpAuditSink::new(self.clone())
+    }
+
+    /// The SSH inspector's handle.
+    pub fn ssh(&self) -> ssh_records::SshAuditSink {
+        ssh_records::SshAuditSink::new(self.clone())
     }
 }
 
-/// The writer thread; dropping every `AuditSink` and calling `finish` flushes and stops it.
+/// The writer thread; [`AuditWriter::finish`] commits what is queued, signs a final checkpoint and stops it.
 pub struct AuditWriter {
     thread: JoinHandle<()>,
+    tx: SyncSender<Msg>,
 }
 
 impl AuditWriter {
-    /// Waits until everything queued before the last sink was dropped is committed.
+    /// Commits everything queued before this call, then stops the writer (later records are dropped and
+    /// counted as `writer_stopped`).
     pub fn finish(self) {
+        let _ = self.tx.send(Msg::Stop);
         let _ = self.thread.join();
     }
 }
 
-/// Opens the store and starts the writer. Fails (clearly) if the store cannot be opened at all.
-pub fn start(
-    settings: &AuditSettings,
-    clock: WallClock,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<(AuditSink, AuditWriter)> {
-    let store = Store::open(&settings.path).map_err(|e| {
-        anyhow::anyhow!("cannot open the audit store {}: {e}; check that the directory exists and is writable (audit.path)", settings.path.display())
+/// Opens the store (migrating its schema), loads or creates the signing key, and starts the writer. Fails
+/// (clearly) if the store cannot be opened or the key cannot be read.
+pub fn start(opts: PipelineOptions) -> anyhow::Result<(AuditSink, AuditWriter)> {
+    let conn = db::open_rw(&opts.db).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the audit store {}: {e}; check that the directory exists and is writable (audit.path)",
+            opts.db.display()
+        )
     })?;
-    let (tx, rx) = mpsc::sync_channel(settings.queue);
+    let key = ssh_records::load_or_create_signing_key(&opts.signing_key)?;
+    let capacity = opts.queue.max(1);
+    let (tx, rx) = mpsc::sync_channel(capacity);
     let shared = Arc::new(Shared {
         queued: AtomicUsize::new(0),
         store_healthy: AtomicBool::new(true),
+        fairness: Fairness::new(capacity, opts.tenants),
+        counters: Arc::new(AuditCounters::default()),
     });
     let sink = AuditSink {
-        tx,
+        tx: tx.clone(),
         shared: shared.clone(),
-        capacity: settings.queue,
-        on_overflow: settings.on_overflow,
-        on_failure: settings.on_failure,
-        metrics: metrics.clone(),
+        capacity,
+        on_overflow: opts.on_overflow,
+        on_failure: opts.on_failure,
     };
-    let interval = settings.commit_interval;
-    let cap = settings.queue;
-    let run_id = run_id();
+    let w = writer::Writer::new(conn, key, shared, &opts);
     let thread = std::thread::Builder::new()
         .name("rampart-audit".into())
-        .spawn(move || writer(store, rx, shared, interval, cap, clock, run_id, metrics))?;
-    Ok((sink, AuditWriter { thread }))
+        .spawn(move || w.run(rx))?;
+    Ok((sink, AuditWriter { thread, tx }))
 }
 
-fn run_id() -> i64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom::getrandom(&mut b);
-    (u64::from_le_bytes(b) >> 1) as i64
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn to_record(ev: FlowEvent, clock: &WallClock) -> Option<Record> {
-    Some(match ev {
-        FlowEvent::Start(s) => {
-            let at_ms = clock.unix_ms(s.at);
-            Record::FlowStart { start: s, at_ms }
+    #[test]
+    fn one_tenant_cannot_take_another_tenants_share() {
+        let f = Fairness::new(100, 2);
+        assert_eq!(f.reserved, 25);
+        let mut held = Vec::new();
+        // Tenant a floods: its reserved 25 plus the shared 50, then nothing.
+        while let Some(s) = f.admit(Some("a")) {
+            held.push(s);
         }
-        FlowEvent::Established { seq, at } => Record::FlowEstablished {
-            seq,
-            at_ms: clock.unix_ms(at),
-        },
-        FlowEvent::End {
-            seq,
-            at,
-            packets,
-            bytes,
-            reason,
-        } => Record::FlowEnd {
-            seq,
-            at_ms: clock.unix_ms(at),
-            packets,
-            bytes,
-            reason,
-        },
-        FlowEvent::Upgraded(_) | FlowEvent::Released { .. } => return None,
-    })
-}
-
-/// Batches records and commits them at most `interval` after the first of a batch arrived. A failed commit
-/// is retried with the next batch; while it fails the store is marked unhealthy (fail-closed gateways stop
-/// admitting new flows) and at most `cap` records are held, older ones being dropped and counted.
-#[allow(clippy::too_many_arguments)]
-fn writer(
-    mut store: Store,
-    rx: mpsc::Receiver<FlowEvent>,
-    shared: Arc<Shared>,
-    interval: Duration,
-    cap: usize,
-    clock: WallClock,
-    run_id: i64,
-    metrics: Arc<Metrics>,
-) {
-    let mut pending: VecDeque<Record> = VecDeque::new();
-    let mut last_error_log: Option<Instant> = None;
-    let mut open = true;
-    while open || !pending.is_empty() {
-        let deadline = Instant::now() + interval;
-        while pending.len() < MAX_BATCH {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
-                Ok(ev) => {
-                    shared.queued.fetch_sub(1, Ordering::Relaxed);
-                    pending.extend(to_record(ev, &clock));
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
+        assert_eq!(held.len(), 75);
+        // Tenant b still gets its reserved share.
+        let b: Vec<Slot> = (0..25).map_while(|_| f.admit(Some("b"))).collect();
+        assert_eq!(b.len(), 25);
+        assert!(f.admit(Some("b")).is_none());
+        // Shared places come back when the writer takes records.
+        for s in held.split_off(65) {
+            f.release(&s);
         }
-        if pending.is_empty() {
-            continue;
-        }
-        let batch: Vec<Record> = pending.iter().cloned().collect();
-        match store.write_batch(run_id, &batch) {
-            Ok(()) => {
-                pending.clear();
-                if !shared.store_healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!("audit store writable again");
-                }
-            }
-            Err(e) => {
-                shared.store_healthy.store(false, Ordering::Relaxed);
-                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    last_error_log = Some(Instant::now());
-                    tracing::error!(error = %e, held = pending.len(), "audit store write failed; retrying");
-                }
-                while pending.len() > cap {
-                    pending.pop_front();
-                    metrics.global.audit_records_dropped.add(1);
-                }
-                if !open {
-                    tracing::error!(
-                        lost = pending.len(),
-                        "audit store still failing at shutdown; records lost"
-                    );
-                    metrics
-                        .global
-                        .audit_records_dropped
-                        .add(pending.len() as u64);
-                    return;
-                }
-                std::thread::sleep(interval.min(Duration::from_secs(1)));
-            }
-        }
+        assert!(f.admit(Some("b")).is_some());
+        assert!(
+            f.admit(None).is_some(),
+            "flow updates are never refused here"
+        );
     }
 }
+
+#[cfg(test)]
+mod pipeline_tests;

@@ -1,79 +1,34 @@
-//! SSH audit records: what the SSH inspector (`crate::ssh`) emits, and the append-only, hash-chained log it is
-//! kept in (table `ssh_log` in the audit SQLite store, next to the flow tables, through a connection of its own).
+//! SSH audit records: what the SSH inspector (`crate::ssh`) emits. They go through the audit pipeline
+//! ([`SshAuditSink`]) into table `ssh_log`, where the writer chains them (`hash = sha256(prev_hash ‖ canonical
+//! row)`) and signs checkpoints with the gateway's audit signing key (`state_dir/audit_signing_key`).
 //!
-//! - [`SshAuditSink`] is the inspector's handle: [`SshAuditSink::emit`] never blocks (a full queue drops and counts);
-//!   [`SshAuditSink::emit_durable`] waits until the record is committed, for what `recording = "required"` must
-//!   not lose (session start, exec commands).
-//! - One writer thread numbers the records, chains them (`hash = sha256(prev_hash ‖ canonical row)`), commits
-//!   in batches and signs a checkpoint (Ed25519 SSHSIG over `seq ‖ hash`) every [`CHECKPOINT_EVERY`] records,
-//!   [`CHECKPOINT_INTERVAL`] after the last record and at shutdown, with the gateway's audit signing key
-//!   (`state_dir/audit_signing_key`).
+//! - [`SshAuditSink::emit`] never blocks (a full queue drops and counts); [`SshAuditSink::emit_durable`] waits
+//!   until the record is committed, for what `recording = "required"` must not lose.
 //! - Sensitive fields (command text, typed lines, env values) are [`Secret`]s: sealed to the tenant's reviewer
 //!   key, in the same container as recordings, when the tenant has `audit_recipient`.
 //!
-//! Review and verification (`rampart audit ssh …`, `rampart audit verify`) live in `ssh_review`.
-//! Never: rewrite or delete a row, or log a `Secret`'s plaintext through `tracing`.
+//! Review and verification are in `audit::review`. Never: log a `Secret`'s plaintext through `tracing`.
 #![deny(unsafe_code)]
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use rusqlite::{params, Connection, OptionalExtension as _};
-use russh::keys::ssh_key::{HashAlg, LineEnding, PrivateKey};
+use russh::keys::ssh_key::PrivateKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::oneshot;
 
 use super::capture::{self, CaptureWriter, RecipientKey, ReviewerKey, Source};
+pub use super::review::ssh::SshLog;
+pub use super::tables::ssh::{
+    chain_hash, checkpoint_message, Checkpoint, LogRow, CHECKPOINT_NAMESPACE,
+};
+pub use super::AuditUnavailable;
+use super::{AuditSink, AuditWriter, LossReason, PipelineOptions, Record, RecordKind};
 
-/// A checkpoint is signed after this many records (and at writer shutdown).
+/// A checkpoint is signed after this many records by default (and at writer shutdown).
 pub const CHECKPOINT_EVERY: u64 = 256;
-/// ... and after this long without new records, when some are not signed yet.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
-/// SSHSIG namespace of checkpoint signatures.
-pub const CHECKPOINT_NAMESPACE: &str = "rampart-audit-checkpoint@v1";
-/// Domain separation of the chain hash.
-const CHAIN_DOMAIN: &[u8] = b"rampart-ssh-audit-v1";
-/// Records queued towards the writer before `emit` starts dropping.
-const QUEUE: usize = 8192;
-/// Longest a record waits in the writer before its batch commits.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS ssh_log (
-    seq INTEGER PRIMARY KEY,
-    at_ms INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    channel_seq INTEGER,
-    device TEXT NOT NULL,
-    user TEXT NOT NULL,
-    target TEXT NOT NULL,
-    login TEXT NOT NULL,
-    cert_serial TEXT,
-    rule TEXT NOT NULL,
-    body TEXT NOT NULL,
-    prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ssh_log_by_session ON ssh_log (session_id, seq);
-CREATE INDEX IF NOT EXISTS ssh_log_by_kind ON ssh_log (kind, at_ms);
-CREATE TABLE IF NOT EXISTS ssh_checkpoints (
-    seq INTEGER PRIMARY KEY,
-    hash BLOB NOT NULL,
-    at_ms INTEGER NOT NULL,
-    key_fingerprint TEXT NOT NULL,
-    signature TEXT NOT NULL
-);
-";
 
 /// A sensitive text: plaintext, or sealed to the tenant's reviewer key (an `ssh-log-cli` container holding one
 /// client record, base64). Only the reviewer's private key opens a sealed one.
@@ -126,7 +81,12 @@ impl Secret {
 }
 
 fn seal(data: &[u8], recipient: &RecipientKey) -> Result<Vec<u8>, capture::CaptureError> {
-    let mut w = CaptureWriter::new(Cursor::new(Vec::new()), recipient, unix_now(), None)?;
+    let mut w = CaptureWriter::new(
+        Cursor::new(Vec::new()),
+        recipient,
+        crate::clock::unix_secs(),
+        None,
+    )?;
     w.record(Source::Client, capture::CODE_DATA, 0, data)?;
     let mut out = Vec::new();
     w.finish(None, &mut out)?;
@@ -332,504 +292,79 @@ pub struct HostKeyEvent {
     pub pinned_fingerprint: Option<String>,
 }
 
-// ------------------------------------------------------------------------------------------------ sink ----------
-
-struct SinkShared {
-    healthy: AtomicBool,
-    dropped: AtomicU64,
-}
-
-struct Queued {
-    record: SshRecord,
-    ack: Option<oneshot::Sender<Result<u64, String>>>,
-}
-
-enum Msg {
-    Record(Box<Queued>),
-    /// Commit what is queued, sign a checkpoint, stop (sinks may still be alive).
-    Stop,
-}
-
-/// The inspector's handle on the SSH audit log. Cloning is cheap.
+/// The SSH inspector's handle on the audit pipeline. Cloning is cheap.
 #[derive(Clone)]
 pub struct SshAuditSink {
-    tx: SyncSender<Msg>,
-    shared: Arc<SinkShared>,
-}
-
-/// Why a durable record could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum AuditUnavailable {
-    #[error("the audit queue is full")]
-    QueueFull,
-    #[error("the audit writer has stopped")]
-    Stopped,
-    #[error("the audit store failed: {0}")]
-    Store(String),
+    sink: AuditSink,
 }
 
 impl SshAuditSink {
+    pub(super) fn new(sink: AuditSink) -> SshAuditSink {
+        SshAuditSink { sink }
+    }
+
     /// Queues a record; never blocks. When the queue is full the record is dropped and counted.
     pub fn emit(&self, record: SshRecord) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self
-            .tx
-            .try_send(Msg::Record(Box::new(Queued { record, ack: None })))
-        {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.sink.emit(Record::Ssh(Box::new(record)));
     }
 
     /// Queues a record and waits until it is committed; returns its sequence number.
     pub async fn emit_durable(&self, record: SshRecord) -> Result<u64, AuditUnavailable> {
-        let (ack, done) = oneshot::channel();
-        match self.tx.try_send(Msg::Record(Box::new(Queued {
-            record,
-            ack: Some(ack),
-        }))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(AuditUnavailable::QueueFull),
-            Err(TrySendError::Disconnected(_)) => return Err(AuditUnavailable::Stopped),
-        }
-        match done.await {
-            Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(e)) => Err(AuditUnavailable::Store(e)),
-            Err(_) => Err(AuditUnavailable::Stopped),
-        }
+        self.sink.emit_durable(Record::Ssh(Box::new(record))).await
     }
 
     /// Whether the last commit succeeded.
     pub fn healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Relaxed)
+        self.sink.healthy()
     }
 
-    /// Records dropped because the queue was full.
+    /// SSH records lost so far.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        let c = self.sink.counters();
+        LossReason::ALL
+            .iter()
+            .map(|r| c.lost_total(RecordKind::Ssh, *r))
+            .sum()
     }
 }
 
-/// The writer thread; [`SshAuditWriter::finish`] (after every sink is dropped) commits what is queued and signs
-/// a final checkpoint.
-pub struct SshAuditWriter {
-    thread: JoinHandle<()>,
-    tx: SyncSender<Msg>,
-}
+/// The SSH writer is the audit pipeline's writer.
+pub type SshAuditWriter = AuditWriter;
 
-impl SshAuditWriter {
-    /// Commits what is queued, signs a final checkpoint and stops the writer (later `emit`s are dropped).
-    pub fn finish(self) {
-        let _ = self.tx.send(Msg::Stop);
-        let _ = self.thread.join();
-    }
-}
-
-/// Opens the SSH tables in `db` (creating them), loads or creates the signing key at `signing_key`, and starts
-/// the writer.
+/// Starts an audit pipeline on the store `db` with the signing key at `signing_key` and default settings,
+/// for an SSH inspector used on its own (tests, tools); `rampart run` starts one pipeline for everything.
 pub fn start(db: &Path, signing_key: &Path) -> anyhow::Result<(SshAuditSink, SshAuditWriter)> {
-    let mut log = SshLog::open(db)
-        .map_err(|e| anyhow::anyhow!("cannot open the SSH audit log in {}: {e}", db.display()))?;
-    let key = load_or_create_signing_key(signing_key)?;
-    let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
-    let shared = Arc::new(SinkShared {
-        healthy: AtomicBool::new(true),
-        dropped: AtomicU64::new(0),
-    });
-    let sink = SshAuditSink {
-        tx: tx.clone(),
-        shared: shared.clone(),
-    };
-    let thread = std::thread::Builder::new()
-        .name("rampart-ssh-audit".into())
-        .spawn(move || writer(&mut log, &key, rx, &shared))?;
-    Ok((sink, SshAuditWriter { thread, tx }))
+    let (sink, writer) = super::start(PipelineOptions::new(
+        db.to_path_buf(),
+        signing_key.to_path_buf(),
+    ))?;
+    Ok((sink.ssh(), writer))
 }
 
-/// The gateway's audit signing key (Ed25519, OpenSSH format, mode 0600), with its `.pub` next to it.
+/// The gateway's audit signing key (Ed25519, OpenSSH format, mode 0600), with its `.pub` next to it; created
+/// only when there is none. A key that exists but cannot be read is an error, never silently replaced (that
+/// would make every earlier checkpoint unverifiable with the pinned key).
 pub fn load_or_create_signing_key(path: &Path) -> anyhow::Result<PrivateKey> {
-    if let Ok(text) = std::fs::read_to_string(path) {
-        return PrivateKey::from_openssh(text).map_err(|e| {
+    match std::fs::read_to_string(path) {
+        Ok(text) => PrivateKey::from_openssh(text).map_err(|e| {
             anyhow::anyhow!(
-                "{} is not an OpenSSH private key ({e}); move it away to create a new signing key",
+                "the audit signing key {} is not an OpenSSH private key ({e}); restore it from a backup (reviewers \
+                 verify checkpoints against its public key)",
                 path.display()
             )
-        });
-    }
-    let key = crate::ssh::trust::new_ed25519("rampart audit signing key")?;
-    crate::ssh::trust::write_private_key(path, &key)?;
-    Ok(key)
-}
-
-fn writer(log: &mut SshLog, key: &PrivateKey, rx: mpsc::Receiver<Msg>, shared: &SinkShared) {
-    let mut open = true;
-    let mut since_checkpoint = 0u64;
-    let mut last_error_log: Option<Instant> = None;
-    while open {
-        let mut batch: Vec<Queued> = Vec::new();
-        match rx.recv_timeout(CHECKPOINT_INTERVAL) {
-            Ok(Msg::Record(q)) => batch.push(*q),
-            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => open = false,
-            Err(RecvTimeoutError::Timeout) => {
-                // Quiet for a while: sign what came since the last checkpoint.
-                if since_checkpoint > 0 {
-                    match log.checkpoint(key) {
-                        Ok(_) => since_checkpoint = 0,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot sign an SSH audit checkpoint")
-                        }
-                    }
-                }
-                continue;
-            }
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = crate::ssh::trust::new_ed25519("rampart audit signing key")?;
+            crate::ssh::trust::write_private_key(path, &key)?;
+            tracing::info!(path = %path.display(), "created the audit signing key; copy its .pub off the gateway to verify the audit trail with --pubkey");
+            Ok(key)
         }
-        let deadline = Instant::now() + COMMIT_INTERVAL;
-        let mut urgent = batch.iter().any(|q| q.ack.is_some());
-        while open && batch.len() < 1024 {
-            let msg = if urgent {
-                // Take what is already queued, without waiting.
-                match rx.try_recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                }
-            } else {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            };
-            match msg {
-                Msg::Record(q) => {
-                    urgent |= q.ack.is_some();
-                    batch.push(*q);
-                }
-                Msg::Stop => open = false,
-            }
-        }
-        if !open {
-            // Stopping: whatever is still queued goes into this last batch.
-            while let Ok(Msg::Record(q)) = rx.try_recv() {
-                batch.push(*q);
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let records: Vec<&SshRecord> = batch.iter().map(|q| &q.record).collect();
-        match log.append(&records) {
-            Ok(seqs) => {
-                shared.healthy.store(true, Ordering::Relaxed);
-                since_checkpoint += seqs.len() as u64;
-                for (q, seq) in batch.into_iter().zip(seqs) {
-                    if let Some(ack) = q.ack {
-                        let _ = ack.send(Ok(seq));
-                    }
-                }
-                if since_checkpoint >= CHECKPOINT_EVERY {
-                    match log.checkpoint(key) {
-                        Ok(_) => since_checkpoint = 0,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot sign an SSH audit checkpoint")
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                shared.healthy.store(false, Ordering::Relaxed);
-                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    last_error_log = Some(Instant::now());
-                    tracing::error!(error = %e, lost = batch.len(), "SSH audit log write failed");
-                }
-                shared
-                    .dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                for q in batch {
-                    if let Some(ack) = q.ack {
-                        let _ = ack.send(Err(e.to_string()));
-                    }
-                }
-            }
-        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot read the audit signing key {}: {e}; fix its permissions or restore it (it is never replaced \
+             while it exists)",
+            path.display()
+        )),
     }
-    if since_checkpoint > 0 {
-        if let Err(e) = log.checkpoint(key) {
-            tracing::error!(error = %e, "cannot sign the final SSH audit checkpoint");
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------------ store ---------
-
-/// The `ssh_log` tables through their own connection (WAL, `synchronous = FULL`).
-pub struct SshLog {
-    conn: Connection,
-}
-
-/// A row of `ssh_log` as review reads it.
-#[derive(Debug, Clone, Serialize)]
-pub struct LogRow {
-    pub seq: u64,
-    pub at_ms: i64,
-    pub kind: String,
-    pub keys: SessionKeys,
-    pub channel_seq: Option<u32>,
-    pub body: String,
-    #[serde(skip)]
-    pub prev_hash: Vec<u8>,
-    #[serde(skip)]
-    pub hash: Vec<u8>,
-}
-
-impl LogRow {
-    pub fn event(&self) -> Option<SshEvent> {
-        serde_json::from_str(&self.body).ok()
-    }
-}
-
-/// A signed checkpoint row.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    pub seq: u64,
-    pub hash: Vec<u8>,
-    pub at_ms: i64,
-    pub key_fingerprint: String,
-    pub signature: String,
-}
-
-impl SshLog {
-    pub fn open(path: &Path) -> rusqlite::Result<SshLog> {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(SshLog { conn })
-    }
-
-    /// For review: fails if the store or its SSH tables do not exist.
-    pub fn open_readonly(path: &Path) -> rusqlite::Result<SshLog> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.query_row("SELECT count(*) FROM ssh_log", [], |_| Ok(()))?;
-        Ok(SshLog { conn })
-    }
-
-    /// Appends records in one transaction, continuing the chain from the last row. Returns their seqs.
-    pub fn append(&mut self, records: &[&SshRecord]) -> rusqlite::Result<Vec<u64>> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let last: Option<(i64, Vec<u8>)> = tx
-            .query_row(
-                "SELECT seq, hash FROM ssh_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (mut seq, mut prev) = match last {
-            Some((s, h)) => (s as u64, h),
-            None => (0, vec![0u8; 32]),
-        };
-        let mut seqs = Vec::with_capacity(records.len());
-        {
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO ssh_log (seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login,
-                                      cert_serial, rule, body, prev_hash, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            )?;
-            for r in records {
-                seq += 1;
-                let body = serde_json::to_string(&r.event).unwrap_or_default();
-                let row = LogRow {
-                    seq,
-                    at_ms: r.at_ms,
-                    kind: r.event.kind().to_owned(),
-                    keys: r.keys.clone(),
-                    channel_seq: r.channel_seq,
-                    body,
-                    prev_hash: prev.clone(),
-                    hash: Vec::new(),
-                };
-                let hash = chain_hash(&prev, &row);
-                let k = &r.keys;
-                ins.execute(params![
-                    seq as i64,
-                    r.at_ms,
-                    row.kind,
-                    k.tenant,
-                    k.session_id,
-                    r.channel_seq,
-                    k.device,
-                    k.user,
-                    k.target,
-                    k.login,
-                    k.cert_serial.map(|s| s.to_string()),
-                    k.rule,
-                    row.body,
-                    prev,
-                    hash.to_vec(),
-                ])?;
-                prev = hash.to_vec();
-                seqs.push(seq);
-            }
-        }
-        tx.commit()?;
-        Ok(seqs)
-    }
-
-    /// Signs the current head of the chain (nothing if the chain is empty or already checkpointed there).
-    pub fn checkpoint(&mut self, key: &PrivateKey) -> anyhow::Result<Option<u64>> {
-        let head: Option<(i64, Vec<u8>)> = self
-            .conn
-            .query_row(
-                "SELECT seq, hash FROM ssh_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((seq, hash)) = head else {
-            return Ok(None);
-        };
-        let sig = key
-            .sign(
-                CHECKPOINT_NAMESPACE,
-                HashAlg::Sha512,
-                &checkpoint_message(seq as u64, &hash),
-            )
-            .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
-        let pem = sig
-            .to_pem(LineEnding::LF)
-            .map_err(|e| anyhow::anyhow!("encoding the signature: {e}"))?;
-        self.conn.execute(
-            "INSERT OR IGNORE INTO ssh_checkpoints (seq, hash, at_ms, key_fingerprint, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                seq,
-                hash,
-                crate::ssh::unix_ms(),
-                key.public_key().fingerprint(HashAlg::Sha256).to_string(),
-                pem
-            ],
-        )?;
-        Ok(Some(seq as u64))
-    }
-
-    /// Rows with `seq > after`, in order, at most `limit`.
-    pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LogRow>> {
-        self.query(
-            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
-                    rule, body, prev_hash, hash
-             FROM ssh_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            params![after as i64, limit as i64],
-        )
-    }
-
-    /// Every row of one session, in order.
-    pub fn session_rows(&self, session_id: &str) -> rusqlite::Result<Vec<LogRow>> {
-        self.query(
-            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
-                    rule, body, prev_hash, hash
-             FROM ssh_log WHERE session_id = ?1 ORDER BY seq",
-            params![session_id],
-        )
-    }
-
-    /// Rows of one kind since `since_ms`, newest first.
-    pub fn rows_of_kind(&self, kind: &str, since_ms: i64) -> rusqlite::Result<Vec<LogRow>> {
-        self.query(
-            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
-                    rule, body, prev_hash, hash
-             FROM ssh_log WHERE kind = ?1 AND at_ms >= ?2 ORDER BY seq DESC",
-            params![kind, since_ms],
-        )
-    }
-
-    pub fn checkpoints(&self) -> rusqlite::Result<Vec<Checkpoint>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT seq, hash, at_ms, key_fingerprint, signature FROM ssh_checkpoints ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Checkpoint {
-                seq: r.get::<_, i64>(0)? as u64,
-                hash: r.get(1)?,
-                at_ms: r.get(2)?,
-                key_fingerprint: r.get(3)?,
-                signature: r.get(4)?,
-            })
-        })?;
-        rows.collect()
-    }
-
-    fn query(&self, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<Vec<LogRow>> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt.query_map(p, |r| {
-            Ok(LogRow {
-                seq: r.get::<_, i64>(0)? as u64,
-                at_ms: r.get(1)?,
-                kind: r.get(2)?,
-                keys: SessionKeys {
-                    tenant: r.get(3)?,
-                    session_id: r.get(4)?,
-                    device: r.get(6)?,
-                    user: r.get(7)?,
-                    target: r.get(8)?,
-                    login: r.get(9)?,
-                    cert_serial: r.get::<_, Option<String>>(10)?.and_then(|s| s.parse().ok()),
-                    rule: r.get(11)?,
-                },
-                channel_seq: r.get(5)?,
-                body: r.get(12)?,
-                prev_hash: r.get(13)?,
-                hash: r.get(14)?,
-            })
-        })?;
-        rows.collect()
-    }
-
-    /// Test and tamper-drill seam: the raw connection.
-    pub fn connection(&self) -> &Connection {
-        &self.conn
-    }
-}
-
-/// `sha256(domain ‖ prev_hash ‖ canonical JSON of the row's columns)`.
-pub fn chain_hash(prev: &[u8], row: &LogRow) -> [u8; 32] {
-    let k = &row.keys;
-    let canonical = serde_json::json!([
-        row.seq,
-        row.at_ms,
-        row.kind,
-        k.tenant,
-        k.session_id,
-        row.channel_seq,
-        k.device,
-        k.user,
-        k.target,
-        k.login,
-        k.cert_serial.map(|s| s.to_string()),
-        k.rule,
-        row.body,
-    ]);
-    let mut h = Sha256::new();
-    h.update(CHAIN_DOMAIN);
-    h.update(prev);
-    h.update(canonical.to_string().as_bytes());
-    h.finalize().into()
-}
-
-pub fn checkpoint_message(seq: u64, hash: &[u8]) -> Vec<u8> {
-    let mut m = b"rampart-ssh-audit-checkpoint-v1\n".to_vec();
-    m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(hash);
-    m
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -856,13 +391,6 @@ pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
         h.update(&buf[..n]);
     }
     Ok((hex(&h.finalize()), size))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Where the SSH audit pieces live under a gateway's `state_dir`.
@@ -913,11 +441,24 @@ mod tests {
     #[test]
     fn chain_continues_across_appends_and_detects_edits() {
         let dir = tempdir();
-        let mut log = SshLog::open(&dir.join("audit.db")).unwrap();
+        let conn = crate::audit::db::open_rw(&dir.join("audit.db")).unwrap();
         let a = rec(1);
         let b = rec(2);
-        assert_eq!(log.append(&[&a]).unwrap(), vec![1]);
-        assert_eq!(log.append(&[&b, &a]).unwrap(), vec![2, 3]);
+        let mut head = crate::audit::tables::ssh::head(&conn).unwrap();
+        assert_eq!(
+            crate::audit::tables::ssh::append(&conn, &mut head, &a).unwrap(),
+            1
+        );
+        drop(conn);
+        let conn = crate::audit::db::open_rw(&dir.join("audit.db")).unwrap();
+        let mut head = crate::audit::tables::ssh::head(&conn).unwrap();
+        for (r, want) in [(&b, 2), (&a, 3)] {
+            assert_eq!(
+                crate::audit::tables::ssh::append(&conn, &mut head, r).unwrap(),
+                want
+            );
+        }
+        let log = SshLog::open_readonly(&dir.join("audit.db")).unwrap();
         let rows = log.rows_after(0, 100).unwrap();
         let mut prev = vec![0u8; 32];
         for r in &rows {

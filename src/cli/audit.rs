@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use super::{load, unix_now};
+use super::load;
+use crate::clock::{format_ms, since_arg, unix_ms};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn audit_flows(
@@ -18,11 +19,10 @@ pub(super) fn audit_flows(
     limit: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::audit::store::{FlowFilter, Store};
-    use crate::audit::time::format_ms;
+    use crate::audit::review::flows::{FlowFilter, FlowStore};
     let cfg = load(config)?;
     let path = crate::audit::existing_store(&cfg)?;
-    let now_ms = unix_now() as i64 * 1000;
+    let now_ms = unix_ms();
     let dst = dst
         .map(|d| {
             d.parse::<ipnet::IpNet>()
@@ -30,8 +30,8 @@ pub(super) fn audit_flows(
         })
         .transpose()
         .map_err(|_| anyhow::anyhow!("--dst: not a CIDR or address; write it like 10.1.0.0/16"))?;
-    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
-    let store = Store::open_readonly(path)
+    let since_ms = since_arg(since, now_ms)?;
+    let store = FlowStore::open(path)
         .with_context(|| format!("cannot open the audit store {}", path.display()))?;
     let rows = store.flows(&FlowFilter {
         tenant,
@@ -129,12 +129,11 @@ pub(super) fn audit_http(
     limit: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::audit::http_records::{query, HttpFilter};
-    use crate::audit::time::format_ms;
+    use crate::audit::review::http::{query, HttpFilter};
     let cfg = load(config)?;
     let path = crate::audit::existing_store(&cfg)?;
-    let now_ms = unix_now() as i64 * 1000;
-    let since_ms = crate::audit::time::since_arg(since, now_ms)?;
+    let now_ms = unix_ms();
+    let since_ms = since_arg(since, now_ms)?;
     let rows = query(
         path,
         &HttpFilter {

@@ -1,5 +1,5 @@
 //! `rampart audit ssh …` and `rampart audit verify`: argument definitions and output. The queries, rendering
-//! and verification are in `ssh_review`.
+//! and verification are in `audit::review`.
 #![deny(unsafe_code)]
 
 use std::io::Write as _;
@@ -10,9 +10,10 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 
 use crate::audit::capture::{Header, ReviewerKey};
-use crate::audit::ssh_records::{SshEvent, SshLog};
-use crate::audit::ssh_review::{self, CastMeta, SessionFilter};
-use crate::audit::time::format_ms;
+use crate::audit::review::ssh::{self as ssh_review, CastMeta, SessionFilter, SshLog};
+use crate::audit::review::verify;
+use crate::audit::ssh_records::SshEvent;
+use crate::clock::format_ms;
 use crate::config::Config;
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/rampart/gateway.toml";
@@ -122,8 +123,8 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
         } => {
             let cfg = load(&config)?;
             let log = open_log(&cfg)?;
-            let now_ms = crate::ssh::unix_ms();
-            let since_ms = crate::audit::time::since_arg(since, now_ms)?;
+            let now_ms = crate::clock::unix_ms();
+            let since_ms = crate::clock::since_arg(since, now_ms)?;
             let rows = ssh_review::sessions(
                 &log,
                 &SessionFilter {
@@ -390,7 +391,7 @@ pub fn verify(config: &Path) -> anyhow::Result<()> {
         .map(|t| russh::keys::ssh_key::PublicKey::from_openssh(t.trim()))
         .transpose()
         .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
-    let report = ssh_review::verify(&log, state, key.as_ref())?;
+    let report = verify::verify(&log, state, key.as_ref())?;
     if let Some(b) = &report.first_break {
         bail!(
             "audit log verification FAILED at record {}: {}\n({} records verified before it)",

@@ -440,10 +440,7 @@ fn init(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::clock::unix_secs()
 }
 
 fn tenant_or_bail<'a>(cfg: &'a Config, id: &str) -> anyhow::Result<&'a crate::config::Tenant> {

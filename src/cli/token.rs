@@ -91,7 +91,7 @@ fn actor() -> String {
 }
 
 fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
-    let back = crate::audit::time::parse_since(s, 0)
+    let back = crate::clock::parse_since(s, 0)
         .ok()
         .filter(|ms| *ms < 0 && s.trim().ends_with(['s', 'm', 'h', 'd']))
         .ok_or_else(|| {
@@ -101,7 +101,7 @@ fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
 }
 
 fn time_text(unix: i64) -> String {
-    crate::audit::time::format_ms(unix * 1000)
+    crate::clock::format_ms(unix * 1000)
 }
 
 pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
@@ -376,7 +376,7 @@ pub(super) fn audit_enroll(
             tenant,
             device,
             kind,
-            since_ms: crate::audit::time::since_arg(since, now_ms)?,
+            since_ms: crate::clock::since_arg(since, now_ms)?,
             limit,
         },
     )
@@ -397,7 +397,7 @@ pub(super) fn audit_enroll(
         writeln!(
             o,
             "{:<24} {:<22} {:<10} {:<20} {:<16} {:<14} {:<16} {}",
-            crate::audit::time::format_ms(r.at_ms),
+            crate::clock::format_ms(r.at_ms),
             r.kind,
             r.tenant.as_deref().unwrap_or("-"),
             r.device_name.as_deref().unwrap_or("-"),

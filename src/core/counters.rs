@@ -179,8 +179,6 @@ pub struct GlobalCounters {
     pub handoffs_dropped: Counter,
     /// Packets for the gateway's namespace the upgrade TUN refused (queue full).
     pub tun_write_errors: Counter,
-    /// Audit records lost (queue full under the drop policy, or store failures under fail-open).
-    pub audit_records_dropped: Counter,
     /// Drops that cannot be attributed to a tenant.
     pub unattributed: TrafficCounters,
 }

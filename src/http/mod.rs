@@ -28,7 +28,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt as _;
@@ -59,8 +59,8 @@ pub struct HttpServices {
 
 #[derive(Default)]
 struct ServicesInner {
-    /// Started on first use, with the audit store path of the config then in force.
-    sink: OnceLock<Option<HttpAuditSink>>,
+    /// The audit pipeline's HTTP handle (`None`: records are not kept, in tests without a store).
+    sink: Option<HttpAuditSink>,
     /// Loaded tenant TLS material, keyed by tenant and the settings it was loaded with.
     tls: Mutex<HashMap<String, (TlsKey, Arc<TenantTls>)>>,
 }
@@ -78,17 +78,18 @@ fn mtime(p: &std::path::Path) -> Option<SystemTime> {
 }
 
 impl HttpServices {
-    fn sink(&self, cfg: &Config) -> Option<HttpAuditSink> {
-        self.inner
-            .sink
-            .get_or_init(|| match HttpAuditSink::start(&cfg.audit.path) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!(error = %e, path = %cfg.audit.path.display(), "cannot open the audit store for HTTP records; they are not kept");
-                    None
-                }
-            })
-            .clone()
+    /// Services whose records go to `sink`.
+    pub fn new(sink: HttpAuditSink) -> HttpServices {
+        HttpServices {
+            inner: Arc::new(ServicesInner {
+                sink: Some(sink),
+                tls: Mutex::default(),
+            }),
+        }
+    }
+
+    fn sink(&self) -> Option<HttpAuditSink> {
+        self.inner.sink.clone()
     }
 
     /// The tenant's TLS material (loaded once; a missing CA is retried on the next connection, so
@@ -171,12 +172,11 @@ pub async fn inspect(
 ) {
     // A downgraded leg carries the device's own 5-tuple towards the destination device: there is only one.
     let reconnect = flow.downgrade.is_none().then_some(reconnect);
-    let cfg = config.current();
     let ctx = FlowCtx {
         upgraded: flow.clone(),
         config: config.clone(),
         services: services.clone(),
-        sink: services.sink(&cfg),
+        sink: services.sink(),
     };
     let mut first = [0u8; 1];
     match tokio::time::timeout(FIRST_BYTE_TIMEOUT, client.peek(&mut first)).await {

@@ -228,12 +228,7 @@ fn random_ref() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::unix_ms;
 
 /// A page answered by the inspector itself; completes the record.
 fn page(

@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::audit::capture::RecipientKey;
-use crate::audit::ssh_records::{SshAuditSink, SshAuditWriter};
+use crate::audit::ssh_records::SshAuditSink;
 use crate::config::SshRuleSettings;
 use crate::handoff::{ConfigHandle, FlowContext, Identity};
 use trust::{TenantTrust, TrustError};
@@ -99,20 +99,6 @@ impl SshServices {
             trust: Mutex::new(HashMap::new()),
             preauth: Preauth::default(),
         }
-    }
-
-    /// Starts the SSH audit log writer on `audit_db` (the gateway's audit store) with the signing key under
-    /// `state_dir`, and returns the services plus the writer to finish at shutdown.
-    pub fn start(
-        state_dir: &Path,
-        audit_db: &Path,
-    ) -> anyhow::Result<(Arc<SshServices>, SshAuditWriter)> {
-        let (sink, writer) =
-            crate::audit::ssh_records::start(audit_db, &state_dir.join("audit_signing_key"))?;
-        Ok((
-            Arc::new(SshServices::new(state_dir, sink, SshLimits::default())),
-            writer,
-        ))
     }
 
     pub fn audit(&self) -> &SshAuditSink {
@@ -284,32 +270,11 @@ pub async fn intercept_flow(
     intercept(client, upstream, ctx).await
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::unix_ms;
 
 /// A new session id: UUIDv7 text (time-ordered).
 pub fn new_session_id() -> String {
-    let ms = unix_ms() as u64;
-    let r: [u8; 10] = rand::random();
-    let mut b = [0u8; 16];
-    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    b[6..].copy_from_slice(&r);
-    b[6] = (b[6] & 0x0f) | 0x70;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = crate::audit::ssh_records::hex(&b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    crate::clock::uuid_v7()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! Records: target output (`origin`, code 0 stdout / 1 stderr); client input (`client`, code 0) for non-PTY
 //! channels always and for PTY channels only with `capture_input`; terminal resizes as client records with
 //! code [`CODE_RESIZE`] (`ssh-log-cli` ignores client records of PTY captures). Review renders PTY recordings
-//! as asciicast v2 (`audit::ssh_review`).
+//! as asciicast v2 (`audit::review::ssh`).
 //!
 //! A write error stops the recording (never the relay); the caller decides whether the channel may go on
 //! (`recording = "required"` ends it). Blocks are flushed at least once a second of activity, so a gateway

@@ -117,8 +117,8 @@ pub(super) fn format_date(unix_seconds: u64) -> Result<String, Corruption> {
     // chrono's last representable year; the reference panics beyond it, so it never prints such a date.
     const MAX_YEAR: i64 = 262_143;
     let secs = i64::try_from(unix_seconds).map_err(|_| Corruption::TimestampRange(unix_seconds))?;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
+    let t = crate::clock::utc_datetime(secs).ok_or(Corruption::TimestampRange(unix_seconds))?;
+    let y = i64::from(t.year());
     if y > MAX_YEAR {
         return Err(Corruption::TimestampRange(unix_seconds));
     }
@@ -128,24 +128,13 @@ pub(super) fn format_date(unix_seconds: u64) -> Result<String, Corruption> {
         format!("+{y}")
     };
     Ok(format!(
-        "{year}-{m:02}-{d:02} {:02}:{:02}:{:02}+00",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
+        "{year}-{:02}-{:02} {:02}:{:02}:{:02}+00",
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     ))
-}
-
-/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian (H. Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

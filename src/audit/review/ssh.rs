@@ -1,23 +1,112 @@
-//! Review of the SSH audit log (`rampart audit ssh …`) and its verification (`rampart audit verify`).
+//! Review of the SSH audit log (`rampart audit ssh …`): sessions, timelines, command search, recordings.
 //!
-//! Read-only: opens the store and the recordings, never writes them. Sealed fields and recordings need the
-//! tenant's reviewer key (`--key`); without it they are shown as sealed. Start at [`sessions`], [`show`],
-//! [`load_recording`] and [`verify`].
+//! Sealed fields and recordings need the tenant's reviewer key (`--key`); without it they are shown as
+//! sealed. Start at [`sessions`], [`show`] and [`load_recording`].
 #![deny(unsafe_code)]
 
 use std::io::{BufRead as _, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use russh::keys::ssh_key::{HashAlg, PublicKey, SshSig};
 use serde::Serialize;
 
-use super::capture::{self, DecodedCapture, Header, PtyInfo, Record, ReviewerKey, Source};
-use super::ssh_records::{
-    chain_hash, checkpoint_message, file_sha256, LogRow, RecordingInfo, SshEvent, SshLog,
-    CHECKPOINT_NAMESPACE,
-};
-use super::time::format_ms;
+use rusqlite::{params, Connection};
+
+use crate::audit::capture::{self, DecodedCapture, Header, PtyInfo, Record, ReviewerKey, Source};
+use crate::audit::ssh_records::{RecordingInfo, SessionKeys, SshEvent};
+use crate::audit::tables::ssh::{Checkpoint, LogRow};
+use crate::clock::format_ms;
+
+/// The `ssh_log` tables, read-only.
+pub struct SshLog {
+    conn: Connection,
+}
+
+impl SshLog {
+    /// For review: fails if the store or its SSH tables do not exist.
+    pub fn open_readonly(path: &Path) -> rusqlite::Result<SshLog> {
+        let conn = crate::audit::db::open_readonly(path)?;
+        conn.query_row("SELECT count(*) FROM ssh_log", [], |_| Ok(()))?;
+        Ok(SshLog { conn })
+    }
+
+    /// Rows with `seq > after`, in order, at most `limit`.
+    pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LogRow>> {
+        self.query(
+            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
+                    rule, body, prev_hash, hash
+             FROM ssh_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after as i64, limit as i64],
+        )
+    }
+
+    /// Every row of one session, in order.
+    pub fn session_rows(&self, session_id: &str) -> rusqlite::Result<Vec<LogRow>> {
+        self.query(
+            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
+                    rule, body, prev_hash, hash
+             FROM ssh_log WHERE session_id = ?1 ORDER BY seq",
+            params![session_id],
+        )
+    }
+
+    /// Rows of one kind since `since_ms`, newest first.
+    pub fn rows_of_kind(&self, kind: &str, since_ms: i64) -> rusqlite::Result<Vec<LogRow>> {
+        self.query(
+            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
+                    rule, body, prev_hash, hash
+             FROM ssh_log WHERE kind = ?1 AND at_ms >= ?2 ORDER BY seq DESC",
+            params![kind, since_ms],
+        )
+    }
+
+    pub fn checkpoints(&self) -> rusqlite::Result<Vec<Checkpoint>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, hash, at_ms, key_fingerprint, signature FROM ssh_checkpoints ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Checkpoint {
+                seq: r.get::<_, i64>(0)? as u64,
+                hash: r.get(1)?,
+                at_ms: r.get(2)?,
+                key_fingerprint: r.get(3)?,
+                signature: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    fn query(&self, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<Vec<LogRow>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(p, |r| {
+            Ok(LogRow {
+                seq: r.get::<_, i64>(0)? as u64,
+                at_ms: r.get(1)?,
+                kind: r.get(2)?,
+                keys: SessionKeys {
+                    tenant: r.get(3)?,
+                    session_id: r.get(4)?,
+                    device: r.get(6)?,
+                    user: r.get(7)?,
+                    target: r.get(8)?,
+                    login: r.get(9)?,
+                    cert_serial: r.get::<_, Option<String>>(10)?.and_then(|s| s.parse().ok()),
+                    rule: r.get(11)?,
+                },
+                channel_seq: r.get(5)?,
+                body: r.get(12)?,
+                prev_hash: r.get(13)?,
+                hash: r.get(14)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Test and tamper-drill seam: the raw connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
 
 /// Code of a client record carrying a terminal resize (see `ssh::recorder`).
 const CODE_RESIZE: u32 = 0x7273_0001;
@@ -325,7 +414,7 @@ pub fn search(
 pub fn recordings(
     log: &SshLog,
     session_id: &str,
-) -> rusqlite::Result<Vec<(u32, RecordingInfo, super::ssh_records::ChannelClose)>> {
+) -> rusqlite::Result<Vec<(u32, RecordingInfo, crate::audit::ssh_records::ChannelClose)>> {
     let mut out = Vec::new();
     for r in log.session_rows(session_id)? {
         if let (Some(seq), Some(SshEvent::ChannelClose(c))) = (r.channel_seq, r.event()) {
@@ -552,185 +641,6 @@ pub fn replay(
         out.write_all(&r.data)?;
     }
     out.flush()
-}
-
-// ------------------------------------------------------------------------------------------------ verify --------
-
-/// The first place the log and recordings disagree with their hashes or signatures.
-#[derive(Debug, Clone, Serialize)]
-pub struct Break {
-    pub seq: u64,
-    pub what: String,
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct VerifyReport {
-    pub records: u64,
-    pub recordings: u64,
-    pub checkpoints: u64,
-    pub last_checkpoint_seq: Option<u64>,
-    /// Records after the last signed checkpoint (chained, but not yet signed).
-    pub unsigned_tail: u64,
-    pub first_break: Option<Break>,
-}
-
-/// Walks the chain from the first record: sequence numbers, `prev_hash` links and recomputed hashes; the
-/// sha256 of every finished recording; then every checkpoint's hash and signature (with `signing_key`, the
-/// gateway's `audit_signing_key.pub`). Stops at the first break.
-pub fn verify(
-    log: &SshLog,
-    state_dir: &Path,
-    signing_key: Option<&PublicKey>,
-) -> anyhow::Result<VerifyReport> {
-    let mut report = VerifyReport::default();
-    let mut prev = vec![0u8; 32];
-    let mut expect = 1u64;
-    // Only the hashes that checkpoints name are kept (the log may be long).
-    let checkpoints = log.checkpoints()?;
-    let wanted: std::collections::HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
-    let mut hashes = std::collections::HashMap::new();
-    let fail = |report: &mut VerifyReport, seq: u64, what: String| {
-        report.first_break = Some(Break { seq, what });
-    };
-    'walk: loop {
-        let rows: Vec<LogRow> = log.rows_after(expect - 1, 10_000)?;
-        if rows.is_empty() {
-            break;
-        }
-        for r in &rows {
-            if r.seq != expect {
-                fail(
-                    &mut report,
-                    expect,
-                    format!("record {expect} is missing (next is {})", r.seq),
-                );
-                break 'walk;
-            }
-            if r.prev_hash != prev {
-                fail(
-                    &mut report,
-                    r.seq,
-                    format!("record {} does not link to record {}", r.seq, r.seq - 1),
-                );
-                break 'walk;
-            }
-            if chain_hash(&prev, r).to_vec() != r.hash {
-                fail(
-                    &mut report,
-                    r.seq,
-                    format!(
-                        "record {} ({} of session {}) was altered: its hash does not match its content",
-                        r.seq, r.kind, r.keys.session_id
-                    ),
-                );
-                break 'walk;
-            }
-            if let Some(SshEvent::ChannelClose(c)) = r.event() {
-                if let Some(rec) = c.recording.as_ref().filter(|x| x.sha256.is_some()) {
-                    report.recordings += 1;
-                    let path = state_dir.join(&rec.path);
-                    match file_sha256(&path) {
-                        Ok((h, _)) if Some(&h) == rec.sha256.as_ref() => {}
-                        Ok((h, _)) => {
-                            fail(
-                                &mut report,
-                                r.seq,
-                                format!(
-                                    "recording {} was altered: sha256 {h}, record {} says {}",
-                                    rec.path,
-                                    r.seq,
-                                    rec.sha256.as_deref().unwrap_or("")
-                                ),
-                            );
-                            break 'walk;
-                        }
-                        Err(e) => {
-                            fail(
-                                &mut report,
-                                r.seq,
-                                format!("recording {} is missing or unreadable: {e}", rec.path),
-                            );
-                            break 'walk;
-                        }
-                    }
-                }
-            }
-            if wanted.contains(&r.seq) {
-                hashes.insert(r.seq, r.hash.clone());
-            }
-            prev = r.hash.clone();
-            report.records = r.seq;
-            expect += 1;
-        }
-    }
-    for cp in checkpoints {
-        report.checkpoints += 1;
-        if report.first_break.is_some() {
-            break;
-        }
-        match hashes.get(&cp.seq) {
-            Some(h) if *h == cp.hash => {}
-            Some(_) => {
-                fail(
-                    &mut report,
-                    cp.seq,
-                    format!("checkpoint at record {} does not match the chain", cp.seq),
-                );
-                break;
-            }
-            None => {
-                let ends = report.records;
-                fail(
-                    &mut report,
-                    cp.seq,
-                    format!(
-                        "checkpoint at record {} but the log ends at {} (records were removed)",
-                        cp.seq, ends
-                    ),
-                );
-                break;
-            }
-        }
-        let sig = match SshSig::from_pem(cp.signature.as_bytes()) {
-            Ok(s) => s,
-            Err(e) => {
-                fail(
-                    &mut report,
-                    cp.seq,
-                    format!("checkpoint at record {}: unreadable signature: {e}", cp.seq),
-                );
-                break;
-            }
-        };
-        let key = match signing_key {
-            Some(k) => k.clone(),
-            None => PublicKey::new(sig.public_key().clone(), ""),
-        };
-        if key.fingerprint(HashAlg::Sha256).to_string() != cp.key_fingerprint
-            || key
-                .verify(
-                    CHECKPOINT_NAMESPACE,
-                    &checkpoint_message(cp.seq, &cp.hash),
-                    &sig,
-                )
-                .is_err()
-        {
-            fail(
-                &mut report,
-                cp.seq,
-                format!(
-                    "checkpoint at record {}: the signature is not the gateway's audit signing key's",
-                    cp.seq
-                ),
-            );
-            break;
-        }
-        report.last_checkpoint_seq = Some(cp.seq);
-    }
-    report.unsigned_tail = report
-        .records
-        .saturating_sub(report.last_checkpoint_seq.unwrap_or(0));
-    Ok(report)
 }
 
 #[cfg(test)]

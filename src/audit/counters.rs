@@ -1,0 +1,157 @@
+//! What the audit pipeline counts: records written and records lost, per record kind and per reason. Every
+//! counter is an atomic bumped with `fetch_add` (several threads offer records), read by `/metrics` and by the
+//! writer, which turns new losses into a signed gap record in the chain.
+#![deny(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of records the pipeline carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Flow,
+    Http,
+    Ssh,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 3] = [RecordKind::Flow, RecordKind::Http, RecordKind::Ssh];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Flow => "flow",
+            RecordKind::Http => "http",
+            RecordKind::Ssh => "ssh",
+        }
+    }
+}
+
+/// Why a record was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossReason {
+    /// The queue towards the writer was full.
+    QueueFull,
+    /// The record's tenant had used its share of the queue (another tenant's records keep theirs).
+    TenantShare,
+    /// The store could not be written for longer than the queue could hold records.
+    StoreFailed,
+    /// Offered after the writer stopped (shutdown).
+    WriterStopped,
+    /// Removed from the store to stay under its size quota (`on_failure = "fail_open"`).
+    Evicted,
+}
+
+impl LossReason {
+    pub const ALL: [LossReason; 5] = [
+        LossReason::QueueFull,
+        LossReason::TenantShare,
+        LossReason::StoreFailed,
+        LossReason::WriterStopped,
+        LossReason::Evicted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::QueueFull => "queue_full",
+            LossReason::TenantShare => "tenant_share",
+            LossReason::StoreFailed => "store_failed",
+            LossReason::WriterStopped => "writer_stopped",
+            LossReason::Evicted => "evicted",
+        }
+    }
+}
+
+const KINDS: usize = RecordKind::ALL.len();
+const REASONS: usize = LossReason::ALL.len();
+
+/// Counters of one gateway run (they start at zero).
+#[derive(Debug, Default)]
+pub struct AuditCounters {
+    written: [AtomicU64; KINDS],
+    lost: [[AtomicU64; REASONS]; KINDS],
+    gap_records: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+/// One exported counter: name, labels, value.
+pub type Sample = (&'static str, Vec<(&'static str, &'static str)>, u64);
+
+/// Losses by kind and reason.
+pub type LossTable = [[u64; REASONS]; KINDS];
+
+impl AuditCounters {
+    pub fn lost(&self, kind: RecordKind, reason: LossReason, n: u64) {
+        self.lost[kind as usize][reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn written(&self, kind: RecordKind, n: u64) {
+        self.written[kind as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn written_total(&self, kind: RecordKind) -> u64 {
+        self.written[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn lost_total(&self, kind: RecordKind, reason: LossReason) -> u64 {
+        self.lost[kind as usize][reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn losses(&self) -> LossTable {
+        let mut t = [[0; REASONS]; KINDS];
+        for k in RecordKind::ALL {
+            for r in LossReason::ALL {
+                t[k as usize][r as usize] = self.lost_total(k, r);
+            }
+        }
+        t
+    }
+
+    pub fn gap_recorded(&self) {
+        self.gap_records.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn gap_records(&self) -> u64 {
+        self.gap_records.load(Ordering::Relaxed)
+    }
+
+    pub fn checkpoint_signed(&self) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(Ordering::Relaxed)
+    }
+
+    /// Every counter as `(name, labels, value)`, for a metrics exporter.
+    pub fn samples(&self) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for k in RecordKind::ALL {
+            out.push((
+                "rampart_audit_records_written_total",
+                vec![("kind", k.as_str())],
+                self.written_total(k),
+            ));
+            for r in LossReason::ALL {
+                out.push((
+                    "rampart_audit_records_lost_total",
+                    vec![("kind", k.as_str()), ("reason", r.as_str())],
+                    self.lost_total(k, r),
+                ));
+            }
+        }
+        out.push((
+            "rampart_audit_gap_records_total",
+            Vec::new(),
+            self.gap_records(),
+        ));
+        out.push((
+            "rampart_audit_checkpoints_total",
+            Vec::new(),
+            self.checkpoints(),
+        ));
+        out
+    }
+}

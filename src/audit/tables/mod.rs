@@ -1,0 +1,7 @@
+//! The write side of the store: one module per table, each inserting inside the writer's transaction.
+//! Reading is `audit::review`'s.
+#![deny(unsafe_code)]
+
+pub mod flows;
+pub mod http;
+pub mod ssh;

@@ -1,0 +1,242 @@
+//! The writer thread (`rampart-audit`): the only code that writes the store. It takes records off the
+//! queue, commits them in batches (one IMMEDIATE transaction across all tables, so an HTTP record and its
+//! flow's row commit together or in order) at most `commit_interval` after the first of a batch arrived, at
+//! once when a producer waits for a durable record, and signs checkpoints of the SSH chain.
+//!
+//! A failed commit is retried with the next batch; while it fails the store is marked unhealthy (fail-closed
+//! gateways stop admitting new flows, inspectors refuse what must be recorded), records waiting for a
+//! durable answer are told so, and at most `queue` records are held, older ones being dropped and counted.
+#![deny(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use russh::keys::ssh_key::PrivateKey;
+
+use super::{
+    tables, LossReason, Msg, PipelineOptions, Queued, Record, RecordKind, Shared, MAX_BATCH,
+};
+use crate::clock::{unix_ms, WallClock};
+
+pub(crate) struct Writer {
+    conn: Connection,
+    key: PrivateKey,
+    shared: Arc<Shared>,
+    run_id: i64,
+    clock: WallClock,
+    interval: Duration,
+    cap: usize,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    pending: VecDeque<Queued>,
+    unsigned: u64,
+    last_checkpoint: Instant,
+    last_error_log: Option<Instant>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        conn: Connection,
+        key: PrivateKey,
+        shared: Arc<Shared>,
+        opts: &PipelineOptions,
+    ) -> Writer {
+        Writer {
+            conn,
+            key,
+            shared,
+            run_id: crate::clock::random_id(),
+            clock: WallClock::now(),
+            interval: opts.commit_interval,
+            cap: opts.queue.max(1),
+            checkpoint_every: opts.checkpoint_every.max(1),
+            checkpoint_interval: opts.checkpoint_interval,
+            pending: VecDeque::new(),
+            unsigned: 0,
+            last_checkpoint: Instant::now(),
+            last_error_log: None,
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Msg>) {
+        let mut open = true;
+        while open || !self.pending.is_empty() {
+            if open {
+                open = self.collect(&rx);
+            }
+            if !open {
+                // Stopping: whatever is still queued goes into this last batch.
+                while let Ok(Msg::Record(q)) = rx.try_recv() {
+                    self.take(*q);
+                }
+            }
+            if !self.pending.is_empty() && !self.commit() {
+                if !open {
+                    self.lose_all();
+                    break;
+                }
+                std::thread::sleep(self.interval.min(Duration::from_secs(1)));
+            }
+            if self.unsigned >= self.checkpoint_every
+                || self.unsigned > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval
+            {
+                self.checkpoint();
+            }
+        }
+        if self.unsigned > 0 {
+            self.checkpoint();
+        }
+    }
+
+    fn take(&mut self, q: Queued) {
+        self.shared.dequeued(&q);
+        self.pending.push_back(q);
+    }
+
+    /// Waits for records and gathers a batch; returns false once the queue is closed or stopped.
+    fn collect(&mut self, rx: &Receiver<Msg>) -> bool {
+        let first_wait = if !self.pending.is_empty() {
+            Duration::ZERO
+        } else if self.unsigned > 0 {
+            self.checkpoint_interval
+                .saturating_sub(self.last_checkpoint.elapsed())
+        } else {
+            Duration::from_secs(1)
+        };
+        match rx.recv_timeout(first_wait) {
+            Ok(Msg::Record(q)) => self.take(*q),
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
+            Err(RecvTimeoutError::Timeout) => return true,
+        }
+        let deadline = Instant::now() + self.interval;
+        let mut urgent = self.pending.iter().any(|q| q.ack.is_some());
+        while self.pending.len() < MAX_BATCH {
+            let msg = if urgent {
+                // Someone waits: take what is already queued, without waiting for more.
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return false,
+                }
+            };
+            match msg {
+                Msg::Record(q) => {
+                    urgent |= q.ack.is_some();
+                    self.take(*q);
+                }
+                Msg::Stop => return false,
+            }
+        }
+        true
+    }
+
+    /// Commits everything pending in one transaction; false if it failed (records are held).
+    fn commit(&mut self) -> bool {
+        match write_batch(&mut self.conn, self.run_id, &self.clock, &self.pending) {
+            Ok(seqs) => {
+                if !self.shared.set_healthy(true) {
+                    tracing::info!("audit store writable again");
+                }
+                let counters = &self.shared.counters;
+                for (q, seq) in self.pending.drain(..).zip(seqs) {
+                    let kind = q.record.kind();
+                    counters.written(kind, 1);
+                    if kind == RecordKind::Ssh {
+                        self.unsigned += 1;
+                    }
+                    if let Some(ack) = q.ack {
+                        let _ = ack.send(Ok(seq));
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.shared.set_healthy(false);
+                if self
+                    .last_error_log
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    self.last_error_log = Some(Instant::now());
+                    tracing::error!(error = %e, held = self.pending.len(), "audit store write failed; retrying");
+                }
+                // A producer waiting for a durable record acts now (refuses what needed it); the record is
+                // not kept, so what it describes and the store agree.
+                let counters = self.shared.counters.clone();
+                let msg = e.to_string();
+                self.pending.retain_mut(|q| match q.ack.take() {
+                    Some(ack) => {
+                        counters.lost(q.record.kind(), LossReason::StoreFailed, 1);
+                        let _ = ack.send(Err(msg.clone()));
+                        false
+                    }
+                    None => true,
+                });
+                while self.pending.len() > self.cap {
+                    if let Some(q) = self.pending.pop_front() {
+                        counters.lost(q.record.kind(), LossReason::StoreFailed, 1);
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// The store still fails at shutdown: what is held is lost (and counted).
+    fn lose_all(&mut self) {
+        tracing::error!(
+            lost = self.pending.len(),
+            "audit store still failing at shutdown; records lost"
+        );
+        for q in self.pending.drain(..) {
+            self.shared
+                .counters
+                .lost(q.record.kind(), LossReason::StoreFailed, 1);
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        match tables::ssh::checkpoint(&self.conn, &self.key, unix_ms()) {
+            Ok(_) => {
+                self.unsigned = 0;
+                self.last_checkpoint = Instant::now();
+                self.shared.counters.checkpoint_signed();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sign an audit checkpoint"),
+        }
+    }
+}
+
+/// One transaction for the whole batch; returns each record's SSH chain seq (0 for other kinds).
+fn write_batch(
+    conn: &mut Connection,
+    run_id: i64,
+    clock: &WallClock,
+    batch: &VecDeque<Queued>,
+) -> rusqlite::Result<Vec<u64>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut head = tables::ssh::head(&tx)?;
+    let mut seqs = Vec::with_capacity(batch.len());
+    for q in batch {
+        seqs.push(match &q.record {
+            Record::Flow(ev) => {
+                tables::flows::write(&tx, run_id, clock, ev)?;
+                0
+            }
+            Record::Http(r) => {
+                tables::http::insert(&tx, run_id, r)?;
+                0
+            }
+            Record::Ssh(r) => tables::ssh::append(&tx, &mut head, r)?,
+        });
+    }
+    tx.commit()?;
+    Ok(seqs)
+}
