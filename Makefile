@@ -31,17 +31,19 @@ deps:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features test-hooks -- -D warnings
 
 ## Unit, property and in-memory scenario tests (the namespace helper's tests need root).
 unit:
-	$(CARGO) test --lib --bins
+	$(CARGO) test --features test-hooks --lib --bins
 
-## End-to-end tests with real wireguard-go clients in network namespaces (root).
+## End-to-end tests with real wireguard-go clients in network namespaces (root). The `test-hooks` feature
+## adds control requests only tests use (e.g. stalling the data path to show /health notices).
 e2e: deps
 	@for t in tests/e2e_*.rs; do \
 	  [ -e "$$t" ] || continue; \
 	  name=$$(basename $$t .rs); \
-	  $(CARGO) test --test $$name -- --test-threads=1 || exit 1; \
+	  $(CARGO) test --features test-hooks --test $$name -- --test-threads=1 || exit 1; \
 	done
 
 ## Relay benchmark vs wireguard-go / boringtun-cli (root, ~10 min, not part of `make test`); see docs/benchmarks.md.

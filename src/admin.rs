@@ -48,7 +48,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, audit: Arc<Audi
             let mut parts = head.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),
+                ("GET", "/health") => health(&metrics),
                 ("GET", "/metrics") => (
                     "200 OK",
                     "text/plain; version=0.0.4",
@@ -73,6 +73,24 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, audit: Arc<Audi
             let _ = conn.shutdown().await;
         });
     }
+}
+
+/// The data path must have gone round its loop recently (it does at least every `TIMER_TICK`).
+const HEALTH_MAX_BEAT_AGE: Duration = Duration::from_secs(5);
+
+fn health(m: &Metrics) -> (&'static str, &'static str, String) {
+    let age = m.datapath.age(std::time::Instant::now());
+    if age > HEALTH_MAX_BEAT_AGE {
+        return (
+            "503 Service Unavailable",
+            "text/plain",
+            format!(
+                "data path stalled: no progress for {} ms\n",
+                age.as_millis()
+            ),
+        );
+    }
+    ("200 OK", "text/plain", "ok\n".to_string())
 }
 
 /// Renders all counters in the Prometheus text exposition format.
@@ -153,7 +171,7 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
         "# HELP rampart_dropped_packets_total Datagrams and inner packets dropped, by reason.\n# TYPE rampart_dropped_packets_total counter"
     );
     let un = &m.global.unattributed;
-    for r in DropReason::ALL {
+    for r in DropReason::all() {
         let _ = writeln!(
             out,
             "rampart_dropped_packets_total{{tenant=\"\",reason=\"{}\"}} {}",

@@ -19,6 +19,9 @@ pub enum Request {
     Reload,
     /// Live state of every peer.
     Status,
+    /// Test builds only: stall the data path for `secs` seconds.
+    #[cfg(feature = "test-hooks")]
+    DebugStall { secs: u64 },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -401,6 +401,17 @@ async fn serve_control(listener: UnixListener, running: Arc<Running>) {
                         peers: peers.iter().map(PeerStatusWire::from).collect(),
                     }
                 }
+                #[cfg(feature = "test-hooks")]
+                Ok(Request::DebugStall { secs }) => {
+                    running
+                        .onramp
+                        .send(Command::Stall(Duration::from_secs(secs)));
+                    Reply {
+                        ok: true,
+                        message: format!("data path stalled for {secs} s"),
+                        peers: Vec::new(),
+                    }
+                }
                 Err(e) => Reply {
                     ok: false,
                     message: format!("bad request: {e}"),

@@ -23,6 +23,14 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    // A panic in any thread (the data path, the namespace supervisor, an inspector task) ends the process:
+    // a gateway with a dead part must not keep answering /health, and its supervisor restarts it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(%info, "panic; stopping the gateway so its supervisor restarts it");
+        default_hook(info);
+        std::process::abort();
+    }));
     match cli::dispatch(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

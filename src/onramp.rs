@@ -52,6 +52,9 @@ pub enum Command {
     /// New TUNs of the gateway's namespace (upgrade, downgrade), after the namespace helper (re)started; flows
     /// upgraded into an older namespace end. `None` detaches them.
     SetTun(Option<(File, File)>),
+    /// Test builds only: the data path stops for this long (to show `/health` notices).
+    #[cfg(feature = "test-hooks")]
+    Stall(std::time::Duration),
     Shutdown,
 }
 
@@ -193,6 +196,7 @@ fn pump(
     };
     loop {
         let now = Instant::now();
+        metrics.datapath.beat(now);
         let wait = next_tick
             .saturating_duration_since(now)
             .max(std::time::Duration::from_millis(1));
@@ -307,6 +311,11 @@ fn pump(
                         }
                     }
                     tuns = new;
+                }
+                #[cfg(feature = "test-hooks")]
+                Ok(Command::Stall(d)) => {
+                    tracing::warn!(?d, "test hook: stalling the data path");
+                    std::thread::sleep(d);
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     gw.shutdown(Instant::now());

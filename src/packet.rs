@@ -304,12 +304,34 @@ pub fn build_tcp_rst(
     Some(hl + 20)
 }
 
+/// Whether the TCP or UDP checksum of a parsed packet is right (a zero UDP checksum over IPv4 means none).
+pub fn transport_checksum_ok(p: &[u8], v: &IpView) -> bool {
+    let Some(seg) = p.get(v.l4_offset..v.len) else {
+        return false;
+    };
+    if v.protocol == PROTO_UDP && v.src.is_ipv4() && seg.get(6..8) == Some(&[0, 0]) {
+        return true;
+    }
+    fold(ones_sum(
+        seg,
+        pseudo_sum(v.src, v.dst, v.protocol, seg.len()),
+    )) == 0xffff
+}
+
 /// Outcome of forwarding one hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hop {
     Forward,
     /// TTL / hop limit reached zero.
     Expired,
+}
+
+/// The IPv4 TTL or IPv6 hop limit.
+pub fn ttl(p: &[u8], v: &IpView) -> u8 {
+    match v.src {
+        IpAddr::V4(_) => p[8],
+        IpAddr::V6(_) => p[7],
+    }
 }
 
 /// Decrements the IPv4 TTL (patching the header checksum) or the IPv6 hop limit, as a router does.

@@ -90,6 +90,22 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::system::SystemCommand,
     },
+    /// Test builds only: hooks the end-to-end tests use to provoke failures.
+    #[cfg(feature = "test-hooks")]
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+#[cfg(feature = "test-hooks")]
+#[derive(Subcommand, Debug)]
+pub enum DebugCommand {
+    /// Stops the running gateway's data path for `--secs` seconds.
+    StallDatapath {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        secs: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -387,6 +403,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } => ca_init(&config, &tenant, tls),
         },
         Command::System { command } => crate::system::run(command),
+        #[cfg(feature = "test-hooks")]
+        Command::Debug(DebugCommand::StallDatapath { config, secs }) => {
+            let c = load(&config)?;
+            match control::request(&c.gateway.state_dir, &Request::DebugStall { secs })? {
+                Some(r) if r.ok => {
+                    println!("{}", r.message);
+                    Ok(())
+                }
+                Some(r) => bail!("{}", r.message),
+                None => bail!("no gateway is running"),
+            }
+        }
     }
 }
 

@@ -5,7 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a datagram or inner packet was dropped. Closed: metrics and tests name these exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumCount, strum::EnumIter, strum::IntoStaticStr,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum DropReason {
     /// Not a WireGuard message, or a truncated/oversized one.
     MalformedDatagram,
@@ -55,67 +58,62 @@ pub enum DropReason {
     OfframpUnsupported,
     /// A packet from the gateway's namespace for a NAT slot that no longer has a flow.
     NatStale,
+    /// New data on a TCP connection that already ended (after a RST, or beyond a FIN).
+    FlowEnded,
+    /// An off-ramp destination that is never allowed: the appliance itself (its addresses, loopback),
+    /// unspecified, link-local, multicast or broadcast addresses, the gateway's internal ranges.
+    OfframpForbidden,
+    /// The device has as many live flows as `flows.device_max_flows` allows.
+    DeviceFlowLimit,
+    /// The device (or its tenant) opens new flows faster than `flows.device_new_flows_per_sec` allows.
+    FlowRateLimited,
+    /// An IPv6 extension header the gateway does not walk (or too many of them).
+    Ipv6ExtensionHeader,
+    /// An ICMP error quoting a connection that is not a flow of this device pair.
+    IcmpUnrelated,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 24] = [
-        DropReason::MalformedDatagram,
-        DropReason::UnknownReceiver,
-        DropReason::UnknownPeer,
-        DropReason::HandshakeInvalid,
-        DropReason::UnderLoad,
-        DropReason::DecryptFailed,
-        DropReason::Replayed,
-        DropReason::NoSession,
-        DropReason::SpoofedSource,
-        DropReason::InvalidInnerPacket,
-        DropReason::NoRoute,
-        DropReason::DestinationOffline,
-        DropReason::NoLocalService,
-        DropReason::TtlExpired,
-        DropReason::ConnectionExpired,
-        DropReason::Fragment,
-        DropReason::MalformedTransport,
-        DropReason::PolicyDenied,
-        DropReason::PolicyRejected,
-        DropReason::FlowLimit,
-        DropReason::AuditUnavailable,
-        DropReason::NatExhausted,
-        DropReason::OfframpUnsupported,
-        DropReason::NatStale,
-    ];
+    pub fn all() -> impl Iterator<Item = DropReason> {
+        <DropReason as strum::IntoEnumIterator>::iter()
+    }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::MalformedDatagram => "malformed_datagram",
-            DropReason::UnknownReceiver => "unknown_receiver",
-            DropReason::UnknownPeer => "unknown_peer",
-            DropReason::HandshakeInvalid => "handshake_invalid",
-            DropReason::UnderLoad => "under_load",
-            DropReason::DecryptFailed => "decrypt_failed",
-            DropReason::Replayed => "replayed",
-            DropReason::NoSession => "no_session",
-            DropReason::SpoofedSource => "spoofed_source",
-            DropReason::InvalidInnerPacket => "invalid_inner_packet",
-            DropReason::NoRoute => "no_route",
-            DropReason::DestinationOffline => "destination_offline",
-            DropReason::NoLocalService => "no_local_service",
-            DropReason::TtlExpired => "ttl_expired",
-            DropReason::ConnectionExpired => "connection_expired",
-            DropReason::Fragment => "fragment",
-            DropReason::MalformedTransport => "malformed_transport",
-            DropReason::PolicyDenied => "policy_denied",
-            DropReason::PolicyRejected => "policy_rejected",
-            DropReason::FlowLimit => "flow_limit",
-            DropReason::AuditUnavailable => "audit_unavailable",
-            DropReason::NatExhausted => "nat_exhausted",
-            DropReason::OfframpUnsupported => "offramp_unsupported",
-            DropReason::NatStale => "nat_stale",
-        }
+        self.into()
     }
 
     fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// When the data-path thread last went round its loop, for `/health`: a thread that died or hangs stops
+/// beating, and the gateway reports itself unhealthy so its supervisor restarts it.
+#[derive(Debug)]
+pub struct Heartbeat {
+    epoch: std::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Heartbeat {
+        Heartbeat {
+            epoch: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self, now: std::time::Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ms.store(ms, Relaxed);
+    }
+
+    /// Time since the last beat (since creation, before the first).
+    pub fn age(&self, now: std::time::Instant) -> std::time::Duration {
+        let last = self.epoch + std::time::Duration::from_millis(self.last_ms.load(Relaxed));
+        now.saturating_duration_since(last)
     }
 }
 
@@ -151,7 +149,7 @@ pub struct TrafficCounters {
     /// Live flows (gauge, refreshed every timer tick).
     pub flows: Counter,
     pub flows_started: Counter,
-    drops: [Counter; DropReason::ALL.len()],
+    drops: [Counter; <DropReason as strum::EnumCount>::COUNT],
 }
 
 impl TrafficCounters {

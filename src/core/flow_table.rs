@@ -154,10 +154,37 @@ pub struct Flow {
     pub bytes: [u64; 2],
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
-    /// Next sequence number each side will send (for cutting a connection with an acceptable RST).
+    /// Next sequence number each side will send (the highest seen; for cutting a connection with an
+    /// acceptable RST and for validating RSTs).
     pub next_seq: [u32; 2],
+    /// Where each side's FIN ended its sequence space (after it, that side sends no new data).
+    fin_end: [Option<u32>; 2],
     generation: u32,
     live: bool,
+}
+
+/// A TCP segment as the flow table sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Segment {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Sequence space consumed (payload + SYN + FIN).
+    pub len: u32,
+    pub payload: bool,
+    /// The TCP checksum is right (a RST with a bad one ends nothing: the endpoint drops it too).
+    pub checksum_ok: bool,
+}
+
+impl Segment {
+    fn end(&self) -> u32 {
+        self.seq.wrapping_add(self.len)
+    }
+}
+
+/// `a <= b` in sequence space (RFC 1982 arithmetic).
+fn seq_le(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) >= 0
 }
 
 /// What a packet did to its flow's lifecycle.
@@ -225,6 +252,7 @@ impl Flow {
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
             next_seq: [0; 2],
+            fin_end: [None; 2],
             generation: 0,
             live: true,
         }
@@ -250,27 +278,63 @@ impl Flow {
         }
     }
 
-    /// Accounts one packet of `len` bytes travelling `side` and advances TCP state.
+    /// Whether a packet travelling `side` may still pass. Always, until the flow ends; after that only the
+    /// tail of the close: segments without payload (ACK, FIN, RST) and, after a normal close, retransmissions
+    /// of data sent before that side's FIN. New data on an ended connection (say after a forged RST) is never
+    /// carried on the old decision.
+    pub fn admits(&self, side: usize, tcp: Option<&Segment>) -> bool {
+        if self.state != FlowState::Ended {
+            return true;
+        }
+        let Some(seg) = tcp else {
+            return false;
+        };
+        if seg.flags & TCP_SYN != 0 {
+            return false;
+        }
+        !seg.payload || self.fin_end[side].is_some_and(|fin| seq_le(seg.end(), fin))
+    }
+
+    /// Accounts one packet of `len` bytes travelling `side` and advances TCP state. A RST ends the flow only
+    /// when the endpoint would accept it too (RFC 5961: right checksum, sequence number exactly where that
+    /// side is; or, answering a SYN, acknowledging it); otherwise it is forwarded and the endpoint decides.
     pub fn record(
         &mut self,
         side: usize,
         len: usize,
-        tcp: Option<(u8, u32, u32)>,
+        tcp: Option<Segment>,
         now_ms: u64,
     ) -> Transition {
+        let seen_before = self.packets[side] > 0;
         self.packets[side] += 1;
         self.bytes[side] += len as u64;
-        self.last_seen_ms = now_ms;
-        let Some((flags, seq, seg_len)) = tcp else {
-            return Transition::None;
-        };
-        self.next_seq[side] = seq.wrapping_add(seg_len);
         if self.state == FlowState::Ended {
+            // The linger is counted from the end: a trickle of packets never keeps an ended flow alive.
             return Transition::None;
         }
+        self.last_seen_ms = now_ms;
+        let Some(seg) = tcp else {
+            return Transition::None;
+        };
+        let flags = seg.flags;
         if flags & TCP_RST != 0 {
+            let acceptable = seg.checksum_ok
+                && if self.state == FlowState::SynSent && side == IN {
+                    flags & TCP_ACK != 0 && seg.ack == self.next_seq[OUT]
+                } else {
+                    seen_before && seg.seq == self.next_seq[side]
+                };
+            if !acceptable {
+                return Transition::None;
+            }
             self.state = FlowState::Ended;
             return Transition::Ended(EndReason::TcpRst);
+        }
+        if !seen_before || seq_le(self.next_seq[side], seg.end()) {
+            self.next_seq[side] = seg.end();
+        }
+        if flags & TCP_FIN != 0 {
+            self.fin_end[side] = Some(seg.end());
         }
         let fin_bit = 1u8 << side;
         match self.state {
@@ -499,48 +563,114 @@ mod tests {
         assert_ne!(k1, k3, "tenants never share flows");
     }
 
+    /// A segment with a right checksum; `len` is the sequence space it consumes.
+    fn seg(flags: u8, seq: u32, ack: u32, len: u32) -> Option<Segment> {
+        Some(Segment {
+            flags,
+            seq,
+            ack,
+            len,
+            payload: len > u32::from(flags & (TCP_SYN | TCP_FIN) != 0),
+            checksum_ok: true,
+        })
+    }
+
+    fn established() -> Flow {
+        let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
+        let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, Some(0), 0);
+        f.record(OUT, 60, seg(TCP_SYN, 100, 0, 1), 0);
+        f.record(IN, 60, seg(TCP_SYN | TCP_ACK, 500, 101, 1), 1);
+        f.record(OUT, 1000, seg(TCP_ACK, 101, 501, 960), 2);
+        f
+    }
+
     #[test]
     fn tcp_lifecycle_start_established_fin() {
         let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
         let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, Some(0), 0);
         assert_eq!(
-            f.record(OUT, 60, Some((TCP_SYN, 100, 1)), 0),
+            f.record(OUT, 60, seg(TCP_SYN, 100, 0, 1), 0),
             Transition::None
         );
         assert_eq!(
-            f.record(IN, 60, Some((TCP_SYN | TCP_ACK, 500, 1)), 1),
+            f.record(IN, 60, seg(TCP_SYN | TCP_ACK, 500, 101, 1), 1),
             Transition::Established
         );
         assert_eq!(
-            f.record(OUT, 1000, Some((TCP_ACK, 101, 960)), 2),
+            f.record(OUT, 1000, seg(TCP_ACK, 101, 501, 960), 2),
             Transition::None
         );
         assert_eq!(
-            f.record(OUT, 52, Some((TCP_FIN | TCP_ACK, 1061, 1)), 3),
+            f.record(OUT, 52, seg(TCP_FIN | TCP_ACK, 1061, 501, 1), 3),
             Transition::None
         );
         assert_eq!(
-            f.record(IN, 52, Some((TCP_FIN | TCP_ACK, 501, 1)), 4),
+            f.record(IN, 52, seg(TCP_FIN | TCP_ACK, 501, 1062, 1), 4),
             Transition::Ended(EndReason::TcpFin)
         );
-        assert_eq!(
-            f.record(OUT, 52, Some((TCP_ACK, 1062, 0)), 5),
-            Transition::None,
+        assert!(
+            f.admits(OUT, seg(TCP_ACK, 1062, 502, 0).as_ref()),
             "late ACK absorbed"
+        );
+        assert_eq!(
+            f.record(OUT, 52, seg(TCP_ACK, 1062, 502, 0), 5),
+            Transition::None
         );
         assert_eq!(f.packets, [4, 2]);
         assert_eq!(f.bytes, [60 + 1000 + 52 + 52, 112]);
         assert_eq!(f.next_seq, [1062, 502]);
+        assert!(
+            f.admits(OUT, seg(TCP_ACK, 500, 502, 300).as_ref()),
+            "a retransmission of data sent before the FIN still passes"
+        );
+        assert!(
+            !f.admits(OUT, seg(TCP_ACK, 1062, 502, 100).as_ref()),
+            "new data after the FIN does not"
+        );
+        assert!(!f.admits(OUT, seg(TCP_SYN, 7, 0, 1).as_ref()));
     }
 
     #[test]
-    fn rst_ends_at_once() {
+    fn a_rst_answering_the_syn_ends_the_flow() {
         let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 1, ip("100.96.0.3"), 2);
         let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, None, 0);
-        f.record(OUT, 40, Some((TCP_SYN, 1, 1)), 0);
+        f.record(OUT, 40, seg(TCP_SYN, 1, 0, 1), 0);
         assert_eq!(
-            f.record(IN, 40, Some((TCP_RST | TCP_ACK, 0, 0)), 0),
+            f.record(IN, 40, seg(TCP_RST | TCP_ACK, 0, 99, 0), 0),
+            Transition::None,
+            "not acknowledging the SYN"
+        );
+        assert_eq!(
+            f.record(IN, 40, seg(TCP_RST | TCP_ACK, 0, 2, 0), 0),
             Transition::Ended(EndReason::TcpRst)
+        );
+    }
+
+    /// H1 of the security review: a RST the real endpoint ignores (wrong sequence number or checksum) does not
+    /// end the flow, and data after an accepted RST is not carried.
+    #[test]
+    fn only_an_acceptable_rst_ends_an_established_flow() {
+        let mut f = established();
+        for bad in [
+            seg(TCP_RST, 5, 0, 0),                // out of window
+            seg(TCP_RST, 1060, 0, 0),             // in window but not exact
+            seg(TCP_RST | TCP_ACK, 1062, 501, 0), // beyond what was sent
+        ] {
+            assert_eq!(f.record(OUT, 40, bad, 3), Transition::None, "{bad:?}");
+        }
+        let mut bad_sum = seg(TCP_RST, 1061, 0, 0).unwrap();
+        bad_sum.checksum_ok = false;
+        assert_eq!(f.record(OUT, 40, Some(bad_sum), 3), Transition::None);
+        assert_eq!(f.state, FlowState::Established);
+        assert!(f.admits(OUT, seg(TCP_ACK, 1061, 501, 100).as_ref()));
+        assert_eq!(
+            f.record(OUT, 40, seg(TCP_RST, 1061, 0, 0), 4),
+            Transition::Ended(EndReason::TcpRst)
+        );
+        assert!(!f.admits(OUT, seg(TCP_ACK, 1061, 501, 100).as_ref()));
+        assert!(
+            f.admits(IN, seg(TCP_RST, 501, 0, 0).as_ref()),
+            "the tail passes"
         );
     }
 

@@ -50,7 +50,7 @@ use crate::packet::{
     self, Hop, IpView, LocalReply, Transport, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
     TCP_ACK, TCP_RST, TCP_SYN,
 };
-pub use counters::{DropReason, GlobalCounters, TrafficCounters};
+pub use counters::{DropReason, GlobalCounters, Heartbeat, TrafficCounters};
 pub use flow_table::EndReason;
 use flow_table::{Flow, FlowKey, FlowTable, FlowTarget, KeyDir, Transition, IN, OUT};
 use nat::{DowngradeNat, NatKey, SlotPool, UpgradeNat};
@@ -88,6 +88,8 @@ pub const UPGRADE_MSS: u16 = 1380;
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub global: GlobalCounters,
+    /// Beaten by the data-path thread every turn of its loop.
+    pub datapath: counters::Heartbeat,
     tenants: RwLock<BTreeMap<TenantId, Arc<TrafficCounters>>>,
 }
 

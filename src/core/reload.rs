@@ -95,25 +95,17 @@ impl Gateway {
         summary
     }
 
-    /// After a reload: ends flows whose route or decision changed; resets cut TCP connections.
+    /// After a reload: ends flows whose route or decision changed; resets cut TCP connections. Every flow is
+    /// re-checked, ended ones too (they still carry the tail of their connection).
     pub(super) fn recheck_flows(&mut self, now: Instant, tx: &mut TxQueue) {
-        let tenant_of_num: HashMap<u32, usize> = self
-            .tenants
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.num, i))
-            .collect();
         for idx in self.flows.indices() {
             let f = self.flows.get(idx);
-            if f.state == flow_table::FlowState::Ended {
-                continue;
-            }
             let (src, sport, dst, dport) = f.endpoints();
             let verdict = match (
-                tenant_of_num.get(&f.key.tenant()),
+                self.tenant_index(f.key.tenant()),
                 self.peers.get(f.src_slot as usize),
             ) {
-                (Some(&ti), Some(Some(p))) if p.tenant == ti && p.device.address == src => {
+                (Some(ti), Some(Some(p))) if p.tenant == ti && p.device.address == src => {
                     let t = &self.tenants[ti];
                     match self.route_of(ti, f.src_slot, dst) {
                         Some(route) if route.carries(f.target) => {
@@ -138,20 +130,28 @@ impl Gateway {
                 }
                 _ => Err(EndReason::PeerRemoved),
             };
+            let f = self.flows.get(idx);
+            let tcp_layer3 =
+                f.key.protocol() == PROTO_TCP && matches!(f.target, FlowTarget::Peer(_));
             match verdict {
                 Ok(rule) => self.flows.get_mut(idx).rule = rule,
+                // Already ended (and recorded): it no longer carries even its tail on the old decision.
+                Err(_) if f.state == flow_table::FlowState::Ended => {
+                    if tcp_layer3 {
+                        self.flows.get_mut(idx).action = Action::Reject;
+                    } else {
+                        let f = self.flows.remove(idx);
+                        self.forget_flow(&f);
+                    }
+                }
                 Err(reason) => {
-                    let f = self.flows.get(idx);
-                    let (seq, was_open_tcp) = (
-                        f.seq,
-                        f.action == Action::Allow && f.key.protocol() == PROTO_TCP,
-                    );
+                    let carried = !matches!(f.action, Action::Deny | Action::Reject);
+                    let (seq, was_open_tcp) = (f.seq, carried && f.key.protocol() == PROTO_TCP);
                     if was_open_tcp {
                         self.reset_both_sides(idx, src, sport, dst, dport, tx);
                     }
                     tracing::debug!(seq, reason = reason.as_str(), "flow cut after reload");
-                    let layer3 = matches!(self.flows.get(idx).target, FlowTarget::Peer(_));
-                    if was_open_tcp && layer3 {
+                    if was_open_tcp && tcp_layer3 {
                         // Keep the cut connection as a lingering rejected flow: a segment still in flight
                         // (which the RSTs above may not match exactly) is answered with a RST built from its
                         // own ACK, which the sender always accepts.

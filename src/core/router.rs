@@ -2,6 +2,20 @@
 
 use super::*;
 
+/// A TCP segment for the flow table; the checksum is verified only where it matters (RSTs).
+pub(super) fn segment(pkt: &[u8], view: &IpView, t: &Transport) -> flow_table::Segment {
+    let syn_fin =
+        u32::from(t.tcp_flags & TCP_SYN != 0) + u32::from(t.tcp_flags & packet::TCP_FIN != 0);
+    flow_table::Segment {
+        flags: t.tcp_flags,
+        seq: t.tcp_seq,
+        ack: t.tcp_ack,
+        len: t.tcp_seg_len,
+        payload: t.tcp_seg_len > syn_fin,
+        checksum_ok: t.tcp_flags & TCP_RST == 0 || packet::transport_checksum_ok(pkt, view),
+    }
+}
+
 /// Where a destination is, before policy decides how to carry the flow there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
@@ -127,7 +141,15 @@ impl Gateway {
             }
             return;
         }
-        let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
+        let tcp = (view.protocol == PROTO_TCP).then(|| segment(pkt, &view, &t));
+        let refused = matches!(flow.action, Action::Deny | Action::Reject);
+        if !refused && !flow.admits(side, tcp.as_ref()) {
+            return self.tenants[ti].counters.count_drop(DropReason::FlowEnded);
+        }
+        // A packet that dies at this hop changes nothing (a RST with TTL 1 ends no flow).
+        if matches!(flow.target, FlowTarget::Peer(_)) && packet::ttl(pkt, &view) <= 1 {
+            return self.tenants[ti].counters.count_drop(DropReason::TtlExpired);
+        }
         let transition = flow.record(side, view.len, tcp, now_ms);
         let (action, target, initiator_slot, seq) =
             (flow.action, flow.target, flow.src_slot, flow.seq);

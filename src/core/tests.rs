@@ -567,7 +567,7 @@ fn garbage_is_counted_never_fatal() {
         net.deliver(from, dg);
     }
     let u = &net.metrics.global.unattributed;
-    let total: u64 = DropReason::ALL.iter().map(|r| u.drops(*r)).sum();
+    let total: u64 = DropReason::all().map(|r| u.drops(r)).sum();
     assert_eq!(total, 7);
     assert!(u.drops(DropReason::MalformedDatagram) >= 3);
     assert_eq!(net.lost, 0);
@@ -1297,4 +1297,84 @@ fn an_ended_upgraded_flow_keeps_its_slot_until_the_application_side_closed_it() 
     net.skew += Duration::from_millis(nat::QUARANTINE_MS + 1);
     net.send(2, &tcp(ip("100.96.0.2"), 42001, web, 80, 1, "S", b""));
     assert_eq!(upgraded_slot(&events(&mut net)).unwrap().1, slot);
+}
+
+fn end_of(evs: &[FlowEvent]) -> Option<(EndReason, [u64; 2])> {
+    evs.iter().find_map(|e| match e {
+        FlowEvent::End { reason, bytes, .. } => Some((*reason, *bytes)),
+        _ => None,
+    })
+}
+
+/// H1 of the security review: a device "ends" its own connection with a RST the peer ignores (wrong
+/// sequence number), then keeps sending. The flow must stay live (so a reload revoking the rule still cuts it)
+/// and every byte after the forged RST must be counted in its end record. On the old code the forged RST ended
+/// the flow in the table, later data kept flowing on the memoized Allow, the reload skipped the flow and the
+/// bytes after the RST were never recorded.
+#[test]
+fn a_forged_rst_ends_nothing_and_the_revoke_still_cuts_the_flow() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 5201, 100, "S", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 900, "SA", b""));
+    net.send(0, &tcp(a, 40000, b, 5201, 101, "A", b"data"));
+    net.send(0, &tcp(a, 40000, b, 5201, 9_999_999, "R", b"")); // the peer would ignore it
+    assert!(
+        end_of(&events(&mut net)).is_none(),
+        "the forged RST ended the flow"
+    );
+    net.clients[1].inbox.clear();
+    net.send(0, &tcp(a, 40000, b, 5201, 105, "A", &[7u8; 1000]));
+    assert_eq!(net.clients[1].inbox.len(), 1, "the connection goes on");
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    let mut deny = cfg.tenants[0].rules[1].clone();
+    deny.id = "no-iperf".into();
+    deny.ports = vec![(5201, 5201)];
+    cfg.tenants[0].rules.insert(0, deny);
+    net.gw.apply(&cfg, net.now(), &mut net.tx);
+    net.settle();
+    let (reason, bytes) = end_of(&events(&mut net)).expect("the revoke cut the flow");
+    assert_eq!(reason, EndReason::PolicyRevoked);
+    assert!(
+        bytes[OUT] > 1000,
+        "bytes after the forged RST are counted: {bytes:?}"
+    );
+    net.clients[1].inbox.clear();
+    net.send(0, &tcp(a, 40000, b, 5201, 1105, "A", b"after the cut"));
+    assert!(
+        net.clients[1].inbox.is_empty(),
+        "nothing passes after the cut"
+    );
+}
+
+/// H1 of the security review: a connection between two devices closes normally, the peer device is removed,
+/// then the first device sends bare ACKs on the old 5-tuple. On the old code this panicked the data-path
+/// thread (`expect("flows name live slots")`), stopping every tenant's traffic.
+#[test]
+fn bare_acks_after_the_peer_is_removed_are_dropped_not_a_panic() {
+    let mut net = two_tenants();
+    for i in [0, 1, 2, 3] {
+        net.handshake(i);
+    }
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 5201, 100, "S", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 900, "SA", b""));
+    net.send(0, &tcp(a, 40000, b, 5201, 101, "FA", b""));
+    net.send(1, &tcp(b, 5201, a, 40000, 901, "FA", b""));
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.tenants[0].devices.retain(|d| d.name.as_str() != "dev1");
+    net.gw.apply(&cfg, net.now(), &mut net.tx);
+    for seq in 102..106 {
+        net.send(0, &tcp(a, 40000, b, 5201, seq, "A", b""));
+    }
+    // Every tenant's traffic still flows.
+    net.send(2, &udp(a, b, b"globex still works"));
+    assert_eq!(
+        &net.clients[3].inbox.last().unwrap()[28..],
+        b"globex still works"
+    );
 }

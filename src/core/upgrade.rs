@@ -60,7 +60,7 @@ impl Gateway {
         let now_ms = self.ms(now);
         let flow = self.flows.get_mut(idx);
         let side = flow.side(dir);
-        let tcp = (view.protocol == PROTO_TCP).then_some((t.tcp_flags, t.tcp_seq, t.tcp_seg_len));
+        let tcp = (view.protocol == PROTO_TCP).then(|| router::segment(pkt, &view, &t));
         let transition = flow.record(side, view.len, tcp, now_ms);
         let (seq, initiator) = (flow.seq, flow.src_slot);
         match transition {
