@@ -49,9 +49,15 @@ impl TenantSpec {
 
 /// Writes `<dir>/gateway.toml` (key file and state dir relative to it) and returns its path.
 pub fn write_config(dir: &Path, tenants: &[TenantSpec]) -> PathBuf {
+    write_config_with(dir, tenants, "")
+}
+
+/// Like `write_config`, with `extra` (TOML: more `[gateway]` keys, then other tables such as `[enroll]`) after
+/// the `[gateway]` keys.
+pub fn write_config_with(dir: &Path, tenants: &[TenantSpec], extra: &str) -> PathBuf {
     let mut s = format!(
         "[gateway]\nlisten = \"{UNDERLAY_ADDR}:{PORT}\"\nprivate_key_file = \"gateway.key\"\n\
-         state_dir = \"state\"\nadmin_listen = \"{ADMIN}\"\npublic_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n"
+         state_dir = \"state\"\nadmin_listen = \"{ADMIN}\"\npublic_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n{extra}\n"
     );
     // A value written as a TOML list is kept as is; anything else is a string.
     let value = |v: &str| {

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::gateway::{write_config, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
+use super::gateway::{write_config_with, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
 use super::netns::{link, Netns};
 use super::process::tail;
-use super::wg_client::WgClient;
+use super::wg_client::{ClientConfig, WgClient};
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 static IFACES: AtomicU32 = AtomicU32::new(0);
@@ -88,6 +88,13 @@ impl Drop for TempDir {
     }
 }
 
+/// A device's namespace before its tunnel exists (`Lab::device_ns`).
+pub struct DeviceNs {
+    pub ns: Netns,
+    pub underlay: Ipv4Addr,
+    pub link: u8,
+}
+
 /// A plain host on the underlay (e.g. an attacker), no WireGuard.
 pub struct Host {
     pub ns: Netns,
@@ -109,6 +116,11 @@ pub struct Lab {
 impl Lab {
     /// A gateway namespace with `rampart run` serving `tenants`, healthy.
     pub fn new(tenants: &[TenantSpec]) -> Lab {
+        Lab::with_settings(tenants, "")
+    }
+
+    /// Like `new`, with more gateway settings (`write_config_with`).
+    pub fn with_settings(tenants: &[TenantSpec], extra: &str) -> Lab {
         preflight();
         let id = format!(
             "rpt{}x{}",
@@ -118,7 +130,7 @@ impl Lab {
         let dir = TempDir::new(&id);
         let gw_ns = Netns::create(&format!("{id}-gw"));
         gw_ns.ip(&["addr", "add", &format!("{UNDERLAY_ADDR}/32"), "dev", "lo"]);
-        let config = write_config(dir.path(), tenants);
+        let config = write_config_with(dir.path(), tenants, extra);
         let mut gateway = Gateway::new(config, dir.path(), &gw_ns);
         let check = gateway.cli(&["check-config"], &[]);
         assert!(check.success(), "generated config rejected: {check}");
@@ -191,6 +203,38 @@ impl Lab {
             IFACES.fetch_add(1, Ordering::SeqCst)
         );
         WgClient::start(ns, tenant, name, &ifname, config, underlay, l, self.dir())
+    }
+
+    /// A namespace for a device that sets itself up (enrolls with a token, say) instead of `device add`.
+    pub fn device_ns(&mut self, role: &str) -> DeviceNs {
+        let (ns, underlay, link) = self.underlay_ns(role);
+        DeviceNs { ns, underlay, link }
+    }
+
+    /// Starts a wireguard-go client in `dev` with `config` (as `add_client` does with what `device add`
+    /// printed).
+    pub fn start_device(
+        &self,
+        dev: DeviceNs,
+        tenant: &str,
+        name: &str,
+        config: ClientConfig,
+    ) -> WgClient {
+        let ifname = format!(
+            "rw{:x}n{}",
+            std::process::id(),
+            IFACES.fetch_add(1, Ordering::SeqCst)
+        );
+        WgClient::start(
+            dev.ns,
+            tenant,
+            name,
+            &ifname,
+            config,
+            dev.underlay,
+            dev.link,
+            self.dir(),
+        )
     }
 
     /// A plain underlay host (no WireGuard) that can reach the gateway's UDP port.
