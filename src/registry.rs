@@ -24,6 +24,9 @@ pub struct EnrolledDevice {
     pub user: UserName,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// SSH client keys (authorized_keys lines, `device add --ssh-key`) for `ssh_auth = "publickey"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
     /// Unix seconds.
     pub enrolled_at: u64,
 }
@@ -121,6 +124,7 @@ mod tests {
             address: "100.96.0.2".parse().unwrap(),
             user: UserName::parse("alice").unwrap(),
             groups: vec!["eng".into()],
+            ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHGRUo1dqQEtZp6C7PgcoS0Xw5Ouvzq4DUf8SfUjqYcz alice".into()],
             enrolled_at: 1,
         };
         let lock = reg.lock().unwrap();

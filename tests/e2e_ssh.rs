@@ -638,10 +638,14 @@ fn loopback_30_parallel_sessions_succeed_without_leaking_target_connections() {
 
 #[test]
 fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
-    let (gw, _sshd) = Inspector::start(GwOpts {
+    let mut opts = GwOpts {
         rule: "ssh_auth = \"publickey\"".into(),
         ..Default::default()
-    });
+    };
+    let (gw, _sshd) = Inspector::start(opts.clone());
+    let line = std::fs::read_to_string(gw.client.id_pub()).unwrap();
+    opts.device = format!("ssh_keys = [\"{}\"]", line.trim());
+    gw.reload(&opts);
     // The target's exit-signal reaches the client and the record.
     let out = gw.ssh(&["root@127.0.0.1", "kill -TERM $$"], None);
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
@@ -689,6 +693,68 @@ fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
     let rows = gw.wait_rows("session.end", 2);
     assert!(events(&rows, "host_key").iter().any(|e| matches!(e,
         SshEvent::HostKey(h) if h.change == "changed" && h.pinned_fingerprint.is_some())));
+}
+
+/// Issue 11, finding 6: under `ssh_auth = "publickey"` only keys registered for the device log in.
+#[test]
+fn loopback_publickey_accepts_only_keys_registered_for_the_device() {
+    let mut opts = GwOpts {
+        rule: "ssh_auth = \"publickey\"".into(),
+        ..Default::default()
+    };
+    let (gw, sshd) = Inspector::start(opts.clone());
+    // The attack: the device has no key registered; its SSH client brings a key of its own choosing.
+    let out = gw.ssh(&["root@127.0.0.1", "echo got-in"], None);
+    assert!(
+        !text(&out.stdout).contains("got-in"),
+        "a key registered for no device was accepted"
+    );
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Permission denied (publickey)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let client_fp = fingerprint(&gw.client.id_pub());
+    let rows = gw.wait_rows("session.end", 1);
+    let refused = events(&rows, "session.start");
+    assert!(
+        refused.iter().any(|e| matches!(e, SshEvent::SessionStart(s)
+            if s.decision.starts_with("refused") && s.decision.contains(&client_fp))),
+        "the refused key is not recorded: {refused:?}"
+    );
+    assert!(
+        !sshd.log().contains("Accepted certificate"),
+        "{}",
+        sshd.log()
+    );
+
+    // Positive control: the same client once its key is registered for the device (authorized_keys syntax,
+    // in force without a restart), while another key of the same client is still refused.
+    let line = std::fs::read_to_string(gw.client.id_pub()).unwrap();
+    opts.device = format!("ssh_keys = [\"{}\"]", line.trim());
+    gw.reload(&opts);
+    let out = gw.ssh(&["root@127.0.0.1", "echo got-in"], None);
+    assert_eq!(text(&out.stdout), "got-in\n", "{}", text(&out.stderr));
+    let other = gw.state.join("other-key");
+    keygen(&other);
+    let out = gw.ssh_with_key(&other, &["root@127.0.0.1", "echo got-in"], None);
+    assert!(!text(&out.stdout).contains("got-in"));
+    assert!(text(&out.stderr).contains("Permission denied (publickey)"));
+    let rows = gw.wait_rows("session.end", 3);
+    let starts = events(&rows, "session.start");
+    assert!(
+        starts.iter().any(|e| matches!(e, SshEvent::SessionStart(s)
+        if s.decision == "allowed" && s.auth_method == "publickey"
+            && s.client_key_fp.as_deref() == Some(client_fp.as_str()))),
+        "{starts:?}"
+    );
+    let other_fp = fingerprint(&gw.state.join("other-key.pub"));
+    assert!(
+        starts.iter().any(|e| matches!(e, SshEvent::SessionStart(s)
+        if s.decision.starts_with("refused") && s.decision.contains(&other_fp))),
+        "{starts:?}"
+    );
 }
 
 /// A russh client (what OpenSSH's client cannot easily do): window changes and signals on a live channel.

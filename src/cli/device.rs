@@ -1,28 +1,44 @@
 //! `rampart device ...`: enroll (key pair made here), list, remove, print a device's client config.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
 use super::{load, notify_gateway, tenant_or_bail, unix_now};
-use crate::config::{Config, DeviceName, DeviceOrigin, TenantId, UserName};
+use crate::config::{Config, DeviceName, DeviceOrigin, SshClientKey, TenantId, UserName};
 use crate::control::{self, Request};
 use crate::enroll::{allocate_address, ClientConfig};
 use crate::keys::PrivateKey;
 use crate::registry::{EnrolledDevice, Registry};
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn device_add(
     config: &Path,
     tenant: &str,
     name: &str,
     user: &str,
     groups: Vec<String>,
+    ssh_key_files: &[PathBuf],
     endpoint: Option<String>,
     qr: bool,
 ) -> anyhow::Result<()> {
     let name = DeviceName::parse(name).map_err(|m| anyhow::anyhow!("--name: {m}"))?;
     let user = UserName::parse(user).map_err(|m| anyhow::anyhow!("--user: {m}"))?;
+    let mut ssh_keys = Vec::new();
+    for f in ssh_key_files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("--ssh-key: cannot read {}", f.display()))?;
+        let keys = SshClientKey::parse_lines(&text)
+            .map_err(|m| anyhow::anyhow!("--ssh-key {}: {m}", f.display()))?;
+        if keys.is_empty() {
+            bail!(
+                "--ssh-key {}: no key in the file; pass an id_*.pub file or authorized_keys lines",
+                f.display()
+            );
+        }
+        ssh_keys.extend(keys.iter().map(|k| k.as_str().to_string()));
+    }
     let pre = load(config)?;
     let endpoint = client_endpoint(&pre, endpoint)?;
     let gateway_key = PrivateKey::read_file(&pre.gateway.private_key_file)
@@ -71,6 +87,7 @@ pub(super) fn device_add(
         address,
         user,
         groups,
+        ssh_keys,
         enrolled_at: unix_now(),
     });
     registry.store(&lock, &devices)?;

@@ -247,6 +247,10 @@ pub enum DeviceCommand {
         /// Also print the config as a QR code (on stderr) for mobile WireGuard apps.
         #[arg(long)]
         qr: bool,
+        /// SSH public key(s) of the device's user, in authorized_keys syntax (an id_*.pub file, or several
+        /// lines): what `ssh_auth = "publickey"` rules accept from this device. Repeatable.
+        #[arg(long = "ssh-key", value_name = "FILE")]
+        ssh_keys: Vec<PathBuf>,
     },
     /// List devices (configured and enrolled) with their live tunnel state when the gateway runs.
     List {
@@ -336,7 +340,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 groups,
                 endpoint,
                 qr,
-            } => device_add(&config, &tenant, &name, &user, groups, endpoint, qr),
+                ssh_keys,
+            } => device_add(
+                &config, &tenant, &name, &user, groups, &ssh_keys, endpoint, qr,
+            ),
             DeviceCommand::List {
                 config,
                 tenant,

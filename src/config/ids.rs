@@ -85,3 +85,97 @@ impl UserName {
         }
     }
 }
+
+/// An SSH client key registered for a device, one `authorized_keys` line without options
+/// (`ssh-ed25519 AAAA... comment`): what `ssh_auth = "publickey"` lets in.
+#[derive(Clone)]
+pub struct SshClientKey {
+    line: String,
+    key: russh::keys::ssh_key::PublicKey,
+}
+
+impl SshClientKey {
+    /// Parses one line in `authorized_keys` syntax. Options (`from=`, `command=` ...) are refused: the gateway
+    /// would not honour them.
+    pub fn parse(line: &str) -> Result<SshClientKey, String> {
+        use russh::keys::ssh_key::authorized_keys::Entry;
+        let line = line.trim();
+        let options = |opts: &str| {
+            format!(
+                "{line:?} has authorized_keys options ({opts}), which the gateway does not apply; list the key \
+                 without them"
+            )
+        };
+        let entry: Entry = match line.parse() {
+            Ok(e) => e,
+            Err(e) => {
+                // `options key` with a comment-less key is not recognised as options by the parser.
+                if let Some((opts, rest)) = line.split_once(' ') {
+                    if rest.parse::<russh::keys::ssh_key::PublicKey>().is_ok() {
+                        return Err(options(opts));
+                    }
+                }
+                return Err(format!(
+                    "{line:?} is not an SSH public key ({e}); paste one line of an id_*.pub file, like \
+                     \"ssh-ed25519 AAAA... alice@laptop\""
+                ));
+            }
+        };
+        if !entry.config_opts().is_empty() {
+            return Err(options(entry.config_opts().as_str()));
+        }
+        let key = entry.public_key().clone();
+        let line = key.to_openssh().map_err(|e| format!("{line:?}: {e}"))?;
+        Ok(SshClientKey { line, key })
+    }
+
+    /// Parses a file's worth of `authorized_keys` lines (blank lines and `#` comments skipped).
+    pub fn parse_lines(text: &str) -> Result<Vec<SshClientKey>, String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(SshClientKey::parse)
+            .collect()
+    }
+
+    pub fn key(&self) -> &russh::keys::ssh_key::PublicKey {
+        &self.key
+    }
+
+    /// `type base64 comment`, as registered.
+    pub fn as_str(&self) -> &str {
+        &self.line
+    }
+
+    /// The `SHA256:...` fingerprint (what `ssh-keygen -l` prints and records name).
+    pub fn fingerprint(&self) -> String {
+        self.key
+            .fingerprint(russh::keys::ssh_key::HashAlg::Sha256)
+            .to_string()
+    }
+
+    /// Whether `key` is this key (comments aside).
+    pub fn matches(&self, key: &russh::keys::ssh_key::PublicKey) -> bool {
+        self.key.key_data() == key.key_data()
+    }
+}
+
+impl PartialEq for SshClientKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key.key_data() == other.key.key_data()
+    }
+}
+
+impl Eq for SshClientKey {}
+
+impl fmt::Debug for SshClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SshClientKey({})", self.fingerprint())
+    }
+}
+
+impl Serialize for SshClientKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.line)
+    }
+}

@@ -28,7 +28,7 @@ pub use enroll::EnrollSettings;
 pub use ids::*;
 pub use model::*;
 pub use raw::*;
-use validate::{check_tenant_devices, check_unique_keys, line_of, validate};
+use validate::{check_tenant_devices, check_unique_keys, line_of, parse_ssh_keys, validate};
 
 #[cfg(test)]
 mod tests;
@@ -176,12 +176,14 @@ impl Config {
                     tracing::warn!(tenant = %d.tenant, device = %d.name, "enrolled device belongs to a tenant that is no longer configured; ignoring it");
                     continue;
                 };
+                let ssh_keys = parse_ssh_keys(&d.ssh_keys, &format!("{key}.ssh_keys"), &mut c);
                 t.devices.push(Device {
                     name: d.name.clone(),
                     public_key: d.public_key,
                     address: d.address,
                     user: d.user.clone(),
                     groups: d.groups.clone(),
+                    ssh_keys,
                     origin: *origin,
                 });
                 check_tenant_devices(t, &mut c, &key);

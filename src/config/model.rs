@@ -7,7 +7,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use super::{DeviceName, TenantId, UserName};
+use super::{DeviceName, SshClientKey, TenantId, UserName};
 use crate::keys::PeerKey;
 
 /// Where a device was declared.
@@ -29,6 +29,8 @@ pub struct Device {
     pub address: IpAddr,
     pub user: UserName,
     pub groups: Vec<String>,
+    /// SSH client keys accepted from this device under `ssh_auth = "publickey"`.
+    pub ssh_keys: Vec<SshClientKey>,
     pub origin: DeviceOrigin,
 }
 
@@ -213,6 +215,17 @@ pub enum Recording {
     BestEffort,
     /// A session that cannot be recorded is refused or terminated (fail-closed).
     Required,
+}
+
+impl Recording {
+    /// The name as written in the config (and in records).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recording::Off => "off",
+            Recording::BestEffort => "best_effort",
+            Recording::Required => "required",
+        }
+    }
 }
 
 /// How the gateway authenticates the SSH client (always on top of the WireGuard identity).

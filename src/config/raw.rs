@@ -123,4 +123,7 @@ pub struct RawDevice {
     pub user: String,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// SSH client keys (authorized_keys lines) `ssh_auth = "publickey"` accepts from this device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
 }

@@ -223,3 +223,28 @@ fn duplicate_tenant_id_is_rejected() {
         .to_string();
     assert!(err.contains("duplicate tenant id"), "{err}");
 }
+
+#[test]
+fn device_ssh_keys_are_authorized_keys_lines_without_options() {
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF3+XWcr4LMUC14L2eyt9mYsB3Jou5DA4dcoqo+tGSOA";
+    let good = GOOD.replace(
+        "groups = [\"eng\"]",
+        &format!("groups = [\"eng\"]\nssh_keys = [\"{KEY} alice@laptop\"]"),
+    );
+    let c = load(&good).unwrap();
+    let keys = &c.tenants[0].devices[0].ssh_keys;
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].fingerprint().starts_with("SHA256:"));
+    assert_eq!(keys[0].as_str(), format!("{KEY} alice@laptop"));
+    let bad = GOOD.replace(
+        "groups = [\"eng\"]",
+        &format!("groups = [\"eng\"]\nssh_keys = [\"from=\\\"10.0.0.1\\\" {KEY}\", \"ssh-ed25519 AAAAnotakey\"]"),
+    );
+    let err = load(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("device[0].ssh_keys: ") && err.contains("has authorized_keys options (from="),
+        "{err}"
+    );
+    assert!(err.contains("is not an SSH public key"), "{err}");
+}

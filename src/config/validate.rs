@@ -832,14 +832,32 @@ pub(super) fn validate_device(rd: RawDevice, key: &str, c: &mut Collector<'_>) -
             );
         }
     }
+    let ssh_keys = parse_ssh_keys(&rd.ssh_keys, &format!("{key}.ssh_keys"), c);
     Some(Device {
         name: name?,
         public_key: public_key?,
         address: address?,
         user: user?,
         groups: rd.groups,
+        ssh_keys,
         origin: DeviceOrigin::Config,
     })
+}
+
+/// A device's `ssh_keys` (authorized_keys lines); each bad line is reported under `key`.
+pub(super) fn parse_ssh_keys(
+    lines: &[String],
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Vec<SshClientKey> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            SshClientKey::parse(l)
+                .map_err(|m| c.push(key.to_string(), m))
+                .ok()
+        })
+        .collect()
 }
 
 /// Checks the newest device of `t` against the others: pool membership, unique name and address.

@@ -161,6 +161,7 @@ pub fn with_pending(t: &Tenant, store_devices: &[DeviceRow]) -> Tenant {
             address: d.address,
             user: d.user.clone(),
             groups: d.groups.clone(),
+            ssh_keys: Vec::new(),
             origin: DeviceOrigin::Token,
         });
     }

@@ -206,6 +206,7 @@ impl From<DeviceRow> for crate::registry::EnrolledDevice {
             address: d.address,
             user: d.user,
             groups: d.groups,
+            ssh_keys: Vec::new(),
             enrolled_at: d.enrolled_at.max(0) as u64,
         }
     }

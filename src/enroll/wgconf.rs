@@ -127,6 +127,7 @@ mod tests {
             address: addr.parse().unwrap(),
             user: UserName::parse("u").unwrap(),
             groups: vec![],
+            ssh_keys: vec![],
             origin: DeviceOrigin::Enrolled,
         }
     }

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::Ordering;
 
+use russh::keys::ssh_key::{HashAlg, PublicKey};
 use russh::server::{Auth, Session};
 use russh::Disconnect;
 
@@ -13,7 +14,10 @@ use super::handler::ConnHandler;
 use super::upstream;
 use super::GATEWAY_NAME;
 use crate::audit::ssh_records::{SessionStart, SshEvent};
-use crate::config::Recording;
+use crate::config::{Recording, SshAuth};
+
+/// Refused client keys named in a session's record (a client may offer many).
+const MAX_REFUSED_KEYS: usize = 8;
 
 impl ConnHandler {
     /// First successful client authentication: check the recording store, log in to the target. Always
@@ -91,6 +95,31 @@ impl ConnHandler {
         Auth::Accept
     }
 
+    /// Under `ssh_auth = "publickey"`: whether `key` is registered for the device in the configuration in
+    /// force (`device add --ssh-key`, or the device's `ssh_keys`). A refused key is remembered for the record.
+    pub(super) fn client_key_registered(&self, key: &PublicKey) -> bool {
+        if self.ctx.settings.auth != SshAuth::Publickey {
+            return true;
+        }
+        let config = self.ctx.config.current();
+        let registered = config
+            .tenant(self.ctx.tenant.as_str())
+            .and_then(|t| t.devices.iter().find(|d| d.name == self.ctx.device))
+            .is_some_and(|d| d.ssh_keys.iter().any(|k| k.matches(key)));
+        if !registered {
+            let fp = key.fingerprint(HashAlg::Sha256).to_string();
+            let mut refused = self
+                .session
+                .refused_keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if refused.len() < MAX_REFUSED_KEYS && !refused.contains(&fp) {
+                refused.push(fp);
+            }
+        }
+        registered
+    }
+
     fn recording_store_ready(&self) -> Result<(), String> {
         if !self.ctx.services.audit().healthy() {
             return Err("the audit log is failing".into());
@@ -115,7 +144,7 @@ impl ConnHandler {
             target_host_key_fp: up.map(|u| u.host_key_fp.clone()),
             target_host_key_trust: up.map(|u| u.host_key_trust.as_str().to_owned()),
             cert: up.map(|u| u.cert.clone()),
-            recording: format!("{:?}", self.ctx.settings.recording).to_lowercase(),
+            recording: self.ctx.settings.recording.as_str().into(),
             capture_input: self.ctx.settings.capture_input,
             allow_forwarding: self.ctx.settings.allow_forwarding,
             decision,

@@ -77,12 +77,27 @@ impl server::Handler for ConnHandler {
         Ok(self.login(user, "none").await)
     }
 
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Refused before the signature, so the client goes on with its next key.
+        Ok(if self.client_key_registered(offer.public_key) {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
     async fn auth_publickey(
         &mut self,
         user: &str,
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        // The key proves nothing about who the user is beyond the WireGuard identity; it is recorded.
+        if !self.client_key_registered(key.public_key) {
+            return Ok(Auth::reject());
+        }
         self.client_key_fp = Some(key.public_key.fingerprint(HashAlg::Sha256).to_string());
         Ok(self.login(user, "publickey").await)
     }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::handler::ConnHandler;
 use super::trust::TenantTrust;
 use super::{unix_ms, SshContext, GATEWAY_NAME};
-use crate::audit::ssh_records::{SessionEnd, SessionKeys, SshEvent, SshRecord};
+use crate::audit::ssh_records::{SessionEnd, SessionKeys, SessionStart, SshEvent, SshRecord};
 use crate::config::{Recording, SshAuth};
 
 /// What the session's records share, and what [`run`] reads at the end.
@@ -32,6 +32,8 @@ pub struct SessionState {
     pub(super) bytes_t2c: AtomicU64,
     pub(super) channels: AtomicU32,
     pub(super) end: Mutex<Option<(String, Option<String>)>>,
+    /// Fingerprints of client keys refused under `ssh_auth = "publickey"` (at most a few).
+    pub(super) refused_keys: Mutex<Vec<String>>,
 }
 
 impl SessionState {
@@ -58,6 +60,7 @@ impl SessionState {
             bytes_t2c: AtomicU64::new(0),
             channels: AtomicU32::new(0),
             end: Mutex::new(None),
+            refused_keys: Mutex::new(Vec::new()),
         }
     }
 
@@ -98,6 +101,48 @@ impl SessionState {
 
     pub fn add_t2c(&self, n: usize) {
         self.bytes_t2c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A client that never authenticated because its keys are not registered for the device: the refusal is
+    /// recorded as the session's start (naming the keys it offered) and the session ends by policy.
+    fn record_refused_keys(&self) {
+        if self.authed.load(Ordering::Relaxed) {
+            return;
+        }
+        let refused = self
+            .refused_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if refused.is_empty() {
+            return;
+        }
+        let msg = format!(
+            "client key {} not registered for device {} (register with `rampart device add --ssh-key` or the \
+             device's ssh_keys)",
+            refused.join(", "),
+            self.ctx.device
+        );
+        tracing::info!(session = %self.id, tenant = %self.ctx.tenant, device = %self.ctx.device,
+            "SSH client key refused (not registered for the device)");
+        let settings = &self.ctx.settings;
+        self.emit(
+            None,
+            SshEvent::SessionStart(SessionStart {
+                client_addr: self.ctx.src.to_string(),
+                client_version: String::new(),
+                auth_method: "publickey".into(),
+                client_key_fp: refused.first().cloned(),
+                target_host_key_fp: None,
+                target_host_key_trust: None,
+                cert: None,
+                recording: settings.recording.as_str().into(),
+                capture_input: settings.capture_input,
+                allow_forwarding: settings.allow_forwarding,
+                decision: format!("refused: {msg}"),
+            }),
+        );
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(("policy".into(), Some(msg)));
     }
 
     pub(super) fn set_end(&self, reason: &str, error: Option<String>) {
@@ -204,6 +249,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         }
         Err(e) => session.set_end("error", Some(e.to_string())),
     }
+    session.record_refused_keys();
     // The handler (and with it the target connection) is gone; wait for the channel pumps to record their close.
     drop(tokio::time::timeout(Duration::from_secs(10), alive_rx.recv()).await);
     let (reason, error) = session

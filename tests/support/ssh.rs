@@ -612,7 +612,11 @@ impl Inspector {
     /// Rewrites the config file from `opts` and puts it in force for new sessions (like `rampart reload`;
     /// the rule's settings stay those of the running listener, as a flow keeps its rule).
     pub fn reload(&self, opts: &GwOpts) {
-        std::fs::write(&self.config, render_config(&self.state, &self.audit_db, opts)).unwrap();
+        std::fs::write(
+            &self.config,
+            render_config(&self.state, &self.audit_db, opts),
+        )
+        .unwrap();
         let cfg = Config::load(&self.config).unwrap_or_else(|e| panic!("{e}"));
         self.config_handle.store(Arc::new(cfg));
     }
