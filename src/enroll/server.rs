@@ -130,8 +130,8 @@ async fn watch(service: Arc<Service>, cancel: CancellationToken) {
         }
         let svc = service.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let peers = svc.gateway().peers();
-            let r = svc.observe(&peers, &mut rx, super::unix_now());
+            let gw = svc.gateway().clone();
+            let r = svc.observe(|| gw.peers(), &mut rx, super::unix_now());
             (rx, r)
         })
         .await;

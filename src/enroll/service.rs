@@ -246,63 +246,24 @@ impl Service {
         };
         let hw_id = clean_text(req.device_id.as_deref());
 
+        // Authenticate first: nothing expensive (registry lock, config load) for a token that fails.
+        self.check_token(&cred, origin, now)?;
+
         let _lock = self.lock()?;
         let cfg = self.load_config()?;
         let mut store = Store::open(&self.state_dir)?;
         let tx = store.begin()?;
         let Some(tok) = tx.token(cred.id())? else {
-            let e = token_invalid();
-            self.refused(origin, None, &e);
-            return Err(e);
+            return Err(token_invalid());
         };
-        if let Some(until) = tok.locked_until.filter(|u| *u > now) {
-            let e = err(
-                ErrorCode::TokenLocked,
-                "too many wrong secrets for this token; it is locked for a while",
-            )
-            .retry_after((until - now) as u64);
-            self.refused(origin, Some(&tok), &e);
-            return Err(e);
-        }
-        if !tok.secret_hash.matches(&cred.hash()) {
-            let locked = tx.record_failure(&tok.id, now, self.lockout_failures, self.lockout)?;
-            tx.commit()?;
-            let e = token_invalid();
-            self.refused(origin, Some(&tok), &e);
-            if let Some(until) = locked {
-                tracing::warn!(token = %tok.id, "enrollment token locked after repeated wrong secrets");
-                self.audit.record(
-                    Event::new(EventKind::TokenLocked, Actor::Gateway)
-                        .token(&tok.id)
-                        .tenant(tok.tenant.as_str())
-                        .source(origin.source)
-                        .detail("until", until),
-                );
-            }
-            return Err(e);
-        }
-        tx.reset_failures(&tok.id)?;
         let refuse = |code: ErrorCode, msg: &str| -> ApiError {
             let e = err(code, msg);
             self.refused(origin, Some(&tok), &e);
             e
         };
-        match tok.state(now) {
-            TokenState::Revoked => {
-                tx.commit()?;
-                return Err(refuse(
-                    ErrorCode::TokenRevoked,
-                    "this enrollment token was revoked; ask an admin for a new one",
-                ));
-            }
-            TokenState::Expired => {
-                tx.commit()?;
-                return Err(refuse(
-                    ErrorCode::TokenExpired,
-                    "this enrollment token has expired; ask an admin for a new one",
-                ));
-            }
-            TokenState::Valid | TokenState::UsedUp | TokenState::Locked => {}
+        // Revoked or expired since the check above.
+        if let Some(e) = final_state(&tok, now) {
+            return Err(refuse(e.error, &e.message));
         }
         let Some(tenant) = cfg.tenant(tok.tenant.as_str()) else {
             return Err(unavailable(format!(
@@ -451,6 +412,59 @@ impl Service {
         Ok((Enrolled::Created, reply))
     }
 
+    /// Checks the token before any expensive work: unknown ids, wrong secrets (counted; `lockout_failures` in a
+    /// row lock the token), locked, revoked and expired tokens stop here.
+    fn check_token(&self, cred: &Credential, origin: &Origin, now: i64) -> Result<(), ApiError> {
+        let known = match Store::open_readonly(&self.state_dir)? {
+            Some(s) => s.token(cred.id())?,
+            None => None,
+        };
+        let Some(tok) = known else {
+            let e = token_invalid();
+            self.refused(origin, None, &e);
+            return Err(e);
+        };
+        if let Some(until) = tok.locked_until.filter(|u| *u > now) {
+            let e = err(
+                ErrorCode::TokenLocked,
+                "too many wrong secrets for this token; it is locked for a while",
+            )
+            .retry_after((until - now) as u64);
+            self.refused(origin, Some(&tok), &e);
+            return Err(e);
+        }
+        if !tok.secret_hash.matches(&cred.hash()) {
+            let mut store = Store::open(&self.state_dir)?;
+            let tx = store.begin()?;
+            let locked = tx.record_failure(&tok.id, now, self.lockout_failures, self.lockout)?;
+            tx.commit()?;
+            let e = token_invalid();
+            self.refused(origin, Some(&tok), &e);
+            if let Some(until) = locked {
+                tracing::warn!(token = %tok.id, "enrollment token locked after repeated wrong secrets");
+                self.audit.record(
+                    Event::new(EventKind::TokenLocked, Actor::Gateway)
+                        .token(&tok.id)
+                        .tenant(tok.tenant.as_str())
+                        .source(origin.source)
+                        .detail("until", until),
+                );
+            }
+            return Err(e);
+        }
+        if tok.failures > 0 {
+            let mut store = Store::open(&self.state_dir)?;
+            let tx = store.begin()?;
+            tx.reset_failures(&tok.id)?;
+            tx.commit()?;
+        }
+        if let Some(e) = final_state(&tok, now) {
+            self.refused(origin, Some(&tok), &e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The device a `Bearer rpd1_...` header belongs to.
     pub fn authenticate(&self, bearer: Option<&str>) -> Result<DeviceRow, ApiError> {
         let cred = bearer
@@ -558,13 +572,24 @@ impl Service {
     /// their timeout. `rx` keeps each peer's received bytes between calls (traffic counts as seen).
     pub fn observe(
         &self,
-        peers: &[PeerStatus],
+        peers: impl FnOnce() -> Vec<PeerStatus>,
         rx: &mut HashMap<PeerKey, u64>,
         now: i64,
     ) -> Result<(), StoreError> {
-        let Some(_) = Store::open_readonly(&self.state_dir)? else {
+        // Only ask the data path when there are self-enrolled devices to look at.
+        let Some(existing) = Store::open_readonly(&self.state_dir)? else {
             return Ok(());
         };
+        if !existing
+            .devices()?
+            .iter()
+            .any(|d| d.state == DeviceState::Active)
+        {
+            rx.clear();
+            return Ok(());
+        }
+        drop(existing);
+        let peers = peers();
         let mut store = Store::open(&self.state_dir)?;
         let by_key: HashMap<PeerKey, &PeerStatus> =
             peers.iter().map(|p| (p.public_key, p)).collect();
@@ -603,9 +628,11 @@ impl Service {
 
     /// Removes ephemeral devices whose last sign of life is older than their timeout.
     fn expire(&self, now: i64) -> Result<(), StoreError> {
+        // Pending devices cannot be seen; their clock starts at approval.
         let stale = |d: &DeviceRow| {
-            d.ephemeral_secs
-                .is_some_and(|s| now - d.last_activity() > s as i64)
+            d.state == DeviceState::Active
+                && d.ephemeral_secs
+                    .is_some_and(|s| now - d.last_activity() > s as i64)
         };
         let Some(store) = Store::open_readonly(&self.state_dir)? else {
             return Ok(());
@@ -654,6 +681,21 @@ impl Service {
             )));
         };
         device_reply(cfg, t, d, self.gateway_key, device_token, host)
+    }
+}
+
+/// The refusal for a revoked or expired token (final states: no retry helps).
+fn final_state(tok: &TokenRow, now: i64) -> Option<ApiError> {
+    match tok.state(now) {
+        TokenState::Revoked => Some(err(
+            ErrorCode::TokenRevoked,
+            "this enrollment token was revoked; ask an admin for a new one",
+        )),
+        TokenState::Expired => Some(err(
+            ErrorCode::TokenExpired,
+            "this enrollment token has expired; ask an admin for a new one",
+        )),
+        TokenState::Valid | TokenState::UsedUp | TokenState::Locked => None,
     }
 }
 

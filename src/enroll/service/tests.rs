@@ -480,7 +480,11 @@ fn the_first_handshake_proves_a_device_and_ephemeral_ones_expire_unseen() {
     };
     let mut rx = HashMap::new();
     w.svc
-        .observe(&[peer(k1, None, 0), peer(k2, Some(0), 100)], &mut rx, now)
+        .observe(
+            || vec![peer(k1, None, 0), peer(k2, Some(0), 100)],
+            &mut rx,
+            now,
+        )
         .unwrap();
     let devs = w.store_devices();
     let da = devs.iter().find(|d| d.api_id() == a.device.id).unwrap();
@@ -491,14 +495,14 @@ fn the_first_handshake_proves_a_device_and_ephemeral_ones_expire_unseen() {
     // 50 s later b still sends (rx grows), a is silent; at 70 s a is gone, b stays.
     w.svc
         .observe(
-            &[peer(k1, None, 0), peer(k2, Some(50), 200)],
+            || vec![peer(k1, None, 0), peer(k2, Some(50), 200)],
             &mut rx,
             now + 50,
         )
         .unwrap();
     w.svc
         .observe(
-            &[peer(k1, None, 0), peer(k2, Some(70), 200)],
+            || vec![peer(k1, None, 0), peer(k2, Some(70), 200)],
             &mut rx,
             now + 70,
         )
