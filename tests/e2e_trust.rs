@@ -1319,6 +1319,19 @@ fn a_reused_nat_slot_never_hands_one_tenants_connection_to_another() {
     ended(7202, "policy_revoked");
     lab.gateway.device_remove("ta", "a-rm-u");
     ended(7203, "peer_removed");
+    // A slot's quarantine starts once its sockets are closed.
+    wait_until(
+        "the NAT slots of A's ended flows to be closed",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            (lab.gateway
+                .metrics()
+                .sum_or_zero("rampart_nat_slots_closing", &[])
+                == 0.0)
+                .then_some(())
+        },
+    );
     let last_release = std::time::Instant::now();
     let a_seen = stop_json(&mut a_sniff);
     let a_tcp: std::collections::BTreeSet<String> =
