@@ -402,7 +402,8 @@ struct OriginCheck<'a> {
 impl OriginCheck<'_> {
     /// Uses `upstream` for the check and returns whether the origin proved the name, with a fresh leg for
     /// what follows. `None`: no fresh leg could be opened (the connection is closed). Without `reconnect`
-    /// (a downgraded leg: there is only one) the name cannot be checked and counts as not proven.
+    /// (a downgraded leg: there is only one) the name cannot be checked and counts as not proven. A
+    /// destination that proved the name recently (`TenantTls::proven`) is not asked again.
     async fn run(
         &self,
         upstream: TcpStream,
@@ -412,32 +413,38 @@ impl OriginCheck<'_> {
             return Some((false, upstream));
         };
         let seq = self.ctx.upgraded.seq;
-        let proven = match self.ctx.services.tenant_tls(self.cfg, self.tenant) {
-            Ok(ttls) => {
+        let dst = self.ctx.upgraded.dst;
+        let ttls = match self.ctx.services.tenant_tls(self.cfg, self.tenant) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!(seq, error = %e, "no TLS material to check the origin's name");
+                None
+            }
+        };
+        if ttls.as_ref().is_some_and(|t| t.proven(dst, self.name)) {
+            return Some((true, upstream));
+        }
+        let proven = match (&ttls, ServerName::try_from(self.name.to_string())) {
+            (Some(ttls), Ok(name)) => {
                 let cfg = ttls.client_config(self.offered.map(<[_]>::to_vec).unwrap_or_default());
-                match ServerName::try_from(self.name.to_string()) {
-                    Ok(name) => {
-                        let r = tokio::time::timeout(
-                            ORIGIN_TLS_TIMEOUT,
-                            tokio_rustls::TlsConnector::from(cfg).connect(name, upstream),
-                        )
-                        .await;
-                        match r {
-                            Ok(Ok(_)) => true,
-                            Ok(Err(e)) => {
-                                tracing::debug!(seq, error = %e, "the origin did not prove the do_not_inspect name");
-                                false
-                            }
-                            Err(_) => false,
-                        }
+                let r = tokio::time::timeout(
+                    ORIGIN_TLS_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(cfg).connect(name, upstream),
+                )
+                .await;
+                match r {
+                    Ok(Ok(_)) => {
+                        ttls.remember_proven(dst, self.name);
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(seq, error = %e, "the origin did not prove the do_not_inspect name");
+                        false
                     }
                     Err(_) => false,
                 }
             }
-            Err(e) => {
-                tracing::debug!(seq, error = %e, "no TLS material to check the origin's name");
-                false
-            }
+            _ => false,
         };
         match reconnect().await {
             Ok(leg) => Some((proven, leg)),

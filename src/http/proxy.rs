@@ -265,13 +265,13 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
     let u = &flow.upgraded;
     let cfg = flow.config.current();
     let tenant = cfg.tenant(u.identity.tenant.as_str());
-    // Only a protocol switch the tenant allows may turn this connection into a tunnel; anything else (h2c
-    // above all) is forwarded as a plain request.
-    let allowed = tenant.map_or(&[][..], |t| &t.http.allow_upgrade[..]);
-    let upgrade_to = match req.version() {
-        Version::HTTP_11 => rewrite::limit_upgrade(req.headers_mut(), allowed),
-        _ => None,
+    // Only a protocol switch the tenant allows may turn this connection into a tunnel (and only HTTP/1.1
+    // has them); anything else (h2c above all) is forwarded as a plain request.
+    let allowed = match (req.version(), tenant) {
+        (Version::HTTP_11, Some(t)) => &t.http.allow_upgrade[..],
+        _ => &[][..],
     };
+    let upgrade_to = rewrite::limit_upgrade(req.headers_mut(), allowed);
     let tunnel = upgrade_to.is_some() || req.method() == Method::CONNECT;
     let device_upgrade = tunnel.then(|| hyper::upgrade::on(&mut req));
     let device_version = req.version();

@@ -57,6 +57,9 @@ fn upgrade_entries(headers: &HeaderMap) -> Vec<String> {
 /// protocols still asked for.
 pub fn limit_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> Option<String> {
     headers.remove("http2-settings");
+    if !headers.contains_key(header::UPGRADE) {
+        return None;
+    }
     let asked = is_upgrade(headers);
     let kept: Vec<String> = upgrade_entries(headers)
         .into_iter()

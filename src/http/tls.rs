@@ -10,10 +10,10 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
@@ -34,6 +34,10 @@ use super::policy::TlsAlert;
 const MAX_HELLO: usize = 64 * 1024;
 /// Leaves minted per tenant before the cache starts over.
 const LEAF_CACHE: usize = 1024;
+/// How long an origin that proved a `do_not_inspect` name is believed without asking again.
+pub const PROVEN_FOR: Duration = Duration::from_secs(300);
+/// Proven (destination, name) pairs kept per tenant before the cache starts over.
+const PROVEN_CACHE: usize = 4096;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -142,6 +146,9 @@ pub struct TenantTls {
     leaf_key: KeyPair,
     signing_key: Arc<dyn rustls::sign::SigningKey>,
     leaves: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// Destinations whose certificate was valid for a `do_not_inspect` name, and when that was checked
+    /// (with this material's origin trust: it is dropped when the trust changes).
+    proven: Mutex<HashMap<(SocketAddrV4, String), Instant>>,
     /// Shares the session-resumption store across connections.
     server_template: ServerConfig,
     client: ClientConfig,
@@ -213,6 +220,7 @@ impl TenantTls {
             leaf_key,
             signing_key,
             leaves: Mutex::new(HashMap::new()),
+            proven: Mutex::new(HashMap::new()),
             server_template,
             client: origin_client_config(upstream_ca)?,
         })
@@ -249,6 +257,27 @@ impl TenantTls {
         }
         cache.insert(name, ck.clone());
         Ok(ck)
+    }
+
+    /// Whether the origin at `dst` presented a certificate valid for `name` within [`PROVEN_FOR`].
+    pub fn proven(&self, dst: SocketAddrV4, name: &str) -> bool {
+        self.proven
+            .lock()
+            .expect("proven cache")
+            .get(&(dst, name.to_string()))
+            .is_some_and(|at| at.elapsed() < PROVEN_FOR)
+    }
+
+    /// Notes that the origin at `dst` presented a certificate valid for `name` just now.
+    pub fn remember_proven(&self, dst: SocketAddrV4, name: &str) {
+        let mut cache = self.proven.lock().expect("proven cache");
+        if cache.len() >= PROVEN_CACHE {
+            cache.retain(|_, at| at.elapsed() < PROVEN_FOR);
+            if cache.len() >= PROVEN_CACHE {
+                cache.clear();
+            }
+        }
+        cache.insert((dst, name.to_string()), Instant::now());
     }
 
     /// The config towards the device for one connection: this leaf, these ALPN protocols (preferred first).
@@ -394,6 +423,13 @@ mod tests {
                 rustls::pki_types::UnixTime::now(),
             )
             .unwrap();
+        // A destination that proved a name is believed for that name only.
+        let dst: SocketAddrV4 = "10.9.0.1:443".parse().unwrap();
+        assert!(!t.proven(dst, "bank.example"));
+        t.remember_proven(dst, "bank.example");
+        assert!(t.proven(dst, "bank.example"));
+        assert!(!t.proven(dst, "other.example"));
+        assert!(!t.proven("10.9.0.2:443".parse().unwrap(), "bank.example"));
         let ip_leaf = t.leaf("10.9.0.1").unwrap();
         verifier
             .verify_server_cert(
