@@ -43,6 +43,7 @@ struct Token {
     id: String,
     url: String,
     url_with_token: String,
+    pin: String,
     curl_pin: String,
 }
 
@@ -62,6 +63,7 @@ fn mint(lab: &Lab, tenant: &str, args: &[&str]) -> Token {
         id: s("id"),
         url: s("url"),
         url_with_token: s("url_with_token"),
+        pin: s("pin"),
         curl_pin: s("curl_pin"),
     };
     assert!(
@@ -552,6 +554,54 @@ fn stock_tools_and_rampart_enroll_give_tunnels_that_refresh_rotate_approve_expir
         TUNNEL_UP,
         "approved device -> gateway",
     );
+
+    // Headless (MDM): /etc/rampart/enroll.toml-style settings; the first run enrolls, the next ones refresh, and
+    // a reinstalled machine (config gone) with the same device_id gets the same device with its new key.
+    let mdm_t = mint(&lab, "acme", &["--reusable", "--groups", "laptops"]);
+    let mdm_dir = dir.join("mdm");
+    std::fs::create_dir_all(&mdm_dir).unwrap();
+    std::fs::write(mdm_dir.join("token"), &mdm_t.token).unwrap();
+    let mdm_out = mdm_dir.join("rampart.conf");
+    let settings = mdm_dir.join("enroll.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "url = \"rampart://{LISTEN}\"\npin = \"{}\"\ntoken_file = \"{}\"\ndevice_id = \"SN-0001\"\nname = \"mdm\"\nout = \"{}\"\n",
+            mdm_t.pin,
+            mdm_dir.join("token").display(),
+            mdm_out.display()
+        ),
+    )
+    .unwrap();
+    let headless = || rampart_enroll(&pend.ns, &["--config", settings.to_str().unwrap()], &[]);
+    let r = headless();
+    assert!(
+        r.success() && r.stderr.contains("enrolled device mdm"),
+        "{r}"
+    );
+    let first = config_file(&mdm_out);
+    let r = headless();
+    assert!(r.success() && r.stderr.contains("up to date"), "{r}");
+    std::fs::remove_file(&mdm_out).unwrap();
+    let r = headless();
+    assert!(
+        r.success() && r.stderr.contains("enrolled device mdm"),
+        "{r}"
+    );
+    let second = config_file(&mdm_out);
+    assert_eq!(second.addresses, first.addresses, "the same device");
+    assert_ne!(second.private_key, first.private_key);
+    let l = devices(&lab);
+    let mdm: Vec<_> = l
+        .iter()
+        .filter(|d| d["name"].as_str().unwrap().starts_with("mdm"))
+        .collect();
+    assert_eq!(mdm.len(), 1, "{mdm:?}");
+    assert_eq!(
+        mdm[0]["public_key"].as_str().unwrap(),
+        pubkey_of(&second.private_key)
+    );
+    assert_eq!(mdm[0]["groups"][0], "laptops");
 
     // An ephemeral device is removed once it is not seen for its timeout.
     let eph_t = mint(&lab, "acme", &["--ephemeral", "6s"]);

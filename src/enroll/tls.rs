@@ -328,6 +328,35 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_chain_is_used_as_given() {
+        let dir = std::env::temp_dir().join(format!(
+            "rampart-enroll-tls-op-{}-{}",
+            std::process::id(),
+            super::super::secret::PublicId::random()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kp = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["enroll.example".to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let (c, k) = (dir.join("chain.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, kp.serialize_pem()).unwrap();
+        let id = Identity::load(&dir, Some(&(c.clone(), k.clone())), &[]).unwrap();
+        assert_eq!(id.pins, Pins::of(cert.der()).unwrap());
+        assert!(id.server_config().is_ok());
+        assert!(
+            !self_signed_dir(&dir).exists(),
+            "nothing minted when the operator gives a chain"
+        );
+        std::fs::write(&c, "not pem").unwrap();
+        let e = Identity::load(&dir, Some(&(c.clone(), k)), &[]).unwrap_err();
+        assert!(e.to_string().contains("chain.pem"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn parse_pin_rejects_other_forms() {
         assert!(parse_pin("sha256:00").is_none());
         assert!(parse_pin(&format!("sha1:{}", "0".repeat(64))).is_none());
