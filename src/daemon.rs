@@ -30,6 +30,7 @@ struct Running {
     /// Held across load, apply and swap, so reloads (control socket, SIGHUP) apply in order: a slower,
     /// older snapshot never undoes a newer one (a device removal, say).
     reload_lock: Mutex<()>,
+    egresses: Arc<crate::egress::Egresses>,
     onramp: Onramp,
     ssh: Arc<crate::ssh::SshServices>,
     http: crate::http::HttpServices,
@@ -53,6 +54,7 @@ impl Running {
         let new = Arc::new(new);
         let summary = self.onramp.apply(new.clone()).ok_or("data path stopped")?;
         self.config.store(new.clone());
+        self.egresses.prepare(&new);
         let msg = format!(
             "reloaded {}: {} tenants, {} devices ({} added, {} removed, {} updated)",
             self.config_path.display(),
@@ -156,6 +158,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let app = layer4.as_ref().map(|(_, app, _)| app.clone());
     let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app)
         .context("cannot start the data path")?;
+    onramp.send(Command::LocalAddresses(local_addresses(&cfg)));
     let restored = load_endpoints(&g.state_dir);
     if !restored.is_empty() {
         onramp.send(Command::RestoreEndpoints(restored));
@@ -168,6 +171,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         config_path: config_path.to_path_buf(),
         config: ConfigHandle::new(cfg.clone()),
         reload_lock: Mutex::new(()),
+        egresses: {
+            let e = crate::egress::Egresses::new();
+            e.prepare(&cfg);
+            e
+        },
         onramp,
         ssh,
         http,
@@ -245,9 +253,12 @@ async fn run_layer4(
                     flows.clone(),
                     counters.clone(),
                     connector.clone(),
-                    crate::offramp::InspectEnv::new(running.config.clone())
-                        .with_ssh(running.ssh.clone())
-                        .with_http(running.http.clone()),
+                    crate::offramp::InspectEnv::new(
+                        running.config.clone(),
+                        running.egresses.clone(),
+                    )
+                    .with_ssh(running.ssh.clone())
+                    .with_http(running.http.clone()),
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),
@@ -320,6 +331,7 @@ async fn serve(
                 let r = running.clone();
                 let dir = g.state_dir.clone();
                 let _ = tokio::task::spawn_blocking(move || save_endpoints(&dir, &r.onramp.status())).await;
+                running.onramp.send(Command::LocalAddresses(local_addresses(&running.config.current())));
             }
         }
     }
@@ -423,6 +435,16 @@ async fn serve_control(listener: UnixListener, running: Arc<Running>) {
             let _ = wr.write_all(&out).await;
         });
     }
+}
+
+/// The appliance's own addresses: every interface's, and what the gateway listens on.
+fn local_addresses(cfg: &Config) -> Vec<std::net::IpAddr> {
+    let mut a = crate::sys::local_addresses();
+    a.push(cfg.gateway.listen.ip());
+    a.push(cfg.gateway.admin_listen.ip());
+    a.sort();
+    a.dedup();
+    a
 }
 
 fn endpoints_path(state_dir: &Path) -> PathBuf {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod daemon;
+pub mod egress;
 pub mod enroll;
 pub mod handoff;
 pub mod http;

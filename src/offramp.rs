@@ -25,8 +25,9 @@ use tokio::sync::mpsc::{self, Receiver};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::config::Inspect;
+use crate::config::{Egress, Inspect};
 use crate::core::counters::Counter;
+use crate::egress::Egresses;
 use crate::handoff::{ConfigHandle, FlowContext, Handoff, SlotLease, SlotReleases};
 use crate::netns::supervisor::NsConnector;
 use crate::packet::{PROTO_TCP, PROTO_UDP};
@@ -175,9 +176,9 @@ pub fn serve(
             flows.clone(),
             counters.clone(),
             connector,
-            env,
+            env.clone(),
         )),
-        tokio::spawn(udp_loop(udp, flows, counters)),
+        tokio::spawn(udp_loop(udp, flows, counters, env)),
     ])
 }
 
@@ -273,9 +274,17 @@ fn reset(conn: TcpStream) {
 /// Opens the other leg: an ordinary socket to the upstream host, or (for `proxy` between devices) a
 /// downgraded connection from inside the namespace whose packets reach the destination device as
 /// `src -> dst` of the original flow.
-async fn connect_leg(flow: &FlowContext, connector: &NsConnector) -> std::io::Result<TcpStream> {
+async fn connect_leg(
+    flow: &FlowContext,
+    connector: &NsConnector,
+    env: &InspectEnv,
+) -> std::io::Result<TcpStream> {
     let Some(nat_dst) = flow.downgrade else {
-        return TcpStream::connect(flow.dst).await;
+        let egress = env.egress_of(flow);
+        return env
+            .egresses
+            .connect_tcp(&egress, SocketAddr::V4(flow.dst))
+            .await;
     };
     let std = connector
         .connect_async(SocketAddr::V4(nat_dst), None)
@@ -293,9 +302,10 @@ async fn connect_leg(flow: &FlowContext, connector: &NsConnector) -> std::io::Re
 async fn open_leg(
     flow: &FlowContext,
     connector: &NsConnector,
+    env: &InspectEnv,
     legs: &Legs,
 ) -> std::io::Result<TcpStream> {
-    let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(flow, connector))
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(flow, connector, env))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
     legs.hold(&s);
@@ -311,7 +321,7 @@ async fn proxy_tcp(
     env: &InspectEnv,
     legs: &Legs,
 ) {
-    let upstream = match open_leg(&flow, connector, legs).await {
+    let upstream = match open_leg(&flow, connector, env, legs).await {
         Ok(s) => s,
         Err(e) => {
             counters.tcp_connect_failures.add(1);
@@ -323,7 +333,7 @@ async fn proxy_tcp(
     match &flow.inspect {
         Inspect::None => splice(conn, upstream, flow.seq).await,
         Inspect::Http => {
-            let reconnect = reconnect_leg(&flow, connector);
+            let reconnect = reconnect_leg(&flow, connector, env);
             crate::http::inspect(
                 conn,
                 upstream,
@@ -352,12 +362,16 @@ async fn proxy_tcp(
 /// Opens further legs like the first (for inspectors whose origin connection may close between requests).
 /// They are not held for aborting: the inspector that owns them is dropped when the flow ends, which closes
 /// them.
-fn reconnect_leg(flow: &Arc<FlowContext>, connector: &NsConnector) -> crate::http::Reconnect {
-    let (flow, connector) = (flow.clone(), connector.clone());
+fn reconnect_leg(
+    flow: &Arc<FlowContext>,
+    connector: &NsConnector,
+    env: &InspectEnv,
+) -> crate::http::Reconnect {
+    let (flow, connector, env) = (flow.clone(), connector.clone(), env.clone());
     Arc::new(move || {
-        let (flow, connector) = (flow.clone(), connector.clone());
+        let (flow, connector, env) = (flow.clone(), connector.clone(), env.clone());
         Box::pin(async move {
-            let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, &connector))
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_leg(&flow, &connector, &env))
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
             harden(&s);
@@ -378,17 +392,28 @@ async fn splice(mut conn: TcpStream, mut upstream: TcpStream, seq: u64) {
 #[derive(Clone)]
 pub struct InspectEnv {
     config: ConfigHandle,
+    egresses: Arc<Egresses>,
     ssh: Option<Arc<crate::ssh::SshServices>>,
     http: crate::http::HttpServices,
 }
 
 impl InspectEnv {
-    pub fn new(config: ConfigHandle) -> InspectEnv {
+    pub fn new(config: ConfigHandle, egresses: Arc<Egresses>) -> InspectEnv {
         InspectEnv {
             config,
+            egresses,
             ssh: None,
             http: crate::http::HttpServices::default(),
         }
+    }
+
+    /// The egress of the flow's tenant in the configuration in force.
+    fn egress_of(&self, flow: &FlowContext) -> Egress {
+        self.config
+            .current()
+            .tenant(flow.identity.tenant.as_str())
+            .map(|t| t.egress.clone())
+            .unwrap_or_default()
     }
 
     /// Adds the SSH inspector's shared services (trust material, audit sink).
@@ -411,7 +436,12 @@ impl InspectEnv {
 /// Datagrams of upgraded UDP flows arrive on one namespace socket; each flow (NAT slot) gets a task of its own
 /// with a connected upstream socket (`udp_flow`), fed through a bounded queue, so one slow or unknown flow
 /// never holds up the others.
-async fn udp_loop(ns: Arc<UdpSocket>, flows: Arc<Flows>, counters: Arc<OfframpCounters>) {
+async fn udp_loop(
+    ns: Arc<UdpSocket>,
+    flows: Arc<Flows>,
+    counters: Arc<OfframpCounters>,
+    env: InspectEnv,
+) {
     let mut relays: HashMap<SocketAddrV4, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -428,7 +458,14 @@ async fn udp_loop(ns: Arc<UdpSocket>, flows: Arc<Flows>, counters: Arc<OfframpCo
             Some(r) if !r.is_closed() => r,
             _ => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
-                let task = udp_flow(slot, rx, ns.clone(), flows.clone(), counters.clone());
+                let task = udp_flow(
+                    slot,
+                    rx,
+                    ns.clone(),
+                    flows.clone(),
+                    counters.clone(),
+                    env.clone(),
+                );
                 tokio::spawn(task);
                 relays.insert(slot, tx);
                 // Forget relays that ended (bounded work: only when the map grows past its live size).
@@ -451,6 +488,7 @@ async fn udp_flow(
     ns: Arc<UdpSocket>,
     flows: Arc<Flows>,
     counters: Arc<OfframpCounters>,
+    env: InspectEnv,
 ) {
     let Some((flow, lease)) = flows.claim(slot, false).await else {
         counters.unknown_slot.add(1);
@@ -462,12 +500,18 @@ async fn udp_flow(
         counters.unknown_slot.add(1);
         return;
     }
-    let Ok(up) = UdpSocket::bind("0.0.0.0:0").await else {
-        return;
+    let egress = env.egress_of(&flow);
+    let up = match env
+        .egresses
+        .connect_udp(&egress, SocketAddr::V4(flow.dst))
+        .await
+    {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(seq = flow.seq, error = %e, "off-ramp UDP socket failed");
+            return;
+        }
     };
-    if up.connect(flow.dst).await.is_err() {
-        return;
-    }
     counters.udp_flows.add(1);
     let mut buf = vec![0u8; 65_536];
     loop {

@@ -49,6 +49,8 @@ pub enum Command {
     Apply(Arc<Config>, Sender<ApplySummary>),
     Status(Sender<Vec<PeerStatus>>),
     RestoreEndpoints(Vec<(PeerKey, SocketAddr)>),
+    /// The appliance's own addresses changed (they are never off-ramp destinations).
+    LocalAddresses(Vec<std::net::IpAddr>),
     /// New TUNs of the gateway's namespace (upgrade, downgrade), after the namespace helper (re)started; flows
     /// upgraded into an older namespace end. `None` detaches them.
     SetTun(Option<(File, File)>),
@@ -285,6 +287,7 @@ fn pump(
                     emit(&mut gw);
                     let _ = reply.send(summary);
                 }
+                Ok(Command::LocalAddresses(addrs)) => gw.set_local_addresses(addrs),
                 Ok(Command::Status(reply)) => {
                     let _ = reply.send(gw.peer_status());
                 }

@@ -44,6 +44,10 @@ pub struct Tenant {
     pub max_flows: Option<usize>,
     /// Upstream networks reached through the gateway host (allowed TCP/UDP flows are proxied with sockets).
     pub offramp: Vec<IpNet>,
+    /// Where the off-ramp's sockets for this tenant leave the appliance.
+    pub egress: Egress,
+    /// Appliance `host:port`s this tenant may reach through the off-ramp (explicit opt-in).
+    pub offramp_allow_local: Vec<SocketAddr>,
     /// Reviewer public key (base64 X25519) that recordings and sensitive audit fields are encrypted to.
     pub audit_recipient: Option<String>,
     /// Ordered policy rules; the first match decides, no match denies.
@@ -51,6 +55,22 @@ pub struct Tenant {
     pub devices: Vec<Device>,
     /// HTTP rules and TLS settings for `inspect_http` flows.
     pub http: TenantHttp,
+}
+
+/// Where a tenant's off-ramp sockets leave: created inside `netns` (a network namespace file such as
+/// `/run/netns/acme`), bound to `interface` (SO_BINDTODEVICE) and marked with `fwmark` (SO_MARK, for policy
+/// routing). All unset: the appliance's own namespace and main routing table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Egress {
+    pub netns: Option<PathBuf>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+}
+
+impl Egress {
+    pub fn is_host(&self) -> bool {
+        *self == Egress::default()
+    }
 }
 
 /// What an HTTP rule does with the requests it matches.

@@ -70,6 +70,14 @@ pub struct RawGateway {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    pub netns: Option<String>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawTenant {
     pub id: String,
     pub name: Option<String>,
@@ -77,6 +85,11 @@ pub struct RawTenant {
     pub gateway_address: String,
     pub max_flows: Option<u64>,
     pub offramp: Option<Vec<String>>,
+    /// Where this tenant's off-ramp sockets leave: a network namespace, an interface, a firewall mark.
+    pub egress: Option<RawEgress>,
+    /// `host:port` destinations on the appliance itself that this tenant's devices may reach through the
+    /// off-ramp (an explicit opt-in; the appliance is never an off-ramp destination otherwise).
+    pub offramp_allow_local: Option<Vec<String>>,
     /// Base64 X25519 public key (as ssh-log-cli writes it): recordings and sensitive audit fields are
     /// encrypted to it.
     pub audit_recipient: Option<String>,

@@ -104,6 +104,17 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
                 ),
             }
         }
+        let egress = validate_egress(rt.egress, base, &key, c);
+        let mut offramp_allow_local = Vec::new();
+        for a in rt.offramp_allow_local.unwrap_or_default() {
+            match a.parse::<SocketAddr>() {
+                Ok(sa) => offramp_allow_local.push(sa),
+                Err(_) => c.push(
+                    format!("{key}.offramp_allow_local"),
+                    format!("{a:?} is not an address:port; write it like \"198.18.0.1:53\""),
+                ),
+            }
+        }
         if !offramp.is_empty() && !crate::OFFRAMP_AVAILABLE {
             c.push(
                 format!("{key}.offramp"),
@@ -165,6 +176,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             gateway_address: gw,
             max_flows,
             offramp,
+            egress,
+            offramp_allow_local,
             audit_recipient,
             rules,
             devices: Vec::new(),
@@ -180,6 +193,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         tenants.push(tenant);
     }
     check_unique_keys(&tenants, c);
+    warn_shared_offramp(&tenants);
     Config {
         source: path.to_path_buf(),
         gateway: GatewaySettings {
@@ -934,5 +948,72 @@ pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {
         p.to_path_buf()
     } else {
         base.join(p)
+    }
+}
+
+pub(super) fn validate_egress(
+    raw: Option<RawEgress>,
+    base: &Path,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Egress {
+    let Some(raw) = raw else {
+        return Egress::default();
+    };
+    let netns = raw.netns.map(|p| resolve(base, &p));
+    if let Some(p) = &netns {
+        if !p.exists() {
+            c.push(
+                format!("{key}.egress.netns"),
+                format!(
+                    "{} does not exist; create the namespace first (`ip netns add NAME` makes /run/netns/NAME)",
+                    p.display()
+                ),
+            );
+        }
+    }
+    if let Some(i) = &raw.interface {
+        let ok = !i.is_empty()
+            && i.len() < 16
+            && i.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.@".contains(ch));
+        if !ok {
+            c.push(
+                format!("{key}.egress.interface"),
+                format!("{i:?} is not an interface name; write it like \"eth1\" (at most 15 characters)"),
+            );
+        }
+    }
+    if raw.fwmark == Some(0) {
+        c.push(
+            format!("{key}.egress.fwmark"),
+            "0 means no mark; omit the key or pick a mark your routing rules use",
+        );
+    }
+    Egress {
+        netns,
+        interface: raw.interface,
+        fwmark: raw.fwmark,
+    }
+}
+
+/// Two tenants whose off-ramp networks overlap and leave through the same egress reach the same hosts:
+/// legitimate (a shared service) but worth a word, since tenants usually expect their own networks.
+fn warn_shared_offramp(tenants: &[Tenant]) {
+    for (i, a) in tenants.iter().enumerate() {
+        for b in &tenants[i + 1..] {
+            let overlap = a.offramp.iter().find(|na| {
+                b.offramp
+                    .iter()
+                    .any(|nb| na.contains(&nb.network()) || nb.contains(&na.network()))
+            });
+            if let (Some(net), true) = (overlap, a.egress == b.egress) {
+                tracing::warn!(
+                    tenant_a = %a.id, tenant_b = %b.id, %net,
+                    "two tenants off-ramp overlapping networks through the same egress; they reach the same hosts \
+                     (give each tenant its own egress to keep their networks apart)"
+                );
+            }
+        }
     }
 }

@@ -144,6 +144,8 @@ struct TenantState {
     policy: Policy,
     max_flows: Option<usize>,
     offramp: Vec<ipnet::IpNet>,
+    offramp_allow_local: Vec<SocketAddr>,
+    pool: ipnet::IpNet,
     /// Device address -> peer slot. Addresses are per tenant: two tenants may use the same ones.
     routes: HashMap<IpAddr, u32>,
     counters: Arc<TrafficCounters>,
@@ -172,6 +174,8 @@ pub struct Gateway {
     flow_counts: Vec<usize>,
     /// Tenant number -> index in `tenants` (`None`: no longer configured).
     tenant_by_num: Vec<Option<usize>>,
+    /// The appliance's own addresses (never off-ramp destinations), kept current by the shell.
+    local_addrs: Vec<IpAddr>,
     events: Vec<FlowEvent>,
     /// Cleared by the shell while the audit trail cannot take records and policy says fail closed.
     admit_new_flows: bool,
@@ -211,6 +215,7 @@ impl Gateway {
             tenant_nums: HashMap::new(),
             flow_counts: Vec::new(),
             tenant_by_num: Vec::new(),
+            local_addrs: Vec::new(),
             events: Vec::new(),
             admit_new_flows: true,
             last_limit_warn_ms: None,
@@ -238,6 +243,11 @@ impl Gateway {
     /// Packets the core wants written to the upgrade TUN; the shell writes and clears them after each batch.
     pub fn tun_queue(&mut self) -> &mut TxQueue {
         &mut self.tun_out
+    }
+
+    /// The appliance's own addresses (every interface's, plus what it listens on): never off-ramp destinations.
+    pub fn set_local_addresses(&mut self, addrs: Vec<IpAddr>) {
+        self.local_addrs = addrs;
     }
 
     /// The index in `tenants` of the tenant with stable number `num`.

@@ -52,6 +52,8 @@ impl Gateway {
                 policy: Policy::compile(t),
                 max_flows: t.max_flows,
                 offramp: t.offramp.clone(),
+                offramp_allow_local: t.offramp_allow_local.clone(),
+                pool: t.address_pool,
                 routes: HashMap::with_capacity(t.devices.len()),
                 counters: self.metrics.tenant(&t.id),
             })

@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// The gateway's internal ranges (upgrade and downgrade NAT, the namespace's listener): 100.64.0.0/14.
+const INTERNAL_V4: ipnet::Ipv4Net = match ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 14) {
+    Ok(n) => n,
+    Err(_) => panic!("valid prefix"),
+};
+
 /// A TCP segment for the flow table; the checksum is verified only where it matters (RSTs).
 pub(super) fn segment(pkt: &[u8], view: &IpView, t: &Transport) -> flow_table::Segment {
     let syn_fin =
@@ -71,6 +77,39 @@ impl Gateway {
 
     /// Anti-spoofing, flow lookup (or a new flow: route, limits, policy), then local delivery or re-encryption
     /// towards the destination device of the same tenant.
+    /// H4 of the security review: the appliance is never an off-ramp destination, whatever the tenant's
+    /// off-ramp networks say: not its own addresses (`set_local_addresses`), loopback, unspecified,
+    /// link-local (cloud metadata), multicast or broadcast, the gateway's internal NAT ranges, nor any
+    /// tenant's device pool. A tenant's `offramp_allow_local` lists the exceptions it was explicitly given.
+    pub(super) fn offramp_forbidden(&self, ti: usize, dst: IpAddr, dport: u16) -> bool {
+        let t = &self.tenants[ti];
+        if t.offramp_allow_local.contains(&SocketAddr::new(dst, dport)) {
+            return false;
+        }
+        let special = match dst {
+            IpAddr::V4(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.is_link_local()
+                    || a.is_multicast()
+                    || a.is_broadcast()
+                    || a.octets()[0] == 0
+                    || a.octets()[0] >= 240
+                    || INTERNAL_V4.contains(&a)
+            }
+            IpAddr::V6(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.is_multicast()
+                    || (a.segments()[0] & 0xffc0) == 0xfe80
+                    || a.to_ipv4_mapped().is_some()
+            }
+        };
+        special
+            || self.local_addrs.contains(&dst)
+            || self.tenants.iter().any(|o| o.pool.contains(&dst))
+    }
+
     pub(super) fn route_inner(
         &mut self,
         now: Instant,
@@ -222,6 +261,11 @@ impl Gateway {
             counters.count_drop(DropReason::NoRoute);
             return None;
         };
+        if route == Route::Offramp && self.offramp_forbidden(ti, view.dst, t.dport) {
+            self.reject(src_slot, ti, pkt, view, t, Unreachable::Prohibited, tx);
+            counters.count_drop(DropReason::OfframpForbidden);
+            return None;
+        }
         if !self.admit_new_flows {
             counters.count_drop(DropReason::AuditUnavailable);
             return None;

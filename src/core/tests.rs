@@ -1378,3 +1378,46 @@ fn bare_acks_after_the_peer_is_removed_are_dropped_not_a_panic() {
         b"globex still works"
     );
 }
+
+/// H4 of the security review: with `offramp = ["0.0.0.0/0"]` a device must still not reach the appliance
+/// itself (its addresses, loopback, link-local metadata, the internal NAT ranges) through the off-ramp; an
+/// explicitly listed `offramp_allow_local` host:port is the only exception.
+#[test]
+fn the_appliance_is_never_an_offramp_destination() {
+    let mut net = two_tenants();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.tenants[0].offramp = vec!["0.0.0.0/0".parse().unwrap()];
+    cfg.tenants[0].offramp_allow_local = vec!["198.18.0.1:53".parse().unwrap()];
+    net.gw.apply(&cfg, net.now(), &mut net.tx);
+    net.gw
+        .set_local_addresses(vec![ip("198.18.0.1"), ip("127.0.0.1")]);
+    net.handshake(0);
+    let me = ip("100.96.0.2");
+    let forbidden = [
+        ("127.0.0.1", 8080),
+        ("127.1.2.3", 22),
+        ("198.18.0.1", 51820),
+        ("169.254.169.254", 80),
+        ("100.64.0.1", 7000),
+        ("224.0.0.251", 5353),
+        ("0.0.0.0", 80),
+    ];
+    for (i, (dst, port)) in forbidden.iter().enumerate() {
+        net.send(0, &tcp(me, 40000 + i as u16, ip(dst), *port, 1, "S", b""));
+    }
+    assert!(
+        take_tun(&mut net).is_empty(),
+        "nothing entered the namespace"
+    );
+    assert_eq!(
+        net.tenant("acme").drops(DropReason::OfframpForbidden),
+        forbidden.len() as u64
+    );
+    // Each sender was told (a RST per SYN).
+    assert_eq!(net.clients[0].inbox.len(), forbidden.len());
+    // Positive controls: an upstream host, and the listed exception, are off-ramped.
+    net.send(0, &tcp(me, 41000, ip("198.51.100.7"), 80, 1, "S", b""));
+    net.send(0, &tcp(me, 41001, ip("198.18.0.1"), 53, 1, "S", b""));
+    assert_eq!(take_tun(&mut net).len(), 2);
+}

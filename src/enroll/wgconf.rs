@@ -113,6 +113,8 @@ mod tests {
             gateway_address: gw.parse().unwrap(),
             max_flows: None,
             offramp: Vec::new(),
+            egress: Default::default(),
+            offramp_allow_local: Vec::new(),
             audit_recipient: None,
             rules: Vec::new(),
             devices: Vec::new(),
