@@ -67,7 +67,6 @@ fn device(lab: &mut Lab, tenant: &str, name: &str, gw: &str) -> WgClient {
 /// tenant), its own underlay address and link-local metadata. None of them may be reached, and each attempt is
 /// counted as `offramp_forbidden`; the same device still reaches an upstream host through the same off-ramp.
 #[test]
-#[ignore = "issue 10 attack test: fails until the fix lands"]
 fn offramp_never_reaches_the_appliance_itself() {
     let rules = format!("offramp = [\"0.0.0.0/0\"]\n{ALLOW_ALL}");
     let mut lab = Lab::new(&[tenant("acme", "100.96.0.0/24", "100.96.0.1", &rules)]);
@@ -849,7 +848,6 @@ fn fetch(ns: &Netns, args: &[&str]) -> String {
 /// `{ fwmark = N }`), four tenants with the same off-ramp CIDR each reach the host at 198.19.77.5 of their own
 /// egress, where the gateway host's main table would have led somewhere else.
 #[test]
-#[ignore = "issue 10 attack test: fails until the fix lands (config key `egress` unknown on main)"]
 fn tenants_with_the_same_offramp_cidr_reach_their_own_egress_networks() {
     let id = format!("rpt{}eg", std::process::id());
     // Egress namespaces exist before the gateway reads its config.
