@@ -409,7 +409,7 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
     assert!(decoded.exit().is_some());
 
     // Tamper evidence.
-    let verify = gw.rampart(&["audit", "verify"]);
+    let verify = verify_pinned(&gw);
     assert!(
         verify.status.success(),
         "{}{}",
@@ -426,7 +426,7 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
     let i = changed.len() - 20;
     changed[i] ^= 1;
     std::fs::write(&caps[0], &changed).unwrap();
-    let verify = gw.rampart(&["audit", "verify"]);
+    let verify = verify_pinned(&gw);
     assert!(!verify.status.success());
     assert!(
         text(&verify.stderr).contains("was altered"),
@@ -442,7 +442,7 @@ fn loopback_encrypted_recordings_need_the_reviewer_key_and_verify_detects_tamper
         )
         .unwrap();
     }
-    let verify = gw.rampart(&["audit", "verify"]);
+    let verify = verify_pinned(&gw);
     assert!(!verify.status.success());
     assert!(
         text(&verify.stderr).contains("command of session"),
@@ -1172,7 +1172,10 @@ ports = ["22"]
             search.contains("input_line: echo typed-$((6*7))"),
             "{search}"
         );
-        let verify = lab.gateway.cli(&["audit", "verify"], &[]).expect_ok();
+        let verify = lab
+            .gateway
+            .cli(&["audit", "verify"], &["--pubkey", &pinned_key(&lab)])
+            .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
         lab.gateway.assert_alive();
     }
@@ -1219,8 +1222,31 @@ ports = ["22"]
             "{log}"
         );
         assert!(log.contains(&format!("from {}", a.address())), "{log}");
-        let verify = lab.gateway.cli(&["audit", "verify"], &[]).expect_ok();
+        let verify = lab
+            .gateway
+            .cli(&["audit", "verify"], &["--pubkey", &pinned_key(&lab)])
+            .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
         lab.gateway.assert_alive();
     }
+}
+
+/// `rampart audit verify` with the signing key pinned from a copy outside the state dir (as a reviewer keeps it).
+fn verify_pinned(gw: &Inspector) -> std::process::Output {
+    let pinned = gw.state.with_extension("pinned.pub");
+    std::fs::copy(gw.state.join("audit_signing_key.pub"), &pinned).unwrap();
+    let out = gw.rampart(&["audit", "verify", "--pubkey", pinned.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&pinned);
+    out
+}
+
+/// A copy of the gateway's audit signing public key outside its state dir.
+fn pinned_key(lab: &support::Lab) -> String {
+    let pinned = lab.dir().join("pinned_audit_key.pub");
+    std::fs::copy(
+        lab.gateway.state_dir().join("audit_signing_key.pub"),
+        &pinned,
+    )
+    .unwrap();
+    pinned.to_str().unwrap().to_owned()
 }

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+pub use crate::config::CheckpointSink;
 use crate::config::{Config, FailurePolicy, OverflowPolicy};
 use crate::core::FlowEvent;
 pub use counters::{AuditCounters, LossReason, RecordKind};
@@ -95,10 +96,12 @@ pub struct PipelineOptions {
     pub on_failure: FailurePolicy,
     /// Tenants known at start: each gets `queue / (2 × tenants)` reserved places in the queue.
     pub tenants: usize,
-    /// A checkpoint is signed after this many SSH records ...
+    /// A checkpoint is signed at least every this many records ...
     pub checkpoint_every: u64,
-    /// ... and this long after the last record, when some are not signed yet.
+    /// ... and at least this often while some records are not signed.
     pub checkpoint_interval: Duration,
+    /// Where each checkpoint's head is exported, outside the store.
+    pub checkpoint_sink: CheckpointSink,
 }
 
 impl PipelineOptions {
@@ -114,6 +117,7 @@ impl PipelineOptions {
             tenants: 1,
             checkpoint_every: 256,
             checkpoint_interval: Duration::from_secs(30),
+            checkpoint_sink: CheckpointSink::None,
         }
     }
 
@@ -124,10 +128,40 @@ impl PipelineOptions {
             on_overflow: cfg.audit.on_overflow,
             on_failure: cfg.audit.on_failure,
             tenants: cfg.tenants.len().max(1),
+            checkpoint_every: cfg.audit.checkpoint_every,
+            checkpoint_interval: cfg.audit.checkpoint_interval,
+            checkpoint_sink: cfg.audit.checkpoint_sink.clone(),
             ..PipelineOptions::new(
                 cfg.audit.path.clone(),
                 cfg.gateway.state_dir.join("audit_signing_key"),
             )
+        }
+    }
+}
+
+impl CheckpointSink {
+    /// Appends the checkpoint's head line (`rampart-audit-head {json}`) to the sink.
+    pub fn export(&self, cp: &tables::chain::Checkpoint) -> std::io::Result<()> {
+        let line = tables::chain::HeadLine::format(cp);
+        match self {
+            CheckpointSink::None => Ok(()),
+            CheckpointSink::File(path) => {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(path)?;
+                f.write_all(format!("{line}\n").as_bytes())?;
+                f.sync_data()
+            }
+            CheckpointSink::Syslog => {
+                // RFC 3164 to the local socket: facility local0, severity notice.
+                let sock = std::os::unix::net::UnixDatagram::unbound()?;
+                sock.send_to(format!("<133>rampart: {line}").as_bytes(), "/dev/log")
+                    .map(|_| ())
+            }
         }
     }
 }
@@ -430,3 +464,6 @@ mod tests {
 
 #[cfg(test)]
 mod pipeline_tests;
+
+#[cfg(test)]
+mod verify_tests;

@@ -16,8 +16,13 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use russh::keys::ssh_key::PrivateKey;
 
+use serde_json::json;
+
+use super::counters::LossTable;
+use super::tables::{chain, events};
 use super::{
-    tables, LossReason, Msg, PipelineOptions, Queued, Record, RecordKind, Shared, MAX_BATCH,
+    tables, CheckpointSink, LossReason, Msg, PipelineOptions, Queued, Record, RecordKind, Shared,
+    MAX_BATCH,
 };
 use crate::clock::{unix_ms, WallClock};
 
@@ -35,6 +40,9 @@ pub(crate) struct Writer {
     unsigned: u64,
     last_checkpoint: Instant,
     last_error_log: Option<Instant>,
+    /// Losses already named by a gap record.
+    recorded_losses: LossTable,
+    sink: CheckpointSink,
 }
 
 impl Writer {
@@ -58,10 +66,104 @@ impl Writer {
             unsigned: 0,
             last_checkpoint: Instant::now(),
             last_error_log: None,
+            recorded_losses: LossTable::default(),
+            sink: opts.checkpoint_sink.clone(),
+        }
+    }
+
+    /// The chain's first entry (on a new chain) and this run's start.
+    fn start_run(&mut self) {
+        let run_id = self.run_id;
+        let r = self.with_tx(|tx, head| {
+            if head.seq == 0 {
+                let legacy = json!({
+                    "flows": count(tx, "SELECT count(*) FROM flows WHERE start_chain IS NULL")?,
+                    "http_requests": count(tx, "SELECT count(*) FROM http_requests WHERE chain_seq IS NULL")?,
+                    "ssh_log_v1": count(tx, "SELECT count(*) FROM ssh_log_v1")?,
+                });
+                events::append(
+                    tx,
+                    head,
+                    events::CHAIN_START,
+                    unix_ms(),
+                    &json!({ "unchained_rows": legacy }),
+                )?;
+            }
+            let previous = events::last_of(tx, &[events::RUN_START, events::RUN_END])?;
+            let clean = previous.as_deref() != Some(events::RUN_START);
+            let mut body = json!({ "run_id": run_id, "previous_run_ended_cleanly": clean });
+            if !clean {
+                body["note"] = json!(
+                    "the previous run stopped without a run.end record (crash or kill): records it had not yet committed were lost"
+                );
+            }
+            events::append(tx, head, events::RUN_START, unix_ms(), &body)?;
+            Ok(())
+        });
+        match r {
+            Ok(()) => self.unsigned += 1,
+            Err(e) => tracing::error!(error = %e, "cannot write the audit run.start record"),
+        }
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction with the chain's head.
+    fn with_tx<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>, &mut chain::Head) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut head = chain::head(&tx)?;
+        let out = f(&tx, &mut head)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Writes a gap record naming the records lost since the last one (signed at once), if any were.
+    fn record_gaps(&mut self) {
+        let now = self.shared.counters.losses();
+        let mut lost = serde_json::Map::new();
+        let mut total = 0u64;
+        for kind in RecordKind::ALL {
+            let mut by_reason = serde_json::Map::new();
+            for reason in LossReason::ALL {
+                if reason == LossReason::Evicted {
+                    continue;
+                }
+                let n = now[kind as usize][reason as usize]
+                    - self.recorded_losses[kind as usize][reason as usize];
+                if n > 0 {
+                    by_reason.insert(reason.as_str().into(), json!(n));
+                    total += n;
+                }
+            }
+            if !by_reason.is_empty() {
+                lost.insert(kind.as_str().into(), serde_json::Value::Object(by_reason));
+            }
+        }
+        if total == 0 {
+            return;
+        }
+        let run_id = self.run_id;
+        let body = json!({ "run_id": run_id, "records_lost": total, "lost": lost });
+        match self.with_tx(|tx, head| events::append(tx, head, events::GAP, unix_ms(), &body)) {
+            Ok(_) => {
+                tracing::warn!(
+                    records_lost = total,
+                    "audit records were lost; a gap record names them"
+                );
+                self.recorded_losses = now;
+                self.shared.counters.gap_recorded();
+                self.unsigned += 1;
+                self.checkpoint();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot write an audit gap record"),
         }
     }
 
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
+        self.start_run();
         let mut open = true;
         while open || !self.pending.is_empty() {
             if open {
@@ -80,11 +182,26 @@ impl Writer {
                 }
                 std::thread::sleep(self.interval.min(Duration::from_secs(1)));
             }
+            self.record_gaps();
             if self.unsigned >= self.checkpoint_every
                 || self.unsigned > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval
             {
                 self.checkpoint();
             }
+        }
+        self.record_gaps();
+        let run_id = self.run_id;
+        match self.with_tx(|tx, head| {
+            events::append(
+                tx,
+                head,
+                events::RUN_END,
+                unix_ms(),
+                &json!({ "run_id": run_id }),
+            )
+        }) {
+            Ok(_) => self.unsigned += 1,
+            Err(e) => tracing::error!(error = %e, "cannot write the audit run.end record"),
         }
         if self.unsigned > 0 {
             self.checkpoint();
@@ -147,11 +264,8 @@ impl Writer {
                 }
                 let counters = &self.shared.counters;
                 for (q, seq) in self.pending.drain(..).zip(seqs) {
-                    let kind = q.record.kind();
-                    counters.written(kind, 1);
-                    if kind == RecordKind::Ssh {
-                        self.unsigned += 1;
-                    }
+                    counters.written(q.record.kind(), 1);
+                    self.unsigned += 1;
                     if let Some(ack) = q.ack {
                         let _ = ack.send(Ok(seq));
                     }
@@ -202,12 +316,18 @@ impl Writer {
         }
     }
 
+    /// Signs the chain's head and exports it to the checkpoint sink (outside the store).
     fn checkpoint(&mut self) {
-        match tables::ssh::checkpoint(&self.conn, &self.key, unix_ms()) {
-            Ok(_) => {
+        match chain::checkpoint(&self.conn, &self.key, unix_ms()) {
+            Ok(cp) => {
                 self.unsigned = 0;
                 self.last_checkpoint = Instant::now();
-                self.shared.counters.checkpoint_signed();
+                if let Some(cp) = cp {
+                    self.shared.counters.checkpoint_signed();
+                    if let Err(e) = self.sink.export(&cp) {
+                        tracing::error!(error = %e, "cannot export the audit checkpoint head");
+                    }
+                }
             }
             Err(e) => tracing::error!(error = %e, "cannot sign an audit checkpoint"),
         }
@@ -222,16 +342,16 @@ fn write_batch(
     batch: &VecDeque<Queued>,
 ) -> rusqlite::Result<Vec<u64>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut head = tables::ssh::head(&tx)?;
+    let mut head = chain::head(&tx)?;
     let mut seqs = Vec::with_capacity(batch.len());
     for q in batch {
         seqs.push(match &q.record {
             Record::Flow(ev) => {
-                tables::flows::write(&tx, run_id, clock, ev)?;
+                tables::flows::write(&tx, &mut head, run_id, clock, ev)?;
                 0
             }
             Record::Http(r) => {
-                tables::http::insert(&tx, run_id, r)?;
+                tables::http::insert(&tx, &mut head, run_id, r)?;
                 0
             }
             Record::Ssh(r) => tables::ssh::append(&tx, &mut head, r)?,
@@ -239,4 +359,8 @@ fn write_batch(
     }
     tx.commit()?;
     Ok(seqs)
+}
+
+fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {
+    conn.query_row(sql, [], |r| r.get(0))
 }

@@ -76,7 +76,7 @@ pub(super) fn audit_flows(
             }
             _ => "open".to_string(),
         };
-        writeln!(
+        crate::inert_line!(
             out,
             "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
             format_ms(r.started_ms),
@@ -161,7 +161,7 @@ pub(super) fn audit_http(
     )?;
     for r in &rows {
         let rec = &r.record;
-        writeln!(
+        crate::inert_line!(
             out,
             "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
             format_ms(rec.at_ms),

@@ -158,7 +158,7 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
                 } else {
                     format!("{end}; {}", r.decision)
                 };
-                writeln!(
+                crate::inert_line!(
                     out,
                     "{:<36} {:<24} {:<10} {:<20} {:<14} {:<21} {:<10} {:>3}  {end}",
                     r.session_id,
@@ -183,7 +183,7 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             for (seq, rec, _) in ssh_review::recordings(&log, &id)? {
                 if let Ok(h) = read_capture_header(&cfg.gateway.state_dir.join(&rec.path)) {
                     let exit = h.exit_data.unwrap_or_default();
-                    writeln!(
+                    crate::inert_line!(
                         out,
                         "recording ch{seq} ({}): {} exit status {} signal {} error {}",
                         rec.path,
@@ -246,7 +246,7 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
                 if json {
                     writeln!(out, "{}", serde_json::to_string(h)?)?;
                 } else {
-                    writeln!(
+                    crate::inert_line!(
                         out,
                         "{}  {}  ch{}  {}@{} ({}, {})  {}: {}",
                         format_ms(h.at_ms),
@@ -380,49 +380,115 @@ fn read_capture_header(path: &Path) -> anyhow::Result<Header> {
     Ok(serde_json::from_slice(&json)?)
 }
 
-/// `rampart audit verify`: checks the SSH audit chain, recordings and checkpoint signatures.
-pub fn verify(config: &Path) -> anyhow::Result<()> {
+/// `rampart audit verify`: the whole chain, recordings and checkpoint signatures against a pinned key; with
+/// `head`, the exported head too.
+pub fn verify(
+    config: &Path,
+    pubkey: Option<&Path>,
+    head: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use russh::keys::ssh_key::{HashAlg, PublicKey};
     let cfg = load(config)?;
-    let log = open_log(&cfg)?;
+    let path = crate::audit::existing_store(&cfg)?;
     let state = &cfg.gateway.state_dir;
-    let key_path = state.join("audit_signing_key.pub");
-    let key = std::fs::read_to_string(&key_path)
-        .ok()
-        .map(|t| russh::keys::ssh_key::PublicKey::from_openssh(t.trim()))
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
-    let report = verify::verify(&log, state, key.as_ref())?;
-    if let Some(b) = &report.first_break {
+    let key_path = pubkey.map(Path::to_path_buf).or(cfg.audit.verify_key.clone()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "audit verify needs the gateway's audit signing public key from outside the gateway, or a forger who \
+             rewrote the store could sign it too: pass --pubkey FILE (a copy of {} taken when the gateway was \
+             installed) or set audit.verify_key in {}",
+            state.join("audit_signing_key.pub").display(),
+            config.display()
+        )
+    })?;
+    let inside = |p: &Path| {
+        let canon = |x: &Path| std::fs::canonicalize(x).unwrap_or_else(|_| x.to_path_buf());
+        canon(p).starts_with(canon(state))
+    };
+    if inside(&key_path) {
         bail!(
-            "audit log verification FAILED at record {}: {}\n({} records verified before it)",
-            b.seq,
-            b.what,
-            b.seq.saturating_sub(1)
+            "{} is inside state_dir ({}), where whoever can rewrite the store can replace it too; verify with a copy \
+             kept elsewhere (--pubkey FILE)",
+            key_path.display(),
+            state.display()
         );
     }
+    let text = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("cannot read the pinned key {}", key_path.display()))?;
+    let pinned = PublicKey::from_openssh(text.trim())
+        .map_err(|e| anyhow::anyhow!("{}: not an OpenSSH public key ({e})", key_path.display()))?;
+    let head = head
+        .map(|h| -> anyhow::Result<_> {
+            let text = std::fs::read_to_string(h)
+                .with_context(|| format!("cannot read the exported heads {}", h.display()))?;
+            verify::pick_head(&text, &pinned).map_err(|e| anyhow::anyhow!("{} {e}", h.display()))
+        })
+        .transpose()?;
+    let conn = crate::audit::db::open_readonly(path)
+        .with_context(|| format!("cannot open the audit store {}", path.display()))?;
+    let report = verify::verify(&conn, state, &pinned, head.as_ref())?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if let Some(b) = &report.first_break {
+        bail!(
+            "audit trail verification FAILED at record {}: {}\n({} records verified before it)",
+            b.seq,
+            b.what,
+            report.records
+        );
+    }
+    if json {
+        return Ok(());
+    }
+    let kinds: Vec<String> = report
+        .by_kind
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
     println!(
-        "ok: {} SSH audit records chained, {} recordings match their hashes, {} checkpoints signed{}{}",
+        "ok: {} audit records chained ({}), {} recordings match their hashes, {} checkpoints signed by the pinned key {}{}",
         report.records,
+        kinds.join(", "),
         report.recordings,
         report.checkpoints,
+        pinned.fingerprint(HashAlg::Sha256),
         report
             .last_checkpoint_seq
             .map(|s| format!(" (last at record {s})"))
             .unwrap_or_default(),
-        if report.unsigned_tail > 0 {
-            format!(
-                "; the last {} records are not signed yet (the gateway signs every {} records and at shutdown)",
-                report.unsigned_tail,
-                crate::audit::ssh_records::CHECKPOINT_EVERY
-            )
-        } else {
-            String::new()
-        }
     );
-    if key.is_none() {
-        eprintln!(
-            "note: {} not found; signatures were checked against the key they name only",
-            key_path.display()
+    match report.head_seq {
+        Some(h) => println!("ok: the exported head (record {h}) is in the store"),
+        None => println!(
+            "note: without --head, records removed from the end of the store would not show; pass the exported heads \
+             (audit.checkpoint_sink)"
+        ),
+    }
+    if report.unsigned_tail > 0 {
+        println!(
+            "note: the last {} records are not signed yet (the gateway signs every {} records, every {} s and at shutdown)",
+            report.unsigned_tail,
+            cfg.audit.checkpoint_every,
+            cfg.audit.checkpoint_interval.as_secs()
+        );
+    }
+    if report.gaps > 0 {
+        println!(
+            "note: {} gap records say {} records were lost (see `rampart audit gaps`-style detail in the events table)",
+            report.gaps, report.records_lost
+        );
+    }
+    if let Some(e) = report.evicted_through {
+        println!(
+            "note: records 1 to {e} were evicted under the size quota ({} eviction records)",
+            report.evictions
+        );
+    }
+    if report.unchained_rows > 0 {
+        println!(
+            "note: {} rows from before the chain (schema 1) are not covered by it",
+            report.unchained_rows
         );
     }
     Ok(())

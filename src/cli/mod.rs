@@ -206,11 +206,22 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check that the SSH audit records and recordings are unaltered: the hash chain, each recording's sha256
-    /// and the signed checkpoints. Reports the first break and exits non-zero.
+    /// Check that the audit trail is whole and unaltered: the hash chain over every record (flows, HTTP,
+    /// SSH, gap and eviction records), each recording's sha256, and the checkpoints' signatures with a public
+    /// key pinned out of band; with --head, that no tail was cut. Reports the first break and exits non-zero.
     Verify {
         #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// The gateway's audit signing public key, kept outside the gateway (a copy of
+        /// state_dir/audit_signing_key.pub taken at installation); default: audit.verify_key.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// The exported checkpoint heads (audit.checkpoint_sink's file, or a syslog file holding them).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// The report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Make a reviewer key pair for encrypting recordings at rest (the ssh-log-cli format). The private key is
     /// written to FILE (mode 0600) and never given to the gateway; put the printed public key into the
@@ -381,7 +392,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
             AuditCommand::Keygen { out } => audit_keygen(&out),
             AuditCommand::Ssh { command } => audit_ssh::run(command),
-            AuditCommand::Verify { config } => audit_ssh::verify(&config),
+            AuditCommand::Verify {
+                config,
+                pubkey,
+                head,
+                json,
+            } => audit_ssh::verify(&config, pubkey.as_deref(), head.as_deref(), json),
             AuditCommand::Enroll {
                 config,
                 tenant,

@@ -364,6 +364,17 @@ pub enum FailurePolicy {
     FailClosed,
 }
 
+/// Where signed checkpoint heads are exported, outside the audit store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CheckpointSink {
+    #[default]
+    None,
+    /// Appended (one line per checkpoint) to a file, ideally on another mount or machine.
+    File(PathBuf),
+    /// Sent to the local syslog socket (`/dev/log`), for a syslog daemon to forward off the box.
+    Syslog,
+}
+
 /// Audit store settings (`[audit]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditSettings {
@@ -372,6 +383,13 @@ pub struct AuditSettings {
     pub commit_interval: Duration,
     pub on_overflow: OverflowPolicy,
     pub on_failure: FailurePolicy,
+    /// A checkpoint is signed at least every this many records ...
+    pub checkpoint_every: u64,
+    /// ... and at least this often while records are unsigned.
+    pub checkpoint_interval: Duration,
+    pub checkpoint_sink: CheckpointSink,
+    /// The pinned public key `rampart audit verify` checks signatures with (outside `state_dir`).
+    pub verify_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,6 +33,10 @@ pub struct RawAudit {
     pub commit_interval_ms: Option<u64>,
     pub on_overflow: Option<String>,
     pub on_failure: Option<String>,
+    pub checkpoint_every: Option<u64>,
+    pub checkpoint_interval_secs: Option<u64>,
+    pub checkpoint_sink: Option<String>,
+    pub verify_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -269,6 +269,10 @@ pub(super) fn validate_audit(
         commit_interval_ms: None,
         on_overflow: None,
         on_failure: None,
+        checkpoint_every: None,
+        checkpoint_interval_secs: None,
+        checkpoint_sink: None,
+        verify_key: None,
     });
     let on_overflow = match r.on_overflow.as_deref() {
         None | Some("drop") => OverflowPolicy::Drop,
@@ -314,6 +318,62 @@ pub(super) fn validate_audit(
         Some(n) => Duration::from_millis(n),
         None => Duration::from_millis(250),
     };
+    let checkpoint_every = match r.checkpoint_every {
+        Some(n) if !(1..=1_000_000).contains(&n) => {
+            c.push(
+                "audit.checkpoint_every",
+                format!("{n} is out of range; use 1..=1000000 (records)"),
+            );
+            256
+        }
+        Some(n) => n,
+        None => 256,
+    };
+    let checkpoint_interval = match r.checkpoint_interval_secs {
+        Some(n) if !(1..=86_400).contains(&n) => {
+            c.push(
+                "audit.checkpoint_interval_secs",
+                format!("{n} is out of range; use 1..=86400 (seconds)"),
+            );
+            Duration::from_secs(30)
+        }
+        Some(n) => Duration::from_secs(n),
+        None => Duration::from_secs(30),
+    };
+    // What proves the store was not cut or re-signed must not live where the store's writer can change it.
+    let outside_state = |key: &str, p: PathBuf, c: &mut Collector<'_>| {
+        if p.starts_with(state_dir) {
+            c.push(
+                key,
+                format!(
+                    "{} is inside state_dir ({}), next to the audit store it vouches for; put it on another mount",
+                    p.display(),
+                    state_dir.display()
+                ),
+            );
+        }
+        p
+    };
+    let checkpoint_sink = match r.checkpoint_sink.as_deref() {
+        None | Some("") => CheckpointSink::None,
+        Some("syslog") => CheckpointSink::Syslog,
+        Some(s) if s.starts_with("file:") => CheckpointSink::File(outside_state(
+            "audit.checkpoint_sink",
+            resolve(base, &s["file:".len()..]),
+            c,
+        )),
+        Some(s) => {
+            c.push(
+                "audit.checkpoint_sink",
+                format!("{s:?} is not a sink; use \"file:/mnt/evidence/rampart-heads.log\" or \"syslog\""),
+            );
+            CheckpointSink::None
+        }
+    };
+    let verify_key = r
+        .verify_key
+        .as_deref()
+        .map(|p| outside_state("audit.verify_key", resolve(base, p), c));
     AuditSettings {
         path: r
             .path
@@ -324,6 +384,10 @@ pub(super) fn validate_audit(
         commit_interval,
         on_overflow,
         on_failure,
+        checkpoint_every,
+        checkpoint_interval,
+        checkpoint_sink,
+        verify_key,
     }
 }
 

@@ -14,7 +14,8 @@ use rusqlite::{params, Connection};
 
 use crate::audit::capture::{self, DecodedCapture, Header, PtyInfo, Record, ReviewerKey, Source};
 use crate::audit::ssh_records::{RecordingInfo, SessionKeys, SshEvent};
-use crate::audit::tables::ssh::{Checkpoint, LogRow};
+use crate::audit::tables::chain::Checkpoint;
+use crate::audit::tables::ssh::LogRow;
 use crate::clock::format_ms;
 
 /// The `ssh_log` tables, read-only.
@@ -33,9 +34,9 @@ impl SshLog {
     /// Rows with `seq > after`, in order, at most `limit`.
     pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LogRow>> {
         self.query(
-            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
-                    rule, body, prev_hash, hash
-             FROM ssh_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT s.seq, s.at_ms, s.kind, tenant, session_id, channel_seq, device, user, target, login,
+                    cert_serial, rule, body, coalesce(c.prev_hash, x''), coalesce(c.hash, x'')
+             FROM ssh_log s LEFT JOIN chain c ON c.seq = s.seq WHERE s.seq > ?1 ORDER BY s.seq LIMIT ?2",
             params![after as i64, limit as i64],
         )
     }
@@ -43,9 +44,9 @@ impl SshLog {
     /// Every row of one session, in order.
     pub fn session_rows(&self, session_id: &str) -> rusqlite::Result<Vec<LogRow>> {
         self.query(
-            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
-                    rule, body, prev_hash, hash
-             FROM ssh_log WHERE session_id = ?1 ORDER BY seq",
+            "SELECT s.seq, s.at_ms, s.kind, tenant, session_id, channel_seq, device, user, target, login,
+                    cert_serial, rule, body, coalesce(c.prev_hash, x''), coalesce(c.hash, x'')
+             FROM ssh_log s LEFT JOIN chain c ON c.seq = s.seq WHERE session_id = ?1 ORDER BY s.seq",
             params![session_id],
         )
     }
@@ -53,27 +54,15 @@ impl SshLog {
     /// Rows of one kind since `since_ms`, newest first.
     pub fn rows_of_kind(&self, kind: &str, since_ms: i64) -> rusqlite::Result<Vec<LogRow>> {
         self.query(
-            "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
-                    rule, body, prev_hash, hash
-             FROM ssh_log WHERE kind = ?1 AND at_ms >= ?2 ORDER BY seq DESC",
+            "SELECT s.seq, s.at_ms, s.kind, tenant, session_id, channel_seq, device, user, target, login,
+                    cert_serial, rule, body, coalesce(c.prev_hash, x''), coalesce(c.hash, x'')
+             FROM ssh_log s LEFT JOIN chain c ON c.seq = s.seq WHERE s.kind = ?1 AND s.at_ms >= ?2 ORDER BY s.seq DESC",
             params![kind, since_ms],
         )
     }
 
     pub fn checkpoints(&self) -> rusqlite::Result<Vec<Checkpoint>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT seq, hash, at_ms, key_fingerprint, signature FROM ssh_checkpoints ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Checkpoint {
-                seq: r.get::<_, i64>(0)? as u64,
-                hash: r.get(1)?,
-                at_ms: r.get(2)?,
-                key_fingerprint: r.get(3)?,
-                signature: r.get(4)?,
-            })
-        })?;
-        rows.collect()
+        crate::audit::tables::chain::checkpoints(&self.conn)
     }
 
     fn query(&self, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<Vec<LogRow>> {
@@ -226,10 +215,15 @@ pub fn show(
         anyhow::bail!("no SSH session {session_id:?}");
     };
     let k = &first.keys;
-    writeln!(
+    crate::inert_line!(
         out,
         "session {}  tenant {}  user {}  device {}  target {}  rule {}",
-        k.session_id, k.tenant, k.user, k.device, k.target, k.rule
+        k.session_id,
+        k.tenant,
+        k.user,
+        k.device,
+        k.target,
+        k.rule
     )?;
     for r in &rows {
         let ch = r
@@ -240,7 +234,7 @@ pub fn show(
             Some(ev) => describe(&ev, &r.keys.login, key),
             None => format!("{} (unreadable body)", r.kind),
         };
-        writeln!(out, "{}  {ch:<4} {what}", format_ms(r.at_ms))?;
+        crate::inert_line!(out, "{}  {ch:<4} {what}", format_ms(r.at_ms))?;
     }
     Ok(())
 }

@@ -1,16 +1,22 @@
-//! `rampart audit verify`: the chain, recordings and checkpoint signatures, up to the first break.
+//! `rampart audit verify`: proves the store holds what the gateway wrote, with a public key pinned out of
+//! band. It walks the whole chain (sequence, links, each entry's hash, each record's row against its digest,
+//! each recording's sha256), finds rows no entry vouches for, checks every checkpoint's signature with the
+//! pinned key, and, given the head exported outside the store, that no tail was cut. It stops at the first
+//! break and says where.
 #![deny(unsafe_code)]
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
+use rusqlite::{Connection, OptionalExtension as _};
 use russh::keys::ssh_key::{HashAlg, PublicKey, SshSig};
 use serde::Serialize;
 
-use crate::audit::review::ssh::SshLog;
 use crate::audit::ssh_records::{file_sha256, SshEvent};
-use crate::audit::tables::ssh::{chain_hash, checkpoint_message, LogRow, CHECKPOINT_NAMESPACE};
+use crate::audit::tables::chain::{self, Checkpoint, HeadLine, CHECKPOINT_NAMESPACE};
+use crate::audit::tables::{events, flows, http, ssh};
 
-/// The first place the log and recordings disagree with their hashes or signatures.
+/// Where the store stops agreeing with itself, its signatures or the exported head.
 #[derive(Debug, Clone, Serialize)]
 pub struct Break {
     pub seq: u64,
@@ -19,170 +25,406 @@ pub struct Break {
 
 #[derive(Debug, Default, Serialize)]
 pub struct VerifyReport {
+    /// Chain entries verified, and how many of each kind.
     pub records: u64,
+    pub by_kind: BTreeMap<String, u64>,
+    pub first_seq: u64,
+    pub last_seq: u64,
     pub recordings: u64,
     pub checkpoints: u64,
     pub last_checkpoint_seq: Option<u64>,
-    /// Records after the last signed checkpoint (chained, but not yet signed).
+    /// Entries after the last signed checkpoint (chained, not yet signed).
     pub unsigned_tail: u64,
+    /// The exported head that was checked, if any.
+    pub head_seq: Option<u64>,
+    /// Gap records, and the records they say were lost.
+    pub gaps: u64,
+    pub records_lost: u64,
+    /// Eviction records (records removed under the size quota) and how many entries they removed.
+    pub evictions: u64,
+    pub evicted_through: Option<u64>,
+    /// Rows from before the chain (schema 1), which it does not cover.
+    pub unchained_rows: u64,
     pub first_break: Option<Break>,
 }
 
-/// Walks the chain from the first record: sequence numbers, `prev_hash` links and recomputed hashes; the
-/// sha256 of every finished recording; then every checkpoint's hash and signature (with `signing_key`, the
-/// gateway's `audit_signing_key.pub`). Stops at the first break.
+/// The exported head with the highest seq whose signature is the pinned key's, from lines of a head file or
+/// a syslog file. `Err` names what is wrong when no line qualifies.
+pub fn pick_head(text: &str, pinned: &PublicKey) -> Result<Checkpoint, String> {
+    let mut found = 0;
+    let mut best: Option<Checkpoint> = None;
+    for cp in text.lines().filter_map(HeadLine::parse) {
+        found += 1;
+        if signature_ok(&cp, pinned).is_ok() && best.as_ref().is_none_or(|b| cp.seq > b.seq) {
+            best = Some(cp);
+        }
+    }
+    match (best, found) {
+        (Some(b), _) => Ok(b),
+        (None, 0) => Err("holds no exported audit head (lines with \"rampart-audit-head\")".into()),
+        (None, n) => Err(format!(
+            "holds {n} exported heads, none signed by the pinned key"
+        )),
+    }
+}
+
+fn signature_ok(cp: &Checkpoint, pinned: &PublicKey) -> Result<(), String> {
+    let pinned_fp = pinned.fingerprint(HashAlg::Sha256).to_string();
+    if cp.key_fingerprint != pinned_fp {
+        return Err(format!(
+            "is signed by key {}, not the pinned key {pinned_fp} (the store was re-signed with another key, or the \
+             pinned key is not this gateway's)",
+            cp.key_fingerprint
+        ));
+    }
+    let sig = SshSig::from_pem(cp.signature.as_bytes())
+        .map_err(|e| format!("has an unreadable signature: {e}"))?;
+    pinned
+        .verify(
+            CHECKPOINT_NAMESPACE,
+            &chain::checkpoint_message(cp.seq, &cp.hash),
+            &sig,
+        )
+        .map_err(|_| {
+            format!("has a signature that does not verify with the pinned key {pinned_fp}")
+        })
+}
+
+/// What a record of each chain kind is called in messages.
+fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
+    if kind == ssh::KIND {
+        let row: Option<(String, String)> = conn
+            .query_row(
+                "SELECT kind, session_id FROM ssh_log WHERE seq = ?1",
+                [seq as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .ok()
+            .flatten();
+        if let Some((k, s)) = row {
+            return format!("{k} of session {s}");
+        }
+        return "SSH record".into();
+    }
+    match kind {
+        http::KIND => "HTTP request".into(),
+        k => k.to_string(),
+    }
+}
+
+fn canonical(
+    conn: &Connection,
+    kind: &str,
+    seq: u64,
+) -> rusqlite::Result<Option<serde_json::Value>> {
+    match kind {
+        flows::START | flows::ESTABLISHED | flows::END => flows::canonical(conn, kind, seq),
+        http::KIND => http::canonical(conn, seq),
+        ssh::KIND => ssh::canonical(conn, seq),
+        _ => events::canonical(conn, seq),
+    }
+}
+
+/// Verifies the store on `conn` (recordings under `state_dir`) against the `pinned` key and, when given, the
+/// exported `head`.
 pub fn verify(
-    log: &SshLog,
+    conn: &Connection,
     state_dir: &Path,
-    signing_key: Option<&PublicKey>,
+    pinned: &PublicKey,
+    head: Option<&Checkpoint>,
 ) -> anyhow::Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let mut prev = vec![0u8; 32];
-    let mut expect = 1u64;
-    // Only the hashes that checkpoints name are kept (the log may be long).
-    let checkpoints = log.checkpoints()?;
-    let wanted: std::collections::HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
-    let mut hashes = std::collections::HashMap::new();
-    let fail = |report: &mut VerifyReport, seq: u64, what: String| {
-        report.first_break = Some(Break { seq, what });
-    };
+    let checkpoints = chain::checkpoints(conn)?;
+    let mut wanted: HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
+    wanted.extend(head.map(|h| h.seq));
+    let mut hashes: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut prev: Option<Vec<u8>> = None;
+    let mut first_prev = Vec::new();
+    let mut evictions: Vec<(u64, String)> = Vec::new();
+    let mut chain_start_unchained: Option<u64> = None;
+    let mut after = 0u64;
     'walk: loop {
-        let rows: Vec<LogRow> = log.rows_after(expect - 1, 10_000)?;
-        if rows.is_empty() {
+        let entries = chain::entries_after(conn, after, 10_000)?;
+        if entries.is_empty() {
             break;
         }
-        for r in &rows {
-            if r.seq != expect {
-                fail(
-                    &mut report,
-                    expect,
-                    format!("record {expect} is missing (next is {})", r.seq),
-                );
-                break 'walk;
-            }
-            if r.prev_hash != prev {
-                fail(
-                    &mut report,
-                    r.seq,
-                    format!("record {} does not link to record {}", r.seq, r.seq - 1),
-                );
-                break 'walk;
-            }
-            if chain_hash(&prev, r).to_vec() != r.hash {
-                fail(
-                    &mut report,
-                    r.seq,
-                    format!(
-                        "record {} ({} of session {}) was altered: its hash does not match its content",
-                        r.seq, r.kind, r.keys.session_id
-                    ),
-                );
-                break 'walk;
-            }
-            if let Some(SshEvent::ChannelClose(c)) = r.event() {
-                if let Some(rec) = c.recording.as_ref().filter(|x| x.sha256.is_some()) {
-                    report.recordings += 1;
-                    let path = state_dir.join(&rec.path);
-                    match file_sha256(&path) {
-                        Ok((h, _)) if Some(&h) == rec.sha256.as_ref() => {}
-                        Ok((h, _)) => {
-                            fail(
-                                &mut report,
-                                r.seq,
-                                format!(
-                                    "recording {} was altered: sha256 {h}, record {} says {}",
-                                    rec.path,
-                                    r.seq,
-                                    rec.sha256.as_deref().unwrap_or("")
-                                ),
-                            );
-                            break 'walk;
-                        }
-                        Err(e) => {
-                            fail(
-                                &mut report,
-                                r.seq,
-                                format!("recording {} is missing or unreadable: {e}", rec.path),
-                            );
-                            break 'walk;
-                        }
+        for e in &entries {
+            let fail = |what: String| Break { seq: e.seq, what };
+            match &prev {
+                None => {
+                    report.first_seq = e.seq;
+                    first_prev = e.prev_hash.clone();
+                    if e.seq == 1 && e.prev_hash != vec![0u8; 32] {
+                        report.first_break = Some(fail("record 1 does not start the chain".into()));
+                        break 'walk;
+                    }
+                }
+                Some(p) => {
+                    if e.seq != report.last_seq + 1 {
+                        report.first_break = Some(Break {
+                            seq: report.last_seq + 1,
+                            what: format!(
+                                "record {} is missing (the chain goes from {} to {})",
+                                report.last_seq + 1,
+                                report.last_seq,
+                                e.seq
+                            ),
+                        });
+                        break 'walk;
+                    }
+                    if e.prev_hash != *p {
+                        report.first_break = Some(fail(format!(
+                            "record {} does not link to record {}",
+                            e.seq, report.last_seq
+                        )));
+                        break 'walk;
                     }
                 }
             }
-            if wanted.contains(&r.seq) {
-                hashes.insert(r.seq, r.hash.clone());
+            if chain::entry_hash(&e.prev_hash, e.seq, &e.kind, e.at_ms, &e.digest) != e.hash {
+                report.first_break = Some(fail(format!(
+                    "record {} ({}) was altered in the chain: its hash does not match",
+                    e.seq, e.kind
+                )));
+                break 'walk;
             }
-            prev = r.hash.clone();
-            report.records = r.seq;
-            expect += 1;
+            match canonical(conn, &e.kind, e.seq)? {
+                None => {
+                    report.first_break = Some(fail(format!(
+                        "record {} ({}) was removed from its table",
+                        e.seq, e.kind
+                    )));
+                    break 'walk;
+                }
+                Some(c) if chain::digest(&c) != e.digest => {
+                    report.first_break = Some(fail(format!(
+                        "record {} ({}) was altered: its hash does not match its content",
+                        e.seq,
+                        describe(conn, &e.kind, e.seq)
+                    )));
+                    break 'walk;
+                }
+                Some(_) => {}
+            }
+            if e.kind == ssh::KIND {
+                if let Some(what) = check_recording(conn, state_dir, e.seq, &mut report)? {
+                    report.first_break = Some(fail(what));
+                    break 'walk;
+                }
+            }
+            if let Some((kind, body)) = events::get(conn, e.seq)? {
+                match kind.as_str() {
+                    events::GAP => {
+                        report.gaps += 1;
+                        report.records_lost += body["records_lost"].as_u64().unwrap_or(0);
+                    }
+                    events::EVICTION => {
+                        report.evictions += 1;
+                        evictions.push((
+                            body["through_seq"].as_u64().unwrap_or(0),
+                            body["head_hash"].as_str().unwrap_or("").to_owned(),
+                        ));
+                    }
+                    events::CHAIN_START => {
+                        let u = &body["unchained_rows"];
+                        chain_start_unchained = Some(
+                            u["flows"].as_u64().unwrap_or(0)
+                                + u["http_requests"].as_u64().unwrap_or(0)
+                                + u["ssh_log_v1"].as_u64().unwrap_or(0),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            if wanted.contains(&e.seq) {
+                hashes.insert(e.seq, e.hash.clone());
+            }
+            *report.by_kind.entry(e.kind.clone()).or_default() += 1;
+            report.records += 1;
+            report.last_seq = e.seq;
+            prev = Some(e.hash.clone());
+            after = e.seq;
         }
     }
-    for cp in checkpoints {
-        report.checkpoints += 1;
+    if report.first_break.is_none() {
+        report.first_break = check_coverage(
+            conn,
+            &mut report,
+            &evictions,
+            &first_prev,
+            chain_start_unchained,
+        )?;
+    }
+    for cp in &checkpoints {
         if report.first_break.is_some() {
             break;
         }
-        match hashes.get(&cp.seq) {
-            Some(h) if *h == cp.hash => {}
-            Some(_) => {
-                fail(
-                    &mut report,
-                    cp.seq,
-                    format!("checkpoint at record {} does not match the chain", cp.seq),
-                );
-                break;
-            }
-            None => {
-                let ends = report.records;
-                fail(
-                    &mut report,
-                    cp.seq,
-                    format!(
-                        "checkpoint at record {} but the log ends at {} (records were removed)",
-                        cp.seq, ends
-                    ),
-                );
-                break;
-            }
+        if cp.seq < report.first_seq {
+            // Signed before an eviction removed what it covered; the eviction record vouches for the cut.
+            continue;
         }
-        let sig = match SshSig::from_pem(cp.signature.as_bytes()) {
-            Ok(s) => s,
-            Err(e) => {
-                fail(
-                    &mut report,
-                    cp.seq,
-                    format!("checkpoint at record {}: unreadable signature: {e}", cp.seq),
-                );
-                break;
-            }
+        report.checkpoints += 1;
+        let what = match hashes.get(&cp.seq) {
+            Some(h) if *h == cp.hash => signature_ok(cp, pinned).err(),
+            Some(_) => Some("does not match the chain".into()),
+            None => Some(format!(
+                "is beyond the end of the chain (record {}): records were removed from the tail",
+                report.last_seq
+            )),
         };
-        let key = match signing_key {
-            Some(k) => k.clone(),
-            None => PublicKey::new(sig.public_key().clone(), ""),
-        };
-        if key.fingerprint(HashAlg::Sha256).to_string() != cp.key_fingerprint
-            || key
-                .verify(
-                    CHECKPOINT_NAMESPACE,
-                    &checkpoint_message(cp.seq, &cp.hash),
-                    &sig,
-                )
-                .is_err()
-        {
-            fail(
-                &mut report,
-                cp.seq,
-                format!(
-                    "checkpoint at record {}: the signature is not the gateway's audit signing key's",
-                    cp.seq
-                ),
-            );
+        if let Some(what) = what {
+            report.first_break = Some(Break {
+                seq: cp.seq,
+                what: format!("checkpoint at record {} {what}", cp.seq),
+            });
             break;
         }
         report.last_checkpoint_seq = Some(cp.seq);
     }
-    report.unsigned_tail = report
-        .records
-        .saturating_sub(report.last_checkpoint_seq.unwrap_or(0));
+    if let (None, Some(h)) = (&report.first_break, head) {
+        report.head_seq = Some(h.seq);
+        report.first_break = match hashes.get(&h.seq) {
+            _ if h.seq > report.last_seq => Some(Break {
+                seq: report.last_seq + 1,
+                what: format!(
+                    "the exported head names record {}, but the store ends at record {}: the tail was removed",
+                    h.seq, report.last_seq
+                ),
+            }),
+            Some(x) if *x == h.hash => None,
+            _ => Some(Break {
+                seq: h.seq,
+                what: format!(
+                    "record {} is not the one the exported head names (the chain was rewritten)",
+                    h.seq
+                ),
+            }),
+        };
+    }
+    report.unsigned_tail = report.last_seq.saturating_sub(
+        report
+            .last_checkpoint_seq
+            .unwrap_or(report.first_seq.saturating_sub(1)),
+    );
     Ok(report)
+}
+
+/// A channel.close record's recording must hash as recorded.
+fn check_recording(
+    conn: &Connection,
+    state_dir: &Path,
+    seq: u64,
+    report: &mut VerifyReport,
+) -> anyhow::Result<Option<String>> {
+    let body: Option<String> = conn
+        .query_row(
+            "SELECT body FROM ssh_log WHERE seq = ?1 AND kind = 'channel.close'",
+            [seq as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(SshEvent::ChannelClose(c)) = body.and_then(|b| serde_json::from_str(&b).ok()) else {
+        return Ok(None);
+    };
+    let Some(rec) = c.recording.as_ref().filter(|x| x.sha256.is_some()) else {
+        return Ok(None);
+    };
+    report.recordings += 1;
+    Ok(match file_sha256(&state_dir.join(&rec.path)) {
+        Ok((h, _)) if Some(&h) == rec.sha256.as_ref() => None,
+        Ok((h, _)) => Some(format!(
+            "recording {} was altered: sha256 {h}, record {seq} says {}",
+            rec.path,
+            rec.sha256.as_deref().unwrap_or("")
+        )),
+        Err(e) => Some(format!(
+            "recording {} is missing or unreadable: {e}",
+            rec.path
+        )),
+    })
+}
+
+/// Every row is vouched for by a chain entry, and a chain that does not start at 1 was cut by an eviction
+/// record that says so.
+fn check_coverage(
+    conn: &Connection,
+    report: &mut VerifyReport,
+    evictions: &[(u64, String)],
+    first_prev: &[u8],
+    chain_start_unchained: Option<u64>,
+) -> anyhow::Result<Option<Break>> {
+    if report.first_seq > 1 {
+        let cut = report.first_seq - 1;
+        let vouched = evictions
+            .iter()
+            .any(|(through, hash)| *through == cut && *hash == hex::encode(first_prev));
+        if !vouched {
+            return Ok(Some(Break {
+                seq: 1,
+                what: format!(
+                    "records 1 to {cut} were removed without an eviction record saying so"
+                ),
+            }));
+        }
+        report.evicted_through = Some(cut);
+    }
+    let first = report.first_seq.max(1) as i64;
+    let count = |sql: &str| -> rusqlite::Result<u64> {
+        conn.query_row(sql, [first], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+    };
+    let checks = [
+        (
+            "flows",
+            "SELECT count(*) FROM flows f WHERE f.start_chain >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = f.start_chain AND c.kind = 'flow.start')",
+        ),
+        (
+            "flows",
+            "SELECT count(*) FROM flows f WHERE f.end_chain >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = f.end_chain AND c.kind = 'flow.end')",
+        ),
+        (
+            "http_requests",
+            "SELECT count(*) FROM http_requests h WHERE h.chain_seq >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = h.chain_seq AND c.kind = 'http')",
+        ),
+        (
+            "ssh_log",
+            "SELECT count(*) FROM ssh_log s WHERE s.seq >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = s.seq AND c.kind = 'ssh')",
+        ),
+        (
+            "events",
+            "SELECT count(*) FROM events e WHERE e.seq >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = e.seq AND c.kind = e.kind)",
+        ),
+    ];
+    for (table, sql) in checks {
+        let n = count(sql)?;
+        if n > 0 {
+            return Ok(Some(Break {
+                seq: report.last_seq,
+                what: format!("{n} rows of table {table} are not in the chain (added behind the gateway's back)"),
+            }));
+        }
+    }
+    let unchained = count(
+        "SELECT (SELECT count(*) FROM flows WHERE start_chain IS NULL)
+              + (SELECT count(*) FROM http_requests WHERE chain_seq IS NULL)
+              + (SELECT count(*) FROM ssh_log_v1) + 0 * ?1",
+    )?;
+    report.unchained_rows = unchained;
+    if let Some(expected) = chain_start_unchained {
+        if unchained != expected {
+            return Ok(Some(Break {
+                seq: 1,
+                what: format!(
+                    "the chain began with {expected} rows from before it; the store now holds {unchained} rows outside the chain"
+                ),
+            }));
+        }
+    }
+    Ok(None)
 }

@@ -2,6 +2,8 @@
 //! Reading is `audit::review`'s.
 #![deny(unsafe_code)]
 
+pub mod chain;
+pub mod events;
 pub mod flows;
 pub mod http;
 pub mod ssh;

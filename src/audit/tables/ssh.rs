@@ -1,20 +1,17 @@
-//! Table `ssh_log`: the SSH records, hash-chained (`hash = sha256(domain ‖ prev_hash ‖ canonical row)`), and
-//! `ssh_checkpoints`: Ed25519 SSHSIG signatures over `seq ‖ hash` of the chain's head.
+//! Table `ssh_log`: the SSH records, each a chain entry (`seq` is its position in the chain).
 #![deny(unsafe_code)]
 
 use rusqlite::{params, Connection, OptionalExtension as _};
-use russh::keys::ssh_key::{HashAlg, LineEnding, PrivateKey};
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
+use serde_json::json;
 
+use super::chain::{self, Head};
 use crate::audit::ssh_records::{SessionKeys, SshEvent, SshRecord};
 
-/// SSHSIG namespace of checkpoint signatures.
-pub const CHECKPOINT_NAMESPACE: &str = "rampart-audit-checkpoint@v1";
-/// Domain separation of the chain hash.
-const CHAIN_DOMAIN: &[u8] = b"rampart-ssh-audit-v1";
+/// The chain entry kind of an SSH record.
+pub const KIND: &str = "ssh";
 
-/// A row of `ssh_log`.
+/// A row of `ssh_log`, with its chain links.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogRow {
     pub seq: u64,
@@ -35,59 +32,19 @@ impl LogRow {
     }
 }
 
-/// A signed checkpoint row.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    pub seq: u64,
-    pub hash: Vec<u8>,
-    pub at_ms: i64,
-    pub key_fingerprint: String,
-    pub signature: String,
-}
-
-/// The chain's head (`seq`, `hash`); `(0, zeros)` for an empty chain.
-pub fn head(conn: &Connection) -> rusqlite::Result<(u64, Vec<u8>)> {
-    let last: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash FROM ssh_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(match last {
-        Some((s, h)) => (s as u64, h),
-        None => (0, vec![0u8; 32]),
-    })
-}
-
-/// Appends one record after `head` (updated to the new row); returns its seq.
-pub fn append(
-    conn: &Connection,
-    head: &mut (u64, Vec<u8>),
-    r: &SshRecord,
-) -> rusqlite::Result<u64> {
-    let seq = head.0 + 1;
-    let row = LogRow {
-        seq,
-        at_ms: r.at_ms,
-        kind: r.event.kind().to_owned(),
-        keys: r.keys.clone(),
-        channel_seq: r.channel_seq,
-        body: serde_json::to_string(&r.event).unwrap_or_default(),
-        prev_hash: head.1.clone(),
-        hash: Vec::new(),
-    };
-    let hash = chain_hash(&head.1, &row);
+/// Appends one record as chain entry `head.seq + 1`; returns its seq.
+pub fn append(conn: &Connection, head: &mut Head, r: &SshRecord) -> rusqlite::Result<u64> {
+    let seq = head.seq + 1;
     let k = &r.keys;
     conn.prepare_cached(
         "INSERT INTO ssh_log (seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login,
-                              cert_serial, rule, body, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                              cert_serial, rule, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         seq as i64,
         r.at_ms,
-        row.kind,
+        r.event.kind(),
         k.tenant,
         k.session_id,
         r.channel_seq,
@@ -97,72 +54,35 @@ pub fn append(
         k.login,
         k.cert_serial.map(|s| s.to_string()),
         k.rule,
-        row.body,
-        head.1,
-        hash.to_vec(),
+        serde_json::to_string(&r.event).unwrap_or_default(),
     ])?;
-    *head = (seq, hash.to_vec());
-    Ok(seq)
+    let canonical = canonical(conn, seq)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    chain::push(conn, head, KIND, r.at_ms, &chain::digest(&canonical))
 }
 
-/// Signs the current head of the chain (nothing if the chain is empty or already checkpointed there).
-pub fn checkpoint(conn: &Connection, key: &PrivateKey, at_ms: i64) -> anyhow::Result<Option<u64>> {
-    let (seq, hash) = head(conn)?;
-    if seq == 0 {
-        return Ok(None);
-    }
-    let sig = key
-        .sign(
-            CHECKPOINT_NAMESPACE,
-            HashAlg::Sha512,
-            &checkpoint_message(seq, &hash),
-        )
-        .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
-    let pem = sig
-        .to_pem(LineEnding::LF)
-        .map_err(|e| anyhow::anyhow!("encoding the signature: {e}"))?;
-    conn.execute(
-        "INSERT OR IGNORE INTO ssh_checkpoints (seq, hash, at_ms, key_fingerprint, signature)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            seq as i64,
-            hash,
-            at_ms,
-            key.public_key().fingerprint(HashAlg::Sha256).to_string(),
-            pem
-        ],
-    )?;
-    Ok(Some(seq))
-}
-
-/// `sha256(domain ‖ prev_hash ‖ canonical JSON of the row's columns)`.
-pub fn chain_hash(prev: &[u8], row: &LogRow) -> [u8; 32] {
-    let k = &row.keys;
-    let canonical = serde_json::json!([
-        row.seq,
-        row.at_ms,
-        row.kind,
-        k.tenant,
-        k.session_id,
-        row.channel_seq,
-        k.device,
-        k.user,
-        k.target,
-        k.login,
-        k.cert_serial.map(|s| s.to_string()),
-        k.rule,
-        row.body,
-    ]);
-    let mut h = Sha256::new();
-    h.update(CHAIN_DOMAIN);
-    h.update(prev);
-    h.update(canonical.to_string().as_bytes());
-    h.finalize().into()
-}
-
-pub fn checkpoint_message(seq: u64, hash: &[u8]) -> Vec<u8> {
-    let mut m = b"rampart-ssh-audit-checkpoint-v1\n".to_vec();
-    m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(hash);
-    m
+/// The row of chain entry `entry`, as hashed (every column).
+pub fn canonical(conn: &Connection, entry: u64) -> rusqlite::Result<Option<serde_json::Value>> {
+    conn.prepare_cached(
+        "SELECT seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login, cert_serial,
+                rule, body
+         FROM ssh_log WHERE seq = ?1",
+    )?
+    .query_row([entry as i64], |r| {
+        Ok(json!([
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+            r.get::<_, String>(6)?,
+            r.get::<_, String>(7)?,
+            r.get::<_, String>(8)?,
+            r.get::<_, String>(9)?,
+            r.get::<_, Option<String>>(10)?,
+            r.get::<_, String>(11)?,
+            r.get::<_, String>(12)?,
+        ]))
+    })
+    .optional()
 }
