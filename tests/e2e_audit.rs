@@ -295,7 +295,7 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
             target_host_key_fp: None,
             target_host_key_trust: None,
             cert: None,
-            recording: "required".into(),
+            recording: rampart::config::Recording::Required,
             capture_input: false,
             allow_forwarding: true,
             decision: "allowed".into(),

@@ -154,7 +154,7 @@ pub struct SessionStart {
     /// `pinned` | `tofu` | `ca`.
     pub target_host_key_trust: Option<String>,
     pub cert: Option<CertInfo>,
-    pub recording: String,
+    pub recording: crate::config::Recording,
     pub capture_input: bool,
     pub allow_forwarding: bool,
     /// `allowed`, or why the session was refused.
@@ -452,6 +452,26 @@ mod tests {
         assert_eq!(back, s);
         let plain: Secret = serde_json::from_str("\"ls\"").unwrap();
         assert_eq!(plain.open(None).as_deref(), Some("ls"));
+    }
+
+    #[test]
+    fn recording_is_written_as_configured_and_old_records_still_read() {
+        let start = |recording: &str| {
+            format!(
+                r#"{{"event":"session_start","client_addr":"a","client_version":"v","auth_method":"none",
+                "client_key_fp":null,"target_host_key_fp":null,"target_host_key_trust":null,"cert":null,
+                "recording":"{recording}","capture_input":false,"allow_forwarding":false,"decision":"allowed"}}"#
+            )
+        };
+        for text in ["best_effort", "besteffort"] {
+            let ev: SshEvent = serde_json::from_str(&start(text)).unwrap();
+            let SshEvent::SessionStart(s) = &ev else {
+                panic!("{ev:?}")
+            };
+            assert_eq!(s.recording, crate::config::Recording::BestEffort);
+            let json = serde_json::to_string(&ev).unwrap();
+            assert!(json.contains(r#""recording":"best_effort""#), "{json}");
+        }
     }
 
     #[test]

@@ -227,11 +227,13 @@ impl Action {
 }
 
 /// Recording of inspected SSH sessions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Recording {
     Off,
     /// Record when possible; a failing recorder does not stop the session.
+    // Records written before the field was typed spelled it "besteffort".
+    #[serde(alias = "besteffort")]
     BestEffort,
     /// A session that cannot be recorded is refused or terminated (fail-closed).
     Required,

@@ -144,7 +144,7 @@ impl ConnHandler {
             target_host_key_fp: up.map(|u| u.host_key_fp.clone()),
             target_host_key_trust: up.map(|u| u.host_key_trust.as_str().to_owned()),
             cert: up.map(|u| u.cert.clone()),
-            recording: self.ctx.settings.recording.as_str().into(),
+            recording: self.ctx.settings.recording,
             capture_input: self.ctx.settings.capture_input,
             allow_forwarding: self.ctx.settings.allow_forwarding,
             decision,

@@ -136,7 +136,7 @@ impl SessionState {
                 target_host_key_fp: None,
                 target_host_key_trust: None,
                 cert: None,
-                recording: settings.recording.as_str().into(),
+                recording: settings.recording,
                 capture_input: settings.capture_input,
                 allow_forwarding: settings.allow_forwarding,
                 decision: format!("refused: {msg}"),

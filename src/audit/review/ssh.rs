@@ -253,7 +253,7 @@ fn describe(ev: &SshEvent, login: &str, key: Option<&ReviewerKey>) -> String {
                 s.decision,
                 s.target_host_key_fp.as_deref().unwrap_or("-"),
                 s.target_host_key_trust.as_deref().unwrap_or("-"),
-                s.recording
+                s.recording.as_str()
             )
         }
         SshEvent::SessionEnd(e) => format!(
