@@ -618,23 +618,63 @@ fn slots_are_quarantined_before_reuse() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
-    /// Arbitrary datagrams, including mutated real ones, never panic the core and each is accounted once.
+    /// Arbitrary datagrams never panic the core and each is accounted once: raw bytes, mutated real ones, bytes
+    /// behind each message type, and authenticated datagrams carrying arbitrary or real inner packets (so inputs
+    /// also reach anti-spoofing, flows, policy and the local responder).
     #[test]
     fn arbitrary_datagrams_never_panic(seq in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300), any::<u16>()), 1..40)) {
         let mut net = two_tenants();
         net.handshake(0);
+        net.handshake(1);
         let from = net.clients[0].underlay;
         let mut buf = vec![0u8; 2048];
         let TunnResult::WriteToNetwork(real) = net.clients[0].tunn.encapsulate(&ping(ip("100.96.0.2"), ip("100.96.0.1"), 1), &mut buf) else { panic!() };
         let real = real.to_vec();
+        let counted = |net: &Net| {
+            let mut drops: u64 = DropReason::all().map(|r| net.metrics.global.unattributed.drops(r)).sum();
+            let (mut rx, mut hs) = (0, 0);
+            for (_, t) in net.metrics.tenants() {
+                drops += DropReason::all().map(|r| t.drops(r)).sum::<u64>();
+                rx += t.rx_packets.get();
+                hs += t.handshakes.get();
+            }
+            (drops, rx, hs, net.metrics.global.datagrams_rx.get())
+        };
         for (kind, bytes, flip) in seq {
-            let dg = match kind % 3 {
-                0 => bytes,
-                1 => { let mut r = real.clone(); let i = usize::from(flip) % r.len(); r[i] ^= 0x5a; r }
-                _ => { let mut b = bytes; if !b.is_empty() { b[0] = kind % 5; } b }
+            let mut authentic = true;
+            let dg = match kind % 5 {
+                0 => { authentic = false; bytes }
+                1 => { authentic = false; let mut r = real.clone(); let i = usize::from(flip) % r.len(); r[i] ^= 0x5a; r }
+                2 => { authentic = false; let mut b = bytes; if !b.is_empty() { b[0] = kind % 5; } b }
+                3 => {
+                    // Arbitrary bytes as the inner packet, behind a valid IPv4 header from the device's address.
+                    let dst = [ip("100.96.0.1"), ip("100.96.0.3"), ip("100.96.0.9"), ip("10.0.0.1")][usize::from(flip) % 4];
+                    let mut p = udp(ip("100.96.0.2"), dst, &bytes);
+                    p[9] = kind; // any protocol
+                    let TunnResult::WriteToNetwork(d) = net.clients[0].tunn.encapsulate(&p, &mut buf) else { panic!() };
+                    d.to_vec()
+                }
+                _ => {
+                    let p = tcp(ip("100.96.0.2"), flip, ip("100.96.0.3"), [22, 23, 9, 443][usize::from(kind) % 4], 1, "S", &bytes);
+                    let TunnResult::WriteToNetwork(d) = net.clients[0].tunn.encapsulate(&p, &mut buf) else { panic!() };
+                    d.to_vec()
+                }
             };
+            let before = counted(&net);
             net.gw.handle_datagram(Instant::now(), from, &dg, &mut net.scratch, &mut net.tx);
+            let emitted = !net.tx.is_empty() || !net.gw.tun_queue().is_empty();
+            let after = counted(&net);
+            let (drops, rx, hs) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+            prop_assert_eq!(after.3 - before.3, 1, "datagram not counted");
+            prop_assert!(rx <= 1 && drops <= 1, "counted as {} packets and {} drops", rx, drops);
+            if authentic {
+                prop_assert_eq!(rx, 1, "an authenticated datagram was not decrypted");
+                prop_assert!(drops == 1 || emitted, "an inner packet was neither dropped (counted) nor forwarded");
+            } else {
+                prop_assert!(drops + rx + hs == 1 || emitted, "a datagram was not accounted: {:?}", dg);
+            }
             net.tx.clear();
+            net.gw.tun_queue().clear();
         }
     }
 }
