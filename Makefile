@@ -6,7 +6,7 @@ CONFIG       ?= configs/gateway.toml
 APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables
 export CARGO_TERM_COLOR := never
 
-.PHONY: all build release run test deps lint unit e2e bench bench-flows
+.PHONY: all build release run test deps lint unit e2e bench bench-flows fuzz fuzz-build
 
 all: build
 
@@ -53,6 +53,22 @@ bench:
 ## Flow table micro-benchmark (insert/lookup cost and memory per flow at 1M flows).
 bench-flows:
 	$(CARGO) bench --bench flow_table
+
+## Fuzzing with cargo-fuzz (not part of `make test`: `make unit` replays the committed corpus fuzz/corpus on stable).
+## `make fuzz FUZZ_SECONDS=1800` runs every target in turn; `make fuzz FUZZ_TARGETS=packet` one. docs/security.md.
+FUZZ_TARGETS ?= $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs)))
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS   := -s none -a
+fuzz-build:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build $(FUZZ_FLAGS)
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_FLAGS) $$t fuzz/work/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=4096 || exit 1; \
+	done
 
 ## The whole suite: lint, unit/property/scenario tests, end-to-end tests, and the appliance image boot test.
 test: deps lint unit e2e image-test

@@ -452,25 +452,33 @@ fn endpoints_path(state_dir: &Path) -> PathBuf {
 }
 
 fn save_endpoints(state_dir: &Path, peers: &[crate::core::PeerStatus]) {
-    let map: HashMap<String, String> = peers
-        .iter()
-        .filter_map(|p| Some((p.public_key.to_string(), p.endpoint?.to_string())))
-        .collect();
     let tmp = state_dir.join("endpoints.json.tmp");
-    let result = serde_json::to_vec(&map)
-        .map_err(std::io::Error::other)
-        .and_then(|body| std::fs::write(&tmp, body))
+    let result = std::fs::write(&tmp, endpoints_json(peers))
         .and_then(|()| std::fs::rename(&tmp, endpoints_path(state_dir)));
     if let Err(e) = result {
         tracing::warn!(error = %e, "cannot save device endpoints");
     }
 }
 
+/// The endpoints file for `peers`: public key -> last endpoint, for those with one.
+pub(crate) fn endpoints_json(peers: &[crate::core::PeerStatus]) -> String {
+    let map: HashMap<String, String> = peers
+        .iter()
+        .filter_map(|p| Some((p.public_key.to_string(), p.endpoint?.to_string())))
+        .collect();
+    serde_json::to_string(&map).unwrap_or_default()
+}
+
 fn load_endpoints(state_dir: &Path) -> Vec<(PeerKey, SocketAddr)> {
-    let Ok(text) = std::fs::read_to_string(endpoints_path(state_dir)) else {
-        return Vec::new();
-    };
-    let map: HashMap<String, String> = serde_json::from_str(&text).unwrap_or_default();
+    match std::fs::read_to_string(endpoints_path(state_dir)) {
+        Ok(text) => parse_endpoints(&text),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Reads an endpoints file; it is only a hint, so what does not parse is skipped.
+pub(crate) fn parse_endpoints(text: &str) -> Vec<(PeerKey, SocketAddr)> {
+    let map: HashMap<String, String> = serde_json::from_str(text).unwrap_or_default();
     map.into_iter()
         .filter_map(|(k, e)| Some((k.parse().ok()?, e.parse().ok()?)))
         .collect()

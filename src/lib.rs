@@ -19,6 +19,10 @@ pub mod core;
 pub mod daemon;
 pub mod egress;
 pub mod enroll;
+/// Fuzz target bodies (`fuzz/`), also replayed over the committed corpus by `cargo test`.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handoff;
 pub mod http;
 pub mod keys;

@@ -82,28 +82,36 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let file: RegistryFile = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid device registry", path.display()))?;
-        Ok(file.devices)
+        parse(&text).with_context(|| format!("{} is not a valid device registry", path.display()))
     }
 
     /// Replaces the registry atomically. Call with the lock held.
     pub fn store(&self, _lock: &RegistryLock, devices: &[EnrolledDevice]) -> anyhow::Result<()> {
         let path = self.path();
         let tmp = self.dir.join("devices.json.tmp");
-        let body = serde_json::to_vec_pretty(&RegistryFile {
-            version: 1,
-            devices: devices.to_vec(),
-        })?;
+        let body = render(devices)?;
         let mut f =
             File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(&body)?;
+        f.write_all(body.as_bytes())?;
         f.write_all(b"\n")?;
         f.sync_all()?;
         fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
         File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
+}
+
+/// The devices in a registry file's text.
+pub fn parse(text: &str) -> Result<Vec<EnrolledDevice>, serde_json::Error> {
+    serde_json::from_str::<RegistryFile>(text).map(|f| f.devices)
+}
+
+/// A registry file's text for `devices` (without the final newline `store` adds).
+pub fn render(devices: &[EnrolledDevice]) -> Result<String, serde_json::Error> {
+    serde_json::to_string_pretty(&RegistryFile {
+        version: 1,
+        devices: devices.to_vec(),
+    })
 }
 
 #[cfg(test)]

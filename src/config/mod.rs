@@ -159,7 +159,7 @@ impl Config {
 
     /// Adds devices enrolled at runtime, from each source (`devices.json`, `enroll.db`) in turn, checking them
     /// like configured ones; errors name the source file.
-    fn merge_enrolled(
+    pub(crate) fn merge_enrolled(
         &mut self,
         sources: &[(&[EnrolledDevice], DeviceOrigin, String)],
         keys_file: &str,

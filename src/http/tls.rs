@@ -309,6 +309,41 @@ pub enum HelloError {
     TooLarge,
 }
 
+/// The sans-IO half of [`read_client_hello`]: bytes in as the device sends them, the ClientHello out once it is
+/// complete, every byte kept (a passthrough replays them to the origin).
+#[derive(Default)]
+pub struct HelloReader {
+    acceptor: Acceptor,
+    seen: Vec<u8>,
+}
+
+impl HelloReader {
+    /// Feeds the next bytes from the device. `Ok(None)`: the ClientHello is not complete yet.
+    pub fn push(&mut self, data: &[u8]) -> Result<Option<Accepted>, HelloError> {
+        self.seen.extend_from_slice(data);
+        if self.seen.len() > MAX_HELLO {
+            return Err(HelloError::TooLarge);
+        }
+        let mut rd = data;
+        while !rd.is_empty() {
+            self.acceptor.read_tls(&mut rd)?;
+        }
+        match self.acceptor.accept() {
+            Ok(accepted) => Ok(accepted),
+            Err((e, _alert)) => Err(HelloError::NotTls(e)),
+        }
+    }
+
+    /// Every byte pushed so far.
+    pub fn seen(&self) -> &[u8] {
+        &self.seen
+    }
+
+    pub fn into_seen(self) -> Vec<u8> {
+        self.seen
+    }
+}
+
 /// Reads the ClientHello (without answering it) and returns it with every byte read, so the connection
 /// can still be relayed untouched.
 pub async fn read_client_hello(
@@ -316,26 +351,15 @@ pub async fn read_client_hello(
     timeout: Duration,
 ) -> Result<(Accepted, Vec<u8>), HelloError> {
     let work = async {
-        let mut acceptor = Acceptor::default();
-        let mut seen = Vec::new();
+        let mut reader = HelloReader::default();
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = tcp.read(&mut buf).await?;
             if n == 0 {
                 return Err(HelloError::Io(io::ErrorKind::UnexpectedEof.into()));
             }
-            seen.extend_from_slice(&buf[..n]);
-            if seen.len() > MAX_HELLO {
-                return Err(HelloError::TooLarge);
-            }
-            let mut rd = &buf[..n];
-            while !rd.is_empty() {
-                acceptor.read_tls(&mut rd)?;
-            }
-            match acceptor.accept() {
-                Ok(Some(accepted)) => return Ok((accepted, seen)),
-                Ok(None) => continue,
-                Err((e, _alert)) => return Err(HelloError::NotTls(e)),
+            if let Some(accepted) = reader.push(&buf[..n])? {
+                return Ok((accepted, reader.into_seen()));
             }
         }
     };

@@ -161,8 +161,8 @@ impl<S: Read + Write + Seek> CaptureWriter<S> {
     }
 
     /// Seals `plaintext` as the next block. Callers guarantee it is non-empty whole records, except tests
-    /// reproducing the malformed vectors.
-    pub(super) fn seal(&mut self, plaintext: &[u8]) -> Result<(), CaptureError> {
+    /// reproducing the malformed vectors and the `capture` fuzz target.
+    pub(crate) fn seal(&mut self, plaintext: &[u8]) -> Result<(), CaptureError> {
         let ct = self
             .ctx
             .seal(plaintext, &[])

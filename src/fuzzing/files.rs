@@ -1,0 +1,129 @@
+//! Targets for what the gateway reads from files and its helper: `config` (TOML that validates must apply to a
+//! gateway, reload and allocate addresses without panicking), `registry` (`devices.json` merged into a config
+//! and applied) and `netns_proto` (the helper's control messages: decode, re-encode, decode again).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::gateway::{config as harness_config, fixed_key};
+use crate::config::{Config, DeviceOrigin};
+use crate::core::{Gateway, Metrics, TxQueue};
+use crate::enroll;
+use crate::netns::proto::{Message, MAX_MESSAGE};
+use crate::registry;
+
+/// Applies `cfg` to a gateway as start and reloads would: first apply, the same config again (a no-op reload),
+/// another config and back, a timer tick and shutdown. Then what `device add` does with each tenant.
+fn apply_everywhere(cfg: &Config) {
+    let now = Instant::now();
+    let mut tx = TxQueue::new();
+    let mut gw = Gateway::new(0, &fixed_key(0), Arc::new(Metrics::default()), now);
+    let first = gw.apply(cfg, now, &mut tx);
+    assert_eq!(first.removed, 0);
+    assert_eq!(
+        first.added + first.rejected,
+        cfg.device_count(),
+        "{first:?}"
+    );
+    let again = gw.apply(cfg, now + Duration::from_millis(1), &mut tx);
+    assert_eq!(
+        (again.added, again.removed, again.updated),
+        (0, 0, 0),
+        "a no-op reload changed peers"
+    );
+    let other = harness_config(0);
+    gw.apply(&other, now + Duration::from_millis(2), &mut tx);
+    gw.apply(cfg, now + Duration::from_millis(3), &mut tx);
+    gw.handle_timers(now + Duration::from_millis(4), &mut tx);
+    let _ = gw.peer_status();
+    gw.shutdown(now + Duration::from_millis(5));
+    let _ = cfg.restart_only_differences(&other);
+    for t in &cfg.tenants {
+        if let Some(a) = enroll::allocate_address(t) {
+            assert!(
+                t.address_pool.contains(&a),
+                "{a} outside {}",
+                t.address_pool
+            );
+            assert_ne!(a, t.gateway_address);
+            assert!(t.devices.iter().all(|d| d.address != a), "{a} already used");
+            let _ = enroll::ClientConfig {
+                tenant: t,
+                device_name: "fuzz",
+                private_key: None,
+                address: a,
+                gateway_key: fixed_key(0).public_key(),
+                endpoint: "198.18.0.1:51820",
+            }
+            .render();
+        }
+    }
+}
+
+/// `config`: TOML text. A config that validates is applied everywhere; one that does not gets an error that
+/// names the file.
+pub(crate) fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::from_toml(text, Path::new("/fuzz/gateway.toml")) {
+        Ok(cfg) => apply_everywhere(&cfg),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("/fuzz/gateway.toml"),
+                "error does not name the file: {msg}"
+            );
+        }
+    }
+}
+
+/// `registry`: a `devices.json`, merged into the harness config the way `Config::load` does, then applied.
+/// A registry that parses also round-trips through the writer's format.
+pub(crate) fn registry(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(devices) = registry::parse(text) else {
+        return;
+    };
+    let round = registry::render(&devices).expect("a parsed registry serializes");
+    assert_eq!(
+        registry::parse(&round).expect("what we write parses"),
+        devices
+    );
+    let mut cfg = harness_config(0);
+    let file = "/fuzz/devices.json".to_string();
+    match cfg.merge_enrolled(
+        &[(&devices[..], DeviceOrigin::Enrolled, file.clone())],
+        &file,
+    ) {
+        Ok(()) => apply_everywhere(&cfg),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("/fuzz/devices.json"),
+                "error does not name the file: {msg}"
+            );
+        }
+    }
+}
+
+/// `netns_proto`: one control datagram. What decodes re-encodes to something that decodes to the same message,
+/// and the descriptor count it demands is exactly what `check_fds` accepts.
+pub(crate) fn netns_proto(data: &[u8]) {
+    let Ok(msg) = Message::decode(data) else {
+        return;
+    };
+    assert!(data.len() <= MAX_MESSAGE);
+    let n = msg.expected_fds();
+    assert!(msg.check_fds(n).is_ok());
+    assert!(msg.check_fds(n + 1).is_err());
+    if let Ok(bytes) = msg.encode() {
+        assert_eq!(
+            Message::decode(&bytes).expect("what we encode decodes"),
+            msg
+        );
+    }
+}
