@@ -475,7 +475,7 @@ pub fn verify(
     }
     if report.gaps > 0 {
         println!(
-            "note: {} gap records say {} records were lost (see `rampart audit gaps`-style detail in the events table)",
+            "note: {} gap records say {} records were lost (by kind and reason: table events, kind 'gap'; /metrics rampart_audit_records_lost_total)",
             report.gaps, report.records_lost
         );
     }
