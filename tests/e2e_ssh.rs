@@ -757,6 +757,55 @@ fn loopback_publickey_accepts_only_keys_registered_for_the_device() {
     );
 }
 
+/// Issue 11, finding 7: a rule's `logins` limits the accounts a device may log in to; `{user}` is the local part
+/// of the device's user.
+#[test]
+fn loopback_logins_are_limited_to_the_rule_s_list() {
+    let (gw, sshd) = Inspector::start(GwOpts {
+        rule: "logins = [\"nobody\", \"{user}\"]".into(),
+        user: "root@acme.example".into(),
+        ..Default::default()
+    });
+    // The attack: an account the rule does not list (it exists on the target, whose sshd would take it).
+    let out = gw.ssh(&["daemon@127.0.0.1", "echo got-in"], None);
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("rampart gateway: login \"daemon\" is not allowed by rule ssh-admins"),
+        "{err}"
+    );
+    // Positive controls: `{user}` (root) runs a command; a listed account (nobody) reaches the target, whose
+    // sshd takes the gateway's certificate for it (the account has no shell, so sshd ends it there).
+    let out = gw.ssh(&["root@127.0.0.1", "echo got-in"], None);
+    assert_eq!(text(&out.stdout), "got-in\n", "{}", text(&out.stderr));
+    let _ = gw.ssh(&["nobody@127.0.0.1", "true"], None);
+    let log = wait_for(
+        Duration::from_secs(10),
+        "sshd to log nobody's login",
+        || {
+            let l = sshd.log();
+            l.contains("for nobody from").then_some(l)
+        },
+    );
+    assert!(log.contains("Accepted certificate ID"), "{log}");
+    assert!(
+        !log.contains("for daemon from"),
+        "a refused login reached the target:\n{log}"
+    );
+    let rows = gw.wait_rows("session.end", 3);
+    let refused: Vec<LogRow> = rows
+        .iter()
+        .filter(|r| r.kind == "session.start" && r.keys.login == "daemon")
+        .cloned()
+        .collect();
+    assert_eq!(refused.len(), 1, "{rows:?}");
+    assert!(matches!(refused[0].event(), Some(SshEvent::SessionStart(s))
+        if s.decision.starts_with("refused: login \"daemon\" is not allowed")));
+    assert!(events(&rows, "session.end").iter().any(|e| matches!(e,
+        SshEvent::SessionEnd(s) if s.reason == "policy"
+            && s.error.as_deref().is_some_and(|m| m.contains("daemon")))));
+}
+
 /// A russh client (what OpenSSH's client cannot easily do): window changes and signals on a live channel.
 mod russh_client {
     use std::sync::Arc;

@@ -28,6 +28,7 @@ pub use enroll::EnrollSettings;
 pub use ids::*;
 pub use model::*;
 pub use raw::*;
+pub use validate::valid_login;
 use validate::{check_tenant_devices, check_unique_keys, line_of, parse_ssh_keys, validate};
 
 #[cfg(test)]

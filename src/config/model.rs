@@ -258,6 +258,33 @@ pub enum SshAuth {
     Publickey,
 }
 
+/// An entry of an `inspect_ssh` rule's `logins`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginPattern {
+    /// This account.
+    Name(String),
+    /// `{user}`: the local part of the device's user (`alice` for `alice@example.com`).
+    UserLocalPart,
+}
+
+impl LoginPattern {
+    pub fn matches(&self, login: &str, user: &UserName) -> bool {
+        match self {
+            LoginPattern::Name(n) => n == login,
+            LoginPattern::UserLocalPart => user.as_str().split('@').next() == Some(login),
+        }
+    }
+}
+
+impl std::fmt::Display for LoginPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoginPattern::Name(n) => f.write_str(n),
+            LoginPattern::UserLocalPart => f.write_str("{user}"),
+        }
+    }
+}
+
 /// Settings of an `inspect_ssh` rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshRuleSettings {
@@ -265,6 +292,17 @@ pub struct SshRuleSettings {
     pub auth: SshAuth,
     pub capture_input: bool,
     pub allow_forwarding: bool,
+    /// Accounts on the target devices may log in to; `None`: any.
+    pub logins: Option<Vec<LoginPattern>>,
+}
+
+impl SshRuleSettings {
+    /// Whether `login` is allowed for a device of `user`.
+    pub fn login_allowed(&self, login: &str, user: &UserName) -> bool {
+        self.logins
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|p| p.matches(login, user)))
+    }
 }
 
 /// What sits between the two legs of a layer-4 flow.

@@ -58,6 +58,9 @@ pub struct RawRule {
     pub capture_input: Option<bool>,
     /// `inspect_ssh` only: allow `direct-tcpip` (ssh -L).
     pub allow_forwarding: Option<bool>,
+    /// `inspect_ssh` only: the accounts devices may log in to on the target (`{user}`: the local part of the
+    /// device's user); absent: any.
+    pub logins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

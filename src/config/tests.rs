@@ -248,3 +248,38 @@ fn device_ssh_keys_are_authorized_keys_lines_without_options() {
     );
     assert!(err.contains("is not an SSH public key"), "{err}");
 }
+
+#[test]
+fn ssh_logins_are_account_names_or_the_user_placeholder() {
+    let rule = |logins: &str| {
+        GOOD.replace(
+            "[[tenant.device]]",
+            &format!(
+                "[[tenant.rule]]\nid = \"s\"\naction = \"inspect_ssh\"\nproto = \"tcp\"\nlogins = {logins}\n[[tenant.device]]"
+            ),
+        )
+    };
+    let c = load(&rule("[\"deploy\", \"{user}\"]")).unwrap();
+    let Inspect::Ssh(s) = &c.tenants[0].rules[0].inspect else {
+        panic!("not an SSH rule")
+    };
+    let alice = UserName::parse("alice@acme.example").unwrap();
+    assert!(s.login_allowed("deploy", &alice));
+    assert!(s.login_allowed("alice", &alice));
+    assert!(!s.login_allowed("root", &alice));
+    assert!(!s.login_allowed("alice@acme.example", &alice));
+    let err = load(&rule("[]")).unwrap_err().to_string();
+    assert!(err.contains("rule[0].logins: lists no account"), "{err}");
+    let err = load(&rule("[\"-oProxyCommand\"]")).unwrap_err().to_string();
+    assert!(err.contains("is not an account name"), "{err}");
+    let err = load(&GOOD.replace(
+        "[[tenant.device]]",
+        "[[tenant.rule]]\nid = \"a\"\naction = \"allow\"\nlogins = [\"root\"]\n[[tenant.device]]",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("rule[0].logins: only applies to action = \"inspect_ssh\""),
+        "{err}"
+    );
+}

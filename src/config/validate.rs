@@ -457,6 +457,7 @@ pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Opt
             None
         }
     };
+    let inspect = action.map(|a| validate_inspect(a, &r, key, c));
     let (users, groups, devices) = validate_identity(r.users, r.groups, r.devices, key, c);
     let dst = r.dst.map(|list| {
         list.iter()
@@ -547,15 +548,7 @@ pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Opt
         return None;
     }
     let action = action?;
-    let inspect = validate_inspect(
-        action,
-        &r.recording,
-        &r.ssh_auth,
-        r.capture_input,
-        r.allow_forwarding,
-        key,
-        c,
-    )?;
+    let inspect = inspect??;
     Some(Rule {
         id: r.id,
         action,
@@ -569,22 +562,21 @@ pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Opt
     })
 }
 
-/// The `inspect_ssh` keys: only on `inspect_ssh` rules, with defaults (recording required, client auth none).
+/// The `inspect_ssh` keys: only on `inspect_ssh` rules, with defaults (recording required, client auth none,
+/// any login).
 pub(super) fn validate_inspect(
     action: Action,
-    recording: &Option<String>,
-    ssh_auth: &Option<String>,
-    capture_input: Option<bool>,
-    allow_forwarding: Option<bool>,
+    r: &RawRule,
     key: &str,
     c: &mut Collector<'_>,
 ) -> Option<Inspect> {
     if action != Action::InspectSsh {
         let given = [
-            ("recording", recording.is_some()),
-            ("ssh_auth", ssh_auth.is_some()),
-            ("capture_input", capture_input.is_some()),
-            ("allow_forwarding", allow_forwarding.is_some()),
+            ("recording", r.recording.is_some()),
+            ("ssh_auth", r.ssh_auth.is_some()),
+            ("capture_input", r.capture_input.is_some()),
+            ("allow_forwarding", r.allow_forwarding.is_some()),
+            ("logins", r.logins.is_some()),
         ];
         for (k, _) in given.iter().filter(|(_, g)| *g) {
             c.push(
@@ -598,7 +590,7 @@ pub(super) fn validate_inspect(
             Inspect::None
         });
     }
-    let recording = match recording.as_deref() {
+    let recording = match r.recording.as_deref() {
         None | Some("required") => Recording::Required,
         Some("best_effort") => Recording::BestEffort,
         Some("off") => Recording::Off,
@@ -612,7 +604,7 @@ pub(super) fn validate_inspect(
             return None;
         }
     };
-    let auth = match ssh_auth.as_deref() {
+    let auth = match r.ssh_auth.as_deref() {
         None | Some("none") => SshAuth::None,
         Some("publickey") => SshAuth::Publickey,
         Some(o) => {
@@ -623,12 +615,54 @@ pub(super) fn validate_inspect(
             return None;
         }
     };
+    let logins = match &r.logins {
+        None => None,
+        Some(list) if list.is_empty() => {
+            c.push(
+                format!("{key}.logins"),
+                "lists no account, so no session could start; list accounts like [\"deploy\", \"{user}\"] \
+                 or remove the key to allow any",
+            );
+            return None;
+        }
+        Some(list) => {
+            let mut out = Vec::new();
+            for l in list {
+                if l == "{user}" {
+                    out.push(LoginPattern::UserLocalPart);
+                } else if valid_login(l) {
+                    out.push(LoginPattern::Name(l.clone()));
+                } else {
+                    c.push(
+                        format!("{key}.logins"),
+                        format!(
+                            "{l:?} is not an account name: use letters, digits, '.', '_', '-', '@' or '$', \
+                             or \"{{user}}\" for the local part of the device's user"
+                        ),
+                    );
+                    return None;
+                }
+            }
+            Some(out)
+        }
+    };
     Some(Inspect::Ssh(SshRuleSettings {
         recording,
         auth,
-        capture_input: capture_input.unwrap_or(false),
-        allow_forwarding: allow_forwarding.unwrap_or(false),
+        capture_input: r.capture_input.unwrap_or(false),
+        allow_forwarding: r.allow_forwarding.unwrap_or(false),
+        logins,
     }))
+}
+
+/// A login name as sshd would accept it (no control characters, no option-like names).
+pub fn valid_login(login: &str) -> bool {
+    !login.is_empty()
+        && login.len() <= 64
+        && !login.starts_with('-')
+        && login
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'$'))
 }
 
 /// The HTTP keys of a `[[tenant]]`, as written.

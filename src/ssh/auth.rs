@@ -14,7 +14,7 @@ use super::handler::ConnHandler;
 use super::upstream;
 use super::GATEWAY_NAME;
 use crate::audit::ssh_records::{SessionStart, SshEvent};
-use crate::config::{Recording, SshAuth};
+use crate::config::{valid_login, Recording, SshAuth};
 
 /// Refused client keys named in a session's record (a client may offer many).
 const MAX_REFUSED_KEYS: usize = 8;
@@ -33,6 +33,20 @@ impl ConnHandler {
         }
         if !valid_login(login) {
             self.failure = Some((format!("invalid login name {login:?}"), "policy"));
+            return Auth::Accept;
+        }
+        if !self.ctx.settings.login_allowed(login, &self.ctx.user) {
+            let allowed: Vec<String> = (self.ctx.settings.logins.iter().flatten())
+                .map(ToString::to_string)
+                .collect();
+            self.failure = Some((
+                format!(
+                    "login {login:?} is not allowed by rule {} (logins: {})",
+                    self.ctx.rule,
+                    allowed.join(", ")
+                ),
+                "policy",
+            ));
             return Auth::Accept;
         }
         if self.ctx.settings.recording == Recording::Required {
@@ -197,16 +211,6 @@ impl ConnHandler {
         }
         Ok(())
     }
-}
-
-/// A login name as sshd would accept it (no control characters, no option-like names).
-fn valid_login(login: &str) -> bool {
-    !login.is_empty()
-        && login.len() <= 64
-        && !login.starts_with('-')
-        && login
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'$'))
 }
 
 #[cfg(test)]
