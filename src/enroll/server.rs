@@ -296,11 +296,27 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 
 /// The `rampart://` URL (without token) a device reached us at, kept in its config file for `--refresh`.
 fn self_url<B>(ctx: &Ctx, req: &Request<B>) -> Option<String> {
+    self_url_with(&ctx.pins, req)
+}
+
+fn self_url_with<B>(pins: &Pins, req: &Request<B>) -> Option<String> {
     let authority = req.headers().get(HOST)?.to_str().ok()?;
-    request_host(req)?;
+    let host = request_host(req)?;
+    // Only `host` or `host:port` (brackets for IPv6) goes into the device's file.
+    let rest = authority
+        .trim_start_matches('[')
+        .strip_prefix(host.as_str())?
+        .trim_start_matches(']');
+    if !(rest.is_empty()
+        || rest
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok()))
+    {
+        return None;
+    }
     Some(super::admin::enrollment_url(
         authority,
-        &ctx.pins.url_pin(),
+        &pins.url_pin(),
         None,
     ))
 }
@@ -508,6 +524,24 @@ mod tests {
         );
         assert_eq!(request_host(&req("evil/x:1")), None);
         assert_eq!(request_host(&req("")), None);
+    }
+
+    #[test]
+    fn only_a_plain_authority_goes_into_the_device_file() {
+        let req = |h: &str| Request::builder().header(HOST, h).body(()).unwrap();
+        let pins = Pins {
+            cert_sha256: [1; 32],
+            spki_sha256: [2; 32],
+        };
+        let url = |h: &str| self_url_with(&pins, &req(h));
+        assert_eq!(
+            url("198.18.0.1:8443").as_deref(),
+            Some(format!("rampart://198.18.0.1:8443/?pin=sha256:{}", "01".repeat(32)).as_str())
+        );
+        assert!(url("[fd00::1]:8443").is_some());
+        assert!(url("gw.example").is_some());
+        assert_eq!(url("198.18.0.1:8443 # x"), None);
+        assert_eq!(url("198.18.0.1:x"), None);
     }
 
     #[test]
