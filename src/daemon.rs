@@ -34,6 +34,7 @@ struct Running {
     onramp: Onramp,
     ssh: Arc<crate::ssh::SshServices>,
     http: crate::http::HttpServices,
+    enroll_audit: crate::audit::enroll_records::EnrollAuditSink,
 }
 
 impl Running {
@@ -125,6 +126,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         crate::ssh::SshLimits::default(),
     ));
     let http = crate::http::HttpServices::new(audit.http());
+    let enroll_audit = audit.enroll();
     let mut gateway = Gateway::new(0, &key, metrics.clone(), Instant::now());
     let public = gateway.public_key();
     let summary = gateway.apply(&cfg, Instant::now(), &mut TxQueue::new());
@@ -179,6 +181,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         onramp,
         ssh,
         http,
+        enroll_audit,
     });
     let l4 = layer4.as_mut().map(|(ns, app, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
@@ -296,7 +299,8 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let enroll = crate::enroll::server::start(running.clone()).await?;
+    let enroll =
+        crate::enroll::server::start(running.clone(), running.enroll_audit.clone()).await?;
 
     let admin_task = tokio::spawn(crate::admin::serve(admin, metrics, audit));
     let control_task = tokio::spawn(serve_control(control, running.clone()));

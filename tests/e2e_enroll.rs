@@ -109,8 +109,31 @@ fn audit_events(lab: &Lab) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Records of `kind` committed to the audit store (the CLI's own wait in the spool until the gateway takes
+/// them, within seconds).
 fn count(events: &[serde_json::Value], kind: &str) -> usize {
-    events.iter().filter(|e| e["kind"] == kind).count()
+    events
+        .iter()
+        .filter(|e| e["event"] == kind && e["spooled"] == false)
+        .count()
+}
+
+/// Waits until the audit store has at least `n` committed records of each kind (the watcher moves the CLI's
+/// records from the spool every 2 s), and returns them all.
+fn wait_audit(lab: &Lab, wanted: &[(&str, usize)]) -> Vec<serde_json::Value> {
+    let mut last = Vec::new();
+    let got = support::poll_until(Duration::from_secs(20), Duration::from_millis(500), || {
+        last = audit_events(lab);
+        wanted
+            .iter()
+            .all(|(k, n)| count(&last, k) >= *n)
+            .then_some(())
+    });
+    assert!(
+        got.is_some(),
+        "audit records missing: wanted {wanted:?} in {last:#?}"
+    );
+    last
 }
 
 /// An HTTPS answer as curl saw it.
@@ -688,22 +711,20 @@ fn stock_tools_and_rampart_enroll_give_tunnels_that_refresh_rotate_approve_expir
         "{a:?}"
     );
 
-    let ev = audit_events(&lab);
-    for (kind, at_least) in [
-        ("token_created", 4),
-        ("device_enrolled", 4),
-        ("device_proven", 4),
-        ("device_refreshed", 2),
-        ("device_key_rotated", 1),
-        ("device_approved", 1),
-        ("device_expired", 1),
-        ("device_revoked", 1),
-    ] {
-        assert!(
-            count(&ev, kind) >= at_least,
-            "{kind}: fewer than {at_least} records in {ev:#?}"
-        );
-    }
+    wait_audit(
+        &lab,
+        &[
+            ("token_created", 5),
+            ("device_enrolled", 5),
+            ("device_reenrolled", 1),
+            ("device_proven", 4),
+            ("device_refreshed", 3),
+            ("device_key_rotated", 1),
+            ("device_approved", 1),
+            ("device_expired", 1),
+            ("device_revoked", 1),
+        ],
+    );
     assert_no_secret_logged(
         &lab,
         &[
@@ -980,7 +1001,7 @@ fn bad_tokens_and_abuse_each_get_a_clear_error_and_create_nothing() {
     );
     expected.sort();
     assert_eq!(names, expected);
-    let ev = audit_events(&lab);
+    let ev = wait_audit(&lab, &[("enroll_refused", 10), ("token_revoked", 1)]);
     for code in [
         "token_invalid",
         "token_expired",
@@ -991,7 +1012,7 @@ fn bad_tokens_and_abuse_each_get_a_clear_error_and_create_nothing() {
     ] {
         assert!(
             ev.iter()
-                .any(|e| e["kind"] == "enroll_refused" && e["detail"]["error"] == code),
+                .any(|e| e["event"] == "enroll_refused" && e["detail"]["error"] == code),
             "no enroll_refused record with {code}"
         );
     }

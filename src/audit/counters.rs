@@ -14,16 +14,23 @@ pub enum RecordKind {
     Flow,
     Http,
     Ssh,
+    Enroll,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 3] = [RecordKind::Flow, RecordKind::Http, RecordKind::Ssh];
+    pub const ALL: [RecordKind; 4] = [
+        RecordKind::Flow,
+        RecordKind::Http,
+        RecordKind::Ssh,
+        RecordKind::Enroll,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RecordKind::Flow => "flow",
             RecordKind::Http => "http",
             RecordKind::Ssh => "ssh",
+            RecordKind::Enroll => "enroll",
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1: the three record tables as the first three writers made them (stores written before
 /// `user_version` was set are version 1 too).
@@ -158,6 +158,24 @@ CREATE INDEX ssh_log_by_session ON ssh_log (session_id, seq);
 CREATE INDEX ssh_log_by_kind ON ssh_log (kind, at_ms);
 ";
 
+/// Version 3: enrollment records (`tables::enroll`), each a chain entry.
+const SCHEMA_V3: &str = "
+CREATE TABLE enroll_log (
+    chain_seq INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    tenant TEXT,
+    device TEXT,
+    device_name TEXT,
+    token TEXT,
+    source TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX enroll_log_by_time ON enroll_log (at_ms);
+CREATE INDEX enroll_log_by_tenant ON enroll_log (tenant, at_ms);
+";
+
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -215,6 +233,12 @@ pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA_V2)?;
         tx.pragma_update(None, "user_version", 2)?;
+        tx.commit()?;
+    }
+    if version < 3 {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA_V3)?;
+        tx.pragma_update(None, "user_version", 3)?;
         tx.commit()?;
     }
     Ok(())

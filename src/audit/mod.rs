@@ -16,6 +16,7 @@
 pub mod capture;
 pub mod counters;
 pub mod db;
+pub mod enroll_records;
 pub mod http_records;
 pub mod review;
 pub mod ssh_records;
@@ -61,6 +62,7 @@ pub enum Record {
     Flow(FlowEvent),
     Http(Box<HttpRecord>),
     Ssh(Box<SshRecord>),
+    Enroll(Box<enroll_records::EnrollRecord>),
 }
 
 impl Record {
@@ -69,6 +71,7 @@ impl Record {
             Record::Flow(_) => RecordKind::Flow,
             Record::Http(_) => RecordKind::Http,
             Record::Ssh(_) => RecordKind::Ssh,
+            Record::Enroll(_) => RecordKind::Enroll,
         }
     }
 
@@ -80,6 +83,8 @@ impl Record {
             Record::Flow(_) => None,
             Record::Http(r) => Some(&r.tenant),
             Record::Ssh(r) => Some(&r.keys.tenant),
+            // Admin and gateway records without a tenant are few; they share the common places.
+            Record::Enroll(r) => r.tenant.as_deref(),
         }
     }
 }
@@ -382,6 +387,11 @@ impl AuditSink {
     /// The SSH inspector's handle.
     pub fn ssh(&self) -> ssh_records::SshAuditSink {
         ssh_records::SshAuditSink::new(self.clone())
+    }
+
+    /// The enrollment service's handle.
+    pub fn enroll(&self) -> enroll_records::EnrollAuditSink {
+        enroll_records::EnrollAuditSink::new(self.clone())
     }
 }
 

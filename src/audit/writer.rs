@@ -355,6 +355,10 @@ fn write_batch(
                 0
             }
             Record::Ssh(r) => tables::ssh::append(&tx, &mut head, r)?,
+            Record::Enroll(r) => {
+                tables::enroll::insert(&tx, &mut head, r)?;
+                0
+            }
         });
     }
     tx.commit()?;

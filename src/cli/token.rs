@@ -11,6 +11,7 @@ use clap::Subcommand;
 use super::{load, notify_gateway, DEFAULT_CONFIG_PATH};
 use crate::config::UserName;
 use crate::enroll::admin::{self, TokenRequest};
+use crate::enroll::audit::AuditLog;
 use crate::enroll::secret::{masked, Kind};
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +84,11 @@ pub enum TokenCommand {
     },
 }
 
+/// The CLI's records go to the spool the running gateway takes them from (one writer for the audit store).
+fn spool(cfg: &crate::config::Config) -> AuditLog {
+    AuditLog::Spool(cfg.gateway.state_dir.clone())
+}
+
 /// Who runs the command, for audit records.
 fn actor() -> String {
     std::env::var("SUDO_USER")
@@ -138,7 +144,8 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             };
             let identity = admin::listener_identity(&cfg)?;
             let authority = host.or_else(|| admin::listener_authority(&cfg));
-            let new = admin::create_token(&cfg, req, &actor(), crate::enroll::unix_now())?;
+            let new =
+                admin::create_token(&cfg, req, &actor(), crate::enroll::unix_now(), &spool(&cfg))?;
             let pin = identity.pins.url_pin();
             let url = authority
                 .as_deref()
@@ -285,7 +292,8 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Revoke { config, id } => {
             let cfg = load(&config)?;
-            let t = admin::revoke_token(&cfg, &id, &actor(), crate::enroll::unix_now())?;
+            let t =
+                admin::revoke_token(&cfg, &id, &actor(), crate::enroll::unix_now(), &spool(&cfg))?;
             eprintln!(
                 "revoked {} (tenant {}, used {} times); devices it enrolled stay until removed",
                 masked(Kind::Enrollment, &t.id),
@@ -328,7 +336,14 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
 /// `rampart device approve`.
 pub(super) fn device_approve(config: &Path, tenant: &str, name: &str) -> anyhow::Result<()> {
     let cfg = load(config)?;
-    let d = admin::approve_device(&cfg, tenant, name, &actor(), crate::enroll::unix_now())?;
+    let d = admin::approve_device(
+        &cfg,
+        tenant,
+        name,
+        &actor(),
+        crate::enroll::unix_now(),
+        &spool(&cfg),
+    )?;
     eprintln!(
         "approved device {} ({}) of tenant {} with address {}",
         d.name,
@@ -342,7 +357,7 @@ pub(super) fn device_approve(config: &Path, tenant: &str, name: &str) -> anyhow:
 /// `rampart device remove` of a self-enrolled device; false if there is none by that name.
 pub(super) fn device_revoke(config: &Path, tenant: &str, name: &str) -> anyhow::Result<bool> {
     let cfg = load(config)?;
-    let Some(d) = admin::remove_device(&cfg, tenant, name, &actor())? else {
+    let Some(d) = admin::remove_device(&cfg, tenant, name, &actor(), &spool(&cfg))? else {
         return Ok(false);
     };
     eprintln!(
@@ -355,7 +370,8 @@ pub(super) fn device_revoke(config: &Path, tenant: &str, name: &str) -> anyhow::
     Ok(true)
 }
 
-/// `rampart audit enroll`.
+/// `rampart audit enroll`: the committed records, newest first, after any the gateway has not taken from the
+/// spool yet.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn audit_enroll(
     config: &Path,
@@ -366,25 +382,60 @@ pub(super) fn audit_enroll(
     limit: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::enroll::audit::{query, EventFilter};
+    use crate::audit::review::enroll::{query, EnrollFilter, EnrollRow};
+    use crate::inert_line;
     let cfg = load(config)?;
-    let path = crate::audit::existing_store(&cfg)?;
     let now_ms = crate::enroll::unix_now() * 1000;
-    let rows = query(
-        path,
-        &EventFilter {
-            tenant,
-            device,
-            kind,
-            since_ms: crate::clock::since_arg(since, now_ms)?,
-            limit,
-        },
-    )
-    .with_context(|| format!("cannot read enrollment records from {}", path.display()))?;
+    let f = EnrollFilter {
+        tenant,
+        device,
+        event: kind,
+        since_ms: crate::clock::since_arg(since, now_ms)?,
+        limit,
+    };
+    let mut rows: Vec<(bool, EnrollRow)> = Vec::new();
+    for r in crate::enroll::audit::spooled(&cfg.gateway.state_dir)
+        .into_iter()
+        .rev()
+    {
+        let row = EnrollRow {
+            seq: 0,
+            at_ms: r.at_ms,
+            event: r.event.as_str().to_string(),
+            actor: r.actor,
+            tenant: r.tenant,
+            device: r.device,
+            device_name: r.device_name,
+            token: r.token,
+            source: r.source,
+            detail: r.detail,
+        };
+        let keep = f
+            .tenant
+            .as_ref()
+            .is_none_or(|t| row.tenant.as_ref() == Some(t))
+            && f.device.as_ref().is_none_or(|d| {
+                row.device.as_ref() == Some(d) || row.device_name.as_ref() == Some(d)
+            })
+            && f.event.as_ref().is_none_or(|e| &row.event == e)
+            && f.since_ms.is_none_or(|s| row.at_ms >= s);
+        if keep {
+            rows.push((true, row));
+        }
+    }
+    if cfg.audit.path.exists() {
+        let path = cfg.audit.path.as_path();
+        let stored = query(path, &f)
+            .with_context(|| format!("cannot read enrollment records from {}", path.display()))?;
+        rows.extend(stored.into_iter().map(|r| (false, r)));
+    }
+    rows.truncate(limit);
     let mut o = std::io::stdout().lock();
     if json {
-        for r in &rows {
-            writeln!(o, "{}", serde_json::to_string(r)?)?;
+        for (spooled, r) in &rows {
+            let mut v = serde_json::to_value(r)?;
+            v["spooled"] = serde_json::Value::Bool(*spooled);
+            writeln!(o, "{v}")?;
         }
         return Ok(());
     }
@@ -393,18 +444,23 @@ pub(super) fn audit_enroll(
         "{:<24} {:<22} {:<10} {:<20} {:<16} {:<14} {:<16} DETAIL",
         "TIME", "EVENT", "TENANT", "DEVICE", "TOKEN", "ACTOR", "SOURCE"
     )?;
-    for r in &rows {
-        writeln!(
+    for (spooled, r) in &rows {
+        inert_line!(
             o,
-            "{:<24} {:<22} {:<10} {:<20} {:<16} {:<14} {:<16} {}",
+            "{:<24} {:<22} {:<10} {:<20} {:<16} {:<14} {:<16} {}{}",
             crate::clock::format_ms(r.at_ms),
-            r.kind,
+            r.event,
             r.tenant.as_deref().unwrap_or("-"),
             r.device_name.as_deref().unwrap_or("-"),
             r.token.as_deref().unwrap_or("-"),
             r.actor,
             r.source.as_deref().unwrap_or("-"),
-            r.detail
+            r.detail,
+            if *spooled {
+                "  (spooled: the gateway has not taken it yet)"
+            } else {
+                ""
+            }
         )?;
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! Admin operations on enrollment, for the CLI (`rampart token ...`, `rampart device approve/remove`) and the
 //! admin web UI: mint, list and revoke tokens; approve and remove self-enrolled devices; the enrollment URL.
 //!
-//! These change the store and write the audit record; making a running gateway apply a device change is the
-//! caller's job (the CLI asks over the control socket, the web UI calls its reload directly).
+//! These change the store and write the audit record (to the pipeline inside the gateway, to the spool from
+//! the CLI: `enroll::audit::AuditLog`); making a running gateway apply a device change is the caller's job
+//! (the CLI asks over the control socket, the web UI calls its reload directly).
 #![deny(unsafe_code)]
 
 use std::path::Path;
@@ -72,6 +73,7 @@ pub fn create_token(
     req: TokenRequest,
     actor: &str,
     now: i64,
+    audit: &AuditLog,
 ) -> Result<NewToken, AdminError> {
     let tenant = cfg
         .tenant(&req.tenant)
@@ -106,7 +108,7 @@ pub fn create_token(
     let tx = store.begin()?;
     tx.insert_token(&row)?;
     tx.commit()?;
-    AuditLog::new(&cfg.audit.path).record(
+    audit.record(
         Event::new(EventKind::TokenCreated, Actor::Admin(actor.to_string()))
             .token(&row.id)
             .tenant(row.tenant.as_str())
@@ -141,7 +143,13 @@ pub fn parse_token_id(s: &str) -> Result<PublicId, AdminError> {
 }
 
 /// Revokes a token: it enrolls nothing from now on (devices it enrolled stay; remove them one by one).
-pub fn revoke_token(cfg: &Config, id: &str, actor: &str, now: i64) -> Result<TokenRow, AdminError> {
+pub fn revoke_token(
+    cfg: &Config,
+    id: &str,
+    actor: &str,
+    now: i64,
+    audit: &AuditLog,
+) -> Result<TokenRow, AdminError> {
     let id = parse_token_id(id)?;
     let mut store = Store::open(&cfg.gateway.state_dir)?;
     let tx = store.begin()?;
@@ -151,7 +159,7 @@ pub fn revoke_token(cfg: &Config, id: &str, actor: &str, now: i64) -> Result<Tok
     let changed = tx.revoke_token(&id, now)?;
     tx.commit()?;
     if changed {
-        AuditLog::new(&cfg.audit.path).record(
+        audit.record(
             Event::new(EventKind::TokenRevoked, Actor::Admin(actor.to_string()))
                 .token(&id)
                 .tenant(row.tenant.as_str()),
@@ -195,6 +203,7 @@ pub fn approve_device(
     name: &str,
     actor: &str,
     now: i64,
+    audit: &AuditLog,
 ) -> Result<DeviceRow, AdminError> {
     let lock = Registry::open(&cfg.gateway.state_dir)
         .lock()
@@ -207,8 +216,7 @@ pub fn approve_device(
     }
     tx.commit()?;
     drop(lock);
-    AuditLog::new(&cfg.audit.path)
-        .record(Event::new(EventKind::DeviceApproved, Actor::Admin(actor.to_string())).device(&d));
+    audit.record(Event::new(EventKind::DeviceApproved, Actor::Admin(actor.to_string())).device(&d));
     Ok(DeviceRow {
         state: DeviceState::Active,
         approved_at: Some(now),
@@ -223,6 +231,7 @@ pub fn remove_device(
     tenant: &str,
     name: &str,
     actor: &str,
+    audit: &AuditLog,
 ) -> Result<Option<DeviceRow>, AdminError> {
     let lock = Registry::open(&cfg.gateway.state_dir)
         .lock()
@@ -240,8 +249,7 @@ pub fn remove_device(
     tx.delete_device(&d.id)?;
     tx.commit()?;
     drop(lock);
-    AuditLog::new(&cfg.audit.path)
-        .record(Event::new(EventKind::DeviceRevoked, Actor::Admin(actor.to_string())).device(&d));
+    audit.record(Event::new(EventKind::DeviceRevoked, Actor::Admin(actor.to_string())).device(&d));
     Ok(Some(d))
 }
 

@@ -1,88 +1,24 @@
-//! Audit records of enrollment: tokens created and revoked, devices enrolled, refused, approved, refreshed,
-//! rotated, proven, left, revoked and expired. Kept in the audit store (`audit.path`, table `enroll_events`)
-//! next to the flow records, and reviewed with `rampart audit enroll`.
+//! How enrollment writes its audit records (`audit::enroll_records`): inside the gateway, straight into the
+//! audit pipeline; from the admin CLI (another process), into a spool file in `state_dir` that the gateway's
+//! watcher moves into the pipeline (every 2 s, and at start), so the audit store keeps one writer and one hash
+//! chain.
 //!
-//! These records are rare (one per admin action or device request, rate limited per source), so each is
-//! written synchronously in its own transaction when it happens. A record that cannot be written is logged at
-//! ERROR; the action itself has already happened (the store of record is `enroll.db`).
+//! Spool: `state_dir/enroll-audit.spool`, one JSON record per line, mode 0600, appended and taken under an
+//! exclusive lock on `state_dir/enroll-audit.lock`. A record leaves the spool only once it is committed; a
+//! crash between the two can repeat it, never lose it.
 //!
 //! Never: a secret in a record (tokens are named by their public id).
 #![deny(unsafe_code)]
 
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS enroll_events (
-    id INTEGER PRIMARY KEY,
-    at_ms INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    tenant TEXT,
-    device TEXT,
-    device_name TEXT,
-    token TEXT,
-    actor TEXT NOT NULL,
-    source TEXT,
-    detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS enroll_events_at ON enroll_events (at_ms);
-";
-
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    TokenCreated,
-    TokenRevoked,
-    /// Too many wrong secrets: the token is locked for a while.
-    TokenLocked,
-    /// A device enrolled (active or pending).
-    DeviceEnrolled,
-    /// A retry within the retry window returned the same device (new device token).
-    DeviceEnrollRetried,
-    /// Same token and `device_id` again: the device's key was replaced.
-    DeviceReenrolled,
-    /// An enrollment was refused (detail: the error code).
-    EnrollRefused,
-    DeviceApproved,
-    /// A device fetched its configuration (detail: whether it changed).
-    DeviceRefreshed,
-    DeviceKeyRotated,
-    /// The first completed handshake with the device's current key.
-    DeviceProven,
-    /// The device removed itself.
-    DeviceLeft,
-    /// An admin removed the device.
-    DeviceRevoked,
-    /// An ephemeral device was not seen for its timeout and was removed.
-    DeviceExpired,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::TokenCreated => "token_created",
-            EventKind::TokenRevoked => "token_revoked",
-            EventKind::TokenLocked => "token_locked",
-            EventKind::DeviceEnrolled => "device_enrolled",
-            EventKind::DeviceEnrollRetried => "device_enroll_retried",
-            EventKind::DeviceReenrolled => "device_reenrolled",
-            EventKind::EnrollRefused => "enroll_refused",
-            EventKind::DeviceApproved => "device_approved",
-            EventKind::DeviceRefreshed => "device_refreshed",
-            EventKind::DeviceKeyRotated => "device_key_rotated",
-            EventKind::DeviceProven => "device_proven",
-            EventKind::DeviceLeft => "device_left",
-            EventKind::DeviceRevoked => "device_revoked",
-            EventKind::DeviceExpired => "device_expired",
-        }
-    }
-}
+pub use crate::audit::enroll_records::EnrollEvent as EventKind;
+use crate::audit::enroll_records::{EnrollAuditSink, EnrollRecord};
 
 /// Who did it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,61 +41,50 @@ impl Actor {
     }
 }
 
-/// One record.
+/// Builds one record.
 #[derive(Debug, Clone)]
-pub struct Event {
-    pub kind: EventKind,
-    pub actor: Actor,
-    pub tenant: Option<String>,
-    /// `dev_<id>`.
-    pub device: Option<String>,
-    pub device_name: Option<String>,
-    /// The token's public id.
-    pub token: Option<String>,
-    pub source: Option<IpAddr>,
-    /// Small JSON object with what else matters (address, state, error code, ...).
-    pub detail: serde_json::Value,
-}
+pub struct Event(EnrollRecord);
 
 impl Event {
     pub fn new(kind: EventKind, actor: Actor) -> Event {
-        Event {
-            kind,
-            actor,
+        Event(EnrollRecord {
+            at_ms: now_ms(),
+            event: kind,
+            actor: actor.text(),
             tenant: None,
             device: None,
             device_name: None,
             token: None,
             source: None,
             detail: serde_json::Value::Object(Default::default()),
-        }
+        })
     }
 
     pub fn device(mut self, d: &super::store::DeviceRow) -> Event {
-        self.tenant = Some(d.tenant.to_string());
-        self.device = Some(d.api_id());
-        self.device_name = Some(d.name.to_string());
-        self.token = Some(d.token_id.to_string());
+        self.0.tenant = Some(d.tenant.to_string());
+        self.0.device = Some(d.api_id());
+        self.0.device_name = Some(d.name.to_string());
+        self.0.token = Some(d.token_id.to_string());
         self
     }
 
     pub fn token(mut self, id: &super::secret::PublicId) -> Event {
-        self.token = Some(id.to_string());
+        self.0.token = Some(id.to_string());
         self
     }
 
     pub fn tenant(mut self, t: &str) -> Event {
-        self.tenant = Some(t.to_string());
+        self.0.tenant = Some(t.to_string());
         self
     }
 
     pub fn source(mut self, ip: IpAddr) -> Event {
-        self.source = Some(ip);
+        self.0.source = Some(ip.to_string());
         self
     }
 
     pub fn detail(mut self, key: &str, value: impl Serialize) -> Event {
-        if let serde_json::Value::Object(m) = &mut self.detail {
+        if let serde_json::Value::Object(m) = &mut self.0.detail {
             m.insert(
                 key.to_string(),
                 serde_json::to_value(value).unwrap_or_default(),
@@ -167,191 +92,250 @@ impl Event {
         }
         self
     }
+
+    pub fn into_record(self) -> EnrollRecord {
+        self.0
+    }
 }
 
-/// Writes enrollment records to the audit store.
-pub struct AuditLog {
-    path: PathBuf,
-    conn: Mutex<Option<Connection>>,
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where records go.
+#[derive(Clone)]
+pub enum AuditLog {
+    /// Inside the gateway: its audit pipeline.
+    Pipeline(EnrollAuditSink),
+    /// Another process (the admin CLI): the spool of `state_dir`, for the gateway to take.
+    Spool(PathBuf),
 }
 
 impl AuditLog {
-    pub fn new(path: &Path) -> AuditLog {
-        AuditLog {
-            path: path.to_path_buf(),
-            conn: Mutex::new(None),
-        }
-    }
-
-    /// Writes `e` now; a failure is logged (and the connection reopened next time).
+    /// Records `e`; a failure is logged (the action itself has happened: `enroll.db` is its store of record).
     pub fn record(&self, e: Event) {
-        if let Err(err) = self.try_record(&e) {
-            tracing::error!(kind = e.kind.as_str(), path = %self.path.display(), error = %err,
-                "cannot write the enrollment audit record");
+        match self {
+            AuditLog::Pipeline(sink) => sink.emit(e.0),
+            AuditLog::Spool(state_dir) => {
+                if let Err(err) = append(state_dir, std::slice::from_ref(&e.0)) {
+                    tracing::error!(event = e.0.event.as_str(), error = %err,
+                        "cannot spool the enrollment audit record");
+                }
+            }
         }
     }
 
-    pub fn try_record(&self, e: &Event) -> rusqlite::Result<()> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(open(&self.path)?);
+    /// Whether records are being committed now (a spool always takes them).
+    pub fn healthy(&self) -> bool {
+        match self {
+            AuditLog::Pipeline(sink) => sink.healthy(),
+            AuditLog::Spool(_) => true,
         }
-        let conn = guard.as_ref().expect("opened above");
-        let r = conn.execute(
-            "INSERT INTO enroll_events (at_ms, kind, tenant, device, device_name, token, actor, source, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0),
-                e.kind.as_str(),
-                e.tenant,
-                e.device,
-                e.device_name,
-                e.token,
-                e.actor.text(),
-                e.source.map(|s| s.to_string()),
-                e.detail.to_string(),
-            ],
-        );
-        if r.is_err() {
-            *guard = None;
+    }
+}
+
+pub fn spool_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("enroll-audit.spool")
+}
+
+fn lock(state_dir: &Path) -> std::io::Result<File> {
+    std::fs::create_dir_all(state_dir)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("enroll-audit.lock"))?;
+    f.lock()?;
+    Ok(f)
+}
+
+fn append(state_dir: &Path, records: &[EnrollRecord]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _lock = lock(state_dir)?;
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(spool_path(state_dir))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// Moves the spooled records into the pipeline, each waiting for its commit; what is not committed stays
+/// spooled for the next call.
+pub async fn drain_spool(state_dir: &Path, sink: &EnrollAuditSink) -> std::io::Result<usize> {
+    let path = spool_path(state_dir);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let dir = state_dir.to_path_buf();
+    let (guard, records) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let guard = lock(&dir)?;
+        let text = match std::fs::read_to_string(spool_path(&dir)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let mut records = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<EnrollRecord>(line) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping an unreadable spooled enrollment record")
+                }
+            }
         }
-        r.map(|_| ())
+        Ok((guard, records))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    let mut done = 0;
+    for r in &records {
+        if let Err(e) = sink.emit_durable(r.clone()).await {
+            tracing::warn!(error = %e, "spooled enrollment records wait: the audit store does not take them now");
+            break;
+        }
+        done += 1;
     }
+    let dir = state_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let _guard = guard;
+        let path = spool_path(&dir);
+        if done == records.len() {
+            return std::fs::remove_file(&path);
+        }
+        // Keep what was not committed (and anything appended meanwhile is impossible: we hold the lock).
+        let tmp = dir.join("enroll-audit.spool.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        append_to(&tmp, &records[done..])?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(done)
 }
 
-fn open(path: &Path) -> rusqlite::Result<Connection> {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+fn append_to(path: &Path, records: &[EnrollRecord]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for r in records {
+        writeln!(
+            f,
+            "{}",
+            serde_json::to_string(r).map_err(std::io::Error::other)?
+        )?;
     }
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
+    f.sync_all()
 }
 
-/// A record as reviewed.
-#[derive(Debug, Clone, Serialize)]
-pub struct EventRow {
-    pub id: i64,
-    pub at_ms: i64,
-    pub kind: String,
-    pub tenant: Option<String>,
-    pub device: Option<String>,
-    pub device_name: Option<String>,
-    pub token: Option<String>,
-    pub actor: String,
-    pub source: Option<String>,
-    pub detail: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct EventFilter {
-    pub tenant: Option<String>,
-    /// Device name or `dev_<id>`.
-    pub device: Option<String>,
-    pub kind: Option<String>,
-    pub since_ms: Option<i64>,
-    pub limit: usize,
-}
-
-/// Records matching `f`, newest first; none when the store has no enrollment records yet.
-pub fn query(path: &Path, f: &EventFilter) -> rusqlite::Result<Vec<EventRow>> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'enroll_events')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !exists {
-        return Ok(Vec::new());
-    }
-    let mut st = conn.prepare(
-        "SELECT id, at_ms, kind, tenant, device, device_name, token, actor, source, detail FROM enroll_events
-         WHERE (?1 IS NULL OR tenant = ?1)
-           AND (?2 IS NULL OR device = ?2 OR device_name = ?2)
-           AND (?3 IS NULL OR kind = ?3)
-           AND (?4 IS NULL OR at_ms >= ?4)
-         ORDER BY id DESC LIMIT ?5",
-    )?;
-    let rows = st.query_map(
-        params![f.tenant, f.device, f.kind, f.since_ms, f.limit as i64],
-        |r| {
-            let detail: String = r.get(9)?;
-            Ok(EventRow {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                kind: r.get(2)?,
-                tenant: r.get(3)?,
-                device: r.get(4)?,
-                device_name: r.get(5)?,
-                token: r.get(6)?,
-                actor: r.get(7)?,
-                source: r.get(8)?,
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
-            })
-        },
-    )?;
-    rows.collect()
+/// The spooled records (tests and `rampart audit enroll` for what is not committed yet).
+pub fn spooled(state_dir: &Path) -> Vec<EnrollRecord> {
+    std::fs::read_to_string(spool_path(state_dir))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::review::enroll::{query, EnrollFilter};
+    use crate::audit::{start, PipelineOptions};
 
     #[test]
-    fn records_are_written_and_queried_newest_first() {
+    fn spooled_records_reach_the_chain_once() {
         let dir = std::env::temp_dir().join(format!(
             "rampart-enroll-audit-{}-{}",
             std::process::id(),
             super::super::secret::PublicId::random()
         ));
-        let path = dir.join("audit.db");
-        let log = AuditLog::new(&path);
-        log.try_record(
-            &Event::new(EventKind::TokenCreated, Actor::Admin("root".into()))
+        let log = AuditLog::Spool(dir.clone());
+        log.record(
+            Event::new(EventKind::TokenCreated, Actor::Admin("root".into()))
                 .tenant("acme")
                 .detail("max_uses", 1),
-        )
+        );
+        log.record(
+            Event::new(EventKind::DeviceApproved, Actor::Admin("root".into())).tenant("acme"),
+        );
+        assert_eq!(spooled(&dir).len(), 2);
+        let db = dir.join("audit.db");
+        let (sink, writer) = start(PipelineOptions::new(
+            db.clone(),
+            dir.join("audit_signing_key"),
+        ))
         .unwrap();
-        log.try_record(
-            &Event::new(EventKind::EnrollRefused, Actor::Device)
-                .tenant("acme")
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let enroll = sink.enroll();
+        assert_eq!(rt.block_on(drain_spool(&dir, &enroll)).unwrap(), 2);
+        assert!(!spool_path(&dir).exists());
+        assert_eq!(rt.block_on(drain_spool(&dir, &enroll)).unwrap(), 0);
+        AuditLog::Pipeline(enroll).record(
+            Event::new(EventKind::EnrollRefused, Actor::Device)
                 .source("198.18.1.2".parse().unwrap())
                 .detail("error", "token_expired"),
-        )
-        .unwrap();
+        );
+        drop(sink);
+        writer.finish();
         let rows = query(
-            &path,
-            &EventFilter {
+            &db,
+            &EnrollFilter {
                 limit: 10,
                 ..Default::default()
             },
         )
         .unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].kind, "enroll_refused");
+        let events: Vec<&str> = rows.iter().map(|r| r.event.as_str()).collect();
+        assert_eq!(
+            events,
+            ["enroll_refused", "device_approved", "token_created"]
+        );
         assert_eq!(rows[0].detail["error"], "token_expired");
         assert_eq!(rows[0].source.as_deref(), Some("198.18.1.2"));
-        assert_eq!(rows[1].actor, "admin:root");
-        let only = query(
-            &path,
-            &EventFilter {
-                kind: Some("token_created".into()),
-                limit: 10,
-                ..Default::default()
-            },
+        assert_eq!(rows[2].actor, "admin:root");
+        // They are chain entries: verify covers them, and a changed byte shows.
+        use crate::audit::review::verify::verify;
+        let key = russh::keys::ssh_key::PublicKey::from_openssh(
+            std::fs::read_to_string(dir.join("audit_signing_key.pub"))
+                .unwrap()
+                .trim(),
         )
         .unwrap();
-        assert_eq!(only.len(), 1);
+        let conn = crate::audit::db::open_readonly(&db).unwrap();
+        let report = verify(&conn, &dir, &key, None).unwrap();
+        assert!(report.first_break.is_none(), "{report:?}");
+        assert_eq!(report.by_kind.get("enroll"), Some(&3));
+        drop(conn);
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "UPDATE enroll_log SET actor = 'admin:mallory' WHERE event = 'token_created'",
+            )
+            .unwrap();
+        let conn = crate::audit::db::open_readonly(&db).unwrap();
+        let report = verify(&conn, &dir, &key, None).unwrap();
+        assert!(
+            report
+                .first_break
+                .is_some_and(|b| b.what.contains("enrollment record")),
+            "a changed record must break the chain"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -72,11 +72,19 @@ impl EnrollServer {
 }
 
 /// Starts the watcher, and the listener when `gateway.enroll_listen` is set (minting its certificate on
-/// first start). Errors (address in use, unreadable certificate) name the setting to fix.
-pub async fn start(gateway: Arc<dyn GatewayHandle>) -> anyhow::Result<EnrollServer> {
+/// first start); records go to `sink`. Errors (address in use, unreadable certificate) name the setting to
+/// fix.
+pub async fn start(
+    gateway: Arc<dyn GatewayHandle>,
+    sink: crate::audit::enroll_records::EnrollAuditSink,
+) -> anyhow::Result<EnrollServer> {
     use anyhow::Context as _;
     let cfg = gateway.config();
-    let service = Arc::new(Service::new(gateway)?);
+    let service = Arc::new(Service::new(
+        gateway,
+        super::audit::AuditLog::Pipeline(sink.clone()),
+    )?);
+    let state_dir = cfg.gateway.state_dir.clone();
     let cancel = CancellationToken::new();
     // Everything that can fail comes before the first task holds the gateway.
     let mut listener = None;
@@ -112,14 +120,25 @@ pub async fn start(gateway: Arc<dyn GatewayHandle>) -> anyhow::Result<EnrollServ
         });
         listener = Some((tcp, tls, ctx));
     }
-    let mut tasks = vec![tokio::spawn(watch(service, cancel.clone()))];
+    let mut tasks = vec![tokio::spawn(watch(
+        service,
+        sink,
+        state_dir,
+        cancel.clone(),
+    ))];
     if let Some((tcp, tls, ctx)) = listener {
         tasks.push(tokio::spawn(accept_loop(tcp, tls, ctx, cancel.clone())));
     }
     Ok(EnrollServer { cancel, tasks })
 }
 
-async fn watch(service: Arc<Service>, cancel: CancellationToken) {
+/// Every `WATCH_INTERVAL`: the admin CLI's spooled audit records into the pipeline, then `Service::observe`.
+async fn watch(
+    service: Arc<Service>,
+    sink: crate::audit::enroll_records::EnrollAuditSink,
+    state_dir: std::path::PathBuf,
+    cancel: CancellationToken,
+) {
     let mut rx = HashMap::new();
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -127,6 +146,9 @@ async fn watch(service: Arc<Service>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if let Err(e) = super::audit::drain_spool(&state_dir, &sink).await {
+            tracing::warn!(error = %e, "cannot take the spooled enrollment audit records");
         }
         let svc = service.clone();
         let r = tokio::task::spawn_blocking(move || {

@@ -169,12 +169,12 @@ pub fn with_pending(t: &Tenant, store_devices: &[DeviceRow]) -> Tenant {
 }
 
 impl Service {
-    pub fn new(gateway: Arc<dyn GatewayHandle>) -> anyhow::Result<Service> {
+    pub fn new(gateway: Arc<dyn GatewayHandle>, audit: AuditLog) -> anyhow::Result<Service> {
         let cfg = gateway.config();
         let gateway_key = PrivateKey::read_file(&cfg.gateway.private_key_file)?.public_key();
         Ok(Service {
             state_dir: cfg.gateway.state_dir.clone(),
-            audit: AuditLog::new(&cfg.audit.path),
+            audit,
             lockout_failures: cfg.enroll.lockout_failures,
             lockout: cfg.enroll.lockout,
             gateway_key,
@@ -248,6 +248,14 @@ impl Service {
 
         // Authenticate first: nothing expensive (registry lock, config load) for a token that fails.
         self.check_token(&cred, origin, now)?;
+        // Under `audit.on_failure = "fail_closed"` nothing is enrolled that cannot be recorded.
+        if self.gateway.config().audit.on_failure == crate::config::FailurePolicy::FailClosed
+            && !self.audit.healthy()
+        {
+            return Err(unavailable(
+                "the audit store cannot be written (audit.on_failure = \"fail_closed\")",
+            ));
+        }
 
         let _lock = self.lock()?;
         let cfg = self.load_config()?;

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::audit::ssh_records::{file_sha256, SshEvent};
 use crate::audit::tables::chain::{self, Checkpoint, HeadLine, CHECKPOINT_NAMESPACE};
-use crate::audit::tables::{events, flows, http, ssh};
+use crate::audit::tables::{enroll, events, flows, http, ssh};
 
 /// Where the store stops agreeing with itself, its signatures or the exported head.
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +109,7 @@ fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
     }
     match kind {
         http::KIND => "HTTP request".into(),
+        enroll::KIND => "enrollment record".into(),
         k => k.to_string(),
     }
 }
@@ -122,6 +123,7 @@ fn canonical(
         flows::START | flows::ESTABLISHED | flows::END => flows::canonical(conn, kind, seq),
         http::KIND => http::canonical(conn, seq),
         ssh::KIND => ssh::canonical(conn, seq),
+        enroll::KIND => enroll::canonical(conn, seq),
         _ => events::canonical(conn, seq),
     }
 }

@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod chain;
+pub mod enroll;
 pub mod events;
 pub mod flows;
 pub mod http;

@@ -5,7 +5,6 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::enroll::admin::{self, TokenRequest};
-use crate::enroll::audit::{query, EventFilter};
 use crate::enroll::secret::PublicId;
 
 struct FakeGateway {
@@ -66,7 +65,11 @@ fn world(pools: &[(&str, &str, &str)]) -> World {
         reloads: AtomicUsize::new(0),
         peers: Mutex::new(Vec::new()),
     });
-    let svc = Service::new(gw.clone()).unwrap();
+    let svc = Service::new(
+        gw.clone(),
+        crate::enroll::audit::AuditLog::Spool(dir.join("state")),
+    )
+    .unwrap();
     World { dir, gw, svc }
 }
 
@@ -91,7 +94,7 @@ impl World {
             note: String::new(),
         };
         f(&mut req);
-        let t = admin::create_token(&self.cfg(), req, "test", unix_now()).unwrap();
+        let t = admin::create_token(&self.cfg(), req, "test", unix_now(), &self.spool()).unwrap();
         (t.token, t.row.id)
     }
 
@@ -118,21 +121,19 @@ impl World {
         )
     }
 
+    fn spool(&self) -> crate::enroll::audit::AuditLog {
+        crate::enroll::audit::AuditLog::Spool(self.dir.join("state"))
+    }
+
     fn store_devices(&self) -> Vec<DeviceRow> {
         admin::devices(&self.dir.join("state")).unwrap()
     }
 
     fn events(&self, kind: &str) -> usize {
-        query(
-            &self.dir.join("state").join("audit.db"),
-            &EventFilter {
-                kind: Some(kind.into()),
-                limit: 1000,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .len()
+        crate::enroll::audit::spooled(&self.dir.join("state"))
+            .iter()
+            .filter(|r| r.event.as_str() == kind)
+            .count()
     }
 }
 
@@ -289,7 +290,7 @@ fn expired_revoked_and_malformed_tokens_create_nothing() {
         .unwrap_err();
     assert_eq!(e.error, ErrorCode::TokenExpired);
     let (revoked, id) = w.token(|_| {});
-    admin::revoke_token(&w.cfg(), id.as_str(), "test", unix_now()).unwrap();
+    admin::revoke_token(&w.cfg(), id.as_str(), "test", unix_now(), &w.spool()).unwrap();
     assert_eq!(code(w.enroll(&revoked, &key())), ErrorCode::TokenRevoked);
     for bad in [
         "",
@@ -359,7 +360,15 @@ fn pending_devices_hold_an_address_but_reach_the_config_only_when_approved() {
         a.interface.addresses, b.interface.addresses,
         "the pending device's address is taken"
     );
-    admin::approve_device(&w.cfg(), "acme", &a.device.name, "test", unix_now()).unwrap();
+    admin::approve_device(
+        &w.cfg(),
+        "acme",
+        &a.device.name,
+        "test",
+        unix_now(),
+        &w.spool(),
+    )
+    .unwrap();
     let cfg = w.cfg();
     let names: Vec<&str> = cfg.tenants[0]
         .devices
@@ -367,7 +376,15 @@ fn pending_devices_hold_an_address_but_reach_the_config_only_when_approved() {
         .map(|d| d.name.as_str())
         .collect();
     assert_eq!(names, vec![a.device.name.as_str()]);
-    assert!(admin::approve_device(&w.cfg(), "acme", &a.device.name, "test", unix_now()).is_err());
+    assert!(admin::approve_device(
+        &w.cfg(),
+        "acme",
+        &a.device.name,
+        "test",
+        unix_now(),
+        &w.spool()
+    )
+    .is_err());
     assert_eq!(w.events("device_approved"), 1);
 }
 
