@@ -215,6 +215,16 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
             g.tun_write_errors.get(),
         ),
         (
+            "rampart_udp_receive_errors_total",
+            "Failed receive calls on the WireGuard socket (usually ICMP errors for earlier sends).",
+            g.recv_errors.get(),
+        ),
+        (
+            "rampart_refusals_unrecorded_total",
+            "Refused flow attempts not recorded (too many distinct ones within one summary interval).",
+            g.refusals_unrecorded.get(),
+        ),
+        (
             "rampart_handoffs_dropped_total",
             "Upgraded flows refused because the application side's queue was full.",
             g.handoffs_dropped.get(),

@@ -127,6 +127,7 @@ fn pump(
     // The upgrade and downgrade TUNs of the gateway's namespace, when the layer-4 path is on.
     let mut tuns: Option<(File, File)> = None;
     let mut next_tick = Instant::now();
+    let mut recv_errors_in_a_row = 0u32;
     let mut events = Vec::new();
     // Releases the application side could not take yet (its queue was full); they are never dropped, or the
     // sockets of an ended flow would stay open.
@@ -214,16 +215,26 @@ fn pump(
         }
         let [udp_ready, up_ready, dn_ready] = ready;
         if udp_ready {
-            if let Err(e) = sys::recv_batch(&socket, &mut rx) {
-                tracing::error!(error = %e, "UDP receive failed");
-                std::thread::sleep(TIMER_TICK);
+            // An error here is usually about one datagram (an ICMP error for an earlier send surfaces as
+            // ECONNREFUSED): count it and go on, never sleep (that would let a remote party stall the data
+            // path). Only a run of errors backs off, briefly, so a broken socket does not spin.
+            match sys::recv_batch(&socket, &mut rx) {
+                Ok(_) => recv_errors_in_a_row = 0,
+                Err(e) => {
+                    metrics.global.recv_errors.add(1);
+                    recv_errors_in_a_row += 1;
+                    tracing::debug!(error = %e, "UDP receive error");
+                    if recv_errors_in_a_row >= 1000 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
             }
         } else {
             rx.meta.clear();
         }
         let now = Instant::now();
         gw.set_admit_new_flows(audit.admits_new_flows());
-        for (i, &(from, len, truncated)) in rx.meta.iter().enumerate() {
+        for &(i, from, len, truncated) in &rx.meta {
             if truncated {
                 metrics
                     .global

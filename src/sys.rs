@@ -13,8 +13,10 @@ pub const BATCH: usize = 32;
 /// Receive buffers for one batch, reused across calls.
 pub struct RecvBatch {
     pub bufs: Vec<Box<[u8]>>,
-    /// Per received datagram: source, length, and whether it was cut short (larger than its buffer).
-    pub meta: Vec<(SocketAddr, usize, bool)>,
+    /// Per received datagram: the index of its buffer, source, length, and whether it was cut short
+    /// (larger than its buffer). A datagram whose source cannot be read is skipped without shifting the
+    /// others off their buffers.
+    pub meta: Vec<(usize, SocketAddr, usize, bool)>,
 }
 
 impl RecvBatch {
@@ -142,7 +144,7 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
         let len = hdrs[i].msg_len as usize;
         let truncated = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         if let Some(from) = to_socket_addr(&addrs[i]) {
-            batch.meta.push((from, len, truncated));
+            batch.meta.push((i, from, len, truncated));
         }
     }
     Ok(batch.meta.len())

@@ -250,15 +250,21 @@ fn curl_downloads_100_mb_from_nginx_through_the_offramp_intact_and_the_flow_is_a
         (Some("web"), Some(UPSTREAM), Some("allow")),
         "{flow}"
     );
-    let out = lab
-        .gateway
-        .cli(&["audit", "flows"], &["--json"])
-        .expect_ok();
-    let denied = out
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|f| f["dport"] == 8080)
-        .expect("the denied flow to :8080 is recorded");
+    // Refused attempts are summarised every `flows.deny_summary_secs` (10 s by default).
+    let (denied, _) = wait_until(
+        "the denied flow to :8080 in the audit store",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = lab
+                .gateway
+                .cli(&["audit", "flows"], &["--json"])
+                .expect_ok();
+            out.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .find(|f| f["dport"] == 8080)
+        },
+    );
     assert_eq!(denied["action"], "deny", "{denied}");
 }
 

@@ -168,15 +168,21 @@ fn policy_allows_one_port_denies_the_rest_and_audit_shows_both_with_rule_ids_and
     );
 
     // The audit trail has all of them, with the deciding rule; the transfer's flow ends with its bytes.
+    // Refused attempts are summarised (one record per device, destination and rule per
+    // `flows.deny_summary_secs`, 10 s by default), so they may come a little later.
     let (flows, _) = wait_until(
-        "the 5201 flow to end in the audit store",
-        Duration::from_secs(30),
+        "the 5201 flow to end and the refused attempts to be summarised in the audit store",
+        Duration::from_secs(40),
         Duration::from_millis(300),
         || {
             let flows = audit_flows(&lab);
             find(&flows, |f| {
                 f["dport"] == 5201 && f["device"] == "alice" && !f["end_reason"].is_null()
             })?;
+            find(&flows, |f| {
+                f["protocol"] == 1 && f["dst"] == b_addr.as_str()
+            })?;
+            find(&flows, |f| f["dport"] == 5202)?;
             Some(flows)
         },
     );

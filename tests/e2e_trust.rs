@@ -649,7 +649,6 @@ proto = "icmp"
 /// flow limit (`[flows] device_max_flows`, default 2048) with its drops counted, and `audit.db` grows by less
 /// than 8 MiB (denied flows are aggregated: one record per device, destination and rule per interval).
 #[test]
-#[ignore = "issue 10 attack test: fails until the fix lands"]
 fn a_flooding_device_leaves_another_tenants_traffic_handshakes_and_audit_intact() {
     const BYTES: u64 = 20 * 1024 * 1024;
     const FLOOD_SECS: u32 = 20;

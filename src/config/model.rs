@@ -198,7 +198,7 @@ impl Default for TenantHttp {
 pub const DEFAULT_UPGRADE: &str = "websocket";
 
 /// What a rule does with the flows it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Forward at layer 3.
@@ -371,6 +371,14 @@ pub struct FlowSettings {
     pub udp_timeout: Duration,
     pub icmp_timeout: Duration,
     pub other_timeout: Duration,
+    /// Most live flows one device may hold (one device never fills the table for everyone).
+    pub device_max_flows: usize,
+    /// New flows (allowed or not) one device may open per second, on average, and in a burst.
+    pub device_new_flows_per_sec: u32,
+    pub device_new_flows_burst: u32,
+    /// Refused flows are not tracked one by one: one audit record per device, destination and rule per
+    /// this interval, with the number of attempts.
+    pub deny_summary: Duration,
 }
 
 impl Default for FlowSettings {
@@ -382,6 +390,10 @@ impl Default for FlowSettings {
             udp_timeout: Duration::from_secs(60),
             icmp_timeout: Duration::from_secs(30),
             other_timeout: Duration::from_secs(60),
+            device_max_flows: 2048,
+            device_new_flows_per_sec: 200,
+            device_new_flows_burst: 400,
+            deny_summary: Duration::from_secs(10),
         }
     }
 }

@@ -23,6 +23,10 @@ pub struct RawFlows {
     pub udp_timeout_secs: Option<u64>,
     pub icmp_timeout_secs: Option<u64>,
     pub other_timeout_secs: Option<u64>,
+    pub device_max_flows: Option<u64>,
+    pub device_new_flows_per_sec: Option<u64>,
+    pub device_new_flows_burst: Option<u64>,
+    pub deny_summary_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -236,6 +236,46 @@ pub(super) fn validate_flows(raw: Option<RawFlows>, c: &mut Collector<'_>) -> Fl
         udp_timeout: secs("udp_timeout_secs", r.udp_timeout_secs, d.udp_timeout),
         icmp_timeout: secs("icmp_timeout_secs", r.icmp_timeout_secs, d.icmp_timeout),
         other_timeout: secs("other_timeout_secs", r.other_timeout_secs, d.other_timeout),
+        deny_summary: secs("deny_summary_secs", r.deny_summary_secs, d.deny_summary),
+        device_max_flows: d.device_max_flows,
+        device_new_flows_per_sec: d.device_new_flows_per_sec,
+        device_new_flows_burst: d.device_new_flows_burst,
+    };
+    let mut count = |key: &str, v: Option<u64>, default: u64, max: u64| match v {
+        Some(0) => {
+            c.push(format!("flows.{key}"), "must be at least 1");
+            default
+        }
+        Some(n) if n > max => {
+            c.push(
+                format!("flows.{key}"),
+                format!("{n} is too large; at most {max}"),
+            );
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let s = FlowSettings {
+        device_max_flows: count(
+            "device_max_flows",
+            r.device_max_flows,
+            d.device_max_flows as u64,
+            u64::from(u32::MAX),
+        ) as usize,
+        device_new_flows_per_sec: count(
+            "device_new_flows_per_sec",
+            r.device_new_flows_per_sec,
+            u64::from(d.device_new_flows_per_sec),
+            1_000_000,
+        ) as u32,
+        device_new_flows_burst: count(
+            "device_new_flows_burst",
+            r.device_new_flows_burst,
+            u64::from(d.device_new_flows_burst),
+            1_000_000,
+        ) as u32,
+        ..s
     };
     match r.max_flows {
         Some(0) => {

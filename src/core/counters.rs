@@ -169,12 +169,16 @@ pub struct GlobalCounters {
     pub datagrams_tx: Counter,
     pub cookie_replies: Counter,
     pub send_errors: Counter,
+    /// Receive calls on the UDP socket that failed (usually an ICMP error for an earlier send).
+    pub recv_errors: Counter,
     /// NAT slots held by upgraded flows (gauge, refreshed every timer tick; quarantined slots not included).
     pub nat_slots: Counter,
     /// NAT slots whose flow ended, waiting for the application side to close their sockets (gauge).
     pub nat_slots_closing: Counter,
     /// Upgraded flows the application side's full queue could not take (their connection is refused).
     pub handoffs_dropped: Counter,
+    /// Refused attempts not recorded because too many distinct ones arrived within one summary interval.
+    pub refusals_unrecorded: Counter,
     /// Packets for the gateway's namespace the upgrade TUN refused (queue full).
     pub tun_write_errors: Counter,
     /// Drops that cannot be attributed to a tenant.

@@ -209,6 +209,9 @@ pub enum EndReason {
     Shutdown,
     /// The gateway's namespace (which held the upgraded stream) was restarted.
     UpgradeLost,
+    /// Not a flow: a summary of attempts policy refused (one record per device, destination and rule per
+    /// interval; the packet count is the number of attempts).
+    Refused,
 }
 
 impl EndReason {
@@ -221,6 +224,7 @@ impl EndReason {
             EndReason::PeerRemoved => "peer_removed",
             EndReason::Shutdown => "shutdown",
             EndReason::UpgradeLost => "upgrade_lost",
+            EndReason::Refused => "refused",
         }
     }
 }

@@ -23,6 +23,7 @@ mod events;
 pub mod flow_table;
 pub mod nat;
 pub mod policy;
+mod refused;
 mod reload;
 mod router;
 pub mod tx;
@@ -134,6 +135,11 @@ struct Peer {
     device: Arc<Device>,
     /// Where the device was last seen sending authenticated traffic from.
     endpoint: Option<SocketAddr>,
+    /// Live flows the device opened (limited by `flows.device_max_flows`).
+    live_flows: usize,
+    /// New-flow token bucket: thousandths of a token, and when it was last refilled.
+    tokens_milli: u64,
+    refilled_ms: u64,
 }
 
 struct TenantState {
@@ -168,6 +174,12 @@ pub struct Gateway {
     epoch: Instant,
     flows: FlowTable,
     max_flows: usize,
+    device_max_flows: usize,
+    /// New flows per second per device, and the burst.
+    new_flow_rate: (u32, u32),
+    /// Refused flows, tallied per device, destination and rule until the next summary.
+    refused: refused::Tally,
+    deny_summary_ms: u64,
     next_flow_seq: u64,
     tenant_nums: HashMap<TenantId, u32>,
     /// Live flows per tenant number.
@@ -211,6 +223,13 @@ impl Gateway {
             epoch: now,
             flows: FlowTable::new(&FlowSettings::default()),
             max_flows: FlowSettings::default().max_flows,
+            device_max_flows: FlowSettings::default().device_max_flows,
+            new_flow_rate: (
+                FlowSettings::default().device_new_flows_per_sec,
+                FlowSettings::default().device_new_flows_burst,
+            ),
+            refused: refused::Tally::default(),
+            deny_summary_ms: FlowSettings::default().deny_summary.as_millis() as u64,
             next_flow_seq: 1,
             tenant_nums: HashMap::new(),
             flow_counts: Vec::new(),

@@ -64,6 +64,12 @@ impl Gateway {
         }
         self.flows.set_timeouts(&cfg.flows);
         self.max_flows = cfg.flows.max_flows;
+        self.device_max_flows = cfg.flows.device_max_flows;
+        self.new_flow_rate = (
+            cfg.flows.device_new_flows_per_sec,
+            cfg.flows.device_new_flows_burst,
+        );
+        self.deny_summary_ms = cfg.flows.deny_summary.as_millis() as u64;
         let mut keys: Vec<&PeerKey> = wanted.keys().collect();
         keys.sort(); // deterministic slot assignment
         for key in keys {
@@ -272,6 +278,9 @@ impl Gateway {
     pub(super) fn forget_flow(&mut self, f: &Flow) {
         let n = &mut self.flow_counts[f.key.tenant() as usize];
         *n = n.saturating_sub(1);
+        if let Some(Some(p)) = self.peers.get_mut(f.src_slot as usize) {
+            p.live_flows = p.live_flows.saturating_sub(1);
+        }
         self.retire_upgrade(f);
     }
 
@@ -307,6 +316,7 @@ impl Gateway {
 
     /// Ends every live flow (clean shutdown), so every flow record gets its end.
     pub fn shutdown(&mut self, now: Instant) {
+        self.flush_refused(now);
         for idx in self.flows.indices() {
             if self.flows.get(idx).state == flow_table::FlowState::Ended {
                 let f = self.flows.remove(idx);

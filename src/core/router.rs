@@ -261,8 +261,14 @@ impl Gateway {
             counters.count_drop(DropReason::NoRoute);
             return None;
         };
+        let now_ms = self.ms(now);
+        if !self.take_new_flow_token(src_slot, now_ms) {
+            counters.count_drop(DropReason::FlowRateLimited);
+            return None;
+        }
         if route == Route::Offramp && self.offramp_forbidden(ti, view.dst, t.dport) {
             self.reject(src_slot, ti, pkt, view, t, Unreachable::Prohibited, tx);
+            self.note_refused(src_slot, view, t, Action::Reject, None, now_ms);
             counters.count_drop(DropReason::OfframpForbidden);
             return None;
         }
@@ -270,9 +276,48 @@ impl Gateway {
             counters.count_drop(DropReason::AuditUnavailable);
             return None;
         }
-        let now_ms = self.ms(now);
+        let peer = self.peers[src_slot as usize]
+            .as_ref()
+            .expect("caller holds slot");
+        let tenant = &self.tenants[ti];
+        let dport = Transport::has_ports(view.protocol).then_some(t.dport);
+        let decision = tenant.policy.evaluate(
+            &subject(peer),
+            &Target {
+                dst: view.dst,
+                protocol: view.protocol,
+                dport,
+            },
+        );
+        // H3: UDP is never carried through the namespace to another device (it would leave the appliance
+        // towards the device's tenant-internal address); such a rule refuses instead.
+        let udp_to_device = decision.action.is_layer4()
+            && matches!(route, Route::Peer(_))
+            && view.protocol != PROTO_TCP;
+        if matches!(decision.action, Action::Deny | Action::Reject) || udp_to_device {
+            let action = if udp_to_device {
+                Action::Reject
+            } else {
+                decision.action
+            };
+            self.note_refused(src_slot, view, t, action, decision.rule, now_ms);
+            if action == Action::Reject {
+                self.reject(src_slot, ti, pkt, view, t, Unreachable::Prohibited, tx);
+                counters.count_drop(DropReason::PolicyRejected);
+            } else {
+                counters.count_drop(DropReason::PolicyDenied);
+            }
+            return None;
+        }
         let tenant = &self.tenants[ti];
         let num = tenant.num as usize;
+        if self.peers[src_slot as usize]
+            .as_ref()
+            .is_some_and(|p| p.live_flows >= self.device_max_flows)
+        {
+            counters.count_drop(DropReason::DeviceFlowLimit);
+            return None;
+        }
         if self.flows.len() >= self.max_flows
             || tenant.max_flows.is_some_and(|m| self.flow_counts[num] >= m)
         {
@@ -289,15 +334,6 @@ impl Gateway {
         let peer = self.peers[src_slot as usize]
             .as_ref()
             .expect("caller holds slot");
-        let dport = Transport::has_ports(view.protocol).then_some(t.dport);
-        let decision = tenant.policy.evaluate(
-            &subject(peer),
-            &Target {
-                dst: view.dst,
-                protocol: view.protocol,
-                dport,
-            },
-        );
         let rule = tenant.policy.rule_id(&decision);
         let carried = decision.action == Action::Allow || decision.action.is_layer4();
         // Carried at layer 4: allowed flows to upstream networks, and `proxy`/`inspect_*` flows (also between
@@ -398,6 +434,9 @@ impl Gateway {
         tracing::trace!(seq, action = decision.action.as_str(), "flow start");
         counters.flows_started.add(1);
         self.flow_counts[num] += 1;
+        if let Some(p) = self.peers[src_slot as usize].as_mut() {
+            p.live_flows += 1;
+        }
         Some(self.flows.insert(Flow::new(
             key,
             dir,

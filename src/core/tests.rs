@@ -728,12 +728,36 @@ fn denied_port_is_dropped_and_recorded_with_its_rule() {
     net.handshake(1);
     let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
     net.send(0, &tcp(a, 40000, b, 23, 1, "S", b""));
-    net.send(0, &tcp(a, 40000, b, 23, 1, "S", b"")); // retransmission: same flow, decided once
+    net.send(0, &tcp(a, 40000, b, 23, 1, "S", b"")); // a retransmission
+    net.send(0, &tcp(a, 40001, b, 23, 1, "S", b"")); // another port: the same summary
     assert!(net.clients[1].inbox.is_empty());
     assert!(net.clients[0].inbox.is_empty(), "deny is silent");
-    let evs = events(&mut net);
+    assert_eq!(net.gw.flow_count(), 0, "a refused attempt is no flow");
+    assert!(
+        starts(&events(&mut net)).is_empty(),
+        "summarised, not one record each"
+    );
+    let evs = summarise_refusals(&mut net);
     assert_eq!(starts(&evs), vec![("no-telnet".to_string(), Action::Deny)]);
-    assert_eq!(net.tenant("acme").drops(DropReason::PolicyDenied), 2);
+    let ends: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            FlowEvent::End {
+                packets, reason, ..
+            } => Some((*reason, packets[0])),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, vec![(EndReason::Refused, 3)], "three attempts");
+    assert_eq!(net.tenant("acme").drops(DropReason::PolicyDenied), 3);
+}
+
+/// Moves the clock past the refusal summary interval and drains the summaries.
+fn summarise_refusals(net: &mut Net) -> Vec<FlowEvent> {
+    net.skew += FlowSettings::default().deny_summary + Duration::from_millis(1);
+    let now = net.now();
+    net.gw.handle_timers(now, &mut net.tx);
+    events(net)
 }
 
 #[test]
@@ -863,7 +887,7 @@ fn reload_cuts_a_flow_the_new_policy_denies_with_rsts_both_ways() {
     // A new connection on the same ports is a new flow, decided by the new policy.
     net.send(0, &tcp(a, 40000, b, 5201, 7000, "S", b""));
     assert_eq!(
-        starts(&events(&mut net)),
+        starts(&summarise_refusals(&mut net)),
         vec![("no-iperf".to_string(), Action::Deny)]
     );
 }
@@ -1460,4 +1484,70 @@ fn the_appliance_is_never_an_offramp_destination() {
     net.send(0, &tcp(me, 41000, ip("198.51.100.7"), 80, 1, "S", b""));
     net.send(0, &tcp(me, 41001, ip("198.18.0.1"), 53, 1, "S", b""));
     assert_eq!(take_tun(&mut net).len(), 2);
+}
+
+/// H5 of the security review: one device spraying new flows (allowed ones to random UDP ports, and refused
+/// ones) is held by its own limits: its live flows stop at `device_max_flows`, its new flows at the token
+/// bucket, refused attempts become one summary record; another device of another tenant is unaffected.
+#[test]
+fn one_device_cannot_fill_the_table_or_the_audit_trail() {
+    let mut net = two_tenants();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.flows.device_max_flows = 50;
+    cfg.flows.device_new_flows_per_sec = 100;
+    cfg.flows.device_new_flows_burst = 80;
+    net.gw.apply(&cfg, net.now(), &mut net.tx);
+    for i in 0..4 {
+        net.handshake(i);
+    }
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    let udp_to = |port: u16| {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4([100, 96, 0, 2], [100, 96, 0, 1], 64)
+            .udp(4000, port)
+            .write(&mut out, b"x")
+            .unwrap();
+        out
+    };
+    // 100 allowed UDP flows to the gateway's random ports, then 100 refused ones, within an instant.
+    for p in 0..100u16 {
+        net.send(0, &udp_to(10_000 + p));
+    }
+    for p in 0..100u16 {
+        net.send(0, &tcp(a, 30_000 + p, b, 23, 1, "S", b""));
+    }
+    let acme = net.tenant("acme");
+    assert!(net.gw.flow_count() <= 50, "{} flows", net.gw.flow_count());
+    assert!(acme.drops(DropReason::DeviceFlowLimit) > 0);
+    assert!(acme.drops(DropReason::FlowRateLimited) > 0);
+    let evs = summarise_refusals(&mut net);
+    let refused = evs
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                FlowEvent::End {
+                    reason: EndReason::Refused,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        refused <= 1,
+        "{refused} summary records for one device, destination and rule"
+    );
+    // The other tenant's device opens its flows as usual.
+    net.send(2, &udp(a, b, b"globex"));
+    assert_eq!(&net.clients[3].inbox.last().unwrap()[28..], b"globex");
+    // Once its flows expire and its bucket refills, the device opens flows again.
+    net.skew += FlowSettings::default().udp_timeout + Duration::from_secs(1);
+    let now = net.now();
+    net.gw.handle_timers(now, &mut net.tx);
+    net.send(0, &tcp(a, 50_000, b, 5201, 1, "S", b""));
+    assert!(net.clients[1]
+        .inbox
+        .iter()
+        .any(|p| p.len() >= 40 && p[20..22] == 50_000u16.to_be_bytes()));
 }

@@ -35,6 +35,9 @@ impl Gateway {
             tenant,
             device: Arc::new(d.clone()),
             endpoint: None,
+            live_flows: 0,
+            tokens_milli: u64::from(self.new_flow_rate.1) * 1000,
+            refilled_ms: self.ms(now),
         });
         self.by_key.insert(d.public_key, slot);
         tracing::debug!(device = %d.name, slot, "peer added");
@@ -239,6 +242,7 @@ impl Gateway {
     /// Also expires idle flows (bounded work per call).
     pub fn handle_timers(&mut self, now: Instant, tx: &mut TxQueue) {
         self.gate.reset_count();
+        self.flush_refused_due(now);
         let mut expired = Vec::new();
         self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
         for e in expired {
