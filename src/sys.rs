@@ -337,7 +337,7 @@ mod tests {
         while got.len() < 40 {
             let n = recv_batch(&b, &mut batch).unwrap();
             assert!(n > 0, "timed out after {} datagrams", got.len());
-            for (i, &(from, len, trunc)) in batch.meta.iter().enumerate() {
+            for &(i, from, len, trunc) in &batch.meta {
                 assert_eq!(from, a.local_addr().unwrap());
                 assert!(!trunc);
                 got.push(batch.bufs[i][..len].to_vec());
@@ -354,6 +354,6 @@ mod tests {
         a.send_to(&[7u8; 3000], b.local_addr().unwrap()).unwrap();
         let mut batch = RecvBatch::new(1024);
         assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1);
-        assert!(batch.meta[0].2);
+        assert!(batch.meta[0].3);
     }
 }
