@@ -409,8 +409,12 @@ pub fn echo_reply_in_place(p: &mut [u8], v: &IpView) -> LocalReply {
             p[8] = 64;
             let hc = checksum_update(read16(p, 10), old, read16(p, 8));
             write16(p, 10, hc);
-            let ck = checksum_update(read16(p, l4 + 2), 0x0800, 0x0000);
+            // Recomputed, not patched: an incremental update gives 0x0000 where the all-zero message of an
+            // identifier-0, sequence-0, empty echo needs 0xffff (RFC 1624's -0/+0 case). The message was just
+            // summed anyway.
             p[l4] = 0;
+            write16(p, l4 + 2, 0);
+            let ck = !fold(ones_sum(&p[l4..v.len], 0));
             write16(p, l4 + 2, ck);
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
@@ -496,6 +500,17 @@ mod tests {
         sum += (p.len() - 40) as u32 + 58;
         assert_eq!(fold(ones_sum(&p[40..], sum)), 0xffff);
         assert_eq!(p[40], 129);
+    }
+
+    /// Found by the `packet` fuzz target: the reply to an echo request with identifier 0, sequence 0 and no
+    /// payload got checksum 0x0000 (the incremental update's -0), which receivers reject.
+    #[test]
+    fn echo_reply_to_an_all_zero_request_has_a_valid_checksum() {
+        let mut p = echo_v4(0, 0, b"");
+        let v = parse_ip(&p).unwrap();
+        assert_eq!(echo_reply_in_place(&mut p, &v), LocalReply::Reply(p.len()));
+        assert_eq!(&p[20..], &[0, 0, 0xff, 0xff, 0, 0, 0, 0]);
+        assert_eq!(fold(ones_sum(&p[20..], 0)), 0xffff, "ICMP checksum valid");
     }
 
     #[test]

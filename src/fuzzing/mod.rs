@@ -227,3 +227,14 @@ mod tests {
         );
     }
 }
+
+/// Runs one input file through a target: `RAMPART_FUZZ=target:path cargo test --lib fuzzing::replay_one --
+/// --ignored --nocapture` (a crash found by a fuzz run, with a backtrace and the debug build's checks).
+#[cfg(test)]
+#[test]
+#[ignore = "set RAMPART_FUZZ=target:path"]
+fn replay_one() {
+    let spec = std::env::var("RAMPART_FUZZ").expect("RAMPART_FUZZ=target:path");
+    let (target, path) = spec.split_once(':').expect("target:path");
+    run(target, &std::fs::read(path).expect("input file"));
+}
