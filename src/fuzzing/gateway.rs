@@ -184,9 +184,17 @@ pub(crate) fn config_text(variant: usize) -> String {
     text
 }
 
+/// The harness config `variant` (parsed once per thread).
 pub(crate) fn config(variant: usize) -> Config {
-    Config::from_toml(&config_text(variant), Path::new("/fuzz/gateway.toml"))
-        .unwrap_or_else(|e| panic!("fuzz harness config variant {variant}: {e}"))
+    thread_local! {
+        static CONFIGS: Vec<Config> = (0..VARIANTS)
+            .map(|v| {
+                Config::from_toml(&config_text(v), Path::new("/fuzz/gateway.toml"))
+                    .unwrap_or_else(|e| panic!("fuzz harness config variant {v}: {e}"))
+            })
+            .collect();
+    }
+    CONFIGS.with(|c| c[variant].clone())
 }
 
 struct Client {
@@ -783,15 +791,16 @@ pub(crate) fn endpoints(data: &[u8]) {
         return;
     };
     let restored = crate::daemon::parse_endpoints(text);
+    let cfg = config(0);
     let metrics = Arc::new(Metrics::default());
     let now = Instant::now();
     let mut gw = Gateway::new(0, &fixed_key(0), metrics, now);
-    gw.apply(&config(0), now, &mut TxQueue::new());
+    gw.apply(&cfg, now, &mut TxQueue::new());
     let mut tx = TxQueue::new();
-    let known: Vec<_> = DEVICES
+    let known: Vec<_> = cfg
+        .tenants
         .iter()
-        .enumerate()
-        .map(|(i, _)| fixed_key(i as u8 + 1).public_key())
+        .flat_map(|t| t.devices.iter().map(|d| d.public_key))
         .collect();
     for (key, ep) in restored {
         tx.clear();

@@ -206,10 +206,12 @@ pub(crate) fn http_request(data: &[u8]) {
         return; // hyper answers 400
     };
     let tenant = &http_config().tenants[0];
-    let upgrade_to = match parts.version {
-        Version::HTTP_11 => rewrite::limit_upgrade(&mut parts.headers, &tenant.http.allow_upgrade),
-        _ => None,
+    // As `proxy::handle`: only HTTP/1.1 may switch protocols, every version has its Upgrade limited.
+    let allowed = |v: Version| match v {
+        Version::HTTP_11 => &tenant.http.allow_upgrade[..],
+        _ => &[][..],
     };
+    let upgrade_to = rewrite::limit_upgrade(&mut parts.headers, allowed(parts.version));
     if let Some(to) = &upgrade_to {
         for e in to.split(',') {
             let name = rewrite::upgrade_name(e);
@@ -222,6 +224,10 @@ pub(crate) fn http_request(data: &[u8]) {
     assert!(
         !parts.headers.contains_key("http2-settings"),
         "h2c settings forwarded"
+    );
+    assert!(
+        upgrade_to.is_none() || parts.version == Version::HTTP_11,
+        "an HTTP/1.0 request may switch protocols"
     );
     assert!(
         upgrade_to.is_some() || !rewrite::is_upgrade(&parts.headers),
@@ -273,9 +279,7 @@ pub(crate) fn http_request(data: &[u8]) {
     }
     for proto in [OriginProto::Http1, OriginProto::Http2] {
         let mut p = build().expect("built once already");
-        if p.version == Version::HTTP_11 {
-            rewrite::limit_upgrade(&mut p.headers, &tenant.http.allow_upgrade);
-        }
+        rewrite::limit_upgrade(&mut p.headers, allowed(p.version));
         let scheme = if flags & 2 != 0 { "https" } else { "http" };
         if rewrite::to_origin(&mut p, proto, scheme, &authority, &matched).is_err() {
             continue; // answered with a 400 page

@@ -291,7 +291,12 @@ fn check_packet(p: &[u8], why: Unreachable, rst: (u32, u32, bool), edit: (u8, u1
             let r = packet::parse_ip(&reply).expect("reply parses");
             assert_eq!((r.src, r.dst), (v.dst, v.src));
             if valid {
-                assert_eq!(checksums_ok(&reply[..n]), Some(true), "echo reply checksum: {pkt:?} -> {:?}", &reply[..n]);
+                assert_eq!(
+                    checksums_ok(&reply[..n]),
+                    Some(true),
+                    "echo reply checksum: {pkt:?} -> {:?}",
+                    &reply[..n]
+                );
             }
         }
         LocalReply::NotHandled => {

@@ -640,7 +640,7 @@ fn rustls_hellos() -> Seeds {
 }
 
 fn http_request_seeds() -> Seeds {
-    let heads: [(&str, &[u8]); 12] = [
+    let heads: [(&str, &[u8]); 13] = [
         ("curl-get", b"GET /index.html HTTP/1.1\r\nHost: www.intranet.example\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"),
         ("post-admin", b"POST /public/../admin/users HTTP/1.1\r\nHost: app.intranet.example:8080\r\nContent-Length: 3\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\n\r\n"),
         ("connect", b"CONNECT proxy.example:443 HTTP/1.1\r\nHost: proxy.example:443\r\nProxy-Authorization: Basic eA==\r\n\r\n"),
@@ -652,6 +652,7 @@ fn http_request_seeds() -> Seeds {
         ("semicolon", b"GET /public/..;/admin HTTP/1.1\r\nHost: a.example\r\n\r\n"),
         ("encoded-slash", b"GET /%2fadmin HTTP/1.1\r\nHost: a.example\r\nTE: trailers, gzip\r\nTransfer-Encoding: chunked\r\n\r\n"),
         ("http10-no-host", b"GET /Admin HTTP/1.0\r\n\r\n"),
+        ("http10-upgrade", b"GET /chat HTTP/1.0\r\nHost: ws.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocketVersion: 13\r\n\r\n"),
         ("ipv6-host", b"DELETE /x HTTP/1.1\r\nHost: [2001:db8::1]:8443\r\nKeep-Alive: 5\r\nTrailer: X\r\n\r\n"),
     ];
     let mut out: Vec<(String, Vec<u8>)> = heads
