@@ -806,6 +806,89 @@ fn loopback_logins_are_limited_to_the_rule_s_list() {
             && s.error.as_deref().is_some_and(|m| m.contains("daemon")))));
 }
 
+/// Issue 11, finding 8: with `target_host_ca.pub`, a target must present a host certificate from that CA naming
+/// its address (as OpenSSH requires); nothing is pinned on first use then, and the trust files are read again
+/// when they change.
+#[test]
+fn loopback_a_target_host_ca_requires_a_certificate_naming_the_target() {
+    let state = tempdir("state");
+    let init = trust::ca_init(&state, "acme").unwrap();
+    let user_ca = init.dir.join("user_ca.pub");
+    let target_ca = state.join("target_ca");
+    keygen(&target_ca);
+    let trusted = init.dir.join("target_host_ca.pub");
+    std::fs::copy(state.join("target_ca.pub"), &trusted).unwrap();
+    let sshd = |name: &str, host_key: HostKey| {
+        Sshd::start(
+            None,
+            &state.join(name),
+            "127.0.0.1",
+            &[],
+            &user_ca,
+            host_key,
+        )
+    };
+    let cert = |principals: &[&str]| HostKey::Certificate {
+        ca: target_ca.clone(),
+        principals: principals.iter().map(|p| p.to_string()).collect(),
+    };
+    let plain = sshd("sshd-plain", HostKey::Plain);
+    let any_host = sshd("sshd-any", cert(&[]));
+    let other_host = sshd("sshd-other", cert(&["10.9.9.9", "db.example"]));
+    let named = sshd("sshd-named", cert(&["target.example", "127.0.0.1"]));
+    let gw = Inspector::start_with(state.clone(), plain.sockaddr(), GwOpts::default());
+    let pins = gw.state.join("ssh/acme/known_targets");
+    let try_target = |t: &Sshd| {
+        gw.set_target(t.sockaddr());
+        gw.ssh(&["root@127.0.0.1", "echo reached"], None)
+    };
+    let refused = |out: &std::process::Output, why: &str| {
+        assert!(
+            !text(&out.stdout).contains("reached"),
+            "the session reached a target the host CA does not vouch for ({why})"
+        );
+        assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("rampart gateway: ") && err.contains(why),
+            "{err}"
+        );
+    };
+    // The attacks: a target (or whoever answers in its place) with a plain key, a certificate "valid for any
+    // host", a certificate for another host.
+    refused(&try_target(&plain), "plain host key");
+    refused(&try_target(&any_host), "names no principals");
+    refused(&try_target(&other_host), "not for 127.0.0.1");
+    assert!(
+        std::fs::read_to_string(&pins)
+            .unwrap_or_default()
+            .is_empty(),
+        "a target was pinned although the tenant trusts a host CA"
+    );
+    // Positive control: the certificate naming the target's address.
+    let out = try_target(&named);
+    assert_eq!(text(&out.stdout), "reached\n", "{}", text(&out.stderr));
+    let rows = gw.wait_rows("session.end", 4);
+    let trusts: Vec<Option<String>> = events(&rows, "session.start")
+        .into_iter()
+        .filter_map(|e| match e {
+            SshEvent::SessionStart(s) if s.decision == "allowed" => Some(s.target_host_key_trust),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(trusts, [Some("ca".to_string())]);
+    // The trust files are read again when they change (no restart): without the CA, the plain target is
+    // pinned on first use (so it was reachable all along); with the CA back, it is refused again, pin or not.
+    std::fs::remove_file(&trusted).unwrap();
+    let out = try_target(&plain);
+    assert_eq!(text(&out.stdout), "reached\n", "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(&pins)
+        .unwrap()
+        .contains(&plain.port().to_string()));
+    std::fs::copy(state.join("target_ca.pub"), &trusted).unwrap();
+    refused(&try_target(&plain), "plain host key");
+}
+
 /// A russh client (what OpenSSH's client cannot easily do): window changes and signals on a live channel.
 mod russh_client {
     use std::sync::Arc;

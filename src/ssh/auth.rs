@@ -73,6 +73,7 @@ impl ConnHandler {
             stream,
             self.trust.clone(),
             self.ctx.dst,
+            self.target_names(),
             login,
             &key_id,
             self.ctx.settings.allow_forwarding,
@@ -132,6 +133,20 @@ impl ConnHandler {
             }
         }
         registered
+    }
+
+    /// What a target's host certificate must name: its address, and for a device of the tenant its name.
+    fn target_names(&self) -> Vec<String> {
+        let ip = std::net::IpAddr::V4(*self.ctx.dst.ip());
+        let mut names = vec![ip.to_string()];
+        let config = self.ctx.config.current();
+        if let Some(d) = config
+            .tenant(self.ctx.tenant.as_str())
+            .and_then(|t| t.devices.iter().find(|d| d.address == ip))
+        {
+            names.push(d.name.to_string());
+        }
+        names
     }
 
     fn recording_store_ready(&self) -> Result<(), String> {

@@ -113,16 +113,39 @@ impl SshServices {
         &self.state_dir
     }
 
-    /// The tenant's CAs and keys, loaded on first use (a missing CA is retried on the next session, so
-    /// `rampart ca init` takes effect without a restart).
+    /// The tenant's CAs and keys, read again when the files changed since (`rampart ca init`, a target host CA
+    /// added, removed or rotated) and retried while missing. Blocking file work: call it off the async runtime
+    /// ([`SshServices::tenant_trust_async`]).
     pub fn tenant_trust(&self, tenant: &str) -> Result<Arc<TenantTrust>, TrustError> {
-        let mut map = self.trust.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = map.get(tenant) {
-            return Ok(t.clone());
+        let stamp = trust::TrustStamp::read(&self.state_dir, tenant);
+        if let Some(t) = self
+            .trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            if *t.stamp() == stamp {
+                return Ok(t.clone());
+            }
         }
         let t = Arc::new(TenantTrust::load(&self.state_dir, tenant)?);
-        map.insert(tenant.to_owned(), t.clone());
+        tracing::debug!(tenant, "SSH trust material (re)loaded");
+        self.trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_owned(), t.clone());
         Ok(t)
+    }
+
+    /// [`SshServices::tenant_trust`] on the blocking pool.
+    pub async fn tenant_trust_async(
+        self: &Arc<Self>,
+        tenant: &str,
+    ) -> Result<Arc<TenantTrust>, TrustError> {
+        let (services, tenant) = (self.clone(), tenant.to_owned());
+        tokio::task::spawn_blocking(move || services.tenant_trust(&tenant))
+            .await
+            .unwrap_or_else(|e| Err(TrustError::Key(format!("loading trust material: {e}"))))
     }
 }
 

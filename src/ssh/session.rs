@@ -162,7 +162,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         tracing::debug!(device = %ctx.device, "too many unauthenticated SSH connections; closing");
         return;
     };
-    let trust = match services.tenant_trust(ctx.tenant.as_str()) {
+    let trust = match services.tenant_trust_async(ctx.tenant.as_str()).await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(tenant = %ctx.tenant, error = %e, "cannot inspect SSH");

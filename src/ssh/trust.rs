@@ -17,7 +17,7 @@ use std::io::Write as _;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
@@ -181,8 +181,31 @@ pub enum HostKeyVerdict {
     BadCertificate(String),
 }
 
+/// What the tenant's trust files looked like when they were loaded (presence, size, mtime of each), so a
+/// change (`ca init`, a CA added or rotated) is picked up by the next session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustStamp(Vec<Option<(u64, SystemTime)>>);
+
+impl TrustStamp {
+    /// Stats the trust files of `tenant` (blocking file work: call it off the async runtime).
+    pub fn read(state_dir: &Path, tenant: &str) -> TrustStamp {
+        let dir = tenant_dir(state_dir, tenant);
+        TrustStamp(
+            ["user_ca", "host_ca", "host_key", "target_host_ca.pub"]
+                .iter()
+                .map(|f| {
+                    std::fs::metadata(dir.join(f))
+                        .ok()
+                        .map(|m| (m.len(), m.modified().unwrap_or(UNIX_EPOCH)))
+                })
+                .collect(),
+        )
+    }
+}
+
 /// One tenant's loaded trust material.
 pub struct TenantTrust {
+    stamp: TrustStamp,
     dir: PathBuf,
     tenant: String,
     user_ca: PrivateKey,
@@ -202,7 +225,9 @@ impl std::fmt::Debug for TenantTrust {
 }
 
 impl TenantTrust {
+    /// Reads the tenant's trust files (blocking file work: call it off the async runtime).
     pub fn load(state_dir: &Path, tenant: &str) -> Result<TenantTrust, TrustError> {
+        let stamp = TrustStamp::read(state_dir, tenant);
         let dir = tenant_dir(state_dir, tenant);
         if !dir.join("user_ca").exists() {
             return Err(TrustError::NoCa(tenant.to_owned()));
@@ -220,6 +245,7 @@ impl TenantTrust {
             Err(_) => None,
         };
         Ok(TenantTrust {
+            stamp,
             user_ca: read_private_key(&dir.join("user_ca"))?,
             host_ca: read_private_key(&dir.join("host_ca"))?,
             host_key: read_private_key(&dir.join("host_key"))?,
@@ -233,6 +259,16 @@ impl TenantTrust {
 
     pub fn host_key(&self) -> &PrivateKey {
         &self.host_key
+    }
+
+    /// The files as they were when this was loaded.
+    pub fn stamp(&self) -> &TrustStamp {
+        &self.stamp
+    }
+
+    /// Whether targets must present a host certificate from the tenant's target host CA.
+    pub fn has_target_host_ca(&self) -> bool {
+        self.target_host_ca.is_some()
     }
 
     /// The gateway's host certificate for clients that connect to `principal` (the destination address),
@@ -307,31 +343,19 @@ impl TenantTrust {
         Ok((eph, cert, info))
     }
 
-    /// Checks a target's host key: a certificate from the trusted target CA naming the target's address, or
-    /// the key pinned for `target` (pinning it now on first use).
+    /// Checks a target's host key. With a target host CA (`target_host_ca.pub`), only a host certificate from
+    /// it whose principals include one of `names` (the target's address, and its device name for a device) is
+    /// accepted, as OpenSSH does, and nothing is pinned; without one, the key pinned for `target` (pinned now on
+    /// first use). Blocking file work (the pins): call it off the async runtime.
     pub fn check_target_key(
         &self,
         target: SocketAddrV4,
+        names: &[String],
         key: &PublicKey,
         cert: Option<&Certificate>,
     ) -> Result<HostKeyVerdict, TrustError> {
-        if let (Some(cert), Some(ca)) = (cert, &self.target_host_ca) {
-            let ca_fp = ca.fingerprint(HashAlg::Sha256);
-            let ip = target.ip().to_string();
-            let ok = cert.cert_type() == CertType::Host
-                && cert.validate([&ca_fp]).is_ok()
-                && (cert.valid_principals().is_empty() || cert.valid_principals().contains(&ip));
-            return Ok(if ok {
-                HostKeyVerdict::Accept {
-                    trust: HostKeyTrust::Ca,
-                    fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
-                }
-            } else {
-                HostKeyVerdict::BadCertificate(format!(
-                    "target {target} presented a host certificate not signed by the tenant's target host CA \
-                     for {ip}"
-                ))
-            });
+        if let Some(ca) = &self.target_host_ca {
+            return Ok(check_host_certificate(ca, target, names, key, cert));
         }
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let openssh = PublicKey::new(key.key_data().clone(), "")
@@ -382,6 +406,50 @@ impl TenantTrust {
             trust: HostKeyTrust::Tofu,
             fingerprint,
         })
+    }
+}
+
+/// The OpenSSH rules for a host certificate: from the CA, of host type, valid now, naming the host.
+fn check_host_certificate(
+    ca: &PublicKey,
+    target: SocketAddrV4,
+    names: &[String],
+    key: &PublicKey,
+    cert: Option<&Certificate>,
+) -> HostKeyVerdict {
+    let bad = |why: String| {
+        HostKeyVerdict::BadCertificate(format!(
+            "target {target} {why}; the tenant trusts only host certificates from its target host CA \
+             (target_host_ca.pub) that name the target"
+        ))
+    };
+    let Some(cert) = cert else {
+        return bad("presented a plain host key".into());
+    };
+    if cert.cert_type() != CertType::Host {
+        return bad("presented a user certificate as its host key".into());
+    }
+    if let Err(e) = cert.validate([&ca.fingerprint(HashAlg::Sha256)]) {
+        return bad(format!(
+            "presented a host certificate the target host CA does not vouch for ({e})"
+        ));
+    }
+    let principals = cert.valid_principals();
+    if principals.is_empty() {
+        return bad(
+            "presented a host certificate that names no principals (valid for any host)".into(),
+        );
+    }
+    if !principals.iter().any(|p| names.contains(p)) {
+        return bad(format!(
+            "presented a host certificate for {}, not for {}",
+            principals.join(", "),
+            names.join(" or ")
+        ));
+    }
+    HostKeyVerdict::Accept {
+        trust: HostKeyTrust::Ca,
+        fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
     }
 }
 
@@ -443,9 +511,10 @@ mod tests {
         ca_init(&state, "acme").unwrap();
         let t = TenantTrust::load(&state, "acme").unwrap();
         let target: SocketAddrV4 = "10.0.0.5:22".parse().unwrap();
+        let names = ["10.0.0.5".to_string()];
         let k1 = new_ed25519("a").unwrap().public_key().clone();
         let k2 = new_ed25519("b").unwrap().public_key().clone();
-        let v = t.check_target_key(target, &k1, None).unwrap();
+        let v = t.check_target_key(target, &names, &k1, None).unwrap();
         assert!(matches!(
             v,
             HostKeyVerdict::Accept {
@@ -453,7 +522,7 @@ mod tests {
                 ..
             }
         ));
-        let v = t.check_target_key(target, &k1, None).unwrap();
+        let v = t.check_target_key(target, &names, &k1, None).unwrap();
         assert!(matches!(
             v,
             HostKeyVerdict::Accept {
@@ -461,12 +530,12 @@ mod tests {
                 ..
             }
         ));
-        let v = t.check_target_key(target, &k2, None).unwrap();
+        let v = t.check_target_key(target, &names, &k2, None).unwrap();
         assert!(matches!(v, HostKeyVerdict::Changed { .. }));
         // Another target is independent.
         let other: SocketAddrV4 = "10.0.0.6:22".parse().unwrap();
         assert!(matches!(
-            t.check_target_key(other, &k2, None).unwrap(),
+            t.check_target_key(other, &names, &k2, None).unwrap(),
             HostKeyVerdict::Accept {
                 trust: HostKeyTrust::Tofu,
                 ..
@@ -476,7 +545,7 @@ mod tests {
     }
 
     #[test]
-    fn a_trusted_target_host_ca_vouches_for_the_target_address_only() {
+    fn a_trusted_target_host_ca_vouches_for_the_target_it_names_only() {
         let state = tempdir();
         ca_init(&state, "acme").unwrap();
         let target_ca = new_ed25519("target ca").unwrap();
@@ -497,28 +566,47 @@ mod tests {
             )
             .unwrap();
             b.cert_type(CertType::Host).unwrap();
-            b.valid_principal(principal).unwrap();
+            if principal.is_empty() {
+                b.all_principals_valid().unwrap();
+            } else {
+                b.valid_principal(principal).unwrap();
+            }
             b.sign(ca).unwrap()
         };
         let target: SocketAddrV4 = "10.0.0.5:22".parse().unwrap();
+        let names = ["10.0.0.5".to_string(), "db-1".to_string()];
         let good = cert_for("10.0.0.5", &target_ca);
         assert!(matches!(
-            t.check_target_key(target, host.public_key(), Some(&good))
+            t.check_target_key(target, &names, host.public_key(), Some(&good))
                 .unwrap(),
             HostKeyVerdict::Accept {
                 trust: HostKeyTrust::Ca,
                 ..
             }
         ));
+        let by_name = cert_for("db-1", &target_ca);
+        assert!(matches!(
+            t.check_target_key(target, &names, host.public_key(), Some(&by_name))
+                .unwrap(),
+            HostKeyVerdict::Accept { .. }
+        ));
         let other_host = cert_for("10.0.0.6", &target_ca);
         let other_ca = cert_for("10.0.0.5", &new_ed25519("rogue").unwrap());
-        for bad in [other_host, other_ca] {
+        let any_host = cert_for("", &target_ca);
+        for bad in [other_host, other_ca, any_host] {
             assert!(matches!(
-                t.check_target_key(target, host.public_key(), Some(&bad))
+                t.check_target_key(target, &names, host.public_key(), Some(&bad))
                     .unwrap(),
                 HostKeyVerdict::BadCertificate(_)
             ));
         }
+        // A plain key is refused and never pinned.
+        assert!(matches!(
+            t.check_target_key(target, &names, host.public_key(), None)
+                .unwrap(),
+            HostKeyVerdict::BadCertificate(m) if m.contains("plain host key")
+        ));
+        assert!(!tenant_dir(&state, "acme").join("known_targets").exists());
         let _ = std::fs::remove_dir_all(&state);
     }
 

@@ -3,16 +3,38 @@
 //! clear disconnect message (design note G6) rather than "Permission denied".
 #![deny(unsafe_code)]
 
+use std::borrow::Cow;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
 
 use russh::client;
-use russh::keys::ssh_key::PublicKey;
+use russh::keys::ssh_key::{Algorithm, EcdsaCurve, HashAlg, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
+use russh::Preferred;
 use tokio::net::TcpStream;
 
 use super::trust::{HostKeyTrust, HostKeyVerdict, TenantTrust};
 use crate::audit::ssh_records::{CertInfo, HostKeyEvent, SshEvent};
+
+/// Host certificate types asked of targets when the tenant trusts a target host CA, most preferred first.
+const HOST_CERT_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP256,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP384,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP521,
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha512),
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha256),
+    },
+];
 
 /// A logged-in connection to the target.
 pub struct Upstream {
@@ -26,6 +48,8 @@ pub struct Upstream {
 pub struct TargetKeyCheck {
     trust: Arc<TenantTrust>,
     target: SocketAddrV4,
+    /// What a host certificate must name: the target's address (and its device name).
+    names: Arc<[String]>,
     verdict: Arc<Mutex<Option<Result<HostKeyVerdict, String>>>>,
 }
 
@@ -39,13 +63,18 @@ impl client::Handler for TargetKeyCheck {
         let (public, cert) = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => (key.clone(), None),
             PublicKeyOrCertificate::Certificate(c) => {
-                (PublicKey::new(c.public_key().clone(), ""), Some(c))
+                (PublicKey::new(c.public_key().clone(), ""), Some(c.clone()))
             }
         };
-        let verdict = self
-            .trust
-            .check_target_key(self.target, &public, cert)
-            .map_err(|e| e.to_string());
+        // Pins are a file: checked on the blocking pool.
+        let (trust, target, names) = (self.trust.clone(), self.target, self.names.clone());
+        let verdict = tokio::task::spawn_blocking(move || {
+            trust
+                .check_target_key(target, &names, &public, cert.as_ref())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         let ok = matches!(verdict, Ok(HostKeyVerdict::Accept { .. }));
         *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
         Ok(ok)
@@ -62,10 +91,12 @@ pub struct UpstreamError {
 
 /// Runs SSH over `stream`, verifies the target, and logs in as `login` with a fresh certificate. On success,
 /// a first-use pin is reported through `pinned` so the caller can record it.
+#[allow(clippy::too_many_arguments)]
 pub async fn connect(
     stream: TcpStream,
     trust: Arc<TenantTrust>,
     target: SocketAddrV4,
+    names: Vec<String>,
     login: &str,
     key_id: &str,
     allow_forwarding: bool,
@@ -78,17 +109,29 @@ pub async fn connect(
     let (key, cert, info) = trust
         .mint_user_cert(login, key_id, allow_forwarding)
         .map_err(|e| fail(format!("cannot mint a certificate: {e}")))?;
+    // With a target host CA, ask for a host certificate (russh offers none by default); a target without one
+    // still answers with its plain key, which the check refuses.
+    let preferred = if trust.has_target_host_ca() {
+        Preferred {
+            host_key_certificates: Cow::Borrowed(HOST_CERT_ALGORITHMS),
+            ..Preferred::default()
+        }
+    } else {
+        Preferred::default()
+    };
     let config = Arc::new(client::Config {
         inactivity_timeout: None,
         keepalive_interval: Some(keepalive),
         keepalive_max: 3,
         nodelay: true,
+        preferred,
         ..Default::default()
     });
     let verdict = Arc::new(Mutex::new(None));
     let check = TargetKeyCheck {
         trust,
         target,
+        names: names.into(),
         verdict: verdict.clone(),
     };
     let _ = stream.set_nodelay(true);
