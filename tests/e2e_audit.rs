@@ -322,6 +322,7 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
                 port: 5432,
                 orig_addr: format!("127.0.0.1{EVIL}"),
                 orig_port: 1,
+                rule: None,
             }),
             decision: "allowed".into(),
             deny_reason: None,

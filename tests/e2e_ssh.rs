@@ -263,49 +263,104 @@ fn loopback_sftp_and_scp_round_trips_log_operations() {
     let _ = std::fs::remove_dir_all(&remote);
 }
 
-#[test]
-fn loopback_local_forwarding_follows_the_rule() {
-    let (gw, sshd) = Inspector::start(GwOpts {
-        rule: "allow_forwarding = true".into(),
-        ..Default::default()
+/// A listener on 127.0.0.1 that greets every connection with `hello <name>` (a forwarded destination that
+/// would answer if reached).
+fn greeter(name: &'static str) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = writeln!(c, "hello {name}");
+        }
     });
-    let lport = free_port();
-    let mut cmd = Command::new("ssh");
-    cmd.args(gw.client.opts())
-        .args([
-            "-p",
-            &gw.port.to_string(),
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-L",
-        ])
-        .arg(format!("127.0.0.1:{lport}:127.0.0.1:{}", sshd.port()))
-        .arg("root@127.0.0.1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut fwd = cmd.spawn().unwrap();
-    let banner = wait_for(
-        Duration::from_secs(20),
-        "the forwarded port to answer",
-        || {
-            use std::io::Read as _;
-            let mut s = StdStream::connect(("127.0.0.1", lport)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            let mut buf = [0u8; 64];
-            let n = s.read(&mut buf).ok()?;
-            (n > 0).then(|| text(&buf[..n]))
+    port
+}
+
+/// Issue 11, finding 9: a `direct-tcpip` channel (`ssh -W`, `-L`, `-J`) is decided like a new TCP flow of the
+/// device from the tenant's policy: only `allow`/`proxy` destinations, never one an `inspect_*` rule decides.
+#[test]
+fn loopback_local_forwarding_follows_the_rule_and_the_flow_policy() {
+    let allowed = greeter("allowed");
+    let unlisted = greeter("unlisted");
+    let state = tempdir("state");
+    let init = trust::ca_init(&state, "acme").unwrap();
+    let sshd = Sshd::loopback(&state.join("sshd"), &init.dir.join("user_ca.pub"));
+    let gw = Inspector::start_with(
+        state,
+        sshd.sockaddr(),
+        GwOpts {
+            rule: format!(
+                "dst = [\"127.0.0.1\"]\nports = [\"{}\"]\nallow_forwarding = true",
+                sshd.port()
+            ),
+            more_rules: format!(
+                "[[tenant.rule]]\nid = \"fwd-ok\"\naction = \"allow\"\ndst = [\"127.0.0.1\"]\nproto = \"tcp\"\n\
+                 ports = [\"{allowed}\"]\n"
+            ),
+            ..Default::default()
         },
     );
-    let _ = fwd.kill();
-    let _ = fwd.wait();
-    assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
-    let rows = gw.wait_rows("channel.open", 1);
-    assert!(events(&rows, "channel.open").iter().any(|e| matches!(e,
-        SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "allowed")));
+    let forward = |to: &str| gw.ssh(&["-W", to, "root@127.0.0.1"], None);
+    // Positive control: the destination the policy allows, also spelled as the target's own name.
+    for to in [
+        format!("127.0.0.1:{allowed}"),
+        format!("localhost:{allowed}"),
+    ] {
+        let out = forward(&to);
+        assert_eq!(
+            text(&out.stdout),
+            "hello allowed\n",
+            "{to}: {}",
+            text(&out.stderr)
+        );
+    }
+    // The attacks: a live destination no rule allows, and the inspected sshd itself (a second SSH session
+    // inside the forward would never be inspected).
+    for (n, (to, why)) in [
+        (format!("127.0.0.1:{unlisted}"), "default-deny"),
+        (
+            format!("127.0.0.1:{}", sshd.port()),
+            "rule ssh-admins inspects",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = forward(&to);
+        assert!(
+            !text(&out.stdout).contains("hello") && !text(&out.stdout).contains("SSH-2.0"),
+            "the forward reached {to}, which the flow policy does not allow: {}",
+            text(&out.stdout)
+        );
+        assert!(
+            text(&out.stderr).contains("administratively prohibited"),
+            "{}",
+            text(&out.stderr)
+        );
+        let rows = gw.wait_rows("session.end", 3 + n);
+        assert!(
+            events(&rows, "channel.open").iter().any(|e| matches!(e,
+                SshEvent::ChannelOpen(o) if o.tcpip.as_ref().is_some_and(|t| format!("{}:{}", t.host, t.port) == to)
+                    && o.decision == "denied"
+                    && o.deny_reason.as_deref().is_some_and(|r| r.contains(why)))),
+            "no denied channel.open for {to} ({why})"
+        );
+    }
+    let rows = gw.wait_rows("session.end", 4);
+    let opens = events(&rows, "channel.open");
+    assert_eq!(
+        opens
+            .iter()
+            .filter(
+                |e| matches!(e, SshEvent::ChannelOpen(o) if o.decision == "allowed"
+                && o.tcpip.as_ref().is_some_and(|t| t.rule.as_deref() == Some("fwd-ok")))
+            )
+            .count(),
+        2,
+        "{opens:?}"
+    );
 
-    // The same through a rule without allow_forwarding: refused and recorded.
+    // A rule without allow_forwarding refuses every forward, whatever the policy says.
     let (gw2, sshd2) = Inspector::start(GwOpts::default());
     let out = gw2.ssh(
         &[
@@ -318,7 +373,8 @@ fn loopback_local_forwarding_follows_the_rule() {
     assert_ne!(out.status.code(), Some(0));
     let rows = gw2.wait_rows("channel.open", 1);
     assert!(events(&rows, "channel.open").iter().any(|e| matches!(e,
-        SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "denied")));
+        SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "denied"
+            && o.deny_reason.as_deref().is_some_and(|r| r.contains("allow_forwarding")))));
 }
 
 #[test]
@@ -1092,6 +1148,7 @@ fn bench_ssh_relay_cpu_and_throughput() {
 
 mod gateway_e2e {
     use super::support::lab::Host;
+    use super::support::probe::{ident_log, ident_server};
     use super::support::{wait_ping, Lab, TenantSpec};
     use super::*;
 
@@ -1118,6 +1175,12 @@ proto = "tcp"
 ports = ["22"]
 capture_input = true
 allow_forwarding = true
+[[tenant.rule]]
+id = "upstream-web"
+action = "allow"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["8080"]
 [[tenant.rule]]
 id = "ssh-alice-to-bob"
 action = "inspect_ssh"
@@ -1149,6 +1212,8 @@ ports = ["22"]
             &state.join("ssh/acme/user_ca.pub"),
             HostKey::Plain,
         );
+        let _web = ident_server(&host.ns, lab.dir(), "web-8080", UPSTREAM, 8080, "web");
+        let _unlisted = ident_server(&host.ns, lab.dir(), "web-8081", UPSTREAM, 8081, "unlisted");
         let dev = lab.add_client("acme", "alice");
         wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
         let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
@@ -1226,33 +1291,34 @@ ports = ["22"]
                 "{f}"
             );
         }
-        // -L forwarding (the rule allows it): the forwarded port reaches the target's sshd. Bound to the
-        // device's tunnel address (namespaces' loopback may be down).
-        let dev_addr = dev.address().to_string();
-        let mut fwd = dev.exec("ssh");
-        fwd.args(client.opts())
-            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-            .arg(format!("{dev_addr}:2300:{UPSTREAM}:22"))
-            .arg(&target)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(lab.dir().join("ssh-L.log")).unwrap());
-        let mut fwd = fwd.spawn().unwrap();
-        let probe = format!("exec 3<>/dev/tcp/{dev_addr}/2300; head -c 20 <&3");
-        let banner = wait_for(Duration::from_secs(30), "the forwarded port", || {
-            let r = dev.run(
-                "timeout",
-                &["5", "bash", "-c", &probe],
-                Duration::from_secs(10),
+        // Forwarding (the rule allows it) goes where the flow policy lets alice go: the web port, not the
+        // live port no rule names, nor the inspected sshd.
+        let forward = |port: u16| {
+            let mut w = dev.exec("ssh");
+            w.args(client.opts())
+                .args(["-W", &format!("{UPSTREAM}:{port}"), &target]);
+            run_with_stdin(w, Some(b"alice\n"))
+        };
+        let out = forward(8080);
+        assert_eq!(text(&out.stdout), "web\n", "{}", text(&out.stderr));
+        for port in [8081, 22] {
+            let out = forward(port);
+            assert!(
+                text(&out.stdout).is_empty()
+                    && text(&out.stderr).contains("administratively prohibited"),
+                "forward to {port}: {} {}",
+                text(&out.stdout),
+                text(&out.stderr)
             );
-            r.stdout.starts_with("SSH-2.0-OpenSSH").then_some(r.stdout)
-        });
-        let _ = fwd.kill();
-        let _ = fwd.wait();
-        assert!(banner.starts_with("SSH-2.0-"));
+        }
+        assert_eq!(
+            ident_log(lab.dir(), "web-8081"),
+            "",
+            "the refused forward reached the live port"
+        );
 
         // The audit trail.
-        let rows = wait_ends(&lab, 10);
+        let rows = wait_ends(&lab, 12);
         let cmds = exec_commands(&rows);
         for c in [
             "echo out; echo err >&2; exit 7",

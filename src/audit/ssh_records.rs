@@ -218,6 +218,9 @@ pub struct Tcpip {
     pub port: u32,
     pub orig_addr: String,
     pub orig_port: u32,
+    /// The flow rule that decided the forwarded destination (as a new flow of the device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// A command as sent (exec) or reconstructed (typed line): text capped at [`COMMAND_TEXT_CAP`] bytes (lossy

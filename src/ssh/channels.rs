@@ -12,6 +12,7 @@ use russh::server::{ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Pty};
 
 use super::bridge::{self, ChannelShared, GATEWAY_EXIT_STATUS};
+use super::forward::{self, Forward};
 use super::handler::{Bridge, ConnHandler};
 use super::input_line::LineAssembler;
 use super::recorder::ChannelRecorder;
@@ -22,6 +23,7 @@ use crate::audit::ssh_records::{
     ChannelOpen, Command, CommandText, EnvVar, PtyRequest, Secret, SshEvent, Tcpip,
 };
 use crate::config::Recording;
+use crate::handoff::Identity;
 
 impl ConnHandler {
     /// A session channel: opened on the target first, then accepted (fail-closed).
@@ -55,7 +57,8 @@ impl ConnHandler {
         Ok(())
     }
 
-    /// `ssh -L` / `-W`: refused unless the rule allows forwarding; opened on the target first.
+    /// `ssh -L` / `-W`: refused unless the rule allows forwarding and the tenant's flow policy lets the device
+    /// reach the destination (`forward::decide`); opened on the target first.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn open_direct_tcpip(
         &mut self,
@@ -73,11 +76,40 @@ impl ConnHandler {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        let tcpip = Tcpip {
+        let mut tcpip = Tcpip {
             host: host.into(),
             port,
             orig_addr: orig_addr.into(),
             orig_port,
+            rule: None,
+        };
+        let refused = if !self.ctx.settings.allow_forwarding {
+            Some("port forwarding is not allowed by the rule (allow_forwarding)".to_string())
+        } else if self.channels.len() >= self.ctx.services.limits().max_channels {
+            Some("too many channels".into())
+        } else {
+            let who = Identity {
+                tenant: self.ctx.tenant.clone(),
+                device: self.ctx.device.clone(),
+                user: self.ctx.user.clone(),
+                groups: self.ctx.groups.clone(),
+            };
+            match forward::decide(
+                &self.ctx.config.current(),
+                &who,
+                *self.ctx.dst.ip(),
+                host,
+                port,
+            ) {
+                Forward::Allowed { rule } => {
+                    tcpip.rule = Some(rule.to_string());
+                    None
+                }
+                Forward::Denied { rule, reason } => {
+                    tcpip.rule = rule.map(|r| r.to_string());
+                    Some(format!("forwarding refused: {reason}"))
+                }
+            }
         };
         let mut open = ChannelOpen {
             kind: "direct-tcpip".into(),
@@ -90,15 +122,10 @@ impl ConnHandler {
             decision: "allowed".into(),
             deny_reason: None,
         };
-        if !self.ctx.settings.allow_forwarding
-            || self.channels.len() >= self.ctx.services.limits().max_channels
-        {
+        if let Some(why) = refused {
+            tracing::debug!(session = %self.session.id, reason = %why, "SSH forwarding refused");
             open.decision = "denied".into();
-            open.deny_reason = Some(if self.ctx.settings.allow_forwarding {
-                "too many channels".into()
-            } else {
-                "port forwarding is not allowed by the rule (allow_forwarding)".into()
-            });
+            open.deny_reason = Some(why);
             self.session.emit(None, SshEvent::ChannelOpen(open));
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)

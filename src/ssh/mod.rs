@@ -21,6 +21,7 @@
 mod auth;
 pub mod bridge;
 mod channels;
+pub mod forward;
 mod handler;
 pub mod input_line;
 pub mod recorder;
