@@ -274,14 +274,16 @@ impl DowngradeNat {
 
     /// Namespace -> device: the kernel's `ksrc -> nat_dst` becomes `src -> dst` of the original flow. The
     /// kernel source is learnt from the proxy's SYN only (a stale segment of an older connection to the same
-    /// address never claims the flow). Returns the flow, or `None` for an unknown `nat_dst` or another socket.
+    /// address never claims the flow). Returns the flow, or `None` for an unknown or retired `nat_dst` or another
+    /// socket.
     pub fn from_kernel(&mut self, pkt: &mut [u8]) -> Option<NatKey> {
         let (ksrc, nat_dst) = ports_v4(pkt)?;
         if pkt[9] != PROTO_TCP {
             return None;
         }
         let key = *self.by_slot.get(&nat_dst)?;
-        let entry = self.by_key.get_mut(&key)?;
+        // The flow may have started again on a new address while this one still waits for `release_slot`.
+        let entry = self.by_key.get_mut(&key).filter(|e| e.0 == nat_dst)?;
         let ihl = usize::from(pkt[0] & 0xf) * 4;
         let flags = pkt.get(ihl + 13).copied().unwrap_or(0);
         if entry.1.is_none() && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -556,6 +558,31 @@ mod tests {
         assert_eq!(d.from_kernel(&mut other), None);
         d.release(&key, 0);
         assert_eq!(d.to_kernel(&mut answer, &key), None);
+    }
+
+    /// Found by the `nat` fuzz target: after a flow ended and the same 5-tuple started again on a new address, a
+    /// SYN the old proxy socket still sent to the old address was translated as the new flow (and taught it the
+    /// old socket's source, so the new proxy connection's packets were refused).
+    #[test]
+    fn a_closing_downgrade_address_does_not_reach_the_flow_that_started_again() {
+        let mut d = DowngradeNat::new(SlotPool::new(Ipv4Addr::new(100, 65, 0, 0), 1, (1024, 1025)));
+        let key = NatKey {
+            tenant: 1,
+            protocol: PROTO_TCP,
+            src: sa("100.96.0.2:40000"),
+            dst: sa("100.96.0.3:22"),
+        };
+        let old = d.claim(key, 0).unwrap();
+        assert_eq!(d.retire(&key), Some(old));
+        let new = d.claim(key, 0).unwrap();
+        assert_ne!(old, new);
+        // The old proxy socket, still closing, retransmits its SYN to the old address.
+        let mut stale = tcp_packet(sa("100.66.1.1:51000"), old, b"", true);
+        assert_eq!(d.from_kernel(&mut stale), None, "stale SYN passed");
+        // Positive control: the new proxy connection's SYN to the new address goes through.
+        let mut syn = tcp_packet(sa("100.66.1.1:51001"), new, b"", true);
+        assert_eq!(d.from_kernel(&mut syn), Some(key));
+        assert_eq!(ports_v4(&syn), Some((key.src, key.dst)));
     }
 
     #[test]

@@ -388,6 +388,8 @@ pub(crate) fn nat(data: &[u8]) {
     let mut closing: HashMap<SocketAddrV4, NatKey> = HashMap::new();
     let mut released: HashMap<SocketAddrV4, u64> = HashMap::new();
     let mut down_live: HashMap<NatKey, SocketAddrV4> = HashMap::new();
+    let mut down_closing: HashMap<SocketAddrV4, NatKey> = HashMap::new();
+    let mut down_released: HashMap<SocketAddrV4, u64> = HashMap::new();
     let mut now = 0u64;
     let key = |inp: &mut Input<'_>| {
         let b = inp.u8();
@@ -508,27 +510,79 @@ pub(crate) fn nat(data: &[u8]) {
             }
             4 => {
                 let k = key(&mut inp);
-                if let Ok(d) = down.claim(k, now) {
-                    if let Some(&s) = down_live.get(&k) {
-                        assert_eq!(s, d);
+                match down.claim(k, now) {
+                    Ok(d) => {
+                        if let Some(&s) = down_live.get(&k) {
+                            assert_eq!(s, d, "a live downgrade keeps its address");
+                        } else {
+                            assert!(!down_live.values().any(|&s| s == d), "{d} shared");
+                            assert!(
+                                !down_closing.contains_key(&d),
+                                "{d} reused before the proxy's connection closed"
+                            );
+                            if let Some(at) = down_released.remove(&d) {
+                                assert!(
+                                    now >= at + QUARANTINE_MS,
+                                    "{d} reused after {} ms",
+                                    now - at
+                                );
+                            }
+                            down_live.insert(k, d);
+                        }
                     }
-                    assert!(
-                        !down_live.iter().any(|(o, &s)| s == d && *o != k),
-                        "{d} shared"
-                    );
-                    down_live.insert(k, d);
+                    Err(_) => assert!(
+                        !down_live.contains_key(&k),
+                        "a live downgrade cannot be exhausted"
+                    ),
                 }
             }
             5 => {
                 let k = key(&mut inp);
-                down.release(&k, now);
-                down_live.remove(&k);
+                match inp.pick(3) {
+                    0 => {
+                        down.release(&k, now);
+                        if let Some(s) = down_live.remove(&k) {
+                            down_released.insert(s, now);
+                        }
+                    }
+                    1 => {
+                        // The flow ends; the proxy's connection is still open.
+                        let got = down.retire(&k);
+                        assert_eq!(got, down_live.remove(&k));
+                        if let Some(s) = got {
+                            down_closing.insert(s, k);
+                        }
+                    }
+                    _ => {
+                        let slot =
+                            match down_closing.keys().nth(inp.pick(down_closing.len().max(1))) {
+                                Some(&s) if inp.bool() => s,
+                                _ => SocketAddrV4::new(
+                                    Ipv4Addr::new(100, 65, 0, 1 + inp.u8() % 3),
+                                    1024 + u16::from(inp.u8() % 8),
+                                ),
+                            };
+                        down.release_slot(slot, now);
+                        if down_closing.remove(&slot).is_some() {
+                            down_released.insert(slot, now);
+                        } else if let Some((&k, _)) = down_live.iter().find(|(_, s)| **s == slot) {
+                            down_live.remove(&k);
+                            down_released.insert(slot, now);
+                        }
+                    }
+                }
             }
             6 => {
-                // The kernel's packet to a downgrade address leaves as the original flow; answers go back.
+                // The kernel's packet to a downgrade address leaves as the original flow; answers go back. A
+                // packet to the address of an ended flow (a socket still closing) goes nowhere, even when the
+                // same flow has started again on a new address.
                 let k = key(&mut inp);
-                let Some(&nat_dst) = down_live.get(&k) else {
-                    continue;
+                let closing_slot = down_closing.iter().find(|(_, c)| **c == k).map(|(&s, _)| s);
+                let (nat_dst, stale) = match (down_live.get(&k), closing_slot) {
+                    (Some(_), Some(s)) if inp.bool() => (s, true),
+                    (Some(&s), _) => (s, false),
+                    (None, Some(s)) => (s, true),
+                    (None, None) => continue,
                 };
                 let ksrc = SocketAddrV4::new(
                     Ipv4Addr::new(100, 66, 1, 1),
@@ -545,7 +599,13 @@ pub(crate) fn nat(data: &[u8]) {
                 if p.is_empty() {
                     continue;
                 }
-                if down.from_kernel(&mut p) == Some(k) {
+                let got = down.from_kernel(&mut p);
+                if stale {
+                    assert_eq!(
+                        got, None,
+                        "a packet to the closing {nat_dst} passed as {k:?}"
+                    );
+                } else if got == Some(k) {
                     assert_eq!(nat::ports_v4(&p), Some((k.src, k.dst)));
                     assert_eq!(checksums_ok(&p), Some(true), "checksum after downgrade NAT");
                     let mut a = build_kind(
@@ -560,6 +620,8 @@ pub(crate) fn nat(data: &[u8]) {
                         assert_eq!(nat::ports_v4(&a), Some((nat_dst, ksrc)));
                         assert_eq!(checksums_ok(&a), Some(true), "checksum after answer NAT");
                     }
+                } else {
+                    assert_eq!(got, None, "{nat_dst} translated as another flow");
                 }
             }
             7 => {
@@ -638,6 +700,7 @@ pub(crate) fn nat(data: &[u8]) {
             }
         }
         check_state(&up, &live, &closing);
+        assert_eq!(down.len(), down_live.len());
     }
 }
 
