@@ -614,6 +614,71 @@ fn loopback_garbage_half_handshakes_and_silence_are_closed_within_the_grace_peri
     assert_eq!(text(&out.stdout), "still-alive\n", "{}", text(&out.stderr));
 }
 
+/// Reads the inspector's version line from `s` within `wait`: a connection gets it only once it holds a
+/// pre-auth slot (the inspector speaks first then).
+fn read_banner(s: &mut StdStream, wait: Duration) -> Option<String> {
+    use std::io::Read as _;
+    let end = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"\r\n") {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    Some(text(&got))
+}
+
+/// Review M5: pre-auth slots are counted per device (tenant and name), per tenant and in total, so a device
+/// holding all of its slots does not lock out another tenant's device that happens to have the same name.
+#[test]
+fn loopback_preauth_slots_are_per_device_not_per_device_name() {
+    let (gw, _sshd) = Inspector::start(GwOpts {
+        second_tenant: true,
+        limits: SshLimits {
+            preauth_per_device: 2,
+            preauth_total: 3,
+            ..SshLimits::default()
+        },
+        ..Default::default()
+    });
+    let connect = |port: u16| StdStream::connect(("127.0.0.1", port)).unwrap();
+    // acme's alice-laptop takes its two slots and stays silent (as an attacker would, for the grace time).
+    let mut held: Vec<StdStream> = (0..2)
+        .map(|i| {
+            let mut s = connect(gw.port);
+            let b = read_banner(&mut s, Duration::from_secs(20));
+            assert!(
+                b.as_deref()
+                    .is_some_and(|b| b.starts_with("SSH-2.0-rampart")),
+                "acme connection {i} got no slot: {b:?}"
+            );
+            s
+        })
+        .collect();
+    // Its third connection waits for a slot...
+    let mut waiting = connect(gw.port);
+    assert_eq!(read_banner(&mut waiting, Duration::from_secs(2)), None);
+    // ...while tenant beta's device of the same name is served.
+    let mut beta = connect(gw.beta_port.unwrap());
+    let b = read_banner(&mut beta, Duration::from_secs(10));
+    assert!(
+        b.is_some(),
+        "beta's alice-laptop got no pre-auth slot while acme's alice-laptop held its own"
+    );
+    // Positive control for the waiting one: it gets the slot acme's first connection gives back.
+    drop(held.remove(0));
+    let b = read_banner(&mut waiting, Duration::from_secs(20));
+    assert!(b.is_some(), "the waiting connection never got a slot");
+}
+
 #[test]
 fn loopback_a_1mb_command_does_not_break_the_gateway() {
     let (gw, _sshd) = Inspector::start(GwOpts::default());

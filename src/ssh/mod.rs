@@ -33,11 +33,11 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::capture::RecipientKey;
 use crate::audit::ssh_records::SshAuditSink;
@@ -53,9 +53,11 @@ pub const GATEWAY_NAME: &str = "rampart gateway";
 pub struct SshLimits {
     /// A connection not authenticated by then is closed (OpenSSH's `LoginGraceTime`).
     pub login_grace: Duration,
-    /// Unauthenticated connections at once, per device and in total (`MaxStartups`-like); more wait for a
-    /// slot within the login grace time.
+    /// Unauthenticated connections at once, per device, per tenant and in total (`MaxStartups`-like); more
+    /// wait in order for a slot within the login grace time. A tenant's cap keeps one tenant's devices from
+    /// taking every slot.
     pub preauth_per_device: usize,
+    pub preauth_per_tenant: usize,
     pub preauth_total: usize,
     /// Channels open at once on one connection.
     pub max_channels: usize,
@@ -73,7 +75,8 @@ impl Default for SshLimits {
         SshLimits {
             login_grace: Duration::from_secs(30),
             preauth_per_device: 16,
-            preauth_total: 128,
+            preauth_per_tenant: 64,
+            preauth_total: 512,
             max_channels: 16,
             keepalive: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(20),
@@ -88,7 +91,7 @@ pub struct SshServices {
     audit: SshAuditSink,
     limits: SshLimits,
     trust: Mutex<HashMap<String, Arc<TenantTrust>>>,
-    preauth: Preauth,
+    preauth: Arc<Preauth>,
 }
 
 impl SshServices {
@@ -96,9 +99,9 @@ impl SshServices {
         SshServices {
             state_dir: state_dir.to_path_buf(),
             audit,
-            limits,
             trust: Mutex::new(HashMap::new()),
-            preauth: Preauth::default(),
+            preauth: Arc::new(Preauth::new(&limits)),
+            limits,
         }
     }
 
@@ -150,65 +153,118 @@ impl SshServices {
     }
 }
 
-/// Counts unauthenticated connections per device and in total.
-#[derive(Default)]
+/// Unauthenticated connections: a semaphore per device (keyed by tenant and name), per tenant, and one in
+/// total. Waiters are served in order; a key's semaphore is dropped once nobody holds or waits for it.
 struct Preauth {
-    total: AtomicUsize,
-    per_device: Mutex<HashMap<String, usize>>,
+    per_device: usize,
+    per_tenant: usize,
+    total: Arc<Semaphore>,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    devices: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
 }
 
 /// Held while a connection is not yet authenticated.
 pub struct PreauthGuard {
-    services: Arc<SshServices>,
+    preauth: Arc<Preauth>,
+    tenant: String,
     device: String,
+    permits: Option<[OwnedSemaphorePermit; 3]>,
+}
+
+impl Preauth {
+    fn new(limits: &SshLimits) -> Preauth {
+        Preauth {
+            per_device: limits.preauth_per_device,
+            per_tenant: limits.preauth_per_tenant,
+            total: Arc::new(Semaphore::new(limits.preauth_total)),
+            tenants: Mutex::new(HashMap::new()),
+            devices: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits (at most `grace`) for a slot of the device, its tenant and the gateway.
+    async fn wait(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        grace: Duration,
+    ) -> Option<PreauthGuard> {
+        let mut guard = PreauthGuard {
+            preauth: self.clone(),
+            tenant: tenant.to_owned(),
+            device: device.to_owned(),
+            permits: None,
+        };
+        let device_sem = semaphore(
+            &self.devices,
+            (tenant.to_owned(), device.to_owned()),
+            self.per_device,
+        );
+        let tenant_sem = semaphore(&self.tenants, tenant.to_owned(), self.per_tenant);
+        let total = self.total.clone();
+        let acquire = async move {
+            let d = device_sem.acquire_owned().await.ok()?;
+            let t = tenant_sem.acquire_owned().await.ok()?;
+            let g = total.acquire_owned().await.ok()?;
+            Some([d, t, g])
+        };
+        guard.permits = tokio::time::timeout(grace, acquire).await.ok().flatten();
+        // Without permits, the guard's drop forgets the semaphores nobody else uses.
+        guard.permits.is_some().then_some(guard)
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> (usize, usize) {
+        (
+            self.devices.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            self.tenants.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        )
+    }
+}
+
+fn semaphore<K: Eq + std::hash::Hash>(
+    map: &Mutex<HashMap<K, Arc<Semaphore>>>,
+    key: K,
+    permits: usize,
+) -> Arc<Semaphore> {
+    map.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+        .clone()
+}
+
+/// Forgets `key`'s semaphore when the map holds the only reference (no holder, no waiter).
+fn forget_idle<K: Eq + std::hash::Hash>(map: &Mutex<HashMap<K, Arc<Semaphore>>>, key: &K) {
+    let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+    if m.get(key).is_some_and(|s| Arc::strong_count(s) == 1) {
+        m.remove(key);
+    }
 }
 
 impl Drop for PreauthGuard {
     fn drop(&mut self) {
-        let p = &self.services.preauth;
-        p.total.fetch_sub(1, Ordering::Relaxed);
-        let mut m = p.per_device.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.device) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.device);
-            }
-        }
+        // The permits hold the semaphores: release them first.
+        drop(self.permits.take());
+        let device = (
+            std::mem::take(&mut self.tenant),
+            std::mem::take(&mut self.device),
+        );
+        forget_idle(&self.preauth.devices, &device);
+        forget_idle(&self.preauth.tenants, &device.0);
     }
 }
 
-/// Waits (at most the login grace time) for a pre-auth slot.
-async fn wait_preauth(services: &Arc<SshServices>, device: &str) -> Option<PreauthGuard> {
-    let deadline = tokio::time::Instant::now() + services.limits.login_grace;
-    loop {
-        if let Some(g) = try_preauth(services, device) {
-            return Some(g);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn try_preauth(services: &Arc<SshServices>, device: &str) -> Option<PreauthGuard> {
-    let p = &services.preauth;
-    let mut m = p.per_device.lock().unwrap_or_else(|e| e.into_inner());
-    let n = m.entry(device.to_owned()).or_insert(0);
-    if *n >= services.limits.preauth_per_device
-        || p.total.load(Ordering::Relaxed) >= services.limits.preauth_total
-    {
-        if *n == 0 {
-            m.remove(device);
-        }
-        return None;
-    }
-    *n += 1;
-    p.total.fetch_add(1, Ordering::Relaxed);
-    Some(PreauthGuard {
-        services: services.clone(),
-        device: device.to_owned(),
-    })
+/// Waits (at most the login grace time) for a pre-auth slot of the device, its tenant and the gateway.
+async fn wait_preauth(
+    services: &Arc<SshServices>,
+    tenant: &str,
+    device: &str,
+) -> Option<PreauthGuard> {
+    services
+        .preauth
+        .wait(tenant, device, services.limits.login_grace)
+        .await
 }
 
 /// Everything the inspector knows about one upgraded flow.
@@ -303,6 +359,66 @@ pub fn new_session_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{Preauth, SshLimits};
+
+    #[tokio::test]
+    async fn preauth_slots_are_per_device_per_tenant_and_in_total() {
+        let p = Arc::new(Preauth::new(&SshLimits {
+            preauth_per_device: 2,
+            preauth_per_tenant: 3,
+            preauth_total: 5,
+            ..SshLimits::default()
+        }));
+        let short = Duration::from_millis(50);
+        let slot = |t: &'static str, d: &'static str| {
+            let p = p.clone();
+            async move { p.wait(t, d, short).await }
+        };
+        // A device's cap; the same name in another tenant is another device.
+        let a1 = slot("acme", "laptop").await.unwrap();
+        let _a2 = slot("acme", "laptop").await.unwrap();
+        assert!(slot("acme", "laptop").await.is_none());
+        let _b1 = slot("beta", "laptop").await.unwrap();
+        // The tenant's cap: acme's other devices get one more slot between them, so beta keeps room.
+        let _a3 = slot("acme", "desktop").await.unwrap();
+        assert!(slot("acme", "phone").await.is_none());
+        let _b2 = slot("beta", "laptop").await.unwrap();
+        // The total cap.
+        assert!(slot("gamma", "x").await.is_none());
+        // A released slot goes to the next waiter.
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move { p.wait("acme", "phone", Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        drop(a1);
+        assert!(waiter.await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn preauth_forgets_devices_and_tenants_nobody_holds() {
+        let p = Arc::new(Preauth::new(&SshLimits::default()));
+        let g = p
+            .wait("acme", "laptop", Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(p.tracked(), (1, 1));
+        drop(g);
+        assert_eq!(p.tracked(), (0, 0));
+        let full = Arc::new(Preauth::new(&SshLimits {
+            preauth_total: 0,
+            ..SshLimits::default()
+        }));
+        assert!(full
+            .wait("acme", "laptop", Duration::from_millis(20))
+            .await
+            .is_none());
+        assert_eq!(full.tracked(), (0, 0));
+    }
+
     #[test]
     fn session_ids_are_uuid_v7_and_ordered() {
         let a = super::new_session_id();

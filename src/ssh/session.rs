@@ -158,7 +158,9 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
     let services = ctx.services.clone();
     let limits = services.limits().clone();
     // A burst waits for a pre-auth slot (within the grace period) rather than failing.
-    let Some(preauth) = super::wait_preauth(&services, ctx.device.as_str()).await else {
+    let Some(preauth) =
+        super::wait_preauth(&services, ctx.tenant.as_str(), ctx.device.as_str()).await
+    else {
         tracing::debug!(device = %ctx.device, "too many unauthenticated SSH connections; closing");
         return;
     };

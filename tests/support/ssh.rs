@@ -466,6 +466,9 @@ pub struct GwOpts {
     pub device: String,
     pub user: String,
     pub limits: SshLimits,
+    /// Also tenant `beta` (own CAs) with a device of the same name `alice-laptop` and its own `ssh-admins`
+    /// rule, whose connections arrive on [`Inspector::beta_port`] (towards the same target).
+    pub second_tenant: bool,
 }
 
 impl Default for GwOpts {
@@ -477,6 +480,7 @@ impl Default for GwOpts {
             device: String::new(),
             user: "alice@acme.example".into(),
             limits: SshLimits::default(),
+            second_tenant: false,
         }
     }
 }
@@ -485,6 +489,8 @@ impl Default for GwOpts {
 pub struct Inspector {
     rt: Option<tokio::runtime::Runtime>,
     pub port: u16,
+    /// With [`GwOpts::second_tenant`]: the listener whose connections are tenant `beta`'s.
+    pub beta_port: Option<u16>,
     pub state: PathBuf,
     writer: Option<SshAuditWriter>,
     services: Option<Arc<SshServices>>,
@@ -496,13 +502,22 @@ pub struct Inspector {
 }
 
 fn render_config(state: &Path, audit_db: &Path, opts: &GwOpts) -> String {
+    let beta = if opts.second_tenant {
+        "[[tenant]]\nid = \"beta\"\naddress_pool = \"100.97.0.0/24\"\ngateway_address = \"100.97.0.1\"\n\
+         [[tenant.rule]]\nid = \"ssh-admins\"\naction = \"inspect_ssh\"\nproto = \"tcp\"\n\
+         [[tenant.device]]\nname = \"alice-laptop\"\n\
+         public_key = \"mBpYmcMP7SsRj0kdEVmiV6Qk7qjZK0dYo0KwvQKr0Xk=\"\n\
+         address = \"100.97.0.2\"\nuser = \"alice@beta.example\"\n"
+    } else {
+        ""
+    };
     format!(
         "[gateway]\nstate_dir = \"{}\"\n\n[audit]\npath = \"{}\"\n\n[[tenant]]\nid = \"acme\"\n\
          address_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n{}\n\
          [[tenant.rule]]\nid = \"ssh-admins\"\naction = \"inspect_ssh\"\nproto = \"tcp\"\n{}\n{}\n\
          [[tenant.device]]\nname = \"alice-laptop\"\n\
          public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
-         address = \"100.96.0.2\"\nuser = \"{}\"\n{}\n",
+         address = \"100.96.0.2\"\nuser = \"{}\"\n{}\n{beta}",
         state.display(),
         audit_db.display(),
         opts.tenant,
@@ -511,6 +526,59 @@ fn render_config(state: &Path, audit_db: &Path, opts: &GwOpts) -> String {
         opts.user,
         opts.device
     )
+}
+
+/// Accepts on `listener` and intercepts each connection as `identity` under `settings`, towards `target`.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    identity: Identity,
+    settings: rampart::config::SshRuleSettings,
+    handle: ConfigHandle,
+    services: Arc<SshServices>,
+    target: Arc<Mutex<SocketAddrV4>>,
+) {
+    rt.spawn(async move {
+        loop {
+            let Ok((client, peer)) = listener.accept().await else {
+                continue;
+            };
+            let SocketAddr::V4(src) = peer else { continue };
+            let dst = *target.lock().unwrap();
+            let ctx = SshContext::new(
+                &identity,
+                src,
+                dst,
+                Arc::from("ssh-admins"),
+                settings.clone(),
+                handle.clone(),
+                services.clone(),
+            );
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(dst).await else {
+                    return;
+                };
+                rampart::ssh::intercept(client, up, ctx).await;
+            });
+        }
+    });
+}
+
+/// The identity and `ssh-admins` settings of `tenant`'s first device.
+fn identity_of(cfg: &Config, tenant: &str) -> (Identity, rampart::config::SshRuleSettings) {
+    let tenant = cfg.tenant(tenant).unwrap();
+    let rule = tenant.rules.iter().find(|r| r.id == "ssh-admins").unwrap();
+    let Inspect::Ssh(settings) = rule.inspect.clone() else {
+        panic!("ssh-admins is not an inspect_ssh rule")
+    };
+    let device = tenant.devices[0].clone();
+    let identity = Identity {
+        tenant: tenant.id.clone(),
+        device: device.name.clone(),
+        user: device.user.clone(),
+        groups: device.groups.clone().into(),
+    };
+    (identity, settings)
 }
 
 impl Inspector {
@@ -538,18 +606,13 @@ impl Inspector {
         let config = state.join("gateway.toml");
         std::fs::write(&config, render_config(&state, audit_db, &opts)).unwrap();
         let cfg = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
-        let tenant = cfg.tenant("acme").unwrap();
-        let rule = tenant.rules.iter().find(|r| r.id == "ssh-admins").unwrap();
-        let Inspect::Ssh(settings) = rule.inspect.clone() else {
-            panic!("ssh-admins is not an inspect_ssh rule")
-        };
-        let device = tenant.devices[0].clone();
-        let identity = Identity {
-            tenant: tenant.id.clone(),
-            device: device.name.clone(),
-            user: device.user.clone(),
-            groups: device.groups.clone().into(),
-        };
+        let (identity, settings) = identity_of(&cfg, "acme");
+        let beta = opts.second_tenant.then(|| {
+            if !state.join("ssh/beta/user_ca").exists() {
+                trust::ca_init(&state, "beta").unwrap();
+            }
+            identity_of(&cfg, "beta")
+        });
         let handle = ConfigHandle::new(Arc::new(cfg));
         let config_handle = handle.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -560,35 +623,35 @@ impl Inspector {
         let (sink, writer) =
             ssh_records::start(audit_db, &state.join("audit_signing_key")).unwrap();
         let services = Arc::new(SshServices::new(&state, sink, opts.limits));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
         let target = Arc::new(Mutex::new(target));
-        let (svc, to) = (services.clone(), target.clone());
-        rt.spawn(async move {
-            loop {
-                let Ok((client, peer)) = listener.accept().await else {
-                    continue;
-                };
-                let SocketAddr::V4(src) = peer else { continue };
-                let dst = *to.lock().unwrap();
-                let ctx = SshContext::new(
-                    &identity,
-                    src,
-                    dst,
-                    Arc::from("ssh-admins"),
-                    settings.clone(),
-                    handle.clone(),
-                    svc.clone(),
-                );
-                tokio::spawn(async move {
-                    let Ok(up) = tokio::net::TcpStream::connect(dst).await else {
-                        return;
-                    };
-                    rampart::ssh::intercept(client, up, ctx).await;
-                });
-            }
+        let bind = || {
+            rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap()
+        };
+        let listener = bind();
+        let port = listener.local_addr().unwrap().port();
+        serve(
+            &rt,
+            listener,
+            identity,
+            settings,
+            handle.clone(),
+            services.clone(),
+            target.clone(),
+        );
+        let beta_port = beta.map(|(identity, settings)| {
+            let listener = bind();
+            let port = listener.local_addr().unwrap().port();
+            serve(
+                &rt,
+                listener,
+                identity,
+                settings,
+                handle.clone(),
+                services.clone(),
+                target.clone(),
+            );
+            port
         });
         let host_ca = std::fs::read_to_string(state.join("ssh/acme/host_ca.pub")).unwrap();
         let client = SshClient::new(
@@ -598,6 +661,7 @@ impl Inspector {
         Inspector {
             rt: Some(rt),
             port,
+            beta_port,
             state,
             writer: Some(writer),
             services: Some(services),
