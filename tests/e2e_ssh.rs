@@ -585,6 +585,102 @@ fn loopback_a_recording_that_fails_mid_session_ends_a_required_session_with_a_me
         SshEvent::ChannelClose(c) if c.recording.as_ref().is_some_and(|r| !r.complete && r.error.is_some()))));
 }
 
+/// Issue 11, finding 11: a session's recordings stop at `max_recording_mb` / `max_recording_secs`; under
+/// `required` nothing unrecorded reaches the client after that (the program ends with a message), under
+/// `best_effort` the session goes on and the recording says why it is incomplete.
+#[test]
+fn loopback_recordings_stop_at_the_rule_s_caps() {
+    const OUT: &str = "head -c 3000000 /dev/zero | tr '\\0' x";
+    let cap_of = |rows: &[LogRow]| -> Vec<rampart::audit::ssh_records::RecordingInfo> {
+        events(rows, "channel.close")
+            .into_iter()
+            .filter_map(|e| match e {
+                SshEvent::ChannelClose(c) => c.recording,
+                _ => None,
+            })
+            .collect()
+    };
+    let (gw, _sshd) = Inspector::start(GwOpts {
+        rule: "max_recording_mb = 1".into(),
+        ..Default::default()
+    });
+    // Positive control: a session under the cap is recorded whole.
+    let out = gw.ssh(&["root@127.0.0.1", "echo under-the-cap"], None);
+    assert_eq!(
+        text(&out.stdout),
+        "under-the-cap\n",
+        "{}",
+        text(&out.stderr)
+    );
+    // The attack: 3 MB of output through a 1 MB cap.
+    let out = gw.ssh(&["root@127.0.0.1", OUT], None);
+    assert_eq!(out.status.code(), Some(254), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("rampart gateway: recording stopped: the session's recordings reached max_recording_mb (1 MB); the session is terminated"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.len() <= 1 << 20,
+        "{} bytes passed unrecorded",
+        out.stdout.len()
+    );
+    let rows = gw.wait_rows("session.end", 2);
+    let recs = cap_of(&rows);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(recs[0].complete, "{:?}", recs[0]);
+    let capped = &recs[1];
+    assert!(
+        !capped.complete
+            && capped
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("max_recording_mb"))
+    );
+    let on_disk = std::fs::read(gw.state.join(&capped.path)).unwrap();
+    assert!(
+        on_disk.len() <= (1 << 20) + 4096,
+        "{} bytes recorded",
+        on_disk.len()
+    );
+    // The hash computed while writing is the file's.
+    assert_eq!(
+        capped.sha256.as_deref(),
+        Some(sha256_hex(&on_disk).as_str())
+    );
+    assert_eq!(capped.size, on_disk.len() as u64);
+    let verify = verify_pinned(&gw);
+    assert!(verify.status.success(), "{}", text(&verify.stdout));
+
+    // best_effort: the program runs to its end, the recording stops at the cap and says so.
+    let (gw2, _sshd2) = Inspector::start(GwOpts {
+        rule: "recording = \"best_effort\"\nmax_recording_mb = 1".into(),
+        ..Default::default()
+    });
+    let out = gw2.ssh(&["root@127.0.0.1", OUT], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 3_000_000);
+    let recs = cap_of(&gw2.wait_rows("session.end", 1));
+    assert!(
+        recs.len() == 1 && !recs[0].complete && recs[0].size <= (1 << 20) + 4096,
+        "{recs:?}"
+    );
+
+    // The time cap: output after it does not pass under required.
+    let (gw3, _sshd3) = Inspector::start(GwOpts {
+        rule: "max_recording_secs = 1".into(),
+        ..Default::default()
+    });
+    let out = gw3.ssh(&["root@127.0.0.1", "echo early; sleep 3; echo late"], None);
+    assert!(!text(&out.stdout).contains("late"), "{}", text(&out.stdout));
+    assert_eq!(out.status.code(), Some(254), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("reached max_recording_secs (1 s)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn loopback_garbage_half_handshakes_and_silence_are_closed_within_the_grace_period() {
     let opts = GwOpts {

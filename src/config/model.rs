@@ -294,7 +294,17 @@ pub struct SshRuleSettings {
     pub allow_forwarding: bool,
     /// Accounts on the target devices may log in to; `None`: any.
     pub logins: Option<Vec<LoginPattern>>,
+    /// A session's recordings stop at this many bytes in total (`max_recording_mb`)...
+    pub max_recording_bytes: u64,
+    /// ...or this long after the session started (`max_recording_secs`); under `required` the session's
+    /// programs end then.
+    pub max_recording_time: std::time::Duration,
 }
+
+/// Default `max_recording_mb`.
+pub const DEFAULT_MAX_RECORDING_MB: u64 = 256;
+/// Default `max_recording_secs` (a working day).
+pub const DEFAULT_MAX_RECORDING_SECS: u64 = 8 * 3600;
 
 impl SshRuleSettings {
     /// Whether `login` is allowed for a device of `user`.

@@ -65,6 +65,10 @@ pub struct RawRule {
     /// `inspect_ssh` only: the accounts devices may log in to on the target (`{user}`: the local part of the
     /// device's user); absent: any.
     pub logins: Option<Vec<String>>,
+    /// `inspect_ssh` only: a session's recordings stop at this many MB in total.
+    pub max_recording_mb: Option<u64>,
+    /// `inspect_ssh` only: a session's recordings stop this many seconds after it started.
+    pub max_recording_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

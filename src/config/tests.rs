@@ -283,3 +283,42 @@ fn ssh_logins_are_account_names_or_the_user_placeholder() {
         "{err}"
     );
 }
+
+#[test]
+fn ssh_recording_caps_default_and_are_checked() {
+    let rule = |keys: &str| {
+        GOOD.replace(
+            "[[tenant.device]]",
+            &format!(
+                "[[tenant.rule]]\nid = \"s\"\naction = \"inspect_ssh\"\nproto = \"tcp\"\n{keys}\n[[tenant.device]]"
+            ),
+        )
+    };
+    let caps = |keys: &str| {
+        let c = load(&rule(keys)).unwrap();
+        let Inspect::Ssh(s) = &c.tenants[0].rules[0].inspect else {
+            panic!("not an SSH rule")
+        };
+        (s.max_recording_bytes, s.max_recording_time.as_secs())
+    };
+    assert_eq!(
+        caps(""),
+        (DEFAULT_MAX_RECORDING_MB << 20, DEFAULT_MAX_RECORDING_SECS)
+    );
+    assert_eq!(
+        caps("max_recording_mb = 3\nmax_recording_secs = 60"),
+        (3 << 20, 60)
+    );
+    let err = load(&rule("max_recording_mb = 0")).unwrap_err().to_string();
+    assert!(
+        err.contains("rule[0].max_recording_mb: 0 is out of range"),
+        "{err}"
+    );
+    let err = load(&rule("recording = \"off\"\nmax_recording_secs = 5"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rule[0].max_recording_secs: has no effect with recording = \"off\""),
+        "{err}"
+    );
+}

@@ -617,6 +617,8 @@ pub(super) fn validate_inspect(
             ("capture_input", r.capture_input.is_some()),
             ("allow_forwarding", r.allow_forwarding.is_some()),
             ("logins", r.logins.is_some()),
+            ("max_recording_mb", r.max_recording_mb.is_some()),
+            ("max_recording_secs", r.max_recording_secs.is_some()),
         ];
         for (k, _) in given.iter().filter(|(_, g)| *g) {
             c.push(
@@ -686,12 +688,49 @@ pub(super) fn validate_inspect(
             Some(out)
         }
     };
+    let caps = [
+        (
+            "max_recording_mb",
+            r.max_recording_mb,
+            DEFAULT_MAX_RECORDING_MB,
+            1 << 20,
+        ),
+        (
+            "max_recording_secs",
+            r.max_recording_secs,
+            DEFAULT_MAX_RECORDING_SECS,
+            366 * 86400,
+        ),
+    ]
+    .map(|(k, given, default, max)| match given {
+        Some(_) if recording == Recording::Off => {
+            c.push(
+                format!("{key}.{k}"),
+                "has no effect with recording = \"off\"; remove it or turn recording on",
+            );
+            None
+        }
+        Some(v) if v == 0 || v > max => {
+            c.push(
+                format!("{key}.{k}"),
+                format!("{v} is out of range; use 1 to {max}"),
+            );
+            None
+        }
+        Some(v) => Some(v),
+        None => Some(default),
+    });
+    let [Some(mb), Some(secs)] = caps else {
+        return None;
+    };
     Some(Inspect::Ssh(SshRuleSettings {
         recording,
         auth,
         capture_input: r.capture_input.unwrap_or(false),
         allow_forwarding: r.allow_forwarding.unwrap_or(false),
         logins,
+        max_recording_bytes: mb << 20,
+        max_recording_time: Duration::from_secs(secs),
     }))
 }
 

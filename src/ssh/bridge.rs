@@ -21,7 +21,9 @@ use super::recorder::ChannelRecorder;
 use super::session::SessionState;
 use super::sftp::SftpParser;
 use crate::audit::capture::{ExitInfo, PtyInfo};
-use crate::audit::ssh_records::{ChannelClose, Command, CommandText, EnvVar, PtyRequest, SshEvent};
+use crate::audit::ssh_records::{
+    ChannelClose, Command, CommandText, EnvVar, PtyRequest, RecordingInfo, SshEvent,
+};
 
 /// Exit status the gateway reports when it ends a program itself (like OpenSSH's 255 for its own errors,
 /// but distinguishable).
@@ -169,27 +171,48 @@ impl ChannelShared {
         }
     }
 
-    /// Finishes the recording and builds the close record.
-    pub fn close_record(&self, error: Option<String>) -> ChannelClose {
-        let mut st = self.state();
-        let exit = ExitInfo {
-            timestamp: (super::unix_ms() / 1000) as u64,
-            status: st.exit_status,
-            signal: st.exit_signal.clone(),
-            core_dumped: st.core_dumped,
-            error_msg: error.clone(),
+    /// Finishes the recording (on the blocking pool: the file is synced, a sealed one assembled) and builds the
+    /// close record.
+    pub async fn close_record(&self, error: Option<String>) -> ChannelClose {
+        let (mut close, recorder, exit) = {
+            let mut st = self.state();
+            let exit = ExitInfo {
+                timestamp: (super::unix_ms() / 1000) as u64,
+                status: st.exit_status,
+                signal: st.exit_signal.clone(),
+                core_dumped: st.core_dumped,
+                error_msg: error.clone(),
+            };
+            let close = ChannelClose {
+                duration_ms: self.opened.elapsed().as_millis() as i64,
+                exit_status: st.exit_status,
+                exit_signal: st.exit_signal.clone(),
+                core_dumped: st.core_dumped,
+                error,
+                bytes_in: st.bytes_in,
+                bytes_out: st.bytes_out,
+                recording: None,
+            };
+            (close, st.recorder.take(), exit)
         };
-        let recording = st.recorder.take().map(|r| r.finish(Some(exit)));
-        ChannelClose {
-            duration_ms: self.opened.elapsed().as_millis() as i64,
-            exit_status: st.exit_status,
-            exit_signal: st.exit_signal.clone(),
-            core_dumped: st.core_dumped,
-            error,
-            bytes_in: st.bytes_in,
-            bytes_out: st.bytes_out,
-            recording,
+        if let Some(r) = recorder {
+            let path = r.rel_path().to_owned();
+            let pty = r.is_pty();
+            close.recording = Some(
+                tokio::task::spawn_blocking(move || r.finish(Some(exit)))
+                    .await
+                    .unwrap_or_else(|e| RecordingInfo {
+                        path,
+                        format: String::new(),
+                        pty,
+                        sha256: None,
+                        size: 0,
+                        complete: false,
+                        error: Some(format!("finishing the recording failed: {e}")),
+                    }),
+            );
         }
+        close
     }
 }
 
@@ -273,7 +296,7 @@ pub async fn pump(
             let _ = handle.exit_status_request(id, GATEWAY_EXIT_STATUS).await;
         }
     }
-    let close = shared.close_record(error);
+    let close = shared.close_record(error).await;
     session.emit(Some(shared.seq), SshEvent::ChannelClose(close));
     if !shared.client_closed.load(Ordering::Relaxed) {
         let _ = handle.eof(id).await;

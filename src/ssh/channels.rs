@@ -343,6 +343,7 @@ impl ConnHandler {
                 recipient.as_ref(),
                 (unix_ms() / 1000) as u64,
                 pty.clone(),
+                self.session.recording_budget.clone(),
             ) {
                 Ok(r) => recorder = Some(r),
                 Err(e) if mode == Recording::Required => {

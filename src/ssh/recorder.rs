@@ -10,17 +10,21 @@
 //! as asciicast v2 (`audit::review::ssh`).
 //!
 //! A write error stops the recording (never the relay); the caller decides whether the channel may go on
-//! (`recording = "required"` ends it). Blocks are flushed at least once a second of activity, so a gateway
-//! crash loses little; the unfinished spool is itself decodable.
+//! (`recording = "required"` ends it). So does the session's [`RecordingBudget`] (`max_recording_mb`,
+//! `max_recording_secs`). Blocks are flushed at least once a second of activity, so a gateway crash loses
+//! little; the unfinished spool is itself decodable. The file's sha256 is computed as it is written;
+//! [`ChannelRecorder::finish`] is blocking file work (the sealed container is assembled then): call it off the
+//! async runtime.
 #![deny(unsafe_code)]
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::audit::capture::{CaptureFile, ExitInfo, PtyInfo, RecipientKey, Source};
-use crate::audit::ssh_records::{file_sha256, RecordingInfo};
+use crate::audit::capture::{CaptureFile, ExitInfo, PtyInfo, RecipientKey, Sha256Writer, Source};
+use crate::audit::ssh_records::RecordingInfo;
 
 /// Code of a client record carrying a terminal resize, data `"<cols>x<rows>"`.
 pub const CODE_RESIZE: u32 = 0x7273_0001;
@@ -30,13 +34,73 @@ pub const FORMAT_SEALED: &str = "ssh-log-cli";
 pub const FORMAT_PLAIN: &str = "rampart-rec-v1";
 
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Bytes a record adds to the data in the file (plaintext framing; the sealed container's is similar).
+const RECORD_OVERHEAD: u64 = 17;
+
+/// What a session's recordings may still take: bytes in total (`max_recording_mb`) and time since the session
+/// started (`max_recording_secs`).
+#[derive(Debug)]
+pub struct RecordingBudget {
+    max_bytes: u64,
+    used: AtomicU64,
+    until: Instant,
+    max_time: Duration,
+}
+
+impl RecordingBudget {
+    pub fn new(max_bytes: u64, started: Instant, max_time: Duration) -> RecordingBudget {
+        RecordingBudget {
+            max_bytes,
+            used: AtomicU64::new(0),
+            until: started + max_time,
+            max_time,
+        }
+    }
+
+    /// Takes `n` bytes; `Err` (why) once either cap is reached.
+    pub fn take(&self, n: u64) -> Result<(), String> {
+        self.open()?;
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(n).filter(|t| *t <= self.max_bytes)
+            })
+            .map(|_| ())
+            .map_err(|_| {
+                format!(
+                    "the session's recordings reached max_recording_mb ({} MB)",
+                    self.max_bytes >> 20
+                )
+            })
+    }
+
+    /// `Err` (why) once the time cap is reached or no byte is left.
+    pub fn open(&self) -> Result<(), String> {
+        if Instant::now() >= self.until {
+            return Err(format!(
+                "the session's recordings reached max_recording_secs ({} s)",
+                self.max_time.as_secs()
+            ));
+        }
+        if self.used.load(Ordering::Relaxed) >= self.max_bytes {
+            return Err(format!(
+                "the session's recordings reached max_recording_mb ({} MB)",
+                self.max_bytes >> 20
+            ));
+        }
+        Ok(())
+    }
+}
 
 enum Sink {
     Sealed(Box<CaptureFile>),
-    Plain { out: BufWriter<File>, tmp: PathBuf },
+    Plain {
+        out: BufWriter<Sha256Writer<File>>,
+        tmp: PathBuf,
+    },
 }
 
 pub struct ChannelRecorder {
+    budget: std::sync::Arc<RecordingBudget>,
     sink: Option<Sink>,
     path: PathBuf,
     rel_path: String,
@@ -48,14 +112,17 @@ pub struct ChannelRecorder {
 }
 
 impl ChannelRecorder {
-    /// Creates the recording file for channel `rel_path` (relative to `state_dir`, without extension).
+    /// Creates the recording file for channel `rel_path` (relative to `state_dir`, without extension), unless
+    /// the session's `budget` is spent.
     pub fn start(
         state_dir: &Path,
         rel_path: &str,
         recipient: Option<&RecipientKey>,
         started_unix: u64,
         pty: Option<PtyInfo>,
+        budget: std::sync::Arc<RecordingBudget>,
     ) -> Result<ChannelRecorder, String> {
+        budget.open()?;
         let is_pty = pty.is_some();
         let ext = if recipient.is_some() { "cap" } else { "rec" };
         let rel_path = format!("{rel_path}.{ext}");
@@ -80,7 +147,7 @@ impl ChannelRecorder {
                     .create_new(true)
                     .open(&tmp)
                     .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-                let mut out = BufWriter::new(f);
+                let mut out = BufWriter::new(Sha256Writer::new(f));
                 let header = serde_json::json!({ "started_at": started_unix, "pty": pty });
                 writeln!(out, "{PLAIN_MAGIC}\n{header}")
                     .and_then(|_| out.flush())
@@ -90,6 +157,7 @@ impl ChannelRecorder {
         };
         let now = Instant::now();
         Ok(ChannelRecorder {
+            budget,
             sink: Some(sink),
             path,
             rel_path,
@@ -126,6 +194,10 @@ impl ChannelRecorder {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        if let Err(why) = self.budget.take(data.len() as u64 + RECORD_OVERHEAD) {
+            self.error = Some(format!("recording stopped: {why}"));
+            return Err(self.error.clone().unwrap_or_default());
+        }
         let elapsed = (self.started.elapsed().as_micros() as u64).max(self.last_elapsed);
         self.last_elapsed = elapsed;
         let flush = self.last_flush.elapsed() >= FLUSH_EVERY;
@@ -151,24 +223,35 @@ impl ChannelRecorder {
         Ok(())
     }
 
-    /// Finishes the file and returns what the channel's close record says about it.
+    /// Where the recording goes, relative to `state_dir`.
+    pub fn rel_path(&self) -> &str {
+        &self.rel_path
+    }
+
+    pub fn is_pty(&self) -> bool {
+        self.pty
+    }
+
+    /// Finishes the file and returns what the channel's close record says about it. Blocking file work.
     pub fn finish(mut self, exit: Option<ExitInfo>) -> RecordingInfo {
         let sink = self.sink.take();
         let (format, result) = match sink {
             Some(Sink::Sealed(c)) => (
                 FORMAT_SEALED,
-                (*c).finish(exit).map(|_| ()).map_err(|e| e.to_string()),
+                (*c).finish_hashed(exit)
+                    .map(|(summary, sha256)| (sha256, summary.file_size))
+                    .map_err(|e| e.to_string()),
             ),
             Some(Sink::Plain { out, tmp }) => (FORMAT_PLAIN, finish_plain(out, &tmp, &self.path)),
-            None => (FORMAT_PLAIN, Ok(())),
+            None => (FORMAT_PLAIN, Err("the recording was not started".into())),
         };
         let mut error = self.error.take();
-        if let Err(e) = result {
-            error.get_or_insert(format!("finishing {} failed: {e}", self.path.display()));
-        }
-        let (sha256, size) = match file_sha256(&self.path) {
-            Ok((h, s)) => (Some(h), s),
-            Err(_) => (None, 0),
+        let (sha256, size) = match result {
+            Ok((h, size)) => (Some(h), size),
+            Err(e) => {
+                error.get_or_insert(format!("finishing {} failed: {e}", self.path.display()));
+                (None, 0)
+            }
         };
         RecordingInfo {
             path: self.rel_path.clone(),
@@ -182,10 +265,19 @@ impl ChannelRecorder {
     }
 }
 
-fn finish_plain(out: BufWriter<File>, tmp: &Path, path: &Path) -> Result<(), String> {
-    let f = out.into_inner().map_err(|e| e.error().to_string())?;
+/// Flushes, syncs and renames the plaintext recording into place; its sha256 and size.
+fn finish_plain(
+    out: BufWriter<Sha256Writer<File>>,
+    tmp: &Path,
+    path: &Path,
+) -> Result<(String, u64), String> {
+    let (f, sha256, size) = out
+        .into_inner()
+        .map_err(|e| e.error().to_string())?
+        .finish();
     f.sync_all().map_err(|e| e.to_string())?;
-    std::fs::rename(tmp, path).map_err(|e| e.to_string())
+    std::fs::rename(tmp, path).map_err(|e| e.to_string())?;
+    Ok((sha256, size))
 }
 
 fn encode_plain(

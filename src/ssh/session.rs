@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::handler::ConnHandler;
+use super::recorder::RecordingBudget;
 use super::trust::TenantTrust;
 use super::{unix_ms, SshContext, GATEWAY_NAME};
 use crate::audit::ssh_records::{SessionEnd, SessionKeys, SessionStart, SshEvent, SshRecord};
@@ -34,6 +35,8 @@ pub struct SessionState {
     pub(super) end: Mutex<Option<(String, Option<String>)>>,
     /// Fingerprints of client keys refused under `ssh_auth = "publickey"` (at most a few).
     pub(super) refused_keys: Mutex<Vec<String>>,
+    /// What the session's recordings may still take (the rule's caps).
+    pub(super) recording_budget: Arc<RecordingBudget>,
 }
 
 impl SessionState {
@@ -49,11 +52,17 @@ impl SessionState {
             cert_serial: None,
             rule: ctx.rule.to_string(),
         };
+        let started = Instant::now();
+        let recording_budget = Arc::new(RecordingBudget::new(
+            ctx.settings.max_recording_bytes,
+            started,
+            ctx.settings.max_recording_time,
+        ));
         SessionState {
             ctx,
             id,
             keys: Mutex::new(keys),
-            started: Instant::now(),
+            started,
             started_ms: unix_ms(),
             authed: AtomicBool::new(false),
             bytes_c2t: AtomicU64::new(0),
@@ -61,6 +70,7 @@ impl SessionState {
             channels: AtomicU32::new(0),
             end: Mutex::new(None),
             refused_keys: Mutex::new(Vec::new()),
+            recording_budget,
         }
     }
 

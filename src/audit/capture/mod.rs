@@ -47,7 +47,7 @@ pub use reader::{decode, Anomaly, CaptureReader, DecodedCapture};
 pub use record::{Record, Source, CODE_DATA, CODE_STDERR};
 pub use render::{write_asciicast, ReaderOutput};
 pub use writer::{
-    CaptureFile, CaptureSummary, CaptureWriter, DEFAULT_BLOCK_TARGET, MAX_RECORD_DATA,
+    CaptureFile, CaptureSummary, CaptureWriter, Sha256Writer, DEFAULT_BLOCK_TARGET, MAX_RECORD_DATA,
 };
 
 type Kem = hpke::kem::X25519HkdfSha256;

@@ -250,10 +250,18 @@ impl CaptureFile {
     }
 
     pub fn finish(self, exit: Option<ExitInfo>) -> Result<CaptureSummary, CaptureError> {
+        self.finish_hashed(exit).map(|(summary, _)| summary)
+    }
+
+    /// [`finish`](Self::finish), also returning the finished file's sha256 (hex), computed as it is written.
+    pub fn finish_hashed(
+        self,
+        exit: Option<ExitInfo>,
+    ) -> Result<(CaptureSummary, String), CaptureError> {
         let tmp = with_suffix(&self.path, ".tmp");
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let mut out = io::BufWriter::new(Sha256Writer::new(File::create(&tmp)?));
         let (summary, _spool) = self.writer.finish(exit, &mut out)?;
-        let out = out.into_inner().map_err(|e| e.into_error())?;
+        let (out, sha256, _) = out.into_inner().map_err(|e| e.into_error())?.finish();
         out.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         std::fs::remove_file(&self.spool_path)?;
@@ -261,7 +269,44 @@ impl CaptureFile {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir)?.sync_all()?;
         }
-        Ok(summary)
+        Ok((summary, sha256))
+    }
+}
+
+/// A writer that hashes (sha256) and counts what it passes on, so a file's hash is known when it is written
+/// without reading it again.
+pub struct Sha256Writer<W> {
+    inner: W,
+    hash: sha2::Sha256,
+    len: u64,
+}
+
+impl<W: Write> Sha256Writer<W> {
+    pub fn new(inner: W) -> Sha256Writer<W> {
+        Sha256Writer {
+            inner,
+            hash: sha2::Digest::new(),
+            len: 0,
+        }
+    }
+
+    /// The inner writer, the sha256 (hex) and the length of everything written.
+    pub fn finish(self) -> (W, String, u64) {
+        let digest = sha2::Digest::finalize(self.hash);
+        (self.inner, hex_encode(&digest), self.len)
+    }
+}
+
+impl<W: Write> Write for Sha256Writer<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
