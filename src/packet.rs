@@ -11,6 +11,9 @@ use std::net::IpAddr;
 pub enum PacketError {
     /// Too short, wrong version, or a length field that disagrees with the buffer.
     Malformed,
+    /// An IPv6 extension header the gateway does not walk (or a chain too long, or a routing header that
+    /// still has segments to visit): its transport could not be read, so policy could not be enforced.
+    ExtensionHeader,
 }
 
 /// The parts of an inner IP header the relay needs.
@@ -24,7 +27,7 @@ pub struct IpView {
     pub l4_offset: usize,
     /// Total packet length according to the IP header.
     pub len: usize,
-    /// True for an IPv4 fragment other than a whole datagram.
+    /// True for a fragment (IPv4 with MF or an offset; IPv6 with a Fragment header anywhere in its chain).
     pub fragment: bool,
 }
 
@@ -33,7 +36,14 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 /// IPv6 fragment extension header.
+const IPV6_HOP_BY_HOP: u8 = 0;
+/// "No next header": nothing follows (an extension-only packet).
+const IPV6_NO_NEXT: u8 = 59;
+const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Most extension headers walked before a packet is refused (real traffic carries one or two).
+const IPV6_MAX_EXTENSIONS: usize = 8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -72,17 +82,49 @@ pub fn parse_ip(p: &[u8]) -> Result<IpView, PacketError> {
             }
             let src: [u8; 16] = p[8..24].try_into().expect("16 bytes");
             let dst: [u8; 16] = p[24..40].try_into().expect("16 bytes");
+            let (protocol, l4_offset, fragment) = walk_ipv6_extensions(&p[..len])?;
             Ok(IpView {
                 src: IpAddr::from(src),
                 dst: IpAddr::from(dst),
-                protocol: p[6],
-                l4_offset: 40,
+                protocol,
+                l4_offset,
                 len,
-                fragment: p[6] == IPV6_FRAGMENT,
+                fragment,
             })
         }
         _ => Err(PacketError::Malformed),
     }
+}
+
+/// Follows the IPv6 extension-header chain (RFC 8200) to the transport: Hop-by-Hop, Destination Options and
+/// a Routing header with no segments left are stepped over; a Fragment header anywhere marks the packet a
+/// fragment (its first part would name a transport the rest does not carry, so fragments are refused
+/// whole). Anything else that is not a transport the gateway reads, a routing header that would send the
+/// packet on, or a chain longer than `IPV6_MAX_EXTENSIONS` is `ExtensionHeader`.
+fn walk_ipv6_extensions(p: &[u8]) -> Result<(u8, usize, bool), PacketError> {
+    let (mut next, mut at) = (p[6], 40usize);
+    for _ in 0..IPV6_MAX_EXTENSIONS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_DEST_OPTS | IPV6_ROUTING => {
+                let h = p.get(at..at + 8).ok_or(PacketError::Malformed)?;
+                if next == IPV6_ROUTING && h[3] != 0 {
+                    return Err(PacketError::ExtensionHeader); // segments left: not the final destination
+                }
+                next = h[0];
+                at += (usize::from(h[1]) + 1) * 8;
+                if at > p.len() {
+                    return Err(PacketError::Malformed);
+                }
+            }
+            IPV6_FRAGMENT => {
+                let h = p.get(at..at + 8).ok_or(PacketError::Malformed)?;
+                return Ok((h[0], at + 8, true));
+            }
+            PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 | IPV6_NO_NEXT => return Ok((next, at, false)),
+            _ => return Err(PacketError::ExtensionHeader),
+        }
+    }
+    Err(PacketError::ExtensionHeader)
 }
 
 /// RFC 1624 incremental update of a 16-bit one's complement checksum when a 16-bit word changes.

@@ -182,6 +182,7 @@ impl Config {
                     name: d.name.clone(),
                     public_key: d.public_key,
                     address: d.address,
+                    address_v6: t.derived_v6(d.address),
                     user: d.user.clone(),
                     groups: d.groups.clone(),
                     ssh_keys,

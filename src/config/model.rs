@@ -26,7 +26,10 @@ pub enum DeviceOrigin {
 pub struct Device {
     pub name: DeviceName,
     pub public_key: PeerKey,
+    /// The device's address in the tenant's (first) pool.
     pub address: IpAddr,
+    /// Its IPv6 address in a dual-stack tenant's second pool.
+    pub address_v6: Option<IpAddr>,
     pub user: UserName,
     pub groups: Vec<String>,
     /// SSH client keys accepted from this device under `ssh_auth = "publickey"`.
@@ -38,8 +41,12 @@ pub struct Device {
 pub struct Tenant {
     pub id: TenantId,
     pub name: String,
+    /// The tenant's pool: the IPv4 one of a dual-stack tenant, else its only one.
     pub address_pool: IpNet,
     pub gateway_address: IpAddr,
+    /// A dual-stack tenant's IPv6 pool and the gateway's address in it.
+    pub address_pool_v6: Option<IpNet>,
+    pub gateway_address_v6: Option<IpAddr>,
     /// Most concurrent flows of this tenant (`None`: only the global limit applies).
     pub max_flows: Option<usize>,
     /// Upstream networks reached through the gateway host (allowed TCP/UDP flows are proxied with sockets).
@@ -401,8 +408,8 @@ impl Default for FlowSettings {
             icmp_timeout: Duration::from_secs(30),
             other_timeout: Duration::from_secs(60),
             device_max_flows: 2048,
-            device_new_flows_per_sec: 200,
-            device_new_flows_burst: 400,
+            device_new_flows_per_sec: 1000,
+            device_new_flows_burst: 2000,
             deny_summary: Duration::from_secs(10),
         }
     }
@@ -473,4 +480,47 @@ pub struct Config {
     pub audit: AuditSettings,
     pub enroll: super::EnrollSettings,
     pub tenants: Vec<Tenant>,
+}
+
+impl Device {
+    /// Every address the device sends from (one, or two in a dual-stack tenant).
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.address_v6)
+    }
+
+    pub fn has_address(&self, a: IpAddr) -> bool {
+        self.address == a || self.address_v6 == Some(a)
+    }
+}
+
+impl Tenant {
+    pub fn pools(&self) -> impl Iterator<Item = IpNet> + '_ {
+        std::iter::once(self.address_pool).chain(self.address_pool_v6)
+    }
+
+    pub fn gateway_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.gateway_address).chain(self.gateway_address_v6)
+    }
+
+    pub fn is_gateway(&self, a: IpAddr) -> bool {
+        self.gateway_address == a || self.gateway_address_v6 == Some(a)
+    }
+
+    pub fn in_pools(&self, a: IpAddr) -> bool {
+        self.pools().any(|p| p.contains(&a))
+    }
+
+    /// In a dual-stack tenant, the IPv6 address that goes with IPv4 address `a`: the same offset into the IPv6
+    /// pool (100.96.0.3 in 100.96.0.0/24 is fd00:96::3 in fd00:96::/64). Enrolled devices get theirs this way,
+    /// so the registry keeps one address per device.
+    pub fn derived_v6(&self, a: IpAddr) -> Option<IpAddr> {
+        let (IpNet::V4(p4), Some(IpNet::V6(p6)), IpAddr::V4(a)) =
+            (self.address_pool, self.address_pool_v6, a)
+        else {
+            return None;
+        };
+        let offset = u32::from(a).checked_sub(u32::from(p4.network()))?;
+        let v6 = std::net::Ipv6Addr::from(u128::from(p6.network()) + u128::from(offset));
+        p6.contains(&v6).then_some(IpAddr::V6(v6))
+    }
 }

@@ -83,6 +83,29 @@ pub struct RawGateway {
     pub enroll_listen: Option<String>,
 }
 
+/// A value written as one string or as a list of them (`"100.96.0.0/24"` or `["100.96.0.0/24", "fd00::/64"]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AddrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl AddrList {
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            AddrList::One(s) => vec![s.as_str()],
+            AddrList::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl From<String> for AddrList {
+    fn from(s: String) -> AddrList {
+        AddrList::One(s)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEgress {
@@ -96,8 +119,10 @@ pub struct RawEgress {
 pub struct RawTenant {
     pub id: String,
     pub name: Option<String>,
-    pub address_pool: String,
-    pub gateway_address: String,
+    /// One CIDR, or an IPv4 and an IPv6 one (dual stack).
+    pub address_pool: AddrList,
+    /// One address per pool.
+    pub gateway_address: AddrList,
     pub max_flows: Option<u64>,
     pub offramp: Option<Vec<String>>,
     /// Where this tenant's off-ramp sockets leave: a network namespace, an interface, a firewall mark.
@@ -147,7 +172,8 @@ pub struct RawHttpRule {
 pub struct RawDevice {
     pub name: String,
     pub public_key: String,
-    pub address: String,
+    /// One address, or one per pool of a dual-stack tenant.
+    pub address: AddrList,
     pub user: String,
     #[serde(default)]
     pub groups: Vec<String>,

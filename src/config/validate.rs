@@ -67,33 +67,14 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             );
             continue;
         }
-        let Ok(pool) = rt.address_pool.parse::<IpNet>() else {
-            c.push(
-                format!("{key}.address_pool"),
-                format!(
-                    "{:?} is not a CIDR; write it like \"100.96.0.0/24\"",
-                    rt.address_pool
-                ),
-            );
+        let Some((pool, pool_v6)) = validate_pools(&rt.address_pool, &key, c) else {
             continue;
         };
-        let pool = pool.trunc();
-        let Ok(gw) = rt.gateway_address.parse::<IpAddr>() else {
-            c.push(
-                format!("{key}.gateway_address"),
-                format!(
-                    "{:?} is not an IP address; write it like \"100.96.0.1\"",
-                    rt.gateway_address
-                ),
-            );
+        let Some((gw, gw_v6)) =
+            validate_gateway_addresses(&rt.gateway_address, pool, pool_v6, &key, c)
+        else {
             continue;
         };
-        if !pool.contains(&gw) {
-            c.push(
-                format!("{key}.gateway_address"),
-                format!("{gw} is outside address_pool {pool}; pick an address inside the pool (usually its first)"),
-            );
-        }
         let mut offramp = Vec::new();
         for n in rt.offramp.unwrap_or_default() {
             match n.parse::<IpNet>() {
@@ -174,6 +155,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             id,
             address_pool: pool,
             gateway_address: gw,
+            address_pool_v6: pool_v6,
+            gateway_address_v6: gw_v6,
             max_flows,
             offramp,
             egress,
@@ -185,7 +168,10 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         };
         for (j, rd) in rt.device.into_iter().enumerate() {
             let dkey = format!("{key}.device[{j}]");
-            if let Some(d) = validate_device(rd, &dkey, c) {
+            if let Some(mut d) = validate_device(rd, &dkey, c) {
+                if d.address_v6.is_none() {
+                    d.address_v6 = tenant.derived_v6(d.address);
+                }
                 tenant.devices.push(d);
                 check_tenant_devices(&tenant, c, &dkey);
             }
@@ -999,19 +985,7 @@ pub(super) fn validate_device(rd: RawDevice, key: &str, c: &mut Collector<'_>) -
             )
         })
         .ok();
-    let address = rd
-        .address
-        .parse::<IpAddr>()
-        .map_err(|_| {
-            c.push(
-                format!("{key}.address"),
-                format!(
-                    "{:?} is not an IP address; write it like \"100.96.0.2\"",
-                    rd.address
-                ),
-            )
-        })
-        .ok();
+    let addresses = device_addresses(&rd.address, &format!("{key}.address"), c);
     let user = UserName::parse(&rd.user)
         .map_err(|m| c.push(format!("{key}.user"), m))
         .ok();
@@ -1027,7 +1001,8 @@ pub(super) fn validate_device(rd: RawDevice, key: &str, c: &mut Collector<'_>) -
     Some(Device {
         name: name?,
         public_key: public_key?,
-        address: address?,
+        address: addresses?.0,
+        address_v6: addresses?.1,
         user: user?,
         groups: rd.groups,
         ssh_keys,
@@ -1056,6 +1031,46 @@ pub(super) fn check_tenant_devices(t: &Tenant, c: &mut Collector<'_>, key: &str)
     let Some((d, others)) = t.devices.split_last() else {
         return;
     };
+    if d.address.is_ipv4() != t.address_pool.addr().is_ipv4() {
+        c.push(
+            format!("{key}.address"),
+            format!(
+                "{} is not in the family of the tenant's first address_pool {}; list the device's addresses in \
+                 the pools' order",
+                d.address, t.address_pool
+            ),
+        );
+    }
+    if let Some(a6) = d.address_v6 {
+        match t.address_pool_v6 {
+            Some(p6) if p6.contains(&a6) => {}
+            Some(p6) => c.push(
+                format!("{key}.address"),
+                format!("{a6} is outside the tenant's IPv6 pool {p6}; use an address inside it"),
+            ),
+            None => c.push(
+                format!("{key}.address"),
+                format!(
+                    "the tenant has no IPv6 pool for {a6}; add one to address_pool or give the device one address"
+                ),
+            ),
+        }
+        if Some(a6) == t.gateway_address_v6 {
+            c.push(
+                format!("{key}.address"),
+                format!("{a6} is the tenant's gateway_address; pick another"),
+            );
+        }
+        if let Some(o) = others.iter().find(|o| o.address_v6 == Some(a6)) {
+            c.push(
+                format!("{key}.address"),
+                format!(
+                    "{a6} is already assigned to device {:?}; give each device its own address",
+                    o.name.as_str()
+                ),
+            );
+        }
+    }
     if !t.address_pool.contains(&d.address) {
         c.push(
             format!("{key}.address"),
@@ -1191,6 +1206,121 @@ fn warn_shared_offramp(tenants: &[Tenant]) {
                      (give each tenant its own egress to keep their networks apart)"
                 );
             }
+        }
+    }
+}
+
+/// `address_pool`: one CIDR, or one IPv4 and one IPv6 CIDR (dual stack). Returns (first, IPv6 second).
+fn validate_pools(
+    raw: &AddrList,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Option<(IpNet, Option<IpNet>)> {
+    let k = format!("{key}.address_pool");
+    let mut nets = Vec::new();
+    for s in raw.items() {
+        match s.parse::<IpNet>() {
+            Ok(n) => nets.push(n.trunc()),
+            Err(_) => {
+                c.push(
+                    &k,
+                    format!("{s:?} is not a CIDR; write it like \"100.96.0.0/24\" (or a list of an IPv4 and an IPv6 one)"),
+                );
+                return None;
+            }
+        }
+    }
+    match nets.as_slice() {
+        [one] => Some((*one, None)),
+        [IpNet::V4(a), IpNet::V6(b)] | [IpNet::V6(b), IpNet::V4(a)] => {
+            Some((IpNet::V4(*a), Some(IpNet::V6(*b))))
+        }
+        _ => {
+            c.push(
+                &k,
+                "give one CIDR, or two: one IPv4 and one IPv6 (dual stack), like [\"100.96.0.0/24\", \"fd00:96::/64\"]",
+            );
+            None
+        }
+    }
+}
+
+/// `gateway_address`: one address per pool, each inside its pool.
+fn validate_gateway_addresses(
+    raw: &AddrList,
+    pool: IpNet,
+    pool_v6: Option<IpNet>,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Option<(IpAddr, Option<IpAddr>)> {
+    let k = format!("{key}.gateway_address");
+    let mut addrs = Vec::new();
+    for s in raw.items() {
+        match s.parse::<IpAddr>() {
+            Ok(a) => addrs.push(a),
+            Err(_) => {
+                c.push(
+                    &k,
+                    format!("{s:?} is not an IP address; write it like \"100.96.0.1\""),
+                );
+                return None;
+            }
+        }
+    }
+    let pick = |v4: bool| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
+    let first = pick(pool.addr().is_ipv4());
+    let second = pool_v6.and_then(|_| pick(false));
+    let wanted = 1 + usize::from(pool_v6.is_some());
+    let (Some(gw), true) = (
+        first,
+        addrs.len() == wanted && (pool_v6.is_none() || second.is_some()),
+    ) else {
+        c.push(
+            &k,
+            format!("give one gateway address per address_pool ({wanted}), each inside its pool"),
+        );
+        return None;
+    };
+    for (a, p) in std::iter::once((gw, pool)).chain(second.zip(pool_v6)) {
+        if !p.contains(&a) {
+            c.push(
+                &k,
+                format!("{a} is outside address_pool {p}; pick an address inside the pool (usually its first)"),
+            );
+        }
+    }
+    Some((gw, second))
+}
+
+/// A device's `address`: one, or one per pool of a dual-stack tenant (IPv4 first, or in any order).
+fn device_addresses(
+    raw: &AddrList,
+    key: &str,
+    c: &mut Collector<'_>,
+) -> Option<(IpAddr, Option<IpAddr>)> {
+    let mut addrs = Vec::new();
+    for s in raw.items() {
+        match s.parse::<IpAddr>() {
+            Ok(a) => addrs.push(a),
+            Err(_) => {
+                c.push(
+                    key,
+                    format!("{s:?} is not an IP address; write it like \"100.96.0.2\""),
+                );
+                return None;
+            }
+        }
+    }
+    match addrs.as_slice() {
+        [one] => Some((*one, None)),
+        [a, b] if a.is_ipv4() && b.is_ipv6() => Some((*a, Some(*b))),
+        [b, a] if a.is_ipv4() && b.is_ipv6() => Some((*a, Some(*b))),
+        _ => {
+            c.push(
+                key,
+                "give one address, or an IPv4 and an IPv6 one (dual-stack tenant)",
+            );
+            None
         }
     }
 }

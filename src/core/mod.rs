@@ -146,12 +146,13 @@ struct TenantState {
     id: TenantId,
     /// Stable across reloads; part of every flow key.
     num: u32,
-    gateway_address: IpAddr,
+    /// The gateway's own addresses in the tenant (IPv4, and IPv6 in a dual-stack tenant).
+    gateway_addresses: Vec<IpAddr>,
     policy: Policy,
     max_flows: Option<usize>,
     offramp: Vec<ipnet::IpNet>,
     offramp_allow_local: Vec<SocketAddr>,
-    pool: ipnet::IpNet,
+    pools: Vec<ipnet::IpNet>,
     /// Device address -> peer slot. Addresses are per tenant: two tenants may use the same ones.
     routes: HashMap<IpAddr, u32>,
     counters: Arc<TrafficCounters>,

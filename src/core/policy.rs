@@ -43,6 +43,7 @@ impl Decision {
 /// The id recorded for flows no rule matched.
 pub const DEFAULT_DENY_ID: &str = "default-deny";
 
+#[derive(Clone)]
 struct CompiledRule {
     id: Arc<str>,
     action: Action,
@@ -64,37 +65,58 @@ pub struct Policy {
 impl Policy {
     /// Resolves device names and `gateway` to addresses of this tenant. A rule naming a device that does not
     /// exist (yet) matches nothing for that entry.
+    ///
+    /// An `inspect_http` rule is preceded by its own refusal of UDP/443 to the same destinations (QUIC, that
+    /// is HTTP/3, would carry the same requests around the inspector): clients fall back to TCP.
     pub fn compile(t: &Tenant) -> Policy {
-        let rules = t
-            .rules
-            .iter()
-            .take(usize::from(u16::MAX))
-            .map(|r| CompiledRule {
+        let mut rules = Vec::with_capacity(t.rules.len());
+        for r in &t.rules {
+            let dst = r.dst.as_ref().map(|list| {
+                list.iter()
+                    .flat_map(|d| -> Vec<IpNet> {
+                        match d {
+                            DstMatch::Net(n) => vec![*n],
+                            DstMatch::Gateway => t.gateway_addresses().map(IpNet::from).collect(),
+                            DstMatch::Device(name) => {
+                                let found: Vec<IpNet> = t
+                                    .devices
+                                    .iter()
+                                    .filter(|dev| &dev.name == name)
+                                    .flat_map(|dev| dev.addresses().map(IpNet::from))
+                                    .collect();
+                                if found.is_empty() {
+                                    tracing::debug!(tenant = %t.id, rule = %r.id, device = %name, "rule names a device that is not enrolled");
+                                }
+                                found
+                            }
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let rule = CompiledRule {
                 id: Arc::from(r.id.as_str()),
                 action: r.action,
                 users: r.users.clone(),
                 groups: r.groups.clone(),
                 devices: r.devices.clone(),
-                dst: r.dst.as_ref().map(|list| {
-                    list.iter()
-                        .filter_map(|d| match d {
-                            DstMatch::Net(n) => Some(*n),
-                            DstMatch::Gateway => Some(IpNet::from(t.gateway_address)),
-                            DstMatch::Device(name) => {
-                                let found = t.devices.iter().find(|dev| &dev.name == name).map(|dev| IpNet::from(dev.address));
-                                if found.is_none() {
-                                    tracing::debug!(tenant = %t.id, rule = %r.id, device = %name, "rule names a device that is not enrolled");
-                                }
-                                found
-                            }
-                        })
-                        .collect()
-                }),
+                dst,
                 proto: r.proto,
                 ports: r.ports.clone(),
                 inspect: r.inspect.clone(),
-            })
-            .collect();
+            };
+            if r.action == Action::InspectHttp {
+                rules.push(CompiledRule {
+                    id: Arc::from(format!("{}/no-quic", r.id)),
+                    action: Action::Reject,
+                    proto: Proto::Udp,
+                    ports: vec![(443, 443)],
+                    inspect: Inspect::None,
+                    ..rule.clone()
+                });
+            }
+            rules.push(rule);
+        }
+        rules.truncate(usize::from(u16::MAX));
         Policy {
             rules,
             default_id: Arc::from(DEFAULT_DENY_ID),

@@ -48,12 +48,12 @@ impl Gateway {
             .map(|(t, num)| TenantState {
                 id: t.id.clone(),
                 num,
-                gateway_address: t.gateway_address,
+                gateway_addresses: t.gateway_addresses().collect(),
                 policy: Policy::compile(t),
                 max_flows: t.max_flows,
                 offramp: t.offramp.clone(),
                 offramp_allow_local: t.offramp_allow_local.clone(),
-                pool: t.address_pool,
+                pools: t.pools().collect(),
                 routes: HashMap::with_capacity(t.devices.len()),
                 counters: self.metrics.tenant(&t.id),
             })
@@ -91,9 +91,10 @@ impl Gateway {
         }
         for (slot, p) in self.peers.iter().enumerate() {
             if let Some(p) = p {
-                self.tenants[p.tenant]
-                    .routes
-                    .insert(p.device.address, slot as u32);
+                let routes = &mut self.tenants[p.tenant].routes;
+                for a in p.device.addresses() {
+                    routes.insert(a, slot as u32);
+                }
             }
         }
         for t in &self.tenants {
@@ -113,7 +114,7 @@ impl Gateway {
                 self.tenant_index(f.key.tenant()),
                 self.peers.get(f.src_slot as usize),
             ) {
-                (Some(ti), Some(Some(p))) if p.tenant == ti && p.device.address == src => {
+                (Some(ti), Some(Some(p))) if p.tenant == ti && p.device.has_address(src) => {
                     let t = &self.tenants[ti];
                     match self.route_of(ti, f.src_slot, dst) {
                         Some(route) if route.carries(f.target) => {
@@ -225,7 +226,17 @@ impl Gateway {
     /// normal close (FIN both ways) keeps the slot until the flow leaves the table, so retransmissions of
     /// data sent before the FINs still get through while the proxy finishes on its own.
     pub(super) fn record_end(&mut self, idx: u32, now: Instant, reason: EndReason) {
-        let f = self.flows.get(idx);
+        let f = self.flows.get(idx).clone();
+        self.push_end(&f, now, reason);
+        if reason != EndReason::TcpFin {
+            self.retire_upgrade(&f);
+        }
+    }
+
+    /// The one end record of flow `f`. From here on it no longer counts among its device's live flows
+    /// (`flows.device_max_flows`): an ended flow lingers `LINGER_MS` at most, and a device opens new ones no
+    /// faster than its token bucket, so closed connections cannot starve a device of new ones.
+    pub(super) fn push_end(&mut self, f: &Flow, now: Instant, reason: EndReason) {
         self.events.push(FlowEvent::End {
             seq: f.seq,
             at: now,
@@ -233,9 +244,8 @@ impl Gateway {
             bytes: f.bytes,
             reason,
         });
-        if reason != EndReason::TcpFin {
-            let f = f.clone();
-            self.retire_upgrade(&f);
+        if let Some(Some(p)) = self.peers.get_mut(f.src_slot as usize) {
+            p.live_flows = p.live_flows.saturating_sub(1);
         }
     }
 
@@ -274,13 +284,10 @@ impl Gateway {
         }
     }
 
-    /// A flow leaves the table.
+    /// A flow leaves the table (its end is recorded already).
     pub(super) fn forget_flow(&mut self, f: &Flow) {
         let n = &mut self.flow_counts[f.key.tenant() as usize];
         *n = n.saturating_sub(1);
-        if let Some(Some(p)) = self.peers.get_mut(f.src_slot as usize) {
-            p.live_flows = p.live_flows.saturating_sub(1);
-        }
         self.retire_upgrade(f);
     }
 

@@ -64,7 +64,7 @@ impl Gateway {
     /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
     pub(super) fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<Route> {
         let t = &self.tenants[ti];
-        if dst == t.gateway_address {
+        if t.gateway_addresses.contains(&dst) {
             return Some(Route::Local);
         }
         match t.routes.get(&dst) {
@@ -107,7 +107,10 @@ impl Gateway {
         };
         special
             || self.local_addrs.contains(&dst)
-            || self.tenants.iter().any(|o| o.pool.contains(&dst))
+            || self
+                .tenants
+                .iter()
+                .any(|o| o.pools.iter().any(|p| p.contains(&dst)))
     }
 
     pub(super) fn route_inner(
@@ -122,10 +125,16 @@ impl Gateway {
             .expect("caller holds slot");
         let ti = src_peer.tenant;
         let tenant = &self.tenants[ti];
-        let Ok(view) = packet::parse_ip(pkt) else {
-            return tenant.counters.count_drop(DropReason::InvalidInnerPacket);
+        let view = match packet::parse_ip(pkt) {
+            Ok(v) => v,
+            Err(packet::PacketError::ExtensionHeader) => {
+                return tenant.counters.count_drop(DropReason::Ipv6ExtensionHeader)
+            }
+            Err(packet::PacketError::Malformed) => {
+                return tenant.counters.count_drop(DropReason::InvalidInnerPacket)
+            }
         };
-        if view.src != src_peer.device.address {
+        if !src_peer.device.has_address(view.src) {
             return tenant.counters.count_drop(DropReason::SpoofedSource);
         }
         if view.fragment {
@@ -462,7 +471,14 @@ impl Gateway {
         why: Unreachable,
         tx: &mut TxQueue,
     ) {
-        let gw = self.tenants[ti].gateway_address;
+        // The unreachable comes from the gateway's address in the packet's family.
+        let Some(&gw) = self.tenants[ti]
+            .gateway_addresses
+            .iter()
+            .find(|a| a.is_ipv4() == v.src.is_ipv4())
+        else {
+            return;
+        };
         let n = match v.protocol {
             PROTO_TCP if t.tcp_flags & TCP_RST != 0 => return,
             PROTO_TCP => {

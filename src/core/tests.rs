@@ -1551,3 +1551,34 @@ fn one_device_cannot_fill_the_table_or_the_audit_trail() {
         .iter()
         .any(|p| p.len() >= 40 && p[20..22] == 50_000u16.to_be_bytes()));
 }
+
+/// A device that opens and closes connections quickly is not held by `device_max_flows`: closed connections
+/// linger for their tail but no longer count among its live flows (the 10,000-connection e2e test hit this).
+#[test]
+fn closed_connections_do_not_count_against_the_device_flow_limit() {
+    let mut net = two_tenants();
+    let mut cfg = config_for(&net.clients, &["acme", "acme", "globex", "globex"]);
+    cfg.flows.device_max_flows = 5;
+    net.gw.apply(&cfg, net.now(), &mut net.tx);
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    for i in 0..20u16 {
+        let sport = 40_000 + i;
+        net.send(0, &tcp(a, sport, b, 5201, 100, "S", b""));
+        net.send(1, &tcp(b, 5201, a, sport, 900, "SA", b""));
+        net.send(0, &tcp(a, sport, b, 5201, 101, "FA", b""));
+        net.send(1, &tcp(b, 5201, a, sport, 901, "FA", b""));
+    }
+    assert_eq!(net.tenant("acme").drops(DropReason::DeviceFlowLimit), 0);
+    assert_eq!(
+        net.clients[1].inbox.len(),
+        40,
+        "every SYN and FIN reached bob"
+    );
+    // Open connections still count: five held open, the sixth is refused.
+    for i in 0..6u16 {
+        net.send(0, &tcp(a, 50_000 + i, b, 5201, 100, "S", b""));
+    }
+    assert_eq!(net.tenant("acme").drops(DropReason::DeviceFlowLimit), 1);
+}

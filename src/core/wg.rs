@@ -247,14 +247,7 @@ impl Gateway {
         self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
         for e in expired {
             if e.idle {
-                let f = &e.flow;
-                self.events.push(FlowEvent::End {
-                    seq: f.seq,
-                    at: now,
-                    packets: f.packets,
-                    bytes: f.bytes,
-                    reason: EndReason::IdleTimeout,
-                });
+                self.push_end(&e.flow, now, EndReason::IdleTimeout);
             }
             self.forget_flow(&e.flow);
         }

@@ -159,6 +159,7 @@ pub fn with_pending(t: &Tenant, store_devices: &[DeviceRow]) -> Tenant {
             name: d.name.clone(),
             public_key: d.public_key,
             address: d.address,
+            address_v6: t.derived_v6(d.address),
             user: d.user.clone(),
             groups: d.groups.clone(),
             ssh_keys: Vec::new(),

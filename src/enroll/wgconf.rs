@@ -23,16 +23,16 @@ pub fn allocate_address(tenant: &Tenant) -> Option<IpAddr> {
     let used: HashSet<IpAddr> = tenant
         .devices
         .iter()
-        .map(|d| d.address)
-        .chain([tenant.gateway_address])
+        .flat_map(|d| d.addresses())
+        .chain(tenant.gateway_addresses())
         .collect();
+    // In a dual-stack tenant the IPv6 address follows the IPv4 one: both must be free.
+    let free = |a: &IpAddr| {
+        !used.contains(a) && tenant.derived_v6(*a).is_none_or(|v6| !used.contains(&v6))
+    };
     let pool = tenant.address_pool;
     match pool {
-        IpNet::V4(p) => p
-            .hosts()
-            .map(IpAddr::V4)
-            .take(MAX_PROBES)
-            .find(|a| !used.contains(a)),
+        IpNet::V4(p) => p.hosts().map(IpAddr::V4).take(MAX_PROBES).find(free),
         IpNet::V6(p) => p
             .hosts()
             .skip(1)
@@ -42,9 +42,9 @@ pub fn allocate_address(tenant: &Tenant) -> Option<IpAddr> {
     }
 }
 
-/// What a device routes into the tunnel: the tenant's pool and its off-ramp networks.
+/// What a device routes into the tunnel: the tenant's pools and its off-ramp networks.
 pub fn allowed_ips(tenant: &Tenant) -> Vec<IpNet> {
-    let mut allowed = vec![tenant.address_pool];
+    let mut allowed: Vec<IpNet> = tenant.pools().collect();
     allowed.extend(tenant.offramp.iter().copied());
     allowed
 }
@@ -84,7 +84,14 @@ impl ClientConfig<'_> {
                 );
             }
         }
-        let _ = writeln!(s, "Address = {}/{host_prefix}", self.address);
+        match self.tenant.derived_v6(self.address) {
+            Some(v6) => {
+                let _ = writeln!(s, "Address = {}/{host_prefix}, {v6}/128", self.address);
+            }
+            None => {
+                let _ = writeln!(s, "Address = {}/{host_prefix}", self.address);
+            }
+        }
         let _ = writeln!(s, "MTU = {DEVICE_MTU}");
         let _ = writeln!(s);
         let _ = writeln!(s, "[Peer]");
@@ -111,6 +118,8 @@ mod tests {
             name: "Acme".into(),
             address_pool: pool.parse().unwrap(),
             gateway_address: gw.parse().unwrap(),
+            address_pool_v6: None,
+            gateway_address_v6: None,
             max_flows: None,
             offramp: Vec::new(),
             egress: Default::default(),
@@ -127,6 +136,7 @@ mod tests {
             name: DeviceName::parse(&format!("d{n}")).unwrap(),
             public_key: PeerKey([n as u8; 32]),
             address: addr.parse().unwrap(),
+            address_v6: None,
             user: UserName::parse("u").unwrap(),
             groups: vec![],
             ssh_keys: vec![],
