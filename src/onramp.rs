@@ -63,7 +63,8 @@ pub enum Command {
 /// Handle to the running data-path thread.
 pub struct Onramp {
     commands: Sender<Command>,
-    thread: Option<JoinHandle<()>>,
+    /// Taken by the first `shutdown`; shared so that a task still holding the gateway can never keep it alive.
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Onramp {
@@ -83,7 +84,7 @@ impl Onramp {
             .spawn(move || pump(socket, gateway, metrics, audit, app, rx))?;
         Ok(Onramp {
             commands: tx,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
@@ -104,9 +105,11 @@ impl Onramp {
         rx.recv().unwrap_or_default()
     }
 
-    pub fn shutdown(mut self) {
+    /// Stops the pump (ending every flow, so each gets its end record) and waits for it. Idempotent.
+    pub fn shutdown(&self) {
         self.send(Command::Shutdown);
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }

@@ -220,6 +220,80 @@ pub fn parse_transport(p: &[u8], v: &IpView) -> Result<Transport, PacketError> {
     }
 }
 
+/// The connection an ICMP error is about, read from the header it quotes (the packet that could not be
+/// delivered, as the sender of the error received it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quoted {
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+/// For an ICMP or ICMPv6 error message (destination unreachable, packet too big, time exceeded, parameter
+/// problem, and ICMPv4 source quench and redirect): `Some` with what it quotes, `Some(None)` when the quote is
+/// unusable. `None` for every other packet, echo included.
+pub fn icmp_error(p: &[u8], v: &IpView) -> Option<Option<Quoted>> {
+    let l4 = p.get(v.l4_offset..v.len)?;
+    let error = matches!(
+        (v.protocol, l4.first()?),
+        (PROTO_ICMP, 3 | 4 | 5 | 11 | 12) | (PROTO_ICMPV6, 1..=4)
+    );
+    error.then(|| quoted(l4.get(8..)?, v.protocol))
+}
+
+fn quoted(q: &[u8], icmp: u8) -> Option<Quoted> {
+    let (protocol, src, dst, l4) = match (icmp, q.first()? >> 4) {
+        (PROTO_ICMP, 4) => {
+            let ihl = usize::from(q[0] & 0x0f) * 4;
+            let addr = |at: usize| -> Option<IpAddr> {
+                let b: [u8; 4] = q.get(at..at + 4)?.try_into().ok()?;
+                Some(IpAddr::from(b))
+            };
+            (*q.get(9)?, addr(12)?, addr(16)?, q.get(ihl.max(20)..)?)
+        }
+        (PROTO_ICMPV6, 6) => {
+            let addr = |at: usize| -> Option<IpAddr> {
+                let b: [u8; 16] = q.get(at..at + 16)?.try_into().ok()?;
+                Some(IpAddr::from(b))
+            };
+            (*q.get(6)?, addr(8)?, addr(24)?, q.get(40..)?)
+        }
+        _ => return None,
+    };
+    if l4.len() < 8 {
+        return None; // RFC 792 and 4443: at least the first 8 bytes of the transport header are quoted
+    }
+    let (sport, dport) = match protocol {
+        PROTO_TCP | PROTO_UDP => (read16(l4, 0), read16(l4, 2)),
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let echo = matches!(
+                (protocol, l4[0]),
+                (PROTO_ICMP, 0 | 8) | (PROTO_ICMPV6, 128 | 129)
+            );
+            let id = if echo { read16(l4, 4) } else { 0 };
+            (id, id)
+        }
+        _ => (0, 0),
+    };
+    Some(Quoted {
+        protocol,
+        src,
+        sport,
+        dst,
+        dport,
+    })
+}
+
+/// An ICMP echo request (a new question, never a reply within an echo flow).
+pub fn is_echo_request(p: &[u8], v: &IpView) -> bool {
+    matches!(
+        (v.protocol, p.get(v.l4_offset)),
+        (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128))
+    )
+}
+
 /// Why the gateway refuses a packet, for the ICMP error it sends back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {

@@ -69,7 +69,8 @@ pub enum DropReason {
     FlowRateLimited,
     /// An IPv6 extension header the gateway does not walk (or too many of them).
     Ipv6ExtensionHeader,
-    /// An ICMP error quoting a connection that is not a flow of this device pair.
+    /// An ICMP error that quotes no flow carried between this device and its peer, or an echo request from
+    /// the responder of an echo flow.
     IcmpUnrelated,
 }
 

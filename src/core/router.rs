@@ -52,14 +52,6 @@ pub(super) fn subject(p: &Peer) -> Subject<'_> {
     }
 }
 
-pub(super) fn is_echo_request(pkt: &[u8], v: &IpView) -> bool {
-    let ty = pkt.get(v.l4_offset).copied();
-    matches!(
-        (v.protocol, ty),
-        (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128))
-    )
-}
-
 impl Gateway {
     /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
     pub(super) fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<Route> {
@@ -144,6 +136,9 @@ impl Gateway {
         let Ok(t) = packet::parse_transport(pkt, &view) else {
             return tenant.counters.count_drop(DropReason::MalformedTransport);
         };
+        if let Some(quote) = packet::icmp_error(pkt, &view) {
+            return self.route_icmp_error(src_slot, ti, pkt, &view, quote, tx);
+        }
         let (key, dir) = FlowKey::new(
             tenant.num,
             view.protocol,
@@ -188,6 +183,13 @@ impl Gateway {
                 _ => counters.count_drop(DropReason::NatStale),
             }
             return;
+        }
+        // L7: within an echo flow the responder only answers; a request from it would be a new question that
+        // no policy decided.
+        if side == IN && packet::is_echo_request(pkt, &view) {
+            return self.tenants[ti]
+                .counters
+                .count_drop(DropReason::IcmpUnrelated);
         }
         let tcp = (view.protocol == PROTO_TCP).then(|| segment(pkt, &view, &t));
         let refused = matches!(flow.action, Action::Deny | Action::Reject);
@@ -244,6 +246,50 @@ impl Gateway {
             (_, _) => initiator_slot,
         };
         if dst_slot != src_slot && packet::decrement_ttl(pkt, &view) == Hop::Expired {
+            return counters.count_drop(DropReason::TtlExpired);
+        }
+        self.send_to_peer(dst_slot, pkt, &counters, tx);
+    }
+
+    /// L7 of the security review: an ICMP error from a device goes only to the other device of the flow it
+    /// quotes, and only when that flow exists, is carried between these two devices and quotes this device's
+    /// own address; an error that quotes anything else (another connection of the peer, a forged tuple) is
+    /// dropped. Errors never start flows of their own.
+    fn route_icmp_error(
+        &mut self,
+        src_slot: u32,
+        ti: usize,
+        pkt: &mut [u8],
+        view: &IpView,
+        quote: Option<packet::Quoted>,
+        tx: &mut TxQueue,
+    ) {
+        let counters = self.tenants[ti].counters.clone();
+        // The quoted packet travelled from the error's destination to its source.
+        let Some(q) = quote.filter(|q| q.src == view.dst && q.dst == view.src) else {
+            return counters.count_drop(DropReason::IcmpUnrelated);
+        };
+        let (key, _) = FlowKey::new(
+            self.tenants[ti].num,
+            q.protocol,
+            q.src,
+            q.sport,
+            q.dst,
+            q.dport,
+        );
+        let dst_slot = self.flows.lookup(&key).and_then(|i| {
+            let f = self.flows.get(i);
+            let carried = !matches!(f.action, Action::Deny | Action::Reject);
+            match f.target {
+                FlowTarget::Peer(peer) if carried && f.src_slot == src_slot => Some(peer),
+                FlowTarget::Peer(peer) if carried && peer == src_slot => Some(f.src_slot),
+                _ => None,
+            }
+        });
+        let Some(dst_slot) = dst_slot else {
+            return counters.count_drop(DropReason::IcmpUnrelated);
+        };
+        if packet::decrement_ttl(pkt, view) == Hop::Expired {
             return counters.count_drop(DropReason::TtlExpired);
         }
         self.send_to_peer(dst_slot, pkt, &counters, tx);
@@ -497,7 +543,7 @@ impl Gateway {
                     &mut self.build_buf,
                 )
             }
-            PROTO_ICMP | PROTO_ICMPV6 if !is_echo_request(pkt, v) => return,
+            PROTO_ICMP | PROTO_ICMPV6 if !packet::is_echo_request(pkt, v) => return,
             _ => packet::build_unreachable(pkt, v, gw, why, &mut self.build_buf),
         };
         if let Some(n) = n {

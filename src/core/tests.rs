@@ -1582,3 +1582,63 @@ fn closed_connections_do_not_count_against_the_device_flow_limit() {
     }
     assert_eq!(net.tenant("acme").drops(DropReason::DeviceFlowLimit), 1);
 }
+
+fn icmp_v4(src: IpAddr, dst: IpAddr, ty: etherparse::Icmpv4Type, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        panic!("v4 only")
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(s.octets(), d.octets(), 64)
+        .icmpv4(ty)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// L7 of the security review: an allowed ICMP flow let a device send ICMP errors quoting any connection (say
+/// a forged port unreachable for its peer's other connections) and echo requests back on the responder's side
+/// of an echo flow, none of which any policy decided. Now an error reaches only the other device of the flow
+/// it quotes, and the responder of an echo flow only answers.
+#[test]
+fn icmp_errors_reach_only_the_flow_they_quote_and_echo_responders_only_answer() {
+    use etherparse::{icmpv4::DestUnreachableHeader, IcmpEchoHeader, Icmpv4Type};
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    // A datagram a -> b, and b's port unreachable quoting it: delivered to a (the positive control).
+    let dgram = udp(a, b, b"hello");
+    net.send(0, &dgram);
+    assert_eq!(net.clients[1].inbox.len(), 1);
+    net.send(1, &icmp_v4(b, a, unreachable.clone(), &dgram[..28]));
+    assert_eq!(
+        net.clients[0].inbox.len(),
+        1,
+        "the genuine error was not delivered"
+    );
+    // The same error quoting a TCP connection a <-> b that does not exist: dropped.
+    let forged = tcp(a, 41_000, b, 80, 1, "S", b"");
+    net.send(1, &icmp_v4(b, a, unreachable.clone(), &forged[..28]));
+    // ... or quoting a packet that b (not a) sent.
+    let reversed = udp(b, a, b"x");
+    net.send(1, &icmp_v4(b, a, unreachable, &reversed[..28]));
+    assert_eq!(net.clients[0].inbox.len(), 1, "a forged error reached a");
+    assert_eq!(net.tenant("acme").drops(DropReason::IcmpUnrelated), 2);
+    // An echo flow a -> b: b's reply passes, b's own echo request on the same identifier does not.
+    net.send(0, &ping(a, b, 1));
+    let echo = IcmpEchoHeader { id: 1, seq: 1 };
+    net.send(1, &icmp_v4(b, a, Icmpv4Type::EchoReply(echo), b"ping"));
+    assert_eq!(
+        net.clients[0].inbox.len(),
+        2,
+        "the echo reply was not delivered"
+    );
+    net.send(1, &icmp_v4(b, a, Icmpv4Type::EchoRequest(echo), b"ping"));
+    assert_eq!(
+        net.clients[0].inbox.len(),
+        2,
+        "b's echo request rode a's echo flow"
+    );
+    assert_eq!(net.tenant("acme").drops(DropReason::IcmpUnrelated), 3);
+}

@@ -843,7 +843,8 @@ mod tests {
         }
         let r = take_reach();
         eprintln!("reach: {r:?}");
-        assert!(r.flows >= 10, "{r:?}");
+        // ICMP errors start no flow of their own (L7), so a seed scenario that sends one opens one flow less.
+        assert!(r.flows >= 8, "{r:?}");
         assert!(r.delivered >= 5, "{r:?}");
         assert!(r.drops >= 3, "{r:?}");
         assert!(r.upgraded >= 2 && r.downgrade_leg >= 1, "{r:?}");
