@@ -310,7 +310,7 @@ pub fn ports_v4(p: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
         return None;
     }
     let ihl = usize::from(p[0] & 0xf) * 4;
-    if !(p[9] == PROTO_TCP || p[9] == PROTO_UDP) || p.len() < ihl + 8 {
+    if ihl < 20 || !(p[9] == PROTO_TCP || p[9] == PROTO_UDP) || p.len() < ihl + 8 {
         return None;
     }
     let ip = |at: usize| Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]);
@@ -583,6 +583,23 @@ mod tests {
         let mut syn = tcp_packet(sa("100.66.1.1:51001"), new, b"", true);
         assert_eq!(d.from_kernel(&mut syn), Some(key));
         assert_eq!(ports_v4(&syn), Some((key.src, key.dst)));
+    }
+
+    /// Found by the `nat` fuzz target: with a header length below 20 bytes the ports were read and written
+    /// inside the address fields, so a rewrite that succeeded left other addresses than it was asked for.
+    #[test]
+    fn a_header_shorter_than_20_bytes_is_not_rewritten() {
+        let (src, dst) = (sa("100.96.0.2:40000"), sa("10.0.0.1:22"));
+        let mut p = tcp_packet(src, dst, b"", true);
+        assert_eq!(ports_v4(&p), Some((src, dst)), "positive control");
+        let mut q = p.clone();
+        assert_eq!(rewrite_v4(&mut q, dst, src), Ok(()));
+        assert_eq!(ports_v4(&q), Some((dst, src)));
+        p[0] = 0x43; // IHL 3: the "transport header" starts at the source address
+        let before = p.clone();
+        assert_eq!(ports_v4(&p), None);
+        assert_eq!(rewrite_v4(&mut p, dst, src), Err(NatError::Unsupported));
+        assert_eq!(p, before, "rewritten anyway");
     }
 
     #[test]
