@@ -6,7 +6,7 @@ CONFIG       ?= configs/gateway.toml
 APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables
 export CARGO_TERM_COLOR := never
 
-.PHONY: all build release run test deps lint unit e2e bench bench-flows fuzz fuzz-build
+.PHONY: all build release run test deps lint unit e2e bench bench-flows fuzz fuzz-build fuzz-merge
 
 all: build
 
@@ -55,19 +55,32 @@ bench-flows:
 	$(CARGO) bench --bench flow_table
 
 ## Fuzzing with cargo-fuzz (not part of `make test`: `make unit` replays the committed corpus fuzz/corpus on stable).
-## `make fuzz FUZZ_SECONDS=1800` runs every target in turn; `make fuzz FUZZ_TARGETS=packet` one. docs/security.md.
+## `make fuzz FUZZ_SECONDS=1800` runs every target in turn; `make fuzz FUZZ_TARGETS=packet` one; each run's log
+## (final stats: executions, coverage) is fuzz/work/<target>.log. `make fuzz-merge` adds to fuzz/corpus only the
+## inputs of fuzz/work that reach new coverage. docs/security.md.
 FUZZ_TARGETS ?= $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs)))
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS   := -s none -a
 fuzz-build:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
-	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build $(FUZZ_FLAGS)
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build $(FUZZ_FLAGS) $(if $(filter 1,$(words $(FUZZ_TARGETS))),$(FUZZ_TARGETS))
 
 fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p fuzz/work/$$t; \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_FLAGS) $$t fuzz/work/$$t fuzz/corpus/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=4096 || exit 1; \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+	    >fuzz/work/$$t.log 2>&1; rc=$$?; \
+	  if [ $$rc -ne 0 ]; then tail -n 40 fuzz/work/$$t.log; exit 1; fi; \
+	  echo "$$t:"; grep -E '^Done|^stat::(number_of_executed_units|average_exec_per_sec|new_units_added)' fuzz/work/$$t.log; \
+	  grep -E '^#[0-9]+' fuzz/work/$$t.log | tail -n 1; \
+	done
+
+fuzz-merge: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t fuzz/work/$$t -- -merge=1 \
+	    -timeout=10 -rss_limit_mb=4096 2>&1 | grep -E 'MERGE-OUTER: [0-9]+ new files' || exit 1; \
 	done
 
 ## The whole suite: lint, unit/property/scenario tests, end-to-end tests, and the appliance image boot test.

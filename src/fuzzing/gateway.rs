@@ -5,7 +5,7 @@
 //!
 //! Handshakes cost a few X25519 operations, so the world with its established sessions is kept between inputs:
 //! every input starts from no flows (`Gateway::shutdown`), the base config, and sessions younger than
-//! [`WORLD_MAX_AGE`]. An input that changed which devices exist (a reload) gets a fresh world next time.
+//! [`WORLD_MAX_AGE`]. After an input whose reload removed or moved a device, that device handshakes again.
 //!
 //! Properties, checked on every input: the core never panics; each datagram is accounted (a drop, a decrypted
 //! packet, a handshake or an answer); every inner packet a device receives is addressed to that device and,
@@ -140,8 +140,10 @@ proto = "icmp"
 "#;
 
 /// Config variants a reload switches between. 0 is the base; 1 changes only policy; 2 removes acme's second
-/// device; 3 moves it to globex; 4 drops acme's off-ramp.
+/// device ([`MOVED`]); 3 moves it to globex; 4 drops acme's off-ramp.
 const VARIANTS: usize = 5;
+/// The device variants 2 and 3 remove or move.
+const MOVED: usize = 1;
 
 pub(crate) fn config_text(variant: usize) -> String {
     let mut text = format!(
@@ -164,11 +166,15 @@ pub(crate) fn config_text(variant: usize) -> String {
              max_flows = 64\n{offramp}{rules}"
         );
         for (i, (t, addr, _)) in DEVICES.iter().enumerate() {
-            let t = if i == 1 && variant == 3 { "globex" } else { *t };
-            if t != tenant || (i == 1 && variant == 2) {
+            let t = if i == MOVED && variant == 3 {
+                "globex"
+            } else {
+                *t
+            };
+            if t != tenant || (i == MOVED && variant == 2) {
                 continue;
             }
-            let addr = if i == 1 && variant == 3 {
+            let addr = if i == MOVED && variant == 3 {
                 "100.96.0.7"
             } else {
                 addr
@@ -310,12 +316,16 @@ impl World {
             let mut slot = cell.borrow_mut();
             let stale = slot
                 .as_ref()
-                .is_none_or(|w| w.dirty || w.born.elapsed() > WORLD_MAX_AGE);
+                .is_none_or(|w| w.born.elapsed() > WORLD_MAX_AGE);
             if stale {
                 *slot = Some(World::new(with_sessions));
             }
             let w = slot.as_mut().expect("just built");
             w.reset();
+            if std::mem::take(&mut w.dirty) && with_sessions {
+                // The base config is back, but the device a reload removed or moved lost its session.
+                w.handshake(MOVED);
+            }
             f(w)
         })
     }
@@ -338,16 +348,18 @@ impl World {
         let mut buf = vec![0u8; 256];
         let init = match self.clients[i]
             .tunn
-            .format_handshake_initiation(&mut buf, false)
+            .format_handshake_initiation(&mut buf, true)
         {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             r => panic!("no initiation: {r:?}"),
         };
         let from = self.clients[i].underlay;
+        let answered = self.tenant_sum(|t| t.handshakes.get());
         self.feed(from, &init);
         let _ = self.settle(None);
         assert!(
-            self.clients[i].tunn.time_since_last_handshake().is_some(),
+            self.tenant_sum(|t| t.handshakes.get()) > answered
+                && self.clients[i].tunn.time_since_last_handshake().is_some(),
             "fuzz harness: device {i} has no session"
         );
     }
