@@ -681,6 +681,80 @@ fn loopback_recordings_stop_at_the_rule_s_caps() {
     );
 }
 
+/// Fills the filesystem holding `dir` (a [`TinyFs`]) with a file; removing the file frees it again.
+fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+/// Issue 11, finding 13: under `recording = "required"` a program ends cleanly only once its `channel.close`
+/// (which carries the recording's hash) is durable in the audit log.
+#[test]
+fn loopback_a_required_program_ends_cleanly_only_with_its_close_recorded() {
+    let state = tempdir("state");
+    let init = trust::ca_init(&state, "acme").unwrap();
+    let sshd = Sshd::loopback(&state.join("sshd"), &init.dir.join("user_ca.pub"));
+    let store = state.join("auditfs");
+    let _fs = TinyFs::mount(&store, "4m");
+    let gw = Inspector::start_with_audit_db(
+        state.clone(),
+        &store.join("audit.db"),
+        sshd.sockaddr(),
+        GwOpts::default(),
+    );
+    // A program that ends when the test says so: the store fails in between.
+    let run = |n: usize, fill: bool| {
+        let mut cmd = Command::new("ssh");
+        cmd.args(gw.client.opts())
+            .args([
+                "-p",
+                &gw.port.to_string(),
+                "root@127.0.0.1",
+                "read x; echo got-$x",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        // The exec's command record is the program's last durable record before it runs.
+        gw.wait_rows("command", n);
+        let filler = fill.then(|| fill_up(&store));
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"x\n").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        if let Some(f) = filler {
+            std::fs::remove_file(f).unwrap();
+        }
+        out
+    };
+    // Positive control: with the store working the program's exit status reaches the client.
+    let out = run(1, false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "got-x\n");
+    gw.wait_rows("session.end", 1);
+    // The attack on the evidence: the store fails while the program runs, so its close record (the
+    // recording's hash) cannot be written.
+    let out = run(2, true);
+    assert_eq!(text(&out.stdout), "got-x\n", "{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(254),
+        "the program ended cleanly although its close record could not be written: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr)
+            .contains("rampart gateway: the audit log could not record the end of this program"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn loopback_garbage_half_handshakes_and_silence_are_closed_within_the_grace_period() {
     let opts = GwOpts {

@@ -24,6 +24,7 @@ use crate::audit::capture::{ExitInfo, PtyInfo};
 use crate::audit::ssh_records::{
     ChannelClose, Command, CommandText, EnvVar, PtyRequest, RecordingInfo, SshEvent,
 };
+use crate::config::Recording;
 
 /// Exit status the gateway reports when it ends a program itself (like OpenSSH's 255 for its own errors,
 /// but distinguishable).
@@ -216,7 +217,9 @@ impl ChannelShared {
     }
 }
 
-/// Relays one target channel to the client until either side closes it, then records the close.
+/// Relays one target channel to the client until either side closes it, then records the close. Under
+/// `recording = "required"` the program's exit status (or signal) reaches the client only once the close record
+/// (which holds the recording's hash) is durable; otherwise the client gets exit status 254 and a message.
 pub async fn pump(
     mut read: ChannelReadHalf,
     handle: Handle,
@@ -225,7 +228,11 @@ pub async fn pump(
     _alive: mpsc::Sender<()>,
 ) {
     let id = shared.client_id;
+    let required = session.ctx.settings.recording == Recording::Required;
     let mut error = None;
+    // Exit status/signal held back until the close record is durable (required only).
+    let mut withheld = Vec::new();
+    let mut eof_sent = false;
     loop {
         let Some(msg) = read.wait().await else {
             if !shared.client_closed.load(Ordering::Relaxed) {
@@ -258,7 +265,12 @@ pub async fn pump(
             ChannelMsg::Failure => shared.reply(false),
             ChannelMsg::ExitStatus { exit_status } => {
                 shared.state().exit_status = Some(exit_status);
-                let _ = handle.exit_status_request(id, exit_status).await;
+                let msg = ChannelMsg::ExitStatus { exit_status };
+                if required {
+                    withheld.push(msg);
+                } else {
+                    relay_exit(&handle, id, msg).await;
+                }
             }
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -272,11 +284,22 @@ pub async fn pump(
                     st.core_dumped = core_dumped;
                     st.signal_message = Some(error_message.clone());
                 }
-                let _ = handle
-                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                    .await;
+                let msg = ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                };
+                if required {
+                    withheld.push(msg);
+                } else {
+                    relay_exit(&handle, id, msg).await;
+                }
             }
-            ChannelMsg::Eof => {
+            // Under required the end of output waits with the exit status (a message after EOF would be a
+            // protocol error to OpenSSH).
+            ChannelMsg::Eof if !required => {
+                eof_sent = true;
                 let _ = handle.eof(id).await;
             }
             ChannelMsg::Close => break,
@@ -284,24 +307,64 @@ pub async fn pump(
         }
     }
     shared.fail_pending();
-    if let Some(e) = &error {
-        // Tell the user why their program ended (the recording was required and failed, or the target went
-        // away) before closing their channel.
-        let msg = format!(
-            "\r\n{}: {e}; the session is terminated\r\n",
-            super::GATEWAY_NAME
-        );
-        let _ = handle.extended_data(id, 1, msg.into_bytes()).await;
-        if shared.state().exit_status.is_none() {
-            let _ = handle.exit_status_request(id, GATEWAY_EXIT_STATUS).await;
+    let close = shared.close_record(error.clone()).await;
+    let durable = session
+        .emit_required(Some(shared.seq), SshEvent::ChannelClose(close))
+        .await;
+    if shared.client_closed.load(Ordering::Relaxed) {
+        return;
+    }
+    // Tell the user why their program ended (the recording was required and failed, the target went away, or
+    // its end could not be recorded) before closing their channel.
+    let why = match (error, durable) {
+        (Some(e), _) => Some(e),
+        (None, Err(e)) => {
+            tracing::warn!(session = %session.id, error = %e, "SSH channel close not recorded (recording required)");
+            Some(format!(
+                "the audit log could not record the end of this program ({e}); its exit status is withheld"
+            ))
+        }
+        (None, Ok(())) => None,
+    };
+    match why {
+        Some(why) => {
+            let msg = format!(
+                "\r\n{}: {why}; the session is terminated\r\n",
+                super::GATEWAY_NAME
+            );
+            if !eof_sent {
+                let _ = handle.extended_data(id, 1, msg.into_bytes()).await;
+            }
+            if required || shared.state().exit_status.is_none() {
+                let _ = handle.exit_status_request(id, GATEWAY_EXIT_STATUS).await;
+            }
+        }
+        None => {
+            for msg in withheld {
+                relay_exit(&handle, id, msg).await;
+            }
         }
     }
-    let close = shared.close_record(error).await;
-    session.emit(Some(shared.seq), SshEvent::ChannelClose(close));
-    if !shared.client_closed.load(Ordering::Relaxed) {
-        let _ = handle.eof(id).await;
-        let _ = handle.close(id).await;
-    }
+    let _ = handle.eof(id).await;
+    let _ = handle.close(id).await;
+}
+
+/// Passes the target's exit status or signal on to the client.
+async fn relay_exit(handle: &Handle, id: ChannelId, msg: ChannelMsg) {
+    let _ = match msg {
+        ChannelMsg::ExitStatus { exit_status } => handle.exit_status_request(id, exit_status).await,
+        ChannelMsg::ExitSignal {
+            signal_name,
+            core_dumped,
+            error_message,
+            lang_tag,
+        } => {
+            handle
+                .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                .await
+        }
+        _ => Ok(()),
+    };
 }
 
 /// The SSH name of a signal (`TERM`, `INT`, or a custom one as sent).

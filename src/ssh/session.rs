@@ -270,7 +270,9 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .unwrap_or(("client_closed".into(), None));
-    session.emit(
+    // Durable under `required` (the client is gone by now: a failure can only be logged; the writer counts the
+    // lost record).
+    let end = session.emit_required(
         None,
         SshEvent::SessionEnd(SessionEnd {
             started_ms: session.started_ms,
@@ -282,6 +284,10 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
             channels: session.channels.load(Ordering::Relaxed),
         }),
     );
+    if let Err(e) = end.await {
+        tracing::error!(session = %session.id, tenant = %ctx.tenant, error = %e,
+            "SSH session end not recorded (recording required)");
+    }
 }
 
 fn server_config(ctx: &SshContext, trust: &TenantTrust) -> Result<Arc<server::Config>, String> {
