@@ -2,7 +2,10 @@
 //!
 //! - `loopback_*`: the inspector in-process (`support::ssh::Inspector`, configured from a real config file)
 //!   between a real `ssh` client and a real `sshd` (the test's own child on a free port), both on 127.0.0.1.
-//! - `gateway_*`: through the real `rampart run` with wireguard-go clients in namespaces (tests/support).
+//! - `gateway_*`: through the real `rampart run` with wireguard-go clients in namespaces (tests/support); these
+//!   also show that `rampart run` applies each rule setting from the config (recording off / best_effort /
+//!   required, ssh_auth with `device add --ssh-key`, logins, allow_forwarding, audit_recipient with
+//!   `audit keygen`), so the loopback tests' in-process context cannot hide a setting the daemon ignores.
 //!
 //! Run: `cargo test --test e2e_ssh -- --test-threads=1` (root: sshd, namespaces).
 
@@ -1386,6 +1389,7 @@ mod gateway_e2e {
     use super::support::probe::{ident_log, ident_server};
     use super::support::{wait_ping, Lab, TenantSpec};
     use super::*;
+    use rampart::config::Recording;
 
     const GW_ADDR: &str = "100.96.0.1";
     const TUNNEL_UP: Duration = Duration::from_secs(30);
@@ -1410,6 +1414,22 @@ proto = "tcp"
 ports = ["22"]
 capture_input = true
 allow_forwarding = true
+[[tenant.rule]]
+id = "ssh-keys"
+action = "inspect_ssh"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["2222"]
+ssh_auth = "publickey"
+recording = "best_effort"
+logins = ["root"]
+[[tenant.rule]]
+id = "ssh-unrecorded"
+action = "inspect_ssh"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["2223"]
+recording = "off"
 [[tenant.rule]]
 id = "upstream-web"
 action = "allow"
@@ -1443,15 +1463,20 @@ ports = ["22"]
             Some(&host.ns),
             &lab.dir().join("sshd-up"),
             UPSTREAM,
-            &[22],
+            &[22, 2222, 2223],
             &state.join("ssh/acme/user_ca.pub"),
             HostKey::Plain,
         );
         let _web = ident_server(&host.ns, lab.dir(), "web-8080", UPSTREAM, 8080, "web");
         let _unlisted = ident_server(&host.ns, lab.dir(), "web-8081", UPSTREAM, 8081, "unlisted");
-        let dev = lab.add_client("acme", "alice");
-        wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
+        // alice's SSH key is registered with the device (for the ssh_auth = "publickey" rule).
         let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
+        let dev = lab.add_client_with(
+            "acme",
+            "alice",
+            &["--ssh-key", client.id_pub().to_str().unwrap()],
+        );
+        wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
         let target = format!("root@{UPSTREAM}");
 
         // exec: exit codes and separate streams.
@@ -1610,16 +1635,149 @@ ports = ["22"]
             .cli(&["audit", "verify"], &["--pubkey", &pinned_key(&lab)])
             .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
+
+        // The rules' settings as `rampart run` reads them from the config. ssh_auth = "publickey" (port
+        // 2222): the key `device add --ssh-key` registered logs in, another key is refused; logins = ["root"].
+        let on_2222 = |id: &std::path::Path, login: &str, cmd: &str| {
+            let mut c = dev.exec("ssh");
+            c.args(client.opts_with_key(id)).args([
+                "-p",
+                "2222",
+                &format!("{login}@{UPSTREAM}"),
+                cmd,
+            ]);
+            run_with_stdin(c, None)
+        };
+        let out = on_2222(&client.id(), "root", "echo keyed");
+        assert_eq!(text(&out.stdout), "keyed\n", "{}", text(&out.stderr));
+        let stranger = lab.dir().join("stranger");
+        keygen(&stranger);
+        let out = on_2222(&stranger, "root", "echo stranger");
+        assert!(
+            out.stdout.is_empty() && text(&out.stderr).contains("Permission denied"),
+            "an unregistered key: {} {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let out = on_2222(&client.id(), "daemon", "echo as-daemon");
+        assert!(
+            out.stdout.is_empty()
+                && text(&out.stderr).contains("login \"daemon\" is not allowed by rule ssh-keys"),
+            "{}",
+            text(&out.stderr)
+        );
+        // recording = "off" (port 2223).
+        let out = client.ssh(&dev.ns, &["-p", "2223", &target, "echo unrecorded"], None);
+        assert_eq!(text(&out.stdout), "unrecorded\n", "{}", text(&out.stderr));
+        let rows = wait_ends(&lab, 16);
+        let starts: Vec<(String, rampart::audit::ssh_records::SessionStart)> = rows
+            .iter()
+            .filter(|r| r.kind == "session.start")
+            .filter_map(|r| match r.event() {
+                Some(SshEvent::SessionStart(s)) => Some((r.keys.session_id.clone(), s)),
+                _ => None,
+            })
+            .collect();
+        let by_rule = |rule: &str| -> Vec<&(String, rampart::audit::ssh_records::SessionStart)> {
+            starts
+                .iter()
+                .filter(|(id, _)| {
+                    rows.iter()
+                        .any(|r| &r.keys.session_id == id && r.keys.rule == rule)
+                })
+                .collect()
+        };
+        let recordings = |id: &str| -> Vec<Option<rampart::audit::ssh_records::RecordingInfo>> {
+            rows.iter()
+                .filter(|r| r.keys.session_id == id)
+                .filter_map(|r| match r.event() {
+                    Some(SshEvent::ChannelClose(c)) => Some(c.recording),
+                    _ => None,
+                })
+                .collect()
+        };
+        let keyed = by_rule("ssh-keys");
+        let registered = fingerprint(&client.id_pub());
+        let allowed: Vec<_> = keyed
+            .iter()
+            .filter(|(_, s)| s.decision == "allowed")
+            .collect();
+        assert_eq!(allowed.len(), 1, "{keyed:?}");
+        let (keyed_id, keyed_start) = allowed[0];
+        assert_eq!(keyed_start.auth_method, "publickey");
+        assert_eq!(
+            keyed_start.client_key_fp.as_deref(),
+            Some(registered.as_str())
+        );
+        assert_eq!(keyed_start.recording, Recording::BestEffort);
+        assert!(recordings(keyed_id)
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.complete)));
+        let stranger_fp = fingerprint(&lab.dir().join("stranger.pub"));
+        assert!(
+            keyed.iter().any(|(_, s)| s.decision.starts_with("refused")
+                && s.client_key_fp.as_deref() == Some(stranger_fp.as_str())),
+            "{keyed:?}"
+        );
+        assert!(
+            keyed
+                .iter()
+                .any(|(_, s)| s.decision.contains("not allowed by rule ssh-keys")),
+            "{keyed:?}"
+        );
+        let off = by_rule("ssh-unrecorded");
+        assert_eq!(off.len(), 1, "{off:?}");
+        assert_eq!(off[0].1.recording, Recording::Off);
+        assert_eq!(recordings(&off[0].0), [None]);
+        assert!(!state.join(format!("recordings/acme/{}", off[0].0)).exists());
+        // Forwarded channels name the flow rule that decided them, for the reviewer too.
+        let fwd = rows
+            .iter()
+            .find(|r| matches!(r.event(), Some(SshEvent::ChannelOpen(o)) if o.kind == "direct-tcpip" && o.decision == "allowed"))
+            .unwrap();
+        let shown = lab
+            .gateway
+            .cli(&["audit", "ssh", "show"], &[&fwd.keys.session_id])
+            .expect_ok();
+        assert!(
+            shown.contains(&format!("to {UPSTREAM}:8080 from "))
+                && shown.contains("(flow rule upstream-web)"),
+            "{shown}"
+        );
+        let required = by_rule("ssh-upstream");
+        assert!(required
+            .iter()
+            .all(|(_, s)| s.recording == Recording::Required));
+        assert!(recordings(&required[0].0)
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.complete)));
         lab.gateway.assert_alive();
     }
 
     #[test]
     fn gateway_inspects_ssh_between_devices_through_the_downgrade_path() {
+        // The tenant's reviewer key from `rampart audit keygen`: recordings, command texts and env values are
+        // sealed to it.
+        let keys = tempdir("reviewer");
+        let reviewer = keys.join("reviewer.key");
+        let out = Command::new(RAMPART)
+            .args(["audit", "keygen", "--out"])
+            .arg(&reviewer)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let recipient_line = text(&out.stdout);
+        assert!(
+            recipient_line.starts_with("audit_recipient = \""),
+            "{recipient_line}"
+        );
+        let reviewer = reviewer.to_str().unwrap().to_owned();
         // No off-ramp here: the devices' underlay links take 198.18.1.0/24.
         let mut t = tenant();
-        t.rules = t
-            .rules
-            .replace(&format!("offramp = [\"{UPSTREAM_NET}\"]\n"), "");
+        t.rules = t.rules.replace(
+            &format!("offramp = [\"{UPSTREAM_NET}\"]\n"),
+            &recipient_line,
+        );
         let mut lab = Lab::new(&[t]);
         let ca_line = ca_init(&lab.gateway, "acme");
         let a = lab.add_client("acme", "alice");
@@ -1637,9 +1795,19 @@ ports = ["22"]
         );
         let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
         let target = format!("root@{b_addr}");
-        let out = client.ssh(&a.ns, &[&target, "echo via-downgrade; exit 7"], None);
+        const SECRET: &str = "hunter2-in-env";
+        let out = client.ssh(
+            &a.ns,
+            &[
+                "-o",
+                &format!("SetEnv=RAMPART_TOKEN={SECRET}"),
+                &target,
+                "echo via-downgrade $RAMPART_TOKEN; exit 7",
+            ],
+            None,
+        );
         assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "via-downgrade\n");
+        assert_eq!(text(&out.stdout), format!("via-downgrade {SECRET}\n"));
         let out = client.ssh(&a.ns, &["-tt", &target], Some(b"echo pty-$((2+3))\nexit\n"));
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         assert!(text(&out.stdout).contains("pty-5"));
@@ -1647,7 +1815,6 @@ ports = ["22"]
         let start = rows.iter().find(|r| r.kind == "session.start").unwrap();
         assert_eq!(start.keys.target, format!("{b_addr}:22"));
         assert_eq!(start.keys.rule, "ssh-alice-to-bob");
-        assert_eq!(exec_commands(&rows), ["echo via-downgrade; exit 7"]);
         // B's sshd sees alice's own tunnel address and the gateway's certificate.
         let log = sshd.log();
         assert!(
@@ -1655,12 +1822,76 @@ ports = ["22"]
             "{log}"
         );
         assert!(log.contains(&format!("from {}", a.address())), "{log}");
+        // audit_recipient from the config: the command text and the env value are sealed in the log, and
+        // the recordings are ssh-log-cli containers; the reviewer key opens them.
+        assert!(
+            exec_commands(&rows).is_empty(),
+            "a command text in plaintext"
+        );
+        let exec_session = &start.keys.session_id;
+        let show = |key: Option<&str>| {
+            let mut args = vec![exec_session.as_str()];
+            if let Some(k) = key {
+                args.extend(["--key", k]);
+            }
+            lab.gateway
+                .cli(&["audit", "ssh", "show"], &args)
+                .expect_ok()
+        };
+        let sealed = show(None);
+        assert!(
+            !sealed.contains(SECRET)
+                && !sealed.contains("via-downgrade")
+                && sealed.contains("<sealed"),
+            "{sealed}"
+        );
+        let opened = show(Some(&reviewer));
+        assert!(
+            opened.contains(&format!("env RAMPART_TOKEN={SECRET:?}"))
+                && opened.contains("echo via-downgrade $RAMPART_TOKEN; exit 7"),
+            "{opened}"
+        );
+        for f in ["audit.db", "audit.db-wal"] {
+            let bytes = std::fs::read(lab.gateway.state_dir().join(f)).unwrap_or_default();
+            assert!(
+                !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+                "the env value is in {f} in plaintext"
+            );
+        }
+        let formats: Vec<String> = events(&rows, "channel.close")
+            .into_iter()
+            .filter_map(|e| match e {
+                SshEvent::ChannelClose(c) => c.recording.map(|r| r.format),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(formats, ["ssh-log-cli", "ssh-log-cli"]);
+        let pty_session = rows
+            .iter()
+            .find(|r| matches!(r.event(), Some(SshEvent::ChannelOpen(o)) if o.program == "shell"))
+            .unwrap()
+            .keys
+            .session_id
+            .clone();
+        let replay = |key: Option<&str>| {
+            let mut args = vec![pty_session.as_str(), "--max-idle", "0.05"];
+            if let Some(k) = key {
+                args.extend(["--key", k]);
+            }
+            lab.gateway.cli(&["audit", "ssh", "replay"], &args)
+        };
+        let without = replay(None);
+        assert!(!without.success(), "{without}");
+        assert!(without.stderr.contains("pass --key"), "{without}");
+        let with = replay(Some(&reviewer)).expect_ok();
+        assert!(with.contains("pty-5"), "{with}");
         let verify = lab
             .gateway
             .cli(&["audit", "verify"], &["--pubkey", &pinned_key(&lab)])
             .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
         lab.gateway.assert_alive();
+        let _ = std::fs::remove_dir_all(&keys);
     }
 }
 

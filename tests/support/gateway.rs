@@ -278,12 +278,20 @@ impl Gateway {
 
     /// `rampart device add` and the parsed config it printed.
     pub fn device_add(&self, tenant: &str, name: &str, user: &str) -> ClientConfig {
-        let out = self
-            .cli(
-                &["device", "add"],
-                &["--tenant", tenant, "--name", name, "--user", user],
-            )
-            .expect_ok();
+        self.device_add_with(tenant, name, user, &[])
+    }
+
+    /// `device add` with more arguments (e.g. `--ssh-key FILE`).
+    pub fn device_add_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        user: &str,
+        extra: &[&str],
+    ) -> ClientConfig {
+        let mut args = vec!["--tenant", tenant, "--name", name, "--user", user];
+        args.extend_from_slice(extra);
+        let out = self.cli(&["device", "add"], &args).expect_ok();
         ClientConfig::parse(&out).unwrap_or_else(|e| {
             panic!("`rampart device add` printed an unusable config ({e}):\n{out}")
         })

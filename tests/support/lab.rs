@@ -187,10 +187,15 @@ impl Lab {
     /// Enrolls device `name` in `tenant` with `rampart device add` and brings up a wireguard-go
     /// client with exactly the printed config, in its own namespace.
     pub fn add_client(&mut self, tenant: &str, name: &str) -> WgClient {
+        self.add_client_with(tenant, name, &[])
+    }
+
+    /// Like [`add_client`](Self::add_client), with more `device add` arguments (e.g. `--ssh-key FILE`).
+    pub fn add_client_with(&mut self, tenant: &str, name: &str, extra: &[&str]) -> WgClient {
         let (ns, underlay, l) = self.underlay_ns(name);
-        let config = self
-            .gateway
-            .device_add(tenant, name, &format!("{name}@{tenant}.example"));
+        let config =
+            self.gateway
+                .device_add_with(tenant, name, &format!("{name}@{tenant}.example"), extra);
         assert_eq!(
             config.endpoint,
             self.endpoint(),

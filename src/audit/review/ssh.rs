@@ -284,6 +284,9 @@ fn describe(ev: &SshEvent, login: &str, key: Option<&ReviewerKey>) -> String {
                     " to {}:{} from {}:{}",
                     t.host, t.port, t.orig_addr, t.orig_port
                 );
+                if let Some(rule) = &t.rule {
+                    s += &format!(" (flow rule {rule})");
+                }
             }
             for e in &o.env {
                 s += &format!(" env {}={:?}", e.name, e.value.show(key));
