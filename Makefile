@@ -3,18 +3,29 @@
 
 CARGO        ?= cargo
 CONFIG       ?= configs/gateway.toml
-APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables
+APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables chromium nodejs
 export CARGO_TERM_COLOR := never
 
-.PHONY: all build release run test deps lint unit e2e bench bench-flows fuzz fuzz-build fuzz-merge
+.PHONY: all build release run test deps ui ui-test-deps lint unit e2e bench bench-flows fuzz fuzz-build fuzz-merge
 
 all: build
 
-build:
+build: ui
 	$(CARGO) build
 
-release:
+release: ui
 	$(CARGO) build --release
+
+## The review UI's third-party assets (asciinema-player, @xterm/xterm, the HPKE library) from npm with the
+## lockfile, embedded into the binary by build.rs (never committed).
+ui:
+	@if [ ! -f ui/node_modules/.package-lock.json ] || [ ui/package-lock.json -nt ui/node_modules/.package-lock.json ]; then \
+	  npm ci --prefix ui --ignore-scripts --no-audit --no-fund; else echo "ui: npm assets present"; fi
+
+## playwright-core for the browser tests (drives Debian's chromium; no browser download).
+ui-test-deps:
+	@if [ ! -f tests/ui/node_modules/.package-lock.json ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules/.package-lock.json ]; then \
+	  npm ci --prefix tests/ui --ignore-scripts --no-audit --no-fund; else echo "ui-test-deps: present"; fi
 
 ## Start the gateway in the foreground on the default config (Ctrl-C stops it).
 run: release
@@ -28,18 +39,18 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else echo "deps: all present"; fi
 
-lint:
+lint: ui
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features test-hooks -- -D warnings
 
 ## Unit, property and in-memory scenario tests (the namespace helper's tests need root).
-unit:
+unit: ui
 	$(CARGO) test --features test-hooks --lib --bins
 
 ## End-to-end tests with real wireguard-go clients in network namespaces (root). The `test-hooks` feature
 ## adds control requests only tests use (e.g. stalling the data path to show /health notices).
-e2e: deps
+e2e: deps ui ui-test-deps
 	@for t in tests/e2e_*.rs; do \
 	  [ -e "$$t" ] || continue; \
 	  name=$$(basename $$t .rs); \

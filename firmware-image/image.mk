@@ -14,7 +14,7 @@ IMAGE_WORK  ?= $(CURDIR)/build/image-work
 image-deps:
 	@$(CURDIR)/firmware-image/scripts/deps.sh
 
-image: image-deps
+image: image-deps ui
 	nice $(IMAGE_CARGO) build --release
 	nice $(CURDIR)/firmware-image/scripts/build.sh --rampart $(CURDIR)/target/release/rampart \
 		--out $(IMAGE_OUT) --work $(IMAGE_WORK)

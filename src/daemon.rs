@@ -35,6 +35,7 @@ struct Running {
     ssh: Arc<crate::ssh::SshServices>,
     http: crate::http::HttpServices,
     enroll_audit: crate::audit::enroll_records::EnrollAuditSink,
+    admin_audit: crate::audit::admin_records::AdminAuditSink,
 }
 
 impl Running {
@@ -127,6 +128,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     ));
     let http = crate::http::HttpServices::new(audit.http());
     let enroll_audit = audit.enroll();
+    let admin_audit = audit.admin();
     let mut gateway = Gateway::new(0, &key, metrics.clone(), Instant::now());
     let public = gateway.public_key();
     let summary = gateway.apply(&cfg, Instant::now(), &mut TxQueue::new());
@@ -182,6 +184,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         ssh,
         http,
         enroll_audit,
+        admin_audit,
     });
     let l4 = layer4.as_mut().map(|(ns, app, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
@@ -302,6 +305,17 @@ async fn serve(
     let enroll =
         crate::enroll::server::start(running.clone(), running.enroll_audit.clone()).await?;
 
+    let ui = crate::admin::web::start(crate::admin::web::UiServices {
+        config: running.config.clone(),
+        live: running.ssh.live().clone(),
+        reload: {
+            let r = running.clone();
+            Box::new(move || r.reload())
+        },
+        audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
+        enroll_audit: running.enroll_audit.clone(),
+    })
+    .await?;
     let admin_task = tokio::spawn(crate::admin::serve(admin, metrics, audit));
     let control_task = tokio::spawn(serve_control(control, running.clone()));
     let layer4_task = layer4.map(|ch| tokio::spawn(run_layer4(running.clone(), ch)));
@@ -341,6 +355,9 @@ async fn serve(
     }
     tracing::info!("shutting down");
     enroll.shutdown().await;
+    if let Some(ui) = ui {
+        ui.shutdown().await;
+    }
     admin_task.abort();
     control_task.abort();
     if let Some(t) = layer4_task {

@@ -15,14 +15,16 @@ pub enum RecordKind {
     Http,
     Ssh,
     Enroll,
+    Admin,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 4] = [
+    pub const ALL: [RecordKind; 5] = [
         RecordKind::Flow,
         RecordKind::Http,
         RecordKind::Ssh,
         RecordKind::Enroll,
+        RecordKind::Admin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -31,6 +33,7 @@ impl RecordKind {
             RecordKind::Http => "http",
             RecordKind::Ssh => "ssh",
             RecordKind::Enroll => "enroll",
+            RecordKind::Admin => "admin",
         }
     }
 }

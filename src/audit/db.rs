@@ -12,7 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1: the three record tables as the first three writers made them (stores written before
 /// `user_version` was set are version 1 too).
@@ -176,6 +176,21 @@ CREATE INDEX enroll_log_by_time ON enroll_log (at_ms);
 CREATE INDEX enroll_log_by_tenant ON enroll_log (tenant, at_ms);
 ";
 
+/// Version 4: review UI records (`tables::admin`), each a chain entry.
+const SCHEMA_V4: &str = "
+CREATE TABLE admin_log (
+    chain_seq INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    tenant TEXT,
+    session_id TEXT,
+    source TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX admin_log_by_time ON admin_log (at_ms);
+";
+
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -239,6 +254,12 @@ pub fn migrate(conn: &mut Connection) -> Result<(), DbError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA_V3)?;
         tx.pragma_update(None, "user_version", 3)?;
+        tx.commit()?;
+    }
+    if version < 4 {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA_V4)?;
+        tx.pragma_update(None, "user_version", 4)?;
         tx.commit()?;
     }
     Ok(())

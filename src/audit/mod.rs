@@ -13,6 +13,7 @@
 //! record), write the store from another thread, update or delete a committed record.
 #![deny(unsafe_code)]
 
+pub mod admin_records;
 pub mod capture;
 pub mod counters;
 pub mod db;
@@ -63,6 +64,7 @@ pub enum Record {
     Http(Box<HttpRecord>),
     Ssh(Box<SshRecord>),
     Enroll(Box<enroll_records::EnrollRecord>),
+    Admin(Box<admin_records::AdminRecord>),
 }
 
 impl Record {
@@ -72,6 +74,7 @@ impl Record {
             Record::Http(_) => RecordKind::Http,
             Record::Ssh(_) => RecordKind::Ssh,
             Record::Enroll(_) => RecordKind::Enroll,
+            Record::Admin(_) => RecordKind::Admin,
         }
     }
 
@@ -85,6 +88,7 @@ impl Record {
             Record::Ssh(r) => Some(&r.keys.tenant),
             // Admin and gateway records without a tenant are few; they share the common places.
             Record::Enroll(r) => r.tenant.as_deref(),
+            Record::Admin(r) => r.tenant.as_deref(),
         }
     }
 }
@@ -392,6 +396,10 @@ impl AuditSink {
     /// The enrollment service's handle.
     pub fn enroll(&self) -> enroll_records::EnrollAuditSink {
         enroll_records::EnrollAuditSink::new(self.clone())
+    }
+
+    pub fn admin(&self) -> admin_records::AdminAuditSink {
+        admin_records::AdminAuditSink::new(self.clone())
     }
 }
 

@@ -175,7 +175,7 @@ pub struct CertInfo {
 pub struct SessionEnd {
     pub started_ms: i64,
     pub duration_ms: i64,
-    /// `client_closed` | `login_timeout` | `upstream_failed` | `policy` | `error`.
+    /// `client_closed` | `login_timeout` | `upstream_failed` | `policy` | `terminated` (by an admin) | `error`.
     pub reason: String,
     pub error: Option<String>,
     pub bytes_client_to_target: u64,

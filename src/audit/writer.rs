@@ -359,6 +359,10 @@ fn write_batch(
                 tables::enroll::insert(&tx, &mut head, r)?;
                 0
             }
+            Record::Admin(r) => {
+                tables::admin::insert(&tx, &mut head, r)?;
+                0
+            }
         });
     }
     tx.commit()?;

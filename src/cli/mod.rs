@@ -10,6 +10,7 @@ use crate::config::{Config, DEFAULT_CONFIG};
 use crate::control::{self, Request};
 use crate::keys::PrivateKey;
 
+mod admin;
 mod audit;
 mod audit_ssh;
 mod device;
@@ -75,6 +76,11 @@ pub enum Command {
     },
     /// On a device: enroll with a token (key pair made here), refresh, rotate the key, or leave.
     Enroll(enroll::EnrollArgs),
+    /// Accounts of the review web UI (gateway.ui_listen): the first admin is created here.
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
     /// Review the audit trail.
     Audit {
         #[command(subcommand)]
@@ -183,6 +189,20 @@ pub enum AuditCommand {
     Ssh {
         #[command(subcommand)]
         command: audit_ssh::SshCommand,
+    },
+    /// What was done in the review web UI: sign-ins (and refusals), reads of recordings, live views,
+    /// terminated sessions, token and device changes.
+    Admin {
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Only records since: a duration back from now (15m, 2h, 7d) or a UTC time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Enrollment records: tokens created and revoked, devices enrolled (or refused), approved, refreshed,
     /// rotated, proven by their first handshake, left, revoked, expired.
@@ -378,6 +398,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } => token::device_approve(&config, &tenant, &name),
         },
         Command::Token { command } => token::run(command),
+        Command::Admin { command } => admin::run(command),
         Command::Enroll(args) => enroll::run(args),
         Command::Audit { command } => match command {
             AuditCommand::Flows {
@@ -391,6 +412,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
             AuditCommand::Keygen { out } => audit_keygen(&out),
+            AuditCommand::Admin {
+                config,
+                since,
+                limit,
+                json,
+            } => admin::audit_admin(&config, since, limit, json),
             AuditCommand::Ssh { command } => audit_ssh::run(command),
             AuditCommand::Verify {
                 config,

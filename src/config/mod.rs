@@ -22,12 +22,14 @@ mod enroll;
 mod ids;
 mod model;
 mod raw;
+mod ui;
 mod validate;
 
 pub use enroll::EnrollSettings;
 pub use ids::*;
 pub use model::*;
 pub use raw::*;
+pub use ui::UiSettings;
 pub use validate::valid_login;
 use validate::{check_tenant_devices, check_unique_keys, line_of, parse_ssh_keys, validate};
 
@@ -233,6 +235,9 @@ impl Config {
         }
         if self.enroll != new.enroll {
             out.push("gateway.enroll_listen and [enroll]");
+        }
+        if self.ui != new.ui {
+            out.push("gateway.ui_listen and [ui]");
         }
         if self.flows.max_flows != new.flows.max_flows {
             out.push("flows.max_flows");

@@ -479,6 +479,7 @@ pub struct Config {
     pub flows: FlowSettings,
     pub audit: AuditSettings,
     pub enroll: super::EnrollSettings,
+    pub ui: super::UiSettings,
     pub tenants: Vec<Tenant>,
 }
 

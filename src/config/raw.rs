@@ -10,6 +10,7 @@ pub struct RawConfig {
     pub flows: Option<RawFlows>,
     pub audit: Option<RawAudit>,
     pub enroll: Option<super::enroll::RawEnroll>,
+    pub ui: Option<super::ui::RawUi>,
     #[serde(default)]
     pub tenant: Vec<RawTenant>,
 }
@@ -81,6 +82,8 @@ pub struct RawGateway {
     pub public_endpoint: Option<String>,
     /// HTTPS listener of the enrollment API; absent = off.
     pub enroll_listen: Option<String>,
+    /// HTTPS listener of the review web UI and its API; absent = off.
+    pub ui_listen: Option<String>,
 }
 
 /// A value written as one string or as a list of them (`"100.96.0.0/24"` or `["100.96.0.0/24", "fd00::/64"]`).

@@ -48,6 +48,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
     let flows = validate_flows(raw.flows, c);
     let audit = validate_audit(raw.audit, &state_dir, base, c);
     let enroll = super::enroll::validate_enroll(raw.enroll, g.enroll_listen.as_deref(), base, c);
+    let ui = super::ui::validate_ui(raw.ui, g.ui_listen.as_deref(), c);
     let mut tenants = Vec::new();
     let mut ids = HashSet::new();
     for (i, rt) in raw.tenant.into_iter().enumerate() {
@@ -192,6 +193,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         flows,
         audit,
         enroll,
+        ui,
         tenants,
     }
 }
@@ -950,6 +952,7 @@ pub(super) fn empty(path: &Path) -> Config {
             public_endpoint: None,
         },
         enroll: super::EnrollSettings::default(),
+        ui: super::UiSettings::default(),
         tenants: Vec::new(),
     }
 }

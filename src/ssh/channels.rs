@@ -345,7 +345,10 @@ impl ConnHandler {
                 pty.clone(),
                 self.session.recording_budget.clone(),
             ) {
-                Ok(r) => recorder = Some(r),
+                Ok(mut r) => {
+                    r.tap(self.session.live.tap(), shared.seq);
+                    recorder = Some(r)
+                }
                 Err(e) if mode == Recording::Required => {
                     return self.refuse_program(channel, open, e, session).await;
                 }

@@ -24,6 +24,7 @@ mod channels;
 pub mod forward;
 mod handler;
 pub mod input_line;
+pub mod live;
 pub mod recorder;
 pub mod session;
 pub mod sftp;
@@ -92,6 +93,7 @@ pub struct SshServices {
     limits: SshLimits,
     trust: Mutex<HashMap<String, Arc<TenantTrust>>>,
     preauth: Arc<Preauth>,
+    live: Arc<live::LiveSessions>,
 }
 
 impl SshServices {
@@ -102,7 +104,13 @@ impl SshServices {
             trust: Mutex::new(HashMap::new()),
             preauth: Arc::new(Preauth::new(&limits)),
             limits,
+            live: Arc::new(live::LiveSessions::default()),
         }
+    }
+
+    /// Sessions in progress (the review UI's live view and terminate).
+    pub fn live(&self) -> &Arc<live::LiveSessions> {
+        &self.live
     }
 
     pub fn audit(&self) -> &SshAuditSink {

@@ -109,6 +109,8 @@ pub struct ChannelRecorder {
     last_flush: Instant,
     last_elapsed: u64,
     error: Option<String>,
+    /// Where target output is offered to live viewers, with this channel's number.
+    live: Option<(super::live::LiveTap, u32)>,
 }
 
 impl ChannelRecorder {
@@ -166,7 +168,13 @@ impl ChannelRecorder {
             last_flush: now,
             last_elapsed: 0,
             error: None,
+            live: None,
         })
+    }
+
+    /// Offers the channel's target output to live viewers of the session.
+    pub fn tap(&mut self, tap: super::live::LiveTap, channel: u32) {
+        self.live = Some((tap, channel));
     }
 
     /// Whether the recording still works.
@@ -175,6 +183,9 @@ impl ChannelRecorder {
     }
 
     pub fn origin(&mut self, code: u32, data: &[u8]) -> Result<(), String> {
+        if let Some((tap, channel)) = &self.live {
+            tap.send(*channel, data);
+        }
         self.write(Source::Origin, code, data)
     }
 

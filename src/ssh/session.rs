@@ -37,6 +37,8 @@ pub struct SessionState {
     pub(super) refused_keys: Mutex<Vec<String>>,
     /// What the session's recordings may still take (the rule's caps).
     pub(super) recording_budget: Arc<RecordingBudget>,
+    /// The session's entry among the sessions in progress (live view, terminate).
+    pub(super) live: super::live::LiveGuard,
 }
 
 impl SessionState {
@@ -58,6 +60,10 @@ impl SessionState {
             started,
             ctx.settings.max_recording_time,
         ));
+        let live = ctx
+            .services
+            .live()
+            .register(&id, ctx.tenant.as_str(), ctx.recipient.is_none());
         SessionState {
             ctx,
             id,
@@ -71,6 +77,7 @@ impl SessionState {
             end: Mutex::new(None),
             refused_keys: Mutex::new(Vec::new()),
             recording_budget,
+            live,
         }
     }
 
@@ -163,6 +170,13 @@ impl SessionState {
     }
 }
 
+/// How the wait for a connection ended.
+enum Ended<R> {
+    Closed(R),
+    Grace,
+    Terminated(String),
+}
+
 /// Serves one intercepted connection until it ends (see [`super::intercept`]).
 pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
     let services = ctx.services.clone();
@@ -226,14 +240,47 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         Ok(running) => {
             let handle = running.handle();
             tokio::pin!(running);
+            let terminated = session.live.terminated();
+            tokio::pin!(terminated);
             let result = tokio::select! {
-                r = &mut running => Some(r),
-                _ = &mut grace, if !session.authed.load(Ordering::Relaxed) => None,
+                r = &mut running => Ended::Closed(r),
+                _ = &mut grace, if !session.authed.load(Ordering::Relaxed) => Ended::Grace,
+                by = &mut terminated => Ended::Terminated(by),
             };
             let result = match result {
-                Some(r) => r,
-                None if session.authed.load(Ordering::Relaxed) => running.await,
-                None => {
+                Ended::Grace if session.authed.load(Ordering::Relaxed) => tokio::select! {
+                    r = &mut running => Ended::Closed(r),
+                    by = &mut terminated => Ended::Terminated(by),
+                },
+                other => other,
+            };
+            let result = match result {
+                Ended::Closed(r) => r,
+                Ended::Terminated(by) => {
+                    tracing::info!(session = %session.id, tenant = %ctx.tenant, admin = %by, "SSH session terminated by an administrator");
+                    session.set_end(
+                        "terminated",
+                        Some(format!("terminated by {by} in the review UI")),
+                    );
+                    let bye = handle.disconnect(
+                        Disconnect::ByApplication,
+                        format!("{GATEWAY_NAME}: session terminated by an administrator"),
+                        "en".into(),
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+                    match tokio::time::timeout(Duration::from_secs(2), &mut running).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            if let Some(k) = &killer {
+                                let _ = k.shutdown(std::net::Shutdown::Both);
+                            }
+                            tokio::time::timeout(Duration::from_secs(5), &mut running)
+                                .await
+                                .unwrap_or(Ok(()))
+                        }
+                    }
+                }
+                Ended::Grace => {
                     session.set_end("login_timeout", None);
                     let bye = handle.disconnect(
                         Disconnect::ByApplication,
@@ -270,6 +317,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .unwrap_or(("client_closed".into(), None));
+    session.live.end();
     // Durable under `required` (the client is gone by now: a failure can only be logged; the writer counts the
     // lost record).
     let end = session.emit_required(

@@ -3,6 +3,7 @@
 //! never writes them. Command-line parsing and output live in `cli`.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod enroll;
 pub mod flows;
 pub mod http;

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::audit::ssh_records::{file_sha256, SshEvent};
 use crate::audit::tables::chain::{self, Checkpoint, HeadLine, CHECKPOINT_NAMESPACE};
-use crate::audit::tables::{enroll, events, flows, http, ssh};
+use crate::audit::tables::{admin, enroll, events, flows, http, ssh};
 
 /// Where the store stops agreeing with itself, its signatures or the exported head.
 #[derive(Debug, Clone, Serialize)]
@@ -110,6 +110,7 @@ fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
     match kind {
         http::KIND => "HTTP request".into(),
         enroll::KIND => "enrollment record".into(),
+        admin::KIND => "review UI record".into(),
         k => k.to_string(),
     }
 }
@@ -124,6 +125,7 @@ fn canonical(
         http::KIND => http::canonical(conn, seq),
         ssh::KIND => ssh::canonical(conn, seq),
         enroll::KIND => enroll::canonical(conn, seq),
+        admin::KIND => admin::canonical(conn, seq),
         _ => events::canonical(conn, seq),
     }
 }

@@ -2,6 +2,7 @@
 //! Reading is `audit::review`'s.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod chain;
 pub mod enroll;
 pub mod events;

@@ -1,9 +1,15 @@
-//! The admin listener: `GET /health` and `GET /metrics` (Prometheus text format). It reads counters only; it
+//! The admin side: the plain listener for `GET /health` and `GET /metrics` (Prometheus text format, this file;
+//! a deliberately small HTTP/1.1 responder, one request per connection, bounded size and time), and the review
+//! web UI on its own HTTPS listener (`web`: sign-in, CSRF, CSP; `api`: the JSON API; `assets`: embedded
+//! files; `accounts`: `admin.db`; `audit`: its audit records). It reads counters and the audit store; it
 //! never reaches into the core.
-//!
-//! A deliberately small HTTP/1.1 responder (one request per connection, bounded request size and time); the
-//! audit review UI will replace it with a full server.
 #![deny(unsafe_code)]
+
+pub mod accounts;
+pub mod api;
+pub mod assets;
+pub mod audit;
+pub mod web;
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -1,0 +1,93 @@
+// Shared helpers of the review pages. Everything that came from a device (users, commands, paths, output) is
+// put into the page as text (textContent), never as HTML.
+
+export let me = null;
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export async function api(path, opts = {}) {
+  const r = await fetch(path, { credentials: "same-origin", ...opts });
+  if (r.status === 401) {
+    const next = location.pathname + location.search;
+    location.assign("/ui/login?next=" + encodeURIComponent(next));
+    throw new ApiError(401, "unauthenticated", "signed out");
+  }
+  const ct = r.headers.get("content-type") || "";
+  if (!r.ok) {
+    let code = "http_" + r.status, message = r.statusText;
+    if (ct.startsWith("application/json")) {
+      const e = await r.json();
+      code = e.error;
+      message = e.message;
+    }
+    throw new ApiError(r.status, code, message);
+  }
+  return ct.startsWith("application/json") ? r.json() : r;
+}
+
+export async function post(path, body) {
+  return api(path, {
+    method: "POST",
+    headers: { "content-type": "application/json", "x-rampart-csrf": me?.csrf ?? "" },
+    body: JSON.stringify(body ?? {}),
+  });
+}
+
+/// el("td", {class: "mono"}, "text", child, ...): children are text (never parsed as HTML) or nodes.
+export function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs ?? {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const pad = (n, w = 2) => String(n).padStart(w, "0");
+
+/// Absolute local time with its zone; UTC in the tooltip.
+export function timeCell(ms) {
+  if (ms === null || ms === undefined) return el("span", { class: "muted" }, "—");
+  const d = new Date(ms);
+  const off = -d.getTimezoneOffset();
+  const zone = "UTC" + (off >= 0 ? "+" : "-") + pad(Math.floor(Math.abs(off) / 60)) + ":" + pad(Math.abs(off) % 60);
+  const local = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())} ${zone}`;
+  return el("time", { datetime: d.toISOString(), title: d.toISOString() }, local);
+}
+
+export function duration(ms) {
+  if (ms === null || ms === undefined) return "";
+  const s = ms / 1000;
+  return s < 60 ? s.toFixed(1) + " s" : Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+}
+
+export function showError(where, e) {
+  where.replaceChildren(el("p", { class: "error", role: "alert" }, e?.message ?? String(e)));
+}
+
+/// Signs the page in (or sends it to the login page) and draws the header.
+export async function start(title) {
+  me = await api("/api/v1/me");
+  const links = [["/ui/sessions", "SSH sessions"], ["/ui/devices", "Devices & tokens"]];
+  const header = el("header", { class: "top" },
+    el("strong", {}, "Rampart review"),
+    ...links.map(([href, text]) => el("a", { href }, text)),
+    el("span", { class: "who" }, `${me.name} (${me.role})`),
+    el("button", { id: "logout", onclick: async () => { await post("/api/v1/logout"); location.assign("/ui/login"); } }, "Sign out"));
+  document.body.prepend(header);
+  document.title = title + " · Rampart";
+  return me;
+}

@@ -1,0 +1,215 @@
+import { api, el, start, timeCell, duration, showError } from "/ui/assets/common.js";
+import { importReviewerKey, decodeCapture, toAsciicast, openSealed, sha256Hex } from "/ui/assets/capture.js";
+
+const id = new URLSearchParams(location.search).get("id") ?? "";
+const status = document.getElementById("status");
+let session = null;
+let reviewerKey = null;
+/// Per channel: { player, commands, highlight }.
+const views = new Map();
+// Tests and curious reviewers reach the players here; nothing else is global.
+window.rampart = { views };
+
+function text(secret) {
+  if (typeof secret === "string") return secret;
+  return "🔒 sealed (load the reviewer key)";
+}
+
+function meta(label, value) {
+  return [el("dt", {}, label), el("dd", {}, value)];
+}
+
+function drawMeta(s) {
+  const start = s.start ?? {};
+  const chain = s.chain;
+  const chainText = chain.signed
+    ? `all ${chain.records} records chained and covered by a signed checkpoint`
+    : `${chain.chained} of ${chain.records} records chained; ${chain.last_checkpoint_ms ? "newest records not yet signed" : "no checkpoint covers them yet"}`;
+  document.getElementById("meta").replaceChildren(
+    ...meta("Session", s.id),
+    ...meta("Correlation", `device ${s.device} (WireGuard peer of ${s.user}, tenant ${s.tenant}) → flow from ${start.client_addr ?? "?"} to ${s.target} → SSH session ${s.id} as ${s.login || "?"} → ${s.channels.length} channel(s)`),
+    ...meta("Started", timeCell(s.started_ms)),
+    ...meta("Ended", s.ended_ms ? [timeCell(s.ended_ms), ` (${s.end_reason}${s.end_error ? ": " + s.end_error : ""}, after ${duration(s.ended_ms - s.started_ms)})`] : s.status),
+    ...meta("Rule", s.rule),
+    ...meta("Authentication", `${start.auth_method ?? "?"}${start.client_key_fp ? " key " + start.client_key_fp : ""}; target key ${start.target_host_key_fp ?? "?"} (${start.target_host_key_trust ?? "?"})`),
+    ...meta("Recording", `${start.recording ?? "?"}${start.capture_input ? ", typed lines captured" : ""}${s.sealed ? ", sealed to the tenant's reviewer key" : ""}`),
+    ...meta("Hash chain", el("span", { class: chain.signed ? "ok" : "muted", id: "chain" }, chainText)),
+  );
+  if (s.status === "live") {
+    document.getElementById("meta").append(...meta("Live", el("a", { href: "/ui/live?id=" + encodeURIComponent(s.id) }, "watch this session live")));
+  }
+}
+
+function fmtT(t) {
+  const m = Math.floor(t / 60);
+  return `${m}:${(t - m * 60).toFixed(1).padStart(4, "0")}`;
+}
+
+function drawChannel(ch) {
+  const commands = session.commands.filter((c) => c.channel === ch.seq);
+  const rec = ch.recording;
+  const what = `${ch.program}${ch.subsystem ? " " + ch.subsystem : ""}${ch.command !== null && ch.command !== undefined ? " " + text(ch.command) : ""}`;
+  const exit = ch.exit_status !== null && ch.exit_status !== undefined ? `exit ${ch.exit_status}` : ch.exit_signal ? `signal ${ch.exit_signal}` : "";
+  const box = el("section", { class: "channel", dataset: { channel: ch.seq } },
+    el("h2", {}, `Channel ${ch.seq}: `, el("span", { class: "mono cmdtext" }, what), exit ? ` — ${exit}` : ""),
+    el("p", { class: "muted" }, `opened `, timeCell(ch.opened_ms), ch.pty ? `, terminal ${ch.pty.term} ${ch.pty.cols}×${ch.pty.rows}` : "", `, ${ch.bytes_in} bytes in, ${ch.bytes_out} bytes out`,
+      rec ? `; recording ${rec.format}, ${rec.size} bytes${rec.complete ? "" : " (incomplete)"}${rec.intact === false ? " — DOES NOT MATCH ITS CHAINED HASH" : ""}` : "; not recorded"));
+  const list = el("ul", {});
+  commands.forEach((c, i) => {
+    list.append(el("li", { dataset: { index: i, t: c.t }, title: new Date(c.at_ms).toISOString() },
+      el("span", { class: "t" }, fmtT(c.t)),
+      c.exit_status !== null && c.exit_status !== undefined ? el("span", { class: "exit" }, `exit ${c.exit_status}`) : null,
+      el("span", { class: "mono cmdtext" }, text(c.text))));
+  });
+  const player = el("div", { class: "player" });
+  const message = el("p", { class: "playermsg" });
+  const layout = el("div", { class: "review" }, el("div", {}, player, message), el("div", { class: "timeline" }, el("h2", {}, "Commands"), list));
+  box.append(layout);
+  views.set(ch.seq, { box, player: null, commands, list, message, el: player, ch });
+  return box;
+}
+
+async function mountPlayer(seq, data) {
+  const v = views.get(seq);
+  v.el.replaceChildren();
+  const markers = v.commands.map((c) => [c.t, "command " + (v.commands.indexOf(c) + 1)]);
+  v.player = AsciinemaPlayer.create({ data }, v.el, { fit: "width", markers, idleTimeLimit: undefined, preload: true });
+  await new Promise((resolve) => {
+    const tick = () => (typeof v.player.getDuration() === "number" ? resolve() : setTimeout(tick, 50));
+    tick();
+  });
+  v.list.querySelectorAll("li").forEach((li) => {
+    li.addEventListener("click", () => seekTo(seq, Number(li.dataset.index)));
+  });
+  // The command playing now is highlighted, 4 times a second.
+  setInterval(() => {
+    const t = v.player.getCurrentTime();
+    let cur = -1;
+    v.commands.forEach((c, i) => { if (c.t <= t + 0.05) cur = i; });
+    v.list.querySelectorAll("li").forEach((li, i) => li.classList.toggle("current", i === cur));
+    if (v.stopAt !== undefined && t >= v.stopAt) stop(v);
+  }, 250);
+}
+
+/// Pauses exactly at the end of the command being played (the timer may fire late: the seek puts the
+/// terminal back to that moment, so the next command's output never shows).
+async function stop(v) {
+  const at = v.stopAt;
+  v.stopAt = undefined;
+  v.player.pause();
+  await v.player.seek(at);
+  v.stopped = at;
+}
+
+/// Plays command `i` from its start to the next command's start, then pauses: the terminal shows its output.
+async function seekTo(seq, i) {
+  const v = views.get(seq);
+  if (!v.player) return;
+  const c = v.commands[i];
+  const next = v.commands[i + 1];
+  v.el.scrollIntoView({ block: "nearest" });
+  v.stopAt = undefined;
+  await v.player.seek(c.t);
+  v.stopAt = next ? Math.max(c.t, next.t - 0.05) : undefined;
+  v.stopped = undefined;
+  v.seekedTo = c.t;
+  v.player.play();
+  if (v.stopAt !== undefined) {
+    const stopAt = v.stopAt;
+    setTimeout(() => { if (v.stopAt === stopAt) stop(v); }, Math.max(0, (stopAt - c.t) * 1000));
+  }
+}
+
+async function loadPlain(ch) {
+  const v = views.get(ch.seq);
+  try {
+    const r = await api(`/api/v1/sessions/${encodeURIComponent(id)}/channels/${ch.seq}/cast`);
+    await mountPlayer(ch.seq, await r.text());
+  } catch (e) {
+    showError(v.message, e);
+  }
+}
+
+async function loadSealed(ch) {
+  const v = views.get(ch.seq);
+  try {
+    const r = await api(`/api/v1/sessions/${encodeURIComponent(id)}/channels/${ch.seq}/blob`);
+    const bytes = new Uint8Array(await r.arrayBuffer());
+    // The chained close record names the capture's sha256: a changed file is refused before decryption.
+    const got = await sha256Hex(bytes);
+    if (ch.recording.sha256 && got !== ch.recording.sha256) {
+      throw new Error(`the capture does not match its chained hash (sha256 ${got}, the audit chain says ${ch.recording.sha256}): not shown`);
+    }
+    const decoded = await decodeCapture(bytes, reviewerKey);
+    await mountPlayer(ch.seq, toAsciicast(decoded, { session_id: id, channel_seq: ch.seq }));
+  } catch (e) {
+    showError(v.message, e);
+  }
+}
+
+async function openSealedTexts() {
+  for (const c of [...session.commands, ...session.files]) {
+    c.text = await openSealed(c.text, reviewerKey);
+  }
+  for (const ch of session.channels) {
+    if (ch.command && typeof ch.command !== "string") ch.command = await openSealed(ch.command, reviewerKey);
+  }
+}
+
+async function useKey(file) {
+  const ks = document.getElementById("keystatus");
+  ks.className = "";
+  ks.textContent = "";
+  try {
+    const key = await importReviewerKey((await file.text()));
+    // A key that opens nothing is refused before anything is drawn with it.
+    const probe = session.commands.find((c) => typeof c.text !== "string");
+    if (probe) await openSealed(probe.text, key);
+    reviewerKey = key;
+    await openSealedTexts();
+    drawChannels();
+    ks.className = "ok";
+    ks.textContent = "Key loaded (in this page only).";
+  } catch (e) {
+    ks.className = "error";
+    ks.setAttribute("role", "alert");
+    ks.textContent = e.message;
+  }
+}
+
+function drawChannels() {
+  const box = document.getElementById("channels");
+  views.clear();
+  box.replaceChildren(...session.channels.map(drawChannel));
+  for (const ch of session.channels) {
+    if (!ch.recording || !ch.recording.pty) continue;
+    if (!ch.recording.sealed) loadPlain(ch);
+    else if (reviewerKey) loadSealed(ch);
+    else views.get(ch.seq).message.textContent = "Sealed recording: load the reviewer key above to play it.";
+  }
+  const files = document.querySelector("#files tbody");
+  files.replaceChildren(...session.files.map((f) => el("tr", {}, el("td", {}, timeCell(f.at_ms)), el("td", {}, f.channel), el("td", { class: "mono" }, text(f.text)))));
+}
+
+async function load() {
+  await start("SSH session");
+  try {
+    session = await api("/api/v1/sessions/" + encodeURIComponent(id));
+  } catch (e) {
+    showError(status, e);
+    return;
+  }
+  document.getElementById("title").replaceChildren(`SSH session of ${session.user} to ${session.target}`);
+  drawMeta(session);
+  if (session.sealed) {
+    document.getElementById("sealed").classList.remove("hidden");
+    document.getElementById("keyfile").addEventListener("change", (ev) => {
+      const f = ev.target.files[0];
+      if (f) useKey(f);
+    });
+  }
+  drawChannels();
+  document.body.dataset.ready = "1";
+}
+
+load();
