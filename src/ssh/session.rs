@@ -308,6 +308,8 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         }
         Err(e) => session.set_end("error", Some(e.to_string())),
     }
+    // The client's connection is over: live viewers learn it now, not after the channels' close records.
+    session.live.end();
     session.record_refused_keys();
     // The handler (and with it the target connection) is gone; wait for the channel pumps to record their close.
     drop(tokio::time::timeout(Duration::from_secs(10), alive_rx.recv()).await);
@@ -317,7 +319,6 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .unwrap_or(("client_closed".into(), None));
-    session.live.end();
     // Durable under `required` (the client is gone by now: a failure can only be logged; the writer counts the
     // lost record).
     let end = session.emit_required(
