@@ -25,6 +25,9 @@ Document.prototype.createElement = function (tag, options) {
 
 const id = new URLSearchParams(location.search).get("id") ?? "";
 const status = document.getElementById("status");
+// The stream's state and the result of a terminate request are shown apart: the stream may end before the
+// request's answer arrives.
+const action = document.getElementById("action");
 
 async function load() {
   const me = await start("Live session");
@@ -59,9 +62,9 @@ async function load() {
       if (!confirm("Terminate this SSH session? The user is disconnected, and this is recorded.")) return;
       try {
         await post(`/api/v1/sessions/${encodeURIComponent(id)}/terminate`);
-        status.replaceChildren(el("p", { class: "ok", id: "terminated" }, "Termination requested."));
+        action.replaceChildren(el("p", { class: "ok", id: "terminated" }, "Termination requested."));
       } catch (e) {
-        showError(status, e);
+        showError(action, e);
       }
     });
   }
