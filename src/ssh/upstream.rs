@@ -152,12 +152,12 @@ pub async fn connect(
             fingerprint,
             pinned,
         })) => {
+            // Tenant addresses stay at DEBUG; the session's record names the target.
             tracing::warn!(
-                target_addr = %target,
-                %fingerprint,
-                %pinned,
+                %key_id,
                 "SSH target host key does not match its pin: refusing (possible interception)"
             );
+            tracing::debug!(target_addr = %target, %fingerprint, %pinned, "SSH target host key changed");
             return Err(UpstreamError {
                 message: format!(
                     "target {target} host key changed ({fingerprint}, pinned {pinned}); refusing the session \
