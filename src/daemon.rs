@@ -220,7 +220,7 @@ fn needs_layer4(cfg: &Config) -> bool {
 }
 
 type Layer4Channels = (
-    tokio::sync::mpsc::UnboundedReceiver<crate::netns::supervisor::NsEvent>,
+    tokio::sync::mpsc::Receiver<crate::netns::supervisor::NsEvent>,
     tokio::sync::mpsc::Receiver<crate::handoff::Handoff>,
     Arc<crate::handoff::SlotReleases>,
     crate::netns::supervisor::NsConnector,

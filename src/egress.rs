@@ -24,10 +24,14 @@ type Reply = tokio::sync::oneshot::Sender<io::Result<OwnedFd>>;
 /// A request to an egress namespace's worker: a socket of this domain and type.
 type Request = (Domain, Type, Reply);
 
+/// Socket requests waiting for a namespace worker (each takes microseconds); beyond this an off-ramp connect
+/// fails at once instead of queueing without bound.
+const SOCKET_QUEUE: usize = 1024;
+
 /// Sockets of the tenants' egresses; one worker thread per egress namespace, started on first use.
 #[derive(Default)]
 pub struct Egresses {
-    workers: Mutex<HashMap<PathBuf, mpsc::Sender<Request>>>,
+    workers: Mutex<HashMap<PathBuf, mpsc::SyncSender<Request>>>,
 }
 
 impl Egresses {
@@ -83,8 +87,16 @@ impl Egresses {
             Some(ns) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 self.worker(ns)?
-                    .send((domain, ty, tx))
-                    .map_err(|_| io::Error::other("egress namespace worker stopped"))?;
+                    .try_send((domain, ty, tx))
+                    .map_err(|e| match e {
+                        mpsc::TrySendError::Full(_) => io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            "egress namespace worker is saturated; connection refused",
+                        ),
+                        mpsc::TrySendError::Disconnected(_) => {
+                            io::Error::other("egress namespace worker stopped")
+                        }
+                    })?;
                 Socket::from(
                     rx.await
                         .map_err(|_| io::Error::other("egress namespace worker stopped"))??,
@@ -102,14 +114,14 @@ impl Egresses {
         Ok(s)
     }
 
-    fn worker(&self, ns: &Path) -> io::Result<mpsc::Sender<Request>> {
+    fn worker(&self, ns: &Path) -> io::Result<mpsc::SyncSender<Request>> {
         let mut w = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = w.get(ns) {
             return Ok(tx.clone());
         }
         let file = std::fs::File::open(ns)?;
-        let (tx, rx) = mpsc::channel::<Request>();
-        let (ready_tx, ready_rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel::<Request>(SOCKET_QUEUE);
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let path = ns.to_path_buf();
         std::thread::Builder::new()
             .name("rampart-egress".into())

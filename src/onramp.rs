@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -36,6 +36,9 @@ const TUN_BATCH: usize = 64;
 
 /// Hand-offs queued towards the application side before the data path holds them back itself.
 pub const HANDOFF_QUEUE: usize = 16_384;
+/// Control commands waiting for the pump (it takes them between batches, at least every `TIMER_TICK`); a sender
+/// finding the queue full waits for room.
+const COMMAND_QUEUE: usize = 64;
 
 /// The application side of upgraded flows: hand-offs go out on a bounded channel, and closed slots come back
 /// through a mailbox the pump empties every turn.
@@ -46,8 +49,8 @@ pub struct AppSide {
 }
 
 pub enum Command {
-    Apply(Arc<Config>, Sender<ApplySummary>),
-    Status(Sender<Vec<PeerStatus>>),
+    Apply(Arc<Config>, SyncSender<ApplySummary>),
+    Status(SyncSender<Vec<PeerStatus>>),
     RestoreEndpoints(Vec<(PeerKey, SocketAddr)>),
     /// The appliance's own addresses changed (they are never off-ramp destinations).
     LocalAddresses(Vec<std::net::IpAddr>),
@@ -62,7 +65,7 @@ pub enum Command {
 
 /// Handle to the running data-path thread.
 pub struct Onramp {
-    commands: Sender<Command>,
+    commands: SyncSender<Command>,
     /// Taken by the first `shutdown`; shared so that a task still holding the gateway can never keep it alive.
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -78,7 +81,7 @@ impl Onramp {
     ) -> std::io::Result<Onramp> {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
             .spawn(move || pump(socket, gateway, metrics, audit, app, rx))?;
@@ -94,13 +97,13 @@ impl Onramp {
 
     /// Applies a new configuration and waits for the summary.
     pub fn apply(&self, cfg: Arc<Config>) -> Option<ApplySummary> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(1);
         self.send(Command::Apply(cfg, tx));
         rx.recv().ok()
     }
 
     pub fn status(&self) -> Vec<PeerStatus> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(1);
         self.send(Command::Status(tx));
         rx.recv().unwrap_or_default()
     }

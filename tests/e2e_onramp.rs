@@ -705,3 +705,163 @@ fn hostile_input_and_handshake_flood_neither_crash_the_gateway_nor_stop_tunnels(
     );
     lab.gateway.assert_alive();
 }
+
+/// The device in `list` (the output of `device list --json`) called `name`.
+fn listed<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .and_then(|a| a.iter().find(|d| d["name"] == name))
+        .unwrap_or_else(|| panic!("device {name} not listed: {list}"))
+}
+
+/// Issue 10 part 5: the outer WireGuard socket serves IPv6 too. The gateway listens on `[::]:51820`
+/// (dual-stack); one device reaches it over an IPv6 underlay (2001:2::/48, the IPv6 benchmarking range, only
+/// inside the test's namespaces) with the Endpoint `device add --endpoint` printed, another over IPv4 (a
+/// v4-mapped peer address on the same socket). Both reach the gateway and each other, the gateway records each
+/// device's endpoint in its own family, and the IPv6 device then roams to IPv4 and back without a new handshake.
+#[test]
+fn the_outer_socket_serves_ipv6_and_ipv4_devices_and_a_device_roaming_between_them() {
+    use support::gateway::PORT;
+    const GW_V6: &str = "2001:2::1";
+    let mut lab = Lab::with_listen(&[acme()], &format!("[::]:{PORT}"), "");
+    lab.gw_ns
+        .ip(&["-6", "addr", "add", &format!("{GW_V6}/128"), "dev", "lo"]);
+    lab.ipv6_clients = true;
+    let desk = lab.add_client("acme", "desk");
+
+    let dev = lab.device_ns("phone");
+    let (l, underlay_v4) = (dev.link, dev.underlay);
+    let phone_v6 = format!("2001:2:0:{l}::2");
+    dev.ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{phone_v6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    lab.gw_ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("2001:2:0:{l}::1/64"),
+        "dev",
+        &format!("v{l}"),
+        "nodad",
+    ]);
+    dev.ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{GW_V6}/128"),
+        "via",
+        &format!("2001:2:0:{l}::1"),
+    ]);
+    // Only the IPv6 way leads to the gateway at first.
+    dev.ns.ip(&["route", "del", "198.18.0.1/32"]);
+    let v6_endpoint = format!("[{GW_V6}]:{PORT}");
+    let config = lab.gateway.device_add_with(
+        "acme",
+        "phone",
+        "phone@acme.example",
+        &["--endpoint", &v6_endpoint],
+    );
+    assert_eq!(config.endpoint, v6_endpoint, "{}", config.text);
+    let phone = lab.start_device(dev, "acme", "phone", config);
+
+    wait_ping(
+        &phone.ns,
+        GW_ADDR,
+        TUNNEL_UP,
+        "phone (IPv6 underlay) -> gateway",
+    );
+    wait_ping(
+        &desk.ns,
+        GW_ADDR,
+        TUNNEL_UP,
+        "desk (IPv4 underlay) -> gateway",
+    );
+    let phone_addr = phone.address().to_string();
+    let desk_addr = desk.address().to_string();
+    wait_ping(&desk.ns, &phone_addr, TUNNEL_UP, "desk -> phone");
+    wait_ping(&phone.ns, &desk_addr, TUNNEL_UP, "phone -> desk");
+    let st = ping(&desk.ns, &phone_addr, 5, 0.2, 2, None);
+    assert!(
+        st.received >= 4,
+        "relay to the IPv6 device is lossy: {}",
+        st.output
+    );
+
+    // Endpoints as the gateway recorded them (the clients' ports are their own).
+    let endpoint_host = |list: &serde_json::Value, name: &str| {
+        let ep = listed(list, name)["endpoint"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        ep.rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or(ep)
+    };
+    let list = lab.gateway.device_list_json();
+    assert_eq!(
+        endpoint_host(&list, "phone"),
+        format!("[{phone_v6}]"),
+        "the gateway did not record the phone's IPv6 endpoint: {list}"
+    );
+    assert_eq!(
+        endpoint_host(&list, "desk"),
+        desk.underlay.to_string(),
+        "the IPv4 device's endpoint should read as IPv4, not v4-mapped: {list}"
+    );
+
+    // IPv6 -> IPv4: the phone's way to the gateway becomes the IPv4 underlay; the gateway follows (the
+    // relayed pings from the desk reach the phone) without a new handshake.
+    let handshake = phone.latest_handshake();
+    phone
+        .wg(&[
+            "set",
+            &phone.ifname,
+            "peer",
+            &phone.config.peer_public_key,
+            "endpoint",
+            &format!("198.18.0.1:{PORT}"),
+        ])
+        .expect_ok();
+    phone.ns.ip(&[
+        "route",
+        "add",
+        "198.18.0.1/32",
+        "via",
+        &format!("198.18.{l}.1"),
+    ]);
+    phone
+        .ns
+        .ip(&["-6", "route", "del", &format!("{GW_V6}/128")]);
+    wait_ping(
+        &phone.ns,
+        GW_ADDR,
+        Duration::from_secs(20),
+        "phone after moving to IPv4",
+    );
+    wait_ping(
+        &desk.ns,
+        &phone_addr,
+        Duration::from_secs(20),
+        "desk -> phone on IPv4",
+    );
+    wait_until(
+        "the gateway to record the phone's IPv4 endpoint",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let list = lab.gateway.device_list_json();
+            (endpoint_host(&list, "phone") == underlay_v4.to_string()).then_some(())
+        },
+    );
+    assert_eq!(
+        phone.latest_handshake(),
+        handshake,
+        "the phone had to handshake again after moving to IPv4"
+    );
+    lab.gateway.assert_alive();
+}

@@ -663,8 +663,19 @@ fn a_flooding_device_leaves_another_tenants_traffic_handshakes_and_audit_intact(
     let q2 = device(&mut lab, "quiet", "q2", "100.96.1.1");
     let dir = lab.dir().to_path_buf();
     let q2_addr = q2.address().to_string();
-    // Let the records of the set-up reach the store before measuring it.
-    std::thread::sleep(Duration::from_secs(1));
+    // The set-up's flow records reach the store before it is measured.
+    wait_until(
+        "the set-up's flow records in the audit store",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let started = lab
+                .gateway
+                .metrics()
+                .sum_or_zero("rampart_flows_started_total", &[]);
+            (audit_flows(&lab, &[]).len() as f64 >= started).then_some(())
+        },
+    );
     let store_before = audit_store_bytes(&lab);
 
     let mut flood = spawn_rawtcp(

@@ -31,7 +31,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{error::TrySendError, Receiver, Sender};
 
 use super::helper::{CONTROL_FD, HELPER_MARKER};
 use super::proto::{self, ListenerKind, Message, Ready, Received, ReqId, TunInfo, TunRole};
@@ -238,7 +238,7 @@ impl NsSupervisor {
             wake,
             requests: AtomicU64::new(0),
         });
-        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let (started_tx, started_rx) = mpsc::sync_channel(1);
         let connect_timeout = cfg.connect_timeout;
         let thread = {
@@ -275,13 +275,13 @@ impl NsSupervisor {
 /// lingers) and reaps it.
 pub struct NsHandle {
     connector: NsConnector,
-    events: Option<UnboundedReceiver<NsEvent>>,
+    events: Option<Receiver<NsEvent>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl NsHandle {
     /// The lifecycle events, starting with the first `Ready`. Once.
-    pub fn take_events(&mut self) -> Option<UnboundedReceiver<NsEvent>> {
+    pub fn take_events(&mut self) -> Option<Receiver<NsEvent>> {
         self.events.take()
     }
 
@@ -416,10 +416,29 @@ impl NsConnector {
 
 // ---- the supervisor thread ----
 
+/// Lifecycle events waiting for the consumer (two per helper life; restarts back off, so a few suffice).
+const EVENT_QUEUE: usize = 16;
+
+/// Queues `event`, waiting for room while the consumer catches up; gives up once the handle is closed or the
+/// consumer is gone (nobody is left to act on it), so a consumer that stopped reading never blocks shutdown.
+fn deliver(shared: &Shared, events: &Sender<NsEvent>, mut event: NsEvent) {
+    loop {
+        match events.try_send(event) {
+            Ok(()) | Err(TrySendError::Closed(_)) => return,
+            Err(TrySendError::Full(back)) => {
+                if !sleep_unless_closed(shared, Duration::from_millis(20)) {
+                    return;
+                }
+                event = back;
+            }
+        }
+    }
+}
+
 fn supervise(
     shared: &Shared,
     cfg: &SupervisorConfig,
-    events: &UnboundedSender<NsEvent>,
+    events: &Sender<NsEvent>,
     started: mpsc::SyncSender<Result<(), NsError>>,
 ) {
     let mut started = Some(started);
@@ -467,7 +486,7 @@ fn supervise(
         shared.lock().live = Some(Live { generation, pid });
         let up_since = Instant::now();
         tracing::info!(%generation, pid, "namespace helper ready");
-        let _ = events.send(NsEvent::Ready(instance));
+        deliver(shared, events, NsEvent::Ready(instance));
         if let Some(tx) = started.take() {
             let _ = tx.send(Ok(()));
         }
@@ -499,7 +518,7 @@ fn supervise(
                 } else {
                     tracing::warn!(%generation, %status, "namespace helper died; restarting it");
                 }
-                let _ = events.send(NsEvent::Died { generation, status });
+                deliver(shared, events, NsEvent::Died { generation, status });
             }
             Err(e) => {
                 tracing::warn!(%generation, error = %e, "could not reap the namespace helper")

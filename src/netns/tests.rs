@@ -18,7 +18,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 use super::*;
 
@@ -64,14 +64,14 @@ fn require_root() {
     );
 }
 
-fn start() -> (NsHandle, UnboundedReceiver<NsEvent>) {
+fn start() -> (NsHandle, Receiver<NsEvent>) {
     require_root();
     let mut handle = NsSupervisor::start_with(test_config()).expect("namespace helper starts");
     let events = handle.take_events().expect("events");
     (handle, events)
 }
 
-fn next_event(events: &mut UnboundedReceiver<NsEvent>) -> NsEvent {
+fn next_event(events: &mut Receiver<NsEvent>) -> NsEvent {
     let deadline = Instant::now() + WAIT;
     loop {
         match events.try_recv() {
@@ -84,7 +84,7 @@ fn next_event(events: &mut UnboundedReceiver<NsEvent>) -> NsEvent {
     }
 }
 
-fn next_ready(events: &mut UnboundedReceiver<NsEvent>) -> NsInstance {
+fn next_ready(events: &mut Receiver<NsEvent>) -> NsInstance {
     match next_event(events) {
         NsEvent::Ready(i) => i,
         other => panic!("expected Ready, got {other:?}"),

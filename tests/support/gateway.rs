@@ -55,8 +55,19 @@ pub fn write_config(dir: &Path, tenants: &[TenantSpec]) -> PathBuf {
 /// Like `write_config`, with `extra` (TOML: more `[gateway]` keys, then other tables such as `[enroll]`) after
 /// the `[gateway]` keys.
 pub fn write_config_with(dir: &Path, tenants: &[TenantSpec], extra: &str) -> PathBuf {
+    write_config_listen(dir, tenants, &format!("{UNDERLAY_ADDR}:{PORT}"), extra)
+}
+
+/// Like `write_config_with`, with the WireGuard socket bound to `listen` (`public_endpoint` stays the IPv4
+/// underlay address).
+pub fn write_config_listen(
+    dir: &Path,
+    tenants: &[TenantSpec],
+    listen: &str,
+    extra: &str,
+) -> PathBuf {
     let mut s = format!(
-        "[gateway]\nlisten = \"{UNDERLAY_ADDR}:{PORT}\"\nprivate_key_file = \"gateway.key\"\n\
+        "[gateway]\nlisten = \"{listen}\"\nprivate_key_file = \"gateway.key\"\n\
          state_dir = \"state\"\nadmin_listen = \"{ADMIN}\"\npublic_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n{extra}\n"
     );
     // A value written as a TOML list is kept as is; anything else is a string.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::gateway::{write_config_with, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
+use super::gateway::{write_config_listen, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
 use super::netns::{link, Netns};
 use super::process::tail;
 use super::wg_client::{ClientConfig, WgClient};
@@ -121,6 +121,12 @@ impl Lab {
 
     /// Like `new`, with more gateway settings (`write_config_with`).
     pub fn with_settings(tenants: &[TenantSpec], extra: &str) -> Lab {
+        Lab::with_listen(tenants, &format!("{UNDERLAY_ADDR}:{PORT}"), extra)
+    }
+
+    /// Like `with_settings`, with the WireGuard socket bound to `listen` (e.g. `[::]:PORT`, dual-stack); the
+    /// gateway namespace keeps IPv6 on when `listen` is an IPv6 address.
+    pub fn with_listen(tenants: &[TenantSpec], listen: &str, extra: &str) -> Lab {
         preflight();
         let id = format!(
             "rpt{}x{}",
@@ -128,9 +134,9 @@ impl Lab {
             LABS.fetch_add(1, Ordering::SeqCst)
         );
         let dir = TempDir::new(&id);
-        let gw_ns = Netns::create(&format!("{id}-gw"));
+        let gw_ns = Netns::create_with(&format!("{id}-gw"), listen.starts_with('['));
         gw_ns.ip(&["addr", "add", &format!("{UNDERLAY_ADDR}/32"), "dev", "lo"]);
-        let config = write_config_with(dir.path(), tenants, extra);
+        let config = write_config_listen(dir.path(), tenants, listen, extra);
         let mut gateway = Gateway::new(config, dir.path(), &gw_ns);
         let check = gateway.cli(&["check-config"], &[]);
         assert!(check.success(), "generated config rejected: {check}");
