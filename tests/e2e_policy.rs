@@ -740,4 +740,44 @@ fn init_writes_a_working_config_and_run_prints_how_to_enroll() {
         },
     );
     gw.stop(Duration::from_secs(10));
+
+    // The appliance's first boot: `init --enroll-listen` turns the enrollment listener on, and `token pin`
+    // shows the pin devices check (the listener itself is exercised by e2e_enroll and the image test).
+    let appliance = dir.path().join("appliance");
+    let r = run(
+        Command::new(support::gateway::BIN)
+            .args(["init", "--enroll-listen", "0.0.0.0:8443", "--dir"])
+            .arg(&appliance),
+        Duration::from_secs(30),
+    );
+    assert!(
+        r.success() && r.stdout.contains("rampart token create"),
+        "{r}"
+    );
+    let text = std::fs::read_to_string(appliance.join("gateway.toml")).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "enroll_listen = \"0.0.0.0:8443\""),
+        "{text}"
+    );
+    let r = run(
+        Command::new(support::gateway::BIN)
+            .args(["token", "pin", "--json", "-c"])
+            .arg(appliance.join("gateway.toml")),
+        Duration::from_secs(30),
+    );
+    assert!(r.success(), "{r}");
+    let pin: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(pin["listen"], "0.0.0.0:8443", "{pin}");
+    assert!(
+        pin["pin"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("sha256:") && p.len() == 7 + 64),
+        "{pin}"
+    );
+    // Without the flag the listener stays off (the embedded default).
+    assert!(!std::fs::read_to_string(&cfg)
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("enroll_listen")));
 }

@@ -5,7 +5,7 @@
 #
 # Every VM runs inside a network namespace this script creates (rpimg<PID>): QEMU's user-mode network forwards
 # 127.0.0.1:51820/udp and 127.0.0.1:8080/tcp of that namespace to the guest, and a wireguard-go client in the same
-# namespace tunnels to the gateway in the VM. Nothing is routed in the root namespace. One VM at a time.
+# namespace tunnels to the gateway in the VM (127.0.0.1:8443/tcp reaches the enrollment listener). Nothing is routed in the root namespace. One VM at a time.
 # Serial logs are kept in build/image-test/. Closing line: "image-test: N passed, M failed".
 set -uo pipefail
 
@@ -63,7 +63,7 @@ vm_start() {
         -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE" \
         -drive "if=pflash,format=raw,unit=1,file=$work/$VM_NAME.vars" \
         -drive "if=virtio,format=$fmt,file=$disk" "${extra[@]}" \
-        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080 \
+        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080,hostfwd=tcp:127.0.0.1:8443-:8443 \
         -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
         -qmp "unix:$work/qmp.sock,server=on,wait=off" \
         <&"$VM_IN" >"$VM_LOG" 2>&1 &
@@ -173,8 +173,10 @@ vm_kill() {
 
 # ---------------------------------------------------------------- WireGuard client in the test namespace
 
-# wg_check: a fresh wireguard-go client handshakes with the gateway in the VM and pings the tenant gateway.
+# wg_check [CONF ADDR NET]: a fresh wireguard-go client with CONF (wg setconf form; default the seeded
+# device's), tunnel address ADDR and route NET handshakes with the gateway in the VM and pings the tenant gateway.
 wg_check() {
+    local conf=${1:-$work/client.conf} addr=${2:-100.96.0.2/32} net=${3:-100.96.0.0/24}
     local deadline ok=1 hs
     ip netns exec "$NS" wireguard-go -f "$WGIF" >"$art/wireguard-go.log" 2>&1 &
     WG_PID=$!
@@ -183,10 +185,10 @@ wg_check() {
         [ $SECONDS -lt $deadline ] || { log "  wireguard-go did not create $WGIF"; wg_stop; return 1; }
         sleep 0.2
     done
-    ip netns exec "$NS" wg setconf "$WGIF" "$work/client.conf" &&
-        ip -n "$NS" addr add 100.96.0.2/32 dev "$WGIF" &&
+    ip netns exec "$NS" wg setconf "$WGIF" "$conf" &&
+        ip -n "$NS" addr add "$addr" dev "$WGIF" &&
         ip -n "$NS" link set "$WGIF" up &&
-        ip -n "$NS" route add 100.96.0.0/24 dev "$WGIF" || { wg_stop; return 1; }
+        ip -n "$NS" route add "$net" dev "$WGIF" || { wg_stop; return 1; }
     deadline=$((SECONDS + 90))
     while [ $SECONDS -lt $deadline ]; do
         if ip netns exec "$NS" ping -c 1 -W 3 100.96.0.1 >/dev/null 2>&1; then ok=0; break; fi
@@ -308,22 +310,57 @@ EOF
 
 # ---------------------------------------------------------------- tests
 
+# self_enroll PIN: a token minted on the guest's console enrolls a device from the test namespace with
+# `rampart enroll` against the pin the console showed (a wrong pin is refused first, creating nothing), and the
+# enrolled device's tunnel pings the tenant gateway.
+self_enroll() {
+    local pin=$1 url token bad rampart=$repo/target/release/rampart
+    expect_guest 'rampart token create -c /data/config/gateway.toml --tenant default --host 127.0.0.1:8443' \
+        'rampart://127\.0\.0\.1:8443/' || return 1
+    url=$(echo "$GUEST_OUT" | grep -aoE 'rampart://127\.0\.0\.1:8443/[^[:space:]]*' | head -n 1)
+    case "$url" in *"pin=$pin"*) ;; *) log "  the token's URL ($url) does not carry the console's pin $pin"; return 1 ;; esac
+    token=$(echo "$url" | sed -n 's/.*[?&]t=\([^&]*\).*/\1/p')
+    (umask 077 && printf '%s\n' "$token" >"$work/token")
+    # The wrong pin (last hex digit changed) must be refused before anything is sent.
+    bad="rampart://127.0.0.1:8443/?pin=${pin%?}$([ "${pin#"${pin%?}"}" = 0 ] && echo 1 || echo 0)"
+    if ip netns exec "$NS" "$rampart" enroll "$bad" --token-file "$work/token" --name kiosk \
+        --out "$work/bad.conf" >"$work/bad-enroll.out" 2>&1; then
+        log "  rampart enroll accepted a wrong pin:"; sed 's/^/      /' "$work/bad-enroll.out"; return 1
+    fi
+    grep -aqi 'pin' "$work/bad-enroll.out" || { log "  wrong pin refused without saying so:"; sed 's/^/      /' "$work/bad-enroll.out"; return 1; }
+    [ ! -e "$work/bad.conf" ] || { log "  a config was written despite the wrong pin"; return 1; }
+    ip netns exec "$NS" "$rampart" enroll "rampart://127.0.0.1:8443/?pin=$pin" --token-file "$work/token" \
+        --name kiosk --out "$work/kiosk.conf" >"$work/enroll.out" 2>&1 ||
+        { log "  rampart enroll failed:"; sed 's/^/      /' "$work/enroll.out"; return 1; }
+    log "  rampart enroll with the console's pin: $(head -n 1 "$work/enroll.out")"
+    local addr
+    addr=$(sed -n 's/^Address *= *\([0-9.]*\/32\).*/\1/p' "$work/kiosk.conf" | head -n 1)
+    grep -viE '^(Address|DNS|MTU) *=' "$work/kiosk.conf" >"$work/kiosk.setconf"
+    [ -n "$addr" ] || { log "  no IPv4 Address in the enrolled config"; return 1; }
+    wg_check "$work/kiosk.setconf" "$addr" 100.96.0.0/16
+}
+
 # The shipped qcow2 as a customer gets it: empty data partition.
 test_first_boot_creates_config_and_prints_enrollment_hint() {
+    local pin
     qemu-img create -q -f qcow2 -b "$img_dir/rampart.qcow2" -F qcow2 "$work/first.qcow2" || return 1
     vm_start first-boot "$work/first.qcow2" qcow2
     wait_for 'MARK root-mounted slot=a' "$BOOT_TIMEOUT" &&
         wait_for 'MARK data-mounted .*boots=1' 120 &&
         wait_for 'Rampart enrollment: first boot created /data/config/gateway.toml' 120 &&
+        wait_for 'enrollment pin +sha256:[0-9a-f]{64}' 60 &&
+        wait_for 'Self-enrollment listener: https://10\.0\.2\.15:8443' 10 &&
         wait_for 'rampart device add -c /data/config/gateway.toml --tenant default' 10 &&
         wait_for '--endpoint 10\.0\.2\.15:51820' 10 &&
         wait_for 'MARK first-boot-config created' 10 &&
         wait_for 'MARK boot-good slot=a' 180 &&
+        pin=$(since_mark | grep -aoE 'enrollment pin +sha256:[0-9a-f]{64}' | head -n 1 | awk '{ print $3 }') &&
         wait_shell &&
         expect_guest 'rampart check-config -c /data/config/gateway.toml' ': ok' &&
         expect_guest 'ls /data/config' 'gateway.key' 'gateway.toml' &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' '^b +/dev/vda3 +empty' \
             '^next boot: slot a' 'health: healthy' &&
+        self_enroll "$pin" &&
         vm_powerdown || { vm_kill; return 1; }
 }
 

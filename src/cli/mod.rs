@@ -44,6 +44,10 @@ pub enum Command {
         /// Directory to write gateway.toml and gateway.key into.
         #[arg(long, default_value = "/etc/rampart")]
         dir: PathBuf,
+        /// Turn the enrollment listener on at this address (e.g. 0.0.0.0:8443) in the written config (the
+        /// appliance does this on first boot).
+        #[arg(long)]
+        enroll_listen: Option<std::net::SocketAddr>,
     },
     /// Run the gateway in the foreground.
     Run {
@@ -330,7 +334,7 @@ pub enum DeviceCommand {
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { dir } => init(&dir),
+        Command::Init { dir, enroll_listen } => init(&dir, enroll_listen),
         Command::Run { config } => crate::daemon::run(&config),
         Command::CheckConfig { config } => {
             let c = load(&config)?;
@@ -472,19 +476,29 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn init(dir: &Path) -> anyhow::Result<()> {
+/// The starter config's commented-out enrollment listener line (`init --enroll-listen` turns it on).
+const ENROLL_LISTEN_LINE: &str = "# enroll_listen = \"0.0.0.0:8443\"";
+
+fn init(dir: &Path, enroll_listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg_path = dir.join("gateway.toml");
     if cfg_path.exists() {
         eprintln!("{} exists; keeping it", cfg_path.display());
     } else {
         // The starter config keeps its key and state next to itself, so the directory is self-contained.
-        let text = DEFAULT_CONFIG
+        let mut text = DEFAULT_CONFIG
             .replace(
                 "private_key_file = \"/var/lib/rampart/gateway.key\"",
                 "private_key_file = \"gateway.key\"",
             )
             .replace("state_dir = \"/var/lib/rampart\"", "state_dir = \"state\"");
+        if let Some(addr) = enroll_listen {
+            anyhow::ensure!(
+                text.contains(ENROLL_LISTEN_LINE),
+                "the embedded starter config lacks the line {ENROLL_LISTEN_LINE:?} that --enroll-listen turns on"
+            );
+            text = text.replace(ENROLL_LISTEN_LINE, &format!("enroll_listen = \"{addr}\""));
+        }
         std::fs::write(&cfg_path, text)
             .with_context(|| format!("cannot write {}", cfg_path.display()))?;
         eprintln!("wrote {}", cfg_path.display());
@@ -514,6 +528,13 @@ fn init(dir: &Path) -> anyhow::Result<()> {
         cfg = cfg_path.display(),
         port = cfg.gateway.listen.port()
     );
+    if let Some(l) = cfg.enroll.listen {
+        println!(
+            "  rampart token create -c {cfg} --tenant {tenant} --host <this-host>:{port}   (devices enroll themselves; `rampart token pin` shows the pin)",
+            cfg = cfg_path.display(),
+            port = l.port()
+        );
+    }
     Ok(())
 }
 
