@@ -178,9 +178,10 @@ fn pump(
     };
     let flush = |tx: &mut TxQueue| {
         if !tx.is_empty() {
-            let (sent, failed) = sys::send_batch(&socket, v6, tx.iter());
-            metrics.global.datagrams_tx.add(sent as u64);
-            metrics.global.send_errors.add(failed as u64);
+            let st = sys::send_batch(&socket, v6, tx.iter());
+            metrics.global.datagrams_tx.add(st.sent as u64);
+            metrics.global.send_errors.add(st.failed as u64);
+            metrics.global.send_calls.add(st.calls as u64);
             tx.clear();
         }
     };
@@ -215,6 +216,7 @@ fn pump(
             tuns.as_ref().map_or(-1, |(_, dn)| dn.as_raw_fd()),
         ];
         let mut ready = [false; 3];
+        metrics.global.wakeups.add(1);
         if let Err(e) = sys::poll_readable(&fds, wait, &mut ready) {
             tracing::error!(error = %e, "poll failed");
             std::thread::sleep(TIMER_TICK);
@@ -225,7 +227,12 @@ fn pump(
             // ECONNREFUSED): count it and go on, never sleep (that would let a remote party stall the data
             // path). Only a run of errors backs off, briefly, so a broken socket does not spin.
             match sys::recv_batch(&socket, &mut rx) {
-                Ok(_) => recv_errors_in_a_row = 0,
+                Ok(n) => {
+                    recv_errors_in_a_row = 0;
+                    if n > 0 {
+                        metrics.global.recv_calls.add(1);
+                    }
+                }
                 Err(e) => {
                     metrics.global.recv_errors.add(1);
                     recv_errors_in_a_row += 1;

@@ -152,12 +152,22 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
 
 /// Sends every datagram, `BATCH` per `sendmmsg`. A datagram the kernel refuses (unreachable destination and
 /// the like) is skipped and counted in the returned error count; it never stops the rest.
+/// What one `send_batch` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendStats {
+    pub sent: usize,
+    /// Datagrams the kernel refused (each skipped, the rest still sent).
+    pub failed: usize,
+    /// `sendmmsg` calls made.
+    pub calls: usize,
+}
+
 pub fn send_batch<'a>(
     sock: &UdpSocket,
     v6_socket: bool,
     msgs: impl Iterator<Item = (SocketAddr, &'a [u8])>,
-) -> (usize, usize) {
-    let (mut sent, mut failed) = (0, 0);
+) -> SendStats {
+    let (mut sent, mut failed, mut calls) = (0, 0, 0);
     // SAFETY: all-zero bytes are valid for these plain C structs.
     let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
     // SAFETY: as above.
@@ -187,6 +197,7 @@ pub fn send_batch<'a>(
         }
         let mut off = 0;
         while off < n {
+            calls += 1;
             // SAFETY: headers [off, n) point at live address slots, iovecs and caller-owned data that outlive
             // the call; the kernel only reads them.
             let r = unsafe {
@@ -209,7 +220,11 @@ pub fn send_batch<'a>(
             }
         }
     }
-    (sent, failed)
+    SendStats {
+        sent,
+        failed,
+        calls,
+    }
 }
 
 fn setsockopt_int(
@@ -330,8 +345,9 @@ mod tests {
         set_recv_timeout(&b, Duration::from_secs(5)).unwrap();
         let to = b.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
-        let (sent, failed) = send_batch(&a, false, payloads.iter().map(|p| (to, p.as_slice())));
-        assert_eq!((sent, failed), (40, 0));
+        let st = send_batch(&a, false, payloads.iter().map(|p| (to, p.as_slice())));
+        assert_eq!((st.sent, st.failed), (40, 0));
+        assert_eq!(st.calls, 40usize.div_ceil(BATCH), "one sendmmsg per batch");
         let mut batch = RecvBatch::new(2048);
         let mut got = Vec::new();
         while got.len() < 40 {

@@ -81,6 +81,21 @@ fn client_pings_its_tenant_gateway_address() {
     assert!(m.value("rampart_rx_bytes_total", &acme) > 0.0);
     assert!(m.value("rampart_tx_bytes_total", &acme) > 0.0);
     assert_eq!(m.value("rampart_peers", &acme), 1.0);
+    // The data path's syscall counters: every receive call that returned brought at least one datagram, and
+    // every datagram sent went out in some sendmmsg call.
+    let (rx, rx_calls) = (
+        m.value("rampart_datagrams_received_total", &[]),
+        m.value("rampart_udp_receive_calls_total", &[]),
+    );
+    let (tx, tx_calls) = (
+        m.value("rampart_datagrams_sent_total", &[]),
+        m.value("rampart_udp_send_calls_total", &[]),
+    );
+    assert!(
+        rx_calls >= 1.0 && rx >= rx_calls && tx_calls >= 1.0 && tx >= tx_calls,
+        "datagrams {rx} in {rx_calls} receive calls, {tx} in {tx_calls} send calls"
+    );
+    assert!(m.value("rampart_datapath_wakeups_total", &[]) >= rx_calls);
 
     let status = lab
         .gateway

@@ -206,6 +206,22 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
             g.datagrams_tx.get(),
         ),
         (
+            "rampart_udp_receive_calls_total",
+            "recvmmsg calls on the WireGuard socket that returned datagrams (datagrams per call = \
+             rampart_datagrams_received_total / this).",
+            g.recv_calls.get(),
+        ),
+        (
+            "rampart_udp_send_calls_total",
+            "sendmmsg calls on the WireGuard socket (datagrams per call = rampart_datagrams_sent_total / this).",
+            g.send_calls.get(),
+        ),
+        (
+            "rampart_datapath_wakeups_total",
+            "Turns of the data-path loop: each poll return, for traffic or the idle timer tick.",
+            g.wakeups.get(),
+        ),
+        (
             "rampart_cookie_replies_total",
             "Cookie replies sent to handshake initiators while under load.",
             g.cookie_replies.get(),

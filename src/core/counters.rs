@@ -168,6 +168,12 @@ impl TrafficCounters {
 pub struct GlobalCounters {
     pub datagrams_rx: Counter,
     pub datagrams_tx: Counter,
+    /// `recvmmsg` calls that returned datagrams (datagrams_rx / recv_calls = datagrams per call).
+    pub recv_calls: Counter,
+    /// `sendmmsg` calls.
+    pub send_calls: Counter,
+    /// Turns of the data-path loop (each one `poll` return: traffic, or the timer tick when idle).
+    pub wakeups: Counter,
     pub cookie_replies: Counter,
     pub send_errors: Counter,
     /// Receive calls on the UDP socket that failed (usually an ICMP error for an earlier send).
