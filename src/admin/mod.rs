@@ -283,9 +283,18 @@ fn render_audit(out: &mut String, audit: &AuditCounters) {
                 "rampart_audit_records_written_total" => "Audit records committed, by kind.",
                 "rampart_audit_records_lost_total" => "Audit records lost, by kind and reason (each loss is also a gap record in the chain).",
                 "rampart_audit_gap_records_total" => "Gap records written (each names the records lost since the previous one).",
+                "rampart_audit_evictions_total" => "Eviction records written: the oldest closed records removed to stay under audit.max_store_mb / max_recordings_mb (on_failure = fail_open; records_lost_total{reason=\"evicted\"} counts them).",
+                "rampart_audit_recordings_evicted_total" => "SSH recording files removed by evictions.",
+                "rampart_audit_quota_exceeded_total" => "Times the audit store or the recordings went over their quota and stayed over (fail_closed: new flows refused, counted as drops reason audit_unavailable).",
+                "rampart_audit_over_quota" => "1 while the audit store or the recordings are over their quota.",
                 _ => "Audit checkpoints signed.",
             };
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         }
         if name == "rampart_audit_records_lost_total" {
             lost_total += v;

@@ -84,6 +84,10 @@ pub struct AuditCounters {
     lost: [[AtomicU64; REASONS]; KINDS],
     gap_records: AtomicU64,
     checkpoints: AtomicU64,
+    evictions: AtomicU64,
+    recordings_evicted: AtomicU64,
+    quota_exceeded: AtomicU64,
+    over_quota: AtomicU64,
 }
 
 /// One exported counter: name, labels, value.
@@ -135,6 +139,23 @@ impl AuditCounters {
         self.checkpoints.load(Ordering::Relaxed)
     }
 
+    /// An eviction record was written; `files` recording files went with it.
+    pub fn evicted(&self, files: u64) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        self.recordings_evicted.fetch_add(files, Ordering::Relaxed);
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// The store or the recordings went over their quota (and stayed over after any eviction).
+    pub fn set_over_quota(&self, over: bool) {
+        if self.over_quota.swap(over as u64, Ordering::Relaxed) == 0 && over {
+            self.quota_exceeded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Every counter as `(name, labels, value)`, for a metrics exporter.
     pub fn samples(&self) -> Vec<Sample> {
         let mut out = Vec::new();
@@ -161,6 +182,26 @@ impl AuditCounters {
             "rampart_audit_checkpoints_total",
             Vec::new(),
             self.checkpoints(),
+        ));
+        out.push((
+            "rampart_audit_evictions_total",
+            Vec::new(),
+            self.evictions(),
+        ));
+        out.push((
+            "rampart_audit_recordings_evicted_total",
+            Vec::new(),
+            self.recordings_evicted.load(Ordering::Relaxed),
+        ));
+        out.push((
+            "rampart_audit_quota_exceeded_total",
+            Vec::new(),
+            self.quota_exceeded.load(Ordering::Relaxed),
+        ));
+        out.push((
+            "rampart_audit_over_quota",
+            Vec::new(),
+            self.over_quota.load(Ordering::Relaxed),
         ));
         out
     }

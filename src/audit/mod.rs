@@ -19,6 +19,7 @@ pub mod counters;
 pub mod db;
 pub mod enroll_records;
 pub mod http_records;
+pub mod quota;
 pub mod review;
 pub mod ssh_records;
 pub mod tables;
@@ -111,14 +112,20 @@ pub struct PipelineOptions {
     pub checkpoint_interval: Duration,
     /// Where each checkpoint's head is exported, outside the store.
     pub checkpoint_sink: CheckpointSink,
+    /// The gateway's state directory: SSH recordings are under `recordings/` (their paths in the store are
+    /// relative to it).
+    pub state_dir: PathBuf,
+    /// Quotas of the store's pages and of `state_dir/recordings`; `on_failure` decides what happens at one.
+    pub max_store_bytes: u64,
+    pub max_recordings_bytes: u64,
+    /// How often the writer measures both (also after every `QUOTA_CHECK_COMMITS` commits).
+    pub quota_check_interval: Duration,
 }
 
 impl PipelineOptions {
     /// Defaults for a store at `db` with the signing key at `signing_key`.
     pub fn new(db: PathBuf, signing_key: PathBuf) -> PipelineOptions {
         PipelineOptions {
-            db,
-            signing_key,
             queue: 65_536,
             commit_interval: Duration::from_millis(250),
             on_overflow: OverflowPolicy::Drop,
@@ -127,6 +134,12 @@ impl PipelineOptions {
             checkpoint_every: 256,
             checkpoint_interval: Duration::from_secs(30),
             checkpoint_sink: CheckpointSink::None,
+            state_dir: db.parent().map(PathBuf::from).unwrap_or_default(),
+            max_store_bytes: crate::config::DEFAULT_MAX_STORE_MB << 20,
+            max_recordings_bytes: crate::config::DEFAULT_MAX_RECORDINGS_MB << 20,
+            quota_check_interval: Duration::from_secs(1),
+            db,
+            signing_key,
         }
     }
 
@@ -140,6 +153,9 @@ impl PipelineOptions {
             checkpoint_every: cfg.audit.checkpoint_every,
             checkpoint_interval: cfg.audit.checkpoint_interval,
             checkpoint_sink: cfg.audit.checkpoint_sink.clone(),
+            state_dir: cfg.gateway.state_dir.clone(),
+            max_store_bytes: cfg.audit.max_store_bytes,
+            max_recordings_bytes: cfg.audit.max_recordings_bytes,
             ..PipelineOptions::new(
                 cfg.audit.path.clone(),
                 cfg.gateway.state_dir.join("audit_signing_key"),
@@ -280,6 +296,8 @@ impl Fairness {
 pub(crate) struct Shared {
     queued: AtomicUsize,
     store_healthy: AtomicBool,
+    /// The store or the recordings are over their quota (and eviction, if fail-open, could not help).
+    over_quota: AtomicBool,
     fairness: Fairness,
     pub counters: Arc<AuditCounters>,
 }
@@ -293,6 +311,10 @@ impl Shared {
 
     pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
         self.store_healthy.swap(healthy, Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_over_quota(&self, over: bool) -> bool {
+        self.over_quota.swap(over, Ordering::Relaxed)
     }
 }
 
@@ -365,12 +387,19 @@ impl AuditSink {
         }
     }
 
-    /// Whether new flows may start now, per the overflow and failure policies.
+    /// Whether new flows may start now, per the overflow and failure policies (a fail-closed gateway refuses
+    /// them while the store fails or is over its quota).
     pub fn admits_new_flows(&self) -> bool {
         let headroom = (self.capacity / 4).min(MAX_BATCH / 4);
         let full = self.shared.queued.load(Ordering::Relaxed) + headroom >= self.capacity;
         !(self.on_overflow == OverflowPolicy::BlockNewFlows && full
-            || self.on_failure == FailurePolicy::FailClosed && !self.healthy())
+            || self.on_failure == FailurePolicy::FailClosed
+                && (!self.healthy() || self.over_quota()))
+    }
+
+    /// Whether the store or the recordings are over their quota (after eviction, when fail-open).
+    pub fn over_quota(&self) -> bool {
+        self.shared.over_quota.load(Ordering::Relaxed)
     }
 
     /// Whether the last commit succeeded.
@@ -433,6 +462,7 @@ pub fn start(opts: PipelineOptions) -> anyhow::Result<(AuditSink, AuditWriter)> 
     let shared = Arc::new(Shared {
         queued: AtomicUsize::new(0),
         store_healthy: AtomicBool::new(true),
+        over_quota: AtomicBool::new(false),
         fairness: Fairness::new(capacity, opts.tenants),
         counters: Arc::new(AuditCounters::default()),
     });
@@ -485,3 +515,6 @@ mod pipeline_tests;
 
 #[cfg(test)]
 mod verify_tests;
+
+#[cfg(test)]
+mod quota_tests;

@@ -6,9 +6,15 @@
 //! A failed commit is retried with the next batch; while it fails the store is marked unhealthy (fail-closed
 //! gateways stop admitting new flows, inspectors refuse what must be recorded), records waiting for a
 //! durable answer are told so, and at most `queue` records are held, older ones being dropped and counted.
+//!
+//! Every `quota_check_interval` (or [`QUOTA_CHECK_COMMITS`] commits) it measures the store's used pages and the
+//! recordings directory against their quotas (`audit::quota`): fail-open evicts the oldest closed records (an
+//! `eviction` record in the chain says what, signed at once); fail-closed marks the pipeline over quota, so
+//! the data path refuses new flows until a later measurement finds room again.
 #![deny(unsafe_code)]
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +25,17 @@ use russh::keys::ssh_key::PrivateKey;
 use serde_json::json;
 
 use super::counters::LossTable;
+use super::quota::{self, Goal, OpenScope};
 use super::tables::{chain, events};
 use super::{
     tables, CheckpointSink, LossReason, Msg, PipelineOptions, Queued, Record, RecordKind, Shared,
     MAX_BATCH,
 };
 use crate::clock::{unix_ms, WallClock};
+use crate::config::FailurePolicy;
+
+/// The quotas are also measured after this many commits since the last measurement.
+pub(crate) const QUOTA_CHECK_COMMITS: u32 = 64;
 
 pub(crate) struct Writer {
     conn: Connection,
@@ -43,6 +54,19 @@ pub(crate) struct Writer {
     /// Losses already named by a gap record.
     recorded_losses: LossTable,
     sink: CheckpointSink,
+    quota: QuotaState,
+    /// This run's `run.start` entry (SSH sessions that began before it are closed).
+    run_start_seq: u64,
+}
+
+struct QuotaState {
+    state_dir: PathBuf,
+    max_store: u64,
+    max_recordings: u64,
+    policy: FailurePolicy,
+    interval: Duration,
+    last_check: Option<Instant>,
+    commits: u32,
 }
 
 impl Writer {
@@ -68,6 +92,16 @@ impl Writer {
             last_error_log: None,
             recorded_losses: LossTable::default(),
             sink: opts.checkpoint_sink.clone(),
+            quota: QuotaState {
+                state_dir: opts.state_dir.clone(),
+                max_store: opts.max_store_bytes,
+                max_recordings: opts.max_recordings_bytes,
+                policy: opts.on_failure,
+                interval: opts.quota_check_interval,
+                last_check: None,
+                commits: 0,
+            },
+            run_start_seq: 0,
         }
     }
 
@@ -89,19 +123,22 @@ impl Writer {
                     &json!({ "unchained_rows": legacy }),
                 )?;
             }
-            let previous = events::last_of(tx, &[events::RUN_START, events::RUN_END])?;
-            let clean = previous.as_deref() != Some(events::RUN_START);
+            // An eviction happens inside a run: last after it, it means no run.end followed.
+            let previous = events::last_of(tx, &[events::RUN_START, events::RUN_END, events::EVICTION])?;
+            let clean = !matches!(previous.as_deref(), Some(events::RUN_START | events::EVICTION));
             let mut body = json!({ "run_id": run_id, "previous_run_ended_cleanly": clean });
             if !clean {
                 body["note"] = json!(
                     "the previous run stopped without a run.end record (crash or kill): records it had not yet committed were lost"
                 );
             }
-            events::append(tx, head, events::RUN_START, unix_ms(), &body)?;
-            Ok(())
+            events::append(tx, head, events::RUN_START, unix_ms(), &body)
         });
         match r {
-            Ok(()) => self.unsigned += 1,
+            Ok(seq) => {
+                self.run_start_seq = seq;
+                self.unsigned += 1;
+            }
             Err(e) => tracing::error!(error = %e, "cannot write the audit run.start record"),
         }
     }
@@ -183,6 +220,7 @@ impl Writer {
                 std::thread::sleep(self.interval.min(Duration::from_secs(1)));
             }
             self.record_gaps();
+            self.check_quota();
             if self.unsigned >= self.checkpoint_every
                 || self.unsigned > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval
             {
@@ -223,7 +261,11 @@ impl Writer {
         } else {
             Duration::from_secs(1)
         };
-        match rx.recv_timeout(first_wait) {
+        // Idle or not, the quotas are measured when due (a fail-closed gateway learns of freed space).
+        let quota_due = self.quota.last_check.map_or(Duration::ZERO, |t| {
+            self.quota.interval.saturating_sub(t.elapsed())
+        });
+        match rx.recv_timeout(first_wait.min(quota_due)) {
             Ok(Msg::Record(q)) => self.take(*q),
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
             Err(RecvTimeoutError::Timeout) => return true,
@@ -262,6 +304,7 @@ impl Writer {
                 if !self.shared.set_healthy(true) {
                     tracing::info!("audit store writable again");
                 }
+                self.quota.commits += 1;
                 let counters = &self.shared.counters;
                 for (q, seq) in self.pending.drain(..).zip(seqs) {
                     counters.written(q.record.kind(), 1);
@@ -316,6 +359,112 @@ impl Writer {
         }
     }
 
+    /// Measures the store and the recordings against their quotas when due; evicts (fail-open) and updates
+    /// the over-quota state that a fail-closed gateway refuses new flows on.
+    fn check_quota(&mut self) {
+        let q = &self.quota;
+        let due = q.last_check.is_none_or(|t| t.elapsed() >= q.interval)
+            || q.commits >= QUOTA_CHECK_COMMITS;
+        if !due {
+            return;
+        }
+        self.quota.last_check = Some(Instant::now());
+        self.quota.commits = 0;
+        let Some((mut store, mut recordings)) = self.measure() else {
+            return;
+        };
+        let q = &self.quota;
+        let over =
+            |store: u64, recordings: u64| store > q.max_store || recordings > q.max_recordings;
+        if over(store, recordings) && q.policy == FailurePolicy::FailOpen {
+            let target = |max: u64| max / 1000 * quota::TARGET_PER_MILLE;
+            let goal = Goal {
+                store_target: (store > q.max_store).then(|| target(q.max_store)),
+                recordings_to_free: recordings.saturating_sub(target(q.max_recordings))
+                    * u64::from(recordings > q.max_recordings),
+            };
+            self.evict(goal);
+            (store, recordings) = self.measure().unwrap_or((store, recordings));
+        }
+        let q = &self.quota;
+        let now_over = store > q.max_store || recordings > q.max_recordings;
+        let was_over = self.shared.set_over_quota(now_over);
+        self.shared.counters.set_over_quota(now_over);
+        match (was_over, now_over, q.policy) {
+            (false, true, FailurePolicy::FailClosed) => tracing::warn!(
+                store_bytes = store,
+                max_store_bytes = q.max_store,
+                recordings_bytes = recordings,
+                max_recordings_bytes = q.max_recordings,
+                "audit store or recordings over their quota; refusing new flows (on_failure = fail_closed)"
+            ),
+            (false, true, FailurePolicy::FailOpen) => tracing::warn!(
+                store_bytes = store,
+                max_store_bytes = q.max_store,
+                recordings_bytes = recordings,
+                max_recordings_bytes = q.max_recordings,
+                "audit store or recordings still over their quota after eviction: what is left belongs to open flows and SSH sessions"
+            ),
+            (true, false, _) => tracing::info!(
+                store_bytes = store,
+                recordings_bytes = recordings,
+                "audit store and recordings back under their quotas"
+            ),
+            _ => {}
+        }
+    }
+
+    /// The store's used bytes and the recordings' bytes.
+    fn measure(&self) -> Option<(u64, u64)> {
+        match quota::store_bytes(&self.conn) {
+            Ok(store) => Some((
+                store,
+                quota::dir_bytes(&self.quota.state_dir.join("recordings")),
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot measure the audit store");
+                None
+            }
+        }
+    }
+
+    /// Removes the oldest closed records (one transaction with the eviction record), then their recording
+    /// files, and signs the new head at once.
+    fn evict(&mut self, goal: Goal) {
+        let scope = OpenScope {
+            run_id: self.run_id,
+            run_start_seq: self.run_start_seq,
+        };
+        let state_dir = self.quota.state_dir.clone();
+        match self.with_tx(|tx, head| quota::evict(tx, head, &state_dir, scope, goal, unix_ms())) {
+            Ok(Some(ev)) => {
+                let files = quota::delete_files(&ev.files);
+                let counters = &self.shared.counters;
+                let mut total = 0;
+                for (kind, n) in &ev.entries {
+                    total += n;
+                    if let Some(k) = record_kind(kind) {
+                        counters.lost(k, LossReason::Evicted, *n);
+                    }
+                }
+                counters.evicted(files);
+                tracing::info!(
+                    first_seq = ev.first_seq,
+                    through_seq = ev.through_seq,
+                    records = total,
+                    kept_open = ev.kept,
+                    recording_files = files,
+                    eviction_seq = ev.seq,
+                    "audit quota reached: evicted the oldest closed records; an eviction record in the chain names them"
+                );
+                self.unsigned += 1;
+                self.checkpoint();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot evict audit records under the quota"),
+        }
+    }
+
     /// Signs the chain's head and exports it to the checkpoint sink (outside the store).
     fn checkpoint(&mut self) {
         match chain::checkpoint(&self.conn, &self.key, unix_ms()) {
@@ -367,6 +516,18 @@ fn write_batch(
     }
     tx.commit()?;
     Ok(seqs)
+}
+
+/// The pipeline's record kind of a chain entry kind (the writer's own events have none).
+fn record_kind(chain_kind: &str) -> Option<RecordKind> {
+    Some(match chain_kind {
+        tables::flows::START | tables::flows::ESTABLISHED | tables::flows::END => RecordKind::Flow,
+        tables::http::KIND => RecordKind::Http,
+        tables::ssh::KIND => RecordKind::Ssh,
+        tables::enroll::KIND => RecordKind::Enroll,
+        tables::admin::KIND => RecordKind::Admin,
+        _ => return None,
+    })
 }
 
 fn count(conn: &Connection, sql: &str) -> rusqlite::Result<i64> {

@@ -480,9 +480,15 @@ pub fn verify(
         );
     }
     if let Some(e) = report.evicted_through {
+        let kinds: Vec<String> = report
+            .evicted_records
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
         println!(
-            "note: records 1 to {e} were evicted under the size quota ({} eviction records)",
-            report.evictions
+            "note: records 1 to {e} were evicted under the size quota (audit.max_store_mb / max_recordings_mb): {}; \
+             the eviction record in the chain names them (table events, kind 'eviction')",
+            if kinds.is_empty() { "no records".to_string() } else { kinds.join(", ") }
         );
     }
     if report.unchained_rows > 0 {

@@ -459,7 +459,18 @@ pub struct AuditSettings {
     pub checkpoint_sink: CheckpointSink,
     /// The pinned public key `rampart audit verify` checks signatures with (outside `state_dir`).
     pub verify_key: Option<PathBuf>,
+    /// Size quota of the store's pages (`max_store_mb`) ...
+    pub max_store_bytes: u64,
+    /// ... and of `state_dir/recordings` (`max_recordings_mb`); what happens at a quota is `on_failure`'s.
+    pub max_recordings_bytes: u64,
 }
+
+/// Default `audit.max_store_mb`.
+pub const DEFAULT_MAX_STORE_MB: u64 = 1024;
+/// Default `audit.max_recordings_mb`.
+pub const DEFAULT_MAX_RECORDINGS_MB: u64 = 10 * 1024;
+/// Largest `audit.max_store_mb` and `audit.max_recordings_mb` (1 PiB).
+pub const MAX_QUOTA_MB: u64 = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewaySettings {

@@ -42,6 +42,8 @@ pub struct RawAudit {
     pub checkpoint_interval_secs: Option<u64>,
     pub checkpoint_sink: Option<String>,
     pub verify_key: Option<String>,
+    pub max_store_mb: Option<u64>,
+    pub max_recordings_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -322,3 +322,36 @@ fn ssh_recording_caps_default_and_are_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn audit_quotas_default_parse_and_refuse_zero_naming_file_key_and_fix() {
+    let with = |keys: &str| {
+        GOOD.replace(
+            "[[tenant]]\nid = \"acme\"",
+            &format!("[audit]\n{keys}\n\n[[tenant]]\nid = \"acme\""),
+        )
+    };
+    let c = load(GOOD).unwrap();
+    assert_eq!(
+        (c.audit.max_store_bytes, c.audit.max_recordings_bytes),
+        (DEFAULT_MAX_STORE_MB << 20, DEFAULT_MAX_RECORDINGS_MB << 20)
+    );
+    let c = load(&with("max_store_mb = 1\nmax_recordings_mb = 7")).unwrap();
+    assert_eq!(
+        (c.audit.max_store_bytes, c.audit.max_recordings_bytes),
+        (1 << 20, 7 << 20)
+    );
+    for key in ["max_store_mb", "max_recordings_mb"] {
+        for bad in ["0".to_string(), (MAX_QUOTA_MB + 1).to_string()] {
+            let err = load(&with(&format!("{key} = {bad}")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("/etc/rampart/gateway.toml")
+                    && err.contains(&format!("audit.{key}: {bad} is out of range; use 1..="))
+                    && err.contains("no unlimited setting"),
+                "{err}"
+            );
+        }
+    }
+}

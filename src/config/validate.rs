@@ -301,6 +301,8 @@ pub(super) fn validate_audit(
         checkpoint_interval_secs: None,
         checkpoint_sink: None,
         verify_key: None,
+        max_store_mb: None,
+        max_recordings_mb: None,
     });
     let on_overflow = match r.on_overflow.as_deref() {
         None | Some("drop") => OverflowPolicy::Drop,
@@ -398,6 +400,26 @@ pub(super) fn validate_audit(
             CheckpointSink::None
         }
     };
+    let mut quota = |key: &str, v: Option<u64>, default: u64| match v {
+        Some(n) if !(1..=MAX_QUOTA_MB).contains(&n) => {
+            c.push(
+                format!("audit.{key}"),
+                format!(
+                    "{n} is out of range; use 1..={MAX_QUOTA_MB} (MiB; there is no unlimited setting, give the \
+                     space the disk can spare, default {default})"
+                ),
+            );
+            default << 20
+        }
+        Some(n) => n << 20,
+        None => default << 20,
+    };
+    let max_store_bytes = quota("max_store_mb", r.max_store_mb, DEFAULT_MAX_STORE_MB);
+    let max_recordings_bytes = quota(
+        "max_recordings_mb",
+        r.max_recordings_mb,
+        DEFAULT_MAX_RECORDINGS_MB,
+    );
     let verify_key = r
         .verify_key
         .as_deref()
@@ -416,6 +438,8 @@ pub(super) fn validate_audit(
         checkpoint_interval,
         checkpoint_sink,
         verify_key,
+        max_store_bytes,
+        max_recordings_bytes,
     }
 }
 

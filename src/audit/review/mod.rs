@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod enroll;
+mod eviction;
 pub mod flows;
 pub mod http;
 pub mod ssh;

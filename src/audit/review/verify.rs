@@ -43,6 +43,8 @@ pub struct VerifyReport {
     /// Eviction records (records removed under the size quota) and how many entries they removed.
     pub evictions: u64,
     pub evicted_through: Option<u64>,
+    /// Chain entries evicted since the chain began, by kind (as the vouching eviction record counts them).
+    pub evicted_records: BTreeMap<String, u64>,
     /// Rows from before the chain (schema 1), which it does not cover.
     pub unchained_rows: u64,
     pub first_break: Option<Break>,
@@ -115,7 +117,7 @@ fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
     }
 }
 
-fn canonical(
+pub(super) fn canonical(
     conn: &Connection,
     kind: &str,
     seq: u64,
@@ -145,7 +147,7 @@ pub fn verify(
     let mut hashes: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut prev: Option<Vec<u8>> = None;
     let mut first_prev = Vec::new();
-    let mut evictions: Vec<(u64, String)> = Vec::new();
+    let mut evictions: Vec<(u64, serde_json::Value)> = Vec::new();
     let mut chain_start_unchained: Option<u64> = None;
     let mut after = 0u64;
     'walk: loop {
@@ -225,10 +227,7 @@ pub fn verify(
                     }
                     events::EVICTION => {
                         report.evictions += 1;
-                        evictions.push((
-                            body["through_seq"].as_u64().unwrap_or(0),
-                            body["head_hash"].as_str().unwrap_or("").to_owned(),
-                        ));
+                        evictions.push((e.seq, body.clone()));
                     }
                     events::CHAIN_START => {
                         let u = &body["unchained_rows"];
@@ -254,6 +253,7 @@ pub fn verify(
     if report.first_break.is_none() {
         report.first_break = check_coverage(
             conn,
+            state_dir,
             &mut report,
             &evictions,
             &first_prev,
@@ -315,7 +315,7 @@ pub fn verify(
 }
 
 /// A channel.close record's recording must hash as recorded.
-fn check_recording(
+pub(super) fn check_recording(
     conn: &Connection,
     state_dir: &Path,
     seq: u64,
@@ -353,25 +353,30 @@ fn check_recording(
 /// record that says so.
 fn check_coverage(
     conn: &Connection,
+    state_dir: &Path,
     report: &mut VerifyReport,
-    evictions: &[(u64, String)],
+    evictions: &[(u64, serde_json::Value)],
     first_prev: &[u8],
     chain_start_unchained: Option<u64>,
 ) -> anyhow::Result<Option<Break>> {
     if report.first_seq > 1 {
         let cut = report.first_seq - 1;
-        let vouched = evictions
+        let first_prev = hex::encode(first_prev);
+        let vouching = evictions
             .iter()
-            .any(|(through, hash)| *through == cut && *hash == hex::encode(first_prev));
-        if !vouched {
+            .find(|(_, b)| crate::audit::quota::through(b) == Some((cut, first_prev.as_str())));
+        let Some((at, body)) = vouching else {
             return Ok(Some(Break {
                 seq: 1,
                 what: format!(
                     "records 1 to {cut} were removed without an eviction record saying so"
                 ),
             }));
-        }
+        };
         report.evicted_through = Some(cut);
+        if let Some(b) = super::eviction::check_cut(conn, state_dir, report, *at, body)? {
+            return Ok(Some(b));
+        }
     }
     let first = report.first_seq.max(1) as i64;
     let count = |sql: &str| -> rusqlite::Result<u64> {
