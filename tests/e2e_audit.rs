@@ -1,7 +1,8 @@
 //! End-to-end acceptance of the audit trail's guarantees with real wireguard-go devices through
 //! `rampart run`: what a crash loses (only the last `commit_interval_ms`), that a clean shutdown loses no flow
 //! record, the review filters, `audit verify` with a pinned key and the exported head, and review output that
-//! a device cannot use to send escape sequences to the reviewer's terminal.
+//! a device cannot use to send escape sequences to the reviewer's terminal, and a tiny `audit.max_store_mb`
+//! quota under traffic (fail-open eviction, recorded in the chain, verify still passing).
 //!
 //! Run: `cargo test --test e2e_audit -- --test-threads=1` (root).
 
@@ -387,4 +388,102 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
     // And the stored record does hold the raw bytes (JSON output escapes them its own way).
     let json = cli(&["audit", "ssh", "sessions", "--json"]);
     assert!(json.contains("root\\u001b[2J"), "{json}");
+}
+
+/// `audit.max_store_mb = 1`, fail-open: a device opens thousands of flows (TCP SYNs and UDP datagrams to random
+/// ports of another device, all allowed), several MiB of records. `audit.db` stays within a bound well under
+/// what they would take (the writer evicts the oldest closed records), flows keep being forwarded and recorded
+/// after the evictions, `/metrics` counts them, and `rampart audit verify` exits 0 and reports the eviction.
+#[test]
+fn a_tiny_store_quota_evicts_the_oldest_closed_records_while_flows_continue_and_verify_reports_it()
+{
+    const QUOTA: u64 = 1 << 20;
+    /// Eviction runs at most a second (or 64 commits) after the quota is passed: the file may pass it by that.
+    const BOUND: u64 = 2 * QUOTA;
+    let settings = "\n[flows]\nudp_timeout_secs = 2\n\n[audit]\nmax_store_mb = 1\n";
+    let mut lab = Lab::new(&[tenant("acme", "100.96.0.0/24", "100.96.0.1", settings)]);
+    let a = lab.add_client("acme", "alice");
+    let b = lab.add_client("acme", "bob");
+    wait_ping(&a.ns, "100.96.0.1", TUNNEL_UP, "alice -> gateway");
+    wait_ping(&b.ns, "100.96.0.1", TUNNEL_UP, "bob -> gateway");
+    let db = lab.gateway.state_dir().join("audit.db");
+    let file = || std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    let mut flood = support::attack::spawn_rawtcp(
+        &a,
+        lab.dir(),
+        "flood",
+        "flood",
+        &a.address().to_string(),
+        &[
+            "--dst",
+            &b.address().to_string(),
+            "--secs",
+            "25",
+            "--rate",
+            "400",
+        ],
+    );
+    let mut largest = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(26) {
+        largest = largest.max(file());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = support::attack::finish_json(&mut flood, Duration::from_secs(30));
+    let written = lab
+        .gateway
+        .metrics()
+        .sum_or_zero("rampart_audit_records_written_total", &[("kind", "flow")]);
+    // The claim needs traffic that would not fit: at least 6000 flow records (well over 2 MiB with the chain).
+    assert!(written >= 6000.0, "only {written} flow records written");
+    // Flows still go through and are recorded after the evictions.
+    udp_flows(&lab, &a, &b, 6300, 5, "after-eviction");
+    wait_until(
+        "the late flows committed",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || (udp_flows_to(&audit_flows(&lab, &[]), 6300).len() == 5).then_some(()),
+    );
+    let m = lab.gateway.metrics();
+    let evictions = m.sum_or_zero("rampart_audit_evictions_total", &[]);
+    let evicted = m.sum_or_zero(
+        "rampart_audit_records_lost_total",
+        &[("kind", "flow"), ("reason", "evicted")],
+    );
+    largest = largest.max(file());
+    eprintln!("{written} flow records, {evictions} evictions, audit.db at most {largest} bytes");
+    assert!(evictions >= 1.0 && evicted > 0.0, "{evictions} {evicted}");
+    assert!(
+        largest <= BOUND,
+        "audit.db grew to {largest} bytes with max_store_mb = 1 ({written} flow records written)"
+    );
+    let status = lab.gateway.terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        file() <= BOUND,
+        "audit.db is {} bytes after shutdown",
+        file()
+    );
+
+    let pinned = lab.dir().join("pinned.pub");
+    std::fs::copy(
+        lab.gateway.state_dir().join("audit_signing_key.pub"),
+        &pinned,
+    )
+    .unwrap();
+    let ok = lab
+        .gateway
+        .cli(
+            &["audit", "verify"],
+            &["--pubkey", pinned.to_str().unwrap()],
+        )
+        .expect_ok();
+    assert!(ok.starts_with("ok:"), "{ok}");
+    assert!(
+        ok.contains("were evicted under the size quota") && ok.contains("flow.start"),
+        "{ok}"
+    );
+    let ev = events(&db, "eviction");
+    assert!(!ev.is_empty());
+    assert!(ev.iter().all(|e| e["through_seq"].as_u64().unwrap() > 0));
 }
