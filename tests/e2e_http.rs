@@ -385,8 +385,9 @@ fn request(host: &str, path: &str) -> String {
 #[test]
 fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
     let mut t = tenant("acme", "100.96.0.0/24", "100.96.0.1", "");
-    t.rules
-        .push_str("\n[audit]\non_failure = \"fail_closed\"\n");
+    t.rules.push_str(
+        "\n[audit]\non_failure = \"fail_closed\"\ncheckpoint_sink = \"file:heads.log\"\n",
+    );
     let mut lab = Lab::new(&[t]);
     let host = lab.add_host("up");
     assert_eq!(
@@ -980,6 +981,131 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
             .iter()
             .any(|r| is(r, "path", "/last/../small")),
         "request before shutdown not recorded:\n{out}"
+    );
+
+    // The HTTP records are in the signed chain (issue 11, finding 15): `audit verify` with the pinned key and the
+    // exported heads passes on the store as the gateway left it, and fails, naming the record, when an HTTP row
+    // is changed, removed from the middle or copied, and (with the heads) when the HTTP tail is cut. Each
+    // attack is undone before the next, and the store verifies again.
+    let state = lab.gateway.state_dir();
+    let pinned = lab.dir().join("pinned.pub");
+    std::fs::copy(state.join("audit_signing_key.pub"), &pinned).unwrap();
+    let heads = lab.dir().join("heads.log");
+    let pubkey = ["--pubkey", pinned.to_str().unwrap()];
+    let with_head = [pubkey[0], pubkey[1], "--head", heads.to_str().unwrap()];
+    let verify = |args: &[&str]| lab.gateway.cli(&["audit", "verify"], args);
+    let db = rusqlite::Connection::open(state.join("audit.db")).unwrap();
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM http_requests", [], |r| r.get(0))
+        .unwrap();
+    let verified_ok = |context: &str| {
+        let ok = verify(&with_head);
+        assert!(
+            ok.success() && ok.stdout.starts_with("ok:") && ok.stdout.contains("exported head"),
+            "{context}: {ok}"
+        );
+        assert!(
+            ok.stdout.contains(&format!("http {rows}")),
+            "{context}: not every HTTP row ({rows}) is chained: {ok}"
+        );
+    };
+    verified_ok("the store as written");
+    let blocked_seq: i64 = db
+        .query_row(
+            "SELECT chain_seq FROM http_requests WHERE ref_id = ?1",
+            [&ref_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let failed = |context: &str, args: &[&str], want: &str| {
+        let r = verify(args);
+        assert!(
+            !r.success() && r.stderr.contains("verification FAILED") && r.stderr.contains(want),
+            "{context}: {r}"
+        );
+    };
+    for (column, forged) in [
+        ("path", "'/public'"),
+        ("decision", "'allow'"),
+        ("status", "200"),
+    ] {
+        let old: String = db
+            .query_row(
+                &format!("SELECT quote({column}) FROM http_requests WHERE ref_id = ?1"),
+                [&ref_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let set = |v: &str| {
+            db.execute(
+                &format!("UPDATE http_requests SET {column} = {v} WHERE ref_id = ?1"),
+                [&ref_id],
+            )
+            .unwrap()
+        };
+        assert_eq!(set(forged), 1);
+        failed(
+            &format!("{column} changed"),
+            &pubkey,
+            &format!("record {blocked_seq} (HTTP request ref {ref_id}) was altered"),
+        );
+        set(&old);
+        verified_ok(&format!("{column} restored"));
+    }
+    db.execute_batch("CREATE TEMP TABLE saved AS SELECT * FROM http_requests WHERE 0")
+        .unwrap();
+    db.execute(
+        "INSERT INTO saved SELECT * FROM http_requests WHERE ref_id = ?1",
+        [&ref_id],
+    )
+    .unwrap();
+    db.execute("DELETE FROM http_requests WHERE ref_id = ?1", [&ref_id])
+        .unwrap();
+    failed(
+        "the blocked request's row removed",
+        &pubkey,
+        &format!("record {blocked_seq} (http) was removed from its table"),
+    );
+    db.execute_batch("INSERT INTO http_requests SELECT * FROM saved")
+        .unwrap();
+    verified_ok("the row put back");
+    db.execute_batch(
+        "UPDATE saved SET id = NULL, path = '/forged'; INSERT INTO http_requests SELECT * FROM saved;",
+    )
+    .unwrap();
+    failed(
+        "a changed copy added",
+        &pubkey,
+        "a copy was added behind the gateway's back",
+    );
+    db.execute_batch("DELETE FROM http_requests WHERE path = '/forged'")
+        .unwrap();
+    verified_ok("the copy removed");
+    // The tail from the last HTTP record on, with every checkpoint naming it: consistent without the heads.
+    let cut: i64 = db
+        .query_row("SELECT max(chain_seq) FROM http_requests", [], |r| r.get(0))
+        .unwrap();
+    db.execute_batch(&format!(
+        "DELETE FROM http_requests WHERE chain_seq >= {cut}; DELETE FROM events WHERE seq >= {cut};
+         UPDATE flows SET end_chain = NULL, ended_ms = NULL, end_reason = NULL WHERE end_chain >= {cut};
+         UPDATE flows SET est_chain = NULL, established_ms = NULL WHERE est_chain >= {cut};
+         DELETE FROM flows WHERE start_chain >= {cut}; DELETE FROM chain WHERE seq >= {cut};
+         DELETE FROM checkpoints WHERE seq >= {cut};"
+    ))
+    .unwrap();
+    drop(db);
+    let no_head = verify(&pubkey);
+    assert!(
+        no_head.success() && no_head.stdout.starts_with("ok:"),
+        "the cut store is consistent on its own: {no_head}"
+    );
+    failed(
+        "the HTTP tail cut",
+        &with_head,
+        &format!(
+            "but the store ends at record {}: the tail was removed",
+            cut - 1
+        ),
     );
 }
 

@@ -16,7 +16,7 @@ pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1: the three record tables as the first three writers made them (stores written before
 /// `user_version` was set are version 1 too).
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS flows (
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL,

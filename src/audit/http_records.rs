@@ -1,6 +1,7 @@
 //! HTTP audit records: one per request the HTTP inspector (`crate::http`) handled, and one per TLS connection
 //! it passed through or refused without decrypting. They go through the audit pipeline ([`HttpAuditSink`],
 //! never blocking) into table `http_requests`, linked to their flow's row (`rampart audit http --flow ID`).
+//! Each is an entry of the audit hash chain (`tables::http`), so `rampart audit verify` covers it.
 //!
 //! Never: update or delete a row.
 #![deny(unsafe_code)]

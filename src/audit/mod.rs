@@ -518,3 +518,6 @@ mod verify_tests;
 
 #[cfg(test)]
 mod quota_tests;
+
+#[cfg(test)]
+mod verify_http_tests;

@@ -12,10 +12,10 @@ use super::tables::chain::{self, Checkpoint};
 use super::*;
 use crate::core::EndReason;
 
-struct Store {
-    dir: PathBuf,
-    db: PathBuf,
-    heads: PathBuf,
+pub(super) struct Store {
+    pub(super) dir: PathBuf,
+    pub(super) db: PathBuf,
+    pub(super) heads: PathBuf,
 }
 
 impl Drop for Store {
@@ -57,7 +57,7 @@ fn pinned(s: &Store) -> PublicKey {
     PublicKey::from_openssh(text.trim()).unwrap()
 }
 
-fn run(s: &Store, head: bool) -> VerifyReport {
+pub(super) fn run(s: &Store, head: bool) -> VerifyReport {
     let conn = db::open_readonly(&s.db).unwrap();
     let key = pinned(s);
     let head: Option<Checkpoint> =
@@ -65,19 +65,19 @@ fn run(s: &Store, head: bool) -> VerifyReport {
     verify(&conn, &s.dir, &key, head.as_ref()).unwrap()
 }
 
-fn broken(r: &VerifyReport) -> String {
+pub(super) fn broken(r: &VerifyReport) -> String {
     r.first_break
         .as_ref()
         .map(|b| b.what.clone())
         .unwrap_or_else(|| panic!("verify passed: {r:?}"))
 }
 
-fn sql(db: &Path, sql: &str) {
+pub(super) fn sql(db: &Path, sql: &str) {
     let c = rusqlite::Connection::open(db).unwrap();
     c.execute_batch(sql).unwrap();
 }
 
-fn last_seq(db: &Path) -> i64 {
+pub(super) fn last_seq(db: &Path) -> i64 {
     let c = rusqlite::Connection::open(db).unwrap();
     c.query_row("SELECT max(seq) FROM chain", [], |r| r.get(0))
         .unwrap()

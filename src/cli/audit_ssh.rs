@@ -434,7 +434,9 @@ pub fn verify(
         bail!(
             "audit trail verification FAILED at record {}: {}\n({} records verified before it)",
             b.seq,
-            b.what,
+            // The message quotes the store (reference ids, session ids), which a forger may have filled with
+            // escape sequences.
+            crate::audit::review::inert(&b.what),
             report.records
         );
     }
@@ -492,9 +494,15 @@ pub fn verify(
         );
     }
     if report.unchained_rows > 0 {
+        let tables: Vec<String> = report
+            .unchained_by_table
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect();
         println!(
-            "note: {} rows from before the chain (schema 1) are not covered by it",
-            report.unchained_rows
+            "note: {} rows from before the chain (schema 1: {}) are not covered by it; only their number is checked",
+            report.unchained_rows,
+            tables.join(", ")
         );
     }
     Ok(())

@@ -45,8 +45,9 @@ pub struct VerifyReport {
     pub evicted_through: Option<u64>,
     /// Chain entries evicted since the chain began, by kind (as the vouching eviction record counts them).
     pub evicted_records: BTreeMap<String, u64>,
-    /// Rows from before the chain (schema 1), which it does not cover.
+    /// Rows from before the chain (schema 1), which it does not cover, and how many of each table.
     pub unchained_rows: u64,
+    pub unchained_by_table: BTreeMap<String, u64>,
     pub first_break: Option<Break>,
 }
 
@@ -110,7 +111,9 @@ fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
         return "SSH record".into();
     }
     match kind {
-        http::KIND => "HTTP request".into(),
+        http::KIND => http_ref(conn, seq)
+            .map(|r| format!("HTTP request ref {r}"))
+            .unwrap_or_else(|| "HTTP request".into()),
         enroll::KIND => "enrollment record".into(),
         admin::KIND => "review UI record".into(),
         k => k.to_string(),
@@ -148,7 +151,7 @@ pub fn verify(
     let mut prev: Option<Vec<u8>> = None;
     let mut first_prev = Vec::new();
     let mut evictions: Vec<(u64, serde_json::Value)> = Vec::new();
-    let mut chain_start_unchained: Option<u64> = None;
+    let mut chain_start_unchained: Option<BTreeMap<String, u64>> = None;
     let mut after = 0u64;
     'walk: loop {
         let entries = chain::entries_after(conn, after, 10_000)?;
@@ -232,9 +235,10 @@ pub fn verify(
                     events::CHAIN_START => {
                         let u = &body["unchained_rows"];
                         chain_start_unchained = Some(
-                            u["flows"].as_u64().unwrap_or(0)
-                                + u["http_requests"].as_u64().unwrap_or(0)
-                                + u["ssh_log_v1"].as_u64().unwrap_or(0),
+                            UNCHAINED
+                                .iter()
+                                .map(|(t, _)| (t.to_string(), u[t].as_u64().unwrap_or(0)))
+                                .collect(),
                         );
                     }
                     _ => {}
@@ -357,7 +361,7 @@ fn check_coverage(
     report: &mut VerifyReport,
     evictions: &[(u64, serde_json::Value)],
     first_prev: &[u8],
-    chain_start_unchained: Option<u64>,
+    chain_start_unchained: Option<BTreeMap<String, u64>>,
 ) -> anyhow::Result<Option<Break>> {
     if report.first_seq > 1 {
         let cut = report.first_seq - 1;
@@ -395,11 +399,6 @@ fn check_coverage(
                (SELECT 1 FROM chain c WHERE c.seq = f.end_chain AND c.kind = 'flow.end')",
         ),
         (
-            "http_requests",
-            "SELECT count(*) FROM http_requests h WHERE h.chain_seq >= ?1 AND NOT EXISTS
-               (SELECT 1 FROM chain c WHERE c.seq = h.chain_seq AND c.kind = 'http')",
-        ),
-        (
             "ssh_log",
             "SELECT count(*) FROM ssh_log s WHERE s.seq >= ?1 AND NOT EXISTS
                (SELECT 1 FROM chain c WHERE c.seq = s.seq AND c.kind = 'ssh')",
@@ -419,21 +418,119 @@ fn check_coverage(
             }));
         }
     }
-    let unchained = count(
-        "SELECT (SELECT count(*) FROM flows WHERE start_chain IS NULL)
-              + (SELECT count(*) FROM http_requests WHERE chain_seq IS NULL)
-              + (SELECT count(*) FROM ssh_log_v1) + 0 * ?1",
-    )?;
-    report.unchained_rows = unchained;
-    if let Some(expected) = chain_start_unchained {
-        if unchained != expected {
-            return Ok(Some(Break {
-                seq: 1,
-                what: format!(
-                    "the chain began with {expected} rows from before it; the store now holds {unchained} rows outside the chain"
-                ),
-            }));
+    if let Some(b) = check_http_rows(conn)? {
+        return Ok(Some(b));
+    }
+    for (table, sql) in UNCHAINED {
+        let n = count(&format!("SELECT count(*) + 0 * ?1 FROM {sql}"))?;
+        report.unchained_rows += n;
+        if n > 0 {
+            report.unchained_by_table.insert(table.to_string(), n);
+        }
+        if let Some(expected) = chain_start_unchained.as_ref().map(|m| m[table]) {
+            if n != expected {
+                return Ok(Some(Break {
+                    seq: 1,
+                    what: format!(
+                        "table {table} holds {n} rows outside the chain, but the chain began with {expected} such rows \
+                         (from before it): rows were added or removed behind the gateway's back"
+                    ),
+                }));
+            }
         }
     }
     Ok(None)
+}
+
+/// Tables with rows from before the chain (schema 1), which it does not cover, and how to find them (as
+/// `chain.start` counted them).
+const UNCHAINED: [(&str, &str); 3] = [
+    ("flows", "flows WHERE start_chain IS NULL"),
+    ("http_requests", "http_requests WHERE chain_seq IS NULL"),
+    ("ssh_log_v1", "ssh_log_v1"),
+];
+
+/// The reference id of the HTTP record of chain entry `seq`.
+fn http_ref(conn: &Connection, seq: u64) -> Option<String> {
+    conn.query_row(
+        "SELECT CAST(ref_id AS TEXT) FROM http_requests WHERE chain_seq = ?1 ORDER BY id LIMIT 1",
+        [seq as i64],
+        |r| r.get(0),
+    )
+    .optional()
+    .ok()
+    .flatten()
+}
+
+/// HTTP rows beyond what their chain entries vouch for (the walk checked each entry's row): every numbered
+/// row is an HTTP entry's, each entry has one row (a copy would show in review), and the flow row a record
+/// links to (`flow_id`, which review follows) is the one its hashed run and flow seq name; flow row ids are
+/// not part of flow records.
+fn check_http_rows(conn: &Connection) -> rusqlite::Result<Option<Break>> {
+    let named =
+        |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, Option<i64>, Option<i64>)> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        };
+    let stray = conn
+        .query_row(
+            "SELECT h.id, CAST(h.ref_id AS TEXT), CAST(h.chain_seq AS INTEGER), NULL FROM http_requests h WHERE h.chain_seq IS NOT NULL AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = h.chain_seq AND c.kind = 'http')
+             ORDER BY h.id LIMIT 1",
+            [],
+            named,
+        )
+        .optional()?;
+    if let Some((id, ref_id, seq, _)) = stray {
+        let seq = seq.unwrap_or(0);
+        return Ok(Some(Break {
+            seq: seq.max(0) as u64,
+            what: format!(
+                "row {id} of table http_requests (HTTP request ref {ref_id}) names record {seq}, but no HTTP entry of \
+                 the chain vouches for it: it was added behind the gateway's back"
+            ),
+        }));
+    }
+    let copied = conn
+        .query_row(
+            "SELECT max(id), '', chain_seq, count(*) FROM http_requests WHERE chain_seq IS NOT NULL
+             GROUP BY chain_seq HAVING count(*) > 1 ORDER BY chain_seq LIMIT 1",
+            [],
+            named,
+        )
+        .optional()?;
+    if let Some((id, _, seq, n)) = copied {
+        let seq = seq.unwrap_or(0).max(0) as u64;
+        return Ok(Some(Break {
+            seq,
+            what: format!(
+                "record {seq} ({}) has {} rows in table http_requests (the last is row {id}): a copy was added \
+                 behind the gateway's back",
+                describe(conn, http::KIND, seq),
+                n.unwrap_or(0)
+            ),
+        }));
+    }
+    let mislinked = conn
+        .query_row(
+            "SELECT h.id, CAST(h.ref_id AS TEXT), h.chain_seq, h.flow_id FROM http_requests h
+             WHERE h.chain_seq IS NOT NULL AND h.flow_id IS NOT NULL AND (
+               EXISTS (SELECT 1 FROM flows f WHERE f.id = h.flow_id AND (f.run_id IS NOT h.run_id OR f.seq != h.flow_seq))
+               OR NOT EXISTS (SELECT 1 FROM flows f WHERE f.id = h.flow_id)
+                  AND EXISTS (SELECT 1 FROM flows f WHERE f.run_id = h.run_id AND f.seq = h.flow_seq))
+             ORDER BY h.chain_seq LIMIT 1",
+            [],
+            named,
+        )
+        .optional()?;
+    Ok(mislinked.map(|(_, ref_id, seq, flow_id)| {
+        let seq = seq.unwrap_or(0).max(0) as u64;
+        Break {
+            seq,
+            what: format!(
+                "record {seq} (HTTP request ref {ref_id}) links to flow row {}, which is not its flow (the flow rows \
+                 were renumbered behind the gateway's back)",
+                flow_id.unwrap_or(0)
+            ),
+        }
+    }))
 }
