@@ -217,6 +217,35 @@ health_check() {
     log "  GET /health -> ok"
 }
 
+# wait_health TIMEOUT: polls GET /health until it answers ok.
+wait_health() {
+    local deadline=$((SECONDS + $1)) body
+    while [ $SECONDS -lt $deadline ]; do
+        body=$(ip netns exec "$NS" curl -s --max-time 5 http://127.0.0.1:8080/health)
+        [ "$body" = ok ] && { log "  GET /health -> ok after $(($1 - deadline + SECONDS)) s"; return 0; }
+        sleep 1
+    done
+    log "  GET /health never answered ok within $1 s (last: '${body}')"
+    return 1
+}
+
+# crash_recovery: kill -9 of the gateway is restarted by init; /health, a fresh tunnel and the audit records
+# committed before the crash are back.
+crash_recovery() {
+    local pid
+    guest_run 'cat /run/rampart/gateway.pid' && pid=$(echo "$GUEST_OUT" | grep -aoE '^[0-9]+' | head -n 1)
+    [ -n "$pid" ] || { log "  no gateway pid in /run/rampart/gateway.pid: $GUEST_OUT"; return 1; }
+    vm_mark
+    expect_guest "kill -9 $pid" || return 1
+    wait_for 'gateway exited, restarting \(start #2\)' 60 &&
+        wait_health 90 &&
+        wg_check &&
+        expect_guest 'rampart audit flows -c /data/config/gateway.toml --device laptop' 'laptop .*ping-gateway' &&
+        guest_run 'cat /run/rampart/gateway.pid' &&
+        { [ "$(echo "$GUEST_OUT" | grep -aoE '^[0-9]+' | head -n 1)" != "$pid" ] ||
+            { log "  the gateway pid did not change after kill -9"; return 1; }; }
+}
+
 # ---------------------------------------------------------------- fixtures
 
 # seeded_disk OUT: a raw copy of the image whose data partition already holds a gateway config with one static
@@ -316,10 +345,10 @@ EOF
 self_enroll() {
     local pin=$1 url token bad rampart=$repo/target/release/rampart
     expect_guest 'rampart token create -c /data/config/gateway.toml --tenant default --host 127.0.0.1:8443' \
-        'rampart://127\.0\.0\.1:8443/' || return 1
-    url=$(echo "$GUEST_OUT" | grep -aoE 'rampart://127\.0\.0\.1:8443/[^[:space:]]*' | head -n 1)
+        '^token +rpe1_' 'rampart://127\.0\.0\.1:8443/' || return 1
+    url=$(echo "$GUEST_OUT" | grep -aoE "rampart://127\.0\.0\.1:8443/[^[:space:]']*" | head -n 1)
     case "$url" in *"pin=$pin"*) ;; *) log "  the token's URL ($url) does not carry the console's pin $pin"; return 1 ;; esac
-    token=$(echo "$url" | sed -n 's/.*[?&]t=\([^&]*\).*/\1/p')
+    token=$(echo "$GUEST_OUT" | awk '$1 == "token" { print $2; exit }')
     (umask 077 && printf '%s\n' "$token" >"$work/token")
     # The wrong pin (last hex digit changed) must be refused before anything is sent.
     bad="rampart://127.0.0.1:8443/?pin=${pin%?}$([ "${pin#"${pin%?}"}" = 0 ] && echo 1 || echo 0)"
@@ -364,6 +393,7 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         vm_powerdown || { vm_kill; return 1; }
 }
 
+# Also: kill -9 of the gateway is recovered by init (crash_recovery).
 test_gateway_serves_wireguard_and_health() {
     seeded_disk "$work/wg.img" || return 1
     # The shipped raw image rides along as a second disk (/dev/vdb): its partitions carry the same names, which
@@ -375,6 +405,7 @@ test_gateway_serves_wireguard_and_health() {
         wg_check &&
         health_check &&
         wait_shell &&
+        crash_recovery &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' &&
         expect_guest 'ls /boot/efi/loader/entries' '^gateway-a\.conf' &&
         expect_guest 'rampart system update /dev/vdb' "slot b: Rampart $base_version .*/dev/vda3 .*gateway-b\\+3\\.conf" &&
