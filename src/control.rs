@@ -94,3 +94,89 @@ pub fn request(state_dir: &Path, req: &Request) -> anyhow::Result<Option<Reply>>
     })?;
     Ok(Some(reply))
 }
+
+/// Accepts the next connection from root or the gateway's own user (`SO_PEERCRED`), whatever the socket file's
+/// mode says; others are closed at once and logged.
+pub async fn accept_authorized(
+    listener: &tokio::net::UnixListener,
+) -> std::io::Result<tokio::net::UnixStream> {
+    let own = nix::unistd::geteuid().as_raw();
+    loop {
+        let (conn, _) = listener.accept().await?;
+        match conn.peer_cred() {
+            Ok(c) if c.uid() == 0 || c.uid() == own => return Ok(conn),
+            Ok(c) => tracing::warn!(
+                uid = c.uid(),
+                pid = c.pid(),
+                "control connection refused: neither root nor the gateway's user"
+            ),
+            Err(e) => tracing::warn!(error = %e, "control connection refused: no peer credentials"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+
+    /// A client of another user reaches the socket (its file is world-writable here, as a mistake or a
+    /// DAC-overriding process would make it) and is still refused; root's connection is accepted.
+    #[tokio::test]
+    async fn control_connections_from_other_users_are_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to run a client as another user");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("rampart-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.join("control.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let server = tokio::spawn(async move {
+            let conn = super::accept_authorized(&listener).await.unwrap();
+            conn.peer_cred().unwrap().uid()
+        });
+        // The other user's client: connects (proof that the file let it), then waits for the server's answer.
+        let script = "import socket,sys\n\
+                      s=socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(sys.argv[1]); print('connected')\n\
+                      try:\n    s.sendall(b'{\"op\":\"status\"}\\n'); r=s.recv(1)\n\
+                      except (BrokenPipeError, ConnectionResetError):\n    r=b''\n\
+                      print('closed' if r == b'' else 'answered')";
+        let out = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                std::process::Command::new("python3")
+                    .args(["-c", script])
+                    .arg(&path)
+                    .uid(65534)
+                    .gid(65534)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(
+            text.split_whitespace().collect::<Vec<_>>(),
+            ["connected", "closed"],
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !server.is_finished(),
+            "the other user's connection was accepted"
+        );
+        // Positive control: root's connection is the one accepted.
+        let _root = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let uid = tokio::time::timeout(std::time::Duration::from_secs(20), server)
+            .await
+            .expect("root's connection was not accepted")
+            .unwrap();
+        assert_eq!(uid, 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -388,7 +388,7 @@ fn bind_control(state_dir: &Path) -> anyhow::Result<UnixListener> {
 
 async fn serve_control(listener: UnixListener, running: Arc<Running>) {
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let Ok(conn) = control::accept_authorized(&listener).await else {
             continue;
         };
         let running = running.clone();
