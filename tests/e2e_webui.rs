@@ -2,7 +2,9 @@
 //! against a real gateway with real SSH sessions recorded through it (wireguard-go device, OpenSSH client and
 //! sshd): sign-in and lockout, filters, the command timeline next to the player, a sealed session opened with
 //! the reviewer's key in the page, the ssh-log-cli vectors decrypted in the browser, a corrupted capture, live
-//! view and terminate, CSRF, tenant scoping, an expired session, the CSP, and a 20 MB recording.
+//! view and terminate, CSRF, tenant scoping, an expired session, the CSP, and a 20 MB recording; the flows
+//! of two devices and an HTTP request made with curl (filters, links between flow, request and session), and
+//! verification of the chain from the page and the API (ok, then a break after a row is altered).
 //!
 //! One gateway and one browser for all checks (the suite's time budget); each check in the script has its
 //! positive control next to it. Screenshots go to `target/ui-shots/`.
@@ -42,6 +44,12 @@ dst = ["{UPSTREAM_NET}"]
 proto = "tcp"
 ports = ["22"]
 capture_input = true
+[[tenant.rule]]
+id = "web"
+action = "inspect_http"
+dst = ["{UPSTREAM_NET}"]
+proto = "tcp"
+ports = ["80"]
 "#
     );
     // A second tenant with nothing in it: its auditor must see none of acme's sessions.
@@ -165,7 +173,8 @@ fn review_ui_in_a_real_browser() {
     let started = Instant::now();
     let mut lab = Lab::with_settings(
         &tenants(),
-        &format!("ui_listen = \"{UI}\"\n[ui]\nidle_timeout_secs = 40\nlockout_failures = 3\n"),
+        // The pinned key is copied out of state_dir once the gateway has made it (below).
+        &format!("ui_listen = \"{UI}\"\n[ui]\nidle_timeout_secs = 40\nlockout_failures = 3\n[audit]\nverify_key = \"pinned.pub\"\n"),
     );
     let host = lab.add_host("up");
     assert_eq!(host.underlay.to_string(), UPSTREAM);
@@ -189,6 +198,18 @@ fn review_ui_in_a_real_browser() {
     );
     let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
     let dir = lab.dir().to_path_buf();
+    // A second device of the same tenant, for the flows page's device filter.
+    let bob = lab.add_client("acme", "bob");
+    wait_ping(&bob.ns, GW_ADDR, Duration::from_secs(30), "bob -> gateway");
+    // A plain web server on the target host; acme's `web` rule sends port 80 through the HTTP inspector.
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello through the inspector\n").unwrap();
+    let mut web_cmd = host.ns.exec("python3");
+    web_cmd
+        .args(["-m", "http.server", "80", "--bind", UPSTREAM, "--directory"])
+        .arg(&www);
+    let _web = support::process::Proc::spawn("http-server", web_cmd, &dir);
 
     // Accounts, made on the console as a user would.
     rampart(
@@ -303,7 +324,28 @@ fn review_ui_in_a_real_browser() {
     );
     let sealed = newest_session(&db, 4);
     wait_rows(&db, "session.end", 3);
+    // 5. A web request from alice with real curl through the gateway (the newest of alice's HTTP flows).
+    support::wait_until(
+        "curl through the HTTP inspector",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let r = dev.ns.run(
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    &format!("http://{UPSTREAM}/hello.txt"),
+                ],
+                Duration::from_secs(20),
+            );
+            (r.stdout == "hello through the inspector\n").then_some(())
+        },
+    );
     let sessions_secs = t0.elapsed().as_secs_f64();
+    // The gateway made its signing key at start; the copy outside state_dir is audit.verify_key.
+    std::fs::copy(state.join("audit_signing_key.pub"), dir.join("pinned.pub")).unwrap();
 
     // The browser, inside the gateway's namespace (where the UI listens on loopback).
     let shots = repo().join("target/ui-shots");
@@ -331,6 +373,7 @@ fn review_ui_in_a_real_browser() {
         .env("NOT_A_KEY", &lab.gateway.config)
         .env("VECTORS", repo().join("../shared/testdata/ssh-log-cli"))
         .env("SHOTS", &shots)
+        .env("HTTP_PATH", "/hello.txt")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -341,6 +384,7 @@ fn review_ui_in_a_real_browser() {
     let mut results = None;
     let mut live_ended = None;
     let (mut target_conns_live, mut target_conns_after) = (0, usize::MAX);
+    let (mut cli_before_tamper, mut tampered) = (None, None);
     for line in from_node.lines() {
         let line = line.unwrap();
         eprintln!("browser: {line}");
@@ -378,6 +422,25 @@ fn review_ui_in_a_real_browser() {
                         .collect::<Vec<_>>()
                 );
                 writeln!(to_node, "GO").unwrap();
+            }
+            "STEP tamper" => {
+                // What the CLI says before the tamper: the capture corrupted above.
+                cli_before_tamper = Some(cli_verify(&lab, &dir));
+                // Rewrite who made the oldest flow, as someone with write access to the store would.
+                let conn = rusqlite::Connection::open(&db).unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                let seq: i64 = conn
+                    .query_row("SELECT min(start_chain) FROM flows", [], |r| r.get(0))
+                    .unwrap();
+                let n = conn
+                    .execute(
+                        "UPDATE flows SET user = 'mallory@acme.example' WHERE start_chain = ?1",
+                        [seq],
+                    )
+                    .unwrap();
+                assert_eq!(n, 1);
+                tampered = Some(seq);
+                writeln!(to_node, "GO {seq}").unwrap();
             }
             l if l.starts_with("RESULT ") => {
                 results = Some(serde_json::from_str::<serde_json::Value>(&l[7..]).unwrap());
@@ -447,11 +510,30 @@ fn review_ui_in_a_real_browser() {
             "no {event} in:\n{admin_log}"
         );
     }
-    std::fs::copy(state.join("audit_signing_key.pub"), dir.join("pinned.pub")).unwrap();
+    // The capture was corrupted on purpose above: verify must name it (and the rest must be fine).
+    let (ok, v) = cli_before_tamper.expect("the tamper step ran");
+    assert!(
+        !ok && v.contains(".cap"),
+        "verify after a corrupted capture: {v}"
+    );
+    // After the tamper the CLI breaks where the API did (the browser checked that): at the altered row.
+    let seq = tampered.expect("the tamper step ran");
+    let (ok, v) = cli_verify(&lab, &dir);
+    let report: serde_json::Value =
+        serde_json::from_str(v.lines().next().unwrap_or("")).unwrap_or_default();
+    assert!(
+        !ok && report["first_break"]["seq"].as_i64() == Some(seq),
+        "CLI verify after the tamper of record {seq}: {v}"
+    );
+}
+
+/// `rampart audit verify --json` with the pinned copy of the key: (passed, stdout + stderr).
+fn cli_verify(lab: &Lab, dir: &Path) -> (bool, String) {
     let verify = Command::new(RAMPART)
         .args([
             "audit",
             "verify",
+            "--json",
             "-c",
             lab.gateway.config.to_str().unwrap(),
             "--pubkey",
@@ -459,10 +541,8 @@ fn review_ui_in_a_real_browser() {
         .arg(dir.join("pinned.pub"))
         .output()
         .unwrap();
-    // The capture was corrupted on purpose above: verify must name it (and the rest must be fine).
-    let v = format!("{}{}", text(&verify.stdout), text(&verify.stderr));
-    assert!(
-        !verify.status.success() && v.contains(".cap"),
-        "verify after a corrupted capture: {v}"
-    );
+    (
+        verify.status.success(),
+        format!("{}{}", text(&verify.stdout), text(&verify.stderr)),
+    )
 }

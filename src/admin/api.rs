@@ -64,6 +64,17 @@ pub async fn route(
         }
         (&Method::GET, ["sessions", id, "live"]) => live(&ctx, &caller, id),
         (&Method::POST, ["sessions", id, "terminate"]) => terminate(&ctx, &caller, id),
+        (&Method::GET, ["flows"]) => {
+            let q = query_pairs(req.uri().query())?;
+            blocking(move || super::trail::list_flows(&ctx, &caller, &q)).await
+        }
+        (&Method::GET, ["http"]) => {
+            let q = query_pairs(req.uri().query())?;
+            blocking(move || super::trail::list_http(&ctx, &caller, &q)).await
+        }
+        (&Method::GET, ["verify"]) => {
+            blocking(move || super::trail::verify_store(&ctx, &caller)).await
+        }
         (&Method::GET, ["devices"]) => blocking(move || devices(&ctx, &caller)).await,
         (&Method::POST, ["devices", "approve"]) => {
             require_admin(&caller)?;
@@ -81,10 +92,9 @@ pub async fn route(
             let id = id.to_string();
             blocking(move || revoke_token(&ctx, &caller, &id)).await
         }
-        (_, ["me" | "sessions" | "devices" | "tokens", ..]) => Err(ApiError::new(
-            ErrorCode::MethodNotAllowed,
-            "method not allowed here",
-        )),
+        (_, ["me" | "sessions" | "flows" | "http" | "verify" | "devices" | "tokens", ..]) => Err(
+            ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed here"),
+        ),
         _ => Err(ApiError::new(ErrorCode::NotFound, "no such API endpoint")),
     }
 }
@@ -255,10 +265,16 @@ fn list_sessions(ctx: &Ctx, caller: &Caller, q: &[(String, String)]) -> Result<R
     let device = get("device");
     let live_only = get("live").is_some_and(|v| v == "1" || v == "true");
     // The cursor is the last item's `started_ms:session_id`; the list is newest first.
-    let cursor = get("cursor").map(|c| {
-        let (ms, id) = c.split_once(':').unwrap_or(("", ""));
-        (ms.parse::<i64>().unwrap_or(i64::MIN), id.to_string())
-    });
+    let cursor = get("cursor")
+        .map(|c| {
+            let (ms, id) = c.split_once(':').ok_or_else(super::trail::bad_cursor)?;
+            let ms = ms.parse::<i64>().map_err(|_| super::trail::bad_cursor())?;
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(super::trail::bad_cursor());
+            }
+            Ok((ms, id.to_string()))
+        })
+        .transpose()?;
     let mut items = Vec::new();
     let mut next_cursor = None;
     for s in all {
@@ -354,6 +370,10 @@ struct CommandView {
 #[derive(Serialize)]
 struct ChainView {
     records: usize,
+    /// The session's first and last chain positions (a break of the store's chain at or before `last_seq`
+    /// touches its records: `/api/v1/verify`).
+    first_seq: u64,
+    last_seq: u64,
     chained: usize,
     /// The last checkpoint covers every record of the session.
     signed: bool,
@@ -424,6 +444,8 @@ fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Resp, ApiError
         files: Vec::new(),
         chain: ChainView {
             records: rows.len(),
+            first_seq: rows.iter().map(|r| r.seq).min().unwrap_or(0),
+            last_seq: rows.iter().map(|r| r.seq).max().unwrap_or(0),
             chained: rows.iter().filter(|r| !r.hash.is_empty()).count(),
             signed: false,
             last_checkpoint_ms: None,

@@ -51,7 +51,9 @@ pub fn vendor(path: &str) -> Resp {
 /// `/ui/<page>`: one of the HTML pages.
 pub fn page(name: &str) -> Resp {
     let file = match name {
-        "login" | "sessions" | "session" | "live" | "devices" => format!("{name}.html"),
+        "login" | "sessions" | "session" | "flows" | "http" | "live" | "devices" => {
+            format!("{name}.html")
+        }
         _ => return full(StatusCode::NOT_FOUND, "text/plain", "no such page\n"),
     };
     match find(embedded::OWN, &file) {

@@ -1,6 +1,6 @@
 //! The admin side: the plain listener for `GET /health` and `GET /metrics` (Prometheus text format, this file;
 //! a deliberately small HTTP/1.1 responder, one request per connection, bounded size and time), and the review
-//! web UI on its own HTTPS listener (`web`: sign-in, CSRF, CSP; `api`: the JSON API; `assets`: embedded
+//! web UI on its own HTTPS listener (`web`: sign-in, CSRF, CSP; `api`: the JSON API, with `trail` for flows, HTTP requests and verification; `assets`: embedded
 //! files; `accounts`: `admin.db`; `audit`: its audit records). It reads counters and the audit store; it
 //! never reaches into the core.
 #![deny(unsafe_code)]
@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod api;
 pub mod assets;
 pub mod audit;
+pub mod trail;
 pub mod web;
 
 use std::fmt::Write as _;

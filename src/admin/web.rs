@@ -86,6 +86,8 @@ pub struct Ctx {
     pub svc: UiServices,
     sessions: Mutex<HashMap<[u8; 32], UiSession>>,
     login_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Held while `/api/v1/verify` walks the store (one walk at a time).
+    pub verify_lock: Mutex<()>,
 }
 
 impl Ctx {
@@ -124,6 +126,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     BadRequest,
     QueryTooLong,
+    BadCursor,
     BodyTooLarge,
     NotLive,
     LiveSealed,
@@ -141,8 +144,9 @@ impl ErrorCode {
             ErrorCode::CsrfRejected | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorCode::QueryTooLong => StatusCode::URI_TOO_LONG,
+            ErrorCode::BadRequest | ErrorCode::QueryTooLong | ErrorCode::BadCursor => {
+                StatusCode::BAD_REQUEST
+            }
             ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::NotLive | ErrorCode::LiveSealed => StatusCode::CONFLICT,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -256,6 +260,7 @@ pub async fn start(svc: UiServices) -> anyhow::Result<Option<UiServer>> {
         svc,
         sessions: Mutex::new(HashMap::new()),
         login_failures: Mutex::new(HashMap::new()),
+        verify_lock: Mutex::new(()),
     });
     let cancel = CancellationToken::new();
     let task = tokio::spawn(accept_loop(tcp, tls, ctx, cancel.clone()));

@@ -240,3 +240,61 @@ fn a_full_queue_drops_and_counts_per_kind() {
     writer.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn review_pages_are_scoped_before_the_limit_and_follow_their_cursor() {
+    let dir = tempdir("pages");
+    let opts = options(&dir);
+    let db = opts.db.clone();
+    let (sink, writer) = start(opts).unwrap();
+    // Interleaved tenants: a scope applied after the limit would return short or empty pages.
+    for seq in 1..=6 {
+        let tenant = if seq % 2 == 0 { "acme" } else { "beta" };
+        sink.offer(flow_start(tenant, seq));
+        sink.http()
+            .emit(http(tenant, "a.example", 1000 * seq as i64, seq));
+    }
+    writer.finish();
+    let store = FlowStore::open(&db).unwrap();
+    let acme = |before| FlowFilter {
+        tenant_in: Some(vec!["acme".into()]),
+        before,
+        limit: 2,
+        ..Default::default()
+    };
+    let first = store.flows(&acme(None)).unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|f| f.tenant == "acme"));
+    let last = &first[1];
+    let second = store
+        .flows(&acme(Some((last.started_ms, last.id))))
+        .unwrap();
+    assert_eq!(second.len(), 1, "the third acme flow, after the cursor");
+    assert!(second[0].id < last.id && second[0].tenant == "acme");
+    // Each acme flow has its HTTP request linked; no SSH session on an HTTP flow.
+    let links = store.links(&first[0]).unwrap();
+    assert_eq!((links.http_requests, links.ssh_session), (1, None));
+    let page = |before| {
+        query(
+            &db,
+            &HttpFilter {
+                tenant_in: Some(vec!["beta".into()]),
+                before,
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let p1 = page(None);
+    assert_eq!(
+        p1.iter().map(|r| r.record.at_ms).collect::<Vec<_>>(),
+        [5000, 3000]
+    );
+    let p2 = page(Some((p1[1].record.at_ms, p1[1].id)));
+    assert_eq!(
+        p2.iter().map(|r| r.record.at_ms).collect::<Vec<_>>(),
+        [1000]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -24,12 +24,9 @@ pub(super) fn audit_flows(
     let path = crate::audit::existing_store(&cfg)?;
     let now_ms = unix_ms();
     let dst = dst
-        .map(|d| {
-            d.parse::<ipnet::IpNet>()
-                .or_else(|_| d.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        })
+        .map(|d| crate::audit::review::flows::parse_dst(&d))
         .transpose()
-        .map_err(|_| anyhow::anyhow!("--dst: not a CIDR or address; write it like 10.1.0.0/16"))?;
+        .map_err(|e| anyhow::anyhow!("--dst: {e}"))?;
     let since_ms = since_arg(since, now_ms)?;
     let store = FlowStore::open(path)
         .with_context(|| format!("cannot open the audit store {}", path.display()))?;
@@ -40,6 +37,7 @@ pub(super) fn audit_flows(
         dst,
         since_ms,
         limit,
+        ..Default::default()
     })?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -143,6 +141,7 @@ pub(super) fn audit_http(
             flow_id,
             since_ms,
             limit,
+            ..Default::default()
         },
     )
     .with_context(|| format!("cannot read HTTP records from {}", path.display()))?;

@@ -22,8 +22,19 @@ const rl = createInterface({ input: process.stdin });
 const lines = rl[Symbol.asyncIterator]();
 async function step(name) {
   console.log("STEP " + name);
-  await lines.next();
+  // The answer is `GO` and maybe a value.
+  return ((await lines.next()).value ?? "").replace(/^GO ?/, "");
 }
+
+/// GET an API path in a browser context: [status, JSON body or null].
+async function apiGet(ctx, p) {
+  const r = await ctx.request.get(base + p);
+  let body = null;
+  try { body = await r.json(); } catch { /* not JSON */ }
+  return [r.status(), body];
+}
+
+const rowDevices = (page, table) => page.locator(`#${table} tbody tr`).evaluateAll((rs) => rs.map((r) => r.dataset.device));
 
 async function until(what, f, ms = 20000) {
   const end = Date.now() + ms;
@@ -151,6 +162,72 @@ try {
   const tooLong = await until("error", async () => (await page.textContent("#status")) || null);
   check("an over-long filter query gets a clear error", /longer than/.test(tooLong), tooLong);
 
+  // Flows of two real devices, filtered by device in the page (the filter goes into the URL) and by URL.
+  const flowsT0 = Date.now();
+  await page.goto(base + "/ui/flows");
+  await page.waitForSelector("#status p");
+  const allFlows = await rowDevices(page, "flows");
+  check("the flows page lists both devices' real flows", allFlows.includes("alice") && allFlows.includes("bob"), JSON.stringify(allFlows));
+  const zone = await page.textContent("#flows tbody tr td time");
+  check("flow times are absolute, with the time zone", /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC[+-]\d\d:\d\d$/.test(zone), zone);
+  await shot(page, "flows");
+  await page.fill("#filters input[name=device]", "bob");
+  await Promise.all([page.waitForURL(/device=bob/), page.click("#filters button[type=submit]")]);
+  await page.waitForSelector("#status p");
+  const bobFlows = await rowDevices(page, "flows");
+  check("filtering flows by device in the page keeps that device's only, with the filter in the URL", bobFlows.length > 0 && bobFlows.every((d) => d === "bob"), JSON.stringify(bobFlows));
+  await page.goto(base + "/ui/flows?device=alice");
+  await page.waitForSelector("#status p");
+  const aliceFlows = await rowDevices(page, "flows");
+  check("control: the same filter through the URL keeps the other device's only", aliceFlows.length > 0 && aliceFlows.every((d) => d === "alice"), JSON.stringify(aliceFlows));
+  const sshLinks = await page.locator("#flows tbody a.ssh-link").evaluateAll((as) => as.map((a) => a.getAttribute("href")));
+  check("an SSH flow links to the session inspected on it", sshLinks.some((h) => h.endsWith(env.PLAIN)), JSON.stringify(sshLinks));
+  await page.locator("#flows tbody a.http-link").first().click();
+  await page.waitForURL(/\/ui\/http\?flow=\d+/);
+  await page.waitForSelector("#status p");
+  const reqs = await page.locator("#requests tbody tr").allTextContents();
+  check("an HTTP flow links to its requests: the one made with curl through the gateway", reqs.length >= 1 && reqs.every((t) => t.includes(env.HTTP_PATH)) && reqs.some((t) => /GET/.test(t) && /200/.test(t)), JSON.stringify(reqs));
+  await shot(page, "http");
+  await page.locator("#requests tbody a.flow-link").first().click();
+  await page.waitForURL(/\/ui\/flows\?id=\d+/);
+  await page.waitForSelector("#status p");
+  const back = await page.locator("#flows tbody tr").allTextContents();
+  check("a request links back to its one flow", back.length === 1 && /inspect_http/.test(back[0]), JSON.stringify(back));
+  await page.goto(base + "/ui/http?device=bob");
+  await page.waitForSelector("#status p");
+  const bobReqs = await page.locator("#requests tbody tr").count();
+  check("the HTTP page filters by device (bob made no request)", bobReqs === 0, bobReqs);
+
+  // The API behind them: cursor pages, bad cursors, over-long filters.
+  const [, whole] = await apiGet(page, "/api/v1/flows?limit=200");
+  const paged = [];
+  let cursor = "";
+  for (let i = 0; i < 100; i++) {
+    const [st, p] = await apiGet(page, "/api/v1/flows?limit=3" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+    if (st !== 200) break;
+    paged.push(...p.items.map((f) => f.id));
+    if (!p.next_cursor) break;
+    cursor = p.next_cursor;
+  }
+  check("flows come in cursor pages that add up to the whole list", whole.items.length > 3 && JSON.stringify(paged) === JSON.stringify(whole.items.map((f) => f.id)), `${paged.length} vs ${whole.items.length}`);
+  const badInput = {
+    flowsCursor: await apiGet(page, "/api/v1/flows?cursor=nonsense"),
+    httpCursor: await apiGet(page, "/api/v1/http?cursor=12:x"),
+    sessionsCursor: await apiGet(page, "/api/v1/sessions?cursor=12"),
+    longFilter: await apiGet(page, "/api/v1/flows?device=" + "d".repeat(300)),
+    longQuery: await apiGet(page, "/api/v1/http?host=" + "h".repeat(250) + "&user=" + "u".repeat(250) + "&device=" + "d".repeat(250) + "&decision=" + "x".repeat(250) + "&tenant=" + "t".repeat(250) + "&from=" + "f".repeat(250) + "&to=" + "t".repeat(250) + "&flow=" + "1".repeat(250) + "&limit=" + "1".repeat(250)),
+    unknown: await apiGet(page, "/api/v1/flows?colour=red"),
+  };
+  const code = (r) => `${r[0]} ${r[1]?.error}`;
+  check("bad cursors and over-long filters get a 400 with a stable code", code(badInput.flowsCursor) === "400 bad_cursor" && code(badInput.httpCursor) === "400 bad_cursor" &&
+    code(badInput.sessionsCursor) === "400 bad_cursor" && code(badInput.longFilter) === "400 query_too_long" && code(badInput.longQuery) === "400 query_too_long" &&
+    code(badInput.unknown) === "400 bad_request", JSON.stringify(Object.fromEntries(Object.entries(badInput).map(([k, v]) => [k, code(v) + " " + v[1]?.message]))));
+
+  // Verification: the untouched store verifies with the pinned key, and the session page says so.
+  const [vst, v0] = await apiGet(page, "/api/v1/verify");
+  check("verify: the untouched store is ok with the pinned key", vst === 200 && v0.status === "ok" && v0.ok === true && v0.first_break === null && v0.key.pinned === true && v0.records > 10, JSON.stringify(v0));
+  timings.flows_http_verify_ms = Date.now() - flowsT0;
+
   // The plain session: timeline, seek, XSS probe.
   await page.goto(base + "/ui/session?id=" + env.PLAIN);
   await playerReady(page);
@@ -160,6 +237,8 @@ try {
   const t3 = await page.evaluate(() => window.rampart.views.get(1).commands[2].t);
   check("clicking the third command seeks the player to it", Math.abs(r3.t - t3) < 0.01 && r3.at >= t3 - 0.2 && r3.at < t3 + 1.2, JSON.stringify({ t3, r3: { t: r3.t, at: r3.at } }));
   check("the terminal shows the third command's output and nothing after it", r3.text.includes("third-6") && !r3.text.includes("fifth-10"), r3.text.slice(-400));
+  const planVerify = await until("verify status", async () => (await page.getAttribute("#verify", "data-status")));
+  check("the session page shows its records verified in the chain", planVerify === "ok" && /verified/.test(await page.textContent("#verify")), await page.textContent("#verify"));
   await shot(page, "session-plain");
   const r5 = await clickCommand(page, 4);
   check("control: the fifth command's output shows when it is clicked", r5.text.includes("fifth-10"), r5.text.slice(-300));
@@ -198,6 +277,20 @@ try {
   const bLive = await beta.request.get(base + `/api/v1/sessions/${env.LIVE}/live`);
   const bTerm = await beta.request.post(base + `/api/v1/sessions/${env.LIVE}/terminate`, { headers: { "content-type": "application/json", "x-rampart-csrf": (await (await beta.request.get(base + "/api/v1/me")).json()).csrf } });
   const bList = await (await beta.request.get(base + "/api/v1/sessions")).json();
+  const bFlows = {
+    tenant: await apiGet(beta, "/api/v1/flows?tenant=acme"),
+    all: await apiGet(beta, "/api/v1/flows"),
+    byId: await apiGet(beta, "/api/v1/flows?id=" + whole.items[0].id),
+    http: await apiGet(beta, "/api/v1/http?tenant=acme"),
+    httpAll: await apiGet(beta, "/api/v1/http"),
+  };
+  const acmeCtx = await newCtx();
+  await apiLogin(acmeCtx, "aud-acme", env.AUDITOR_PW);
+  const aFlows = await apiGet(acmeCtx, "/api/v1/flows?tenant=acme&id=" + whole.items[0].id);
+  check("another tenant's auditor gets 404 for acme's flows and HTTP requests, and none of them in its lists", bFlows.tenant[0] === 404 && bFlows.tenant[1].error === "not_found" &&
+    bFlows.http[0] === 404 && bFlows.all[0] === 200 && bFlows.all[1].items.length === 0 && bFlows.byId[1].items.length === 0 && bFlows.httpAll[1].items.length === 0,
+    JSON.stringify(Object.fromEntries(Object.entries(bFlows).map(([k, v]) => [k, [v[0], v[1]?.items?.length ?? v[1]?.error]]))));
+  check("control: acme's auditor gets the same flow by API", aFlows[0] === 200 && aFlows[1].items.length === 1, JSON.stringify(aFlows));
   check("another tenant's auditor gets 404 for the session, its cast, its live view and terminate", betaLogin.ok() &&
     bSession.status() === 404 && bCast.status() === 404 && bLive.status() === 404 && bTerm.status() === 404 && bList.items.length === 0,
     [bSession.status(), bCast.status(), bLive.status(), bTerm.status(), bList.items.length].join(","));
@@ -281,6 +374,8 @@ try {
   check("a corrupted capture gets a clear message and nothing is played", /does not match its chained hash/.test(corrupt) && noPlayer, corrupt);
   const chainTamper = await page.textContent("section[data-channel='1'] p.muted");
   check("... and the channel says its recording does not match the chain", /DOES NOT MATCH/.test(chainTamper), chainTamper);
+  const sealedVerify = await until("verify status", async () => (await page.getAttribute("#verify", "data-status")));
+  check("... and the page's verification says the chain breaks at this session's records", sealedVerify === "broken-here" && /BROKEN/.test(await page.textContent("#verify")), await page.textContent("#verify"));
 
   // A 20 MB recording.
   const big0 = Date.now();
@@ -334,6 +429,15 @@ try {
   const expPage = await idle.newPage();
   await expPage.goto(base + "/ui/sessions");
   check("... and its pages send it to the sign-in", /\/ui\/login/.test(expPage.url()), expPage.url());
+
+  // A row altered in the store: verify reports the break at that record (before it: at the capture, later).
+  const fresh = await newCtx();
+  await apiLogin(fresh, "root", env.ROOT_PW);
+  const [, v1] = await apiGet(fresh, "/api/v1/verify");
+  const seq = Number(await step("tamper"));
+  const [, v2] = await apiGet(fresh, "/api/v1/verify");
+  check("verify: a row altered with sqlite breaks the chain at that record", v1.status === "broken" && v1.first_break.seq > seq &&
+    v2.status === "broken" && v2.ok === false && v2.first_break.seq === seq && /flow/.test(v2.first_break.what), JSON.stringify({ seq, before: v1.first_break, after: v2.first_break }));
 
   check("no CSP violation and no script error in any page", csp.length === 0 && pageErrors.length === 0, JSON.stringify({ csp, pageErrors }));
 } catch (e) {

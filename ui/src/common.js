@@ -81,7 +81,7 @@ export function showError(where, e) {
 /// Signs the page in (or sends it to the login page) and draws the header.
 export async function start(title) {
   me = await api("/api/v1/me");
-  const links = [["/ui/sessions", "SSH sessions"], ["/ui/devices", "Devices & tokens"]];
+  const links = [["/ui/sessions", "SSH sessions"], ["/ui/flows", "Flows"], ["/ui/http", "HTTP requests"], ["/ui/devices", "Devices & tokens"]];
   const header = el("header", { class: "top" },
     el("strong", {}, "Rampart review"),
     ...links.map(([href, text]) => el("a", { href }, text)),
@@ -90,4 +90,42 @@ export async function start(title) {
   document.body.prepend(header);
   document.title = title + " · Rampart";
   return me;
+}
+
+/// A list page's filter form: fills it from the URL, and on submit goes to `page` with the filters in the URL
+/// (so a filtered view can be bookmarked and shared). Returns the API query for the filters and the cursor.
+export function filterForm(form, names, page) {
+  const params = new URLSearchParams(location.search);
+  for (const k of names) {
+    const input = form.elements[k];
+    if (!input) continue;
+    if (input.type === "checkbox") input.checked = params.get(k) === "1";
+    else input.value = params.get(k) ?? "";
+  }
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const q = new URLSearchParams();
+    for (const k of names) {
+      const input = form.elements[k];
+      if (!input) {
+        // A filter without an input (a link's `flow=`) stays as it came.
+        if (params.get(k)) q.set(k, params.get(k));
+      } else if (input.type === "checkbox" ? input.checked : input.value !== "") {
+        q.set(k, input.type === "checkbox" ? "1" : input.value);
+      }
+    }
+    location.assign(page + "?" + q);
+  });
+  const api = new URLSearchParams();
+  for (const k of [...names, "cursor"]) if (params.get(k)) api.set(k, params.get(k));
+  return { params, api };
+}
+
+/// Shows the "older" link of a list page when the API gave a next cursor.
+export function nextLink(a, page, params, cursor) {
+  if (!cursor) return;
+  const next = new URLSearchParams(params);
+  next.set("cursor", cursor);
+  a.href = page + "?" + next;
+  a.classList.remove("hidden");
 }

@@ -34,9 +34,39 @@ function drawMeta(s) {
     ...meta("Authentication", `${start.auth_method ?? "?"}${start.client_key_fp ? " key " + start.client_key_fp : ""}; target key ${start.target_host_key_fp ?? "?"} (${start.target_host_key_trust ?? "?"})`),
     ...meta("Recording", `${start.recording ?? "?"}${start.capture_input ? ", typed lines captured" : ""}${s.sealed ? ", sealed to the tenant's reviewer key" : ""}`),
     ...meta("Hash chain", el("span", { class: chain.signed ? "ok" : "muted", id: "chain" }, chainText)),
+    ...meta("Verification", el("span", { class: "muted", id: "verify" }, "verifying the audit chain…")),
   );
   if (s.status === "live") {
     document.getElementById("meta").append(...meta("Live", el("a", { href: "/ui/live?id=" + encodeURIComponent(s.id) }, "watch this session live")));
+  }
+}
+
+/// The whole store's chain verified now (what `rampart audit verify` checks), told for this session's records:
+/// a break at or before its last record means they cannot be trusted.
+async function drawVerify(s) {
+  const out = document.getElementById("verify");
+  let v;
+  try {
+    v = await api("/api/v1/verify");
+  } catch (e) {
+    out.className = "error";
+    out.textContent = "could not verify: " + e.message;
+    return;
+  }
+  const key = v.key ? ` with ${v.key.pinned ? "the pinned key" : "the gateway's own key (set audit.verify_key to pin one)"} ${v.key.fingerprint}` : "";
+  const when = timeCell(v.verified_at_ms);
+  out.dataset.status = v.status;
+  if (v.ok) {
+    out.className = "ok";
+    out.replaceChildren(`verified: records ${s.chain.first_seq}–${s.chain.last_seq} of this session are intact in the chain of ${v.records} records${key} (`, when, ")");
+  } else if (v.first_break.seq <= s.chain.last_seq) {
+    out.className = "error";
+    out.dataset.status = "broken-here";
+    out.replaceChildren(`BROKEN: the chain breaks at record ${v.first_break.seq}, at or before this session's records (${s.chain.first_seq}–${s.chain.last_seq}): ${v.first_break.what} (`, when, ")");
+  } else {
+    out.className = "ok";
+    out.dataset.status = "broken-later";
+    out.replaceChildren(`this session's records (${s.chain.first_seq}–${s.chain.last_seq}) verify; the chain breaks later, at record ${v.first_break.seq}: ${v.first_break.what} (`, when, ")");
   }
 }
 
@@ -201,6 +231,7 @@ async function load() {
   }
   document.getElementById("title").replaceChildren(`SSH session of ${session.user} to ${session.target}`);
   drawMeta(session);
+  drawVerify(session);
   if (session.sealed) {
     document.getElementById("sealed").classList.remove("hidden");
     document.getElementById("keyfile").addEventListener("change", (ev) => {

@@ -17,15 +17,24 @@ pub struct HttpRow {
     pub record: HttpRecord,
 }
 
-/// Filters for `rampart audit http`; `None` = no filter.
+/// Filters for `rampart audit http` and the review UI's `/api/v1/http`; `None` = no filter.
 #[derive(Debug, Default)]
 pub struct HttpFilter {
     pub tenant: Option<String>,
+    /// Only these tenants (the caller's scope); `None` = every tenant.
+    pub tenant_in: Option<Vec<String>>,
     pub user: Option<String>,
+    pub device: Option<String>,
     /// Exact host (case-insensitive).
     pub host: Option<String>,
+    /// `allowed`, `blocked`, `logged`, ... as recorded.
+    pub decision: Option<String>,
     pub flow_id: Option<i64>,
     pub since_ms: Option<i64>,
+    /// At or before.
+    pub until_ms: Option<i64>,
+    /// Page cursor: only records after `(at_ms, id)` in the newest-first order.
+    pub before: Option<(i64, i64)>,
     pub limit: usize,
 }
 
@@ -40,8 +49,10 @@ pub fn query(path: &Path, f: &HttpFilter) -> rusqlite::Result<Vec<HttpRow>> {
                 path, status, req_bytes, resp_bytes, duration_ms, flow_rule, rule, decision, error
          FROM http_requests
          WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR user = ?2) AND (?3 IS NULL OR host = lower(?3))
-           AND (?4 IS NULL OR flow_id = ?4) AND (?5 IS NULL OR at_ms >= ?5)
-         ORDER BY at_ms DESC, id DESC LIMIT ?6",
+           AND (?4 IS NULL OR flow_id = ?4) AND (?5 IS NULL OR at_ms >= ?5) AND (?6 IS NULL OR at_ms <= ?6)
+           AND (?7 IS NULL OR device = ?7) AND (?8 IS NULL OR decision = ?8)
+           AND (?9 IS NULL OR at_ms < ?9 OR (at_ms = ?9 AND id < ?10))
+         ORDER BY at_ms DESC, id DESC",
     )?;
     let rows = stmt.query_map(
         params![
@@ -50,7 +61,11 @@ pub fn query(path: &Path, f: &HttpFilter) -> rusqlite::Result<Vec<HttpRow>> {
             f.host,
             f.flow_id,
             f.since_ms,
-            f.limit.min(i64::MAX as usize) as i64
+            f.until_ms,
+            f.device,
+            f.decision,
+            f.before.map(|b| b.0),
+            f.before.map(|b| b.1),
         ],
         |r| {
             Ok(HttpRow {
@@ -82,5 +97,20 @@ pub fn query(path: &Path, f: &HttpFilter) -> rusqlite::Result<Vec<HttpRow>> {
             })
         },
     )?;
-    rows.collect()
+    // The scope is applied before the limit, so a page is full whenever enough visible records exist.
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row?;
+        if out.len() >= f.limit {
+            break;
+        }
+        if f.tenant_in
+            .as_ref()
+            .is_some_and(|t| !t.contains(&row.record.tenant))
+        {
+            continue;
+        }
+        out.push(row);
+    }
+    Ok(out)
 }
