@@ -1,4 +1,4 @@
-//! The read side of the audit store: queries behind `rampart audit ...` (and the review UI to come), the
+//! The read side of the audit store: queries behind `rampart audit ...` and the review UI's API (`admin`), the
 //! rendering of SSH sessions, and verification of the chain. Read-only: opens the store and recordings,
 //! never writes them. Command-line parsing and output live in `cli`.
 #![deny(unsafe_code)]
