@@ -369,7 +369,11 @@ try {
   await page.goto(base + "/ui/session?id=" + env.SEALED);
   await page.waitForSelector("body[data-ready='1']");
   await page.setInputFiles("#keyfile", env.KEY_FILE);
-  const corrupt = await until("corrupt message", async () => (await page.textContent("section[data-channel='1'] .playermsg")) || null, 30000);
+  // The prompt to load the key shows until the key is in; wait for what the page says after that.
+  const corrupt = await until("corrupt message", async () => {
+    const t = await page.textContent("section[data-channel='1'] .playermsg");
+    return t && !/load the reviewer key/.test(t) ? t : null;
+  }, 30000);
   const noPlayer = await page.evaluate(() => !window.rampart.views.get(1).player);
   check("a corrupted capture gets a clear message and nothing is played", /does not match its chained hash/.test(corrupt) && noPlayer, corrupt);
   const chainTamper = await page.textContent("section[data-channel='1'] p.muted");
