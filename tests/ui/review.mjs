@@ -237,7 +237,8 @@ try {
   const t3 = await page.evaluate(() => window.rampart.views.get(1).commands[2].t);
   check("clicking the third command seeks the player to it", Math.abs(r3.t - t3) < 0.01 && r3.at >= t3 - 0.2 && r3.at < t3 + 1.2, JSON.stringify({ t3, r3: { t: r3.t, at: r3.at } }));
   check("the terminal shows the third command's output and nothing after it", r3.text.includes("third-6") && !r3.text.includes("fifth-10"), r3.text.slice(-400));
-  const planVerify = await until("verify status", async () => (await page.getAttribute("#verify", "data-status")));
+  await page.click("#verify-run");
+  const planVerify = await until("verify status", async () => (await page.getAttribute("#verify", "data-status")), 60000);
   check("the session page shows its records verified in the chain", planVerify === "ok" && /verified/.test(await page.textContent("#verify")), await page.textContent("#verify"));
   await shot(page, "session-plain");
   const r5 = await clickCommand(page, 4);
@@ -378,7 +379,8 @@ try {
   check("a corrupted capture gets a clear message and nothing is played", /does not match its chained hash/.test(corrupt) && noPlayer, corrupt);
   const chainTamper = await page.textContent("section[data-channel='1'] p.muted");
   check("... and the channel says its recording does not match the chain", /DOES NOT MATCH/.test(chainTamper), chainTamper);
-  const sealedVerify = await until("verify status", async () => (await page.getAttribute("#verify", "data-status")));
+  await page.click("#verify-run");
+  const sealedVerify = await until("verify status", async () => (await page.getAttribute("#verify", "data-status")), 60000);
   check("... and the page's verification says the chain breaks at this session's records", sealedVerify === "broken-here" && /BROKEN/.test(await page.textContent("#verify")), await page.textContent("#verify"));
 
   // A 20 MB recording.

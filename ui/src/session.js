@@ -34,7 +34,10 @@ function drawMeta(s) {
     ...meta("Authentication", `${start.auth_method ?? "?"}${start.client_key_fp ? " key " + start.client_key_fp : ""}; target key ${start.target_host_key_fp ?? "?"} (${start.target_host_key_trust ?? "?"})`),
     ...meta("Recording", `${start.recording ?? "?"}${start.capture_input ? ", typed lines captured" : ""}${s.sealed ? ", sealed to the tenant's reviewer key" : ""}`),
     ...meta("Hash chain", el("span", { class: chain.signed ? "ok" : "muted", id: "chain" }, chainText)),
-    ...meta("Verification", el("span", { class: "muted", id: "verify" }, "verifying the audit chain…")),
+    ...meta("Verification", [
+      el("span", { class: "muted", id: "verify" }, "not checked in this view "),
+      el("button", { type: "button", id: "verify-run", onclick: () => drawVerify(s) }, "Verify the audit chain"),
+    ]),
   );
   if (s.status === "live") {
     document.getElementById("meta").append(...meta("Live", el("a", { href: "/ui/live?id=" + encodeURIComponent(s.id) }, "watch this session live")));
@@ -42,17 +45,25 @@ function drawMeta(s) {
 }
 
 /// The whole store's chain verified now (what `rampart audit verify` checks), told for this session's records:
-/// a break at or before its last record means they cannot be trusted.
+/// a break at or before its last record means they cannot be trusted. On request only: it reads every record and
+/// recording of the store.
 async function drawVerify(s) {
   const out = document.getElementById("verify");
+  const button = document.getElementById("verify-run");
+  button.disabled = true;
+  out.className = "muted";
+  delete out.dataset.status;
+  out.textContent = "verifying the audit chain… ";
   let v;
   try {
     v = await api("/api/v1/verify");
   } catch (e) {
     out.className = "error";
-    out.textContent = "could not verify: " + e.message;
+    out.textContent = "could not verify: " + e.message + " ";
+    button.disabled = false;
     return;
   }
+  button.disabled = false;
   const key = v.key ? ` with ${v.key.pinned ? "the pinned key" : "the gateway's own key (set audit.verify_key to pin one)"} ${v.key.fingerprint}` : "";
   const when = timeCell(v.verified_at_ms);
   out.dataset.status = v.status;
@@ -231,7 +242,6 @@ async function load() {
   }
   document.getElementById("title").replaceChildren(`SSH session of ${session.user} to ${session.target}`);
   drawMeta(session);
-  drawVerify(session);
   if (session.sealed) {
     document.getElementById("sealed").classList.remove("hidden");
     document.getElementById("keyfile").addEventListener("change", (ev) => {
