@@ -7,7 +7,7 @@
 //! verification of the chain from the page and the API (ok, then a break after a row is altered).
 //!
 //! One gateway and one browser for all checks (the suite's time budget); each check in the script has its
-//! positive control next to it. Screenshots go to `target/ui-shots/`.
+//! positive control next to it. Screenshots and the browser's results (with timings) go to `target/ui-shots/`.
 #![cfg(target_os = "linux")]
 
 #[allow(unused_imports)]
@@ -452,6 +452,11 @@ fn review_ui_in_a_real_browser() {
     let browser_secs = b0.elapsed().as_secs_f64();
     let results =
         results.unwrap_or_else(|| panic!("the browser script gave no RESULT (exit {status})"));
+    // Kept beside the screenshots: the timings (20 MB recording load and seek, ...) quoted in docs/benchmarks.md.
+    let _ = std::fs::write(
+        shots.join("results.json"),
+        serde_json::to_string_pretty(&results).unwrap_or_default(),
+    );
     eprintln!(
         "e2e_webui: sessions {sessions_secs:.1} s, browser {browser_secs:.1} s, total {:.1} s; results {results:#}",
         started.elapsed().as_secs_f64()
