@@ -188,6 +188,20 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(wake: EventFd) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                live: None,
+                closed: false,
+                next_req: 0,
+                outbox: VecDeque::new(),
+                pending: HashMap::new(),
+            }),
+            wake,
+            requests: AtomicU64::new(0),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -227,17 +241,7 @@ impl NsSupervisor {
     pub fn start_with(cfg: SupervisorConfig) -> Result<NsHandle, NsError> {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| NsError::Io(e.into()))?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                live: None,
-                closed: false,
-                next_req: 0,
-                outbox: VecDeque::new(),
-                pending: HashMap::new(),
-            }),
-            wake,
-            requests: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(wake));
         let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let (started_tx, started_rx) = mpsc::sync_channel(1);
         let connect_timeout = cfg.connect_timeout;
@@ -426,7 +430,10 @@ fn deliver(shared: &Shared, events: &Sender<NsEvent>, mut event: NsEvent) {
         match events.try_send(event) {
             Ok(()) | Err(TrySendError::Closed(_)) => return,
             Err(TrySendError::Full(back)) => {
-                if !sleep_unless_closed(shared, Duration::from_millis(20)) {
+                let open = sleep_unless_closed(shared, Duration::from_millis(20));
+                // The sleep may have taken a wake-up meant for the serving loop (a queued request): give it back.
+                shared.wake();
+                if !open {
                     return;
                 }
                 event = back;
@@ -966,5 +973,65 @@ fn handle_reply(
             }
         }
         other => tracing::warn!(message = ?other, "unexpected message from the namespace helper"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+
+    fn died(n: u64) -> NsEvent {
+        NsEvent::Died {
+            generation: Generation(n),
+            status: ExitStatus::from_raw(0),
+        }
+    }
+
+    /// The lifecycle queue is bounded without losing events while the handle is open: a full queue makes the
+    /// supervisor wait for the consumer; once the handle is closed it stops waiting (shutdown never hangs on a
+    /// consumer that stopped reading).
+    #[test]
+    fn lifecycle_events_wait_for_room_and_give_up_once_closed() {
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+        let shared = Arc::new(Shared::new(wake));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        deliver(&shared, &tx, died(1));
+        let waiting = std::thread::spawn({
+            let (shared, tx) = (shared.clone(), tx.clone());
+            move || deliver(&shared, &tx, died(2))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !waiting.is_finished(),
+            "the second event did not wait for room"
+        );
+        let got = |rx: &mut Receiver<NsEvent>| match rx.try_recv() {
+            Ok(NsEvent::Died { generation, .. }) => Some(generation.0),
+            _ => None,
+        };
+        assert_eq!(got(&mut rx), Some(1));
+        waiting.join().unwrap();
+        assert_eq!(got(&mut rx), Some(2), "the waiting event was lost");
+
+        // Full again, then closed: the supervisor gives up instead of waiting forever.
+        deliver(&shared, &tx, died(3));
+        let stuck = std::thread::spawn({
+            let (shared, tx) = (shared.clone(), tx.clone());
+            move || deliver(&shared, &tx, died(4))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!stuck.is_finished());
+        shared.lock().closed = true;
+        shared.wake();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stuck.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            stuck.is_finished(),
+            "delivery kept waiting after the handle closed"
+        );
     }
 }
