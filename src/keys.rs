@@ -78,7 +78,7 @@ impl PrivateKey {
     /// A fresh key from the OS random source, clamped as `wg genkey` does.
     pub fn generate() -> PrivateKey {
         let mut b = [0u8; 32];
-        getrandom::getrandom(&mut b).expect("the OS random source is unavailable");
+        getrandom::fill(&mut b).expect("the OS random source is unavailable");
         b[0] &= 248;
         b[31] &= 127;
         b[31] |= 64;

@@ -152,7 +152,7 @@ fn decoy_hash() -> &'static str {
     static DECOY: OnceLock<String> = OnceLock::new();
     DECOY.get_or_init(|| {
         let mut b = [0u8; 32];
-        let _ = getrandom::getrandom(&mut b);
+        let _ = getrandom::fill(&mut b);
         hash_password(&hex::encode(b)).unwrap_or_default()
     })
 }

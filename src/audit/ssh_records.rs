@@ -512,7 +512,7 @@ mod tests {
 
     pub(crate) fn tempdir() -> PathBuf {
         let mut b = [0u8; 8];
-        getrandom::getrandom(&mut b).unwrap();
+        getrandom::fill(&mut b).unwrap();
         let d = std::env::temp_dir().join(format!("rampart-ssh-audit-{}", hex(&b)));
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -74,7 +74,7 @@ fn client(gw_key: &PrivateKey, underlay: &str, inner: &str) -> Client {
 
 fn rand_index() -> u32 {
     let mut b = [0u8; 4];
-    getrandom::getrandom(&mut b).unwrap();
+    getrandom::fill(&mut b).unwrap();
     u32::from_le_bytes(b) >> 8
 }
 

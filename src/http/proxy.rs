@@ -224,7 +224,7 @@ where
 
 fn random_ref() -> String {
     let mut b = [0u8; 6];
-    let _ = getrandom::getrandom(&mut b);
+    let _ = getrandom::fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -33,7 +33,7 @@ pub fn need_openssh() -> bool {
 /// A fresh temp dir with a random name (removed by its owner).
 pub fn tempdir(tag: &str) -> PathBuf {
     let mut b = [0u8; 6];
-    getrandom::getrandom(&mut b).unwrap();
+    getrandom::fill(&mut b).unwrap();
     let d = std::env::temp_dir().join(format!("rampart-e2e-ssh-{tag}-{}", ssh_records::hex(&b)));
     std::fs::create_dir_all(&d).unwrap();
     d

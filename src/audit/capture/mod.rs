@@ -128,7 +128,7 @@ pub fn audit_keygen() -> Result<(String, String), CaptureError> {
 }
 
 fn os_random(buf: &mut [u8]) -> Result<(), CaptureError> {
-    getrandom::getrandom(buf).map_err(|e| {
+    getrandom::fill(buf).map_err(|e| {
         CaptureError::Io(std::io::Error::other(format!(
             "OS random number generator: {e}"
         )))
