@@ -11,6 +11,8 @@
 //! batches, so the core never needs a lock.
 #![deny(unsafe_code)]
 
+pub mod context;
+
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, UdpSocket};

@@ -43,7 +43,7 @@ string_newtype!(TenantId);
 string_newtype!(DeviceName);
 string_newtype!(UserName);
 
-pub(super) fn valid_ident(s: &str, max: usize) -> bool {
+pub(crate) fn valid_ident(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.bytes()

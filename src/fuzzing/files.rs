@@ -1,6 +1,7 @@
 //! Targets for what the gateway reads from files and its helper: `config` (TOML that validates must apply to a
 //! gateway, reload and allocate addresses without panicking), `registry` (`devices.json` merged into a config
-//! and applied) and `netns_proto` (the helper's control messages: decode, re-encode, decode again).
+//! and applied), `netns_proto` (the helper's control messages: decode, re-encode, decode again) and
+//! `onramp_context` (the RCX1 context of the SEQPACKET and GUE on-ramps: parse, emit, parse again).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -126,4 +127,22 @@ pub(crate) fn netns_proto(data: &[u8]) {
             msg
         );
     }
+}
+
+/// The on-ramp context: arbitrary bytes parse or are refused; what parses emits a canonical form that parses to
+/// the same context, and emitting that again gives the same bytes.
+pub(super) fn onramp_context(data: &[u8]) {
+    use crate::onramp::context::{Context, MAX_LEN};
+    let Ok((c, len)) = Context::parse(data) else {
+        return;
+    };
+    assert!(len <= data.len() && len <= MAX_LEN && len % 4 == 0);
+    let mut first = [0u8; MAX_LEN];
+    let n = c.emit(&mut first).expect("a parsed context emits");
+    assert!(n <= len, "canonical form {n} longer than the parsed {len}");
+    let (back, m) = Context::parse(&first[..n]).expect("the canonical form parses");
+    assert_eq!((back, m), (c, n));
+    let mut second = [0u8; MAX_LEN];
+    let n2 = back.emit(&mut second).expect("emits again");
+    assert_eq!(&first[..n], &second[..n2]);
 }

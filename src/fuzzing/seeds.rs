@@ -817,6 +817,56 @@ fn capture_seeds() -> Seeds {
     out
 }
 
+fn context_seeds() -> Seeds {
+    use crate::onramp::context::{Context, MAX_LEN};
+    let contexts = [
+        (
+            "tenant",
+            Context {
+                tenant: Some("acme"),
+                ..Context::default()
+            },
+        ),
+        (
+            "device",
+            Context {
+                tenant: Some("acme"),
+                device: Some("warp-7"),
+                correlation: Some([7; 16]),
+                labels: Some("pop=fra;rack=3"),
+                ..Context::default()
+            },
+        ),
+        (
+            "gue-keyed",
+            Context {
+                tenant: Some("acme"),
+                site: Some("branch-7"),
+                vnet: Some(12),
+                key_id: Some(7),
+                auth_tag: Some([0xa5; 16]),
+                counter: Some(1 << 40),
+                ..Context::default()
+            },
+        ),
+    ];
+    let mut out: Seeds = contexts
+        .iter()
+        .map(|(name, c)| {
+            let mut b = vec![0u8; MAX_LEN];
+            let n = c.emit(&mut b).expect("seed emits");
+            b.truncate(n);
+            (name.to_string(), b)
+        })
+        .collect();
+    // An optional type the gateway skips, then padding.
+    out.push((
+        "optional-skipped".into(),
+        vec![1, 0, 0, 12, 0x81, 2, 9, 9, 1, 1, b'a', 0],
+    ));
+    out
+}
+
 /// Every generated seed, by target.
 fn all() -> Vec<(&'static str, Seeds)> {
     vec![
@@ -828,6 +878,7 @@ fn all() -> Vec<(&'static str, Seeds)> {
         ("config", config_seeds()),
         ("registry", registry_seeds()),
         ("netns_proto", netns_seeds()),
+        ("onramp_context", context_seeds()),
         ("tls_client_hello", rustls_hellos()),
         ("http_request", http_request_seeds()),
         ("http_path", http_path_seeds()),
