@@ -270,6 +270,13 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
 rampart_nat_slots_closing {}",
         g.nat_slots_closing.get()
     );
+    let _ = writeln!(
+        out,
+        "# HELP rampart_peers_timed Peers whose WireGuard timers run on each tick (with a session, a handshake or queued packets).
+# TYPE rampart_peers_timed gauge
+rampart_peers_timed {}",
+        g.peers_timed.get()
+    );
     render_audit(&mut out, audit);
     out
 }

@@ -182,6 +182,8 @@ pub struct GlobalCounters {
     pub nat_slots: Counter,
     /// NAT slots whose flow ended, waiting for the application side to close their sockets (gauge).
     pub nat_slots_closing: Counter,
+    /// Peers whose WireGuard timers run on each tick (gauge): the active ones, not every configured device.
+    pub peers_timed: Counter,
     /// Upgraded flows the application side's full queue could not take (their connection is refused).
     pub handoffs_dropped: Counter,
     /// Refused attempts not recorded because too many distinct ones arrived within one summary interval.

@@ -65,8 +65,13 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// A freed peer slot is reused only after this long, so late packets for an old receiver index never reach a
 /// new peer (3 × REJECT_AFTER_TIME).
 pub const SLOT_QUARANTINE: Duration = Duration::from_secs(540);
-/// Receiver index layout: `(slot << 16) | (worker << 8) | boringtun's 8-bit counter`.
-pub const MAX_SLOTS: usize = 1 << 16;
+/// Receiver index layout: `(slot << 14) | (worker << 8) | boringtun's 8-bit counter`: boringtun takes a 24-bit
+/// index per peer, of which the worker takes `WORKER_BITS` (what a steering program reads to pick the worker).
+pub const WORKER_BITS: u32 = 6;
+/// Data-path workers one gateway key can be sharded over.
+pub const MAX_WORKERS: usize = 1 << WORKER_BITS;
+/// Peers per worker (262,144: room for a 100k-device fleet on one worker).
+pub const MAX_SLOTS: usize = 1 << (24 - WORKER_BITS);
 /// A peer counts as connected while its last handshake is younger than this (REJECT_AFTER_TIME).
 const CONNECTED_WINDOW: Duration = Duration::from_secs(180);
 /// Most idle flows examined per timer tick (bounded work; the rest expire on later ticks).
@@ -137,6 +142,8 @@ struct Peer {
     endpoint: Option<SocketAddr>,
     /// Live flows the device opened (limited by `flows.device_max_flows`).
     live_flows: usize,
+    /// In `Gateway::timed`: boringtun's timers run for this peer on every tick.
+    timed: bool,
     /// New-flow token bucket: thousandths of a token, and when it was last refilled.
     tokens_milli: u64,
     refilled_ms: u64,
@@ -168,6 +175,10 @@ pub struct Gateway {
     /// Given to every `Tunn` so its own re-check validates mac1 without counting the handshake twice.
     mac1_only: Arc<RateLimiter>,
     peers: Vec<Option<Peer>>,
+    /// The peers whose timers run on each tick: those with a session, a handshake or queued packets (armed by
+    /// any datagram from or packet to them, dropped when boringtun reports the connection expired). An idle
+    /// peer costs nothing per tick, so a tick is O(active peers), not O(configured devices).
+    timed: Vec<u32>,
     free_slots: VecDeque<(u32, Instant)>,
     by_key: HashMap<PeerKey, u32>,
     tenants: Vec<TenantState>,
@@ -208,6 +219,10 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(worker: u8, key: &PrivateKey, metrics: Arc<Metrics>, now: Instant) -> Gateway {
+        assert!(
+            usize::from(worker) < MAX_WORKERS,
+            "worker {worker} >= {MAX_WORKERS}"
+        );
         let secret = key.to_x25519();
         let public = x25519::PublicKey::from(&secret);
         Gateway {
@@ -217,6 +232,7 @@ impl Gateway {
             secret,
             public,
             peers: Vec::new(),
+            timed: Vec::new(),
             free_slots: VecDeque::new(),
             by_key: HashMap::new(),
             tenants: Vec::new(),

@@ -379,7 +379,14 @@ fn unauthenticated_datagram_never_moves_an_endpoint() {
         .unwrap()
         .endpoint;
     let mut forged = vec![4u8, 0, 0, 0];
-    forged.extend_from_slice(&(1u32 << 16).to_le_bytes());
+    // Device 1's slot, worker 0, session counter 0: the receiver index the gateway demultiplexes on.
+    let index = 1u32 << (8 + WORKER_BITS);
+    assert_eq!(
+        net.gw.slot_of(index),
+        Some(1),
+        "the forgery names dev1's slot"
+    );
+    forged.extend_from_slice(&index.to_le_bytes());
     forged.extend_from_slice(&[0u8; 40]);
     net.deliver("198.18.9.9:666".parse().unwrap(), &forged);
     let after = net
@@ -1941,4 +1948,43 @@ fn sim_tagged(p: &[u8], tenant: usize) -> Option<(usize, SimKey)> {
     }
     let key = sim_key(tenant, v.protocol, (v.src, t.sport), (v.dst, t.dport));
     Some((usize::from(payload[3]), key))
+}
+
+/// Idle devices cost nothing per tick: only peers with a session (or a handshake, or packets queued) have their
+/// timers run, and a removed device leaves the set at once.
+#[test]
+fn timers_run_only_for_active_peers() {
+    let mut net = two_tenants();
+    let timed = |net: &mut Net| {
+        let now = net.now();
+        net.gw.handle_timers(now, &mut net.tx);
+        net.metrics.global.peers_timed.get()
+    };
+    assert_eq!(
+        timed(&mut net),
+        0,
+        "four devices configured, none connected"
+    );
+    // A forged data packet naming device 1's receiver index arms nothing: only what boringtun authenticates.
+    let mut forged = vec![4u8, 0, 0, 0];
+    forged.extend_from_slice(&(1u32 << (8 + WORKER_BITS)).to_le_bytes());
+    forged.extend_from_slice(&[0u8; 40]);
+    net.deliver("198.18.9.9:666".parse().unwrap(), &forged);
+    assert_eq!(timed(&mut net), 0, "a forgery armed a peer");
+    net.handshake(0);
+    assert_eq!(timed(&mut net), 1);
+    net.handshake(2);
+    assert_eq!(timed(&mut net), 2);
+    // A packet to a device without an endpoint arms nothing (it is dropped as offline).
+    let (a, b) = (ip("100.96.0.2"), ip("100.96.0.3"));
+    net.send(0, &tcp(a, 40000, b, 5201, 100, "S", b""));
+    assert_eq!(timed(&mut net), 2);
+    // The connected devices still get their timers' keepalives and rekeys: the set is what runs, not a count.
+    assert_eq!(net.gw.timed.len(), 2);
+    // Device 0 removed by a reload: it leaves the set without waiting for its session to expire.
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    cfg.tenants[0].devices.retain(|d| d.name.as_str() != "dev0");
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    assert_eq!(timed(&mut net), 1);
 }

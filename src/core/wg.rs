@@ -3,6 +3,16 @@
 
 use super::*;
 
+impl Peer {
+    /// Joins `timed` (the peers whose timers run on every tick), once.
+    fn arm_timers(&mut self, slot: u32, timed: &mut Vec<u32>) {
+        if !self.timed {
+            self.timed = true;
+            timed.push(slot);
+        }
+    }
+}
+
 impl Gateway {
     pub(super) fn add_peer(&mut self, tenant: usize, d: &Device, now: Instant) -> Option<u32> {
         let slot = match self.free_slots.front() {
@@ -19,7 +29,7 @@ impl Gateway {
                 return None;
             }
         };
-        let index = (slot << 8) | u32::from(self.worker);
+        let index = (slot << WORKER_BITS) | u32::from(self.worker);
         debug_assert!(index < 1 << 24);
         let tunn = Tunn::new(
             self.secret.clone(),
@@ -36,6 +46,7 @@ impl Gateway {
             device: Arc::new(d.clone()),
             endpoint: None,
             live_flows: 0,
+            timed: false,
             tokens_milli: u64::from(self.new_flow_rate.1) * 1000,
             refilled_ms: self.ms(now),
         });
@@ -50,6 +61,7 @@ impl Gateway {
                 tracing::info!(device = %p.device.name, "device removed; tunnel closed");
             }
             self.free_slots.push_back((slot, now));
+            self.timed.retain(|&s| s != slot);
             for c in self.closing.values_mut() {
                 if c.initiator == Some(slot) {
                     c.initiator = None;
@@ -119,8 +131,8 @@ impl Gateway {
 
     /// The peer slot a receiver index names, if it belongs to this worker and is occupied.
     pub(super) fn slot_of(&self, receiver_idx: u32) -> Option<u32> {
-        let slot = receiver_idx >> 16;
-        let worker = (receiver_idx >> 8) & 0xff;
+        let slot = receiver_idx >> (8 + WORKER_BITS);
+        let worker = (receiver_idx >> 8) & (MAX_WORKERS as u32 - 1);
         (worker == u32::from(self.worker) && matches!(self.peers.get(slot as usize), Some(Some(_))))
             .then_some(slot)
     }
@@ -139,7 +151,13 @@ impl Gateway {
         let peer = self.peers[slot as usize].as_mut().expect("slot_of checked");
         let counters = &self.tenants[peer.tenant].counters;
         let had_session = peer.tunn.time_since_last_handshake().is_some();
-        let inner_len = match peer.tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+        let result = peer.tunn.decapsulate(Some(from.ip()), datagram, scratch);
+        // Only what boringtun authenticated arms the peer's timers: forged datagrams naming a receiver index
+        // must not make every configured peer cost a timer run per tick.
+        if !matches!(result, TunnResult::Err(_)) {
+            peer.arm_timers(slot, &mut self.timed);
+        }
+        let inner_len = match result {
             TunnResult::WriteToNetwork(out) => {
                 // Authenticated (a handshake answered, or a response completed): the endpoint is proven.
                 let len = out.len();
@@ -201,6 +219,7 @@ impl Gateway {
             return;
         };
         let Some(endpoint) = p.endpoint else { return };
+        p.arm_timers(slot, &mut self.timed);
         if let TunnResult::WriteToNetwork(out) = p.tunn.encapsulate(&self.build_buf[..n], tx.slot())
         {
             let len = out.len();
@@ -223,6 +242,7 @@ impl Gateway {
         let Some(endpoint) = peer.endpoint else {
             return counters.count_drop(DropReason::DestinationOffline);
         };
+        peer.arm_timers(slot, &mut self.timed);
         match peer.tunn.encapsulate(pkt, tx.slot()) {
             TunnResult::WriteToNetwork(out) => {
                 let n = out.len();
@@ -265,7 +285,13 @@ impl Gateway {
             .nat_slots_closing
             .set(self.closing.len() as u64);
         let mut connected = vec![0u64; self.tenants.len()];
-        for p in self.peers.iter_mut().flatten() {
+        let mut i = 0;
+        while i < self.timed.len() {
+            let slot = self.timed[i];
+            let Some(p) = self.peers[slot as usize].as_mut().filter(|p| p.timed) else {
+                self.timed.swap_remove(i);
+                continue;
+            };
             match p.tunn.update_timers(tx.slot()) {
                 TunnResult::WriteToNetwork(out) => {
                     let len = out.len();
@@ -273,17 +299,26 @@ impl Gateway {
                         tx.commit(ep, len);
                     }
                 }
-                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                // Keys zeroed, retries given up, nothing queued: idle until the next datagram or packet.
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    p.timed = false;
+                    self.timed.swap_remove(i);
+                    continue;
+                }
+                TunnResult::Done => {}
                 TunnResult::Err(e) => tracing::trace!(device = %p.device.name, ?e, "timer error"),
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
+            // A peer outside `timed` has no session younger than REJECT_AFTER_TIME * 3 > CONNECTED_WINDOW.
             if p.tunn
                 .time_since_last_handshake()
                 .is_some_and(|t| t < CONNECTED_WINDOW)
             {
                 connected[p.tenant] += 1;
             }
+            i += 1;
         }
+        self.metrics.global.peers_timed.set(self.timed.len() as u64);
         for (t, n) in self.tenants.iter().zip(connected) {
             t.counters.peers_connected.set(n);
         }
@@ -307,6 +342,7 @@ impl Gateway {
             return false;
         }
         p.endpoint = Some(endpoint);
+        p.arm_timers(slot, &mut self.timed);
         match p.tunn.format_handshake_initiation(tx.slot(), false) {
             TunnResult::WriteToNetwork(out) => {
                 let len = out.len();
