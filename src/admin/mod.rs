@@ -114,7 +114,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let authorized = token.is_none_or(|t| bearer_matches(&head, t));
     let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
         _ if !authorized => (
-            "401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"rampart admin\"",
+            "401 Unauthorized",
             "text/plain",
             "missing or wrong bearer token; send `Authorization: Bearer <the token in gateway.admin_token_file>`\n"
                 .to_string(),
@@ -136,11 +136,14 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             "only GET\n".to_string(),
         ),
     };
-    if !authorized {
+    let challenge = if authorized {
+        ""
+    } else {
         tracing::debug!(%method, %path, "admin request without the right bearer token refused");
-    }
+        "WWW-Authenticate: Bearer realm=\"rampart admin\"\r\n"
+    };
     let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{challenge}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = conn.write_all(resp.as_bytes()).await;
