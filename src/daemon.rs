@@ -316,7 +316,29 @@ async fn serve(
         enroll_audit: running.enroll_audit.clone(),
     })
     .await?;
-    let admin_task = tokio::spawn(crate::admin::serve(admin, metrics, audit));
+    let admin_access = match &g.admin_token {
+        None => crate::admin::AdminAccess::Plain,
+        Some(t) => {
+            let identity = crate::enroll::admin::listener_identity(&cfg).with_context(|| {
+                format!(
+                    "admin listener certificate (gateway.admin_token_file turns on HTTPS with the enrollment \
+                     listener's certificate; [enroll] tls_cert/tls_key in {})",
+                    cfg.source.display()
+                )
+            })?;
+            eprintln!(
+                "rampart: admin https://{} (/health, /metrics; Authorization: Bearer <the token in {}>; certificate pin {})",
+                g.admin_listen,
+                t.file.display(),
+                identity.pins.curl_pin()
+            );
+            crate::admin::AdminAccess::Tls {
+                acceptor: tokio_rustls::TlsAcceptor::from(identity.server_config()?),
+                config: running.config.clone(),
+            }
+        }
+    };
+    let admin_task = tokio::spawn(crate::admin::serve(admin, admin_access, metrics, audit));
     let control_task = tokio::spawn(serve_control(control, running.clone()));
     let layer4_task = layer4.map(|ch| tokio::spawn(run_layer4(running.clone(), ch)));
 
@@ -326,9 +348,10 @@ async fn serve(
         devices = cfg.device_count(), "rampart gateway running"
     );
     eprintln!(
-        "rampart: WireGuard on udp {}, admin http://{} (/health, /metrics), gateway public key {}\n\
+        "rampart: WireGuard on udp {}, admin {}://{} (/health, /metrics), gateway public key {}\n\
          rampart: enroll a device:  rampart device add -c {} --tenant {} --name laptop --user alice@example.com --endpoint <this-host>:{}",
         g.listen,
+        if g.admin_token.is_some() { "https" } else { "http" },
         g.admin_listen,
         public,
         cfg.source.display(),

@@ -1561,3 +1561,166 @@ fn a_reused_nat_slot_never_hands_one_tenants_connection_to_another() {
     );
     lab.gateway.assert_alive();
 }
+
+/// The admin listener's address when it is not on loopback (the gateway's underlay address).
+const ADMIN_OUTSIDE: &str = "198.18.0.1:9090";
+
+/// `curl` from `ns`: the HTTP status (0: no HTTP answer) and the body.
+fn admin_fetch(ns: &Netns, url: &str, args: &[&str]) -> (u16, String) {
+    let mut a = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    a.push(url);
+    let r = ns.run("curl", &a, Duration::from_secs(20));
+    let (body, code) = r.stdout.rsplit_once('\n').unwrap_or(("", &r.stdout));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `rampart check-config` on `text` written next to the lab's config.
+fn check_config(lab: &Lab, name: &str, text: &str) -> support::process::Ran {
+    let path = lab.dir().join(name);
+    std::fs::write(&path, text).unwrap();
+    support::process::run(
+        std::process::Command::new(support::gateway::BIN)
+            .args(["check-config", "-c"])
+            .arg(&path),
+        Duration::from_secs(30),
+    )
+}
+
+fn write_token(path: &std::path::Path, token: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn the_admin_listener_off_loopback_serves_only_https_with_the_bearer_token() {
+    const TOKEN: &str = "e2e-admin-token-0123456789abcdef";
+    let acme = || tenant("acme", "100.96.0.0/24", "100.96.0.1", ALLOW_ALL);
+    // Loopback, no token: plain HTTP as before (the positive control of "no token needed").
+    let lab = Lab::new(&[acme()]);
+    assert_eq!(lab.gateway.admin().1, None);
+    assert_eq!(lab.gateway.http_status("/metrics"), Some(200));
+
+    // A network address without a token: refused, naming the key and the fix (the attack before this change:
+    // another namespace read all of /metrics over plain HTTP).
+    let base = std::fs::read_to_string(&lab.gateway.config).unwrap();
+    let open = base.replace(
+        "admin_listen = \"127.0.0.1:8080\"",
+        &format!("admin_listen = \"{ADMIN_OUTSIDE}\""),
+    );
+    assert_ne!(open, base);
+    let r = check_config(&lab, "open.toml", &open);
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        !r.success()
+            && out.contains("gateway.admin_listen")
+            && out.contains("not a loopback address")
+            && out.contains("admin_token_file"),
+        "{r}"
+    );
+    drop(lab);
+
+    // The token lives outside the lab's directory, which exists only once the lab has checked its config.
+    let dir = support::lab::TempDir::new(&format!("admin-token-{}", std::process::id()));
+    let token_file = dir.path().join("admin.token");
+    write_token(&token_file, TOKEN, 0o600);
+    let mut lab = Lab::with_settings(
+        &[acme()],
+        &format!(
+            "admin_listen = \"{ADMIN_OUTSIDE}\"\nadmin_token_file = \"{}\"\n",
+            token_file.display()
+        ),
+    );
+    let outside = lab.add_host("outside");
+    let pin: Value =
+        serde_json::from_str(&lab.gateway.cli(&["token", "pin"], &["--json"]).expect_ok()).unwrap();
+    let pin = pin["curl_pin"].as_str().unwrap().to_string();
+    let https = format!("https://{ADMIN_OUTSIDE}/metrics");
+    let pinned = ["-k", "--pinnedpubkey", pin.as_str()];
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+
+    // From another namespace: plain HTTP gets no metrics, HTTPS without or with a wrong token gets 401.
+    let (code, body) = admin_fetch(&outside.ns, &format!("http://{ADMIN_OUTSIDE}/metrics"), &[]);
+    assert!(
+        code != 200 && !body.contains("rampart_"),
+        "plain HTTP: {code} {body}"
+    );
+    for (what, extra) in [
+        ("no token", vec![]),
+        (
+            "a wrong token",
+            vec!["-H".to_string(), bearer("e2e-admin-token-0123456789abcdeX")],
+        ),
+        (
+            "another scheme",
+            vec!["-H".to_string(), format!("Authorization: Basic {TOKEN}")],
+        ),
+    ] {
+        let mut args: Vec<&str> = pinned.to_vec();
+        args.extend(extra.iter().map(String::as_str));
+        for path in ["/metrics", "/health"] {
+            let (code, body) = admin_fetch(
+                &outside.ns,
+                &format!("https://{ADMIN_OUTSIDE}{path}"),
+                &args,
+            );
+            assert!(
+                code == 401 && !body.contains("rampart_") && body.contains("bearer token"),
+                "{what} {path}: {code} {body}"
+            );
+        }
+    }
+    // The positive control: the token works from the same namespace, over the pinned certificate.
+    let mut args: Vec<String> = pinned.iter().map(|s| s.to_string()).collect();
+    args.extend(["-H".to_string(), bearer(TOKEN)]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, body) = admin_fetch(&outside.ns, &https, &argv);
+    assert!(
+        code == 200 && body.contains("rampart_handshakes_total{tenant=\"acme\"}"),
+        "with the token: {code} {body}"
+    );
+
+    // A reload (and check-config) refuses to drop the token or to use a file others can read; the running
+    // gateway keeps its token.
+    let with_token = std::fs::read_to_string(&lab.gateway.config).unwrap();
+    let without: String = with_token
+        .lines()
+        .filter(|l| !l.starts_with("admin_token_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&lab.gateway.config, &without).unwrap();
+    let r = lab.gateway.cli(&["reload"], &[]);
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        !r.success() && out.contains("gateway.admin_listen") && out.contains("admin_token_file"),
+        "{r}"
+    );
+    std::fs::write(&lab.gateway.config, &with_token).unwrap();
+    write_token(&token_file, TOKEN, 0o644);
+    let r = lab.gateway.cli(&["reload"], &[]);
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        !r.success() && out.contains("gateway.admin_token_file") && out.contains("chmod 600"),
+        "{r}"
+    );
+    let r = lab.gateway.cli(&["check-config"], &[]);
+    assert!(!r.success(), "{r}");
+    let (code, _) = admin_fetch(&outside.ns, &https, &argv);
+    assert_eq!(code, 200, "the running gateway kept its token");
+
+    // A reload with a new token rotates it: the old one is refused from then on.
+    write_token(&token_file, "e2e-rotated-token-fedcba9876543210", 0o600);
+    lab.gateway.cli(&["reload"], &[]).expect_ok();
+    let (code, _) = admin_fetch(&outside.ns, &https, &argv);
+    assert_eq!(code, 401, "the old token after a rotation");
+    let mut rotated: Vec<&str> = pinned.to_vec();
+    let h = bearer("e2e-rotated-token-fedcba9876543210");
+    rotated.extend(["-H", h.as_str()]);
+    let (code, _) = admin_fetch(&outside.ns, &https, &rotated);
+    assert_eq!(code, 200, "the new token after a rotation");
+    assert!(
+        lab.gateway.health(),
+        "the harness reads the rotated token too"
+    );
+}

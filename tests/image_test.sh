@@ -24,6 +24,9 @@ NS=rpimg$$
 WGIF=rpw$$
 work=$(mktemp -d /tmp/rpimg.XXXXXX)
 VM_PID= WG_PID= VM_IN= VM_LOG= VM_NAME= GN=0
+# The seeded config's admin listener is 0.0.0.0:8080 (QEMU forwards to the guest's address), so it serves HTTPS
+# and wants this token (gateway.admin_token_file).
+ADMIN_TOKEN=image-test-admin-$$-0123456789abcdef
 declare -a results=()
 
 log() { echo "image-test: $*"; }
@@ -212,7 +215,7 @@ wg_stop() {
 
 health_check() {
     local body
-    body=$(ip netns exec "$NS" curl -s --max-time 15 http://127.0.0.1:8080/health)
+    body=$(ip netns exec "$NS" curl -sk -H "Authorization: Bearer $ADMIN_TOKEN" --max-time 15 https://127.0.0.1:8080/health)
     [ "$body" = ok ] || { log "  GET /health through hostfwd answered '${body}'"; return 1; }
     log "  GET /health -> ok"
 }
@@ -221,7 +224,7 @@ health_check() {
 wait_health() {
     local deadline=$((SECONDS + $1)) body
     while [ $SECONDS -lt $deadline ]; do
-        body=$(ip netns exec "$NS" curl -s --max-time 5 http://127.0.0.1:8080/health)
+        body=$(ip netns exec "$NS" curl -sk -H "Authorization: Bearer $ADMIN_TOKEN" --max-time 5 https://127.0.0.1:8080/health)
         [ "$body" = ok ] && { log "  GET /health -> ok after $(($1 - deadline + SECONDS)) s"; return 0; }
         sleep 1
     done
@@ -286,12 +289,14 @@ EOF
     mkdir -p "$seed/config/state" "$seed/log" "$seed/system"
     cp "$work/gateway.key" "$seed/config/gateway.key"
     chmod 600 "$seed/config/gateway.key"
+    (umask 077 && echo "$ADMIN_TOKEN" >"$seed/config/admin.token") || return 1
     cat >"$seed/config/gateway.toml" <<EOF
 [gateway]
 listen = "0.0.0.0:51820"
 private_key_file = "gateway.key"
 state_dir = "state"
 admin_listen = "0.0.0.0:8080"
+admin_token_file = "admin.token"
 public_endpoint = "127.0.0.1:51820"
 
 [[tenant]]

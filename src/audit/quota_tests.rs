@@ -182,7 +182,7 @@ fn fail_open_at_the_quota_evicts_the_oldest_closed_records_says_so_in_the_chain_
 #[test]
 fn after_an_eviction_a_record_removed_elsewhere_a_deeper_cut_or_a_kept_row_changed_is_found() {
     type Attack = fn(&Path, i64) -> String;
-    let attacks: [(&str, Attack, &str); 5] = [
+    let attacks: [(&str, Attack, &str); 6] = [
         (
             "a record removed from the middle",
             |_, first| {
@@ -225,6 +225,13 @@ fn after_an_eviction_a_record_removed_elsewhere_a_deeper_cut_or_a_kept_row_chang
                 )
             },
             "removed without keeping it",
+        ),
+        (
+            "a flow after the cut given an entry from before it",
+            |_, first| {
+                format!("UPDATE flows SET est_chain = {first} - 1 WHERE seq = (SELECT max(seq) FROM flows)")
+            },
+            "entries are out of order",
         ),
     ];
     for (what, attack, expected) in attacks {

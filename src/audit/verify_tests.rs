@@ -26,6 +26,11 @@ impl Drop for Store {
 
 /// A store with flows, HTTP records and a few checkpoints, its heads exported to a file.
 fn store(tag: &str) -> Store {
+    store_with(tag, |_| {})
+}
+
+/// Like `store`, with more records from `extra` after the flows.
+fn store_with(tag: &str, extra: impl FnOnce(&AuditSink)) -> Store {
     let dir = tempdir(tag);
     let heads = dir.join("elsewhere").join("heads.log");
     std::fs::create_dir_all(heads.parent().unwrap()).unwrap();
@@ -48,6 +53,7 @@ fn store(tag: &str) -> Store {
             reason: EndReason::TcpFin,
         });
     }
+    extra(&sink);
     writer.finish();
     Store { dir, db, heads }
 }
@@ -242,4 +248,144 @@ fn an_unreadable_signing_key_is_an_error_not_a_new_key() {
     assert!(e.contains("restore it"), "{e}");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every kind of record: the flows and HTTP records of `store`, a flow no HTTP record links to, an enrollment
+/// record and a review UI record.
+fn store_all_kinds(tag: &str) -> Store {
+    store_with(tag, |sink| {
+        sink.offer(flow_start("acme", 7));
+        sink.enroll().emit(enroll_records::EnrollRecord {
+            at_ms: 5000,
+            event: enroll_records::EnrollEvent::TokenCreated,
+            actor: "admin:root".into(),
+            tenant: Some("acme".into()),
+            device: None,
+            device_name: None,
+            token: Some("tok1".into()),
+            source: None,
+            detail: serde_json::json!({}),
+        });
+        sink.admin().emit(admin_records::AdminRecord {
+            at_ms: 5001,
+            event: admin_records::AdminEvent::LoginSucceeded,
+            actor: "alice".into(),
+            tenant: None,
+            session_id: None,
+            source: Some("127.0.0.1".into()),
+            detail: serde_json::json!({}),
+        });
+    })
+}
+
+/// The break's record number and text.
+fn break_of(r: &VerifyReport) -> (u64, String) {
+    let b = r
+        .first_break
+        .as_ref()
+        .unwrap_or_else(|| panic!("verify passed: {r:?}"));
+    (b.seq, b.what.clone())
+}
+
+#[test]
+fn rows_numbered_below_the_chains_start_are_found() {
+    for (table, forge, named) in [
+        (
+            "ssh_log",
+            "INSERT INTO ssh_log (seq, at_ms, kind, tenant, session_id, channel_seq, device, user, target, login,
+                 cert_serial, rule, body)
+             VALUES (0, 1, 'session.start', 'acme', 'forged', NULL, 'laptop', 'alice@example.com', '198.18.1.2:22',
+                 'root', NULL, 'ssh', '{}')",
+            "row 0 of table ssh_log",
+        ),
+        (
+            "events",
+            "INSERT INTO events (seq, at_ms, kind, body) VALUES (-3, 1, 'run.start', '{}')",
+            "row -3 of table events",
+        ),
+        (
+            "flows start",
+            "INSERT INTO flows (run_id, seq, tenant, device, user, protocol, src, sport, dst, dport, dst_device, action,
+                 rule, started_ms, start_chain)
+             SELECT run_id, 99, tenant, device, user, protocol, src, sport, dst, dport, dst_device, action, rule,
+                 started_ms, 0 FROM flows WHERE seq = 1",
+            "flow 99 of run",
+        ),
+        (
+            "flows end",
+            "UPDATE flows SET end_chain = 0, ended_ms = 1, end_reason = 'tcp_fin' WHERE seq = 7",
+            "flow 7 of run",
+        ),
+        (
+            "flows established",
+            "UPDATE flows SET est_chain = -1, established_ms = 1 WHERE seq = 7",
+            "flow 7 of run",
+        ),
+    ] {
+        let s = store_all_kinds(&table.replace(' ', "-"));
+        let r = run(&s, true);
+        assert!(r.first_break.is_none(), "{table}: {r:?}");
+        sql(&s.db, forge);
+        let (_, what) = break_of(&run(&s, true));
+        assert!(
+            what.contains("not in the chain") && what.contains(named),
+            "{table}: {what}"
+        );
+    }
+}
+
+#[test]
+fn enrollment_and_review_ui_rows_outside_the_chain_are_found() {
+    for (table, forge, named) in [
+        (
+            "enroll_log",
+            "INSERT INTO enroll_log (chain_seq, at_ms, event, actor, tenant, detail)
+             VALUES (100000, 1, 'device_revoked', 'admin:root', 'acme', '{}')",
+            "row 100000 of table enroll_log",
+        ),
+        (
+            "admin_log",
+            // Numbered like a flow's chain entry: an entry exists, but not an admin one.
+            "INSERT INTO admin_log (chain_seq, at_ms, event, actor, detail)
+             SELECT min(start_chain), 1, 'session_read', 'mallory', '{}' FROM flows",
+            "of table admin_log",
+        ),
+        (
+            "enroll_log below the start",
+            "INSERT INTO enroll_log (chain_seq, at_ms, event, actor, detail)
+             VALUES (0, 1, 'token_created', 'admin:root', '{}')",
+            "row 0 of table enroll_log",
+        ),
+    ] {
+        let s = store_all_kinds(&table.replace(' ', "-"));
+        let r = run(&s, true);
+        assert!(r.first_break.is_none(), "{table}: {r:?}");
+        assert_eq!((r.by_kind["enroll"], r.by_kind["admin"]), (1, 1), "{r:?}");
+        sql(&s.db, forge);
+        let (_, what) = break_of(&run(&s, true));
+        assert!(
+            what.contains("not in the chain") && what.contains(named),
+            "{table}: {what}"
+        );
+    }
+}
+
+#[test]
+fn a_renumbered_flow_row_is_found() {
+    let s = store_all_kinds("renumber");
+    assert!(run(&s, true).first_break.is_none());
+    // Flow 7 has no HTTP record linking to it: only its own row knows its id, which review links and URLs use.
+    let old: i64 = rusqlite::Connection::open(&s.db)
+        .unwrap()
+        .query_row("SELECT id FROM flows WHERE seq = 7", [], |r| r.get(0))
+        .unwrap();
+    sql(&s.db, "UPDATE flows SET id = 1000 WHERE seq = 7");
+    let (_, what) = break_of(&run(&s, true));
+    assert!(
+        what.contains("was altered") && what.contains("flow row 1000"),
+        "{what}"
+    );
+    // Numbered back: it verifies again.
+    sql(&s.db, &format!("UPDATE flows SET id = {old} WHERE seq = 7"));
+    assert!(run(&s, true).first_break.is_none(), "restored");
 }

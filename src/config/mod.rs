@@ -18,6 +18,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
 /// Default admin (metrics, health) listen address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
 
+mod admin;
 mod enroll;
 mod ids;
 mod model;
@@ -25,6 +26,7 @@ mod raw;
 mod ui;
 mod validate;
 
+pub use admin::{admin_listen_is_local, AdminToken, MIN_ADMIN_TOKEN_LEN};
 pub use enroll::EnrollSettings;
 pub use ids::*;
 pub use model::*;

@@ -478,6 +478,9 @@ pub struct GatewaySettings {
     pub private_key_file: PathBuf,
     pub state_dir: PathBuf,
     pub admin_listen: SocketAddr,
+    /// `None`: plain HTTP without authentication (only allowed on loopback); `Some`: HTTPS, and every request
+    /// needs `Authorization: Bearer` with this token.
+    pub admin_token: Option<super::AdminToken>,
     pub public_endpoint: Option<String>,
 }
 

@@ -81,6 +81,9 @@ pub struct RawGateway {
     pub private_key_file: Option<String>,
     pub state_dir: Option<String>,
     pub admin_listen: Option<String>,
+    /// Bearer token of the admin listener (a file of mode 0600); it then serves HTTPS. Required unless
+    /// `admin_listen` is a loopback address.
+    pub admin_token_file: Option<String>,
     pub public_endpoint: Option<String>,
     /// HTTPS listener of the enrollment API; absent = off.
     pub enroll_listen: Option<String>,

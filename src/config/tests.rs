@@ -355,3 +355,75 @@ fn audit_quotas_default_parse_and_refuse_zero_naming_file_key_and_fix() {
         }
     }
 }
+
+#[test]
+fn admin_listen_off_loopback_needs_a_token_file_of_mode_0600() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let with = |extra: &str| {
+        GOOD.replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"state\"\n{extra}"),
+        )
+    };
+    for local in [
+        "127.0.0.1:8080",
+        "127.0.0.2:9",
+        "[::1]:8080",
+        "[::ffff:127.0.0.1]:8080",
+    ] {
+        let c = load(&with(&format!("admin_listen = \"{local}\""))).unwrap();
+        assert_eq!(c.gateway.admin_token, None, "{local}");
+    }
+    for open in ["0.0.0.0:8080", "198.18.0.1:9090", "[::]:8080"] {
+        let err = load(&with(&format!("admin_listen = \"{open}\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/etc/rampart/gateway.toml: gateway.admin_listen:")
+                && err.contains("not a loopback address")
+                && err.contains("admin_token_file")
+                && err.contains("openssl rand"),
+            "{open}: {err}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("rampart-admin-token-{}", crate::clock::uuid_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("admin.token");
+    let cfg = with(&format!(
+        "admin_listen = \"198.18.0.1:9090\"\nadmin_token_file = \"{}\"",
+        file.display()
+    ));
+    let err = load(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("gateway.admin_token_file: cannot read") && err.contains("umask 077"),
+        "{err}"
+    );
+    std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = load(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("is mode 0644") && err.contains(&format!("chmod 600 {}", file.display())),
+        "{err}"
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let c = load(&cfg).unwrap();
+    let t = c.gateway.admin_token.as_ref().unwrap();
+    assert_eq!(t.secret(), b"0123456789abcdef0123");
+    assert!(
+        !format!("{c:?}").contains("0123456789abcdef0123"),
+        "the token never shows in Debug"
+    );
+    for bad in ["short\n", "has a space in the middle\n", "\n"] {
+        std::fs::write(&file, bad).unwrap();
+        let err = load(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("does not hold a usable token"),
+            "{bad:?}: {err}"
+        );
+    }
+    // A token file on loopback turns HTTPS and the token on there too.
+    std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+    let c = load(&cfg.replace("198.18.0.1:9090", "127.0.0.1:8080")).unwrap();
+    assert!(c.gateway.admin_token.is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}

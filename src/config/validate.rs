@@ -24,6 +24,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         g.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
         "127.0.0.1:8080",
     );
+    let admin_token =
+        super::admin::validate_admin_token(admin_listen, g.admin_token_file.as_deref(), base, c);
     let Some(state_dir) = g.state_dir.as_deref() else {
         c.push(
             "gateway.state_dir",
@@ -188,6 +190,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             private_key_file,
             state_dir,
             admin_listen,
+            admin_token,
             public_endpoint: g.public_endpoint,
         },
         flows,
@@ -973,6 +976,7 @@ pub(super) fn empty(path: &Path) -> Config {
             private_key_file: PathBuf::new(),
             state_dir: PathBuf::new(),
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            admin_token: None,
             public_endpoint: None,
         },
         enroll: super::EnrollSettings::default(),

@@ -66,9 +66,15 @@ pub fn write_config_listen(
     listen: &str,
     extra: &str,
 ) -> PathBuf {
+    // `extra` may name its own admin listener.
+    let admin = if extra.contains("admin_listen") {
+        String::new()
+    } else {
+        format!("admin_listen = \"{ADMIN}\"\n")
+    };
     let mut s = format!(
         "[gateway]\nlisten = \"{listen}\"\nprivate_key_file = \"gateway.key\"\n\
-         state_dir = \"state\"\nadmin_listen = \"{ADMIN}\"\npublic_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n{extra}\n"
+         state_dir = \"state\"\n{admin}public_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n{extra}\n"
     );
     // A value written as a TOML list is kept as is; anything else is a string.
     let value = |v: &str| {
@@ -192,42 +198,48 @@ impl Gateway {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
     }
 
+    /// How the config file says the admin listener is reached: its URL base and, when `admin_token_file` is
+    /// set (HTTPS), the token (read now, so a test may rotate it).
+    pub fn admin(&self) -> (String, Option<String>) {
+        let text = std::fs::read_to_string(&self.config).unwrap_or_default();
+        let v: toml::Table = text.parse().unwrap_or_default();
+        let g = v.get("gateway").and_then(|g| g.as_table());
+        let get = |k: &str| g.and_then(|g| g.get(k)).and_then(|v| v.as_str());
+        let listen = get("admin_listen").unwrap_or(ADMIN).to_string();
+        match get("admin_token_file") {
+            None => (format!("http://{listen}"), None),
+            Some(f) => {
+                let f = self.config.parent().unwrap().join(f);
+                let token = std::fs::read_to_string(f).unwrap_or_default();
+                (format!("https://{listen}"), Some(token.trim().to_string()))
+            }
+        }
+    }
+
+    /// `curl` arguments for `GET path` on the admin listener from the gateway namespace (the certificate is
+    /// not checked here; tests that care pin it).
+    fn admin_curl(&self, path: &str, extra: &[&str]) -> Command {
+        let (base, token) = self.admin();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, "curl", "-sS", "--max-time", "5"])
+            .args(extra);
+        if let Some(t) = token {
+            c.args(["-k", "-H", &format!("Authorization: Bearer {t}")]);
+        }
+        c.arg(format!("{base}{path}"));
+        c
+    }
+
     /// `curl` inside the gateway namespace; `None` unless HTTP 2xx.
     pub fn http_get(&self, path: &str) -> Option<String> {
-        let r = run(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &self.ns,
-                "curl",
-                "-sS",
-                "-f",
-                "--max-time",
-                "5",
-                &format!("http://{ADMIN}{path}"),
-            ]),
-            Duration::from_secs(10),
-        );
+        let r = run(&mut self.admin_curl(path, &["-f"]), Duration::from_secs(10));
         r.success().then_some(r.stdout)
     }
 
     /// The HTTP status `GET path` gets from the admin listener (`None`: no answer at all).
     pub fn http_status(&self, path: &str) -> Option<u16> {
         let r = run(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &self.ns,
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "5",
-                &format!("http://{ADMIN}{path}"),
-            ]),
+            &mut self.admin_curl(path, &["-o", "/dev/null", "-w", "%{http_code}"]),
             Duration::from_secs(10),
         );
         r.stdout.trim().parse().ok().filter(|c| *c != 0)

@@ -10,9 +10,9 @@ use std::path::Path;
 use rusqlite::Connection;
 use serde_json::Value;
 
-use super::verify::{canonical, check_recording, Break, VerifyReport};
+use super::verify::{check_recording, row_matches, Break, VerifyReport};
 use crate::audit::quota;
-use crate::audit::tables::{chain, ssh};
+use crate::audit::tables::ssh;
 
 /// Checks the store below `first` (the chain's first entry) against `body`, the eviction record at `at` that
 /// vouches for the cut; records what was evicted in `report`.
@@ -36,7 +36,8 @@ pub(super) fn check_cut(
                 format!("eviction record {at} names record {seq} as removed, but the chain still has it"),
             );
         }
-        match canonical(conn, kind, *seq)? {
+        let digest = hex::decode(digest).unwrap_or_default();
+        match row_matches(conn, kind, *seq, &digest)? {
             None => {
                 return fail(
                     *seq,
@@ -45,7 +46,7 @@ pub(super) fn check_cut(
                     ),
                 )
             }
-            Some(c) if hex::encode(chain::digest(&c)) != *digest => {
+            Some(false) => {
                 return fail(
                     *seq,
                     format!(
@@ -53,7 +54,7 @@ pub(super) fn check_cut(
                     ),
                 )
             }
-            Some(_) => {}
+            Some(true) => {}
         }
         if kind == ssh::KIND {
             if let Some(what) = check_recording(conn, state_dir, *seq, report)? {

@@ -110,6 +110,9 @@ fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
         }
         return "SSH record".into();
     }
+    if let Some(d) = flows::describe(conn, kind, seq) {
+        return d;
+    }
     match kind {
         http::KIND => http_ref(conn, seq)
             .map(|r| format!("HTTP request ref {r}"))
@@ -133,6 +136,24 @@ pub(super) fn canonical(
         admin::KIND => admin::canonical(conn, seq),
         _ => events::canonical(conn, seq),
     }
+}
+
+/// Whether the row of chain entry `seq` still hashes to `digest`; `None` when the row is gone. A flow entry
+/// from before flow row ids were hashed matches without the id (`flows::without_row_id`).
+pub(super) fn row_matches(
+    conn: &Connection,
+    kind: &str,
+    seq: u64,
+    digest: &[u8],
+) -> rusqlite::Result<Option<bool>> {
+    let Some(c) = canonical(conn, kind, seq)? else {
+        return Ok(None);
+    };
+    let legacy_flow = || {
+        matches!(kind, flows::START | flows::ESTABLISHED | flows::END)
+            && chain::digest(&flows::without_row_id(&c)) == digest
+    };
+    Ok(Some(chain::digest(&c) == digest || legacy_flow()))
 }
 
 /// Verifies the store on `conn` (recordings under `state_dir`) against the `pinned` key and, when given, the
@@ -198,7 +219,7 @@ pub fn verify(
                 )));
                 break 'walk;
             }
-            match canonical(conn, &e.kind, e.seq)? {
+            match row_matches(conn, &e.kind, e.seq, &e.digest)? {
                 None => {
                     report.first_break = Some(fail(format!(
                         "record {} ({}) was removed from its table",
@@ -206,7 +227,7 @@ pub fn verify(
                     )));
                     break 'walk;
                 }
-                Some(c) if chain::digest(&c) != e.digest => {
+                Some(false) => {
                     report.first_break = Some(fail(format!(
                         "record {} ({}) was altered: its hash does not match its content",
                         e.seq,
@@ -214,7 +235,7 @@ pub fn verify(
                     )));
                     break 'walk;
                 }
-                Some(_) => {}
+                Some(true) => {}
             }
             if e.kind == ssh::KIND {
                 if let Some(what) = check_recording(conn, state_dir, e.seq, &mut report)? {
@@ -382,41 +403,20 @@ fn check_coverage(
             return Ok(Some(b));
         }
     }
+    // Without a cut every numbered row must be vouched for, whatever its number (0 and negative ones too);
+    // below a cut, `eviction::check_cut` has checked the rows against the eviction record.
+    let lower = if report.first_seq > 1 {
+        report.first_seq as i64
+    } else {
+        i64::MIN
+    };
     let first = report.first_seq.max(1) as i64;
     let count = |sql: &str| -> rusqlite::Result<u64> {
         conn.query_row(sql, [first], |r| r.get::<_, i64>(0))
             .map(|n| n as u64)
     };
-    let checks = [
-        (
-            "flows",
-            "SELECT count(*) FROM flows f WHERE f.start_chain >= ?1 AND NOT EXISTS
-               (SELECT 1 FROM chain c WHERE c.seq = f.start_chain AND c.kind = 'flow.start')",
-        ),
-        (
-            "flows",
-            "SELECT count(*) FROM flows f WHERE f.end_chain >= ?1 AND NOT EXISTS
-               (SELECT 1 FROM chain c WHERE c.seq = f.end_chain AND c.kind = 'flow.end')",
-        ),
-        (
-            "ssh_log",
-            "SELECT count(*) FROM ssh_log s WHERE s.seq >= ?1 AND NOT EXISTS
-               (SELECT 1 FROM chain c WHERE c.seq = s.seq AND c.kind = 'ssh')",
-        ),
-        (
-            "events",
-            "SELECT count(*) FROM events e WHERE e.seq >= ?1 AND NOT EXISTS
-               (SELECT 1 FROM chain c WHERE c.seq = e.seq AND c.kind = e.kind)",
-        ),
-    ];
-    for (table, sql) in checks {
-        let n = count(sql)?;
-        if n > 0 {
-            return Ok(Some(Break {
-                seq: report.last_seq,
-                what: format!("{n} rows of table {table} are not in the chain (added behind the gateway's back)"),
-            }));
-        }
+    if let Some(b) = check_rows_chained(conn, lower)? {
+        return Ok(Some(b));
     }
     if let Some(b) = check_http_rows(conn)? {
         return Ok(Some(b));
@@ -442,6 +442,74 @@ fn check_coverage(
     Ok(None)
 }
 
+/// Each numbered row (at or above `lower`) of every table has a chain entry of its kind, and a flow row's
+/// entries are in order (start, establishment, end). Names the first row that fails.
+fn check_rows_chained(conn: &Connection, lower: i64) -> rusqlite::Result<Option<Break>> {
+    const FLOW: &str =
+        "'flow ' || f.seq || ' of run ' || f.run_id || ' (flow row ' || f.id || '): its '";
+    let flow_entry = |column: &str, kind: &str| {
+        format!(
+            "SELECT f.{column}, {FLOW} || '{kind} entry ' || f.{column} FROM flows f
+             WHERE f.{column} >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = f.{column} AND c.kind = '{kind}')
+             ORDER BY f.{column} LIMIT 1"
+        )
+    };
+    let row = |table: &str, column: &str, kind: &str, what: &str| {
+        format!(
+            "SELECT t.{column}, 'row ' || t.{column} || ' of table {table} (' || {what} || ')' FROM {table} t
+             WHERE t.{column} >= ?1 AND NOT EXISTS
+               (SELECT 1 FROM chain c WHERE c.seq = t.{column} AND c.kind = {kind})
+             ORDER BY t.{column} LIMIT 1"
+        )
+    };
+    let checks = [
+        flow_entry("start_chain", flows::START),
+        flow_entry("est_chain", flows::ESTABLISHED),
+        flow_entry("end_chain", flows::END),
+        row(
+            "ssh_log",
+            "seq",
+            "'ssh'",
+            "t.kind || ' of session ' || t.session_id",
+        ),
+        row("events", "seq", "t.kind", "t.kind"),
+        row("enroll_log", "chain_seq", "'enroll'", "t.event"),
+        row("admin_log", "chain_seq", "'admin'", "t.event"),
+    ];
+    for sql in &checks {
+        let stray = conn
+            .query_row(sql, [lower], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .optional()?;
+        if let Some((seq, what)) = stray {
+            return Ok(Some(Break {
+                seq: seq.max(0) as u64,
+                what: format!("{what} is not in the chain (added behind the gateway's back)"),
+            }));
+        }
+    }
+    // An entry never comes before its flow's start: this also holds below an eviction's cut.
+    let disordered = conn
+        .query_row(
+            &format!(
+                "SELECT f.start_chain, {FLOW} || 'entries are out of order (start ' || f.start_chain
+                   || ', established ' || coalesce(f.est_chain, '-') || ', end ' || coalesce(f.end_chain, '-') || ')'
+                 FROM flows f WHERE f.est_chain <= f.start_chain OR f.end_chain <= f.start_chain
+                   OR f.end_chain <= f.est_chain
+                 ORDER BY f.start_chain LIMIT 1"
+            ),
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()?;
+    Ok(disordered.map(|(seq, what)| Break {
+        seq: seq.max(0) as u64,
+        what: format!("{what}: rows were changed behind the gateway's back"),
+    }))
+}
+
 /// Tables with rows from before the chain (schema 1), which it does not cover, and how to find them (as
 /// `chain.start` counted them).
 const UNCHAINED: [(&str, &str); 3] = [
@@ -464,8 +532,8 @@ fn http_ref(conn: &Connection, seq: u64) -> Option<String> {
 
 /// HTTP rows beyond what their chain entries vouch for (the walk checked each entry's row): every numbered
 /// row is an HTTP entry's, each entry has one row (a copy would show in review), and the flow row a record
-/// links to (`flow_id`, which review follows) is the one its hashed run and flow seq name; flow row ids are
-/// not part of flow records.
+/// links to (`flow_id`, which review follows) is the one its hashed run and flow seq name (flow records hash
+/// their own row id too, except entries from before that).
 fn check_http_rows(conn: &Connection) -> rusqlite::Result<Option<Break>> {
     let named =
         |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, Option<i64>, Option<i64>)> {

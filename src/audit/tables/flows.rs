@@ -102,7 +102,8 @@ pub fn write(
 }
 
 /// The row that chain entry `entry` (of kind `kind`) describes, as hashed: the start columns, plus the
-/// establishment, plus the end, as the entry's kind covers.
+/// establishment, plus the end, as the entry's kind covers, and last the row's id (review links and URLs name
+/// flows by it). Entries written before the id was hashed cover [`without_row_id`] of this.
 pub fn canonical(
     conn: &Connection,
     kind: &str,
@@ -116,7 +117,7 @@ pub fn canonical(
     };
     let sql = format!(
         "SELECT run_id, seq, tenant, device, user, protocol, src, sport, dst, dport, dst_device, action, rule,
-                started_ms, established_ms, ended_ms, packets_out, bytes_out, packets_in, bytes_in, end_reason
+                started_ms, established_ms, ended_ms, packets_out, bytes_out, packets_in, bytes_in, end_reason, id
          FROM flows WHERE {column} = ?1"
     );
     conn.prepare_cached(&sql)?
@@ -147,7 +148,42 @@ pub fn canonical(
                 }
                 v.push(json!(r.get::<_, Option<String>>(20)?));
             }
+            v.push(json!(r.get::<_, i64>(21)?));
             Ok(serde_json::Value::Array(v))
         })
         .optional()
+}
+
+/// `canonical` as entries written before the row id was hashed covered it (stores from before; the id of such
+/// a row is not protected, every other column is). A newer entry's digest never matches this form: the arrays
+/// differ in length.
+pub fn without_row_id(canonical: &serde_json::Value) -> serde_json::Value {
+    let mut v = canonical.as_array().cloned().unwrap_or_default();
+    v.pop();
+    serde_json::Value::Array(v)
+}
+
+/// How review names the flow of chain entry `entry`: `flow N of run R (flow row I)`.
+pub fn describe(conn: &Connection, kind: &str, entry: u64) -> Option<String> {
+    let column = match kind {
+        START => "start_chain",
+        ESTABLISHED => "est_chain",
+        END => "end_chain",
+        _ => return None,
+    };
+    conn.query_row(
+        &format!("SELECT seq, run_id, id FROM flows WHERE {column} = ?1"),
+        [entry as i64],
+        |r| {
+            Ok(format!(
+                "{kind} of flow {} of run {} (flow row {})",
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?
+            ))
+        },
+    )
+    .optional()
+    .ok()
+    .flatten()
 }

@@ -36,3 +36,17 @@ admin_addr() {
     esac
     echo "$a"
 }
+
+# GET http(s)://<admin_listen>$1 (body on stdout). With gateway.admin_token_file (required off loopback) the
+# listener speaks HTTPS and wants the token (its certificate is the gateway's own self-signed one).
+admin_get() {
+    f=$(sed -n 's/^[[:space:]]*admin_token_file[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$RAMPART_CONFIG" 2>/dev/null | head -n 1)
+    # (busybox 1.35 static wget segfaults with -T: bound it with timeout instead)
+    if [ -z "$f" ]; then
+        timeout 5 wget -q -O - "http://$(admin_addr)$1" 2>/dev/null
+        return
+    fi
+    case "$f" in /*) ;; *) f=$RAMPART_CONFIG_DIR/$f ;; esac
+    timeout 5 wget -q -O - --no-check-certificate --header "Authorization: Bearer $(cat "$f" 2>/dev/null)" \
+        "https://$(admin_addr)$1" 2>/dev/null
+}
