@@ -523,11 +523,15 @@ pub fn find_signature<R: Read + Seek>(
         let text = String::from_utf8_lossy(&rest[..end]);
         return UpdateSignature::parse(&text, "the signature embedded after the root");
     }
+    let beside = if payload.is_file() {
+        format!(", no {} beside it,", beside.display())
+    } else {
+        String::new()
+    };
     Err(format!(
-        "is not signed: no --signature, no {} beside it, and no signature embedded after its root; only images \
-         signed with the vendor update key are installed (`make image` writes rampart-rootfs.sqfs.minisig and \
-         embeds the signature in rampart.img)",
-        beside.display()
+        "is not signed: no --signature{beside} and no signature embedded after its root; only images signed with \
+         the vendor update key are installed (`make image` writes rampart-rootfs.sqfs.minisig and embeds the \
+         signature in rampart.img)"
     ))
 }
 
