@@ -16,8 +16,12 @@
 //! Off the appliance both commands fail with "not running on a Rampart appliance: ..." (`--esp` points `status`
 //! at another ESP directory, e.g. for inspection).
 //!
+//! `firewall` prints the appliance's inbound nftables policy for a config ([`firewall::ruleset`]).
+//!
 //! Start reading at [`run`].
 #![deny(unsafe_code)]
+
+pub mod firewall;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -46,6 +50,16 @@ pub enum SystemCommand {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the appliance's inbound nftables policy for a config (load it with `nft -f`)
+    ///
+    /// Default drop; open are loopback, established traffic, DHCP replies, IPv6 neighbour discovery, WireGuard
+    /// (gateway.listen) and the admin, enrollment and UI listeners that are set to a non-loopback address. Without
+    /// -c, the base policy that opens no service port. The appliance loads it at boot (firewall-up).
+    Firewall {
+        /// The gateway config whose listeners are opened.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Write IMAGE_OR_ROOTFS into the inactive slot and arm it with boot counting
     ///
@@ -82,6 +96,22 @@ pub fn run(cmd: SystemCommand) -> anyhow::Result<()> {
             } else {
                 print!("{status}");
             }
+            Ok(())
+        }
+        SystemCommand::Firewall { config } => {
+            let cfg = match config {
+                Some(path) => {
+                    let text = fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    // Only the listeners matter: no need to open the registry in state_dir.
+                    Some(
+                        crate::config::Config::from_toml(&text, &path)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    )
+                }
+                None => None,
+            };
+            print!("{}", firewall::ruleset(cfg.as_ref()));
             Ok(())
         }
         SystemCommand::Update {

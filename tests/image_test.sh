@@ -63,7 +63,7 @@ vm_start() {
         -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE" \
         -drive "if=pflash,format=raw,unit=1,file=$work/$VM_NAME.vars" \
         -drive "if=virtio,format=$fmt,file=$disk" "${extra[@]}" \
-        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080,hostfwd=tcp:127.0.0.1:8443-:8443 \
+        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080,hostfwd=tcp:127.0.0.1:8443-:8443,hostfwd=tcp:127.0.0.1:9999-:9999 \
         -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
         -qmp "unix:$work/qmp.sock,server=on,wait=off" \
         <&"$VM_IN" >"$VM_LOG" 2>&1 &
@@ -246,6 +246,38 @@ crash_recovery() {
             { log "  the gateway pid did not change after kill -9"; return 1; }; }
 }
 
+# probe_9999: what GET http://127.0.0.1:9999/ from the test namespace returns (through QEMU's hostfwd to the
+# guest); empty when the guest never answers (QEMU accepts the host side, then gives up on the guest).
+probe_9999() { ip netns exec "$NS" curl -s --max-time 10 http://127.0.0.1:9999/probe.txt; }
+
+# firewall_check: the inbound policy is loaded (nft list ruleset) and opens WireGuard and the admin port of the
+# seeded config only; a web server on 9999, a port the policy does not open, answers on the guest's loopback but
+# not from the test namespace, while WireGuard still works. The control: with the table deleted the same request
+# gets the page; the policy is loaded again afterwards and 9999 is closed again.
+firewall_check() {
+    local out
+    expect_guest 'nft list ruleset' 'table inet rampart' 'hook input priority filter; policy drop;' \
+        'iif "lo" accept' 'ct state established,related accept' 'udp dport 51820 accept' 'tcp dport 8080 accept' ||
+        return 1
+    if echo "$GUEST_OUT" | grep -aqE 'dport (9999|8443)'; then
+        log "  the ruleset opens a port it should not:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1
+    fi
+    expect_guest 'mkdir -p /run/probe && echo rampart-probe >/run/probe/probe.txt && httpd -p 9999 -h /run/probe && wget -q -O- http://127.0.0.1:9999/probe.txt' \
+        '^rampart-probe' || return 1
+    out=$(probe_9999)
+    [ -z "$out" ] || { log "  port 9999 answered from outside despite the firewall: '$out'"; return 1; }
+    log "  port 9999 (not in the policy): no answer from the test namespace; the guest's loopback gets the page"
+    wg_check || return 1
+    expect_guest 'nft delete table inet rampart' || return 1
+    out=$(probe_9999)
+    [ "$out" = rampart-probe ] || { log "  control failed: without the policy, port 9999 answered '$out'"; return 1; }
+    log "  control: without the policy, port 9999 answers from the test namespace"
+    expect_guest '/usr/lib/rampart/firewall-up' || return 1
+    out=$(probe_9999)
+    [ -z "$out" ] || { log "  port 9999 answered after firewall-up reloaded the policy: '$out'"; return 1; }
+    log "  firewall-up reloaded the policy: port 9999 closed again"
+}
+
 # ---------------------------------------------------------------- fixtures
 
 # seeded_disk OUT: a raw copy of the image whose data partition already holds a gateway config with one static
@@ -416,6 +448,7 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         wait_for 'rampart device add -c /data/config/gateway.toml --tenant default' 10 &&
         wait_for '--endpoint 10\.0\.2\.15:51820' 10 &&
         wait_for 'MARK first-boot-config created' 10 &&
+        wait_for 'MARK firewall-up policy=config open="udp/51820 tcp/8443"' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         pin=$(since_mark | grep -aoE 'enrollment pin +sha256:[0-9a-f]{64}' | head -n 1 | awk '{ print $3 }') &&
         wait_shell &&
@@ -427,7 +460,8 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         vm_powerdown || { vm_kill; return 1; }
 }
 
-# Also: kill -9 of the gateway is recovered by init (crash_recovery).
+# Also: the nftables policy keeps other ports closed (firewall_check); kill -9 of the gateway is recovered by
+# init (crash_recovery).
 test_gateway_serves_wireguard_and_health() {
     seeded_disk "$work/wg.img" || return 1
     # The shipped raw image rides along as a second disk (/dev/vdb): its partitions carry the same names, which
@@ -435,10 +469,12 @@ test_gateway_serves_wireguard_and_health() {
     vm_start wireguard "$work/wg.img" raw "$img_dir/rampart.img"
     wait_for 'MARK root-mounted slot=a dev=vda2' "$BOOT_TIMEOUT" &&
         wait_for 'MARK data-mounted dev=vda4' 60 &&
+        wait_for 'MARK firewall-up policy=config open="udp/51820 tcp/8080"' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         wg_check &&
         health_check &&
         wait_shell &&
+        firewall_check &&
         crash_recovery &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' &&
         expect_guest 'ls /boot/efi/loader/entries' '^gateway-a\.conf' &&

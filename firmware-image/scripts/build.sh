@@ -176,11 +176,19 @@ ln -s /run/resolv.conf "$rfs/etc/resolv.conf"
 # Release builds carry debug info (profile.release debug = 1); the appliance gets a stripped copy.
 strip -o "$rfs/usr/bin/rampart" "$rampart_bin" 2>/dev/null || cp "$rampart_bin" "$rfs/usr/bin/rampart"
 chmod 0755 "$rfs/usr/bin/rampart"
-# glibc binary: copy every library ldd names, dereferenced, to the same path (design note 8).
-{ ldd "$rampart_bin" 2>/dev/null || true; } | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u | while read -r lib; do
-    mkdir -p "$rfs$(dirname "$lib")"
-    cp -L "$lib" "$rfs$lib"
-done
+# glibc binaries: copy every library ldd names, dereferenced, to the same path (design note 8).
+copy_libs() {
+    { ldd "$1" 2>/dev/null || true; } | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u | while read -r lib; do
+        mkdir -p "$rfs$(dirname "$lib")"
+        cp -L "$lib" "$rfs$lib"
+    done
+}
+copy_libs "$rampart_bin"
+# nft from Debian's nftables for the inbound policy (usr/lib/rampart/firewall-up).
+nft_bin=$(command -v nft || echo /usr/sbin/nft)
+[ -x "$nft_bin" ] || { echo "build.sh: nft missing (run make image-deps)" >&2; exit 1; }
+cp "$nft_bin" "$rfs/usr/sbin/nft"
+copy_libs "$nft_bin"
 # Each slot carries its own kernel and initramfs; `rampart system update` copies them to the ESP.
 cp "$vmlinuz" "$rfs/boot/vmlinuz"
 cp "$initrd" "$rfs/boot/initrd"
@@ -286,6 +294,7 @@ rampart $version ($build_id)
 kernel $kpkg $kver
 busybox $(dpkg-query -W -f='${Version}' busybox-static)
 systemd-boot-efi $(dpkg-query -W -f='${Version}' systemd-boot-efi)
+nftables $(dpkg-query -W -f='${Version}' nftables)
 partitions esp=${ESP_MB}MiB root_a=${SLOT_MB}MiB root_b=${SLOT_MB}MiB data=${DATA_MB}MiB
 EOF
 (cd "$out" && sha256sum rampart.img rampart.img.zst rampart.qcow2 rampart-rootfs.sqfs rampart-rootfs.sqfs.minisig \
