@@ -9,13 +9,19 @@
 //! (`firmware-image/rootfs/usr/lib/rampart/boot-check`) blesses a boot whose gateway answers `/health` by
 //! dropping the counter, or reboots so the failed try is counted and, after the last, the other slot boots.
 //!
-//! `update` writes the slot that is not running, copies that slot's own kernel and initramfs to the ESP and arms
+//! `update` accepts only payloads signed with the vendor's update key (minisign format, ed25519 over the BLAKE2b-512
+//! of the root squashfs; see [`verify_root`]): the key is embedded in every image at [`UPDATE_PUBKEY`], and the
+//! signature is checked before anything is written. It then writes the slot that is not running, copies that slot's own kernel and initramfs to the ESP and arms
 //! its entry with a counter. It never writes the running slot, nor a slot on another disk than the running root.
 //! Off the appliance both commands fail with "not running on a Rampart appliance: ..." (`--esp` points `status`
 //! at another ESP directory, e.g. for inspection).
 //!
+//! `firewall` prints the appliance's inbound nftables policy for a config ([`firewall::ruleset`]).
+//!
 //! Start reading at [`run`].
 #![deny(unsafe_code)]
+
+pub mod firewall;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -45,13 +51,29 @@ pub enum SystemCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the appliance's inbound nftables policy for a config (load it with `nft -f`)
+    ///
+    /// Default drop; open are loopback, established traffic, DHCP replies, IPv6 neighbour discovery, WireGuard
+    /// (gateway.listen) and the admin, enrollment and UI listeners that are set to a non-loopback address. Without
+    /// -c, the base policy that opens no service port. The appliance loads it at boot (firewall-up).
+    Firewall {
+        /// The gateway config whose listeners are opened.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Write IMAGE_OR_ROOTFS into the inactive slot and arm it with boot counting
     ///
     /// IMAGE_OR_ROOTFS is a root squashfs (`rampart-rootfs.sqfs` from `make image`) or a raw Rampart disk image
-    /// (`rampart.img`, not the .zst), as a file or a block device. After a reboot the updated slot boots; if its
-    /// gateway does not become healthy within the tries, the boot loader falls back to the current slot.
+    /// (`rampart.img`, not the .zst), as a file or a block device. It must be signed with the vendor update key
+    /// (/usr/share/rampart/update.pub): by IMAGE_OR_ROOTFS.minisig, --signature, or the signature `make image`
+    /// embeds after the root in `rampart.img`. After a reboot the updated slot boots; if its gateway does not
+    /// become healthy within the tries, the boot loader falls back to the current slot.
     Update {
         image: PathBuf,
+        /// Minisign signature of the root squashfs (default: IMAGE_OR_ROOTFS.minisig if that file exists, else
+        /// the signature embedded after the root).
+        #[arg(long)]
+        signature: Option<PathBuf>,
         /// The mounted EFI system partition.
         #[arg(long, default_value = DEFAULT_ESP)]
         esp: PathBuf,
@@ -76,12 +98,29 @@ pub fn run(cmd: SystemCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        SystemCommand::Firewall { config } => {
+            let cfg = match config {
+                Some(path) => {
+                    let text = fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    // Only the listeners matter: no need to open the registry in state_dir.
+                    Some(
+                        crate::config::Config::from_toml(&text, &path)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    )
+                }
+                None => None,
+            };
+            print!("{}", firewall::ruleset(cfg.as_ref()));
+            Ok(())
+        }
         SystemCommand::Update {
             image,
+            signature,
             esp,
             tries,
             force,
-        } => Appliance::detect(&esp)?.update(&image, tries, force),
+        } => Appliance::detect(&esp)?.update(&image, signature.as_deref(), tries, force),
     }
 }
 
@@ -100,6 +139,10 @@ pub enum SystemError {
     },
     #[error("{}: {reason}", path.display())]
     BadPayload { path: PathBuf, reason: String },
+    #[error("{}: refused, nothing was written: {reason}", path.display())]
+    NotVendorSigned { path: PathBuf, reason: String },
+    #[error("cannot read the vendor update key {}: {reason}; every Rampart image carries it (firmware-image/scripts/build.sh), so this root was not built by `make image`", path.display())]
+    NoUpdateKey { path: PathBuf, reason: String },
 }
 
 // ---------------------------------------------------------------- slots and boot entries
@@ -364,6 +407,14 @@ fn squashfs_at<R: Read + Seek>(r: &mut R, offset: u64) -> Result<RootImage, Stri
         return Err(format!("has squashfs version {major}, expected 4"));
     }
     let bytes_used = u64_le(&sb[40..48]);
+    let end = r.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+    if end < offset.saturating_add(bytes_used) {
+        return Err(format!(
+            "is truncated: its root squashfs needs {bytes_used} bytes from byte {offset}, but the payload ends {} bytes \
+             short (an incomplete download or copy?)",
+            offset.saturating_add(bytes_used) - end
+        ));
+    }
     // A squashfs image is padded to 4 KiB by mksquashfs; copy the padding too.
     let len = bytes_used.div_ceil(4096) * 4096;
     Ok(RootImage { offset, len })
@@ -389,6 +440,177 @@ fn u64_le(b: &[u8]) -> u64 {
 
 fn u32_le(b: &[u8]) -> u32 {
     u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+// ---------------------------------------------------------------- update signatures
+
+/// The vendor's update key (a minisign public key file); `make image` embeds it in every root.
+pub const UPDATE_PUBKEY: &str = "/usr/share/rampart/update.pub";
+/// First line of the 4 KiB, zero-padded block `make image` writes right after the root squashfs in
+/// `rampart.img`'s `root_a` partition; the root's minisign signature follows it. It lets `update` take a disk
+/// image or a USB stick written from one without a separate signature file.
+pub const SIG_BLOCK_MAGIC: &str = "rampart-update-signature v1\n";
+const SIG_BLOCK_LEN: usize = 4096;
+
+/// The key updates must be signed with, from a minisign `.pub` file.
+pub struct UpdateKey {
+    key: minisign_verify::PublicKey,
+    id: String,
+}
+
+impl UpdateKey {
+    pub fn parse(text: &str) -> Result<UpdateKey, String> {
+        let key = minisign_verify::PublicKey::decode(text)
+            .map_err(|e| format!("not a minisign public key ({e})"))?;
+        let id = text
+            .lines()
+            .nth(1)
+            .and_then(|l| minisign_key_id(l, 42))
+            .ok_or("not a minisign public key")?;
+        Ok(UpdateKey { key, id })
+    }
+
+    pub fn load(path: &Path) -> Result<UpdateKey, SystemError> {
+        let no_key = |reason: String| SystemError::NoUpdateKey {
+            path: path.to_path_buf(),
+            reason,
+        };
+        UpdateKey::parse(&fs::read_to_string(path).map_err(|e| no_key(e.to_string()))?)
+            .map_err(no_key)
+    }
+
+    /// Key ID as minisign prints it (`minisign public key 60E12015FE14E499`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A minisign signature of an update's root squashfs, with where it came from.
+pub struct UpdateSignature {
+    sig: minisign_verify::Signature,
+    key_id: String,
+    source: String,
+}
+
+impl UpdateSignature {
+    pub fn parse(text: &str, source: &str) -> Result<UpdateSignature, String> {
+        let bad = |e: String| format!("{source} is not a minisign signature ({e})");
+        let sig = minisign_verify::Signature::decode(text).map_err(|e| bad(e.to_string()))?;
+        let key_id = text
+            .lines()
+            .nth(1)
+            .and_then(|l| minisign_key_id(l, 74))
+            .ok_or_else(|| bad("no key ID".into()))?;
+        Ok(UpdateSignature {
+            sig,
+            key_id,
+            source: source.to_string(),
+        })
+    }
+
+    /// The signed comment (`make image` puts the release and build id there).
+    pub fn trusted_comment(&self) -> &str {
+        self.sig.trusted_comment()
+    }
+}
+
+/// Bytes 2..10 of a minisign key or signature line (after the 2-byte algorithm) are the key ID, which minisign
+/// prints as a little-endian u64 in hex.
+fn minisign_key_id(b64_line: &str, len: usize) -> Option<String> {
+    use base64::Engine as _;
+    let bin = base64::engine::general_purpose::STANDARD
+        .decode(b64_line.trim())
+        .ok()?;
+    (bin.len() == len).then(|| format!("{:016X}", u64_le(&bin[2..10])))
+}
+
+/// The payload's signature: `--signature`, else `PAYLOAD.minisig` next to a payload file, else the block `make
+/// image` writes right after the root. Never a trust decision: [`verify_root`] decides.
+pub fn find_signature<R: Read + Seek>(
+    payload: &Path,
+    explicit: Option<&Path>,
+    r: &mut R,
+    root: RootImage,
+) -> Result<UpdateSignature, String> {
+    let from_file = |p: &Path| -> Result<UpdateSignature, String> {
+        let text = fs::read_to_string(p)
+            .map_err(|e| format!("cannot read the signature {}: {e}", p.display()))?;
+        UpdateSignature::parse(&text, &p.display().to_string())
+    };
+    if let Some(p) = explicit {
+        return from_file(p);
+    }
+    let mut beside = payload.as_os_str().to_owned();
+    beside.push(".minisig");
+    let beside = PathBuf::from(beside);
+    if payload.is_file() && beside.is_file() {
+        return from_file(&beside);
+    }
+    let mut block = vec![0u8; SIG_BLOCK_LEN];
+    let n = read_up_to(r, root.offset + root.len, &mut block)?;
+    if let Some(rest) = block[..n].strip_prefix(SIG_BLOCK_MAGIC.as_bytes()) {
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let text = String::from_utf8_lossy(&rest[..end]);
+        return UpdateSignature::parse(&text, "the signature embedded after the root");
+    }
+    let beside = if payload.is_file() {
+        format!(", no {} beside it,", beside.display())
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "is not signed: no --signature{beside} and no signature embedded after its root; only images signed with \
+         the vendor update key are installed (`make image` writes rampart-rootfs.sqfs.minisig and embeds the \
+         signature in rampart.img)"
+    ))
+}
+
+/// Check that the root squashfs `root` in `r` is signed by `key`: minisign's prehashed mode, an ed25519
+/// signature over the BLAKE2b-512 of exactly the root's bytes (`rampart-rootfs.sqfs`, padded to 4 KiB as
+/// mksquashfs writes it), so `minisign -V -p update.pub -m rampart-rootfs.sqfs` checks the same thing.
+pub fn verify_root<R: Read + Seek>(
+    r: &mut R,
+    root: RootImage,
+    key: &UpdateKey,
+    sig: &UpdateSignature,
+) -> Result<(), String> {
+    if sig.key_id != key.id {
+        return Err(format!(
+            "{} is made with another key (key ID {}), not with the vendor update key (key ID {}, {UPDATE_PUBKEY})",
+            sig.source, sig.key_id, key.id
+        ));
+    }
+    let mut verifier = key.key.verify_stream(&sig.sig).map_err(|e| match e {
+        minisign_verify::Error::UnsupportedLegacyMode => format!(
+            "{} is a legacy minisign signature (not prehashed); sign with minisign 0.10 or newer, without -l",
+            sig.source
+        ),
+        e => format!("{}: {e}", sig.source),
+    })?;
+    r.seek(SeekFrom::Start(root.offset))
+        .map_err(|e| e.to_string())?;
+    stream_root(r, root.len, |chunk| verifier.update(chunk))?;
+    verifier.finalize().map_err(|_| {
+        format!(
+            "{} does not match the image: it was modified, truncated or corrupted after signing",
+            sig.source
+        )
+    })
+}
+
+/// Feed `len` bytes of `r` (from its position) to `f` in 1 MiB chunks; past the end reads as zeros (a squashfs
+/// shorter than its 4 KiB-padded length).
+fn stream_root<R: Read>(r: &mut R, len: u64, mut f: impl FnMut(&[u8])) -> Result<(), String> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        read_exact_or_zero(r, &mut buf[..n]).map_err(|e| e.to_string())?;
+        f(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- the appliance
@@ -542,7 +764,13 @@ impl Appliance {
         })
     }
 
-    fn update(&self, payload: &Path, tries: u32, force: bool) -> anyhow::Result<()> {
+    fn update(
+        &self,
+        payload: &Path,
+        signature: Option<&Path>,
+        tries: u32,
+        force: bool,
+    ) -> anyhow::Result<()> {
         let booted = self.booted.ok_or(SystemError::UnknownBootedSlot)?;
         let target = booted.other();
         let entries = read_entries(&self.esp)?;
@@ -578,6 +806,25 @@ impl Appliance {
             ))
             .into());
         }
+        // Nothing is written before this point, and nothing after it unless the vendor signed these bytes.
+        let key = UpdateKey::load(Path::new(UPDATE_PUBKEY))?;
+        let refused = |reason: String| SystemError::NotVendorSigned {
+            path: payload.to_path_buf(),
+            reason,
+        };
+        let sig = find_signature(payload, signature, &mut src, root).map_err(refused)?;
+        eprintln!(
+            "checking {}'s signature ({} MiB) against the vendor update key {}",
+            payload.display(),
+            root.len.div_ceil(1 << 20),
+            key.id()
+        );
+        verify_root(&mut src, root, &key, &sig).map_err(refused)?;
+        eprintln!(
+            "signature ok: {} (key ID {})",
+            sig.trusted_comment(),
+            key.id()
+        );
 
         let esp_rw = EspWritable::new(&self.esp)?;
         // Disarm first: a slot half written by an interrupted update must never be booted.
@@ -593,7 +840,7 @@ impl Appliance {
             payload.display(),
             device.display()
         );
-        copy_verified(&mut src, root, &device)?;
+        copy_verified(&mut src, root, &device, &key, &sig)?;
 
         let mounted = Mounted::squashfs(&device, Path::new(UPDATE_MOUNT))?;
         let new_root = mounted.dir.clone();
@@ -724,55 +971,60 @@ fn partition_bytes(device: &Path) -> anyhow::Result<u64> {
     Ok(sectors.trim().parse::<u64>()? * 512)
 }
 
-/// Copy `root` from `src` onto the block device, flush it, and read it back to compare.
-fn copy_verified(src: &mut File, root: RootImage, device: &Path) -> anyhow::Result<()> {
-    const CHUNK: usize = 1 << 20;
+/// Copy `root` from `src` onto the block device, flush it, and read it back through the signature check: what
+/// the slot holds is what the vendor signed, even if the payload changed after [`verify_root`] read it.
+fn copy_verified(
+    src: &mut File,
+    root: RootImage,
+    device: &Path,
+    key: &UpdateKey,
+    sig: &UpdateSignature,
+) -> anyhow::Result<()> {
     let mut dst = OpenOptions::new()
         .read(true)
         .write(true)
         .open(device)
         .with_context(|| format!("cannot open {} for writing", device.display()))?;
-    let mut buf = vec![0u8; CHUNK];
     src.seek(SeekFrom::Start(root.offset))?;
-    let mut left = root.len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        read_exact_or_zero(src, &mut buf[..n])?;
-        dst.write_all(&buf[..n])
-            .with_context(|| format!("write to {} failed", device.display()))?;
-        left -= n as u64;
+    let mut write_err = None;
+    stream_root(src, root.len, |chunk| {
+        if write_err.is_none() {
+            write_err = dst.write_all(chunk).err();
+        }
+    })
+    .map_err(anyhow::Error::msg)?;
+    if let Some(e) = write_err {
+        return Err(e).with_context(|| format!("write to {} failed", device.display()));
     }
     dst.sync_all()?;
 
-    let mut back = vec![0u8; CHUNK];
-    src.seek(SeekFrom::Start(root.offset))?;
     dst.seek(SeekFrom::Start(0))?;
-    let mut left = root.len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        read_exact_or_zero(src, &mut buf[..n])?;
-        dst.read_exact(&mut back[..n])?;
-        if buf[..n] != back[..n] {
-            bail!(
-                "verification of {} failed: the written data reads back differently",
-                device.display()
-            );
-        }
-        left -= n as u64;
-    }
-    Ok(())
+    let written = RootImage {
+        offset: 0,
+        len: root.len,
+    };
+    verify_root(&mut dst, written, key, sig).map_err(|e| {
+        anyhow::anyhow!(
+            "{} reads back differently from the signed image (a write error, or the payload changed while it was \
+             written): {e}; the slot stays disarmed",
+            device.display()
+        )
+    })
 }
 
 /// Like read_exact, but a payload shorter than its 4 KiB-padded length reads as zeros at the end.
-fn read_exact_or_zero(r: &mut File, buf: &mut [u8]) -> anyhow::Result<()> {
+fn read_exact_or_zero<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<()> {
     let mut n = 0;
     while n < buf.len() {
-        let k = r.read(&mut buf[n..])?;
-        if k == 0 {
-            buf[n..].fill(0);
-            break;
+        match r.read(&mut buf[n..]) {
+            Ok(0) => {
+                buf[n..].fill(0);
+                break;
+            }
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        n += k;
     }
     Ok(())
 }
@@ -1046,5 +1298,160 @@ mod tests {
         assert_eq!(json["slots"][1]["state"], "bad");
         assert_eq!(json["next_boot"], "a");
         fs::remove_dir_all(&esp).unwrap();
+    }
+
+    // Made with Debian's minisign 0.11 (`minisign -G -W`, `minisign -S -t "rampart test payload"`) over
+    // `signed_payload()`; the secret keys were thrown away.
+    const VENDOR_PUB: &str = "untrusted comment: minisign public key 60E12015FE14E499\nRWSZ5BT+FSDhYPEdW74YfJbNE2Yw0g2CEP5ITY75Cob07arbtwW3q8lp\n";
+    const VENDOR_SIG: &str = "untrusted comment: signature from minisign secret key\nRUSZ5BT+FSDhYDo21rhng4Nq/kfiXZo8ntHrnEdeSr+bGBpLGPZiHk9IWYZeoD94rQVwbE7Zuk3urs2nwfirFLyThtfKkwEdVgs=\ntrusted comment: rampart test payload\nXCVrpJqjQV/PQT11LMdCi3l/DQdMpRaBelf3x7CVnGQei7U30j0OzsOxf4zUcWTgeEAERTbmlx82oB47JoBVAg==\n";
+    const OTHER_SIG: &str = "untrusted comment: signature from minisign secret key\nRUSyLImfZmuEw7jrQYi+5x/OXGmEYMbNPVaDZULyOEym2atO345ZV8cD/9/RZbGWTdKKb8FhiRx1dE7oJ0kaVDPTD+0HIK0zUA8=\ntrusted comment: rampart test payload\nPEeNVC/Rs/BKiyh9hnQgbhhD4lCXu5nf6PswJ2d1mOt3kOngwI6mqorp9WU8Xb8zZGZqy6F93bfA6VNauyZkDw==\n";
+
+    /// A squashfs-shaped payload: 5000 bytes used, padded to 8 KiB.
+    fn signed_payload() -> Vec<u8> {
+        let mut p = squashfs(5000);
+        for (i, b) in p.iter_mut().enumerate().take(5000).skip(96) {
+            *b = (i * 7) as u8;
+        }
+        p
+    }
+
+    fn check(payload: &[u8], sig: &str) -> Result<(), String> {
+        let key = UpdateKey::parse(VENDOR_PUB).unwrap();
+        let mut r = Cursor::new(payload);
+        let root = locate_root(&mut r)?;
+        let sig = UpdateSignature::parse(sig, "test.minisig")?;
+        verify_root(&mut r, root, &key, &sig)
+    }
+
+    #[test]
+    fn vendor_signed_root_verifies() {
+        assert_eq!(
+            UpdateKey::parse(VENDOR_PUB).unwrap().id(),
+            "60E12015FE14E499"
+        );
+        check(&signed_payload(), VENDOR_SIG).unwrap();
+        let sig = UpdateSignature::parse(VENDOR_SIG, "x").unwrap();
+        assert_eq!(sig.trusted_comment(), "rampart test payload");
+    }
+
+    #[test]
+    fn root_signed_with_another_key_is_refused() {
+        let err = check(&signed_payload(), OTHER_SIG).unwrap_err();
+        assert!(
+            err.contains("another key (key ID C3846B669F892CB2)")
+                && err.contains("vendor update key (key ID 60E12015FE14E499"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_key_claiming_the_vendor_key_id_is_refused() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut lines: Vec<String> = OTHER_SIG.lines().map(String::from).collect();
+        let mut bin = b64.decode(&lines[1]).unwrap();
+        let vendor = b64.decode(VENDOR_PUB.lines().nth(1).unwrap()).unwrap();
+        bin[2..10].copy_from_slice(&vendor[2..10]);
+        lines[1] = b64.encode(&bin);
+        let err = check(&signed_payload(), &lines.join("\n")).unwrap_err();
+        assert!(err.contains("does not match the image"), "{err}");
+    }
+
+    #[test]
+    fn modified_root_is_refused() {
+        let mut p = signed_payload();
+        p[4000] ^= 1;
+        let err = check(&p, VENDOR_SIG).unwrap_err();
+        assert!(err.contains("does not match the image"), "{err}");
+        // The padding is signed too.
+        let mut p = signed_payload();
+        p[8000] = 1;
+        assert!(check(&p, VENDOR_SIG).is_err());
+    }
+
+    #[test]
+    fn truncated_root_is_refused() {
+        let p = signed_payload();
+        let err = check(&p[..4096], VENDOR_SIG).unwrap_err();
+        assert!(err.contains("is truncated"), "{err}");
+        assert!(err.contains("ends 904 bytes short"), "{err}");
+        // Cut inside the padding only: the missing zeros are what was signed.
+        check(&p[..6000], VENDOR_SIG).unwrap();
+    }
+
+    #[test]
+    fn garbage_signature_is_not_a_signature() {
+        let err = check(&signed_payload(), "untrusted comment: x\nAAAA\n").unwrap_err();
+        assert!(
+            err.contains("test.minisig is not a minisign signature"),
+            "{err}"
+        );
+        assert!(UpdateKey::parse("hello\n").is_err());
+    }
+
+    #[test]
+    fn signature_is_found_beside_embedded_or_nowhere() {
+        let d = temp_dir("sig");
+        let payload = d.join("rampart-rootfs.sqfs");
+        fs::write(&payload, signed_payload()).unwrap();
+        let key = UpdateKey::parse(VENDOR_PUB).unwrap();
+        let open = || {
+            let mut f = File::open(&payload).unwrap();
+            let root = locate_root(&mut f).unwrap();
+            (f, root)
+        };
+
+        // Nothing: refused, saying what is missing.
+        let (mut f, root) = open();
+        let err = find_signature(&payload, None, &mut f, root).err().unwrap();
+        assert!(
+            err.starts_with("is not signed: no --signature, no "),
+            "{err}"
+        );
+        assert!(
+            err.contains("rampart-rootfs.sqfs.minisig beside it"),
+            "{err}"
+        );
+
+        // Embedded after the root (as in rampart.img's root_a).
+        let mut with_block = signed_payload();
+        let mut block = format!("{SIG_BLOCK_MAGIC}{VENDOR_SIG}\n").into_bytes();
+        block.resize(SIG_BLOCK_LEN, 0);
+        with_block.extend_from_slice(&block);
+        fs::write(&payload, &with_block).unwrap();
+        let (mut f, root) = open();
+        let sig = find_signature(&payload, None, &mut f, root).unwrap();
+        assert_eq!(sig.source, "the signature embedded after the root");
+        verify_root(&mut f, root, &key, &sig).unwrap();
+
+        // A .minisig beside the file wins over the embedded one; --signature wins over both.
+        let beside = d.join("rampart-rootfs.sqfs.minisig");
+        fs::write(&beside, OTHER_SIG).unwrap();
+        let (mut f, root) = open();
+        let sig = find_signature(&payload, None, &mut f, root).unwrap();
+        assert!(sig.source.ends_with("rampart-rootfs.sqfs.minisig"));
+        assert!(verify_root(&mut f, root, &key, &sig).is_err());
+        let explicit = d.join("good.minisig");
+        fs::write(&explicit, VENDOR_SIG).unwrap();
+        let (mut f, root) = open();
+        let sig = find_signature(&payload, Some(&explicit), &mut f, root).unwrap();
+        verify_root(&mut f, root, &key, &sig).unwrap();
+        let err = find_signature(&payload, Some(&d.join("missing")), &mut f, root)
+            .err()
+            .unwrap();
+        assert!(err.contains("cannot read the signature"), "{err}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn missing_update_key_names_the_path() {
+        let err = UpdateKey::load(Path::new("/nonexistent/update.pub"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read the vendor update key /nonexistent/update.pub"),
+            "{err}"
+        );
     }
 }

@@ -66,7 +66,7 @@ vm_start() {
         -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE" \
         -drive "if=pflash,format=raw,unit=1,file=$work/$VM_NAME.vars" \
         -drive "if=virtio,format=$fmt,file=$disk" "${extra[@]}" \
-        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080,hostfwd=tcp:127.0.0.1:8443-:8443 \
+        -netdev user,id=n0,hostfwd=udp:127.0.0.1:51820-:51820,hostfwd=tcp:127.0.0.1:8080-:8080,hostfwd=tcp:127.0.0.1:8443-:8443,hostfwd=tcp:127.0.0.1:9999-:9999 \
         -device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
         -qmp "unix:$work/qmp.sock,server=on,wait=off" \
         <&"$VM_IN" >"$VM_LOG" 2>&1 &
@@ -249,6 +249,38 @@ crash_recovery() {
             { log "  the gateway pid did not change after kill -9"; return 1; }; }
 }
 
+# probe_9999: what GET http://127.0.0.1:9999/ from the test namespace returns (through QEMU's hostfwd to the
+# guest); empty when the guest never answers (QEMU accepts the host side, then gives up on the guest).
+probe_9999() { ip netns exec "$NS" curl -s --max-time 10 http://127.0.0.1:9999/probe.txt; }
+
+# firewall_check: the inbound policy is loaded (nft list ruleset) and opens WireGuard and the admin port of the
+# seeded config only; a web server on 9999, a port the policy does not open, answers on the guest's loopback but
+# not from the test namespace, while WireGuard still works. The control: with the table deleted the same request
+# gets the page; the policy is loaded again afterwards and 9999 is closed again.
+firewall_check() {
+    local out
+    expect_guest 'nft list ruleset' 'table inet rampart' 'hook input priority filter; policy drop;' \
+        'iif "lo" accept' 'ct state established,related accept' 'udp dport 51820 accept' 'tcp dport 8080 accept' ||
+        return 1
+    if echo "$GUEST_OUT" | grep -aqE 'dport (9999|8443)'; then
+        log "  the ruleset opens a port it should not:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1
+    fi
+    expect_guest 'mkdir -p /run/probe && echo rampart-probe >/run/probe/probe.txt && httpd -p 9999 -h /run/probe && wget -q -O- http://127.0.0.1:9999/probe.txt' \
+        '^rampart-probe' || return 1
+    out=$(probe_9999)
+    [ -z "$out" ] || { log "  port 9999 answered from outside despite the firewall: '$out'"; return 1; }
+    log "  port 9999 (not in the policy): no answer from the test namespace; the guest's loopback gets the page"
+    wg_check || return 1
+    expect_guest 'nft delete table inet rampart' || return 1
+    out=$(probe_9999)
+    [ "$out" = rampart-probe ] || { log "  control failed: without the policy, port 9999 answered '$out'"; return 1; }
+    log "  control: without the policy, port 9999 answers from the test namespace"
+    expect_guest '/usr/lib/rampart/firewall-up' || return 1
+    out=$(probe_9999)
+    [ -z "$out" ] || { log "  port 9999 answered after firewall-up reloaded the policy: '$out'"; return 1; }
+    log "  firewall-up reloaded the policy: port 9999 closed again"
+}
+
 # ---------------------------------------------------------------- fixtures
 
 # seeded_disk OUT: a raw copy of the image whose data partition already holds a gateway config with one static
@@ -263,11 +295,11 @@ seeded_disk() {
 
 setup() {
     local need
-    for need in qemu-system-x86_64 socat wireguard-go wg curl sfdisk mkfs.ext4 unsquashfs mksquashfs; do
+    for need in qemu-system-x86_64 socat wireguard-go wg curl sfdisk mkfs.ext4 unsquashfs mksquashfs minisign; do
         command -v "$need" >/dev/null || { log "missing $need: run 'make image-deps'"; return 1; }
     done
     [ "$(id -u)" = 0 ] || { log "needs root (network namespaces, wireguard-go)"; return 1; }
-    for f in rampart.img rampart.qcow2 rampart-rootfs.sqfs; do
+    for f in rampart.img rampart.qcow2 rampart-rootfs.sqfs rampart-rootfs.sqfs.minisig rampart-update.pub; do
         [ -f "$img_dir/$f" ] || { log "missing $img_dir/$f: run 'make image'"; return 1; }
     done
     mkdir -p "$art"
@@ -323,6 +355,14 @@ EOF
     size_mb=$(sfdisk -d "$img_dir/rampart.img" | sed -n 's/.*size= *\([0-9]*\),.*name="data".*/\1/p')
     "$fw/scripts/mkdata.sh" "$seed" "$work/data.img" $((size_mb / 2048)) || return 1
 
+    # The shipped root is signed with the key the image embeds, and Debian's minisign agrees.
+    minisign -V -q -p "$img_dir/rampart-update.pub" -m "$img_dir/rampart-rootfs.sqfs" ||
+        { log "minisign -V does not verify rampart-rootfs.sqfs with rampart-update.pub"; return 1; }
+    # The test signs its own payloads with the key `make image` used (RAMPART_UPDATE_KEY or the development key).
+    sign_key=${RAMPART_UPDATE_KEY:-$repo/target/update-key/rampart-dev.key}
+    [ -f "$sign_key" ] || { log "no signing key $sign_key (set RAMPART_UPDATE_KEY as for make image)"; return 1; }
+    (umask 077 && minisign -G -W -s "$work/other.key" -p "$work/other.pub" >/dev/null) || return 1
+
     # Update payloads derived from the built root: the same build with a new version, and one whose gateway
     # exits at once (rampart run fails; the other subcommands still work).
     base_version=$(unsquashfs -cat "$img_dir/rampart-rootfs.sqfs" etc/rampart-release | sed -n 's/^VERSION=//p')
@@ -340,6 +380,32 @@ EOF
     chmod 755 "$work/root2/usr/bin/rampart"
     mksquashfs "$work/root2" "$work/broken.sqfs" -comp zstd -all-root -noappend -quiet -no-progress >/dev/null || return 1
     rm -rf "$work/root2"
+
+    # Signed payloads (squashfs + the signature block, attached as a disk): the positive controls. Then the
+    # attacks: no signature, signed with another key, the broken root carrying the good root's signature, a
+    # signed payload cut in half.
+    sign_payload "$work/update.sqfs" "$sign_key" "$work/update.signed" &&
+        sign_payload "$work/broken.sqfs" "$sign_key" "$work/broken.signed" &&
+        sign_payload "$work/update.sqfs" "$work/other.key" "$work/other-key.signed" || return 1
+    # (other-key.signed overwrote update.sqfs.minisig: sign the good one again for the check below.)
+    sign_payload "$work/update.sqfs" "$sign_key" "$work/update.signed" || return 1
+    cp "$work/update.sqfs" "$work/unsigned.sqfs"
+    { cat "$work/broken.sqfs"; tail -c 4096 "$work/update.signed"; } >"$work/tampered.signed"
+    cp "$work/update.signed" "$work/truncated.signed"
+    truncate -s $(($(stat -c %s "$work/update.signed") / 8192 * 4096)) "$work/truncated.signed"
+    # Debian's minisign draws the same line on the tampered root.
+    if minisign -V -q -p "$img_dir/rampart-update.pub" -m "$work/broken.sqfs" -x "$work/update.sqfs.minisig" 2>/dev/null; then
+        log "minisign -V accepts the broken root with the update's signature"; return 1
+    fi
+}
+
+# sign_payload SQFS KEY OUT: OUT = SQFS followed by the 4 KiB signature block `make image` writes after the root
+# (src/system.rs SIG_BLOCK_MAGIC); SQFS.minisig is the detached signature.
+sign_payload() {
+    minisign -S -s "$2" -m "$1" -x "$1.minisig" -t "image test payload $(basename "$1")" >/dev/null || return 1
+    { printf 'rampart-update-signature v1\n'; cat "$1.minisig"; } >"$work/sig-block"
+    truncate -s 4096 "$work/sig-block"
+    cat "$1" "$work/sig-block" >"$3"
 }
 
 # ---------------------------------------------------------------- tests
@@ -387,6 +453,7 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         wait_for 'rampart device add -c /data/config/gateway.toml --tenant default' 10 &&
         wait_for '--endpoint 10\.0\.2\.15:51820' 10 &&
         wait_for 'MARK first-boot-config created' 10 &&
+        wait_for 'MARK firewall-up policy=config open="udp/51820 tcp/8443"' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         pin=$(since_mark | grep -aoE 'enrollment pin +sha256:[0-9a-f]{64}' | head -n 1 | awk '{ print $3 }') &&
         wait_shell &&
@@ -398,7 +465,8 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         vm_powerdown || { vm_kill; return 1; }
 }
 
-# Also: kill -9 of the gateway is recovered by init (crash_recovery).
+# Also: the nftables policy keeps other ports closed (firewall_check); kill -9 of the gateway is recovered by
+# init (crash_recovery).
 test_gateway_serves_wireguard_and_health() {
     seeded_disk "$work/wg.img" || return 1
     # The shipped raw image rides along as a second disk (/dev/vdb): its partitions carry the same names, which
@@ -406,27 +474,63 @@ test_gateway_serves_wireguard_and_health() {
     vm_start wireguard "$work/wg.img" raw "$img_dir/rampart.img"
     wait_for 'MARK root-mounted slot=a dev=vda2' "$BOOT_TIMEOUT" &&
         wait_for 'MARK data-mounted dev=vda4' 60 &&
+        wait_for 'MARK firewall-up policy=config open="udp/51820 tcp/8080"' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         wg_check &&
         health_check &&
         wait_shell &&
+        firewall_check &&
         crash_recovery &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' &&
         expect_guest 'ls /boot/efi/loader/entries' '^gateway-a\.conf' &&
-        expect_guest 'rampart system update /dev/vdb' "slot b: Rampart $base_version .*/dev/vda3 .*gateway-b\\+3\\.conf" &&
+        expect_guest 'rampart system update /dev/vdb' "signature ok: rampart $base_version .* root filesystem" \
+            "slot b: Rampart $base_version .*/dev/vda3 .*gateway-b\\+3\\.conf" &&
         expect_guest 'rampart system status' '^b +/dev/vda3 +trial \(3 left, 0 done\)' '^next boot: slot b' &&
         expect_guest 'ls /boot/efi/b' 'initrd' 'vmlinuz' &&
         vm_powerdown || { vm_kill; return 1; }
 }
 
-test_update_boots_slot_b_and_broken_slot_falls_back() {
+# refuse_update DEV REGEX: `rampart system update DEV` fails and says REGEX.
+refuse_update() {
+    guest_run "rampart system update $1"
+    if [ "$GUEST_RC" = 0 ]; then
+        log "  [$VM_NAME] update from $1 was accepted:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1
+    fi
+    echo "$GUEST_OUT" | grep -aqE -e "$2" ||
+        { log "  [$VM_NAME] update from $1 refused without /$2/:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1; }
+    log "  refused $1: $(echo "$GUEST_OUT" | grep -aE -e "$2" | head -n 1 | cut -c1-220)"
+}
+
+# Slot b's first 4 MiB (where a write starts), its kernel directory and the boot entries.
+SLOT_B_STATE='head -c 4194304 /dev/vda3 | md5sum; ls -l /boot/efi/b; ls /boot/efi/loader/entries'
+
+# Signed updates: unsigned, foreign-key, tampered and truncated payloads are refused before anything is written
+# (slot b and the ESP unchanged); the vendor-signed one is accepted and boots (the positive control), and a
+# signed but broken one falls back to it.
+test_signed_update_boots_slot_b_and_broken_slot_falls_back() {
     seeded_disk "$work/ab.img" || return 1
-    vm_start ab-update "$work/ab.img" raw "$work/update.sqfs" "$work/broken.sqfs"
+    vm_start ab-update "$work/ab.img" raw "$work/update.signed" "$work/broken.signed" "$work/unsigned.sqfs" \
+        "$work/other-key.signed" "$work/tampered.signed" "$work/truncated.signed"
     wait_for 'MARK boot-good slot=a' "$BOOT_TIMEOUT" && wait_shell || { vm_kill; return 1; }
+    local before
+    guest_run "$SLOT_B_STATE" && before=$GUEST_OUT
+    refuse_update /dev/vdd 'refused, nothing was written: is not signed: no --signature' &&
+        refuse_update /dev/vde 'refused, nothing was written: the signature embedded after the root is made with another key \(key ID [0-9A-F]{16}\), not with the vendor update key' &&
+        refuse_update /dev/vdf 'refused, nothing was written: the signature embedded after the root does not match the image' &&
+        refuse_update /dev/vdg '/dev/vdg: is truncated: its root squashfs needs [0-9]+ bytes' &&
+        guest_run "$SLOT_B_STATE" || { vm_kill; return 1; }
+    if [ "$GUEST_OUT" != "$before" ]; then
+        log "  slot b or the ESP changed after the refused updates:"
+        diff <(echo "$before") <(echo "$GUEST_OUT") | sed 's/^/      /'
+        vm_kill; return 1
+    fi
+    log "  slot b's first 4 MiB, /boot/efi/b and the boot entries unchanged ($(echo "$before" | head -n 1 | cut -c1-12)...)"
     # State on /data that must survive: an enrolled device (gateway state_dir) and the boot counter.
-    expect_guest 'rampart device add -c /data/config/gateway.toml --tenant default --name phone --user bob --endpoint 127.0.0.1:51820' \
+    expect_guest 'rampart system status' '^b +/dev/vda3 +empty' &&
+        expect_guest 'rampart device add -c /data/config/gateway.toml --tenant default --name phone --user bob --endpoint 127.0.0.1:51820' \
         'PrivateKey' &&
-        expect_guest 'rampart system update /dev/vdb' "slot b: Rampart $base_version\\+update .*armed" &&
+        expect_guest 'rampart system update /dev/vdb' 'signature ok: image test payload update\.sqfs' \
+            "slot b: Rampart $base_version\\+update .*armed" &&
         expect_guest 'rampart system status' '^b +/dev/vda3 +trial \(3 left, 0 done\)' '^next boot: slot b' ||
         { vm_kill; return 1; }
     log "  -> rebooting into slot b"
@@ -488,7 +592,7 @@ t_all=$SECONDS
 if setup; then
     run_test first_boot_creates_config_and_prints_enrollment_hint
     run_test gateway_serves_wireguard_and_health
-    run_test update_boots_slot_b_and_broken_slot_falls_back
+    run_test signed_update_boots_slot_b_and_broken_slot_falls_back
 else
     log "setup failed"
     fail=3

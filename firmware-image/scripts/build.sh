@@ -4,7 +4,9 @@
 #   build.sh --rampart PATH --out DIR --work DIR
 #
 # Outputs in --out: rampart.img (raw GPT, sparse), rampart.img.zst, rampart.qcow2, rampart-rootfs.sqfs (the
-# update payload for `rampart system update`), SHA256SUMS, manifest.txt.
+# update payload for `rampart system update`) and its signature rampart-rootfs.sqfs.minisig, rampart-update.pub
+# (the public key every root embeds at /usr/share/rampart/update.pub), SHA256SUMS, manifest.txt.
+# Signing key: RAMPART_UPDATE_KEY (see "update signing key" below and firmware-image/README.md).
 # Layout and pitfalls: firmware-image/README.md and shared design note appliance-image.md.
 set -euo pipefail
 
@@ -34,6 +36,36 @@ export SOURCE_DATE_EPOCH
 export E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH
 version=${IMAGE_VERSION:-$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n 1)}
 build_id=${IMAGE_BUILD_ID:-$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)}
+
+# ---------------------------------------------------------------- update signing key
+# `rampart system update` installs only roots signed with this key (minisign). RAMPART_UPDATE_KEY names the vendor's
+# minisign secret key (an encrypted one asks for its password twice: public key, then signature);
+# RAMPART_UPDATE_PUBKEY its .pub (default: recreated from the secret key with `minisign -R`). Without them a
+# development key is generated once under target/update-key/ (never committed) and reused.
+command -v minisign >/dev/null || { echo "build.sh: minisign missing (run make image-deps)" >&2; exit 1; }
+if [ -n "${RAMPART_UPDATE_KEY:-}" ]; then
+    sign_key=$(realpath "$RAMPART_UPDATE_KEY")
+    [ -f "$sign_key" ] || { echo "build.sh: RAMPART_UPDATE_KEY=$RAMPART_UPDATE_KEY is not a file" >&2; exit 1; }
+    key_origin="RAMPART_UPDATE_KEY"
+else
+    sign_key=$repo/target/update-key/rampart-dev.key
+    key_origin="development key (set RAMPART_UPDATE_KEY for release builds)"
+    if [ ! -f "$sign_key" ]; then
+        step "generating the development update key $sign_key"
+        (umask 077 && mkdir -p "$(dirname "$sign_key")" &&
+            minisign -G -W -s "$sign_key" -p "${sign_key%.key}.pub" >/dev/null)
+    fi
+fi
+mkdir -p "$out"
+if [ -n "${RAMPART_UPDATE_PUBKEY:-}" ]; then
+    cp "$RAMPART_UPDATE_PUBKEY" "$out/rampart-update.pub"
+else
+    rm -f "$out/rampart-update.pub"
+    minisign -R -s "$sign_key" -p "$out/rampart-update.pub" >/dev/null
+    echo >>"$out/rampart-update.pub"
+fi
+update_key_id=$(sed -n '1s/.*minisign public key //p' "$out/rampart-update.pub")
+step "update key: $(sed -n 2p "$out/rampart-update.pub") (key ID $update_key_id, $key_origin)"
 
 # ---------------------------------------------------------------- kernel (pinned in kernel.lock)
 kpkg=$(sed -n 's/^package=//p' "$here/kernel.lock")
@@ -144,16 +176,26 @@ ln -s /run/resolv.conf "$rfs/etc/resolv.conf"
 # Release builds carry debug info (profile.release debug = 1); the appliance gets a stripped copy.
 strip -o "$rfs/usr/bin/rampart" "$rampart_bin" 2>/dev/null || cp "$rampart_bin" "$rfs/usr/bin/rampart"
 chmod 0755 "$rfs/usr/bin/rampart"
-# glibc binary: copy every library ldd names, dereferenced, to the same path (design note 8).
-{ ldd "$rampart_bin" 2>/dev/null || true; } | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u | while read -r lib; do
-    mkdir -p "$rfs$(dirname "$lib")"
-    cp -L "$lib" "$rfs$lib"
-done
+# glibc binaries: copy every library ldd names, dereferenced, to the same path (design note 8).
+copy_libs() {
+    { ldd "$1" 2>/dev/null || true; } | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u | while read -r lib; do
+        mkdir -p "$rfs$(dirname "$lib")"
+        cp -L "$lib" "$rfs$lib"
+    done
+}
+copy_libs "$rampart_bin"
+# nft from Debian's nftables for the inbound policy (usr/lib/rampart/firewall-up).
+nft_bin=$(command -v nft || echo /usr/sbin/nft)
+[ -x "$nft_bin" ] || { echo "build.sh: nft missing (run make image-deps)" >&2; exit 1; }
+cp "$nft_bin" "$rfs/usr/sbin/nft"
+copy_libs "$nft_bin"
 # Each slot carries its own kernel and initramfs; `rampart system update` copies them to the ESP.
 cp "$vmlinuz" "$rfs/boot/vmlinuz"
 cp "$initrd" "$rfs/boot/initrd"
 cmdline_tmpl="root=PARTLABEL=root_@SLOT@ rampart.slot=@SLOT@ ro console=tty0 console=ttyS0,115200 quiet loglevel=3 panic=5"
 echo "$cmdline_tmpl" >"$rfs/etc/rampart/kernel-cmdline"
+mkdir -p "$rfs/usr/share/rampart"
+cp "$out/rampart-update.pub" "$rfs/usr/share/rampart/update.pub"
 cat >"$rfs/etc/rampart-release" <<EOF
 NAME=Rampart
 VERSION=$version
@@ -165,13 +207,26 @@ sqfs=$out/rampart-rootfs.sqfs
 rm -f "$sqfs"
 mksquashfs "$rfs" "$sqfs" -comp zstd -all-root -noappend -quiet -no-progress >/dev/null
 step "  squashfs $(du -k "$sqfs" | cut -f1) KiB"
+# The signature covers exactly the squashfs file; `rampart system update` checks the same bytes in a slot (the
+# squashfs padded to 4 KiB, which is the whole file as mksquashfs writes it).
+[ $(($(stat -c %s "$sqfs") % 4096)) = 0 ] || { echo "build.sh: $sqfs is not padded to 4 KiB" >&2; exit 1; }
+step "signing the root with key ID $update_key_id"
+rm -f "$sqfs.minisig"
+minisign -S -s "$sign_key" -m "$sqfs" -x "$sqfs.minisig" -c "rampart update signature" \
+    -t "rampart $version ($build_id) root filesystem" >/dev/null
+minisign -V -q -p "$out/rampart-update.pub" -m "$sqfs" -x "$sqfs.minisig"
+# The same signature as a block right after the root in root_a, so rampart.img (or a stick written from it) is
+# an update payload on its own; format: src/system.rs SIG_BLOCK_MAGIC.
+{ printf 'rampart-update-signature v1\n'; cat "$sqfs.minisig"; } >"$work/sig-block"
+[ "$(stat -c %s "$work/sig-block")" -le 4096 ] || { echo "build.sh: signature block over 4 KiB" >&2; exit 1; }
+truncate -s 4096 "$work/sig-block"
 
 # ---------------------------------------------------------------- partition table (MiB)
 ESP_MB=128 SLOT_MB=192 DATA_MB=256
 esp_start=1 a_start=$((1 + ESP_MB)) b_start=$((1 + ESP_MB + SLOT_MB)) d_start=$((1 + ESP_MB + 2 * SLOT_MB))
 disk_mb=$((d_start + DATA_MB + 1))
 sqfs_bytes=$(stat -c %s "$sqfs")
-[ "$sqfs_bytes" -le $((SLOT_MB * 1048576)) ] || { echo "build.sh: rootfs ($sqfs_bytes bytes) exceeds the ${SLOT_MB} MiB slot" >&2; exit 1; }
+[ $((sqfs_bytes + 4096)) -le $((SLOT_MB * 1048576)) ] || { echo "build.sh: rootfs ($sqfs_bytes bytes) exceeds the ${SLOT_MB} MiB slot" >&2; exit 1; }
 
 # ---------------------------------------------------------------- ESP (FAT32, mtools, no mount)
 step "ESP (systemd-boot, slot a armed with 3 tries)"
@@ -227,6 +282,7 @@ EOF
 place() { dd if="$1" of="$img" bs=1M seek="$2" conv=notrunc,sparse status=none; }
 place "$esp" "$esp_start"
 place "$sqfs" "$a_start"
+dd if="$work/sig-block" of="$img" bs=4096 seek=$(((a_start * 1048576 + sqfs_bytes) / 4096)) conv=notrunc status=none
 place "$data" "$d_start"
 
 step "qcow2 + zstd"
@@ -238,7 +294,11 @@ rampart $version ($build_id)
 kernel $kpkg $kver
 busybox $(dpkg-query -W -f='${Version}' busybox-static)
 systemd-boot-efi $(dpkg-query -W -f='${Version}' systemd-boot-efi)
+nftables $(dpkg-query -W -f='${Version}' nftables)
 partitions esp=${ESP_MB}MiB root_a=${SLOT_MB}MiB root_b=${SLOT_MB}MiB data=${DATA_MB}MiB
 EOF
-(cd "$out" && sha256sum rampart.img rampart.img.zst rampart.qcow2 rampart-rootfs.sqfs >SHA256SUMS)
+(cd "$out" && sha256sum rampart.img rampart.img.zst rampart.qcow2 rampart-rootfs.sqfs rampart-rootfs.sqfs.minisig \
+    rampart-update.pub >SHA256SUMS)
+step "update public key ($out/rampart-update.pub, key ID $update_key_id):"
+sed -n 2p "$out/rampart-update.pub"
 step "done in $(($(date +%s) - t_start)) s: $(cd "$out" && ls -s --block-size=K rampart.img rampart.img.zst rampart.qcow2 rampart-rootfs.sqfs | tr '\n' ' ')"
