@@ -91,7 +91,9 @@ pub enum SshCommand {
 }
 
 fn load(config: &Path) -> anyhow::Result<Config> {
-    Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))
+    let c = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::sandbox::act_as_state_owner(&c)?;
+    Ok(c)
 }
 
 fn open_log(cfg: &Config) -> anyhow::Result<SshLog> {

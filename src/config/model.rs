@@ -479,6 +479,9 @@ pub struct GatewaySettings {
     pub state_dir: PathBuf,
     pub admin_listen: SocketAddr,
     pub public_endpoint: Option<String>,
+    /// `gateway.user`: the system user `rampart run` drops to after start, sandboxed (`sandbox`); `None`
+    /// keeps it root.
+    pub user: Option<String>,
 }
 
 /// The validated configuration. Immutable; a reload builds a new one and swaps the `Arc`.

@@ -181,6 +181,13 @@ impl Gateway {
         s
     }
 
+    /// Waits up to `timeout` for the gateway to exit on its own; its exit status (`None`: still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let s = self.proc.as_mut()?.wait_timeout(timeout)?;
+        self.proc = None;
+        Some(s)
+    }
+
     /// Sends a signal (e.g. "HUP") to the running gateway.
     pub fn signal(&mut self, sig: &str) {
         if let Some(p) = self.proc.as_mut() {
