@@ -190,7 +190,10 @@ impl Plan {
         ] {
             rules.push((PathBuf::from(lib), exec));
         }
-        rules.push((PathBuf::from("/proc"), read | AccessFs::WriteFile));
+        rules.push((
+            PathBuf::from("/proc"),
+            read | AccessFs::WriteFile | AccessFs::Truncate,
+        ));
         rules.push((PathBuf::from("/sys"), read));
         rules.push((PathBuf::from("/dev/null"), rw_file));
         rules.push((PathBuf::from("/dev/urandom"), AccessFs::ReadFile.into()));

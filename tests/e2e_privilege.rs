@@ -222,3 +222,93 @@ fn a_forbidden_system_call_ends_the_gateway_with_a_logged_violation() {
     );
     assert!(log.contains(&line), "no `{line}` in:\n{}", tail(&log, 40));
 }
+
+/// The layer-4 path under the drop: the namespace helper is forked and re-executed by the unprivileged,
+/// sandboxed gateway (its own uid mapped to root only inside its namespace), carries off-ramp traffic, and is
+/// restarted by the unprivileged supervisor after it is killed. This container's `/dev/net/tun` is 0600, so
+/// the gateway gets a 0666 node of its own (the kernel's default mode, what the appliance has).
+#[test]
+fn the_namespace_helper_runs_unprivileged_and_sandboxed_and_is_restarted() {
+    const UPSTREAM: &str = "198.18.1.2";
+    let mut t = TenantSpec::new("acme", "100.96.1.0/24", GW_ADDR);
+    t.rules = "offramp = [\"198.18.1.0/24\"]\n[[tenant.rule]]\nid = \"all\"\naction = \"allow\"\n"
+        .to_string();
+    let mut lab = Lab::with_setup(
+        &[t],
+        &format!(
+            "{}:{}",
+            support::gateway::UNDERLAY_ADDR,
+            support::gateway::PORT
+        ),
+        &format!("user = \"{USER}\"\n"),
+        |g| {
+            let node = g.dir.join("tun");
+            let r = support::process::run(
+                std::process::Command::new("mknod")
+                    .args(["-m", "0666"])
+                    .arg(&node)
+                    .args(["c", "10", "200"]),
+                Duration::from_secs(10),
+            );
+            assert!(r.success(), "{r}");
+            g.tun_node = Some(node);
+        },
+    );
+    let host = lab.add_host("up");
+    assert_eq!(host.underlay.to_string(), UPSTREAM);
+    let www = lab.dir().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "through the off-ramp\n").unwrap();
+    let mut cmd = host.ns.exec("python3");
+    cmd.args(["-m", "http.server", "--bind", UPSTREAM, "80", "--directory"])
+        .arg(&www);
+    let mut server = support::process::Proc::spawn("http-server", cmd, lab.dir());
+    let dev = lab.add_client("acme", "laptop");
+    wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "laptop -> gateway");
+    let url = format!("http://{UPSTREAM}/hello.txt");
+    let fetch = |what: &str| {
+        support::wait_until(
+            what,
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || {
+                let r = dev.ns.run(
+                    "curl",
+                    &["-sS", "--fail", "--max-time", "5", &url],
+                    Duration::from_secs(10),
+                );
+                r.stdout.contains("through the off-ramp").then_some(())
+            },
+        );
+    };
+    fetch("a page through the off-ramp after the drop");
+
+    let uid = nobody().uid.as_raw().to_string();
+    let (old, _) = support::wait_until(
+        "the namespace helper",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || lab.gateway.helper_pid(),
+    );
+    let uids = proc_status(old, "Uid");
+    assert!(
+        uids.split_whitespace().all(|u| u == uid),
+        "helper uids: {uids}"
+    );
+    assert_eq!(proc_status(old, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(old, "Seccomp"), "2");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    support::wait_until(
+        "a new namespace helper",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || lab.gateway.helper_pid().filter(|p| *p != old),
+    );
+    fetch("a page through the restarted namespace");
+    lab.gateway.assert_alive();
+    server.stop(Duration::from_secs(5));
+}

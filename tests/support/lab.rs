@@ -127,6 +127,16 @@ impl Lab {
     /// Like `with_settings`, with the WireGuard socket bound to `listen` (e.g. `[::]:PORT`, dual-stack); the
     /// gateway namespace keeps IPv6 on when `listen` is an IPv6 address.
     pub fn with_listen(tenants: &[TenantSpec], listen: &str, extra: &str) -> Lab {
+        Lab::with_setup(tenants, listen, extra, |_| {})
+    }
+
+    /// Like `with_listen`, with `setup` applied to the gateway before it starts.
+    pub fn with_setup(
+        tenants: &[TenantSpec],
+        listen: &str,
+        extra: &str,
+        setup: impl FnOnce(&mut Gateway),
+    ) -> Lab {
         preflight();
         let id = format!(
             "rpt{}x{}",
@@ -140,6 +150,7 @@ impl Lab {
         let mut gateway = Gateway::new(config, dir.path(), &gw_ns);
         let check = gateway.cli(&["check-config"], &[]);
         assert!(check.success(), "generated config rejected: {check}");
+        setup(&mut gateway);
         gateway.start();
         Lab {
             gateway,
