@@ -339,8 +339,8 @@ pub fn install_seccomp() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the gateway calls (data path, tokio, SQLite, rustls, the netns helper's fork/exec and setup),
-/// found by reading the code and by `strace -f` of the e2e suites. Not here, among others: ptrace,
+/// What the gateway calls (data path, tokio, SQLite, rustls, the netns helper's fork/exec and setup), from
+/// the code and the suites that run under it (`e2e_privilege`). Not here, among others: ptrace,
 /// process_vm_*, mount, pivot_root, chroot, setns, bpf, perf_event_open, keyctl, *_module, kexec_*,
 /// reboot, swapon, setuid and friends, capset, personality, userfaultfd, io_uring_*.
 const ALLOWED: &[i64] = &[

@@ -241,18 +241,7 @@ fn the_namespace_helper_runs_unprivileged_and_sandboxed_and_is_restarted() {
             support::gateway::PORT
         ),
         &format!("user = \"{USER}\"\n"),
-        |g| {
-            let node = g.dir.join("tun");
-            let r = support::process::run(
-                std::process::Command::new("mknod")
-                    .args(["-m", "0666"])
-                    .arg(&node)
-                    .args(["c", "10", "200"]),
-                Duration::from_secs(10),
-            );
-            assert!(r.success(), "{r}");
-            g.tun_node = Some(node);
-        },
+        support::lab::private_tun,
     );
     let host = lab.add_host("up");
     assert_eq!(host.underlay.to_string(), UPSTREAM);
