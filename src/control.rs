@@ -22,6 +22,12 @@ pub enum Request {
     /// Test builds only: stall the data path for `secs` seconds.
     #[cfg(feature = "test-hooks")]
     DebugStall { secs: u64 },
+    /// Test builds only: read the file at `path` from inside the gateway (what Landlock allows).
+    #[cfg(feature = "test-hooks")]
+    DebugReadFile { path: std::path::PathBuf },
+    /// Test builds only: make a system call outside the seccomp allowlist (the gateway should die of it).
+    #[cfg(feature = "test-hooks")]
+    DebugForbiddenSyscall,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

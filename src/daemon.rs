@@ -97,18 +97,43 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
 }
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    // Whatever the gateway creates (audit store, recordings, keys, registry, spool, logs) is its own only,
+    // whatever umask it was started with: files 0600, directories 0700.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cfg = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = Arc::new(cfg);
     let g = &cfg.gateway;
     std::fs::create_dir_all(&g.state_dir)
         .with_context(|| format!("cannot create state_dir {}", g.state_dir.display()))?;
-    // Keys, the device registry and the audit store live here: root only.
+    // Keys, the device registry and the audit store live here: the gateway's user only.
     {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&g.state_dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict state_dir {}", g.state_dir.display()))?;
     }
     let key = load_or_create_key(&g.private_key_file)?;
+    let egresses = crate::egress::Egresses::new();
+    // Everything above may need root; from here on the gateway is `gateway.user`, sandboxed (no thread may
+    // exist before this: see `sandbox`).
+    match &g.user {
+        Some(name) => {
+            let plan = crate::sandbox::Plan::new(&cfg, name)?;
+            plan.hand_over(&cfg)?;
+            plan.confine_files()?;
+            egresses.prepare(&cfg);
+            plan.become_user()?;
+            crate::sandbox::install_seccomp()?;
+        }
+        None => {
+            if nix::unistd::geteuid().is_root() {
+                tracing::warn!(
+                    "running as root without a sandbox; set gateway.user (an unprivileged system user) in {}",
+                    config_path.display()
+                );
+            }
+            egresses.prepare(&cfg);
+        }
+    }
 
     let socket = UdpSocket::bind(g.listen).with_context(|| {
         format!(
@@ -175,11 +200,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         config_path: config_path.to_path_buf(),
         config: ConfigHandle::new(cfg.clone()),
         reload_lock: Mutex::new(()),
-        egresses: {
-            let e = crate::egress::Egresses::new();
-            e.prepare(&cfg);
-            e
-        },
+        egresses,
         onramp,
         ssh,
         http,
@@ -465,6 +486,36 @@ async fn serve_control(listener: UnixListener, running: Arc<Running>) {
                     Reply {
                         ok: true,
                         message: format!("data path stalled for {secs} s"),
+                        peers: Vec::new(),
+                    }
+                }
+                #[cfg(feature = "test-hooks")]
+                Ok(Request::DebugReadFile { path }) => {
+                    match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
+                        Ok(Ok(bytes)) => Reply {
+                            ok: true,
+                            message: format!("read {} bytes", bytes.len()),
+                            peers: Vec::new(),
+                        },
+                        Ok(Err(e)) => Reply {
+                            ok: false,
+                            message: format!("cannot read: {e}"),
+                            peers: Vec::new(),
+                        },
+                        Err(e) => Reply {
+                            ok: false,
+                            message: e.to_string(),
+                            peers: Vec::new(),
+                        },
+                    }
+                }
+                #[cfg(feature = "test-hooks")]
+                Ok(Request::DebugForbiddenSyscall) => {
+                    let e =
+                        tokio::task::spawn_blocking(crate::sandbox::debug_forbidden_syscall).await;
+                    Reply {
+                        ok: false,
+                        message: format!("still alive after a forbidden system call: {e:?}"),
                         peers: Vec::new(),
                     }
                 }

@@ -32,6 +32,8 @@ pub mod offramp;
 pub mod onramp;
 pub mod packet;
 pub mod registry;
+#[allow(unsafe_code)]
+pub mod sandbox;
 pub mod ssh;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -11,6 +11,9 @@ fn main() -> std::process::ExitCode {
         return code;
     }
     let cli = cli::Cli::parse();
+    // Whatever rampart creates (keys, registry, stores, recordings, device configs) is private, files 0600 and
+    // directories 0700, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|e| {
         eprintln!(
             "rampart: --log-level {:?} is not a valid filter ({e}); using info",

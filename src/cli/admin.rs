@@ -74,6 +74,7 @@ pub enum AdminCommand {
 
 fn store(config: &Path) -> anyhow::Result<(Config, AccountStore)> {
     let cfg = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::sandbox::act_as_state_owner(&cfg)?;
     std::fs::create_dir_all(&cfg.gateway.state_dir).with_context(|| {
         format!(
             "cannot create state_dir {}",
@@ -221,6 +222,7 @@ pub fn audit_admin(
     json: bool,
 ) -> anyhow::Result<()> {
     let cfg = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::sandbox::act_as_state_owner(&cfg)?;
     let path = crate::audit::existing_store(&cfg)?;
     let since = crate::clock::since_arg(since, crate::clock::unix_ms())?;
     let rows = crate::audit::review::admin::query(path, since, limit)?;

@@ -91,6 +91,8 @@ pub enum SshCommand {
 }
 
 fn load(config: &Path) -> anyhow::Result<Config> {
+    // Read-only review (`audit ssh`, `audit verify`): stays root, so it can read a pinned key or exported
+    // heads wherever the admin keeps them (no `sandbox::act_as_state_owner`).
     Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))
 }
 

@@ -473,7 +473,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+    let c = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::sandbox::act_as_state_owner(&c)?;
+    Ok(c)
 }
 
 /// The starter config's commented-out enrollment listener line (`init --enroll-listen` turns it on).

@@ -232,6 +232,9 @@ impl Config {
         if a.state_dir != b.state_dir {
             out.push("gateway.state_dir");
         }
+        if a.user != b.user {
+            out.push("gateway.user");
+        }
         if self.audit != new.audit {
             out.push("audit");
         }

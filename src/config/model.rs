@@ -482,6 +482,9 @@ pub struct GatewaySettings {
     /// needs `Authorization: Bearer` with this token.
     pub admin_token: Option<super::AdminToken>,
     pub public_endpoint: Option<String>,
+    /// `gateway.user`: the system user `rampart run` drops to after start, sandboxed (`sandbox`); `None`
+    /// keeps it root.
+    pub user: Option<String>,
 }
 
 /// The validated configuration. Immutable; a reload builds a new one and swaps the `Arc`.

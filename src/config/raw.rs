@@ -89,6 +89,8 @@ pub struct RawGateway {
     pub enroll_listen: Option<String>,
     /// HTTPS listener of the review web UI and its API; absent = off.
     pub ui_listen: Option<String>,
+    /// The unprivileged system user `rampart run` becomes after start (and sandboxes); absent: stays root.
+    pub user: Option<String>,
 }
 
 /// A value written as one string or as a list of them (`"100.96.0.0/24"` or `["100.96.0.0/24", "fd00::/64"]`).

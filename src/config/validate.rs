@@ -47,6 +47,20 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         }
     }
 
+    let user = g.user.clone();
+    if let Some(u) = &user {
+        let valid = !u.is_empty()
+            && u.len() <= 32
+            && u.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && !u.starts_with('-');
+        if !valid || u == "root" {
+            c.push(
+                "gateway.user",
+                format!("{u:?} is not an unprivileged system user name; write one like \"rampart\" (create it with `useradd --system rampart`), or remove the key to keep the gateway root"),
+            );
+        }
+    }
     let flows = validate_flows(raw.flows, c);
     let audit = validate_audit(raw.audit, &state_dir, base, c);
     let enroll = super::enroll::validate_enroll(raw.enroll, g.enroll_listen.as_deref(), base, c);
@@ -192,6 +206,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             admin_listen,
             admin_token,
             public_endpoint: g.public_endpoint,
+            user,
         },
         flows,
         audit,
@@ -978,6 +993,7 @@ pub(super) fn empty(path: &Path) -> Config {
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
             admin_token: None,
             public_endpoint: None,
+            user: None,
         },
         enroll: super::EnrollSettings::default(),
         ui: super::UiSettings::default(),

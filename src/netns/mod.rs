@@ -39,6 +39,8 @@
 //!    a TUN is bound to the network namespace of the process that *opened* `/dev/net/tun` (EPERM otherwise).
 //!
 //! So: run as root, or as an unprivileged user with both conditions met (verified as `nobody` with mode 0666).
+//! With `gateway.user` the helper is always started after the drop, by the sandboxed gateway: it inherits
+//! no-new-privs, the Landlock domain and the seccomp filter (`crate::sandbox`; tested in `e2e_privilege`).
 //! Each flow costs the gateway at least one descriptor; raise `RLIMIT_NOFILE` accordingly.
 
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -644,6 +644,12 @@ fn enter_namespace(
         // The parent died before the prctl took effect: nobody would ever reap or stop us.
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
+    // A gateway that dropped privileges (`sandbox`) is not dumpable, which makes its /proc/self files root's:
+    // this child could not write its own uid map. Only the child (about to exec anyway) becomes dumpable.
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers and only affects this (child) process.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: unshare takes flags only; the child is single-threaded (as unshare(CLONE_NEWUSER) requires).
     if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());

@@ -106,6 +106,9 @@ pub struct Gateway {
     ns: String,
     proc: Option<Proc>,
     starts: u32,
+    /// A TUN device node bind-mounted over `/dev/net/tun` for the gateway only (a private mount namespace):
+    /// lets an unprivileged gateway open it where the host's node is 0600.
+    pub tun_node: Option<PathBuf>,
 }
 
 impl Gateway {
@@ -116,6 +119,7 @@ impl Gateway {
             ns: ns.name().to_string(),
             proc: None,
             starts: 0,
+            tun_node: None,
         }
     }
 
@@ -128,7 +132,17 @@ impl Gateway {
     pub fn start(&mut self) {
         assert!(self.proc.is_none(), "gateway already running");
         self.starts += 1;
-        let mut cmd = Command::new("ip");
+        let mut cmd = match &self.tun_node {
+            None => Command::new("ip"),
+            Some(node) => {
+                // unshare and sh exec in place: the process is still the gateway's pid.
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /dev/net/tun && exec ip \"$@\"")
+                    .arg(node);
+                c
+            }
+        };
         cmd.args(["netns", "exec", &self.ns, BIN, "run", "-c"])
             .arg(&self.config)
             .env(
@@ -185,6 +199,13 @@ impl Gateway {
             p.kill();
         }
         s
+    }
+
+    /// Waits up to `timeout` for the gateway to exit on its own; its exit status (`None`: still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let s = self.proc.as_mut()?.wait_timeout(timeout)?;
+        self.proc = None;
+        Some(s)
     }
 
     /// Sends a signal (e.g. "HUP") to the running gateway.

@@ -126,7 +126,27 @@ impl Lab {
 
     /// Like `with_settings`, with the WireGuard socket bound to `listen` (e.g. `[::]:PORT`, dual-stack); the
     /// gateway namespace keeps IPv6 on when `listen` is an IPv6 address.
+    /// With `RAMPART_E2E_USER=nobody`, every lab's gateway drops to that user (`gateway.user`) and gets a
+    /// 0666 TUN node of its own: runs a whole suite under the sandbox (`docs/security.md`, "Privileges").
     pub fn with_listen(tenants: &[TenantSpec], listen: &str, extra: &str) -> Lab {
+        match std::env::var("RAMPART_E2E_USER") {
+            Ok(user) if !user.is_empty() => Lab::with_setup(
+                tenants,
+                listen,
+                &format!("user = \"{user}\"\n{extra}"),
+                private_tun,
+            ),
+            _ => Lab::with_setup(tenants, listen, extra, |_| {}),
+        }
+    }
+
+    /// Like `with_listen`, with `setup` applied to the gateway before it starts.
+    pub fn with_setup(
+        tenants: &[TenantSpec],
+        listen: &str,
+        extra: &str,
+        setup: impl FnOnce(&mut Gateway),
+    ) -> Lab {
         preflight();
         let id = format!(
             "rpt{}x{}",
@@ -140,6 +160,7 @@ impl Lab {
         let mut gateway = Gateway::new(config, dir.path(), &gw_ns);
         let check = gateway.cli(&["check-config"], &[]);
         assert!(check.success(), "generated config rejected: {check}");
+        setup(&mut gateway);
         gateway.start();
         Lab {
             gateway,
@@ -285,4 +306,19 @@ impl Drop for Lab {
         // Stop the gateway explicitly, before its namespace is deleted.
         self.gateway.terminate(Duration::from_secs(10));
     }
+}
+
+/// Gives `g` a TUN device node of its own, mode 0666, bind-mounted over `/dev/net/tun` for it only (this
+/// container's node is 0600, which an unprivileged gateway cannot open).
+pub fn private_tun(g: &mut Gateway) {
+    let node = g.dir.join("tun");
+    let r = super::process::run(
+        std::process::Command::new("mknod")
+            .args(["-m", "0666"])
+            .arg(&node)
+            .args(["c", "10", "200"]),
+        Duration::from_secs(10),
+    );
+    assert!(r.success(), "{r}");
+    g.tun_node = Some(node);
 }
