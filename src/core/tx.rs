@@ -93,6 +93,13 @@ impl TxQueue {
     pub fn slot(&mut self, to: SocketAddr, max: usize) -> &mut [u8] {
         debug_assert!(max <= BUF_SIZE, "slot of {max} bytes");
         let max = max.min(BUF_SIZE);
+        // A lane opened for a slot that was never committed (a timer tick asks every peer) is taken back, so
+        // asking costs no lane.
+        if let Some(i) = self.pending.take() {
+            if i + 1 == self.live && self.lanes[i].used == 0 {
+                self.live -= 1;
+            }
+        }
         let found = self.lanes[..self.live]
             .iter()
             .enumerate()
@@ -304,6 +311,17 @@ mod tests {
         push(&mut q, addr(3), 1, 10);
         assert_eq!(q.iter().count(), 1);
         assert_eq!(q.lanes.len(), 1, "the lane was reused");
+    }
+
+    #[test]
+    fn slots_never_committed_take_no_lanes() {
+        let mut q = TxQueue::new();
+        for i in 0..100 {
+            let _ = q.slot(addr(i), 256);
+        }
+        push(&mut q, addr(7), 0, 92);
+        assert_eq!(q.lanes.len(), 1);
+        assert_eq!(shape(&q), vec![(addr(7), 92, 1, 92)]);
     }
 
     #[test]
