@@ -114,6 +114,13 @@ if mfiles:
                 kv[m.group(1) + (m.group(2) or "")] = float(m.group(3))
         drops = {k.split('reason="')[1].rstrip('"}'): int(v) for k, v in kv.items()
                  if k.startswith("rampart_dropped_packets_total") and 'reason="' in k and v}
+        tx = kv.get('rampart_datagrams_sent_total', 0)
+        calls = kv.get('rampart_udp_send_calls_total', 0)
+        trains = kv.get('rampart_udp_send_trains_total', 0)
+        in_trains = kv.get('rampart_udp_send_train_datagrams_total', 0)
+        sends = (f"; {tx / calls:.1f} datagrams per send call" if calls else "") + (
+            f", {in_trains / tx * 100:.0f} % of them in {int(trains)} GSO trains of {in_trains / trains:.1f}"
+            if trains and tx else "")
         print(f"- {p.name}: datagrams rx {int(kv.get('rampart_datagrams_received_total', 0))}, "
-              f"tx {int(kv.get('rampart_datagrams_sent_total', 0))}; drops by reason: "
+              f"tx {int(tx)}{sends}; drops by reason: "
               + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))

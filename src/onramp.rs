@@ -1,6 +1,8 @@
 //! The WireGuard on-ramp IO shell: one UDP socket for every peer of every tenant, pumped by a dedicated thread
 //! that owns the `core::Gateway`. It receives in batches (`recvmmsg`), hands each datagram to the core, runs the
-//! timer tick, and sends what the core queued in batches (`sendmmsg`). It decides nothing itself.
+//! timer tick, and sends what the core queued: trains of equal-size datagrams per destination, each train one
+//! UDP GSO message, many per `sendmmsg` (`sys::UdpSender`, which falls back to one datagram per message on a
+//! socket without GSO). It decides nothing itself.
 //!
 //! When the layer-4 path is on, the same thread also owns the upgrade TUN of the gateway's namespace: it waits
 //! on both descriptors (`poll`), feeds packets leaving the namespace to `Gateway::handle_tun_packet`, and writes
@@ -128,7 +130,8 @@ fn pump(
     app: Option<AppSide>,
     commands: Receiver<Command>,
 ) {
-    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut sender = sys::UdpSender::new(&socket);
+    metrics.global.gso_enabled.set(u64::from(sender.gso()));
     let mut rx = sys::RecvBatch::new(BUF_SIZE);
     let mut scratch = vec![0u8; BUF_SIZE];
     let mut tx = TxQueue::new();
@@ -178,12 +181,22 @@ fn pump(
             }
         }
     };
-    let flush = |tx: &mut TxQueue| {
+    let mut flush = |tx: &mut TxQueue| {
         if !tx.is_empty() {
-            let st = sys::send_batch(&socket, v6, tx.iter());
-            metrics.global.datagrams_tx.add(st.sent as u64);
-            metrics.global.send_errors.add(st.failed as u64);
-            metrics.global.send_calls.add(st.calls as u64);
+            let st = sender.send(
+                &socket,
+                tx.trains().map(|t| (t.to, t.seg, t.segments, t.data)),
+            );
+            let g = &metrics.global;
+            g.datagrams_tx.add(st.sent as u64);
+            g.send_errors.add(st.failed as u64);
+            g.send_calls.add(st.calls as u64);
+            g.send_trains.add(st.trains as u64);
+            g.send_train_datagrams.add(st.train_datagrams as u64);
+            if st.fallbacks > 0 {
+                g.gso_fallbacks.add(st.fallbacks as u64);
+                g.gso_enabled.set(u64::from(sender.gso()));
+            }
             tx.clear();
         }
     };

@@ -150,80 +150,286 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
     Ok(batch.meta.len())
 }
 
-/// Sends every datagram, `BATCH` per `sendmmsg`. A datagram the kernel refuses (unreachable destination and
-/// the like) is skipped and counted in the returned error count; it never stops the rest.
-/// What one `send_batch` did.
+/// What one `send_batch` or `UdpSender::send` did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SendStats {
+    /// Datagrams the kernel took (a GSO train counts its segments).
     pub sent: usize,
     /// Datagrams the kernel refused (each skipped, the rest still sent).
     pub failed: usize,
     /// `sendmmsg` calls made.
     pub calls: usize,
+    /// Trains sent as one GSO message (`UDP_SEGMENT`, more than one segment).
+    pub trains: usize,
+    /// Datagrams that left inside those trains.
+    pub train_datagrams: usize,
+    /// Trains the kernel refused as GSO and that were sent again as separate datagrams.
+    pub fallbacks: usize,
 }
 
+impl std::ops::AddAssign for SendStats {
+    fn add_assign(&mut self, o: SendStats) {
+        self.sent += o.sent;
+        self.failed += o.failed;
+        self.calls += o.calls;
+        self.trains += o.trains;
+        self.train_datagrams += o.train_datagrams;
+        self.fallbacks += o.fallbacks;
+    }
+}
+
+/// Sends every datagram, `BATCH` per `sendmmsg`. A datagram the kernel refuses (unreachable destination and
+/// the like) is skipped and counted as failed; it never stops the rest.
 pub fn send_batch<'a>(
     sock: &UdpSocket,
     v6_socket: bool,
     msgs: impl Iterator<Item = (SocketAddr, &'a [u8])>,
 ) -> SendStats {
-    let (mut sent, mut failed, mut calls) = (0, 0, 0);
-    // SAFETY: all-zero bytes are valid for these plain C structs.
-    let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-    // SAFETY: as above.
-    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    let mut msgs = msgs.peekable();
-    while msgs.peek().is_some() {
-        let mut n = 0;
-        while n < BATCH {
-            let Some((to, data)) = msgs.next() else { break };
-            let namelen = from_socket_addr(to, v6_socket, &mut addrs[n]);
-            iovs[n] = libc::iovec {
+    let mut st = SendStats::default();
+    let mut out = Outbox::new(v6_socket);
+    for (to, data) in msgs {
+        if out.is_full() {
+            st += out.flush(sock).0;
+        }
+        out.push(to, data, data.len(), 1, false);
+    }
+    st += out.flush(sock).0;
+    st
+}
+
+/// Up to `BATCH` messages for one `sendmmsg`, each a datagram or a GSO train with its `UDP_SEGMENT` cmsg.
+struct Outbox<'a> {
+    v6_socket: bool,
+    n: usize,
+    addrs: [libc::sockaddr_storage; BATCH],
+    iovs: [libc::iovec; BATCH],
+    /// One control buffer per message: room for a `cmsghdr` and its u16, 8-byte aligned.
+    cmsgs: [[u64; 4]; BATCH],
+    hdrs: [libc::mmsghdr; BATCH],
+    msgs: [Option<Msg<'a>>; BATCH],
+}
+
+/// A queued message: destination, bytes, segment size, segments, and whether it carries `UDP_SEGMENT`.
+type Msg<'a> = (SocketAddr, &'a [u8], usize, usize, bool);
+
+/// `errno` values that mean "this socket or route cannot do UDP GSO" (no checksum offload on the egress
+/// device, a kernel without `UDP_SEGMENT`).
+fn is_gso_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+impl<'a> Outbox<'a> {
+    fn new(v6_socket: bool) -> Outbox<'a> {
+        Outbox {
+            v6_socket,
+            n: 0,
+            // SAFETY: all-zero bytes are valid for these plain C structs.
+            addrs: unsafe { zeroed() },
+            // SAFETY: as above.
+            iovs: unsafe { zeroed() },
+            cmsgs: [[0; 4]; BATCH],
+            // SAFETY: as above.
+            hdrs: unsafe { zeroed() },
+            msgs: [None; BATCH],
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.n == BATCH
+    }
+
+    fn push(&mut self, to: SocketAddr, data: &'a [u8], seg: usize, segments: usize, gso: bool) {
+        debug_assert!(!self.is_full());
+        self.msgs[self.n] = Some((to, data, seg, segments, gso));
+        self.n += 1;
+    }
+
+    /// Sends the queued messages in order and empties the box. A message the kernel refuses is skipped and
+    /// its datagrams counted as failed, except a GSO train refused for lack of GSO support: that one is
+    /// returned (with every message after it, unsent) for the caller to send again without GSO, together with
+    /// the error.
+    #[allow(clippy::type_complexity)]
+    fn flush(&mut self, sock: &UdpSocket) -> (SendStats, Option<(io::Error, Vec<Msg<'a>>)>) {
+        let mut st = SendStats::default();
+        let n = std::mem::take(&mut self.n);
+        let cmsg_space = cmsg_space_u16();
+        for i in 0..n {
+            let (to, data, seg, _, gso) = self.msgs[i].expect("queued");
+            let namelen = from_socket_addr(to, self.v6_socket, &mut self.addrs[i]);
+            self.iovs[i] = libc::iovec {
                 iov_base: data.as_ptr() as *mut libc::c_void,
                 iov_len: data.len(),
             };
-            hdrs[n] = libc::mmsghdr {
-                // SAFETY: all-zero is a valid msghdr.
-                msg_hdr: unsafe { zeroed() },
+            // SAFETY: all-zero is a valid msghdr.
+            let mut h: libc::msghdr = unsafe { zeroed() };
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = namelen;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            if gso {
+                h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
+                h.msg_controllen = cmsg_space;
+                // SAFETY: `h.msg_control` points at `cmsgs[i]` (32 bytes, 8-byte aligned), at least
+                // CMSG_SPACE(2) = 24 bytes on 64-bit Linux (checked by `cmsg_space_u16`), so CMSG_FIRSTHDR is
+                // non-null and the header plus its u16 fit inside it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+                }
+            }
+            self.hdrs[i] = libc::mmsghdr {
+                msg_hdr: h,
                 msg_len: 0,
             };
-            hdrs[n].msg_hdr.msg_name = (&mut addrs[n] as *mut libc::sockaddr_storage).cast();
-            hdrs[n].msg_hdr.msg_namelen = namelen;
-            hdrs[n].msg_hdr.msg_iov = &mut iovs[n];
-            hdrs[n].msg_hdr.msg_iovlen = 1;
-            n += 1;
         }
         let mut off = 0;
         while off < n {
-            calls += 1;
-            // SAFETY: headers [off, n) point at live address slots, iovecs and caller-owned data that outlive
-            // the call; the kernel only reads them.
+            st.calls += 1;
+            // SAFETY: headers [off, n) point at live address slots, iovecs, control buffers (all in `self`) and
+            // caller-owned data that outlive the call; the kernel only reads them.
             let r = unsafe {
                 libc::sendmmsg(
                     sock.as_raw_fd(),
-                    hdrs[off..].as_mut_ptr(),
+                    self.hdrs[off..].as_mut_ptr(),
                     (n - off) as libc::c_uint,
                     0,
                 )
             };
             if r > 0 {
+                for m in &self.msgs[off..off + r as usize] {
+                    let (_, _, _, segments, gso) = m.expect("queued");
+                    st.sent += segments;
+                    if gso {
+                        st.trains += 1;
+                        st.train_datagrams += segments;
+                    }
+                }
                 off += r as usize;
-                sent += r as usize;
-            } else if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
-            } else {
-                // The first remaining datagram was refused: skip it, keep going.
-                off += 1;
-                failed += 1;
             }
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            let (_, _, _, segments, gso) = self.msgs[off].expect("queued");
+            if gso && (is_gso_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL)) {
+                let rest = self.msgs[off..n]
+                    .iter_mut()
+                    .filter_map(Option::take)
+                    .collect();
+                return (st, Some((e, rest)));
+            }
+            // The first remaining message was refused: skip it, keep going.
+            off += 1;
+            st.failed += segments;
+        }
+        (st, None)
+    }
+}
+
+fn cmsg_space_u16() -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    assert!(space <= size_of::<[u64; 4]>(), "cmsg buffer too small");
+    space
+}
+
+/// Sends trains of equal-size datagrams on one UDP socket: each train of more than one segment as one GSO
+/// message (`UDP_SEGMENT`), many messages per `sendmmsg`. Remembers whether the socket can do GSO: the first
+/// train refused with `EIO` (no checksum offload on the way out) or `ENOPROTOOPT`/`EOPNOTSUPP` (no GSO in the
+/// kernel) turns GSO off for good, and that train and every later one go out as separate datagrams instead.
+/// `EINVAL` turns it off only while no train has gone out yet on this socket (afterwards it is about that
+/// one train, e.g. a segment above the route's MTU, which is then sent as separate datagrams).
+pub struct UdpSender {
+    v6_socket: bool,
+    gso: bool,
+    gso_proven: bool,
+}
+
+impl UdpSender {
+    /// Probes `sock` for `UDP_SEGMENT` support.
+    pub fn new(sock: &UdpSocket) -> UdpSender {
+        let v6_socket = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+        let mut v: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: passes a live c_int and its exact size; the kernel writes at most `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        UdpSender {
+            v6_socket,
+            gso: r == 0,
+            gso_proven: false,
         }
     }
-    SendStats {
-        sent,
-        failed,
-        calls,
+
+    /// Whether trains still go out as GSO messages on this socket.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Sends every train in order: `(destination, segment size, segments, bytes)`, the bytes being `segments`
+    /// datagrams of `seg` bytes, the last one possibly shorter.
+    pub fn send<'a>(
+        &mut self,
+        sock: &UdpSocket,
+        trains: impl Iterator<Item = (SocketAddr, usize, usize, &'a [u8])>,
+    ) -> SendStats {
+        let mut st = SendStats::default();
+        let mut out = Outbox::new(self.v6_socket);
+        for (to, seg, segments, data) in trains {
+            if self.gso && segments > 1 {
+                if out.is_full() {
+                    st += self.flush(sock, &mut out);
+                }
+                out.push(to, data, seg, segments, true);
+                continue;
+            }
+            for d in data.chunks(seg.max(1)) {
+                if out.is_full() {
+                    st += self.flush(sock, &mut out);
+                }
+                out.push(to, d, d.len(), 1, false);
+            }
+        }
+        st += self.flush(sock, &mut out);
+        st
+    }
+
+    fn flush<'a>(&mut self, sock: &UdpSocket, out: &mut Outbox<'a>) -> SendStats {
+        let (mut st, refused) = out.flush(sock);
+        if st.trains > 0 {
+            self.gso_proven = true;
+        }
+        let Some((e, rest)) = refused else { return st };
+        if is_gso_unsupported(&e) || !self.gso_proven {
+            tracing::info!(error = %e, "UDP GSO refused on the WireGuard socket: sending datagrams one by one");
+            self.gso = false;
+        }
+        // The refused train and everything queued after it, in order, as separate datagrams.
+        st.fallbacks += 1;
+        st += send_batch(
+            sock,
+            self.v6_socket,
+            rest.iter().flat_map(|&(to, data, seg, segments, gso)| {
+                let seg = if gso { seg } else { data.len() };
+                debug_assert!(segments == data.len().div_ceil(seg.max(1)));
+                data.chunks(seg.max(1)).map(move |d| (to, d))
+            }),
+        );
+        st
     }
 }
 
@@ -360,6 +566,132 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
+    }
+
+    /// Receives `n` datagrams on `sock` (bounded wait), with their sources.
+    fn recv_n(sock: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut batch = RecvBatch::new(2048);
+        let mut got = Vec::new();
+        while got.len() < n {
+            let k = recv_batch(sock, &mut batch).unwrap();
+            assert!(k > 0, "timed out after {} of {n} datagrams", got.len());
+            for &(i, from, len, trunc) in &batch.meta {
+                assert!(!trunc);
+                got.push((from, batch.bufs[i][..len].to_vec()));
+            }
+        }
+        got
+    }
+
+    fn datagram(tag: u8, seq: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|k| (k + seq * 7) as u8 ^ tag).collect()
+    }
+
+    #[test]
+    fn gso_trains_arrive_as_separate_datagrams_in_order() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (b, c) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        for s in [&b, &c] {
+            set_recv_timeout(s, Duration::from_secs(5)).unwrap();
+        }
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        // Interleaved: 20 full-size datagrams to b ending with a shorter one, 12 small ones to c.
+        let mut q = crate::core::TxQueue::new();
+        let (mut want_b, mut want_c) = (Vec::new(), Vec::new());
+        for i in 0..21 {
+            let len = if i == 20 { 333 } else { 1452 };
+            let d = datagram(1, i, len);
+            q.slot(to_b, len)[..len].copy_from_slice(&d);
+            q.commit(len);
+            want_b.push(d);
+            if i < 12 {
+                let d = datagram(2, i, 92);
+                q.slot(to_c, 92)[..92].copy_from_slice(&d);
+                q.commit(92);
+                want_c.push(d);
+            }
+        }
+        let mut sender = UdpSender::new(&a);
+        assert!(sender.gso(), "this kernel has UDP_SEGMENT");
+        let st = sender.send(&a, q.trains().map(|t| (t.to, t.seg, t.segments, t.data)));
+        assert_eq!(
+            st,
+            SendStats {
+                sent: 33,
+                failed: 0,
+                calls: 1,
+                trains: 2,
+                train_datagrams: 33,
+                fallbacks: 0
+            }
+        );
+        let got_b = recv_n(&b, 21);
+        let got_c = recv_n(&c, 12);
+        assert!(got_b
+            .iter()
+            .chain(&got_c)
+            .all(|(from, _)| *from == a.local_addr().unwrap()));
+        assert_eq!(
+            got_b.into_iter().map(|(_, d)| d).collect::<Vec<_>>(),
+            want_b
+        );
+        assert_eq!(
+            got_c.into_iter().map(|(_, d)| d).collect::<Vec<_>>(),
+            want_c
+        );
+    }
+
+    /// A train the kernel refuses as GSO goes out as separate datagrams, in order, with what was queued after
+    /// it. On a socket where no train has gone out yet that turns GSO off for good; after a train went out, it
+    /// stays on. The refusal is real: with `SO_NO_CHECK` (no UDP checksums) the kernel refuses every GSO send
+    /// with `EINVAL` but still sends single datagrams.
+    #[test]
+    fn a_refused_train_falls_back_to_single_datagrams() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_recv_timeout(&b, Duration::from_secs(5)).unwrap();
+        let to = b.local_addr().unwrap();
+        let train: Vec<u8> = (0..10).flat_map(|i| datagram(3, i, 100)).collect();
+        let after = datagram(4, 0, 50);
+        let mut want: Vec<Vec<u8>> = train.chunks(100).map(<[u8]>::to_vec).collect();
+        want.push(after.clone());
+        let both = || [(to, 100, 10, &train[..]), (to, 50, 1, &after[..])].into_iter();
+
+        let mut proven = UdpSender::new(&a);
+        let st = proven.send(&a, both());
+        assert_eq!((st.sent, st.trains, st.fallbacks), (11, 1, 0));
+        recv_n(&b, 11);
+
+        setsockopt_int(&a, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).unwrap();
+        let st = proven.send(&a, both());
+        assert_eq!((st.sent, st.failed, st.trains, st.fallbacks), (11, 0, 0, 1));
+        assert!(
+            proven.gso(),
+            "GSO worked for an earlier train: it stays on, the refusal was about this one"
+        );
+        let got: Vec<Vec<u8>> = recv_n(&b, 11).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(got, want);
+
+        let mut fresh = UdpSender::new(&a);
+        assert!(fresh.gso(), "the probe cannot know yet");
+        let st = fresh.send(&a, both());
+        assert_eq!((st.sent, st.failed, st.trains, st.fallbacks), (11, 0, 0, 1));
+        assert!(
+            !fresh.gso(),
+            "GSO never worked on this socket: remembered off"
+        );
+        let got: Vec<Vec<u8>> = recv_n(&b, 11).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(got, want);
+        let st = fresh.send(&a, both());
+        assert_eq!(
+            (st.sent, st.trains, st.fallbacks, st.calls),
+            (11, 0, 0, 1),
+            "no more GSO messages: 11 single datagrams in one sendmmsg"
+        );
+        recv_n(&b, 11);
     }
 
     #[test]

@@ -308,6 +308,21 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
             g.send_calls.get(),
         ),
         (
+            "rampart_udp_send_trains_total",
+            "GSO trains sent on the WireGuard socket: one UDP_SEGMENT message of several equal-size datagrams.",
+            g.send_trains.get(),
+        ),
+        (
+            "rampart_udp_send_train_datagrams_total",
+            "Datagrams sent inside GSO trains (mean train length = this / rampart_udp_send_trains_total).",
+            g.send_train_datagrams.get(),
+        ),
+        (
+            "rampart_udp_gso_fallbacks_total",
+            "GSO trains the kernel refused and that were sent again as separate datagrams.",
+            g.gso_fallbacks.get(),
+        ),
+        (
             "rampart_datapath_wakeups_total",
             "Turns of the data-path loop: each poll return, for traffic or the idle timer tick.",
             g.wakeups.get(),
@@ -348,6 +363,11 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP rampart_udp_gso_enabled 1 while the WireGuard socket sends GSO trains, 0 after it fell back to single datagrams.\n# TYPE rampart_udp_gso_enabled gauge\nrampart_udp_gso_enabled {}",
+        g.gso_enabled.get()
+    );
     let _ = writeln!(
         out,
         "# HELP rampart_nat_slots NAT slots held by upgraded flows.\n# TYPE rampart_nat_slots gauge\nrampart_nat_slots {}",

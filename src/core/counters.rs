@@ -170,8 +170,16 @@ pub struct GlobalCounters {
     pub datagrams_tx: Counter,
     /// `recvmmsg` calls that returned datagrams (datagrams_rx / recv_calls = datagrams per call).
     pub recv_calls: Counter,
-    /// `sendmmsg` calls.
+    /// `sendmmsg` calls (each carries single datagrams and GSO trains).
     pub send_calls: Counter,
+    /// GSO trains sent (one message with `UDP_SEGMENT`, more than one datagram each).
+    pub send_trains: Counter,
+    /// Datagrams that left inside GSO trains (send_train_datagrams / send_trains = mean train length).
+    pub send_train_datagrams: Counter,
+    /// Trains the kernel refused as GSO and that were sent again as separate datagrams.
+    pub gso_fallbacks: Counter,
+    /// 1 while the WireGuard socket sends trains with GSO, 0 once it fell back for good (gauge).
+    pub gso_enabled: Counter,
     /// Turns of the data-path loop (each one `poll` return: traffic, or the timer tick when idle).
     pub wakeups: Counter,
     pub cookie_replies: Counter,

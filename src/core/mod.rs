@@ -4,14 +4,15 @@
 //! 1. `Gateway::apply` with a validated `Config` at start and on every reload;
 //! 2. for each received UDP datagram, `Gateway::handle_datagram(now, from, datagram, scratch, tx)`;
 //! 3. every `TIMER_TICK`, `Gateway::handle_timers(now, tx)`;
-//! 4. after each batch, send every datagram in the `TxQueue` (one `sendmmsg`) and `TxQueue::clear` it, and
-//!    drain flow lifecycle events with `Gateway::take_events` (they feed the audit trail);
+//! 4. after each batch, send every train in the `TxQueue` (`TxQueue::trains`, one GSO message each) and
+//!    `TxQueue::clear` it, and drain flow lifecycle events with `Gateway::take_events` (they feed the audit
+//!    trail);
 //! 5. before exiting, `Gateway::shutdown` ends every flow (so no flow record is left open).
 //!
 //! `now` only moves forward. Every decrypted packet belongs to exactly one flow (`flow_table`); a flow's route
 //! and policy decision (`policy`) are computed at its first packet and memoized, as a router would.
 //!
-//! Output is written into buffers the caller owns (`TxQueue` slots are reused, never freed), so the hot path
+//! Output is written into buffers the caller owns (`TxQueue` lanes are reused, never freed), so the hot path
 //! does not allocate. A bad datagram is never an error: it is dropped and counted by `DropReason`.
 //!
 //! Clock: boringtun reads `Instant::now()` internally; the core itself takes `now` only where it keeps time of

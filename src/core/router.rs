@@ -176,9 +176,9 @@ impl Gateway {
             let counters = self.tenants[ti].counters.clone();
             match nat_key(f) {
                 Some(key) if self.downgrade_nat.to_kernel(pkt, &key).is_some() => {
-                    let buf = self.dn_out.slot();
+                    let buf = self.dn_out.slot(UNADDRESSED, pkt.len());
                     buf[..pkt.len()].copy_from_slice(pkt);
-                    self.dn_out.commit(UNADDRESSED, pkt.len());
+                    self.dn_out.commit(pkt.len());
                 }
                 _ => counters.count_drop(DropReason::NatStale),
             }
@@ -234,9 +234,9 @@ impl Gateway {
                     return counters.count_drop(DropReason::OfframpUnsupported);
                 }
                 nat::clamp_mss(pkt, UPGRADE_MSS);
-                let buf = self.tun_out.slot();
+                let buf = self.tun_out.slot(UNADDRESSED, pkt.len());
                 buf[..pkt.len()].copy_from_slice(pkt);
-                self.tun_out.commit(UNADDRESSED, pkt.len());
+                self.tun_out.commit(pkt.len());
                 return;
             }
             // Replies of upgraded flows come out of the namespace (`handle_tun_packet`), never from a device.

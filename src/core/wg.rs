@@ -1,7 +1,17 @@
 //! The one module that talks to boringtun: peers and their slots, the WireGuard datagram front (demux by
 //! receiver index, handshake gate), decapsulation, encryption towards a peer, peer timers.
 
+use super::tx::BUF_SIZE;
 use super::*;
+
+/// Room for any WireGuard message that is not data (initiation 148 bytes, response 92, cookie reply 64).
+const CONTROL_MAX: usize = 256;
+
+/// Room for encrypting an inner packet of `len` bytes: the packet plus WireGuard's 32 bytes, and never less
+/// than a handshake initiation (boringtun writes one into the same buffer when it has no session yet).
+fn data_slot(len: usize) -> usize {
+    (len + 32).clamp(CONTROL_MAX, BUF_SIZE)
+}
 
 impl Peer {
     /// Joins `timed` (the peers whose timers run on every tick), once.
@@ -88,17 +98,18 @@ impl Gateway {
         let slot = match packet {
             Packet::HandshakeInit(_) => {
                 // Gate before any DH: under load this answers with a cookie reply instead.
-                let half = match self
-                    .gate
-                    .verify_packet(Some(from.ip()), datagram, tx.slot())
-                {
+                let half = match self.gate.verify_packet(
+                    Some(from.ip()),
+                    datagram,
+                    tx.slot(from, CONTROL_MAX),
+                ) {
                     Ok(Packet::HandshakeInit(init)) => {
                         parse_handshake_anon(&self.secret, &self.public, &init)
                     }
                     Ok(_) => return g.unattributed.count_drop(DropReason::MalformedDatagram),
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         let len = cookie.len();
-                        tx.commit(from, len);
+                        tx.commit(len);
                         g.cookie_replies.add(1);
                         return g.unattributed.count_drop(DropReason::UnderLoad);
                     }
@@ -161,8 +172,8 @@ impl Gateway {
             TunnResult::WriteToNetwork(out) => {
                 // Authenticated (a handshake answered, or a response completed): the endpoint is proven.
                 let len = out.len();
-                tx.slot()[..len].copy_from_slice(out);
-                tx.commit(from, len);
+                tx.slot(from, len)[..len].copy_from_slice(out);
+                tx.commit(len);
                 peer.endpoint = Some(from);
                 if !is_data {
                     counters.handshakes.add(1);
@@ -174,10 +185,10 @@ impl Gateway {
                 }
                 // Flush packets boringtun queued while there was no session.
                 while let TunnResult::WriteToNetwork(out) =
-                    peer.tunn.decapsulate(None, &[], tx.slot())
+                    peer.tunn.decapsulate(None, &[], tx.slot(from, BUF_SIZE))
                 {
                     let len = out.len();
-                    tx.commit(from, len);
+                    tx.commit(len);
                 }
                 return;
             }
@@ -220,10 +231,10 @@ impl Gateway {
         };
         let Some(endpoint) = p.endpoint else { return };
         p.arm_timers(slot, &mut self.timed);
-        if let TunnResult::WriteToNetwork(out) = p.tunn.encapsulate(&self.build_buf[..n], tx.slot())
-        {
+        let buf = tx.slot(endpoint, data_slot(n));
+        if let TunnResult::WriteToNetwork(out) = p.tunn.encapsulate(&self.build_buf[..n], buf) {
             let len = out.len();
-            tx.commit(endpoint, len);
+            tx.commit(len);
         }
     }
 
@@ -243,10 +254,14 @@ impl Gateway {
             return counters.count_drop(DropReason::DestinationOffline);
         };
         peer.arm_timers(slot, &mut self.timed);
-        match peer.tunn.encapsulate(pkt, tx.slot()) {
+        // Encrypted straight into the destination's send train.
+        match peer
+            .tunn
+            .encapsulate(pkt, tx.slot(endpoint, data_slot(pkt.len())))
+        {
             TunnResult::WriteToNetwork(out) => {
                 let n = out.len();
-                tx.commit(endpoint, n);
+                tx.commit(n);
                 counters.tx_packets.add(1);
                 counters.tx_bytes.add(pkt.len() as u64);
             }
@@ -292,11 +307,12 @@ impl Gateway {
                 self.timed.swap_remove(i);
                 continue;
             };
-            match p.tunn.update_timers(tx.slot()) {
+            let to = p.endpoint.unwrap_or(UNADDRESSED);
+            match p.tunn.update_timers(tx.slot(to, CONTROL_MAX)) {
                 TunnResult::WriteToNetwork(out) => {
                     let len = out.len();
-                    if let Some(ep) = p.endpoint {
-                        tx.commit(ep, len);
+                    if p.endpoint.is_some() {
+                        tx.commit(len);
                     }
                 }
                 // Keys zeroed, retries given up, nothing queued: idle until the next datagram or packet.
@@ -343,10 +359,13 @@ impl Gateway {
         }
         p.endpoint = Some(endpoint);
         p.arm_timers(slot, &mut self.timed);
-        match p.tunn.format_handshake_initiation(tx.slot(), false) {
+        match p
+            .tunn
+            .format_handshake_initiation(tx.slot(endpoint, CONTROL_MAX), false)
+        {
             TunnResult::WriteToNetwork(out) => {
                 let len = out.len();
-                tx.commit(endpoint, len);
+                tx.commit(len);
                 true
             }
             _ => false,
