@@ -167,8 +167,8 @@ fn main() {
     };
     let idle_tick = tick(&mut gw, &mut tx);
     let active = ACTIVE.min(n.saturating_sub(ROUNDS));
-    for i in 0..active {
-        connect(&mut gw, &gw_key, &keys[i], i, &mut scratch, &mut tx);
+    for (i, key) in keys.iter().enumerate().take(active) {
+        connect(&mut gw, &gw_key, key, i, &mut scratch, &mut tx);
         if i % 100 == 99 {
             gw.handle_timers(Instant::now(), &mut tx);
             tx.clear();

@@ -5,6 +5,7 @@
 //! builds a new `Config` and only a valid one is swapped in.
 #![deny(unsafe_code)]
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
@@ -33,7 +34,9 @@ pub use model::*;
 pub use raw::*;
 pub use ui::UiSettings;
 pub use validate::valid_login;
-use validate::{check_tenant_devices, check_unique_keys, line_of, parse_ssh_keys, validate};
+use validate::{
+    check_tenant_devices, check_unique_keys, line_of, parse_ssh_keys, validate, DeviceIndex,
+};
 
 #[cfg(test)]
 mod tests;
@@ -170,6 +173,7 @@ impl Config {
         keys_file: &str,
     ) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
+        let mut indexes: HashMap<TenantId, DeviceIndex> = HashMap::new();
         for (enrolled, origin, file) in sources {
             let mut c = Collector {
                 file,
@@ -192,7 +196,10 @@ impl Config {
                     ssh_keys,
                     origin: *origin,
                 });
-                check_tenant_devices(t, &mut c, &key);
+                let index = indexes
+                    .entry(t.id.clone())
+                    .or_insert_with(|| DeviceIndex::of(&t.devices[..t.devices.len() - 1]));
+                check_tenant_devices(t, index, &mut c, &key);
             }
             errors.append(&mut c.errors);
         }
