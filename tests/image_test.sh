@@ -453,7 +453,7 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         wait_for 'rampart device add -c /data/config/gateway.toml --tenant default' 10 &&
         wait_for '--endpoint 10\.0\.2\.15:51820' 10 &&
         wait_for 'MARK first-boot-config created' 10 &&
-        wait_for 'MARK firewall-up policy=config open="udp/51820 tcp/8443"' 60 &&
+        wait_for 'MARK firewall-up policy=config open=udp/51820 tcp/8443 uptime' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         pin=$(since_mark | grep -aoE 'enrollment pin +sha256:[0-9a-f]{64}' | head -n 1 | awk '{ print $3 }') &&
         wait_shell &&
@@ -474,7 +474,7 @@ test_gateway_serves_wireguard_and_health() {
     vm_start wireguard "$work/wg.img" raw "$img_dir/rampart.img"
     wait_for 'MARK root-mounted slot=a dev=vda2' "$BOOT_TIMEOUT" &&
         wait_for 'MARK data-mounted dev=vda4' 60 &&
-        wait_for 'MARK firewall-up policy=config open="udp/51820 tcp/8080"' 60 &&
+        wait_for 'MARK firewall-up policy=config open=udp/51820 tcp/8080 uptime' 60 &&
         wait_for 'MARK boot-good slot=a' 180 &&
         wg_check &&
         health_check &&
