@@ -143,9 +143,18 @@ mod tests {
 
     #[test]
     fn enabled_listeners_are_opened_loopback_ones_are_not() {
-        let r = ruleset(Some(&config(
-            "admin_listen = \"0.0.0.0:8080\"\nenroll_listen = \"192.0.2.10:8443\"\nui_listen = \"127.0.0.1:9443\"",
-        )));
+        // An admin listener off loopback needs its bearer token file (mode 0600).
+        let dir = std::env::temp_dir().join(format!("rampart-firewall-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("admin.token");
+        std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let r = ruleset(Some(&config(&format!(
+            "admin_listen = \"0.0.0.0:8080\"\nadmin_token_file = \"{}\"\nenroll_listen = \"192.0.2.10:8443\"\nui_listen = \"127.0.0.1:9443\"",
+            token.display()
+        ))));
+        let _ = std::fs::remove_dir_all(&dir);
         let opened = rules(&r);
         assert!(
             opened.contains(&"tcp dport 8080 accept comment \"admin (gateway.admin_listen)\""),
