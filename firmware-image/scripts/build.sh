@@ -189,6 +189,13 @@ nft_bin=$(command -v nft || echo /usr/sbin/nft)
 [ -x "$nft_bin" ] || { echo "build.sh: nft missing (run make image-deps)" >&2; exit 1; }
 cp "$nft_bin" "$rfs/usr/sbin/nft"
 copy_libs "$nft_bin"
+# openssl from Debian: busybox wget runs `openssl s_client` for HTTPS (boot-check's GET /health on an admin
+# listener that requires TLS and a token, lib.sh admin_get); busybox's built-in TLS does not complete a handshake
+# with the gateway's rustls listener.
+openssl_bin=$(command -v openssl || echo /usr/bin/openssl)
+[ -x "$openssl_bin" ] || { echo "build.sh: openssl missing (run make image-deps)" >&2; exit 1; }
+cp "$openssl_bin" "$rfs/usr/bin/openssl"
+copy_libs "$openssl_bin"
 # Each slot carries its own kernel and initramfs; `rampart system update` copies them to the ESP.
 cp "$vmlinuz" "$rfs/boot/vmlinuz"
 cp "$initrd" "$rfs/boot/initrd"

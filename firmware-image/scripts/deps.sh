@@ -6,10 +6,10 @@ set -eu
 # Build: squashfs-tools (mksquashfs/unsquashfs), dosfstools + mtools (ESP without mount), fdisk (sfdisk),
 # e2fsprogs (mkfs.ext4 -d), busybox-static (appliance userland), systemd-boot-efi (loader), cpio + zstd
 # (initramfs, compressed image), binutils (strip), minisign (signs the update payload; the test signs its own),
-# nftables (its nft and libraries go into the image for the inbound firewall).
+# nftables (its nft and libraries go into the image for the inbound firewall), openssl (busybox wget's HTTPS helper).
 # Test: qemu-system-x86 + ovmf (UEFI VM), qemu-utils (qemu-img), wireguard-go + wireguard-tools (client),
 # iproute2 + iputils-ping (test netns), socat (QMP), curl (/health).
-PKGS="busybox-static squashfs-tools dosfstools mtools fdisk e2fsprogs systemd-boot-efi cpio zstd binutils minisign nftables
+PKGS="busybox-static squashfs-tools dosfstools mtools fdisk e2fsprogs systemd-boot-efi cpio zstd binutils minisign nftables openssl
 ovmf qemu-system-x86 qemu-utils wireguard-go wireguard-tools iproute2 iputils-ping socat curl ca-certificates"
 
 missing=""
