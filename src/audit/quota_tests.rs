@@ -59,8 +59,25 @@ fn end(seq: u64) -> FlowEvent {
     }
 }
 
-/// Offers closed flows (with an HTTP record each), in batches the writer keeps up with, until `done`.
+/// Offers closed flows (with an HTTP record each), in batches the writer keeps up with, until `done`. Paced on
+/// the writer, not the clock: the next batch goes only once the writer has taken the last one (written or lost),
+/// so the bounded queue never overflows however slow the machine is (`offer` never blocks; a full queue drops).
 fn closed_flows(sink: &AuditSink, from: u64, mut done: impl FnMut() -> bool) -> u64 {
+    let counters = sink.counters().clone();
+    let taken = || {
+        [RecordKind::Flow, RecordKind::Http]
+            .into_iter()
+            .map(|k| {
+                counters.written_total(k)
+                    + LossReason::ALL
+                        .into_iter()
+                        .map(|r| counters.lost_total(k, r))
+                        .sum::<u64>()
+            })
+            .sum::<u64>()
+    };
+    let base = taken();
+    let mut offered = 0;
     let mut seq = from;
     while !done() {
         for _ in 0..200 {
@@ -68,8 +85,9 @@ fn closed_flows(sink: &AuditSink, from: u64, mut done: impl FnMut() -> bool) -> 
             sink.http().emit(http("acme", "h.example", 1000, seq));
             sink.offer(end(seq));
             seq += 1;
+            offered += 3;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        wait("the writer to take a batch", || taken() >= base + offered);
         assert!(seq < 200_000, "the store never reached its quota");
     }
     seq
