@@ -1076,11 +1076,11 @@ pub(super) fn parse_ssh_keys(
 
 /// Checks the newest device of `t` against the others: pool membership, unique name and address.
 /// The devices of one tenant checked so far, by name and address, so adding a device is checked in O(1) and a
-/// tenant of 100,000 devices validates in linear time. Values are indexes into `Tenant::devices` (the first
-/// device with that name or address).
+/// tenant of 100,000 devices validates in linear time. Address values are indexes into `Tenant::devices` (the
+/// first device with that address), which the error names.
 #[derive(Default)]
 pub(super) struct DeviceIndex {
-    names: HashMap<DeviceName, usize>,
+    names: HashSet<DeviceName>,
     addresses: HashMap<IpAddr, usize>,
     addresses_v6: HashMap<IpAddr, usize>,
 }
@@ -1096,7 +1096,7 @@ impl DeviceIndex {
     }
 
     fn insert(&mut self, i: usize, d: &Device) {
-        self.names.entry(d.name.clone()).or_insert(i);
+        self.names.insert(d.name.clone());
         self.addresses.entry(d.address).or_insert(i);
         if let Some(a6) = d.address_v6 {
             self.addresses_v6.entry(a6).or_insert(i);
@@ -1174,7 +1174,7 @@ pub(super) fn check_tenant_devices(
             ),
         );
     }
-    if index.names.contains_key(&d.name) {
+    if index.names.contains(&d.name) {
         c.push(
             format!("{key}.name"),
             format!(

@@ -254,34 +254,39 @@ impl<'a> Context<'a> {
             s(Field::Site, self.site),
             s(Field::Device, self.device),
             self.correlation
-                .map(|v| (Field::Correlation, Value::Owned(v.to_vec()))),
+                .map(|v| (Field::Correlation, Value::fixed(&v))),
             self.vnet
-                .map(|v| (Field::Vnet, Value::Owned(v.to_be_bytes().to_vec()))),
+                .map(|v| (Field::Vnet, Value::fixed(&v.to_be_bytes()))),
             s(Field::Labels, self.labels),
             self.key_id
-                .map(|v| (Field::KeyId, Value::Owned(v.to_be_bytes().to_vec()))),
-            self.auth_tag
-                .map(|v| (Field::AuthTag, Value::Owned(v.to_vec()))),
+                .map(|v| (Field::KeyId, Value::fixed(&v.to_be_bytes()))),
+            self.auth_tag.map(|v| (Field::AuthTag, Value::fixed(&v))),
             self.counter
-                .map(|v| (Field::Counter, Value::Owned(v.to_be_bytes().to_vec()))),
+                .map(|v| (Field::Counter, Value::fixed(&v.to_be_bytes()))),
         ]
         .into_iter()
         .flatten()
     }
 }
 
-/// A field's wire value while emitting (emit is once per connection or per sent GUE packet of a keyed site;
-/// the small allocation for fixed-size values keeps one code path for all fields).
+/// A field's wire value while emitting: borrowed names and labels, or a fixed-size value (at most 16 bytes)
+/// held inline, so emitting never allocates.
 enum Value<'a> {
     Borrowed(&'a [u8]),
-    Owned(Vec<u8>),
+    Fixed([u8; 16], usize),
 }
 
 impl Value<'_> {
+    fn fixed(b: &[u8]) -> Value<'static> {
+        let mut v = [0u8; 16];
+        v[..b.len()].copy_from_slice(b);
+        Value::Fixed(v, b.len())
+    }
+
     fn as_slice(&self) -> &[u8] {
         match self {
             Value::Borrowed(b) => b,
-            Value::Owned(v) => v,
+            Value::Fixed(v, len) => &v[..*len],
         }
     }
 
