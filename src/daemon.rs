@@ -112,6 +112,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot restrict state_dir {}", g.state_dir.display()))?;
     }
     let key = load_or_create_key(&g.private_key_file)?;
+    // Reads the password file while files are still reachable (before the sandbox).
+    let fleet = match &cfg.fleet {
+        Some(f) => Some((f, crate::fleet::Connector::new(f, &cfg.source)?)),
+        None => None,
+    };
     let egresses = crate::egress::Egresses::new();
     // Everything above may need root; from here on the gateway is `gateway.user`, sandboxed (no thread may
     // exist before this: see `sandbox`).
@@ -145,6 +150,16 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (audit, audit_writer) =
         crate::audit::start(crate::audit::PipelineOptions::from_config(&cfg))?;
+    // Fleet mode: ships the committed records to PostgreSQL; refuses to start on a wrong password or an
+    // unreachable server (once running, an outage only delays shipping).
+    let shipper = match fleet {
+        Some((f, connector)) => {
+            let s = crate::fleet::shipper::start(f, connector, cfg.audit.path.clone())?;
+            tracing::info!(node = %f.node_id, "fleet: shipping audit records to PostgreSQL");
+            Some(s)
+        }
+        None => None,
+    };
     let audit_counters = audit.counters().clone();
     let ssh = Arc::new(crate::ssh::SshServices::new(
         &g.state_dir,
@@ -228,6 +243,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
     running.onramp.shutdown();
     audit_writer.finish();
+    // After the writer: the run's last records (run.end) ship too, if PostgreSQL is reachable.
+    if let Some(s) = shipper {
+        s.finish();
+    }
     let _ = std::fs::remove_file(control::socket_path(&cfg.gateway.state_dir));
     tracing::info!("stopped");
     result

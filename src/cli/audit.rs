@@ -184,3 +184,150 @@ pub(super) fn audit_http(
     }
     Ok(())
 }
+
+/// The fleet's PostgreSQL, for review commands (`[fleet]` of the config).
+fn fleet_client(
+    cfg: &crate::config::Config,
+) -> anyhow::Result<(tokio::runtime::Runtime, tokio_postgres::Client)> {
+    let Some(f) = &cfg.fleet else {
+        anyhow::bail!(
+            "{}: has no [fleet] section; --fleet reviews the records a fleet's nodes shipped to PostgreSQL (docs/fleet.md)",
+            cfg.source.display()
+        );
+    };
+    let connector = crate::fleet::Connector::new(f, &cfg.source)?;
+    let rt = crate::fleet::runtime()?;
+    let client = rt.block_on(connector.connect())?;
+    Ok((rt, client))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn audit_flows_fleet(
+    config: &Path,
+    node: Option<String>,
+    tenant: Option<String>,
+    user: Option<String>,
+    device: Option<String>,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::fleet::review::{flows, FleetFlowFilter};
+    let cfg = load(config)?;
+    let since_ms = since_arg(since, unix_ms())?;
+    let (rt, client) = fleet_client(&cfg)?;
+    let filter = FleetFlowFilter {
+        node,
+        tenant,
+        user,
+        device,
+        since_ms,
+        limit,
+    };
+    let rows = rt.block_on(flows(&client, &filter)).map_err(|e| {
+        anyhow::anyhow!(
+            "querying the fleet's flows: {}",
+            crate::fleet::error_text(&e)
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<44} {:<7} {:<16} {:>16} {:>16}  END",
+        "STARTED",
+        "NODE",
+        "SEQ",
+        "TENANT",
+        "USER",
+        "DEVICE",
+        "FLOW",
+        "ACTION",
+        "RULE",
+        "OUT pkts/bytes",
+        "IN pkts/bytes"
+    )?;
+    for r in &rows {
+        let f = &r.flow;
+        let flow = format!("{}:{} -> {}:{}", f.src, f.sport, f.dst, f.dport);
+        let end = match (&f.end_reason, f.ended_ms) {
+            (Some(reason), Some(ms)) => {
+                format!("{reason} after {:.1}s", (ms - f.started_ms) as f64 / 1000.0)
+            }
+            _ => "open".to_string(),
+        };
+        crate::inert_line!(
+            out,
+            "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
+            format_ms(f.started_ms),
+            r.node,
+            r.chain_seq,
+            f.tenant,
+            f.user,
+            f.device,
+            flow,
+            f.action,
+            f.rule,
+            format!("{}/{}", f.packets_out, f.bytes_out),
+            format!("{}/{}", f.packets_in, f.bytes_in),
+        )?;
+    }
+    Ok(())
+}
+
+/// `rampart audit verify --fleet`: exits non-zero at the first break of any node.
+pub(super) fn verify_fleet(config: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    let (rt, client) = fleet_client(&cfg)?;
+    let report = rt
+        .block_on(crate::fleet::review::verify(&client))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading the fleet's records: {}",
+                crate::fleet::error_text(&e)
+            )
+        })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        for (node, r) in &report.nodes {
+            let kinds: Vec<String> = r.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            crate::inert_line!(
+                out,
+                "node {node}: {} entries shipped (1..{}), {} flow rows, {} checkpoints{}; {}",
+                r.entries,
+                r.shipped_seq,
+                r.flows,
+                r.checkpoints,
+                if r.records_missing > 0 {
+                    format!(
+                        ", {} records evicted locally before shipping",
+                        r.records_missing
+                    )
+                } else {
+                    String::new()
+                },
+                match &r.first_break {
+                    None => "OK".to_string(),
+                    Some(b) => format!("BROKEN at {b}"),
+                }
+            )?;
+            if !kinds.is_empty() {
+                crate::inert_line!(out, "  {}", kinds.join(", "))?;
+            }
+        }
+        if report.nodes.is_empty() {
+            writeln!(out, "no node has shipped records yet")?;
+        }
+    }
+    if !report.ok() {
+        anyhow::bail!("the fleet's audit trail does not verify (see above)");
+    }
+    Ok(())
+}

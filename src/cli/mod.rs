@@ -162,6 +162,12 @@ pub enum AuditCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// The flows of every node of the fleet, from PostgreSQL (`[fleet]`), with a NODE column.
+        #[arg(long)]
+        fleet: bool,
+        /// With --fleet: only this node's flows.
+        #[arg(long, requires = "fleet")]
+        node: Option<String>,
     },
     /// HTTP requests seen by the HTTP inspector (`inspect_http` flows): who, method, host, path, status, bytes,
     /// duration, the deciding HTTP rule and decision; TLS connections that were not decrypted appear with
@@ -246,6 +252,10 @@ pub enum AuditCommand {
         /// The report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Verify what every node shipped to the fleet's PostgreSQL (`[fleet]`) instead of the local store:
+        /// each node's chain (sequence, links, hashes, records against digests), flow rows, checkpoints.
+        #[arg(long, conflicts_with_all = ["pubkey", "head"])]
+        fleet: bool,
     },
     /// Make a reviewer key pair for encrypting recordings at rest (the ssh-log-cli format). The private key is
     /// written to FILE (mode 0600) and never given to the gateway; put the printed public key into the
@@ -414,7 +424,20 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 since,
                 limit,
                 json,
-            } => audit_flows(&config, tenant, user, device, dst, since, limit, json),
+                fleet,
+                node,
+            } => {
+                if fleet {
+                    if dst.is_some() {
+                        anyhow::bail!("--dst is not supported with --fleet yet");
+                    }
+                    audit::audit_flows_fleet(
+                        &config, node, tenant, user, device, since, limit, json,
+                    )
+                } else {
+                    audit_flows(&config, tenant, user, device, dst, since, limit, json)
+                }
+            }
             AuditCommand::Keygen { out } => audit_keygen(&out),
             AuditCommand::Admin {
                 config,
@@ -428,7 +451,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 pubkey,
                 head,
                 json,
-            } => audit_ssh::verify(&config, pubkey.as_deref(), head.as_deref(), json),
+                fleet,
+            } => {
+                if fleet {
+                    audit::verify_fleet(&config, json)
+                } else {
+                    audit_ssh::verify(&config, pubkey.as_deref(), head.as_deref(), json)
+                }
+            }
             AuditCommand::Enroll {
                 config,
                 tenant,

@@ -21,6 +21,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
 
 mod admin;
 mod enroll;
+mod fleet;
 mod ids;
 mod model;
 mod raw;
@@ -29,6 +30,7 @@ mod validate;
 
 pub use admin::{admin_listen_is_local, AdminToken, MIN_ADMIN_TOKEN_LEN};
 pub use enroll::EnrollSettings;
+pub use fleet::{valid_node_id, FleetSettings};
 pub use ids::*;
 pub use model::*;
 pub use raw::*;

@@ -497,6 +497,8 @@ pub struct Config {
     pub audit: AuditSettings,
     pub enroll: super::EnrollSettings,
     pub ui: super::UiSettings,
+    /// `[fleet]`; `None`: a single box.
+    pub fleet: Option<super::FleetSettings>,
     pub tenants: Vec<Tenant>,
 }
 

@@ -11,6 +11,7 @@ pub struct RawConfig {
     pub audit: Option<RawAudit>,
     pub enroll: Option<super::enroll::RawEnroll>,
     pub ui: Option<super::ui::RawUi>,
+    pub fleet: Option<super::fleet::RawFleet>,
     #[serde(default)]
     pub tenant: Vec<RawTenant>,
 }

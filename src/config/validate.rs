@@ -65,6 +65,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
     let audit = validate_audit(raw.audit, &state_dir, base, c);
     let enroll = super::enroll::validate_enroll(raw.enroll, g.enroll_listen.as_deref(), base, c);
     let ui = super::ui::validate_ui(raw.ui, g.ui_listen.as_deref(), c);
+    let fleet = super::fleet::validate_fleet(raw.fleet, base, c);
     let mut tenants = Vec::new();
     let mut ids = HashSet::new();
     for (i, rt) in raw.tenant.into_iter().enumerate() {
@@ -213,6 +214,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         audit,
         enroll,
         ui,
+        fleet,
         tenants,
     }
 }
@@ -998,6 +1000,7 @@ pub(super) fn empty(path: &Path) -> Config {
         },
         enroll: super::EnrollSettings::default(),
         ui: super::UiSettings::default(),
+        fleet: None,
         tenants: Vec::new(),
     }
 }

@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod lab;
 pub mod metrics;
 pub mod netns;
+pub mod pg;
 pub mod probe;
 pub mod process;
 pub mod ssh;

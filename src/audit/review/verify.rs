@@ -123,7 +123,7 @@ fn describe(conn: &Connection, kind: &str, seq: u64) -> String {
     }
 }
 
-pub(super) fn canonical(
+pub(crate) fn canonical(
     conn: &Connection,
     kind: &str,
     seq: u64,

@@ -94,7 +94,12 @@ pub fn head(conn: &Connection) -> rusqlite::Result<Head> {
 
 /// The digest of a row's canonical JSON.
 pub fn digest(canonical: &serde_json::Value) -> Vec<u8> {
-    Sha256::digest(canonical.to_string().as_bytes()).to_vec()
+    digest_text(&canonical.to_string())
+}
+
+/// The digest of canonical JSON already serialised (as the fleet stores it).
+pub fn digest_text(canonical: &str) -> Vec<u8> {
+    Sha256::digest(canonical.as_bytes()).to_vec()
 }
 
 pub fn entry_hash(prev: &[u8], seq: u64, kind: &str, at_ms: i64, digest: &[u8]) -> Vec<u8> {
