@@ -195,7 +195,7 @@ fn fleet_client(
             cfg.source.display()
         );
     };
-    let connector = crate::fleet::Connector::new(f, &cfg.source)?;
+    let connector = crate::fleet::Connector::new(f, &cfg.source)?.for_review();
     let rt = crate::fleet::runtime()?;
     let client = rt.block_on(connector.connect())?;
     Ok((rt, client))

@@ -78,6 +78,12 @@ impl Connector {
         })
     }
 
+    /// Names review sessions apart from nodes' shippers in `pg_stat_activity`.
+    pub fn for_review(mut self) -> Connector {
+        self.cfg.application_name("rampart review");
+        self
+    }
+
     fn where_(&self) -> String {
         let hosts: Vec<String> = self
             .cfg

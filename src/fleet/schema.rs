@@ -74,7 +74,7 @@ CREATE TABLE fleet_checkpoints (
 pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
     // Any constant key: serialises migrations across nodes.
-    tx.execute("SELECT pg_advisory_xact_lock(7265616d70617274)", &[])
+    tx.execute("SELECT pg_advisory_xact_lock(5272617274)", &[])
         .await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS fleet_schema (version INTEGER NOT NULL)")
         .await?;

@@ -405,19 +405,6 @@ async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<us
         .unwrap_or(s.checkpoint_seq);
 
     let tx = s.client.transaction().await?;
-    let moved = tx
-        .execute(
-            "UPDATE fleet_nodes SET shipped_seq = $2, shipped_hash = $3, checkpoint_seq = $4, last_shipped = now()
-             WHERE node_id = $1 AND shipped_seq = $5",
-            &[&node, &(hi as i64), &last_hash, &(new_cp as i64), &(s.shipped_seq as i64)],
-        )
-        .await?;
-    if moved != 1 {
-        return Err(ShipError::Conflict(format!(
-            "node {node}'s high-water mark in PostgreSQL moved under this shipper (another gateway ships as \
-             fleet.node_id = {node:?}); give each gateway its own node_id"
-        )));
-    }
     tx.execute(
         "INSERT INTO fleet_chain (node_id, seq, at_ms, kind, digest, prev_hash, hash, record)
          SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BYTEA[], $6::BYTEA[], $7::BYTEA[], $8::TEXT[])
@@ -488,6 +475,20 @@ async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<us
             ],
         )
         .await?;
+    }
+    // Last, so a batch that raced another shipper is rolled back whole.
+    let moved = tx
+        .execute(
+            "UPDATE fleet_nodes SET shipped_seq = $2, shipped_hash = $3, checkpoint_seq = $4, last_shipped = now()
+             WHERE node_id = $1 AND shipped_seq = $5",
+            &[&node, &(hi as i64), &last_hash, &(new_cp as i64), &(s.shipped_seq as i64)],
+        )
+        .await?;
+    if moved != 1 {
+        return Err(ShipError::Conflict(format!(
+            "node {node}'s high-water mark in PostgreSQL moved under this shipper (another gateway ships as \
+             fleet.node_id = {node:?}); give each gateway its own node_id"
+        )));
     }
     tx.commit().await?;
     tracing::debug!(
