@@ -413,6 +413,19 @@ fn kill_9_of_a_node_inside_a_shipping_transaction_loses_and_duplicates_nothing()
         },
     );
     lab.gateway.start();
+    // The restarted node has no sessions: the devices handshake again first.
+    wait_ping(
+        &a.ns,
+        "100.96.0.1",
+        Duration::from_secs(90),
+        "alice -> restarted gateway",
+    );
+    wait_ping(
+        &b.ns,
+        "100.96.0.1",
+        Duration::from_secs(90),
+        "bob -> restarted gateway",
+    );
     udp_flows(&lab, &a, &b, 7203, 10, "third");
     wait_shipped(&pg, &lab, "gw-a");
     lab.gateway
