@@ -466,3 +466,51 @@ fn duplicate_device_names_and_addresses_name_the_first_holder() {
         + &device("watch", "100.96.0.6", &k(4));
     assert_eq!(load(&ok).unwrap().tenants[0].devices.len(), 5);
 }
+
+/// `GOOD` with a `[fleet]` table (tables after `[[tenant]]` would belong to it: put it after `[gateway]`).
+fn with_fleet(fleet: &str) -> String {
+    GOOD.replacen(
+        "\n[[tenant]]",
+        &format!("\n[fleet]\n{fleet}\n[[tenant]]"),
+        1,
+    )
+}
+
+#[test]
+fn fleet_is_optional_and_resolves_its_password_file() {
+    assert_eq!(
+        load(GOOD).unwrap().fleet,
+        None,
+        "a single box needs no [fleet]"
+    );
+    let c = load(&with_fleet(
+        "node_id = \"gw-a\"\npostgres_url = \"postgres://rampart@db.example:5432/rampart\"\npostgres_password_file = \"pg.pass\"",
+    ))
+    .unwrap();
+    let f = c.fleet.unwrap();
+    assert_eq!(f.node_id, "gw-a");
+    assert_eq!(
+        f.postgres_password_file.unwrap(),
+        Path::new("/etc/rampart/pg.pass")
+    );
+    assert_eq!(f.ship_interval, std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn bad_fleet_values_name_the_key() {
+    let err = load(&with_fleet(
+        "node_id = \"GW A\"\npostgres_url = \"postgres://db:notaport/x\"\nship_interval_ms = 0",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("fleet.node_id"), "{err}");
+    assert!(err.contains("fleet.postgres_url"), "{err}");
+    assert!(err.contains("fleet.ship_interval_ms"), "{err}");
+    let err = load(&with_fleet("node_id = \"gw-a\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("postgres_url"),
+        "a missing URL is named: {err}"
+    );
+}

@@ -59,7 +59,7 @@ impl Connector {
             cfg.connect_timeout(Duration::from_secs(10));
         }
         if cfg.get_application_name().is_none() {
-            cfg.application_name(&format!("rampart node {}", s.node_id));
+            cfg.application_name(format!("rampart node {}", s.node_id));
         }
         let password_from_file = s.postgres_password_file.is_some();
         if let Some(p) = &s.postgres_password_file {
