@@ -154,7 +154,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // unreachable server (once running, an outage only delays shipping).
     let shipper = match fleet {
         Some((f, connector)) => {
-            let s = crate::fleet::shipper::start(f, connector, cfg.audit.path.clone())?;
+            let s = crate::fleet::shipper::start(
+                f,
+                connector,
+                cfg.audit.path.clone(),
+                audit.counters().clone(),
+            )?;
             tracing::info!(node = %f.node_id, "fleet: shipping audit records to PostgreSQL");
             Some(s)
         }

@@ -310,6 +310,12 @@ fn postgres_crash_during_traffic_delays_shipping_but_every_record_arrives_exactl
     wait_shipped(&pg, &lab, "gw-a");
     let before = pg_chain(&pg, "gw-a").4;
 
+    let fleet_metric = |lab: &Lab, name: &str| lab.gateway.metrics().value(name, &[]);
+    assert_eq!(
+        fleet_metric(&lab, "rampart_fleet_up"),
+        1.0,
+        "the shipper is connected"
+    );
     let stop = pg.stop("immediate");
     assert!(stop.success(), "pg_ctl stop -m immediate: {stop}");
     // The node keeps carrying and auditing traffic while PostgreSQL is down.
@@ -324,6 +330,13 @@ fn postgres_crash_during_traffic_delays_shipping_but_every_record_arrives_exactl
         lab.gateway.health(),
         "the node stays healthy while PostgreSQL is down"
     );
+    wait_until(
+        "/metrics showing the shipper without PostgreSQL",
+        SHIPPED,
+        Duration::from_millis(200),
+        || (fleet_metric(&lab, "rampart_fleet_up") == 0.0).then_some(()),
+    );
+    assert!(fleet_metric(&lab, "rampart_fleet_shipped_seq") < local_head(&lab) as f64);
     let fleet_down = lab.gateway.cli(&["audit", "flows"], &["--fleet"]);
     assert!(
         !fleet_down.success() && fleet_down.stderr.contains("fleet.postgres_url"),
@@ -337,6 +350,13 @@ fn postgres_crash_during_traffic_delays_shipping_but_every_record_arrives_exactl
         pg_chain(&pg, "gw-a").4 > before,
         "records of the outage shipped after it"
     );
+    assert_eq!(
+        fleet_metric(&lab, "rampart_fleet_up"),
+        1.0,
+        "connected again"
+    );
+    assert!(fleet_metric(&lab, "rampart_fleet_ship_failures_total") >= 1.0);
+    assert_eq!(fleet_metric(&lab, "rampart_fleet_halted"), 0.0);
     lab.gateway
         .terminate(Duration::from_secs(60))
         .expect("clean stop");

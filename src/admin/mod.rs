@@ -405,6 +405,10 @@ fn render_audit(out: &mut String, audit: &AuditCounters) {
                 "rampart_audit_recordings_evicted_total" => "SSH recording files removed by evictions.",
                 "rampart_audit_quota_exceeded_total" => "Times the audit store or the recordings went over their quota and stayed over (fail_closed: new flows refused, counted as drops reason audit_unavailable).",
                 "rampart_audit_over_quota" => "1 while the audit store or the recordings are over their quota.",
+                "rampart_fleet_up" => "1 while the fleet shipper has a working PostgreSQL session ([fleet]).",
+                "rampart_fleet_shipped_seq" => "Audit chain entries of this node shipped to the fleet's PostgreSQL (its high-water mark).",
+                "rampart_fleet_ship_failures_total" => "Fleet shipping attempts that failed (each retried; records wait in the local store).",
+                "rampart_fleet_halted" => "1 when fleet shipping stopped for good (another gateway ships under this fleet.node_id; see the log).",
                 _ => "Audit checkpoints signed.",
             };
             let kind = if name.ends_with("_total") {

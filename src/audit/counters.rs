@@ -88,6 +88,22 @@ pub struct AuditCounters {
     recordings_evicted: AtomicU64,
     quota_exceeded: AtomicU64,
     over_quota: AtomicU64,
+    /// Fleet mode's shipper (`fleet::shipper`); exported only when it runs.
+    pub fleet: FleetGauges,
+}
+
+/// How the fleet shipper is doing, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FleetGauges {
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// 1 while the shipper has a working PostgreSQL session.
+    pub up: AtomicU64,
+    /// The node's high-water mark: chain entries shipped (PostgreSQL's value).
+    pub shipped_seq: AtomicU64,
+    /// Shipping attempts that failed (PostgreSQL unreachable or erring), each retried.
+    pub failures: AtomicU64,
+    /// 1 when shipping stopped for good (another gateway ships under this node id).
+    pub halted: AtomicU64,
 }
 
 /// One exported counter: name, labels, value.
@@ -203,6 +219,25 @@ impl AuditCounters {
             Vec::new(),
             self.over_quota.load(Ordering::Relaxed),
         ));
+        if self.fleet.enabled.load(Ordering::Relaxed) {
+            let f = &self.fleet;
+            out.push(("rampart_fleet_up", Vec::new(), f.up.load(Ordering::Relaxed)));
+            out.push((
+                "rampart_fleet_shipped_seq",
+                Vec::new(),
+                f.shipped_seq.load(Ordering::Relaxed),
+            ));
+            out.push((
+                "rampart_fleet_ship_failures_total",
+                Vec::new(),
+                f.failures.load(Ordering::Relaxed),
+            ));
+            out.push((
+                "rampart_fleet_halted",
+                Vec::new(),
+                f.halted.load(Ordering::Relaxed),
+            ));
+        }
         out
     }
 }

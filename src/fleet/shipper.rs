@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use super::Connector;
 use crate::audit::tables::chain;
+use crate::audit::AuditCounters;
 use crate::config::FleetSettings;
 
 /// Chain entries per PostgreSQL transaction.
@@ -83,6 +84,7 @@ pub fn start(
     settings: &FleetSettings,
     connector: Connector,
     db: PathBuf,
+    counters: Arc<AuditCounters>,
 ) -> anyhow::Result<ShipperHandle> {
     let stop = Arc::new(Stop {
         flag: AtomicBool::new(false),
@@ -114,7 +116,13 @@ pub fn start(
                         return;
                     }
                 };
-                run(connector, node, db, interval, stop2, session).await;
+                let g = &counters.fleet;
+                g.enabled.store(true, Ordering::Relaxed);
+                g.up.store(1, Ordering::Relaxed);
+                if let Some(s) = &session {
+                    g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
+                }
+                run(connector, node, db, interval, stop2, session, &counters).await;
             });
         })
         .context("cannot start the fleet shipper thread")?;
@@ -168,7 +176,9 @@ async fn run(
     interval: Duration,
     stop: Arc<Stop>,
     mut session: Option<Session>,
+    counters: &AuditCounters,
 ) {
+    let g = &counters.fleet;
     let mut local: Option<Connection> = None;
     let mut backoff = Duration::from_millis(250);
     let mut last_warn: Option<Instant> = None;
@@ -182,10 +192,17 @@ async fn run(
             stop.wake.notified().await;
             continue;
         }
+        if session.as_ref().is_some_and(|s| s.client.is_closed()) {
+            // PostgreSQL went away (or restarted) since the last batch.
+            g.up.store(0, Ordering::Relaxed);
+            session = None;
+        }
         if session.is_none() {
             match open_session(&connector, &node).await {
                 Ok(s) => {
                     tracing::info!(node = %node, shipped_seq = s.shipped_seq, "fleet PostgreSQL reachable again; shipping resumes");
+                    g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
+                    g.up.store(1, Ordering::Relaxed);
                     session = Some(s);
                     backoff = Duration::from_millis(250);
                 }
@@ -194,6 +211,7 @@ async fn run(
                         tracing::warn!(error = %format!("{e:#}"), "stopping with audit records not yet shipped to the fleet (they ship at the next start)");
                         return;
                     }
+                    g.failures.fetch_add(1, Ordering::Relaxed);
                     warn_limited(&mut last_warn, &format!("{e:#}"));
                     wait(&stop, backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -220,7 +238,9 @@ async fn run(
         let (Some(s), Some(conn)) = (session.as_mut(), local.as_ref()) else {
             continue;
         };
-        match ship_batch(s, conn, &node).await {
+        let result = ship_batch(s, conn, &node).await;
+        g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
+        match result {
             Ok(n) if n >= BATCH => continue,
             Ok(_) => {
                 if stopping {
@@ -230,6 +250,8 @@ async fn run(
             }
             Err(ShipError::Conflict(m)) => {
                 tracing::error!(node = %node, "fleet shipping stopped: {m}");
+                g.halted.store(1, Ordering::Relaxed);
+                g.up.store(0, Ordering::Relaxed);
                 halted = true;
             }
             Err(e) => {
@@ -299,7 +321,8 @@ fn flows_in(conn: &Connection, lo: u64, hi: u64) -> rusqlite::Result<Vec<FlowRow
                 action, rule, started_ms, established_ms, est_chain, ended_ms, packets_out, bytes_out, packets_in,
                 bytes_in, end_reason, end_chain
          FROM flows
-         WHERE start_chain BETWEEN ?1 AND ?2 OR est_chain BETWEEN ?1 AND ?2 OR end_chain BETWEEN ?1 AND ?2",
+         WHERE start_chain IS NOT NULL
+           AND (start_chain BETWEEN ?1 AND ?2 OR est_chain BETWEEN ?1 AND ?2 OR end_chain BETWEEN ?1 AND ?2)",
     )?;
     let (lo, hi) = (lo as i64, hi as i64);
     let rows = stmt.query_map([lo, hi], |r| {
@@ -340,7 +363,27 @@ fn flows_in(conn: &Connection, lo: u64, hi: u64) -> rusqlite::Result<Vec<FlowRow
             end_chain,
         })
     })?;
-    // A flow whose start is before `lo` but was not shipped (its start entry evicted) still ships by its id.
+    rows.collect()
+}
+
+/// Checkpoints with `after < seq <= hi`, in order.
+fn checkpoints_in(
+    conn: &Connection,
+    after: u64,
+    hi: u64,
+) -> rusqlite::Result<Vec<chain::Checkpoint>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, hash, at_ms, key_fingerprint, signature FROM checkpoints WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([after as i64, hi as i64], |r| {
+        Ok(chain::Checkpoint {
+            seq: r.get::<_, i64>(0)? as u64,
+            hash: r.get(1)?,
+            at_ms: r.get(2)?,
+            key_fingerprint: r.get(3)?,
+            signature: r.get(4)?,
+        })
+    })?;
     rows.collect()
 }
 
@@ -393,10 +436,7 @@ async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<us
         hashes.push(e.hash.clone());
     }
     let flows = flows_in(&snapshot, lo, hi)?;
-    let checkpoints: Vec<chain::Checkpoint> = chain::checkpoints(&snapshot)?
-        .into_iter()
-        .filter(|c| c.seq > s.checkpoint_seq && c.seq <= hi)
-        .collect();
+    let checkpoints = checkpoints_in(&snapshot, s.checkpoint_seq, hi)?;
     drop(snapshot);
     let last_hash = entries.last().map(|e| e.hash.clone());
     let new_cp = checkpoints
