@@ -539,3 +539,51 @@ fn a_wrong_postgres_password_or_unreachable_server_at_start_is_refused_naming_th
     lab.gateway.start();
     assert!(lab.gateway.health());
 }
+
+#[test]
+fn a_second_gateway_with_the_same_node_id_is_stopped_from_shipping_and_cannot_spoil_the_first_ones_records(
+) {
+    let pg = Postgres::start("same-id");
+    let mut first = node_lab(&pg, "gw-a");
+    let (a1, a2) = two_clients(&mut first);
+    udp_flows(&first, &a1, &a2, 7301, 5, "first");
+    first
+        .gateway
+        .terminate(Duration::from_secs(60))
+        .expect("clean stop");
+    assert_exactly_once(&pg, &first, "gw-a");
+    let shipped = local_head(&first);
+
+    // Another gateway (its own store and chain) configured with the same node_id; it makes more records
+    // than the first had shipped, so its chain reaches past the first one's high-water mark.
+    let mut second = node_lab(&pg, "gw-a");
+    let (b1, b2) = two_clients(&mut second);
+    udp_flows(&second, &b1, &b2, 7302, 20, "second");
+    assert!(
+        local_head(&second) > shipped,
+        "the second chain must pass the first's mark"
+    );
+    wait_until(
+        "the second gateway's shipper halted",
+        SHIPPED,
+        Duration::from_millis(200),
+        || (second.gateway.metrics().value("rampart_fleet_halted", &[]) == 1.0).then_some(()),
+    );
+    assert!(
+        second
+            .gateway
+            .log()
+            .contains("another gateway uses fleet.node_id"),
+        "the log says why and what to do"
+    );
+    // The first gateway's records are intact and alone under its id.
+    assert_eq!(
+        pg_chain(&pg, "gw-a"),
+        (shipped, shipped, 1, shipped, shipped)
+    );
+    let fleet = fleet_flows(&second, Some("gw-a"));
+    assert_eq!(udp_flow_count(&fleet, 7301), 5);
+    assert_eq!(udp_flow_count(&fleet, 7302), 0, "no flow of the impostor");
+    let v = verify_fleet(&second);
+    assert!(v.success(), "verify --fleet: {v}");
+}
