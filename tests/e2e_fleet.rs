@@ -587,3 +587,76 @@ fn a_second_gateway_with_the_same_node_id_is_stopped_from_shipping_and_cannot_sp
     let v = verify_fleet(&second);
     assert!(v.success(), "verify --fleet: {v}");
 }
+
+#[test]
+fn fleet_review_over_tcp_uses_tls_verified_against_the_configured_ca() {
+    let mut pg = Postgres::start("tls");
+    let mut lab = node_lab(&pg, "gw-a");
+    let (a, b) = two_clients(&mut lab);
+    udp_flows(&lab, &a, &b, 7401, 3, "tls");
+    lab.gateway
+        .terminate(Duration::from_secs(60))
+        .expect("clean stop");
+    let ca = pg.enable_tls();
+    let good = std::fs::read_to_string(&lab.gateway.config).unwrap();
+    let review = lab.dir().join("review.toml");
+    let with = |url: &str, ca: Option<&std::path::Path>| {
+        let mut cfg = good.replace(&pg.url(), url);
+        if let Some(ca) = ca {
+            cfg = cfg.replace(
+                "ship_interval_ms = 100",
+                &format!(
+                    "ship_interval_ms = 100\npostgres_ca_file = \"{}\"",
+                    ca.display()
+                ),
+            );
+        }
+        std::fs::write(&review, cfg).unwrap();
+        run(
+            Command::new(BIN)
+                .args(["audit", "verify", "--fleet", "-c"])
+                .arg(&review),
+            Duration::from_secs(60),
+        )
+    };
+    // TLS with the CA that signed the server's certificate: works.
+    let ok = with(&pg.tcp_url("require"), Some(&ca));
+    assert!(ok.success() && ok.stdout.contains("node gw-a"), "{ok}");
+    // Positive control that TLS was what let it in: the server refuses TCP without it.
+    let plain = with(&pg.tcp_url("disable"), Some(&ca));
+    assert!(
+        !plain.success() && plain.stderr.contains("no encryption"),
+        "{plain}"
+    );
+    // A server certificate from a CA nobody configured: refused, naming the key.
+    let other = lab.dir().join("other-ca.pem");
+    let r = run(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(lab.dir().join("other-ca.key"))
+            .arg("-out")
+            .arg(&other)
+            .args(["-days", "2", "-subj", "/CN=another CA"]),
+        Duration::from_secs(60),
+    );
+    assert!(r.success(), "{r}");
+    let bad = with(&pg.tcp_url("require"), Some(&other));
+    assert!(
+        !bad.success() && bad.stderr.contains("fleet.postgres_ca_file"),
+        "an untrusted server certificate must be refused: {bad}"
+    );
+    let none = with(&pg.tcp_url("require"), None);
+    assert!(
+        !none.success(),
+        "without the CA (web roots only) the test CA is not trusted: {none}"
+    );
+}

@@ -19,6 +19,8 @@ pub struct RawFleet {
     pub postgres_url: String,
     /// A file holding the PostgreSQL password (instead of writing it into the URL).
     pub postgres_password_file: Option<String>,
+    /// PEM CA certificate(s) the server's TLS certificate must chain to (besides the public web roots).
+    pub postgres_ca_file: Option<String>,
     /// How often the shipper looks for new records (default 1000 ms).
     pub ship_interval_ms: Option<u64>,
 }
@@ -28,6 +30,7 @@ pub struct FleetSettings {
     pub node_id: String,
     pub postgres_url: String,
     pub postgres_password_file: Option<PathBuf>,
+    pub postgres_ca_file: Option<PathBuf>,
     pub ship_interval: Duration,
 }
 
@@ -74,6 +77,7 @@ pub(super) fn validate_fleet(
         node_id: r.node_id,
         postgres_url: r.postgres_url,
         postgres_password_file: r.postgres_password_file.map(|p| resolve(base, &p)),
+        postgres_ca_file: r.postgres_ca_file.map(|p| resolve(base, &p)),
         ship_interval,
     })
 }

@@ -32,6 +32,9 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub struct Connector {
     cfg: tokio_postgres::Config,
+    /// TLS over TCP when the server offers it (`sslmode=prefer`, the default) or the URL demands it
+    /// (`sslmode=require`); never on a Unix socket.
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// The config file (for messages).
     source: String,
     password_from_file: bool,
@@ -71,8 +74,11 @@ impl Connector {
             })?;
             cfg.password(pw.trim_end_matches(['\n', '\r']));
         }
+        let tls = crate::http::tls::origin_client_config(s.postgres_ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("{src}: fleet.postgres_ca_file: {e}"))?;
         Ok(Connector {
             cfg,
+            tls: tokio_postgres_rustls::MakeRustlsConnect::new(tls),
             source: src,
             password_from_file,
         })
@@ -113,7 +119,7 @@ impl Connector {
 
     /// Connects (the connection's IO runs as a task on the current runtime).
     pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
-        match self.cfg.connect(tokio_postgres::NoTls).await {
+        match self.cfg.connect(self.tls.clone()).await {
             Ok((client, conn)) => {
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -143,6 +149,12 @@ impl Connector {
         {
             return ConnectError::Auth(format!(
                 "{src}: {pw_key}: PostgreSQL at {at} refused the login ({detail}); check the password in {pw_key} and the user in fleet.postgres_url"
+            ));
+        }
+        let lower = detail.to_ascii_lowercase();
+        if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+            return ConnectError::Unreachable(format!(
+                "{src}: fleet.postgres_ca_file: TLS with PostgreSQL at {at} failed ({detail}); name the CA that signed the server's certificate in fleet.postgres_ca_file, and check sslmode in fleet.postgres_url"
             ));
         }
         if code == Some(&SqlState::INVALID_CATALOG_NAME) {

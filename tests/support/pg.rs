@@ -23,6 +23,8 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     running: bool,
+    /// Server TLS on (`enable_tls`): TCP connections must use it.
+    tls: bool,
 }
 
 /// The newest `/usr/lib/postgresql/<v>/bin` with an `initdb`.
@@ -91,6 +93,7 @@ impl Postgres {
             bin,
             port: free_port(),
             running: false,
+            tls: false,
         };
         pg.restart();
         pg
@@ -123,11 +126,17 @@ impl Postgres {
     pub fn restart(&mut self) {
         assert!(!self.running, "PostgreSQL is already running");
         let data = self.dir().join("data");
-        let opts = format!(
+        let mut opts = format!(
             "-k {} -c listen_addresses=127.0.0.1 -p {} -c fsync=off",
             self.socket_dir().display(),
             self.port
         );
+        if self.tls {
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                self.dir().join("tls").display()
+            ));
+        }
         let r = run(
             as_postgres(&self.bin, "pg_ctl")
                 .arg("-D")
@@ -144,6 +153,101 @@ impl Postgres {
             );
         }
         self.running = true;
+    }
+
+    /// Restarts the server with TLS on 127.0.0.1 (a test CA signs a certificate for IP 127.0.0.1) and TCP
+    /// allowed with TLS only (`hostssl`); the Unix socket is unchanged. Returns the CA certificate's path.
+    pub fn enable_tls(&mut self) -> PathBuf {
+        let tls = self.dir().join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        let ssl = |args: &[&str]| {
+            let r = run(
+                Command::new("openssl").args(args).current_dir(&tls),
+                Duration::from_secs(60),
+            );
+            assert!(r.success(), "openssl: {r}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rampart test CA",
+        ]);
+        ssl(&a);
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        ssl(&a);
+        std::fs::write(
+            tls.join("ext.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+        )
+        .unwrap();
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        chown_postgres(&tls);
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            tls.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(
+            self.dir().join("data/pg_hba.conf"),
+            "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        chown_postgres(&self.dir().join("data/pg_hba.conf"));
+        if self.running {
+            let r = self.stop("fast");
+            assert!(r.success(), "{r}");
+        }
+        self.tls = true;
+        self.restart();
+        tls.join("ca.pem")
+    }
+
+    /// A connection string over TCP to 127.0.0.1 with `sslmode`.
+    pub fn tcp_url(&self, sslmode: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode={sslmode} connect_timeout=5",
+            self.port
+        )
     }
 
     /// `pg_ctl stop -m <mode>` (`fast`, or `immediate`: a crash, no shutdown checkpoint).
