@@ -258,6 +258,23 @@ fn two_nodes_carry_traffic_and_their_flows_appear_in_the_fleet_review_exactly_on
         ok.stdout.contains("node gw-a") && ok.stdout.contains("node gw-b"),
         "{ok}"
     );
+    // Every kind of chain entry ships, not only flows: the gateway's own records too.
+    for kind in [
+        "chain.start",
+        "run.start",
+        "run.end",
+        "flow.start",
+        "flow.end",
+    ] {
+        assert!(
+            ok.stdout.contains(&format!("{kind} ")),
+            "{kind} entries shipped: {ok}"
+        );
+    }
+    assert!(
+        !ok.stdout.contains(" 0 checkpoints"),
+        "checkpoints shipped: {ok}"
+    );
     // ... and fails, naming the node and the entry, when a shipped flow row is altered in PostgreSQL ...
     pg.psql("UPDATE fleet_flows SET bytes_out = bytes_out + 1000 WHERE node_id = 'gw-b' AND dport = 7002 AND start_chain = (SELECT min(start_chain) FROM fleet_flows WHERE node_id = 'gw-b' AND dport = 7002)");
     let bad = verify_fleet(&a_lab);
