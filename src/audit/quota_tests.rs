@@ -24,12 +24,8 @@ const QUOTA: u64 = 256 << 10;
 struct Store {
     dir: PathBuf,
     db: PathBuf,
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    /// Holds `dir`: removed when the store drops, also after a failure.
+    _tmp: tempfile::TempDir,
 }
 
 /// A counter as `/metrics` exports it (the audit counters' collector in a registry of their own).
@@ -104,7 +100,8 @@ fn closed_flows(sink: &AuditSink, from: u64, mut done: impl FnMut() -> bool) -> 
 /// A fail-open store that went over its quota once: flows 1..=OPEN open, then closed flows until an eviction,
 /// then flow 1 ends (after its start was evicted) and a few more closed flows follow.
 fn evicted_store(tag: &str) -> Store {
-    let dir = tempdir(tag);
+    let dir_tmp = tempdir(tag);
+    let dir = dir_tmp.path().to_path_buf();
     let opts = quota_options(&dir);
     let db = opts.db.clone();
     let (sink, writer) = start(opts).unwrap();
@@ -119,7 +116,11 @@ fn evicted_store(tag: &str) -> Store {
         sink.offer(end(i));
     }
     writer.finish();
-    Store { dir, db }
+    Store {
+        dir,
+        db,
+        _tmp: dir_tmp,
+    }
 }
 
 fn pinned(dir: &Path) -> PublicKey {
@@ -334,7 +335,8 @@ fn ssh_channel(dir: &Path, sink: &AuditSink, session: &str) -> PathBuf {
 
 #[test]
 fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_sessions_stay() {
-    let dir = tempdir("recq");
+    let dir_tmp = tempdir("recq");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         quota_check_interval: Duration::from_millis(20),
         max_recordings_bytes: 250 << 10,
@@ -391,7 +393,11 @@ fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_session
         scraped(&counters, "rampart_audit_recordings_evicted_total"),
         1.0
     );
-    let s = Store { dir, db };
+    let s = Store {
+        dir,
+        db,
+        _tmp: dir_tmp,
+    };
     let r = run_verify(&s);
     assert!(r.first_break.is_none(), "{r:?}");
     assert!(r.evicted_records["ssh"] >= 3, "{r:?}");
@@ -403,7 +409,8 @@ fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_session
 
 #[test]
 fn fail_closed_over_a_quota_refuses_new_flows_and_admits_them_again_once_there_is_room() {
-    let dir = tempdir("closedq");
+    let dir_tmp = tempdir("closedq");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         on_failure: FailurePolicy::FailClosed,
         max_recordings_bytes: 64 << 10,
@@ -448,5 +455,4 @@ fn fail_closed_over_a_quota_refuses_new_flows_and_admits_them_again_once_there_i
     wait("new flows admitted again", || sink.admits_new_flows());
     assert_eq!(sample("rampart_audit_quota_exceeded_total"), 2.0);
     writer.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }

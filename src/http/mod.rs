@@ -681,8 +681,8 @@ user = "alice"
 
     #[tokio::test]
     async fn http2_streams_to_an_http1_origin_run_in_parallel() {
-        let dir = std::env::temp_dir().join(format!("rampart-http-h2h1-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = Config::from_toml(CONFIG, &dir.join("gateway.toml")).unwrap();
         let config = ConfigHandle::new(Arc::new(cfg));
@@ -737,6 +737,5 @@ user = "alice"
         assert_eq!((&a[..], &b[..], &c[..]), (&b"3"[..], &b"3"[..], &b"3"[..]));
         drop(sender);
         inspector.abort();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

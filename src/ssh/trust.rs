@@ -461,16 +461,16 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
-    fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("rampart-trust-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A temp dir, removed when the guard drops (also after a failure).
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     #[test]
     fn ca_init_is_idempotent_and_keys_are_private() {
         use std::os::unix::fs::PermissionsExt as _;
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         let first = ca_init(&state, "acme").unwrap();
         assert!(first.created);
         let again = ca_init(&state, "acme").unwrap();
@@ -482,12 +482,12 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!first.user_ca_pub.contains("PRIVATE"));
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn user_cert_names_the_login_and_validates_against_the_ca() {
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         ca_init(&state, "acme").unwrap();
         let t = TenantTrust::load(&state, "acme").unwrap();
         let (eph, cert, info) = t
@@ -502,12 +502,12 @@ mod tests {
         assert!(cert.extensions().contains_key("permit-pty"));
         assert!(!cert.extensions().contains_key("permit-port-forwarding"));
         assert!(info.valid_before - info.valid_after <= 6 * 60);
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn target_keys_are_pinned_on_first_use_and_changes_refused() {
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         ca_init(&state, "acme").unwrap();
         let t = TenantTrust::load(&state, "acme").unwrap();
         let target: SocketAddrV4 = "10.0.0.5:22".parse().unwrap();
@@ -541,12 +541,12 @@ mod tests {
                 ..
             }
         ));
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn a_trusted_target_host_ca_vouches_for_the_target_it_names_only() {
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         ca_init(&state, "acme").unwrap();
         let target_ca = new_ed25519("target ca").unwrap();
         std::fs::write(
@@ -607,14 +607,13 @@ mod tests {
             HostKeyVerdict::BadCertificate(m) if m.contains("plain host key")
         ));
         assert!(!tenant_dir(&state, "acme").join("known_targets").exists());
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn missing_ca_says_how_to_create_it() {
-        let dir = tempdir();
+        let dir_tmp = tempdir();
+        let dir = dir_tmp.path().to_path_buf();
         let e = TenantTrust::load(&dir, "acme").unwrap_err();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             e.to_string().contains("rampart ca init --tenant acme"),
             "{e}"
