@@ -356,8 +356,8 @@ pub fn load_or_create_signing_key(path: &Path) -> anyhow::Result<PrivateKey> {
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = crate::ssh::trust::new_ed25519("rampart audit signing key")?;
-            crate::ssh::trust::write_private_key(path, &key)?;
+            let key = crate::keys::openssh::new_ed25519("rampart audit signing key")?;
+            crate::keys::openssh::write_private_key(path, &key)?;
             tracing::info!(path = %path.display(), "created the audit signing key; copy its .pub off the gateway to verify the audit trail with --pubkey");
             Ok(key)
         }

@@ -188,7 +188,7 @@ fn a_store_re_signed_with_another_key_is_found() {
         prev = hash;
     }
     conn.execute_batch("DELETE FROM checkpoints").unwrap();
-    let forger = crate::ssh::trust::new_ed25519("forger").unwrap();
+    let forger = crate::keys::openssh::new_ed25519("forger").unwrap();
     chain::checkpoint(&conn, &forger, 1).unwrap().unwrap();
     drop(conn);
     let what = broken(&run(&s, false));

@@ -20,9 +20,10 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
-use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
+use russh::keys::ssh_key::{Certificate, HashAlg, PrivateKey, PublicKey};
 
 use crate::audit::ssh_records::CertInfo;
+use crate::keys::openssh;
 
 /// How far back certificates are valid from (clock skew between gateway and target).
 const BACKDATE: Duration = Duration::from_secs(30);
@@ -47,39 +48,23 @@ fn key_err(e: impl std::fmt::Display) -> TrustError {
     TrustError::Key(e.to_string())
 }
 
-/// A fresh Ed25519 key.
+/// A fresh Ed25519 key (`keys::openssh`, shared with the audit signing key).
 pub fn new_ed25519(comment: &str) -> Result<PrivateKey, TrustError> {
-    let mut rng = rand::rng();
-    let mut k = PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(key_err)?;
-    k.set_comment(comment);
-    Ok(k)
+    Ok(openssh::new_ed25519(comment)?)
 }
 
 /// Writes an OpenSSH private key with mode 0600 (atomically) and its `.pub` beside it.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), TrustError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file_err = |e: std::io::Error| TrustError::File {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(file_err)?;
+    Ok(openssh::write_private_key(path, key)?)
+}
+
+impl From<openssh::OpensshKeyError> for TrustError {
+    fn from(e: openssh::OpensshKeyError) -> TrustError {
+        match e {
+            openssh::OpensshKeyError::File { path, msg } => TrustError::File { path, msg },
+            openssh::OpensshKeyError::Key(msg) => TrustError::Key(msg),
+        }
     }
-    let text = key.to_openssh(LineEnding::LF).map_err(key_err)?;
-    let tmp = with_suffix(path, ".tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(file_err)?;
-    f.write_all(text.as_bytes()).map_err(file_err)?;
-    f.sync_all().map_err(file_err)?;
-    std::fs::rename(&tmp, path).map_err(file_err)?;
-    let public = key.public_key().to_openssh().map_err(key_err)?;
-    std::fs::write(with_suffix(path, ".pub"), format!("{public}\n")).map_err(file_err)?;
-    Ok(())
 }
 
 fn read_private_key(path: &Path) -> Result<PrivateKey, TrustError> {
@@ -91,12 +76,6 @@ fn read_private_key(path: &Path) -> Result<PrivateKey, TrustError> {
         path: path.to_path_buf(),
         msg: format!("not an OpenSSH private key: {e}"),
     })
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 /// `state_dir/ssh/<tenant>`.
