@@ -134,7 +134,10 @@ mod tests {
             eprintln!("skipped: needs root to run a client as another user");
             return;
         }
-        let dir = std::env::temp_dir().join(format!("rampart-ctl-{}", std::process::id()));
+        let dir_tmp = tempfile::tempdir().unwrap();
+        // Another user must reach the dir inside (tempfile makes it 0700).
+        std::fs::set_permissions(dir_tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = dir_tmp.path().join("d");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let path = dir.join("control.sock");
@@ -183,6 +186,5 @@ mod tests {
             .expect("root's connection was not accepted")
             .unwrap();
         assert_eq!(uid, 0);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,6 +1,8 @@
 //! WireGuard key material: parsing and printing keys the way `wg genkey` / `wg pubkey` do (standard base64 of
 //! 32 bytes), generating new ones from the OS RNG, and reading/writing the gateway's private key file.
 //!
+//! `keys::openssh`: OpenSSH Ed25519 keys (new, written 0600), for the SSH inspector and the audit signing key.
+//!
 //! Private keys never appear in `Debug` output or logs.
 #![deny(unsafe_code)]
 
@@ -139,6 +141,68 @@ impl FromStr for PrivateKey {
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// OpenSSH Ed25519 keys (the SSH inspector's CAs and host key, the audit signing key): new ones, and writing
+/// them with mode 0600. Here, in a leaf, so `audit` and `ssh` both use it without importing each other.
+pub mod openssh {
+    use std::io::Write as _;
+    use std::path::{Path, PathBuf};
+
+    use russh::keys::ssh_key::{Algorithm, LineEnding, PrivateKey};
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum OpensshKeyError {
+        #[error("{path}: {msg}")]
+        File { path: PathBuf, msg: String },
+        #[error("{0}")]
+        Key(String),
+    }
+
+    fn key_err(e: impl std::fmt::Display) -> OpensshKeyError {
+        OpensshKeyError::Key(e.to_string())
+    }
+
+    /// A fresh Ed25519 key.
+    pub fn new_ed25519(comment: &str) -> Result<PrivateKey, OpensshKeyError> {
+        let mut rng = rand::rng();
+        let mut k = PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(key_err)?;
+        k.set_comment(comment);
+        Ok(k)
+    }
+
+    /// Writes an OpenSSH private key with mode 0600 (atomically) and its `.pub` beside it.
+    pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), OpensshKeyError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file_err = |e: std::io::Error| OpensshKeyError::File {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(file_err)?;
+        }
+        let text = key.to_openssh(LineEnding::LF).map_err(key_err)?;
+        let tmp = with_suffix(path, ".tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(file_err)?;
+        f.write_all(text.as_bytes()).map_err(file_err)?;
+        f.sync_all().map_err(file_err)?;
+        std::fs::rename(&tmp, path).map_err(file_err)?;
+        let public = key.public_key().to_openssh().map_err(key_err)?;
+        std::fs::write(with_suffix(path, ".pub"), format!("{public}\n")).map_err(file_err)?;
+        Ok(())
+    }
+
+    fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+        let mut s = path.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
     }
 }
 

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub mod handoff;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 #[allow(unsafe_code)]
 pub mod netns;
 pub mod offramp;

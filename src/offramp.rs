@@ -25,8 +25,9 @@ use tokio::sync::mpsc::{self, Receiver};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::config::{Egress, Inspect};
-use crate::core::counters::Counter;
 use crate::egress::Egresses;
 use crate::handoff::{ConfigHandle, FlowContext, Handoff, SlotLease, SlotReleases};
 use crate::netns::supervisor::NsConnector;
@@ -47,15 +48,59 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
 const USER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What the off-ramp counts (`prometheus-client` counters: atomic adds, whichever thread runs the task).
 #[derive(Debug, Default)]
 pub struct OfframpCounters {
     pub tcp_connections: Counter,
     pub tcp_connect_failures: Counter,
     pub udp_flows: Counter,
+    /// Connections and datagram flows from the namespace without a flow for their NAT slot (closed/dropped).
     pub unknown_slot: Counter,
     /// Connections and datagram relays closed because the data path ended their flow.
     pub cut: Counter,
+    /// Datagrams dropped because their flow's queue towards the upstream socket was full.
     pub udp_queue_full: Counter,
+}
+
+impl OfframpCounters {
+    /// Registers every counter (names without `_total`: the encoder adds it).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        for (name, help, c) in [
+            (
+                "rampart_offramp_tcp_connections",
+                "Upgraded TCP connections whose upstream leg connected",
+                &self.tcp_connections,
+            ),
+            (
+                "rampart_offramp_tcp_connect_failures",
+                "Upgraded TCP connections refused because their upstream leg could not be opened",
+                &self.tcp_connect_failures,
+            ),
+            (
+                "rampart_offramp_udp_flows",
+                "Upgraded UDP flows relayed through an upstream socket",
+                &self.udp_flows,
+            ),
+            (
+                "rampart_offramp_unknown_slot",
+                "Connections and datagram flows from the gateway's namespace without an upgraded flow for their \
+                 NAT slot (reset or dropped)",
+                &self.unknown_slot,
+            ),
+            (
+                "rampart_offramp_flows_cut",
+                "Off-ramped connections and datagram relays closed because the data path ended their flow",
+                &self.cut,
+            ),
+            (
+                "rampart_offramp_udp_queue_full",
+                "Datagrams dropped because their flow's queue towards the upstream socket was full",
+                &self.udp_queue_full,
+            ),
+        ] {
+            reg.register(name, help, c.clone());
+        }
+    }
 }
 
 struct Entry {
@@ -207,12 +252,12 @@ async fn accept_loop(
         tokio::spawn(async move {
             let SocketAddr::V4(slot) = peer else { return };
             let Some((flow, lease)) = flows.claim(slot, true).await else {
-                counters.unknown_slot.add(1);
+                counters.unknown_slot.inc();
                 tracing::debug!(%slot, "upgraded connection without a flow; closing");
                 return reset(conn);
             };
             if flow.protocol != PROTO_TCP {
-                counters.unknown_slot.add(1);
+                counters.unknown_slot.inc();
                 return reset(conn);
             }
             let legs = Legs::default();
@@ -222,7 +267,7 @@ async fn accept_loop(
             tokio::select! {
                 () = work => {}
                 () = flow.ended() => {
-                    counters.cut.add(1);
+                    counters.cut.inc();
                     tracing::debug!(seq = flow.seq, "flow ended by the data path; closing both legs");
                     legs.abort();
                 }
@@ -324,12 +369,12 @@ async fn proxy_tcp(
     let upstream = match open_leg(&flow, connector, env, legs).await {
         Ok(s) => s,
         Err(e) => {
-            counters.tcp_connect_failures.add(1);
+            counters.tcp_connect_failures.inc();
             tracing::debug!(seq = flow.seq, error = %e, "off-ramp connect failed");
             return reset(conn);
         }
     };
-    counters.tcp_connections.add(1);
+    counters.tcp_connections.inc();
     match &flow.inspect {
         Inspect::None => splice(conn, upstream, flow.seq).await,
         Inspect::Http => {
@@ -476,7 +521,7 @@ async fn udp_loop(
             }
         };
         if relay.try_send(buf[..n].to_vec()).is_err() {
-            counters.udp_queue_full.add(1);
+            counters.udp_queue_full.inc();
         }
     }
 }
@@ -491,13 +536,13 @@ async fn udp_flow(
     env: InspectEnv,
 ) {
     let Some((flow, lease)) = flows.claim(slot, false).await else {
-        counters.unknown_slot.add(1);
+        counters.unknown_slot.inc();
         return;
     };
     // UDP between devices is never upgraded; a downgrade address here would send tenant-internal traffic
     // off-box, so refuse it outright.
     if flow.protocol != PROTO_UDP || flow.downgrade.is_some() {
-        counters.unknown_slot.add(1);
+        counters.unknown_slot.inc();
         return;
     }
     let egress = env.egress_of(&flow);
@@ -512,12 +557,12 @@ async fn udp_flow(
             return;
         }
     };
-    counters.udp_flows.add(1);
+    counters.udp_flows.inc();
     let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
             () = flow.ended() => {
-                counters.cut.add(1);
+                counters.cut.inc();
                 break;
             }
             dg = rx.recv() => match dg {

@@ -120,7 +120,8 @@ mod tests {
 
     #[test]
     fn store_then_load_round_trips() {
-        let dir = std::env::temp_dir().join(format!("rampart-registry-{}", std::process::id()));
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         let reg = Registry::open(&dir);
         assert!(reg.load().unwrap().is_empty());
         let d = EnrolledDevice {
@@ -138,6 +139,5 @@ mod tests {
         let lock = reg.lock().unwrap();
         reg.store(&lock, std::slice::from_ref(&d)).unwrap();
         assert_eq!(reg.load().unwrap(), vec![d]);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -251,7 +251,7 @@ fn a_clean_shutdown_loses_no_flow_record_and_review_filters_verify_and_the_head_
 fn review_output_shows_escape_sequences_from_devices_inert() {
     use rampart::audit::http_records::HttpRecord;
     use rampart::audit::ssh_records::*;
-    let dir = support::lab::TempDir::new(&format!("rpt{}esc", std::process::id()));
+    let dir = support::tempdir(&format!("rpt{}esc", std::process::id()));
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let config = dir.path().join("gateway.toml");

@@ -74,24 +74,6 @@ methods = ["POST"]
     t
 }
 
-/// A temp dir of our own (certificates must exist before the lab's config is checked).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("rampart-e2e-http-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Origin certificates: a test CA (trusted by the gateway through `tls_upstream_ca`) and another CA the
 /// gateway does not know.
 struct Certs {
@@ -1111,8 +1093,9 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
 
 #[test]
 fn https_is_decided_on_the_server_name_or_decrypted_with_the_tenant_ca() {
-    let scratch = Scratch::new("certs");
-    let (certs, tls_servers) = Certs::make(&scratch.0);
+    // A temp dir of our own: certificates must exist before the lab's config is checked.
+    let scratch = support::tempdir("http-certs");
+    let (certs, tls_servers) = Certs::make(&scratch);
     let decrypting = format!(
         "tls_decrypt = true\ndo_not_inspect = [\"bank.test\"]\ntls_upstream_ca = \"{}\"\n\
          tls_passthrough_alpn = [\"x-allowed\"]",
@@ -1579,8 +1562,8 @@ impl Drop for NsHosts {
 #[test]
 #[ignore]
 fn bench_inspector_vs_layer4_proxy() {
-    let scratch = Scratch::new("bench-certs");
-    let (certs, tls_servers) = Certs::make(&scratch.0);
+    let scratch = support::tempdir("http-bench-certs");
+    let (certs, tls_servers) = Certs::make(&scratch);
     let extra = format!(
         "tls_decrypt = true\ndo_not_inspect = [\"bank.test\"]\ntls_upstream_ca = \"{}\"",
         certs.ca.display()

@@ -696,7 +696,7 @@ fn records_committed_before_a_crash_survive_kill_9_and_the_store_reopens() {
 
 #[test]
 fn init_writes_a_working_config_and_run_prints_how_to_enroll() {
-    let dir = support::lab::TempDir::new(&format!("rpt{}init", std::process::id()));
+    let dir = support::tempdir(&format!("rpt{}init", std::process::id()));
     let cfg_dir = dir.path().join("etc");
     let r = run(
         Command::new(support::gateway::BIN)

@@ -16,7 +16,6 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::lab::TempDir;
 use support::process::tail;
 use support::{wait_ping, Lab, TenantSpec};
 
@@ -151,7 +150,7 @@ fn serves_a_device_after_the_drop_with_private_files_and_no_privileges() {
 fn cannot_read_a_file_outside_its_allowed_paths() {
     let lab = dropped_lab();
     // World-readable, in a world-searchable directory: only Landlock stands between the gateway and it.
-    let outside = TempDir::new(&format!("privilege-outside-{}", std::process::id()));
+    let outside = support::tempdir(&format!("privilege-outside-{}", std::process::id()));
     std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let secret = outside.path().join("secret.txt");
     std::fs::write(&secret, "not the gateway's\n").unwrap();

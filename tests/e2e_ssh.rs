@@ -263,7 +263,6 @@ fn loopback_sftp_and_scp_round_trips_log_operations() {
         )),
         "{cmds:?}"
     );
-    let _ = std::fs::remove_dir_all(&remote);
 }
 
 /// A listener on 127.0.0.1 that greets every connection with `hello <name>` (a forwarded destination that
@@ -289,7 +288,7 @@ fn loopback_local_forwarding_follows_the_rule_and_the_flow_policy() {
     let init = trust::ca_init(&state, "acme").unwrap();
     let sshd = Sshd::loopback(&state.join("sshd"), &init.dir.join("user_ca.pub"));
     let gw = Inspector::start_with(
-        state,
+        state.to_path_buf(),
         sshd.sockaddr(),
         GwOpts {
             rule: format!(
@@ -518,8 +517,7 @@ fn loopback_target_rejecting_the_certificate_is_reported_by_the_gateway() {
     let other = tempdir("otherca");
     let other_ca = trust::ca_init(&other, "x").unwrap();
     let sshd = Sshd::loopback(&state.join("sshd"), &other_ca.dir.join("user_ca.pub"));
-    let gw = Inspector::start_with(state, sshd.sockaddr(), GwOpts::default());
-    let _ = std::fs::remove_dir_all(&other);
+    let gw = Inspector::start_with(state.to_path_buf(), sshd.sockaddr(), GwOpts::default());
     let out = gw.ssh(&["root@127.0.0.1", "true"], None);
     assert_eq!(out.status.code(), Some(255));
     let err = text(&out.stderr);
@@ -704,7 +702,7 @@ fn loopback_a_required_program_ends_cleanly_only_with_its_close_recorded() {
     let store = state.join("auditfs");
     let _fs = TinyFs::mount(&store, "4m");
     let gw = Inspector::start_with_audit_db(
-        state.clone(),
+        state.to_path_buf(),
         &store.join("audit.db"),
         sshd.sockaddr(),
         GwOpts::default(),
@@ -1145,7 +1143,7 @@ fn loopback_a_target_host_ca_requires_a_certificate_naming_the_target() {
     let any_host = sshd("sshd-any", cert(&[]));
     let other_host = sshd("sshd-other", cert(&["10.9.9.9", "db.example"]));
     let named = sshd("sshd-named", cert(&["target.example", "127.0.0.1"]));
-    let gw = Inspector::start_with(state.clone(), plain.sockaddr(), GwOpts::default());
+    let gw = Inspector::start_with(state.to_path_buf(), plain.sockaddr(), GwOpts::default());
     let pins = gw.state.join("ssh/acme/known_targets");
     let try_target = |t: &Sshd| {
         gw.set_target(t.sockaddr());
@@ -1906,7 +1904,6 @@ ports = ["22"]
             .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
         lab.gateway.assert_alive();
-        let _ = std::fs::remove_dir_all(&keys);
     }
 }
 

@@ -1622,7 +1622,7 @@ fn the_admin_listener_off_loopback_serves_only_https_with_the_bearer_token() {
     drop(lab);
 
     // The token lives outside the lab's directory, which exists only once the lab has checked its config.
-    let dir = support::lab::TempDir::new(&format!("admin-token-{}", std::process::id()));
+    let dir = support::tempdir(&format!("admin-token-{}", std::process::id()));
     let token_file = dir.path().join("admin.token");
     write_token(&token_file, TOKEN, 0o600);
     let mut lab = Lab::with_settings(

@@ -450,18 +450,15 @@ fn row_account(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Account>> {
 mod tests {
     use super::*;
 
-    fn store() -> (AccountStore, PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "rampart-accounts-{}",
-            hex::encode(rand::random::<[u8; 6]>())
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        (AccountStore::open(&dir).unwrap(), dir)
+    /// A store in a temp dir, removed when the returned guard drops.
+    fn store() -> (AccountStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (AccountStore::open(dir.path()).unwrap(), dir)
     }
 
     #[test]
     fn passwords_lockout_and_tokens() {
-        let (s, dir) = store();
+        let (s, _dir) = store();
         assert!(matches!(
             s.create("al", "short", Role::Admin, Scope::All, 0),
             Err(AccountError::WeakPassword)
@@ -529,6 +526,5 @@ mod tests {
         assert!(s.check_token("rpa1_zz").unwrap().is_none());
         assert!(s.revoke_token(&id, 6).unwrap());
         assert!(s.check_token(&token).unwrap().is_none());
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

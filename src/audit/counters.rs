@@ -1,6 +1,6 @@
 //! What the audit pipeline counts: records written and records lost, per record kind and per reason. Every
-//! counter is an atomic bumped with `fetch_add` (several threads offer records), read by `/metrics` and by the
-//! writer, which turns new losses into a signed gap record in the chain.
+//! counter is an atomic bumped with `fetch_add` (several threads offer records), read by `/metrics` (a collector of
+//! [`crate::metrics::MetricsRegistry`]) and by the writer, which turns new losses into a signed gap record in the chain.
 #![deny(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,9 +106,6 @@ pub struct FleetGauges {
     pub halted: AtomicU64,
 }
 
-/// One exported counter: name, labels, value.
-pub type Sample = (&'static str, Vec<(&'static str, &'static str)>, u64);
-
 /// Losses by kind and reason.
 pub type LossTable = [[u64; REASONS]; KINDS];
 
@@ -171,73 +168,117 @@ impl AuditCounters {
             self.quota_exceeded.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
 
-    /// Every counter as `(name, labels, value)`, for a metrics exporter.
-    pub fn samples(&self) -> Vec<Sample> {
-        let mut out = Vec::new();
+/// `/metrics`: the audit pipeline's counters, read at scrape time.
+impl prometheus_client::collector::Collector for AuditCounters {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{counter, family, gauge};
+        use prometheus_client::metrics::MetricType::Counter as C;
+        let kinds: Vec<[(&str, &str); 1]> = RecordKind::ALL
+            .iter()
+            .map(|k| [("kind", k.as_str())])
+            .collect();
+        family(
+            &mut enc,
+            "rampart_audit_records_written",
+            "Audit records committed, by kind.",
+            C,
+            RecordKind::ALL
+                .iter()
+                .zip(&kinds)
+                .map(|(k, l)| (&l[..], self.written_total(*k))),
+        )?;
+        let mut lost = Vec::new();
+        let mut lost_total = 0;
         for k in RecordKind::ALL {
-            out.push((
-                "rampart_audit_records_written_total",
-                vec![("kind", k.as_str())],
-                self.written_total(k),
-            ));
             for r in LossReason::ALL {
-                out.push((
-                    "rampart_audit_records_lost_total",
-                    vec![("kind", k.as_str()), ("reason", r.as_str())],
-                    self.lost_total(k, r),
-                ));
+                let v = self.lost_total(k, r);
+                lost_total += v;
+                lost.push(([("kind", k.as_str()), ("reason", r.as_str())], v));
             }
         }
-        out.push((
-            "rampart_audit_gap_records_total",
-            Vec::new(),
+        family(
+            &mut enc,
+            "rampart_audit_records_lost",
+            "Audit records lost, by kind and reason (each loss is also a gap record in the chain).",
+            C,
+            lost.iter().map(|(l, v)| (&l[..], *v)),
+        )?;
+        counter(
+            &mut enc,
+            "rampart_audit_gap_records",
+            "Gap records written (each names the records lost since the previous one).",
             self.gap_records(),
-        ));
-        out.push((
-            "rampart_audit_checkpoints_total",
-            Vec::new(),
+        )?;
+        counter(
+            &mut enc,
+            "rampart_audit_checkpoints",
+            "Audit checkpoints signed.",
             self.checkpoints(),
-        ));
-        out.push((
-            "rampart_audit_evictions_total",
-            Vec::new(),
+        )?;
+        counter(
+            &mut enc,
+            "rampart_audit_evictions",
+            "Eviction records written: the oldest closed records removed to stay under audit.max_store_mb / \
+             max_recordings_mb (on_failure = fail_open; records_lost_total{reason=\"evicted\"} counts them).",
             self.evictions(),
-        ));
-        out.push((
-            "rampart_audit_recordings_evicted_total",
-            Vec::new(),
+        )?;
+        counter(
+            &mut enc,
+            "rampart_audit_recordings_evicted",
+            "SSH recording files removed by evictions.",
             self.recordings_evicted.load(Ordering::Relaxed),
-        ));
-        out.push((
-            "rampart_audit_quota_exceeded_total",
-            Vec::new(),
+        )?;
+        counter(
+            &mut enc,
+            "rampart_audit_quota_exceeded",
+            "Times the audit store or the recordings went over their quota and stayed over (fail_closed: new \
+             flows refused, counted as drops reason audit_unavailable).",
             self.quota_exceeded.load(Ordering::Relaxed),
-        ));
-        out.push((
+        )?;
+        gauge(
+            &mut enc,
             "rampart_audit_over_quota",
-            Vec::new(),
+            "1 while the audit store or the recordings are over their quota.",
             self.over_quota.load(Ordering::Relaxed),
-        ));
+        )?;
+        counter(
+            &mut enc,
+            "rampart_audit_records_dropped",
+            "Audit records lost, all kinds and reasons.",
+            lost_total,
+        )?;
         if self.fleet.enabled.load(Ordering::Relaxed) {
             let f = &self.fleet;
-            out.push(("rampart_fleet_up", Vec::new(), f.up.load(Ordering::Relaxed)));
-            out.push((
+            gauge(
+                &mut enc,
+                "rampart_fleet_up",
+                "1 while the fleet shipper has a working PostgreSQL session ([fleet]).",
+                f.up.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
                 "rampart_fleet_shipped_seq",
-                Vec::new(),
+                "Audit chain entries of this node shipped to the fleet's PostgreSQL (its high-water mark).",
                 f.shipped_seq.load(Ordering::Relaxed),
-            ));
-            out.push((
-                "rampart_fleet_ship_failures_total",
-                Vec::new(),
+            )?;
+            counter(
+                &mut enc,
+                "rampart_fleet_ship_failures",
+                "Fleet shipping attempts that failed (each retried; records wait in the local store).",
                 f.failures.load(Ordering::Relaxed),
-            ));
-            out.push((
+            )?;
+            gauge(
+                &mut enc,
                 "rampart_fleet_halted",
-                Vec::new(),
+                "1 when fleet shipping stopped for good (another gateway ships under this fleet.node_id; see the log).",
                 f.halted.load(Ordering::Relaxed),
-            ));
+            )?;
         }
-        out
+        Ok(())
     }
 }

@@ -1,7 +1,6 @@
 //! The pipeline end to end in-process: records of every kind through one queue and one writer into a real
 //! SQLite store, read back with the review queries.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,10 +11,12 @@ use super::*;
 use crate::config::{Action, DeviceName, TenantId, UserName};
 use crate::core::{EndReason, FlowStart};
 
-pub(crate) fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rampart-audit-{tag}-{}", crate::clock::uuid_v7()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A temp dir, removed when the guard drops (also after a failure).
+pub(crate) fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("rampart-audit-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 pub(crate) fn options(dir: &std::path::Path) -> PipelineOptions {
@@ -88,7 +89,8 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn records_of_every_kind_commit_and_an_http_record_links_to_its_flow_at_once() {
-    let dir = tempdir("kinds");
+    let dir_tmp = tempdir("kinds");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = options(&dir);
     let db = opts.db.clone();
     let (sink, writer) = start(opts).unwrap();
@@ -132,12 +134,12 @@ fn records_of_every_kind_commit_and_an_http_record_links_to_its_flow_at_once() {
     assert_eq!(only.len(), 1);
     assert_eq!(sink.counters().written_total(RecordKind::Http), 2);
     assert_eq!(sink.counters().written_total(RecordKind::Flow), 2);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn an_http_record_never_links_to_a_previous_runs_flow() {
-    let dir = tempdir("runs");
+    let dir_tmp = tempdir("runs");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = options(&dir);
     let db = opts.db.clone();
     let (sink, writer) = start(opts.clone()).unwrap();
@@ -150,12 +152,12 @@ fn an_http_record_never_links_to_a_previous_runs_flow() {
     let rows = all_http(&db);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].flow_id, None, "linked to the previous run's flow 1");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_failing_store_marks_the_sink_unhealthy_until_writes_succeed_again() {
-    let dir = tempdir("health");
+    let dir_tmp = tempdir("health");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = options(&dir);
     let db = opts.db.clone();
     let (sink, writer) = start(opts).unwrap();
@@ -182,12 +184,12 @@ fn a_failing_store_marks_the_sink_unhealthy_until_writes_succeed_again() {
     });
     assert_eq!(http_sink.dropped(), 0);
     writer.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_fail_closed_pipeline_refuses_new_flows_while_the_store_fails() {
-    let dir = tempdir("closed");
+    let dir_tmp = tempdir("closed");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         on_failure: FailurePolicy::FailClosed,
         ..options(&dir)
@@ -206,12 +208,12 @@ fn a_fail_closed_pipeline_refuses_new_flows_while_the_store_fails() {
         .unwrap();
     wait("new flows admitted again", || sink.admits_new_flows());
     writer.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_full_queue_drops_and_counts_per_kind() {
-    let dir = tempdir("full");
+    let dir_tmp = tempdir("full");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         queue: 4,
         on_overflow: OverflowPolicy::BlockNewFlows,
@@ -238,12 +240,12 @@ fn a_full_queue_drops_and_counts_per_kind() {
     );
     other.execute_batch("COMMIT").unwrap();
     writer.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn review_pages_are_scoped_before_the_limit_and_follow_their_cursor() {
-    let dir = tempdir("pages");
+    let dir_tmp = tempdir("pages");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = options(&dir);
     let db = opts.db.clone();
     let (sink, writer) = start(opts).unwrap();
@@ -296,5 +298,4 @@ fn review_pages_are_scoped_before_the_limit_and_follow_their_cursor() {
         p2.iter().map(|r| r.record.at_ms).collect::<Vec<_>>(),
         [1000]
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

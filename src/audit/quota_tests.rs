@@ -24,12 +24,16 @@ const QUOTA: u64 = 256 << 10;
 struct Store {
     dir: PathBuf,
     db: PathBuf,
+    /// Holds `dir`: removed when the store drops, also after a failure.
+    _tmp: tempfile::TempDir,
 }
 
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A counter as `/metrics` exports it (the audit counters' collector in a registry of their own).
+fn scraped(counters: &Arc<AuditCounters>, name: &str) -> f64 {
+    let mut reg = crate::metrics::MetricsRegistry::new();
+    reg.collect(counters.clone());
+    crate::metrics::exposition::value(&reg.encode(), name, &[])
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 fn quota_options(dir: &Path) -> PipelineOptions {
@@ -96,7 +100,8 @@ fn closed_flows(sink: &AuditSink, from: u64, mut done: impl FnMut() -> bool) -> 
 /// A fail-open store that went over its quota once: flows 1..=OPEN open, then closed flows until an eviction,
 /// then flow 1 ends (after its start was evicted) and a few more closed flows follow.
 fn evicted_store(tag: &str) -> Store {
-    let dir = tempdir(tag);
+    let dir_tmp = tempdir(tag);
+    let dir = dir_tmp.path().to_path_buf();
     let opts = quota_options(&dir);
     let db = opts.db.clone();
     let (sink, writer) = start(opts).unwrap();
@@ -111,7 +116,11 @@ fn evicted_store(tag: &str) -> Store {
         sink.offer(end(i));
     }
     writer.finish();
-    Store { dir, db }
+    Store {
+        dir,
+        db,
+        _tmp: dir_tmp,
+    }
 }
 
 fn pinned(dir: &Path) -> PublicKey {
@@ -326,7 +335,8 @@ fn ssh_channel(dir: &Path, sink: &AuditSink, session: &str) -> PathBuf {
 
 #[test]
 fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_sessions_stay() {
-    let dir = tempdir("recq");
+    let dir_tmp = tempdir("recq");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         quota_check_interval: Duration::from_millis(20),
         max_recordings_bytes: 250 << 10,
@@ -380,15 +390,14 @@ fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_session
     assert_eq!(sessions("s-open"), 2, "an open session lost rows");
     assert_eq!(sessions("s-new"), 3);
     assert_eq!(
-        counters
-            .samples()
-            .iter()
-            .find(|s| s.0 == "rampart_audit_recordings_evicted_total")
-            .unwrap()
-            .2,
-        1
+        scraped(&counters, "rampart_audit_recordings_evicted_total"),
+        1.0
     );
-    let s = Store { dir, db };
+    let s = Store {
+        dir,
+        db,
+        _tmp: dir_tmp,
+    };
     let r = run_verify(&s);
     assert!(r.first_break.is_none(), "{r:?}");
     assert!(r.evicted_records["ssh"] >= 3, "{r:?}");
@@ -400,7 +409,8 @@ fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_session
 
 #[test]
 fn fail_closed_over_a_quota_refuses_new_flows_and_admits_them_again_once_there_is_room() {
-    let dir = tempdir("closedq");
+    let dir_tmp = tempdir("closedq");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         on_failure: FailurePolicy::FailClosed,
         max_recordings_bytes: 64 << 10,
@@ -419,16 +429,9 @@ fn fail_closed_over_a_quota_refuses_new_flows_and_admits_them_again_once_there_i
     assert_eq!(lost, 0);
     let min_flow: i64 = q(&db, "SELECT min(seq) FROM flows");
     assert_eq!(min_flow, 1, "fail_closed evicted records");
-    let sample = |name: &str| {
-        counters
-            .samples()
-            .into_iter()
-            .find(|s| s.0 == name)
-            .unwrap()
-            .2
-    };
-    assert_eq!(sample("rampart_audit_over_quota"), 1);
-    assert_eq!(sample("rampart_audit_quota_exceeded_total"), 1);
+    let sample = |name: &str| scraped(&counters, name);
+    assert_eq!(sample("rampart_audit_over_quota"), 1.0);
+    assert_eq!(sample("rampart_audit_quota_exceeded_total"), 1.0);
     // ... until the operator frees space (archived and pruned the store).
     // (What was queued is written first: fail-closed refuses new flows, not the records of admitted ones.)
     wait("the queue written", || {
@@ -441,7 +444,7 @@ fn fail_closed_over_a_quota_refuses_new_flows_and_admits_them_again_once_there_i
          DELETE FROM chain;",
     );
     wait("new flows admitted again", || sink.admits_new_flows());
-    assert_eq!(sample("rampart_audit_over_quota"), 0);
+    assert_eq!(sample("rampart_audit_over_quota"), 0.0);
     // The recordings: the same, with their own quota.
     let rec = dir.join("recordings/acme/s1/ch0.rec");
     std::fs::create_dir_all(rec.parent().unwrap()).unwrap();
@@ -450,7 +453,6 @@ fn fail_closed_over_a_quota_refuses_new_flows_and_admits_them_again_once_there_i
     assert!(rec.exists(), "fail_closed deleted a recording");
     std::fs::remove_file(&rec).unwrap();
     wait("new flows admitted again", || sink.admits_new_flows());
-    assert_eq!(sample("rampart_audit_quota_exceeded_total"), 2);
+    assert_eq!(sample("rampart_audit_quota_exceeded_total"), 2.0);
     writer.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }

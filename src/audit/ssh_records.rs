@@ -356,8 +356,8 @@ pub fn load_or_create_signing_key(path: &Path) -> anyhow::Result<PrivateKey> {
             )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = crate::ssh::trust::new_ed25519("rampart audit signing key")?;
-            crate::ssh::trust::write_private_key(path, &key)?;
+            let key = crate::keys::openssh::new_ed25519("rampart audit signing key")?;
+            crate::keys::openssh::write_private_key(path, &key)?;
             tracing::info!(path = %path.display(), "created the audit signing key; copy its .pub off the gateway to verify the audit trail with --pubkey");
             Ok(key)
         }
@@ -489,7 +489,8 @@ mod tests {
 
     #[test]
     fn writer_commits_durably_and_checkpoints_at_finish() {
-        let dir = tempdir();
+        let dir_tmp = tempdir();
+        let dir = dir_tmp.path().to_path_buf();
         let db = dir.join("audit.db");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -507,14 +508,10 @@ mod tests {
         let cps = log.checkpoints().unwrap();
         // ... and the run's end.
         assert_eq!(cps.last().unwrap().seq, 5);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
-    pub(crate) fn tempdir() -> PathBuf {
-        let mut b = [0u8; 8];
-        getrandom::fill(&mut b).unwrap();
-        let d = std::env::temp_dir().join(format!("rampart-ssh-audit-{}", hex(&b)));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A temp dir, removed when the guard drops (also after a failure).
+    pub(crate) fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 }

@@ -13,7 +13,8 @@ use crate::core::EndReason;
 /// Flows 1..=3 with a plain request, a blocked one, a TLS connection passed through and a failed request,
 /// the flows' ends, then one more request (the store's last record before `run.end`).
 fn http_store(tag: &str) -> Store {
-    let dir = tempdir(tag);
+    let dir_tmp = tempdir(tag);
+    let dir = dir_tmp.path().to_path_buf();
     let heads = dir.join("elsewhere").join("heads.log");
     std::fs::create_dir_all(heads.parent().unwrap()).unwrap();
     let opts = PipelineOptions {
@@ -78,6 +79,7 @@ fn http_store(tag: &str) -> Store {
         dir,
         db: db.clone(),
         heads,
+        _tmp: dir_tmp,
     }
 }
 
@@ -342,7 +344,8 @@ fn an_http_record_linked_to_another_flows_row_is_found() {
 
 #[test]
 fn a_store_from_before_the_chain_verifies_and_names_its_http_rows_as_not_covered() {
-    let dir = tempdir("http-legacy");
+    let dir_tmp = tempdir("http-legacy");
+    let dir = dir_tmp.path().to_path_buf();
     let db = dir.join("audit.db");
     {
         let c = rusqlite::Connection::open(&db).unwrap();
@@ -367,6 +370,7 @@ fn a_store_from_before_the_chain_verifies_and_names_its_http_rows_as_not_covered
         dir: dir.clone(),
         db: db.clone(),
         heads: dir.join("no-heads"),
+        _tmp: dir_tmp,
     };
     let r = run(&s, false);
     assert!(r.first_break.is_none(), "{r:?}");

@@ -16,12 +16,8 @@ pub(super) struct Store {
     pub(super) dir: PathBuf,
     pub(super) db: PathBuf,
     pub(super) heads: PathBuf,
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    /// Holds `dir`: removed when the store drops, also after a failure.
+    pub(super) _tmp: tempfile::TempDir,
 }
 
 /// A store with flows, HTTP records and a few checkpoints, its heads exported to a file.
@@ -31,7 +27,8 @@ fn store(tag: &str) -> Store {
 
 /// Like `store`, with more records from `extra` after the flows.
 fn store_with(tag: &str, extra: impl FnOnce(&AuditSink)) -> Store {
-    let dir = tempdir(tag);
+    let dir_tmp = tempdir(tag);
+    let dir = dir_tmp.path().to_path_buf();
     let heads = dir.join("elsewhere").join("heads.log");
     std::fs::create_dir_all(heads.parent().unwrap()).unwrap();
     let opts = PipelineOptions {
@@ -55,7 +52,12 @@ fn store_with(tag: &str, extra: impl FnOnce(&AuditSink)) -> Store {
     }
     extra(&sink);
     writer.finish();
-    Store { dir, db, heads }
+    Store {
+        dir,
+        db,
+        heads,
+        _tmp: dir_tmp,
+    }
 }
 
 fn pinned(s: &Store) -> PublicKey {
@@ -186,7 +188,7 @@ fn a_store_re_signed_with_another_key_is_found() {
         prev = hash;
     }
     conn.execute_batch("DELETE FROM checkpoints").unwrap();
-    let forger = crate::ssh::trust::new_ed25519("forger").unwrap();
+    let forger = crate::keys::openssh::new_ed25519("forger").unwrap();
     chain::checkpoint(&conn, &forger, 1).unwrap().unwrap();
     drop(conn);
     let what = broken(&run(&s, false));
@@ -195,7 +197,8 @@ fn a_store_re_signed_with_another_key_is_found() {
 
 #[test]
 fn lost_records_leave_a_signed_gap_record_naming_them() {
-    let dir = tempdir("gap");
+    let dir_tmp = tempdir("gap");
+    let dir = dir_tmp.path().to_path_buf();
     let opts = PipelineOptions {
         queue: 4,
         tenants: 2,
@@ -236,18 +239,17 @@ fn lost_records_leave_a_signed_gap_record_naming_them() {
     let r = verify(&conn, &dir, &key, None).unwrap();
     assert!(r.first_break.is_none(), "{r:?}");
     assert_eq!((r.gaps, r.records_lost), (1, lost));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn an_unreadable_signing_key_is_an_error_not_a_new_key() {
-    let dir = tempdir("key");
+    let dir_tmp = tempdir("key");
+    let dir = dir_tmp.path().to_path_buf();
     let key = dir.join("audit_signing_key");
     std::fs::write(&key, "not a key").unwrap();
     let e = start(options(&dir)).err().unwrap().to_string();
     assert!(e.contains("restore it"), "{e}");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Every kind of record: the flows and HTTP records of `store`, a flow no HTTP record links to, an enrollment

@@ -1,6 +1,6 @@
-//! Counters the data path bumps and the admin endpoint reads. Each worker owns its counter sets and is their
-//! only writer, so a bump is a relaxed load + store (a plain `mov`), not a locked read-modify-write; readers may
-//! see a value a few packets old, never a torn one.
+//! Counters the data path bumps and `/metrics` reads (the `Collector` at the end of this file). Each worker
+//! owns its counter sets and is their only writer, so a bump is a relaxed load + store (a plain `mov`), not a
+//! locked read-modify-write; readers may see a value a few packets old, never a torn one.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -200,4 +200,179 @@ pub struct GlobalCounters {
     pub tun_write_errors: Counter,
     /// Drops that cannot be attributed to a tenant.
     pub unattributed: TrafficCounters,
+}
+
+/// `/metrics`: the data path's counters, read at scrape time (the data path never waits for a scrape).
+impl prometheus_client::collector::Collector for super::Metrics {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{counter, family, gauge};
+        use prometheus_client::metrics::MetricType::{Counter as C, Gauge as G};
+        let tenants = self.tenants();
+        let ids: Vec<String> = tenants.iter().map(|(id, _)| id.to_string()).collect();
+        let labels: Vec<[(&str, &str); 1]> =
+            ids.iter().map(|id| [("tenant", id.as_str())]).collect();
+        type Get = fn(&TrafficCounters) -> u64;
+        let per_tenant: [(&str, &str, _, Get); 9] = [
+            (
+                "rampart_handshakes",
+                "Completed WireGuard handshakes.",
+                C,
+                |c| c.handshakes.get(),
+            ),
+            (
+                "rampart_rx_packets",
+                "Inner packets received from devices.",
+                C,
+                |c| c.rx_packets.get(),
+            ),
+            (
+                "rampart_rx_bytes",
+                "Inner bytes received from devices.",
+                C,
+                |c| c.rx_bytes.get(),
+            ),
+            (
+                "rampart_tx_packets",
+                "Inner packets sent to devices.",
+                C,
+                |c| c.tx_packets.get(),
+            ),
+            ("rampart_tx_bytes", "Inner bytes sent to devices.", C, |c| {
+                c.tx_bytes.get()
+            }),
+            ("rampart_peers", "Devices configured or enrolled.", G, |c| {
+                c.peers.get()
+            }),
+            (
+                "rampart_peers_connected",
+                "Devices with a handshake in the last 180 s.",
+                G,
+                |c| c.peers_connected.get(),
+            ),
+            ("rampart_flows", "Live flows.", G, |c| c.flows.get()),
+            (
+                "rampart_flows_started",
+                "Flows started (any decision).",
+                C,
+                |c| c.flows_started.get(),
+            ),
+        ];
+        for (name, help, kind, get) in per_tenant {
+            let samples = tenants
+                .iter()
+                .zip(&labels)
+                .map(|((_, c), l)| (&l[..], get(c)));
+            family(&mut enc, name, help, kind, samples)?;
+        }
+        let g = &self.global;
+        // Every reason, for traffic of no tenant (tenant="") and for each tenant, zeros included.
+        let mut drops =
+            Vec::with_capacity((ids.len() + 1) * <DropReason as strum::EnumCount>::COUNT);
+        for r in DropReason::all() {
+            drops.push((
+                [("tenant", ""), ("reason", r.as_str())],
+                g.unattributed.drops(r),
+            ));
+            for ((_, c), id) in tenants.iter().zip(&ids) {
+                drops.push((
+                    [("tenant", id.as_str()), ("reason", r.as_str())],
+                    c.drops(r),
+                ));
+            }
+        }
+        family(
+            &mut enc,
+            "rampart_dropped_packets",
+            "Datagrams and inner packets dropped, by reason.",
+            C,
+            drops.iter().map(|(l, v)| (&l[..], *v)),
+        )?;
+        for (name, help, v) in [
+            ("rampart_datagrams_received", "UDP datagrams received.", g.datagrams_rx.get()),
+            ("rampart_datagrams_sent", "UDP datagrams sent.", g.datagrams_tx.get()),
+            (
+                "rampart_udp_receive_calls",
+                "recvmmsg calls on the WireGuard socket that returned datagrams (datagrams per call = \
+                 rampart_datagrams_received_total / this).",
+                g.recv_calls.get(),
+            ),
+            (
+                "rampart_udp_send_calls",
+                "sendmmsg calls on the WireGuard socket (datagrams per call = rampart_datagrams_sent_total / this).",
+                g.send_calls.get(),
+            ),
+            (
+                "rampart_udp_send_trains",
+                "GSO trains sent on the WireGuard socket: one UDP_SEGMENT message of several equal-size datagrams.",
+                g.send_trains.get(),
+            ),
+            (
+                "rampart_udp_send_train_datagrams",
+                "Datagrams sent inside GSO trains (mean train length = this / rampart_udp_send_trains_total).",
+                g.send_train_datagrams.get(),
+            ),
+            (
+                "rampart_udp_gso_fallbacks",
+                "GSO trains the kernel refused and that were sent again as separate datagrams.",
+                g.gso_fallbacks.get(),
+            ),
+            (
+                "rampart_datapath_wakeups",
+                "Turns of the data-path loop: each poll return, for traffic or the idle timer tick.",
+                g.wakeups.get(),
+            ),
+            (
+                "rampart_cookie_replies",
+                "Cookie replies sent to handshake initiators while under load.",
+                g.cookie_replies.get(),
+            ),
+            ("rampart_send_errors", "UDP datagrams the kernel refused to send.", g.send_errors.get()),
+            (
+                "rampart_tun_write_errors",
+                "Packets for the gateway's namespace that the upgrade TUN refused.",
+                g.tun_write_errors.get(),
+            ),
+            (
+                "rampart_udp_receive_errors",
+                "Failed receive calls on the WireGuard socket (usually ICMP errors for earlier sends).",
+                g.recv_errors.get(),
+            ),
+            (
+                "rampart_refusals_unrecorded",
+                "Refused flow attempts not recorded (too many distinct ones within one summary interval).",
+                g.refusals_unrecorded.get(),
+            ),
+            (
+                "rampart_handoffs_dropped",
+                "Upgraded flows refused because the application side's queue was full.",
+                g.handoffs_dropped.get(),
+            ),
+        ] {
+            counter(&mut enc, name, help, v)?;
+        }
+        for (name, help, v) in [
+            (
+                "rampart_udp_gso_enabled",
+                "1 while the WireGuard socket sends GSO trains, 0 after it fell back to single datagrams.",
+                g.gso_enabled.get(),
+            ),
+            ("rampart_nat_slots", "NAT slots held by upgraded flows.", g.nat_slots.get()),
+            (
+                "rampart_nat_slots_closing",
+                "NAT slots whose flow ended, waiting for their sockets to close.",
+                g.nat_slots_closing.get(),
+            ),
+            (
+                "rampart_peers_timed",
+                "Peers whose WireGuard timers run on each tick (with a session, a handshake or queued packets).",
+                g.peers_timed.get(),
+            ),
+        ] {
+            gauge(&mut enc, name, help, v)?;
+        }
+        Ok(())
+    }
 }

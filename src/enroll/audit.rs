@@ -257,11 +257,8 @@ mod tests {
 
     #[test]
     fn spooled_records_reach_the_chain_once() {
-        let dir = std::env::temp_dir().join(format!(
-            "rampart-enroll-audit-{}-{}",
-            std::process::id(),
-            super::super::secret::PublicId::random()
-        ));
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         let log = AuditLog::Spool(dir.clone());
         log.record(
             Event::new(EventKind::TokenCreated, Actor::Admin("root".into()))
@@ -336,6 +333,5 @@ mod tests {
                 .is_some_and(|b| b.what.contains("enrollment record")),
             "a changed record must break the chain"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

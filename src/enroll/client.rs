@@ -665,11 +665,8 @@ mod tests {
     #[test]
     fn private_file_is_0600_and_replaced_whole() {
         use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!(
-            "rampart-enroll-client-{}-{}",
-            std::process::id(),
-            super::super::secret::PublicId::random()
-        ));
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         let p = dir.join("wg").join("rampart.conf");
         write_private(&p, "one\n").unwrap();
         write_private(&p, "two\n").unwrap();
@@ -683,7 +680,6 @@ mod tests {
             1,
             "no temp files left"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -608,14 +608,12 @@ mod tests {
     use super::*;
     use crate::enroll::secret::{Credential, Kind};
 
-    pub(crate) fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "rampart-enroll-{tag}-{}-{}",
-            std::process::id(),
-            PublicId::random()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A temp dir, removed when the guard drops (also after a failure).
+    pub(crate) fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("rampart-enroll-{tag}-"))
+            .tempdir()
+            .unwrap()
     }
 
     fn token(max_uses: Option<u32>) -> (Credential, TokenRow) {
@@ -644,7 +642,8 @@ mod tests {
 
     #[test]
     fn token_round_trips_and_consumption_stops_at_max_uses() {
-        let dir = temp_dir("store");
+        let dir_tmp = temp_dir("store");
+        let dir = dir_tmp.path().to_path_buf();
         let mut s = Store::open(&dir).unwrap();
         let (_c, row) = token(Some(2));
         let tx = s.begin().unwrap();
@@ -659,12 +658,12 @@ mod tests {
         let t = s.token(&row.id).unwrap().unwrap();
         assert_eq!(t.used, 2);
         assert_eq!(t.state(200), TokenState::UsedUp);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn expired_revoked_and_locked_tokens_are_not_consumed() {
-        let dir = temp_dir("states");
+        let dir_tmp = temp_dir("states");
+        let dir = dir_tmp.path().to_path_buf();
         let mut s = Store::open(&dir).unwrap();
         let (_c, row) = token(None);
         let tx = s.begin().unwrap();
@@ -688,12 +687,12 @@ mod tests {
         let t = tx.token(&row.id).unwrap().unwrap();
         assert_eq!(t.state(302), TokenState::Revoked);
         assert_eq!(t.failures, 0);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn only_active_devices_reach_the_data_path() {
-        let dir = temp_dir("devices");
+        let dir_tmp = temp_dir("devices");
+        let dir = dir_tmp.path().to_path_buf();
         let mut s = Store::open(&dir).unwrap();
         let (_c, t) = token(None);
         let dev = |n: u8, state| DeviceRow {
@@ -738,6 +737,5 @@ mod tests {
         assert!(!tx.approve(&pending.id, 6).unwrap());
         tx.commit().unwrap();
         assert_eq!(data_path_devices(&dir).unwrap().len(), 2);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -306,11 +306,8 @@ mod tests {
 
     #[test]
     fn minted_once_and_pins_are_stable() {
-        let dir = std::env::temp_dir().join(format!(
-            "rampart-enroll-tls-{}-{}",
-            std::process::id(),
-            super::super::secret::PublicId::random()
-        ));
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         let a = Identity::load(&dir, None, &["198.18.0.1".into(), "gw.example".into()]).unwrap();
         let b = Identity::load(&dir, None, &[]).unwrap();
         assert_eq!(a.pins, b.pins, "the certificate is kept, not minted again");
@@ -324,16 +321,12 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn an_operator_chain_is_used_as_given() {
-        let dir = std::env::temp_dir().join(format!(
-            "rampart-enroll-tls-op-{}-{}",
-            std::process::id(),
-            super::super::secret::PublicId::random()
-        ));
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         std::fs::create_dir_all(&dir).unwrap();
         let kp = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec!["enroll.example".to_string()])
@@ -353,7 +346,6 @@ mod tests {
         std::fs::write(&c, "not pem").unwrap();
         let e = Identity::load(&dir, Some(&(c.clone(), k)), &[]).unwrap_err();
         assert!(e.to_string().contains("chain.pem"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -31,6 +31,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
@@ -63,6 +66,21 @@ struct ServicesInner {
     sink: Option<HttpAuditSink>,
     /// Loaded tenant TLS material, keyed by tenant and the settings it was loaded with.
     tls: Mutex<HashMap<String, (TlsKey, Arc<TenantTls>)>>,
+    counters: HttpCounters,
+}
+
+/// What the HTTP inspector counts (`prometheus-client` metrics: atomic adds).
+#[derive(Debug, Default)]
+struct HttpCounters {
+    /// Upgraded flows handed to the inspector.
+    connections: Counter,
+    /// Audit records of the inspector (requests and TLS decisions), by decision.
+    decisions: Family<DecisionLabel, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: String,
 }
 
 /// What the loaded material depends on: paths and modification times of the CA and the trusted origin CAs.
@@ -84,8 +102,36 @@ impl HttpServices {
             inner: Arc::new(ServicesInner {
                 sink: Some(sink),
                 tls: Mutex::default(),
+                counters: HttpCounters::default(),
             }),
         }
+    }
+
+    /// Registers the inspector's counters (names without `_total`: the encoder adds it).
+    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+        let c = &self.inner.counters;
+        reg.register(
+            "rampart_http_connections",
+            "Upgraded flows handed to the HTTP inspector",
+            c.connections.clone(),
+        );
+        reg.register(
+            "rampart_http_decisions",
+            "HTTP requests and TLS connections decided by the HTTP inspector, by decision (one per audit record)",
+            c.decisions.clone(),
+        );
+    }
+
+    /// One more request or TLS connection decided `decision` (a family created on first use: absent from
+    /// `/metrics` until the first one).
+    pub(crate) fn count_decision(&self, decision: &str) {
+        self.inner
+            .counters
+            .decisions
+            .get_or_create(&DecisionLabel {
+                decision: decision.to_string(),
+            })
+            .inc();
     }
 
     fn sink(&self) -> Option<HttpAuditSink> {
@@ -154,6 +200,7 @@ impl FlowCtx {
     }
 
     pub fn emit(&self, r: HttpRecord) {
+        self.services.count_decision(&r.decision);
         if let Some(s) = &self.sink {
             s.emit(r);
         }
@@ -172,6 +219,7 @@ pub async fn inspect(
 ) {
     // A downgraded leg carries the device's own 5-tuple towards the destination device: there is only one.
     let reconnect = flow.downgrade.is_none().then_some(reconnect);
+    services.inner.counters.connections.inc();
     let ctx = FlowCtx {
         upgraded: flow.clone(),
         config: config.clone(),
@@ -633,8 +681,8 @@ user = "alice"
 
     #[tokio::test]
     async fn http2_streams_to_an_http1_origin_run_in_parallel() {
-        let dir = std::env::temp_dir().join(format!("rampart-http-h2h1-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = Config::from_toml(CONFIG, &dir.join("gateway.toml")).unwrap();
         let config = ConfigHandle::new(Arc::new(cfg));
@@ -689,6 +737,5 @@ user = "alice"
         assert_eq!((&a[..], &b[..], &c[..]), (&b"3"[..], &b"3"[..], &b"3"[..]));
         drop(sender);
         inspector.abort();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -407,8 +407,8 @@ mod tests {
 
     #[test]
     fn ca_init_is_idempotent_and_leaves_chain_to_the_ca() {
-        let dir = std::env::temp_dir().join(format!("rampart-tls-ca-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let dir = dir_tmp.path().join("d");
         let first = ca_init(&dir, "acme").unwrap();
         assert!(first.created);
         let pem = std::fs::read(&first.cert_path).unwrap();
@@ -464,7 +464,6 @@ mod tests {
                 rustls::pki_types::UnixTime::now(),
             )
             .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     async fn pair() -> (TcpStream, TcpStream) {

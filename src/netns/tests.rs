@@ -501,7 +501,10 @@ fn an_unprivileged_gateway_gets_a_clear_answer() {
     use std::os::unix::process::CommandExt as _;
     require_root();
     // A link to this binary where uid 65534 can reach it (the build tree may be under a private home).
-    let dir = std::env::temp_dir().join(format!("rampart-netns-test-{}", std::process::id()));
+    let dir_tmp = tempfile::tempdir().unwrap();
+    // Another user must reach the dir inside (tempfile makes it 0700).
+    std::fs::set_permissions(dir_tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = dir_tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = dir.join("rampart-tests");
@@ -517,7 +520,6 @@ fn an_unprivileged_gateway_gets_a_clear_answer() {
         .gid(65534)
         .output()
         .expect("run the unprivileged child");
-    let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let result = stdout
         .lines()

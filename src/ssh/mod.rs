@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -94,6 +95,18 @@ pub struct SshServices {
     trust: Mutex<HashMap<String, Arc<TenantTrust>>>,
     preauth: Arc<Preauth>,
     live: Arc<live::LiveSessions>,
+    counters: SshCounters,
+}
+
+/// What the SSH inspector counts (`prometheus-client` counters: atomic adds).
+#[derive(Debug, Default)]
+struct SshCounters {
+    /// Upgraded flows handed to the inspector.
+    connections: Counter,
+    /// Connections closed because no pre-auth slot came free within the login grace time.
+    preauth_timeouts: Counter,
+    /// Connections closed because the tenant's trust material (CAs, host key) could not be loaded.
+    trust_unavailable: Counter,
 }
 
 impl SshServices {
@@ -105,6 +118,32 @@ impl SshServices {
             preauth: Arc::new(Preauth::new(&limits)),
             limits,
             live: Arc::new(live::LiveSessions::default()),
+            counters: SshCounters::default(),
+        }
+    }
+
+    /// Registers the inspector's counters (names without `_total`: the encoder adds it).
+    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+        let c = &self.counters;
+        for (name, help, m) in [
+            (
+                "rampart_ssh_connections",
+                "Upgraded flows handed to the SSH inspector",
+                &c.connections,
+            ),
+            (
+                "rampart_ssh_preauth_timeouts",
+                "SSH connections closed because no pre-authentication slot (per device, tenant, gateway) came \
+                 free within the login grace time",
+                &c.preauth_timeouts,
+            ),
+            (
+                "rampart_ssh_trust_unavailable",
+                "SSH connections closed because the tenant's CAs or host key could not be loaded",
+                &c.trust_unavailable,
+            ),
+        ] {
+            reg.register(name, help, m.clone());
         }
     }
 

@@ -181,16 +181,19 @@ enum Ended<R> {
 pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
     let services = ctx.services.clone();
     let limits = services.limits().clone();
+    services.counters.connections.inc();
     // A burst waits for a pre-auth slot (within the grace period) rather than failing.
     let Some(preauth) =
         super::wait_preauth(&services, ctx.tenant.as_str(), ctx.device.as_str()).await
     else {
+        services.counters.preauth_timeouts.inc();
         tracing::debug!(device = %ctx.device, "too many unauthenticated SSH connections; closing");
         return;
     };
     let trust = match services.tenant_trust_async(ctx.tenant.as_str()).await {
         Ok(t) => t,
         Err(e) => {
+            services.counters.trust_unavailable.inc();
             tracing::warn!(tenant = %ctx.tenant, error = %e, "cannot inspect SSH");
             return;
         }

@@ -20,9 +20,10 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
-use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
+use russh::keys::ssh_key::{Certificate, HashAlg, PrivateKey, PublicKey};
 
 use crate::audit::ssh_records::CertInfo;
+use crate::keys::openssh;
 
 /// How far back certificates are valid from (clock skew between gateway and target).
 const BACKDATE: Duration = Duration::from_secs(30);
@@ -47,39 +48,23 @@ fn key_err(e: impl std::fmt::Display) -> TrustError {
     TrustError::Key(e.to_string())
 }
 
-/// A fresh Ed25519 key.
+/// A fresh Ed25519 key (`keys::openssh`, shared with the audit signing key).
 pub fn new_ed25519(comment: &str) -> Result<PrivateKey, TrustError> {
-    let mut rng = rand::rng();
-    let mut k = PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(key_err)?;
-    k.set_comment(comment);
-    Ok(k)
+    Ok(openssh::new_ed25519(comment)?)
 }
 
 /// Writes an OpenSSH private key with mode 0600 (atomically) and its `.pub` beside it.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), TrustError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file_err = |e: std::io::Error| TrustError::File {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(file_err)?;
+    Ok(openssh::write_private_key(path, key)?)
+}
+
+impl From<openssh::OpensshKeyError> for TrustError {
+    fn from(e: openssh::OpensshKeyError) -> TrustError {
+        match e {
+            openssh::OpensshKeyError::File { path, msg } => TrustError::File { path, msg },
+            openssh::OpensshKeyError::Key(msg) => TrustError::Key(msg),
+        }
     }
-    let text = key.to_openssh(LineEnding::LF).map_err(key_err)?;
-    let tmp = with_suffix(path, ".tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(file_err)?;
-    f.write_all(text.as_bytes()).map_err(file_err)?;
-    f.sync_all().map_err(file_err)?;
-    std::fs::rename(&tmp, path).map_err(file_err)?;
-    let public = key.public_key().to_openssh().map_err(key_err)?;
-    std::fs::write(with_suffix(path, ".pub"), format!("{public}\n")).map_err(file_err)?;
-    Ok(())
 }
 
 fn read_private_key(path: &Path) -> Result<PrivateKey, TrustError> {
@@ -91,12 +76,6 @@ fn read_private_key(path: &Path) -> Result<PrivateKey, TrustError> {
         path: path.to_path_buf(),
         msg: format!("not an OpenSSH private key: {e}"),
     })
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 /// `state_dir/ssh/<tenant>`.
@@ -461,16 +440,16 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
-    fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("rampart-trust-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A temp dir, removed when the guard drops (also after a failure).
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     #[test]
     fn ca_init_is_idempotent_and_keys_are_private() {
         use std::os::unix::fs::PermissionsExt as _;
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         let first = ca_init(&state, "acme").unwrap();
         assert!(first.created);
         let again = ca_init(&state, "acme").unwrap();
@@ -482,12 +461,12 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!first.user_ca_pub.contains("PRIVATE"));
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn user_cert_names_the_login_and_validates_against_the_ca() {
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         ca_init(&state, "acme").unwrap();
         let t = TenantTrust::load(&state, "acme").unwrap();
         let (eph, cert, info) = t
@@ -502,12 +481,12 @@ mod tests {
         assert!(cert.extensions().contains_key("permit-pty"));
         assert!(!cert.extensions().contains_key("permit-port-forwarding"));
         assert!(info.valid_before - info.valid_after <= 6 * 60);
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn target_keys_are_pinned_on_first_use_and_changes_refused() {
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         ca_init(&state, "acme").unwrap();
         let t = TenantTrust::load(&state, "acme").unwrap();
         let target: SocketAddrV4 = "10.0.0.5:22".parse().unwrap();
@@ -541,12 +520,12 @@ mod tests {
                 ..
             }
         ));
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn a_trusted_target_host_ca_vouches_for_the_target_it_names_only() {
-        let state = tempdir();
+        let state_tmp = tempdir();
+        let state = state_tmp.path().to_path_buf();
         ca_init(&state, "acme").unwrap();
         let target_ca = new_ed25519("target ca").unwrap();
         std::fs::write(
@@ -607,14 +586,13 @@ mod tests {
             HostKeyVerdict::BadCertificate(m) if m.contains("plain host key")
         ));
         assert!(!tenant_dir(&state, "acme").join("known_targets").exists());
-        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]
     fn missing_ca_says_how_to_create_it() {
-        let dir = tempdir();
+        let dir_tmp = tempdir();
+        let dir = dir_tmp.path().to_path_buf();
         let e = TenantTrust::load(&dir, "acme").unwrap_err();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             e.to_string().contains("rampart ca init --tenant acme"),
             "{e}"

@@ -13,7 +13,7 @@
 //! so the only path between devices is the gateway's userspace relay.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use super::gateway::{write_config_listen, Gateway, TenantSpec, PORT, UNDERLAY_AD
 use super::netns::{link, Netns};
 use super::process::tail;
 use super::wg_client::{ClientConfig, WgClient};
+use super::TempDir;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 static IFACES: AtomicU32 = AtomicU32::new(0);
@@ -60,31 +61,6 @@ pub fn preflight() {
             found,
             "`{tool}` not found in PATH; the end-to-end tests need the apt packages: {APT_PACKAGES}"
         );
-    }
-}
-
-/// A temp dir removed on drop (kept when RAMPART_E2E_KEEP is set, for debugging).
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("rampart-e2e-{tag}"));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("RAMPART_E2E_KEEP").is_some() {
-            eprintln!("keeping {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 
@@ -153,7 +129,7 @@ impl Lab {
             std::process::id(),
             LABS.fetch_add(1, Ordering::SeqCst)
         );
-        let dir = TempDir::new(&id);
+        let dir = super::tempdir(&id);
         let gw_ns = Netns::create_with(&format!("{id}-gw"), listen.starts_with('['));
         gw_ns.ip(&["addr", "add", &format!("{UNDERLAY_ADDR}/32"), "dev", "lo"]);
         let config = write_config_listen(dir.path(), tenants, listen, extra);

@@ -23,9 +23,11 @@ pub mod pg;
 pub mod probe;
 pub mod process;
 pub mod ssh;
+pub mod tmp;
 pub mod wg_client;
 
 pub use gateway::TenantSpec;
 pub use lab::Lab;
 pub use probe::{ping, ping_once, wait_ping};
 pub use process::{poll_until, wait_until};
+pub use tmp::{tempdir, TempDir};

@@ -30,13 +30,9 @@ pub fn need_openssh() -> bool {
     Path::new(SSHD).exists() && Path::new(SFTP_SERVER).exists()
 }
 
-/// A fresh temp dir with a random name (removed by its owner).
-pub fn tempdir(tag: &str) -> PathBuf {
-    let mut b = [0u8; 6];
-    getrandom::fill(&mut b).unwrap();
-    let d = std::env::temp_dir().join(format!("rampart-e2e-ssh-{tag}-{}", ssh_records::hex(&b)));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh temp dir, removed when the returned guard drops (see [`super::tmp`]).
+pub fn tempdir(tag: &str) -> super::TempDir {
+    super::tempdir(&format!("ssh-{tag}"))
 }
 
 pub fn free_port() -> u16 {
@@ -492,6 +488,8 @@ pub struct Inspector {
     /// With [`GwOpts::second_tenant`]: the listener whose connections are tenant `beta`'s.
     pub beta_port: Option<u16>,
     pub state: PathBuf,
+    /// The state dir when the inspector made it ([`Inspector::start`]); else the caller's guard removes it.
+    _dir: Option<super::TempDir>,
     writer: Option<SshAuditWriter>,
     services: Option<Arc<SshServices>>,
     target: Arc<Mutex<SocketAddrV4>>,
@@ -587,7 +585,8 @@ impl Inspector {
         let state = tempdir("state");
         let init = trust::ca_init(&state, "acme").unwrap();
         let sshd = Sshd::loopback(&state.join("sshd"), &init.dir.join("user_ca.pub"));
-        let gw = Inspector::start_with(state, sshd.sockaddr(), opts);
+        let mut gw = Inspector::start_with(state.to_path_buf(), sshd.sockaddr(), opts);
+        gw._dir = Some(state);
         (gw, sshd)
     }
 
@@ -663,6 +662,7 @@ impl Inspector {
             port,
             beta_port,
             state,
+            _dir: None,
             writer: Some(writer),
             services: Some(services),
             target,
@@ -745,13 +745,8 @@ impl Inspector {
 
 impl Drop for Inspector {
     fn drop(&mut self) {
+        // Stopped before the state dir's guard (a field, or the caller's) removes the dir.
         self.stop();
-        // Kept for a look after a failure (or with RAMPART_E2E_KEEP set); removed otherwise.
-        if !std::thread::panicking() && std::env::var_os("RAMPART_E2E_KEEP").is_none() {
-            if let Err(e) = std::fs::remove_dir_all(&self.state) {
-                eprintln!("cannot remove {}: {e}", self.state.display());
-            }
-        }
     }
 }
 

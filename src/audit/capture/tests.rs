@@ -433,7 +433,8 @@ fn each_capture_gets_its_own_ephemeral_key() {
 
 #[test]
 fn capture_file_spool_is_readable_before_finish() {
-    let dir = std::env::temp_dir().join(format!("rampart-capture-{}", std::process::id()));
+    let dir_tmp = tempfile::tempdir().unwrap();
+    let dir = dir_tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("session.cap");
     let _ = std::fs::remove_file(&path);
@@ -484,7 +485,6 @@ fn capture_file_spool_is_readable_before_finish() {
             r#"[6e-6,"o","not flushed"]"#,
         ]
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

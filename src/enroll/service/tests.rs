@@ -29,24 +29,15 @@ impl GatewayHandle for FakeGateway {
 
 struct World {
     dir: PathBuf,
+    /// Holds `dir`: removed when the world drops, also after a failure.
+    _tmp: tempfile::TempDir,
     gw: Arc<FakeGateway>,
     svc: Service,
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 fn world(pools: &[(&str, &str, &str)]) -> World {
-    let dir = std::env::temp_dir().join(format!(
-        "rampart-enroll-svc-{}-{}",
-        std::process::id(),
-        PublicId::random()
-    ));
+    let dir_tmp = tempfile::tempdir().unwrap();
+    let dir = dir_tmp.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     let mut text = "[gateway]\nlisten = \"198.18.0.1:51820\"\nprivate_key_file = \"gateway.key\"\nstate_dir = \"state\"\n"
         .to_string();
@@ -70,7 +61,12 @@ fn world(pools: &[(&str, &str, &str)]) -> World {
         crate::enroll::audit::AuditLog::Spool(dir.join("state")),
     )
     .unwrap();
-    World { dir, gw, svc }
+    World {
+        dir,
+        _tmp: dir_tmp,
+        gw,
+        svc,
+    }
 }
 
 fn acme() -> World {
