@@ -141,6 +141,47 @@ guest_send() { printf '%s\n' "$1" >&"$VM_IN"; }
 
 wait_shell() { wait_for 'maintenance shell on ttyS0' 60 && guest_run true && [ "$GUEST_RC" = 0 ]; }
 
+# wait_after OFFSET REGEX TIMEOUT: serial output after byte OFFSET matches REGEX (extended; a prompt without a
+# newline counts).
+wait_after() {
+    local from=$1 pat=$2 deadline=$((SECONDS + $3))
+    while [ $SECONDS -lt $deadline ]; do
+        tail -c +$((from + 1)) "$VM_LOG" | tr -d '\r' | grep -aqE -e "$pat" && return 0
+        kill -0 "$VM_PID" 2>/dev/null || return 1
+        sleep 0.5
+    done
+    return 1
+}
+
+# console_refuses_root_without_password: the attack of someone at the serial console without the password.
+# (1) A command typed at the console must not run (the image once gave ttyS0 a root shell without a login):
+# it must be taken as a login name, so login asks for a password. (2) root with an empty password is refused.
+console_refuses_root_without_password() {
+    local start n
+    GN=$((GN + 1)) n=$GN
+    start=$(stat -c %s "$VM_LOG")
+    printf 'echo @@""PW%d; id -u\n' "$n" >&"$VM_IN"
+    wait_after "$start" "^@@PW$n\$|Password: *\$" 60 ||
+        { log "  [$VM_NAME] the console neither ran the typed command nor asked for a password"; return 1; }
+    if tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | grep -aqE "^@@PW$n\$"; then
+        log "  [$VM_NAME] ATTACK WORKED: a command typed at the serial console ran without a login:"
+        tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | sed -n "/^@@PW$n\$/,+1p" | sed 's/^/      /'
+        return 1
+    fi
+    log "  [$VM_NAME] a command typed at the console is taken as a login name (login asks for a password)"
+    start=$(stat -c %s "$VM_LOG")
+    printf '\n' >&"$VM_IN"
+    wait_after "$start" 'Login incorrect' 30 || { log "  [$VM_NAME] no 'Login incorrect' after the made-up name"; return 1; }
+    wait_after "$start" 'login: *$' 60 || { log "  [$VM_NAME] no login prompt after the refusal"; return 1; }
+    start=$(stat -c %s "$VM_LOG")
+    printf 'root\n' >&"$VM_IN"
+    wait_after "$start" 'Password: *$' 30 || { log "  [$VM_NAME] login did not ask root for a password"; return 1; }
+    start=$(stat -c %s "$VM_LOG")
+    printf '\n' >&"$VM_IN"
+    wait_after "$start" 'Login incorrect' 30 || { log "  [$VM_NAME] root with an empty password was not refused"; return 1; }
+    log "  [$VM_NAME] root with an empty password: Login incorrect"
+}
+
 # ACPI power button via QMP; the guest must power off by itself and QEMU exit 0.
 vm_powerdown() {
     local deadline=$((SECONDS + 120)) rc
@@ -478,6 +519,7 @@ test_gateway_serves_wireguard_and_health() {
         wait_for 'MARK boot-good slot=a' 180 &&
         wg_check &&
         health_check &&
+        console_refuses_root_without_password &&
         wait_shell &&
         firewall_check &&
         crash_recovery &&
