@@ -107,7 +107,7 @@ install_busybox() { # $1 = root dir
         ln -sf busybox "$1/bin/$a"
     done
     ln -sf ../bin/busybox "$1/sbin/init"
-    for a in modprobe depmod insmod rmmod lsmod switch_root poweroff reboot halt getty acpid udhcpc ip; do
+    for a in modprobe depmod insmod rmmod lsmod switch_root poweroff reboot halt getty acpid udhcpc ip nologin; do
         ln -sf ../bin/busybox "$1/sbin/$a"
     done
 }
@@ -173,6 +173,8 @@ ln -s /data/log "$rfs/var/log"
 ln -s /run "$rfs/var/run"
 ln -s /tmp "$rfs/var/tmp"
 ln -s /run/resolv.conf "$rfs/etc/resolv.conf"
+# Password hashes live on the data partition (root is locked until a console password is seeded; console-auth).
+ln -s /data/system/shadow "$rfs/etc/shadow"
 # Release builds carry debug info (profile.release debug = 1); the appliance gets a stripped copy.
 strip -o "$rfs/usr/bin/rampart" "$rampart_bin" 2>/dev/null || cp "$rampart_bin" "$rfs/usr/bin/rampart"
 chmod 0755 "$rfs/usr/bin/rampart"
