@@ -382,11 +382,14 @@ firewall_check() {
     echo "$GUEST_OUT" | grep -aq '^rampart-egress' ||
         { log "  control failed: without the policy the gateway's user still cannot GET the page: '$GUEST_OUT'"; return 1; }
     log "  control: without the policy, the gateway's user gets the page"
-    kill "$HTTPD_PID" 2>/dev/null; wait "$HTTPD_PID" 2>/dev/null; HTTPD_PID=
     expect_guest '/usr/lib/rampart/firewall-up' || return 1
     out=$(probe_9999)
     [ -z "$out" ] || { log "  port 9999 answered after firewall-up reloaded the policy: '$out'"; return 1; }
-    log "  firewall-up reloaded the policy: port 9999 closed again"
+    egress_as rampart
+    echo "$GUEST_OUT" | grep -aq 'Operation not permitted' ||
+        { log "  the gateway's user got through after firewall-up reloaded the policy: '$GUEST_OUT'"; return 1; }
+    kill "$HTTPD_PID" 2>/dev/null; wait "$HTTPD_PID" 2>/dev/null; HTTPD_PID=
+    log "  firewall-up reloaded the policy: port 9999 closed and the gateway's user refused again"
 }
 
 # ---------------------------------------------------------------- fixtures
