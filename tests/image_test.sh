@@ -513,7 +513,7 @@ EOF
 }
 
 # sign_payload SQFS KEY OUT: OUT = SQFS followed by the 4 KiB signature block `make image` writes after the root
-# (src/system.rs SIG_BLOCK_MAGIC); SQFS.minisig is the detached signature.
+# (src/system/signature.rs SIG_BLOCK_MAGIC); SQFS.minisig is the detached signature.
 sign_payload() {
     minisign -S -s "$2" -m "$1" -x "$1.minisig" -t "image test payload $(basename "$1")" >/dev/null || return 1
     { printf 'rampart-update-signature v1\n'; cat "$1.minisig"; } >"$work/sig-block"
