@@ -225,7 +225,7 @@ minisign -S -s "$sign_key" -m "$sqfs" -x "$sqfs.minisig" -c "rampart update sign
     -t "rampart $version ($build_id) root filesystem" >/dev/null
 minisign -V -q -p "$out/rampart-update.pub" -m "$sqfs" -x "$sqfs.minisig"
 # The same signature as a block right after the root in root_a, so rampart.img (or a stick written from it) is
-# an update payload on its own; format: src/system.rs SIG_BLOCK_MAGIC.
+# an update payload on its own; format: src/system/signature.rs SIG_BLOCK_MAGIC.
 { printf 'rampart-update-signature v1\n'; cat "$sqfs.minisig"; } >"$work/sig-block"
 [ "$(stat -c %s "$work/sig-block")" -le 4096 ] || { echo "build.sh: signature block over 4 KiB" >&2; exit 1; }
 truncate -s 4096 "$work/sig-block"
