@@ -14,7 +14,8 @@
 //! of the interface its `egress.interface` names (and with its `egress.fwmark`); a tenant that names no
 //! interface leaves through the main routing table, so its networks are allowed out of any interface. A
 //! tenant with `egress.netns` connects from that namespace, whose own firewall applies. Everything else the
-//! gateway sends is refused (logged, rate-limited), so a compromised gateway cannot reach the admin network or
+//! gateway sends is rejected (ICMP administratively prohibited, so a connect fails at once instead of hanging
+//! through SYN retries as with a drop; logged, rate-limited), so a compromised gateway cannot reach the admin network or
 //! the internet beyond the off-ramps. Other users (root's DHCP client, the admin's tools) are not filtered.
 //! Without `gateway.user` the gateway is root, like everything else on the box, and its output is not filtered.
 //!
@@ -190,7 +191,7 @@ fn gateway_output(s: &mut String, cfg: &Config) {
     }
     s.push_str(
         "\t\tlimit rate 6/minute burst 5 packets log prefix \"rampart egress refused: \" comment \"anything else the gateway sends\"\n\
-         \t\tcounter drop comment \"anything else the gateway sends\"\n\
+         \t\tcounter reject with icmpx admin-prohibited comment \"anything else the gateway sends\"\n\
          \t}\n",
     );
 }
@@ -328,7 +329,7 @@ mod tests {
                 "ip daddr { 10.30.0.0/16 } accept comment \"tenant hooli off-ramp (no egress.interface: any interface the routing table picks)\"",
                 "# tenant initech: off-ramp from namespace /proc/self/ns/net (its own firewall applies there)",
                 "limit rate 6/minute burst 5 packets log prefix \"rampart egress refused: \" comment \"anything else the gateway sends\"",
-                "counter drop comment \"anything else the gateway sends\"",
+                "counter reject with icmpx admin-prohibited comment \"anything else the gateway sends\"",
             ],
             "{r}"
         );
