@@ -580,7 +580,7 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         expect_guest 'ls /data/config' 'gateway.key' 'gateway.toml' &&
         expect_guest 'grep -E "^user" /data/config/gateway.toml' '^user = "rampart"$' &&
         gateway_runs_unprivileged &&
-        expect_guest 'ls -A /boot/efi/rampart; grep -c "^root:\$6\$" /data/system/shadow; ls -l /etc/shadow' \
+        expect_guest 'ls -A /boot/efi/rampart; grep -c "^root:[$]6[$]" /data/system/shadow; ls -l /etc/shadow' \
             '^1$' '/etc/shadow -> /data/system/shadow' &&
         { ! echo "$GUEST_OUT" | grep -q console-password || { log "  the password seed is still on the ESP"; false; }; } &&
         { ! grep -aqF "$CONSOLE_PW" "$VM_LOG" || { log "  the console password appeared on the serial console"; false; }; } &&
