@@ -106,7 +106,7 @@ impl Plan {
     }
 
     /// Makes the state the gateway writes its user's: state_dir (all of it), the audit store's directory and
-    /// files, the checkpoint file, the gateway key. The config must already be readable by the user (it is
+    /// files, the checkpoint file, the gateway key, the admin token file. The config must already be readable by the user (it is
     /// the admin's file: refused with the fix, never changed).
     pub fn hand_over(&self, cfg: &Config) -> anyhow::Result<()> {
         let (uid, gid) = (self.user.uid, self.user.gid);
@@ -158,6 +158,10 @@ impl Plan {
         }
         if cfg.gateway.private_key_file.exists() {
             chown(&cfg.gateway.private_key_file, uid, gid)?;
+        }
+        // The admin token must stay mode 0600 (checked at every load) and a reload re-reads it as the user.
+        if let Some(token) = &cfg.gateway.admin_token {
+            chown(&token.file, uid, gid)?;
         }
         Ok(())
     }

@@ -27,12 +27,16 @@ VM_PID= WG_PID= VM_IN= VM_LOG= VM_NAME= GN=0
 # The seeded config's admin listener is 0.0.0.0:8080 (QEMU forwards to the guest's address), so it serves HTTPS
 # and wants this token (gateway.admin_token_file).
 ADMIN_TOKEN=image-test-admin-$$-0123456789abcdef
+# root is locked until a console password is seeded (data partition or ESP); the serial shell logs in with it.
+CONSOLE_PW=image-test-console-$$-secret
+HTTPD_PID=
 declare -a results=()
 
 log() { echo "image-test: $*"; }
 
 cleanup() {
     [ -n "$WG_PID" ] && kill "$WG_PID" 2>/dev/null
+    [ -n "$HTTPD_PID" ] && kill "$HTTPD_PID" 2>/dev/null
     if [ -n "$VM_PID" ] && kill -0 "$VM_PID" 2>/dev/null; then
         kill "$VM_PID" 2>/dev/null
         sleep 1
@@ -139,7 +143,66 @@ expect_guest() {
 # guest_send CMD: type CMD into the serial shell without waiting (for reboot).
 guest_send() { printf '%s\n' "$1" >&"$VM_IN"; }
 
-wait_shell() { wait_for 'maintenance shell on ttyS0' 60 && guest_run true && [ "$GUEST_RC" = 0 ]; }
+
+# wait_after OFFSET REGEX TIMEOUT: serial output after byte OFFSET matches REGEX (extended; a prompt without a
+# newline counts).
+wait_after() {
+    local from=$1 pat=$2 deadline=$((SECONDS + $3))
+    while [ $SECONDS -lt $deadline ]; do
+        tail -c +$((from + 1)) "$VM_LOG" | tr -d '\r' | grep -aqE -e "$pat" && return 0
+        kill -0 "$VM_PID" 2>/dev/null || return 1
+        sleep 0.5
+    done
+    return 1
+}
+
+# wait_shell: logs in as root on the serial console with the seeded console password (the documented way in;
+# the positive control of console_refuses_root_without_password) and waits for the shell.
+wait_shell() {
+    local start
+    start=$(stat -c %s "$VM_LOG")
+    printf '\n' >&"$VM_IN"
+    wait_after "$start" 'login: ' 90 || { log "  [$VM_NAME] no login prompt on ttyS0"; return 1; }
+    start=$(stat -c %s "$VM_LOG")
+    printf 'root\n' >&"$VM_IN"
+    wait_after "$start" 'Password: ' 30 || { log "  [$VM_NAME] login did not ask root for a password"; return 1; }
+    start=$(stat -c %s "$VM_LOG")
+    printf '%s\n' "$CONSOLE_PW" >&"$VM_IN"
+    wait_after "$start" 'Rampart maintenance shell' 30 ||
+        { log "  [$VM_NAME] root with the console password did not get the shell"; return 1; }
+    guest_run true && [ "$GUEST_RC" = 0 ] || { log "  [$VM_NAME] the shell does not answer after the login"; return 1; }
+    log "  [$VM_NAME] logged in as root on ttyS0 with the console password"
+}
+
+# console_refuses_root_without_password: the attack of someone at the serial console without the password.
+# (1) A command typed at the console must not run (the image once gave ttyS0 a root shell without a login):
+# it must be taken as a login name, so login asks for a password. (2) root with an empty password is refused.
+console_refuses_root_without_password() {
+    local start n
+    GN=$((GN + 1)) n=$GN
+    start=$(stat -c %s "$VM_LOG")
+    printf 'echo @@""PW%d; id -u\n' "$n" >&"$VM_IN"
+    wait_after "$start" "^@@PW$n\$|Password: " 60 ||
+        { log "  [$VM_NAME] the console neither ran the typed command nor asked for a password"; return 1; }
+    if tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | grep -aqE "^@@PW$n\$"; then
+        log "  [$VM_NAME] ATTACK WORKED: a command typed at the serial console ran without a login:"
+        tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | sed -n "/^@@PW$n\$/,+1p" | sed 's/^/      /'
+        return 1
+    fi
+    log "  [$VM_NAME] a command typed at the console is taken as a login name (login asks for a password)"
+    start=$(stat -c %s "$VM_LOG")
+    printf '\n' >&"$VM_IN"
+    wait_after "$start" 'Login incorrect' 30 || { log "  [$VM_NAME] no 'Login incorrect' after the made-up name"; return 1; }
+    wait_after "$start" 'login: ' 60 || { log "  [$VM_NAME] no login prompt after the refusal"; return 1; }
+    start=$(stat -c %s "$VM_LOG")
+    printf 'root\n' >&"$VM_IN"
+    wait_after "$start" 'Password: ' 30 || { log "  [$VM_NAME] login did not ask root for a password"; return 1; }
+    start=$(stat -c %s "$VM_LOG")
+    printf '\n' >&"$VM_IN"
+    wait_after "$start" 'Login incorrect' 30 || { log "  [$VM_NAME] root with an empty password was not refused"; return 1; }
+    wait_after "$start" 'login: ' 60 || { log "  [$VM_NAME] no login prompt after the refusal"; return 1; }
+    log "  [$VM_NAME] root with an empty password: Login incorrect"
+}
 
 # ACPI power button via QMP; the guest must power off by itself and QEMU exit 0.
 vm_powerdown() {
@@ -249,6 +312,32 @@ crash_recovery() {
             { log "  the gateway pid did not change after kill -9"; return 1; }; }
 }
 
+# gateway_runs_unprivileged: the gateway's process (gateway-run execs rampart run under the pid it records) runs
+# as the image's rampart user with no-new-privs and its seccomp filter; its config is root's, readable by the
+# group rampart; its key and state are rampart's.
+gateway_runs_unprivileged() {
+    expect_guest 'id rampart' '^uid=999\(rampart\) gid=999\(rampart\)' &&
+        expect_guest 'grep -E "^(Uid|Gid|CapEff|NoNewPrivs|Seccomp):" /proc/$(cat /run/rampart/gateway.pid)/status' \
+            '^Uid:[[:space:]]+999[[:space:]]+999[[:space:]]+999[[:space:]]+999$' \
+            '^Gid:[[:space:]]+999[[:space:]]+999[[:space:]]+999[[:space:]]+999$' '^CapEff:[[:space:]]+0+$' \
+            '^NoNewPrivs:[[:space:]]+1$' '^Seccomp:[[:space:]]+2$' &&
+        expect_guest 'ls -ln /data/config' '^-rw-r----- +1 +0 +999 .* gateway\.toml$' \
+            '^-rw------- +1 +999 +999 .* gateway\.key$' '^d[rwx-]{9} +[0-9]+ +999 +999 .* state$' || return 1
+    log "  the gateway runs as rampart (uid 999, no capabilities, no-new-privs, seccomp); config root:rampart 0640"
+    expect_guest 'grep -E "dropped privileges|landlock" /data/log/rampart.log | tail -n 2' 'dropped privileges' &&
+        log "  gateway log: $(echo "$GUEST_OUT" | tail -n 2 | sed -E 's/.*(landlock[^"]*|dropped privileges.*)/\1/' | tr '\n' ' ' | cut -c1-200)"
+}
+
+# egress_as WHO: from the guest, as root or as the gateway's user rampart, GET the test namespace's web server
+# (10.0.2.2:8099 through QEMU's user network; not an off-ramp of the seeded config). Sets GUEST_OUT.
+egress_as() {
+    local get='wget -q -O- http://10.0.2.2:8099/egress.txt 2>&1'
+    case "$1" in
+    root) guest_run "$get" ;;
+    *) guest_run "su -s /bin/sh rampart -c '$get'" ;;
+    esac
+}
+
 # probe_9999: what GET http://127.0.0.1:9999/ from the test namespace returns (through QEMU's hostfwd to the
 # guest); empty when the guest never answers (QEMU accepts the host side, then gives up on the guest).
 probe_9999() { ip netns exec "$NS" curl -s --max-time 10 http://127.0.0.1:9999/probe.txt; }
@@ -260,7 +349,9 @@ probe_9999() { ip netns exec "$NS" curl -s --max-time 10 http://127.0.0.1:9999/p
 firewall_check() {
     local out
     expect_guest 'nft list ruleset' 'table inet rampart' 'hook input priority filter; policy drop;' \
-        'iif "lo" accept' 'ct state established,related accept' 'udp dport 51820 accept' 'tcp dport 8080 accept' ||
+        'iif "lo" accept' 'ct state established,related accept' 'udp dport 51820 accept' 'tcp dport 8080 accept' \
+        'hook forward priority filter; policy drop;' 'meta skuid .*jump gateway_out' 'udp sport 51820 accept' \
+        'counter packets [0-9]+ bytes [0-9]+ reject with icmpx admin-prohibited' ||
         return 1
     if echo "$GUEST_OUT" | grep -aqE 'dport (9999|8443)'; then
         log "  the ruleset opens a port it should not:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1
@@ -270,15 +361,35 @@ firewall_check() {
     out=$(probe_9999)
     [ -z "$out" ] || { log "  port 9999 answered from outside despite the firewall: '$out'"; return 1; }
     log "  port 9999 (not in the policy): no answer from the test namespace; the guest's loopback gets the page"
+    # Egress: the gateway's user reaches no address outside the off-ramps; root (the admin's tools) does.
+    mkdir -p "$work/www" && echo rampart-egress >"$work/www/egress.txt"
+    ip netns exec "$NS" busybox httpd -f -p 127.0.0.1:8099 -h "$work/www" &
+    HTTPD_PID=$!
+    egress_as root
+    echo "$GUEST_OUT" | grep -aq '^rampart-egress' ||
+        { log "  root in the guest cannot GET the test namespace's page: $GUEST_OUT"; return 1; }
+    egress_as rampart
+    if echo "$GUEST_OUT" | grep -aq 'rampart-egress' || ! echo "$GUEST_OUT" | grep -aq 'No route to host'; then
+        log "  the gateway's user was not refused by the output policy: '$GUEST_OUT'"; return 1
+    fi
+    log "  egress: root gets the page from 10.0.2.2:8099, the gateway's user is refused ($(echo "$GUEST_OUT" | head -n 1))"
     wg_check || return 1
     expect_guest 'nft delete table inet rampart' || return 1
     out=$(probe_9999)
     [ "$out" = rampart-probe ] || { log "  control failed: without the policy, port 9999 answered '$out'"; return 1; }
     log "  control: without the policy, port 9999 answers from the test namespace"
+    egress_as rampart
+    echo "$GUEST_OUT" | grep -aq '^rampart-egress' ||
+        { log "  control failed: without the policy the gateway's user still cannot GET the page: '$GUEST_OUT'"; return 1; }
+    log "  control: without the policy, the gateway's user gets the page"
     expect_guest '/usr/lib/rampart/firewall-up' || return 1
     out=$(probe_9999)
     [ -z "$out" ] || { log "  port 9999 answered after firewall-up reloaded the policy: '$out'"; return 1; }
-    log "  firewall-up reloaded the policy: port 9999 closed again"
+    egress_as rampart
+    echo "$GUEST_OUT" | grep -aq 'No route to host' ||
+        { log "  the gateway's user got through after firewall-up reloaded the policy: '$GUEST_OUT'"; return 1; }
+    kill "$HTTPD_PID" 2>/dev/null; wait "$HTTPD_PID" 2>/dev/null; HTTPD_PID=
+    log "  firewall-up reloaded the policy: port 9999 closed and the gateway's user refused again"
 }
 
 # ---------------------------------------------------------------- fixtures
@@ -321,10 +432,12 @@ EOF
     mkdir -p "$seed/config/state" "$seed/log" "$seed/system"
     cp "$work/gateway.key" "$seed/config/gateway.key"
     chmod 600 "$seed/config/gateway.key"
-    (umask 077 && echo "$ADMIN_TOKEN" >"$seed/config/admin.token") || return 1
+    (umask 077 && echo "$ADMIN_TOKEN" >"$seed/config/admin.token" &&
+        echo "$CONSOLE_PW" >"$seed/config/console-password") || return 1
     cat >"$seed/config/gateway.toml" <<EOF
 [gateway]
 listen = "0.0.0.0:51820"
+user = "rampart"
 private_key_file = "gateway.key"
 state_dir = "state"
 admin_listen = "0.0.0.0:8080"
@@ -400,7 +513,7 @@ EOF
 }
 
 # sign_payload SQFS KEY OUT: OUT = SQFS followed by the 4 KiB signature block `make image` writes after the root
-# (src/system.rs SIG_BLOCK_MAGIC); SQFS.minisig is the detached signature.
+# (src/system/signature.rs SIG_BLOCK_MAGIC); SQFS.minisig is the detached signature.
 sign_payload() {
     minisign -S -s "$2" -m "$1" -x "$1.minisig" -t "image test payload $(basename "$1")" >/dev/null || return 1
     { printf 'rampart-update-signature v1\n'; cat "$1.minisig"; } >"$work/sig-block"
@@ -440,13 +553,19 @@ self_enroll() {
     wg_check "$work/kiosk.setconf" "$addr" 100.96.0.0/16
 }
 
-# The shipped qcow2 as a customer gets it: empty data partition.
+# The shipped qcow2 as a customer gets it (empty data partition), written to a disk, with the console password
+# seeded on its ESP as README says (rampart/console-password, put there with mtools as from any OS).
 test_first_boot_creates_config_and_prints_enrollment_hint() {
-    local pin
-    qemu-img create -q -f qcow2 -b "$img_dir/rampart.qcow2" -F qcow2 "$work/first.qcow2" || return 1
-    vm_start first-boot "$work/first.qcow2" qcow2
+    local pin esp
+    qemu-img convert -O raw "$img_dir/rampart.qcow2" "$work/first.img" || return 1
+    esp=$(sfdisk -d "$work/first.img" | sed -n 's/.*start= *\([0-9]*\),.*name="esp".*/\1/p')
+    echo "$CONSOLE_PW" >"$work/console-password"
+    mmd -i "$work/first.img@@$((esp * 512))" ::/rampart &&
+        mcopy -i "$work/first.img@@$((esp * 512))" "$work/console-password" ::/rampart/console-password || return 1
+    vm_start first-boot "$work/first.img" raw
     wait_for 'MARK root-mounted slot=a' "$BOOT_TIMEOUT" &&
         wait_for 'MARK data-mounted .*boots=1' 120 &&
+        wait_for 'MARK console-password set source=/boot/efi/rampart/console-password' 60 &&
         wait_for 'Rampart enrollment: first boot created /data/config/gateway.toml' 120 &&
         wait_for 'enrollment pin +sha256:[0-9a-f]{64}' 60 &&
         wait_for 'Self-enrollment listener: https://10\.0\.2\.15:8443' 10 &&
@@ -459,6 +578,12 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         wait_shell &&
         expect_guest 'rampart check-config -c /data/config/gateway.toml' ': ok' &&
         expect_guest 'ls /data/config' 'gateway.key' 'gateway.toml' &&
+        expect_guest 'grep -E "^user" /data/config/gateway.toml' '^user = "rampart"$' &&
+        gateway_runs_unprivileged &&
+        expect_guest 'ls -A /boot/efi/rampart; grep -c "^root:[$]6[$]" /data/system/shadow; ls -l /etc/shadow' \
+            '^1$' '/etc/shadow -> /data/system/shadow' &&
+        { ! echo "$GUEST_OUT" | grep -q console-password || { log "  the password seed is still on the ESP"; false; }; } &&
+        { ! grep -aqF "$CONSOLE_PW" "$VM_LOG" || { log "  the console password appeared on the serial console"; false; }; } &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' '^b +/dev/vda3 +empty' \
             '^next boot: slot a' 'health: healthy' &&
         self_enroll "$pin" &&
@@ -478,9 +603,12 @@ test_gateway_serves_wireguard_and_health() {
         wait_for 'MARK boot-good slot=a' 180 &&
         wg_check &&
         health_check &&
+        console_refuses_root_without_password &&
         wait_shell &&
+        gateway_runs_unprivileged &&
         firewall_check &&
         crash_recovery &&
+        gateway_runs_unprivileged &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' &&
         expect_guest 'ls /boot/efi/loader/entries' '^gateway-a\.conf' &&
         expect_guest 'rampart system update /dev/vdb' "signature ok: rampart $base_version .* root filesystem" \

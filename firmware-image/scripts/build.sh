@@ -107,7 +107,7 @@ install_busybox() { # $1 = root dir
         ln -sf busybox "$1/bin/$a"
     done
     ln -sf ../bin/busybox "$1/sbin/init"
-    for a in modprobe depmod insmod rmmod lsmod switch_root poweroff reboot halt getty acpid udhcpc ip; do
+    for a in modprobe depmod insmod rmmod lsmod switch_root poweroff reboot halt getty acpid udhcpc ip nologin; do
         ln -sf ../bin/busybox "$1/sbin/$a"
     done
 }
@@ -173,6 +173,8 @@ ln -s /data/log "$rfs/var/log"
 ln -s /run "$rfs/var/run"
 ln -s /tmp "$rfs/var/tmp"
 ln -s /run/resolv.conf "$rfs/etc/resolv.conf"
+# Password hashes live on the data partition (root is locked until a console password is seeded; console-auth).
+ln -s /data/system/shadow "$rfs/etc/shadow"
 # Release builds carry debug info (profile.release debug = 1); the appliance gets a stripped copy.
 strip -o "$rfs/usr/bin/rampart" "$rampart_bin" 2>/dev/null || cp "$rampart_bin" "$rfs/usr/bin/rampart"
 chmod 0755 "$rfs/usr/bin/rampart"
@@ -223,7 +225,7 @@ minisign -S -s "$sign_key" -m "$sqfs" -x "$sqfs.minisig" -c "rampart update sign
     -t "rampart $version ($build_id) root filesystem" >/dev/null
 minisign -V -q -p "$out/rampart-update.pub" -m "$sqfs" -x "$sqfs.minisig"
 # The same signature as a block right after the root in root_a, so rampart.img (or a stick written from it) is
-# an update payload on its own; format: src/system.rs SIG_BLOCK_MAGIC.
+# an update payload on its own; format: src/system/signature.rs SIG_BLOCK_MAGIC.
 { printf 'rampart-update-signature v1\n'; cat "$sqfs.minisig"; } >"$work/sig-block"
 [ "$(stat -c %s "$work/sig-block")" -le 4096 ] || { echo "build.sh: signature block over 4 KiB" >&2; exit 1; }
 truncate -s 4096 "$work/sig-block"

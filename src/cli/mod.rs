@@ -48,6 +48,11 @@ pub enum Command {
         /// appliance does this on first boot).
         #[arg(long)]
         enroll_listen: Option<std::net::SocketAddr>,
+        /// Set gateway.user to this existing unprivileged system user in the written config (the gateway then
+        /// drops to it after start) and make the config readable by its group (mode 0640). The appliance
+        /// does this on first boot with `rampart`.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Run the gateway in the foreground.
     Run {
@@ -344,7 +349,11 @@ pub enum DeviceCommand {
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { dir, enroll_listen } => init(&dir, enroll_listen),
+        Command::Init {
+            dir,
+            enroll_listen,
+            user,
+        } => init(&dir, enroll_listen, user.as_deref()),
         Command::Run { config } => crate::daemon::run(&config),
         Command::CheckConfig { config } => {
             let c = load(&config)?;
@@ -510,8 +519,28 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 /// The starter config's commented-out enrollment listener line (`init --enroll-listen` turns it on).
 const ENROLL_LISTEN_LINE: &str = "# enroll_listen = \"0.0.0.0:8443\"";
+/// The starter config's commented-out gateway user line (`init --user` turns it on).
+const USER_LINE: &str = "# user = \"rampart\"";
 
-fn init(dir: &Path, enroll_listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+fn init(
+    dir: &Path,
+    enroll_listen: Option<std::net::SocketAddr>,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
+    // The user must exist before anything is written (the config would otherwise name a user `run` refuses).
+    let owner = match user {
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)
+                .with_context(|| format!("--user {name}: cannot look the user up"))?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--user {name}: no such user; create it \
+                         (`useradd --system --no-create-home --shell /usr/sbin/nologin {name}`) or leave --user out"
+                    )
+                })?,
+        ),
+        None => None,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg_path = dir.join("gateway.toml");
     if cfg_path.exists() {
@@ -531,8 +560,26 @@ fn init(dir: &Path, enroll_listen: Option<std::net::SocketAddr>) -> anyhow::Resu
             );
             text = text.replace(ENROLL_LISTEN_LINE, &format!("enroll_listen = \"{addr}\""));
         }
+        if let Some(u) = &owner {
+            anyhow::ensure!(
+                text.contains(USER_LINE),
+                "the embedded starter config lacks the line {USER_LINE:?} that --user turns on"
+            );
+            text = text.replace(USER_LINE, &format!("user = \"{}\"", u.name));
+        }
         std::fs::write(&cfg_path, text)
             .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+        if let Some(u) = &owner {
+            // root owns the config; the gateway's group reads it (reloads re-read it after the drop).
+            std::os::unix::fs::chown(&cfg_path, None, Some(u.gid.as_raw())).with_context(|| {
+                format!("cannot give {} to group of {}", cfg_path.display(), u.name)
+            })?;
+            std::fs::set_permissions(
+                &cfg_path,
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o640),
+            )
+            .with_context(|| format!("cannot chmod 640 {}", cfg_path.display()))?;
+        }
         eprintln!("wrote {}", cfg_path.display());
     }
     let cfg = load(&cfg_path)?;

@@ -1,11 +1,23 @@
-//! `rampart system firewall`: the appliance's inbound nftables policy, derived from the gateway config.
+//! `rampart system firewall`: the appliance's nftables policy, derived from the gateway config.
 //!
-//! Default drop on input; accepted are loopback, established/related traffic, DHCP replies, the ICMPv6 that IPv6
+//! Input, default drop: accepted are loopback, established/related traffic, DHCP replies, the ICMPv6 that IPv6
 //! needs (neighbour discovery, router advertisements), and one rule per listener the config exposes off the box:
 //! WireGuard (`gateway.listen`, UDP) and, when set to a non-loopback address, the admin (`gateway.admin_listen`),
 //! enrollment (`gateway.enroll_listen`) and review UI (`gateway.ui_listen`) listeners (TCP). A listener on a
-//! specific address is opened only for that destination address. Forwarding and output are left alone: the
-//! gateway's data path runs in its own namespaces and sockets, not through the host's forward chain.
+//! specific address is opened only for that destination address.
+//!
+//! Forward, default drop: the appliance routes nothing (the gateway's data path runs in its own namespaces and
+//! sockets, not through the host's forward chain).
+//!
+//! Output: what the gateway's user (`gateway.user`) sends is limited to replies (established/related),
+//! loopback, WireGuard from its listening port, and new connections to each tenant's `offramp` networks out
+//! of the interface its `egress.interface` names (and with its `egress.fwmark`); a tenant that names no
+//! interface leaves through the main routing table, so its networks are allowed out of any interface. A
+//! tenant with `egress.netns` connects from that namespace, whose own firewall applies. Everything else the
+//! gateway sends is rejected (ICMP administratively prohibited, so a connect fails at once instead of hanging
+//! through SYN retries as with a drop; logged, rate-limited), so a compromised gateway cannot reach the admin network or
+//! the internet beyond the off-ramps. Other users (root's DHCP client, the admin's tools) are not filtered.
+//! Without `gateway.user` the gateway is root, like everything else on the box, and its output is not filtered.
 //!
 //! The appliance loads it at boot before the gateway starts (`firmware-image/rootfs/usr/lib/rampart/firewall-up`).
 //! The ruleset replaces only its own table (`inet rampart`), atomically, so it can be reapplied after a config
@@ -70,7 +82,7 @@ pub fn ruleset(cfg: Option<&Config>) -> String {
     });
     let _ = writeln!(
         s,
-        "# Rampart appliance inbound policy (`rampart system firewall`, {source}).\n\
+        "# Rampart appliance firewall policy (`rampart system firewall`, {source}).\n\
          # Replaces only table inet {TABLE}, atomically.\n\
          table inet {TABLE}\n\
          delete table inet {TABLE}\n\
@@ -100,8 +112,88 @@ pub fn ruleset(cfg: Option<&Config>) -> String {
             o.what
         );
     }
-    s.push_str("\t}\n}\n");
+    s.push_str(
+        "\t}\n\
+         \tchain forward {\n\
+         \t\ttype filter hook forward priority filter; policy drop;\n\
+         \t}\n",
+    );
+    if let Some(cfg) = cfg {
+        gateway_output(&mut s, cfg);
+    }
+    s.push_str("}\n");
     s
+}
+
+/// The output chain that limits what the gateway's user sends (see the module docs).
+fn gateway_output(s: &mut String, cfg: &Config) {
+    let Some(user) = &cfg.gateway.user else {
+        s.push_str(
+            "\t# gateway.user is not set: the gateway runs as root and its outbound traffic is not filtered.\n",
+        );
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "\tchain output {{\n\
+         \t\ttype filter hook output priority filter; policy accept;\n\
+         \t\tmeta skuid \"{user}\" jump gateway_out comment \"the gateway (gateway.user)\"\n\
+         \t}}\n\
+         \tchain gateway_out {{\n\
+         \t\toif \"lo\" accept\n\
+         \t\tct state established,related accept\n\
+         \t\tudp sport {} accept comment \"WireGuard (gateway.listen)\"",
+        cfg.gateway.listen.port()
+    );
+    for t in &cfg.tenants {
+        if t.offramp.is_empty() {
+            continue;
+        }
+        let e = &t.egress;
+        if let Some(ns) = &e.netns {
+            let _ = writeln!(
+                s,
+                "\t\t# tenant {}: off-ramp from namespace {} (its own firewall applies there)",
+                t.id,
+                ns.display()
+            );
+            continue;
+        }
+        let mut via = String::new();
+        if let Some(i) = &e.interface {
+            let _ = write!(via, "oifname \"{i}\" ");
+        }
+        if let Some(m) = e.fwmark {
+            let _ = write!(via, "meta mark {m:#x} ");
+        }
+        let how = if e.interface.is_some() {
+            "egress.interface"
+        } else {
+            "no egress.interface: any interface the routing table picks"
+        };
+        for (family, v6) in [("ip", false), ("ip6", true)] {
+            let nets: Vec<String> = t
+                .offramp
+                .iter()
+                .filter(|n| n.addr().is_ipv6() == v6)
+                .map(|n| n.to_string())
+                .collect();
+            if nets.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                s,
+                "\t\t{via}{family} daddr {{ {} }} accept comment \"tenant {} off-ramp ({how})\"",
+                nets.join(", "),
+                t.id
+            );
+        }
+    }
+    s.push_str(
+        "\t\tlimit rate 6/minute burst 5 packets log prefix \"rampart egress refused: \" comment \"anything else the gateway sends\"\n\
+         \t\tcounter reject with icmpx admin-prohibited comment \"anything else the gateway sends\"\n\
+         \t}\n",
+    );
 }
 
 #[cfg(test)]
@@ -165,6 +257,84 @@ mod tests {
             "{r}"
         );
         assert!(!r.contains("9443"), "{r}");
+    }
+
+    /// The rules of chain `name`, trimmed, without its hook line.
+    fn chain<'a>(r: &'a str, name: &str) -> Vec<&'a str> {
+        r.lines()
+            .skip_while(|l| l.trim() != format!("chain {name} {{"))
+            .skip(1)
+            .take_while(|l| l.trim() != "}")
+            .map(str::trim)
+            .filter(|l| !l.starts_with("type filter"))
+            .collect()
+    }
+
+    #[test]
+    fn nothing_is_forwarded() {
+        for r in [ruleset(None), ruleset(Some(&config("")))] {
+            assert!(
+                r.contains("chain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}"),
+                "{r}"
+            );
+            assert!(chain(&r, "forward").is_empty(), "{r}");
+        }
+    }
+
+    #[test]
+    fn without_a_gateway_user_output_is_not_filtered() {
+        let r = ruleset(Some(&config("")));
+        assert!(!r.contains("hook output"), "{r}");
+        assert!(
+            r.contains("gateway.user is not set: the gateway runs as root"),
+            "{r}"
+        );
+        assert!(!ruleset(None).contains("hook output"));
+    }
+
+    #[test]
+    fn the_gateway_reaches_only_off_ramps_through_their_interfaces() {
+        let text = "[gateway]\nlisten = \"[::]:51821\"\nprivate_key_file = \"gateway.key\"\nstate_dir = \"state\"\nuser = \"rampart\"\n\
+            [[tenant]]\nid = \"acme\"\nname = \"Acme\"\naddress_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n\
+            offramp = [\"10.20.0.0/16\", \"fd00:20::/64\", \"10.21.0.0/16\"]\negress = { interface = \"eth1\" }\n\
+            [[tenant]]\nid = \"globex\"\nname = \"Globex\"\naddress_pool = \"100.97.0.0/24\"\ngateway_address = \"100.97.0.1\"\n\
+            offramp = [\"10.20.0.0/16\"]\negress = { interface = \"eth2\", fwmark = 7 }\n\
+            [[tenant]]\nid = \"hooli\"\nname = \"Hooli\"\naddress_pool = \"100.98.0.0/24\"\ngateway_address = \"100.98.0.1\"\n\
+            offramp = [\"10.30.0.0/16\"]\n\
+            [[tenant]]\nid = \"initech\"\nname = \"Initech\"\naddress_pool = \"100.99.0.0/24\"\ngateway_address = \"100.99.0.1\"\n\
+            offramp = [\"10.40.0.0/16\"]\negress = { netns = \"/proc/self/ns/net\" }\n\
+            [[tenant]]\nid = \"umbrella\"\nname = \"Umbrella\"\naddress_pool = \"100.100.0.0/24\"\ngateway_address = \"100.100.0.1\"\n\
+            egress = { interface = \"eth3\" }\n";
+        let cfg = Config::from_toml(text, Path::new("/data/config/gateway.toml")).unwrap();
+        let r = ruleset(Some(&cfg));
+        // Only the gateway's user goes through the filter; the policy of the hook itself stays accept.
+        assert_eq!(
+            chain(&r, "output"),
+            ["meta skuid \"rampart\" jump gateway_out comment \"the gateway (gateway.user)\""],
+            "{r}"
+        );
+        assert!(
+            r.contains("hook output priority filter; policy accept;"),
+            "{r}"
+        );
+        assert_eq!(
+            chain(&r, "gateway_out"),
+            [
+                "oif \"lo\" accept",
+                "ct state established,related accept",
+                "udp sport 51821 accept comment \"WireGuard (gateway.listen)\"",
+                "oifname \"eth1\" ip daddr { 10.20.0.0/16, 10.21.0.0/16 } accept comment \"tenant acme off-ramp (egress.interface)\"",
+                "oifname \"eth1\" ip6 daddr { fd00:20::/64 } accept comment \"tenant acme off-ramp (egress.interface)\"",
+                "oifname \"eth2\" meta mark 0x7 ip daddr { 10.20.0.0/16 } accept comment \"tenant globex off-ramp (egress.interface)\"",
+                "ip daddr { 10.30.0.0/16 } accept comment \"tenant hooli off-ramp (no egress.interface: any interface the routing table picks)\"",
+                "# tenant initech: off-ramp from namespace /proc/self/ns/net (its own firewall applies there)",
+                "limit rate 6/minute burst 5 packets log prefix \"rampart egress refused: \" comment \"anything else the gateway sends\"",
+                "counter reject with icmpx admin-prohibited comment \"anything else the gateway sends\"",
+            ],
+            "{r}"
+        );
+        // A tenant without off-ramps opens nothing, even with an interface named.
+        assert!(!r.contains("eth3") && !r.contains("umbrella"), "{r}");
     }
 
     #[test]
