@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::lab::TempDir;
+use super::tmp::{tempdir, TempDir};
 use super::process::{run, Ran};
 
 /// The password of the `postgres` role in every test cluster.
@@ -72,7 +72,7 @@ impl Postgres {
     /// Initialises a cluster and starts it (about a second); panics with PostgreSQL's log if it cannot.
     pub fn start(tag: &str) -> Postgres {
         let bin = pg_bin();
-        let dir = TempDir::new(&format!("pg-{tag}-{}", std::process::id()));
+        let dir = tempdir(&format!("pg-{tag}"));
         // The temp dir's parents must let user postgres through (they are root's).
         let top = dir.path().to_path_buf();
         std::fs::create_dir_all(top.join("sock")).unwrap();
