@@ -498,6 +498,8 @@ pub struct Config {
     pub enroll: super::EnrollSettings,
     pub ui: super::UiSettings,
     pub tenants: Vec<Tenant>,
+    /// `[[onramp.seqpacket]]` entries.
+    pub seqpacket_onramps: Vec<super::SeqpacketOnramp>,
 }
 
 impl Device {

@@ -11,6 +11,7 @@ pub struct RawConfig {
     pub audit: Option<RawAudit>,
     pub enroll: Option<super::enroll::RawEnroll>,
     pub ui: Option<super::ui::RawUi>,
+    pub onramp: Option<super::onramp::RawOnramps>,
     #[serde(default)]
     pub tenant: Vec<RawTenant>,
 }

@@ -198,6 +198,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
     }
     check_unique_keys(&tenants, c);
     warn_shared_offramp(&tenants);
+    let seqpacket_onramps = super::onramp::validate_onramps(raw.onramp, &tenants, base, c);
     Config {
         source: path.to_path_buf(),
         gateway: GatewaySettings {
@@ -214,6 +215,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         enroll,
         ui,
         tenants,
+        seqpacket_onramps,
     }
 }
 
@@ -999,6 +1001,7 @@ pub(super) fn empty(path: &Path) -> Config {
         enroll: super::EnrollSettings::default(),
         ui: super::UiSettings::default(),
         tenants: Vec::new(),
+        seqpacket_onramps: Vec::new(),
     }
 }
 
