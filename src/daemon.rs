@@ -112,6 +112,20 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot restrict state_dir {}", g.state_dir.display()))?;
     }
     let key = load_or_create_key(&g.private_key_file)?;
+    // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
+    let mut listeners = Vec::new();
+    for e in &cfg.seqpacket_onramps {
+        let l = crate::onramp::seqpacket::bind(e).with_context(|| {
+            format!(
+                "cannot listen on the on-ramp socket {} ([[onramp.seqpacket]] {:?} path in {}); create its directory, or pick another path",
+                e.path.display(),
+                e.name,
+                config_path.display()
+            )
+        })?;
+        tracing::info!(onramp = %e.name, path = %e.path.display(), "SEQPACKET on-ramp listening");
+        listeners.push(l);
+    }
     let egresses = crate::egress::Egresses::new();
     // Everything above may need root; from here on the gateway is `gateway.user`, sandboxed (no thread may
     // exist before this: see `sandbox`).
@@ -185,7 +199,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         None
     };
     let app = layer4.as_ref().map(|(_, app, _)| app.clone());
-    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app)
+    let seqpacket =
+        crate::onramp::seqpacket::Seqpacket::new(listeners, cfg.clone(), metrics.clone());
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app, seqpacket)
         .context("cannot start the data path")?;
     onramp.send(Command::LocalAddresses(local_addresses(&cfg)));
     let restored = load_endpoints(&g.state_dir);

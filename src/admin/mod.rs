@@ -357,6 +357,16 @@ pub fn render(m: &Metrics, audit: &AuditCounters) -> String {
             "Upgraded flows refused because the application side's queue was full.",
             g.handoffs_dropped.get(),
         ),
+        (
+            "rampart_onramp_accepted_total",
+            "Connected (SEQPACKET) on-ramp connections whose context was accepted.",
+            g.onramp_accepted.get(),
+        ),
+        (
+            "rampart_onramp_closed_bad_packets_total",
+            "On-ramp connections the gateway closed after too many datagrams that were not IP packets.",
+            g.onramp_closed_bad.get(),
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -386,6 +396,13 @@ rampart_nat_slots_closing {}",
 # TYPE rampart_peers_timed gauge
 rampart_peers_timed {}",
         g.peers_timed.get()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rampart_onramp_connections Connected (SEQPACKET) on-ramp connections open now.
+# TYPE rampart_onramp_connections gauge
+rampart_onramp_connections {}",
+        g.onramp_connections.get()
     );
     render_audit(&mut out, audit);
     out
