@@ -29,6 +29,8 @@ use crate::core::{DropReason, Gateway, Metrics, TxQueue};
 
 /// Datagrams read from one connection per loop turn (the others and the WireGuard socket get their turn).
 const CONN_BATCH: usize = 64;
+/// Refused clients waiting for their answer (`State::Refusing`), all entries together.
+const MAX_REFUSING: usize = 16;
 /// Socket buffers of an accepted connection.
 const CONN_BUFFER: usize = 4 << 20;
 
@@ -96,6 +98,9 @@ pub fn authorize<'a>(
 enum State {
     /// Waiting for the context.
     Context,
+    /// Refused at accept (uid/gid, too many connections): the reason is sent in answer to the first datagram,
+    /// once it has been read (closing with it unread would reset the connection before the client reads).
+    Refusing(Status),
     Open {
         slot: u32,
         session: u64,
@@ -156,12 +161,20 @@ impl Seqpacket {
     }
 
     fn refuse(&self, fd: &OwnedFd, reply: bool, status: Status) {
+        self.count_refusal(status);
+        Self::send_refusal(fd, reply, status);
+    }
+
+    fn count_refusal(&self, status: Status) {
         let reason = if status == Status::Malformed {
             DropReason::OnrampBadContext
         } else {
             DropReason::OnrampRefused
         };
         self.metrics.global.unattributed.count_drop(reason);
+    }
+
+    fn send_refusal(fd: &OwnedFd, reply: bool, status: Status) {
         if reply {
             let _ = socket::send(
                 fd.as_raw_fd(),
@@ -217,20 +230,36 @@ impl Seqpacket {
             };
             let (reply, max_bad, max_conns) =
                 (entry.reply, entry.max_bad_packets, entry.max_connections);
-            let Ok(cred) = socket::getsockopt(&fd, sockopt::PeerCredentials) else {
-                self.refuse(&fd, reply, Status::NotPermitted);
-                continue;
+            let (uid, gid, pid) = match socket::getsockopt(&fd, sockopt::PeerCredentials) {
+                Ok(c) => (c.uid(), c.gid(), c.pid()),
+                Err(_) => (u32::MAX, u32::MAX, 0),
             };
-            let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
-            if !entry.admits(uid, gid) {
+            let refusal = if !entry.admits(uid, gid) {
                 tracing::warn!(onramp = %name, uid, gid, pid, "on-ramp client refused: uid/gid not allowed");
-                self.refuse(&fd, reply, Status::NotPermitted);
-                continue;
-            }
-            if self.conns.iter().filter(|c| c.entry == name).count() >= max_conns {
+                Some(Status::NotPermitted)
+            } else if self
+                .conns
+                .iter()
+                .filter(|c| c.entry == name && !matches!(c.state, State::Refusing(_)))
+                .count()
+                >= max_conns
+            {
                 tracing::warn!(onramp = %name, uid, pid, "on-ramp client refused: too many connections");
-                self.refuse(&fd, reply, Status::TooManyConnections);
-                continue;
+                Some(Status::TooManyConnections)
+            } else {
+                None
+            };
+            if let Some(status) = refusal {
+                self.count_refusal(status);
+                // At most a few refused clients wait for their answer; beyond that they are closed unanswered.
+                let waiting = self
+                    .conns
+                    .iter()
+                    .filter(|c| matches!(c.state, State::Refusing(_)))
+                    .count();
+                if waiting >= MAX_REFUSING {
+                    continue;
+                }
             }
             let _ = socket::setsockopt(&fd, sockopt::SndBuf, &CONN_BUFFER);
             let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &CONN_BUFFER);
@@ -241,7 +270,7 @@ impl Seqpacket {
                 gid,
                 pid,
                 reply,
-                state: State::Context,
+                state: refusal.map_or(State::Context, State::Refusing),
                 bad: 0,
                 max_bad,
             });
@@ -266,6 +295,10 @@ impl Seqpacket {
             let truncated = n > self.buf.len();
             let c = &mut self.conns[ci];
             let slot = match c.state {
+                State::Refusing(status) => {
+                    Self::send_refusal(&c.fd, c.reply, status);
+                    return true;
+                }
                 State::Context => {
                     return if truncated {
                         self.refuse(&self.conns[ci].fd, self.conns[ci].reply, Status::Malformed);
@@ -415,7 +448,7 @@ impl Seqpacket {
             let keep = match (&c.state, self.entry(&c.entry)) {
                 (_, None) => false,
                 (_, Some(e)) if !e.admits(c.uid, c.gid) => false,
-                (State::Context, Some(_)) => true,
+                (State::Context | State::Refusing(_), Some(_)) => true,
                 (
                     State::Open {
                         slot,
