@@ -173,9 +173,15 @@ fn site_reaches_offramp_host_and_wireguard_device_and_flows_name_the_onramp() {
         Duration::from_secs(20),
         Duration::from_millis(200),
         || {
+            // Records are committed in batches: wait for the last ones (UDP, the device's ping).
             let f = audit_flows(&lab);
-            let n = f.iter().filter(|f| f["device"] == "warp/branch-7").count();
-            (n >= 4).then_some(f)
+            let udp = f
+                .iter()
+                .any(|f| f["device"] == "warp/branch-7" && f["protocol"] == 17);
+            let from_dev = f
+                .iter()
+                .any(|f| f["device"] == "laptop" && f["dst"] == SITE_ADDR);
+            (udp && from_dev).then_some(f)
         },
     )
     .0;
