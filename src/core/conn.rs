@@ -243,7 +243,7 @@ impl Gateway {
                 conns.push((c.seq, slot as u32, *tenant));
             }
         }
-        conns.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        conns.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
         for (_, slot, ti) in conns {
             if let Some(Some(Peer {
                 link: Link::Conn(c),

@@ -95,6 +95,7 @@ pub fn authorize<'a>(
     Ok((ctx, grant))
 }
 
+#[allow(clippy::large_enum_variant)] // one per connection, not per packet
 enum State {
     /// Waiting for the context.
     Context,
