@@ -39,8 +39,8 @@ fn tenant(id: &str) -> TenantSpec {
     t
 }
 
-/// Two entries on their own sockets: "warp" (replies, acme only, sites branch-7/branch-8, at most 5 bad
-/// packets) and "oxy" (Oxy's no-reply protocol, acme only).
+/// Three entries on their own sockets: "warp" (replies, acme only, sites branch-7/branch-8, at most 5 bad
+/// packets), "gx" (globex, the same prefix as acme's) and "oxy" (Oxy's no-reply protocol, acme only).
 fn onramp_config(sock_dir: &Path) -> String {
     format!(
         r#"
@@ -54,6 +54,15 @@ max_bad_packets = 5
 id = "acme"
 prefixes = ["{SITE_NET}"]
 sites = ["branch-7", "branch-8"]
+
+[[onramp.seqpacket]]
+name = "gx"
+path = "{d}/gx.sock"
+uids = [0]
+
+[[onramp.seqpacket.tenant]]
+id = "globex"
+prefixes = ["{SITE_NET}"]
 
 [[onramp.seqpacket]]
 name = "oxy"
@@ -106,16 +115,21 @@ fn audit_flows(lab: &Lab) -> Vec<Value> {
 
 /// The site: a namespace whose TUN is bridged to the gateway over the "warp" socket.
 fn site(lab: &Lab, socket: &Path, site: &str) -> (Netns, Proc) {
-    let ns = Netns::create(&format!("{}-site", lab.id));
+    site_of(lab, socket, "acme", site, "site")
+}
+
+/// A site of `tenant` in namespace `<lab>-<role>`, bridged over `socket`.
+fn site_of(lab: &Lab, socket: &Path, tenant: &str, site: &str, role: &str) -> (Netns, Proc) {
+    let ns = Netns::create(&format!("{}-{role}", lab.id));
     let mut cmd = ns.exec("python3");
     cmd.arg(CLIENT)
         .arg("bridge")
         .arg("--socket")
         .arg(socket)
-        .args(["--tenant", "acme", "--site", site])
+        .args(["--tenant", tenant, "--site", site])
         .args(["--addr", &format!("{SITE_ADDR}/32")])
         .args(["--route", "100.96.0.0/24", "--route", UPSTREAM_NET]);
-    let mut p = Proc::spawn("site-bridge", cmd, lab.dir());
+    let mut p = Proc::spawn(&format!("{role}-bridge"), cmd, lab.dir());
     p.wait_stdout("READY", Duration::from_secs(30));
     (ns, p)
 }
@@ -322,4 +336,77 @@ fn refusals_malformed_contexts_and_garbage_are_counted_and_closed() {
         m.describe(DROPPED)
     );
     assert_eq!(m.value("rampart_onramp_closed_bad_packets_total", &[]), 1.0);
+}
+
+/// Two tenants with identical device addresses and identical site prefixes: each site reaches only its own
+/// tenant's device and is reached only by it; a site sending from outside its prefixes is dropped.
+#[test]
+fn sites_of_two_tenants_with_identical_prefixes_never_cross_and_spoofing_is_dropped() {
+    let sock = sock_dir("sp3");
+    let mut lab = lab(sock.path());
+    let dir = lab.dir().to_path_buf();
+    // The off-ramp network is the first link (a device's own link must not be one of its AllowedIPs).
+    let _up = lab.add_host("up");
+    let a_dev = lab.add_client("acme", "laptop");
+    let b_dev = lab.add_client("globex", "other");
+    let dev_addr = a_dev.address().to_string();
+    assert_eq!(b_dev.address().to_string(), dev_addr, "identical addresses");
+    wait_ping(&a_dev.ns, GW_ADDR, TUNNEL_UP, "laptop -> gateway");
+    wait_ping(&b_dev.ns, GW_ADDR, TUNNEL_UP, "other -> gateway");
+    let _a_tcp = ident_server(&a_dev.ns, &dir, "a-tcp", &dev_addr, 8001, "laptop");
+    let _b_tcp = ident_server(&b_dev.ns, &dir, "b-tcp", &dev_addr, 8001, "other");
+    let _a_udp = udp_receiver(&a_dev.ns, &dir, "a-udp", &dev_addr, 5400);
+
+    let (a_site, _a_bridge) = site_of(
+        &lab,
+        &sock.path().join("warp.sock"),
+        "acme",
+        "branch-7",
+        "sa",
+    );
+    let (b_site, _b_bridge) = site_of(&lab, &sock.path().join("gx.sock"), "globex", "b1", "sb");
+    let _a_site_tcp = ident_server(&a_site, &dir, "sa-tcp", SITE_ADDR, 8002, "site-a");
+    let _b_site_tcp = ident_server(&b_site, &dir, "sb-tcp", SITE_ADDR, 8002, "site-b");
+    wait_ping(&a_site, &dev_addr, TUNNEL_UP, "site a -> its device");
+    wait_ping(&b_site, &dev_addr, TUNNEL_UP, "site b -> its device");
+    for _ in 0..3 {
+        assert_eq!(
+            ident_probe(&a_site, &dev_addr, 8001, "sa"),
+            Ok("laptop".into())
+        );
+        assert_eq!(
+            ident_probe(&b_site, &dev_addr, 8001, "sb"),
+            Ok("other".into())
+        );
+        assert_eq!(
+            ident_probe(&a_dev.ns, SITE_ADDR, 8002, "laptop"),
+            Ok("site-a".into())
+        );
+        assert_eq!(
+            ident_probe(&b_dev.ns, SITE_ADDR, 8002, "other"),
+            Ok("site-b".into())
+        );
+    }
+
+    // Spoofing: site a sends from an address outside its prefixes; the positive control from its own.
+    a_site.ip(&["addr", "add", "10.99.0.5/32", "dev", "onr0"]);
+    udp_send(&a_site, "10.99.0.5", &dev_addr, 5400, 3, "spoofed");
+    udp_send(&a_site, SITE_ADDR, &dev_addr, 5400, 3, "genuine");
+    wait_until(
+        "the genuine datagrams at the device",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || udp_log(&dir, "a-udp").contains("genuine").then_some(()),
+    );
+    assert!(
+        !udp_log(&dir, "a-udp").contains("spoofed"),
+        "{}",
+        udp_log(&dir, "a-udp")
+    );
+    let m = lab.gateway.metrics();
+    assert!(
+        m.value(DROPPED, &[("tenant", "acme"), ("reason", "spoofed_source")]) >= 3.0,
+        "{}",
+        m.describe(DROPPED)
+    );
 }
