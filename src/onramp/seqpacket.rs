@@ -29,6 +29,8 @@ use crate::core::{DropReason, Gateway, Metrics, TxQueue};
 
 /// Datagrams read from one connection per loop turn (the others and the WireGuard socket get their turn).
 const CONN_BATCH: usize = 64;
+/// A client that sends no first datagram within this long is closed (refused ones get no answer then).
+const CONTEXT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Refused clients waiting for their answer (`State::Refusing`), all entries together.
 const MAX_REFUSING: usize = 16;
 /// Socket buffers of an accepted connection.
@@ -122,6 +124,7 @@ struct Conn {
     state: State,
     bad: u32,
     max_bad: u32,
+    accepted_at: Instant,
 }
 
 /// Every listener and connection of the connected on-ramps.
@@ -205,12 +208,28 @@ impl Seqpacket {
         for ci in close.into_iter().rev() {
             self.close(gw, now, ci, tx);
         }
+        // Clients that never sent their context (or never read their refusal) do not hold a place for ever.
+        let mut stale: Vec<usize> = (0..self.conns.len())
+            .filter(|&ci| {
+                let c = &self.conns[ci];
+                !matches!(c.state, State::Open { .. })
+                    && now.saturating_duration_since(c.accepted_at) >= CONTEXT_WAIT
+            })
+            .collect();
+        stale.sort_unstable();
+        for ci in stale.into_iter().rev() {
+            tracing::debug!(onramp = %self.conns[ci].entry, pid = self.conns[ci].pid, "on-ramp client sent no context in time; closing it");
+            if matches!(self.conns[ci].state, State::Context) {
+                self.count_refusal(Status::Malformed);
+            }
+            self.close(gw, now, ci, tx);
+        }
         for li in (0..nl).filter(|&i| ready.get(i) == Some(&true)) {
-            self.accept(li);
+            self.accept(li, now);
         }
     }
 
-    fn accept(&mut self, li: usize) {
+    fn accept(&mut self, li: usize, now: Instant) {
         for _ in 0..CONN_BATCH {
             let fd = match socket::accept4(
                 self.listeners[li].fd.as_fd(),
@@ -274,6 +293,7 @@ impl Seqpacket {
                 state: refusal.map_or(State::Context, State::Refusing),
                 bad: 0,
                 max_bad,
+                accepted_at: now,
             });
         }
     }
