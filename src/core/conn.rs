@@ -78,6 +78,7 @@ impl Gateway {
     /// Gives an accepted connection a slot. `None`: the tenant is not configured, or no slot is free.
     pub fn open_conn(&mut self, now: Instant, grant: ConnGrant) -> Option<u32> {
         let ti = self.tenants.iter().position(|t| t.id == grant.tenant)?;
+        let address = grant.prefixes.first()?.network();
         let slot = match self.free_slots.front() {
             Some(&(slot, freed)) if now.saturating_duration_since(freed) >= SLOT_QUARANTINE => {
                 self.free_slots.pop_front();
@@ -89,7 +90,6 @@ impl Gateway {
             }
             _ => return None,
         };
-        let address = grant.prefixes.first()?.network();
         let seq = self.next_conn_seq;
         self.next_conn_seq += 1;
         self.peers[slot as usize] = Some(Peer {
