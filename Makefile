@@ -6,7 +6,7 @@ CONFIG       ?= configs/gateway.toml
 APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables chromium nodejs postgresql
 export CARGO_TERM_COLOR := never
 
-.PHONY: all build release run test deps ui ui-test-deps lint unit e2e bench bench-flows bench-peers fuzz fuzz-build fuzz-merge
+.PHONY: all build release run test deps ui ui-test-deps lint unit e2e bench bench-flows bench-peers bench-onramp fuzz fuzz-build fuzz-merge
 
 all: build
 
@@ -68,6 +68,10 @@ bench-flows:
 ## Scale in devices: memory per device, apply time and first handshake of the last of 100,000 devices, tick cost.
 bench-peers:
 	$(CARGO) bench --bench peers
+
+## The SEQPACKET on-ramp's core cost per packet next to WireGuard device-to-device.
+bench-onramp:
+	$(CARGO) bench --bench onramp_conn
 
 ## Fuzzing with cargo-fuzz (not part of `make test`: `make unit` replays the committed corpus fuzz/corpus on stable).
 ## `make fuzz FUZZ_SECONDS=1800` runs every target in turn; `make fuzz FUZZ_TARGETS=packet` one; each run's log

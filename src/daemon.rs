@@ -118,6 +118,20 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Some(f) => Some((f, crate::fleet::Connector::new(f, &cfg.source)?)),
         None => None,
     };
+    // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
+    let mut listeners = Vec::new();
+    for e in &cfg.seqpacket_onramps {
+        let l = crate::onramp::seqpacket::bind(e).with_context(|| {
+            format!(
+                "cannot listen on the on-ramp socket {} ([[onramp.seqpacket]] {:?} path in {}); create its directory, or pick another path",
+                e.path.display(),
+                e.name,
+                config_path.display()
+            )
+        })?;
+        tracing::info!(onramp = %e.name, path = %e.path.display(), "SEQPACKET on-ramp listening");
+        listeners.push(l);
+    }
     let egresses = crate::egress::Egresses::new();
     // Everything above may need root; from here on the gateway is `gateway.user`, sandboxed (no thread may
     // exist before this: see `sandbox`).
@@ -214,7 +228,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         None
     };
     let app = layer4.as_ref().map(|(_, app, _)| app.clone());
-    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app)
+    let seqpacket =
+        crate::onramp::seqpacket::Seqpacket::new(listeners, cfg.clone(), metrics.clone());
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app, seqpacket)
         .context("cannot start the data path")?;
     onramp.send(Command::LocalAddresses(local_addresses(&cfg)));
     let restored = load_endpoints(&g.state_dir);
@@ -689,6 +705,8 @@ mod tests {
             "rampart_udp_receive_errors_total",
             "rampart_refusals_unrecorded_total",
             "rampart_handoffs_dropped_total",
+            "rampart_onramp_accepted_total",
+            "rampart_onramp_closed_bad_packets_total",
             // off-ramp
             "rampart_offramp_tcp_connections_total",
             "rampart_offramp_tcp_connect_failures_total",
@@ -720,6 +738,7 @@ mod tests {
             "rampart_nat_slots",
             "rampart_nat_slots_closing",
             "rampart_peers_timed",
+            "rampart_onramp_connections",
             "rampart_audit_over_quota",
         ];
         for f in counters {

@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod context;
+pub mod seqpacket;
 
 use std::fs::File;
 use std::io::{Read as _, Write as _};
@@ -82,13 +83,14 @@ impl Onramp {
         metrics: Arc<Metrics>,
         audit: AuditSink,
         app: Option<AppSide>,
+        seqpacket: seqpacket::Seqpacket,
     ) -> std::io::Result<Onramp> {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
         let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
-            .spawn(move || pump(socket, gateway, metrics, audit, app, rx))?;
+            .spawn(move || pump(socket, gateway, metrics, audit, app, seqpacket, rx))?;
         Ok(Onramp {
             commands: tx,
             thread: std::sync::Mutex::new(Some(thread)),
@@ -128,8 +130,11 @@ fn pump(
     metrics: Arc<Metrics>,
     audit: AuditSink,
     app: Option<AppSide>,
+    mut seqpacket: seqpacket::Seqpacket,
     commands: Receiver<Command>,
 ) {
+    let mut fds = Vec::new();
+    let mut ready = Vec::new();
     let mut sender = sys::UdpSender::new(&socket);
     metrics.global.gso_enabled.set(u64::from(sender.gso()));
     let mut rx = sys::RecvBatch::new(BUF_SIZE);
@@ -225,18 +230,20 @@ fn pump(
         let wait = next_tick
             .saturating_duration_since(now)
             .max(std::time::Duration::from_millis(1));
-        let fds = [
+        fds.clear();
+        fds.extend([
             socket.as_raw_fd(),
             tuns.as_ref().map_or(-1, |(up, _)| up.as_raw_fd()),
             tuns.as_ref().map_or(-1, |(_, dn)| dn.as_raw_fd()),
-        ];
-        let mut ready = [false; 3];
+        ]);
+        seqpacket.fds(&mut fds);
+        ready.resize(fds.len(), false);
         metrics.global.wakeups.add(1);
         if let Err(e) = sys::poll_readable(&fds, wait, &mut ready) {
             tracing::error!(error = %e, "poll failed");
             std::thread::sleep(TIMER_TICK);
         }
-        let [udp_ready, up_ready, dn_ready] = ready;
+        let (udp_ready, up_ready, dn_ready) = (ready[0], ready[1], ready[2]);
         if udp_ready {
             // An error here is usually about one datagram (an ICMP error for an earlier send surfaces as
             // ECONNREFUSED): count it and go on, never sleep (that would let a remote party stall the data
@@ -274,6 +281,10 @@ fn pump(
             if tx.len() >= TX_FLUSH_AT {
                 flush(&mut tx);
             }
+        }
+        seqpacket.handle(&mut gw, now, &ready[3..], &mut tx);
+        if tx.len() >= TX_FLUSH_AT {
+            flush(&mut tx);
         }
         for (downgrade, is_ready) in [(false, up_ready), (true, dn_ready)] {
             if !is_ready {
@@ -318,10 +329,13 @@ fn pump(
         // namespace.
         emit(&mut gw);
         write_tuns(&mut gw, &mut tuns);
+        seqpacket.write(&mut gw);
         loop {
             match commands.try_recv() {
                 Ok(Command::Apply(cfg, reply)) => {
                     let summary = gw.apply(&cfg, Instant::now(), &mut tx);
+                    seqpacket.apply(cfg, &mut gw, Instant::now(), &mut tx);
+                    seqpacket.write(&mut gw);
                     flush(&mut tx);
                     emit(&mut gw);
                     let _ = reply.send(summary);
@@ -360,6 +374,7 @@ fn pump(
                     std::thread::sleep(d);
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    seqpacket.shutdown();
                     gw.shutdown(Instant::now());
                     emit(&mut gw);
                     return;

@@ -479,11 +479,20 @@ pub fn set_recv_timeout(sock: &UdpSocket, t: Duration) -> io::Result<()> {
 /// Waits until one of `fds` is readable (or has an error), at most `timeout`; marks each in `ready`. Negative
 /// descriptors are ignored.
 pub fn poll_readable(fds: &[libc::c_int], timeout: Duration, ready: &mut [bool]) -> io::Result<()> {
-    let mut pfds = [libc::pollfd {
+    let unset = libc::pollfd {
         fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    }; 4];
+    };
+    // The common case (the WireGuard socket and two TUNs) stays on the stack; on-ramp connections add more.
+    let mut small = [unset; 8];
+    let mut large = Vec::new();
+    let pfds: &mut [libc::pollfd] = if fds.len() <= small.len() {
+        &mut small
+    } else {
+        large.resize(fds.len(), unset);
+        &mut large
+    };
     let n = fds.len().min(pfds.len());
     for (p, &fd) in pfds.iter_mut().zip(fds) {
         p.fd = fd;

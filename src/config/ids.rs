@@ -73,6 +73,24 @@ impl DeviceName {
     }
 }
 
+impl DeviceName {
+    /// The subject name of a connected on-ramp's connection: `onramp`, `onramp/site`, `onramp/site/device` or
+    /// `onramp/-/device` (each part already a valid name). The `/` no device name has keeps it apart from
+    /// WireGuard devices in records and policy.
+    pub fn onramp_subject(onramp: &str, site: Option<&str>, device: Option<&str>) -> DeviceName {
+        let mut s = onramp.to_string();
+        if site.is_some() || device.is_some() {
+            s.push('/');
+            s.push_str(site.unwrap_or("-"));
+        }
+        if let Some(d) = device {
+            s.push('/');
+            s.push_str(d);
+        }
+        DeviceName(s)
+    }
+}
+
 impl UserName {
     pub fn parse(s: &str) -> Result<UserName, String> {
         if !s.is_empty()

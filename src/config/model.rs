@@ -55,6 +55,9 @@ pub struct Tenant {
     pub egress: Egress,
     /// Appliance `host:port`s this tenant may reach through the off-ramp (explicit opt-in).
     pub offramp_allow_local: Vec<SocketAddr>,
+    /// Inner networks of the tenant's connected on-ramps (`[[onramp.seqpacket.tenant]] prefixes`): devices
+    /// route them into the tunnel.
+    pub onramp_prefixes: Vec<IpNet>,
     /// Reviewer public key (base64 X25519) that recordings and sensitive audit fields are encrypted to.
     pub audit_recipient: Option<String>,
     /// Ordered policy rules; the first match decides, no match denies.
@@ -500,6 +503,8 @@ pub struct Config {
     /// `[fleet]`; `None`: a single box.
     pub fleet: Option<super::FleetSettings>,
     pub tenants: Vec<Tenant>,
+    /// `[[onramp.seqpacket]]` entries.
+    pub seqpacket_onramps: Vec<super::SeqpacketOnramp>,
 }
 
 impl Device {

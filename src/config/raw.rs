@@ -12,6 +12,7 @@ pub struct RawConfig {
     pub enroll: Option<super::enroll::RawEnroll>,
     pub ui: Option<super::ui::RawUi>,
     pub fleet: Option<super::fleet::RawFleet>,
+    pub onramp: Option<super::onramp::RawOnramps>,
     #[serde(default)]
     pub tenant: Vec<RawTenant>,
 }

@@ -514,3 +514,81 @@ fn bad_fleet_values_name_the_key() {
         "a missing URL is named: {err}"
     );
 }
+
+const SEQPACKET: &str = r#"
+[[onramp.seqpacket]]
+name = "warp"
+path = "/run/rampart/onramp.sock"
+uids = [998]
+
+[[onramp.seqpacket.tenant]]
+id = "acme"
+prefixes = ["10.7.0.0/16"]
+sites = ["branch-7"]
+groups = ["sites"]
+"#;
+
+#[test]
+fn seqpacket_onramp_parses_with_defaults() {
+    let c = load(&format!("{GOOD}{SEQPACKET}")).unwrap();
+    let o = &c.seqpacket_onramps[0];
+    assert_eq!(o.name, "warp");
+    assert_eq!(o.mode, 0o660);
+    assert!(o.reply);
+    assert_eq!(o.max_bad_packets, 100);
+    assert!(o.admits(998, 5) && !o.admits(1000, 1000));
+    let g = o.grant("acme").unwrap();
+    assert_eq!(g.user.as_str(), "onramp:warp");
+    assert_eq!(g.prefixes[0].to_string(), "10.7.0.0/16");
+    assert!(o.grant("globex").is_none());
+}
+
+#[test]
+fn seqpacket_onramp_errors_name_key_and_fix() {
+    for (from, to, key, fix) in [
+        (
+            "uids = [998]",
+            "",
+            "onramp.seqpacket[0] (warp).uids",
+            "uids = [998]",
+        ),
+        (
+            "id = \"acme\"\nprefixes",
+            "id = \"nope\"\nprefixes",
+            ".tenant[0].id",
+            "not a configured tenant",
+        ),
+        // A prefix covering the device pool would let a connection send as a device.
+        (
+            "10.7.0.0/16",
+            "100.96.0.0/16",
+            ".tenant[0].prefixes",
+            "overlaps the tenant's address pool",
+        ),
+        (
+            "10.7.0.0/16",
+            "10.7.0.0/33",
+            ".tenant[0].prefixes",
+            "is not a CIDR",
+        ),
+        (
+            "uids = [998]",
+            "uids = [998]\nmode = \"0666\"",
+            ".mode",
+            "without world write",
+        ),
+        (
+            "name = \"warp\"",
+            "name = \"w a\"",
+            "onramp.seqpacket[0].name",
+            "valid name",
+        ),
+    ] {
+        let text = format!("{GOOD}{}", SEQPACKET.replacen(from, to, 1));
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("/etc/rampart/gateway.toml"), "{err}");
+        assert!(err.contains(key) && err.contains(fix), "{key}: {err}");
+    }
+    // Positive control: the unchanged entry loads.
+    assert!(load(&format!("{GOOD}{SEQPACKET}")).is_ok());
+}

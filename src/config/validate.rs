@@ -179,6 +179,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             offramp,
             egress,
             offramp_allow_local,
+            onramp_prefixes: Vec::new(),
             audit_recipient,
             rules,
             devices: Vec::new(),
@@ -199,6 +200,16 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
     }
     check_unique_keys(&tenants, c);
     warn_shared_offramp(&tenants);
+    let seqpacket_onramps = super::onramp::validate_onramps(raw.onramp, &tenants, base, c);
+    for g in seqpacket_onramps.iter().flat_map(|e| &e.tenants) {
+        if let Some(t) = tenants.iter_mut().find(|t| t.id == g.tenant) {
+            for p in &g.prefixes {
+                if !t.onramp_prefixes.contains(p) {
+                    t.onramp_prefixes.push(*p);
+                }
+            }
+        }
+    }
     Config {
         source: path.to_path_buf(),
         gateway: GatewaySettings {
@@ -216,6 +227,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         ui,
         fleet,
         tenants,
+        seqpacket_onramps,
     }
 }
 
@@ -1002,6 +1014,7 @@ pub(super) fn empty(path: &Path) -> Config {
         ui: super::UiSettings::default(),
         fleet: None,
         tenants: Vec::new(),
+        seqpacket_onramps: Vec::new(),
     }
 }
 

@@ -72,6 +72,12 @@ pub enum DropReason {
     /// An ICMP error that quotes no flow carried between this device and its peer, or an echo request from
     /// the responder of an echo flow.
     IcmpUnrelated,
+    /// A connected on-ramp's first datagram was not a valid context (the client is told and disconnected).
+    OnrampBadContext,
+    /// A connected on-ramp client was refused: its uid/gid, or a tenant, site or device it may not claim.
+    OnrampRefused,
+    /// A packet for an on-ramp connection whose socket was full (the client does not read fast enough).
+    OnrampBackpressure,
 }
 
 impl DropReason {
@@ -136,7 +142,7 @@ impl Counter {
 }
 
 /// Counters of one tenant (or of traffic not attributable to any tenant).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TrafficCounters {
     pub handshakes: Counter,
     /// Inner packets and bytes received from devices (after decryption).
@@ -151,6 +157,23 @@ pub struct TrafficCounters {
     pub flows: Counter,
     pub flows_started: Counter,
     drops: [Counter; <DropReason as strum::EnumCount>::COUNT],
+}
+
+impl Default for TrafficCounters {
+    fn default() -> TrafficCounters {
+        TrafficCounters {
+            handshakes: Counter::default(),
+            rx_packets: Counter::default(),
+            rx_bytes: Counter::default(),
+            tx_packets: Counter::default(),
+            tx_bytes: Counter::default(),
+            peers: Counter::default(),
+            peers_connected: Counter::default(),
+            flows: Counter::default(),
+            flows_started: Counter::default(),
+            drops: std::array::from_fn(|_| Counter::default()),
+        }
+    }
 }
 
 impl TrafficCounters {
@@ -198,6 +221,11 @@ pub struct GlobalCounters {
     pub refusals_unrecorded: Counter,
     /// Packets for the gateway's namespace the upgrade TUN refused (queue full).
     pub tun_write_errors: Counter,
+    /// Connected on-ramp connections accepted (context accepted) and open now (gauge).
+    pub onramp_accepted: Counter,
+    pub onramp_connections: Counter,
+    /// On-ramp connections closed by the gateway after `max_bad_packets` non-IP datagrams.
+    pub onramp_closed_bad: Counter,
     /// Drops that cannot be attributed to a tenant.
     pub unattributed: TrafficCounters,
 }
@@ -350,6 +378,16 @@ impl prometheus_client::collector::Collector for super::Metrics {
                 "Upgraded flows refused because the application side's queue was full.",
                 g.handoffs_dropped.get(),
             ),
+            (
+                "rampart_onramp_accepted",
+                "Connected (SEQPACKET) on-ramp connections whose context was accepted.",
+                g.onramp_accepted.get(),
+            ),
+            (
+                "rampart_onramp_closed_bad_packets",
+                "On-ramp connections the gateway closed after too many datagrams that were not IP packets.",
+                g.onramp_closed_bad.get(),
+            ),
         ] {
             counter(&mut enc, name, help, v)?;
         }
@@ -369,6 +407,11 @@ impl prometheus_client::collector::Collector for super::Metrics {
                 "rampart_peers_timed",
                 "Peers whose WireGuard timers run on each tick (with a session, a handshake or queued packets).",
                 g.peers_timed.get(),
+            ),
+            (
+                "rampart_onramp_connections",
+                "Connected (SEQPACKET) on-ramp connections open now.",
+                g.onramp_connections.get(),
             ),
         ] {
             gauge(&mut enc, name, help, v)?;

@@ -19,6 +19,7 @@
 //! its own (slot quarantine).
 #![deny(unsafe_code)]
 
+pub mod conn;
 pub mod counters;
 mod events;
 pub mod flow_table;
@@ -133,9 +134,17 @@ struct Closing {
     initiator: Option<u32>,
 }
 
-/// One device's tunnel.
+/// How packets reach a peer: its WireGuard tunnel, or a connected on-ramp's connection (the core queues its
+/// packets in `conn_out`, addressed by slot, and the shell writes them to the connection).
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    Wg(Tunn),
+    Conn(Box<conn::ConnLink>),
+}
+
+/// One subject of the data path: a device's tunnel, or an on-ramp connection.
 struct Peer {
-    tunn: Tunn,
+    link: Link,
     key: PeerKey,
     tenant: usize,
     device: Arc<Device>,
@@ -163,6 +172,8 @@ struct TenantState {
     pools: Vec<ipnet::IpNet>,
     /// Device address -> peer slot. Addresses are per tenant: two tenants may use the same ones.
     routes: HashMap<IpAddr, u32>,
+    /// On-ramp connections' source prefixes -> slot, newest connection first.
+    conn_routes: Vec<(ipnet::IpNet, u32)>,
     counters: Arc<TrafficCounters>,
 }
 
@@ -216,6 +227,11 @@ pub struct Gateway {
     tun_out: TxQueue,
     /// Packets for the downgrade TUN.
     dn_out: TxQueue,
+    /// Packets for on-ramp connections, by slot.
+    conn_out: conn::ConnOut,
+    /// On-ramp connections the core ended (their tenant is gone); the shell closes them.
+    conns_ended: Vec<u32>,
+    next_conn_seq: u64,
 }
 
 impl Gateway {
@@ -269,6 +285,9 @@ impl Gateway {
             tun_out: TxQueue::new(),
             dn_out: TxQueue::new(),
             closing: HashMap::new(),
+            conn_out: conn::ConnOut::default(),
+            conns_ended: Vec::new(),
+            next_conn_seq: 1,
         }
     }
 

@@ -35,6 +35,9 @@ impl Gateway {
             self.remove_peer(k, now);
             summary.removed += 1;
         }
+        // On-ramp connections follow their tenant by id (its index may change); `peer.tenant` still indexes
+        // the previous tenant list here.
+        let conn_tenants = self.conn_tenants();
         let mut nums = Vec::with_capacity(cfg.tenants.len());
         for t in &cfg.tenants {
             let next = self.tenant_nums.len() as u32;
@@ -55,6 +58,7 @@ impl Gateway {
                 offramp_allow_local: t.offramp_allow_local.clone(),
                 pools: t.pools().collect(),
                 routes: HashMap::with_capacity(t.devices.len()),
+                conn_routes: Vec::new(),
                 counters: self.metrics.tenant(&t.id),
             })
             .collect();
@@ -89,8 +93,9 @@ impl Gateway {
                 summary.rejected += 1;
             }
         }
+        self.remap_conns(conn_tenants, now);
         for (slot, p) in self.peers.iter().enumerate() {
-            if let Some(p) = p {
+            if let Some(p) = p.as_ref().filter(|p| matches!(p.link, Link::Wg(_))) {
                 let routes = &mut self.tenants[p.tenant].routes;
                 for a in p.device.addresses() {
                     routes.insert(a, slot as u32);
@@ -100,6 +105,7 @@ impl Gateway {
         for t in &self.tenants {
             t.counters.peers.set(t.routes.len() as u64);
         }
+        self.rebuild_conn_routes();
         self.recheck_flows(now, tx);
         summary
     }
@@ -114,7 +120,7 @@ impl Gateway {
                 self.tenant_index(f.key.tenant()),
                 self.peers.get(f.src_slot as usize),
             ) {
-                (Some(ti), Some(Some(p))) if p.tenant == ti && p.device.has_address(src) => {
+                (Some(ti), Some(Some(p))) if p.tenant == ti && p.sends_from(src) => {
                     let t = &self.tenants[ti];
                     match self.route_of(ti, f.src_slot, dst) {
                         Some(route) if route.carries(f.target) => {

@@ -59,8 +59,14 @@ impl Gateway {
         if t.gateway_addresses.contains(&dst) {
             return Some(Route::Local);
         }
-        match t.routes.get(&dst) {
-            Some(&slot) if slot != src_slot => Some(Route::Peer(slot)),
+        let conn = || {
+            t.conn_routes
+                .iter()
+                .find(|(n, _)| n.contains(&dst))
+                .map(|&(_, s)| s)
+        };
+        match t.routes.get(&dst).copied().or_else(conn) {
+            Some(slot) if slot != src_slot => Some(Route::Peer(slot)),
             Some(_) => None,
             None if t.offramp.iter().any(|n| n.contains(&dst)) => Some(Route::Offramp),
             None => None,
@@ -126,7 +132,7 @@ impl Gateway {
                 return tenant.counters.count_drop(DropReason::InvalidInnerPacket)
             }
         };
-        if !src_peer.device.has_address(view.src) {
+        if !src_peer.sends_from(view.src) {
             return tenant.counters.count_drop(DropReason::SpoofedSource);
         }
         if view.fragment {

@@ -2023,3 +2023,236 @@ fn timers_run_only_for_active_peers() {
     net.gw.apply(&cfg, Instant::now(), &mut net.tx);
     assert_eq!(timed(&mut net), 1);
 }
+
+// ---- connected on-ramp subjects (SEQPACKET connections) ----
+
+fn grant(tenant: &str, prefix: &str, site: Option<&str>) -> conn::ConnGrant {
+    conn::ConnGrant {
+        tenant: TenantId::parse(tenant).unwrap(),
+        prefixes: vec![prefix.parse().unwrap()],
+        name: DeviceName::onramp_subject("warp", site, None),
+        user: UserName::parse("onramp:warp").unwrap(),
+        groups: vec!["sites".into()],
+    }
+}
+
+/// Packets the core queued for connections, drained.
+fn conn_out(net: &mut Net) -> Vec<(u32, Vec<u8>)> {
+    let q = net.gw.conn_queue();
+    let out = q.iter().map(|(s, p)| (s, p.to_vec())).collect();
+    q.clear();
+    out
+}
+
+fn conn_send(net: &mut Net, slot: u32, mut pkt: Vec<u8>) -> bool {
+    let now = net.now();
+    let ok = net.gw.handle_conn_packet(now, slot, &mut pkt, &mut net.tx);
+    net.settle();
+    ok
+}
+
+fn echo_reply(src: IpAddr, dst: IpAddr, seq: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        panic!("v4 only")
+    };
+    PacketBuilder::ipv4(s.octets(), d.octets(), 64)
+        .icmpv4_echo_reply(1, seq)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+#[test]
+fn conn_reaches_a_device_of_its_tenant_and_the_reply_comes_back_on_the_connection() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    let now = net.now();
+    let slot = net
+        .gw
+        .open_conn(now, grant("acme", "10.7.0.0/16", Some("branch-7")))
+        .unwrap();
+    assert!(conn_send(
+        &mut net,
+        slot,
+        ping(ip("10.7.0.5"), ip("100.96.0.2"), 1)
+    ));
+    assert_eq!(net.clients[0].inbox.len(), 1, "the device got the ping");
+    net.send(0, &echo_reply(ip("100.96.0.2"), ip("10.7.0.5"), 1));
+    let out = conn_out(&mut net);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, slot);
+    assert_eq!(&out[0].1[12..16], &[100, 96, 0, 2]);
+    // The flow names the on-ramp subject and its policy identity.
+    let evs = events(&mut net);
+    let start = evs
+        .iter()
+        .find_map(|e| match e {
+            FlowEvent::Start(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(start.device.as_str(), "warp/branch-7");
+    assert_eq!(start.user.as_str(), "onramp:warp");
+    assert_eq!(start.dst_device.as_ref().unwrap().as_str(), "dev0");
+    // A device may start a flow to the connection's prefix too.
+    net.send(0, &udp(ip("100.96.0.2"), ip("10.7.1.1"), b"to site"));
+    let out = conn_out(&mut net);
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0].1[28..], b"to site");
+}
+
+#[test]
+fn conn_with_identical_prefixes_in_two_tenants_never_crosses() {
+    let mut net = two_tenants();
+    for i in 0..4 {
+        net.handshake(i);
+    }
+    let now = net.now();
+    let acme = net
+        .gw
+        .open_conn(now, grant("acme", "10.7.0.0/16", None))
+        .unwrap();
+    let globex = net
+        .gw
+        .open_conn(now, grant("globex", "10.7.0.0/16", None))
+        .unwrap();
+    // Both connections send to the same inner address: each reaches its own tenant's device only.
+    assert!(conn_send(
+        &mut net,
+        acme,
+        udp(ip("10.7.0.5"), ip("100.96.0.2"), b"acme")
+    ));
+    assert!(conn_send(
+        &mut net,
+        globex,
+        udp(ip("10.7.0.5"), ip("100.96.0.2"), b"globex")
+    ));
+    assert_eq!(net.clients[0].inbox.len(), 1);
+    assert_eq!(&net.clients[0].inbox[0][28..], b"acme");
+    assert_eq!(net.clients[2].inbox.len(), 1);
+    assert_eq!(&net.clients[2].inbox[0][28..], b"globex");
+    // Each tenant's device reaches its own tenant's connection only.
+    net.send(0, &udp(ip("100.96.0.2"), ip("10.7.9.9"), b"to acme site"));
+    net.send(2, &udp(ip("100.96.0.2"), ip("10.7.9.9"), b"to globex site"));
+    let out = conn_out(&mut net);
+    assert_eq!(out.len(), 2, "{out:?}");
+    for (slot, p) in out {
+        let want: &[u8] = if slot == acme {
+            b"to acme site"
+        } else {
+            assert_eq!(slot, globex);
+            b"to globex site"
+        };
+        assert_eq!(&p[28..], want);
+    }
+}
+
+#[test]
+fn conn_spoofing_a_device_address_or_sending_garbage_is_dropped_and_counted() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    net.handshake(1);
+    let now = net.now();
+    let slot = net
+        .gw
+        .open_conn(now, grant("acme", "10.7.0.0/16", None))
+        .unwrap();
+    // Attack: a source outside the grant (the address of device 1).
+    assert!(conn_send(
+        &mut net,
+        slot,
+        udp(ip("100.96.0.3"), ip("100.96.0.2"), b"spoof")
+    ));
+    assert!(net.clients[0].inbox.is_empty());
+    assert_eq!(net.tenant("acme").drops(DropReason::SpoofedSource), 1);
+    // Garbage: reported to the shell (which closes after a bound) and counted.
+    assert!(!conn_send(&mut net, slot, b"not an ip packet".to_vec()));
+    assert!(!conn_send(&mut net, slot, vec![]));
+    assert_eq!(net.tenant("acme").drops(DropReason::InvalidInnerPacket), 2);
+    // Positive control: its own source goes through.
+    assert!(conn_send(
+        &mut net,
+        slot,
+        udp(ip("10.7.0.5"), ip("100.96.0.2"), b"ok")
+    ));
+    assert_eq!(net.clients[0].inbox.len(), 1);
+    // A WireGuard datagram naming the connection's slot as receiver index is unknown.
+    assert!(net.gw.slot_of(slot << (8 + WORKER_BITS)).is_none());
+}
+
+#[test]
+fn closing_a_conn_ends_its_flows_and_its_routes() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    let now = net.now();
+    let slot = net
+        .gw
+        .open_conn(now, grant("acme", "10.7.0.0/16", None))
+        .unwrap();
+    assert!(conn_send(
+        &mut net,
+        slot,
+        udp(ip("10.7.0.5"), ip("100.96.0.2"), b"x")
+    ));
+    let _ = events(&mut net);
+    let now = net.now();
+    net.gw.close_conn(now, slot, &mut net.tx);
+    let evs = events(&mut net);
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            FlowEvent::End {
+                reason: EndReason::PeerRemoved,
+                ..
+            }
+        )),
+        "{evs:?}"
+    );
+    // Nothing routes to the closed connection any more, and its slot takes no packets.
+    net.send(0, &udp(ip("100.96.0.2"), ip("10.7.0.5"), b"late"));
+    assert!(conn_out(&mut net).is_empty());
+    assert_eq!(net.tenant("acme").drops(DropReason::NoRoute), 1);
+    assert!(!conn_send(
+        &mut net,
+        slot,
+        udp(ip("10.7.0.5"), ip("100.96.0.2"), b"x")
+    ));
+}
+
+#[test]
+fn reload_keeps_conns_of_remaining_tenants_and_ends_those_of_removed_ones() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    let now = net.now();
+    let acme = net
+        .gw
+        .open_conn(now, grant("acme", "10.7.0.0/16", None))
+        .unwrap();
+    let globex = net
+        .gw
+        .open_conn(now, grant("globex", "10.7.0.0/16", None))
+        .unwrap();
+    let tenants = ["acme", "acme", "globex", "globex"];
+    let mut cfg = config_for(&net.clients, &tenants);
+    // globex goes, and acme moves to index 1 (after a new tenant).
+    cfg.tenants.retain(|t| t.id.as_str() == "acme");
+    let mut other = cfg.tenants[0].clone();
+    other.id = TenantId::parse("initech").unwrap();
+    other.devices.clear();
+    cfg.tenants.insert(0, other);
+    net.gw.apply(&cfg, Instant::now(), &mut net.tx);
+    let mut ended = Vec::new();
+    net.gw.take_ended_conns(&mut ended);
+    assert_eq!(ended, vec![globex]);
+    assert!(conn_send(
+        &mut net,
+        acme,
+        udp(ip("10.7.0.5"), ip("100.96.0.2"), b"still")
+    ));
+    assert_eq!(net.clients[0].inbox.len(), 1);
+    assert!(net
+        .gw
+        .open_conn(net.now(), grant("globex", "10.7.0.0/16", None))
+        .is_none());
+}

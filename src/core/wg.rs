@@ -13,13 +13,12 @@ fn data_slot(len: usize) -> usize {
     (len + 32).clamp(CONTROL_MAX, BUF_SIZE)
 }
 
-impl Peer {
-    /// Joins `timed` (the peers whose timers run on every tick), once.
-    fn arm_timers(&mut self, slot: u32, timed: &mut Vec<u32>) {
-        if !self.timed {
-            self.timed = true;
-            timed.push(slot);
-        }
+/// Joins the peer in `slot` (whose `timed` flag is `flag`) to `timed` (the peers whose timers run on every
+/// tick), once.
+fn arm_timers(flag: &mut bool, slot: u32, timed: &mut Vec<u32>) {
+    if !*flag {
+        *flag = true;
+        timed.push(slot);
     }
 }
 
@@ -50,7 +49,7 @@ impl Gateway {
             Some(self.mac1_only.clone()),
         );
         self.peers[slot as usize] = Some(Peer {
-            tunn,
+            link: Link::Wg(tunn),
             key: d.public_key,
             tenant,
             device: Arc::new(d.clone()),
@@ -144,8 +143,16 @@ impl Gateway {
     pub(super) fn slot_of(&self, receiver_idx: u32) -> Option<u32> {
         let slot = receiver_idx >> (8 + WORKER_BITS);
         let worker = (receiver_idx >> 8) & (MAX_WORKERS as u32 - 1);
-        (worker == u32::from(self.worker) && matches!(self.peers.get(slot as usize), Some(Some(_))))
-            .then_some(slot)
+        // On-ramp connections have slots too, but no receiver index: a datagram naming one is unknown.
+        (worker == u32::from(self.worker)
+            && matches!(
+                self.peers.get(slot as usize),
+                Some(Some(Peer {
+                    link: Link::Wg(_),
+                    ..
+                }))
+            ))
+        .then_some(slot)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -161,12 +168,15 @@ impl Gateway {
     ) {
         let peer = self.peers[slot as usize].as_mut().expect("slot_of checked");
         let counters = &self.tenants[peer.tenant].counters;
-        let had_session = peer.tunn.time_since_last_handshake().is_some();
-        let result = peer.tunn.decapsulate(Some(from.ip()), datagram, scratch);
+        let Link::Wg(tunn) = &mut peer.link else {
+            return counters.count_drop(DropReason::MalformedDatagram);
+        };
+        let had_session = tunn.time_since_last_handshake().is_some();
+        let result = tunn.decapsulate(Some(from.ip()), datagram, scratch);
         // Only what boringtun authenticated arms the peer's timers: forged datagrams naming a receiver index
         // must not make every configured peer cost a timer run per tick.
         if !matches!(result, TunnResult::Err(_)) {
-            peer.arm_timers(slot, &mut self.timed);
+            arm_timers(&mut peer.timed, slot, &mut self.timed);
         }
         let inner_len = match result {
             TunnResult::WriteToNetwork(out) => {
@@ -185,7 +195,7 @@ impl Gateway {
                 }
                 // Flush packets boringtun queued while there was no session.
                 while let TunnResult::WriteToNetwork(out) =
-                    peer.tunn.decapsulate(None, &[], tx.slot(from, BUF_SIZE))
+                    tunn.decapsulate(None, &[], tx.slot(from, BUF_SIZE))
                 {
                     let len = out.len();
                     tx.commit(len);
@@ -229,10 +239,14 @@ impl Gateway {
         let Some(p) = self.peers[slot as usize].as_mut() else {
             return;
         };
+        let tunn = match &mut p.link {
+            Link::Wg(t) => t,
+            Link::Conn(_) => return self.conn_out.push(slot, &self.build_buf[..n]),
+        };
         let Some(endpoint) = p.endpoint else { return };
-        p.arm_timers(slot, &mut self.timed);
+        arm_timers(&mut p.timed, slot, &mut self.timed);
         let buf = tx.slot(endpoint, data_slot(n));
-        if let TunnResult::WriteToNetwork(out) = p.tunn.encapsulate(&self.build_buf[..n], buf) {
+        if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(&self.build_buf[..n], buf) {
             let len = out.len();
             tx.commit(len);
         }
@@ -250,15 +264,21 @@ impl Gateway {
         let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
             return counters.count_drop(DropReason::DestinationOffline);
         };
+        let tunn = match &mut peer.link {
+            Link::Wg(t) => t,
+            Link::Conn(_) => {
+                self.conn_out.push(slot, pkt);
+                counters.tx_packets.add(1);
+                counters.tx_bytes.add(pkt.len() as u64);
+                return;
+            }
+        };
         let Some(endpoint) = peer.endpoint else {
             return counters.count_drop(DropReason::DestinationOffline);
         };
-        peer.arm_timers(slot, &mut self.timed);
+        arm_timers(&mut peer.timed, slot, &mut self.timed);
         // Encrypted straight into the destination's send train.
-        match peer
-            .tunn
-            .encapsulate(pkt, tx.slot(endpoint, data_slot(pkt.len())))
-        {
+        match tunn.encapsulate(pkt, tx.slot(endpoint, data_slot(pkt.len()))) {
             TunnResult::WriteToNetwork(out) => {
                 let n = out.len();
                 tx.commit(n);
@@ -308,7 +328,12 @@ impl Gateway {
                 continue;
             };
             let to = p.endpoint.unwrap_or(UNADDRESSED);
-            match p.tunn.update_timers(tx.slot(to, CONTROL_MAX)) {
+            let Link::Wg(tunn) = &mut p.link else {
+                p.timed = false;
+                self.timed.swap_remove(i);
+                continue;
+            };
+            match tunn.update_timers(tx.slot(to, CONTROL_MAX)) {
                 TunnResult::WriteToNetwork(out) => {
                     let len = out.len();
                     if p.endpoint.is_some() {
@@ -326,7 +351,7 @@ impl Gateway {
                 TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
             // A peer outside `timed` has no session younger than REJECT_AFTER_TIME * 3 > CONNECTED_WINDOW.
-            if p.tunn
+            if tunn
                 .time_since_last_handshake()
                 .is_some_and(|t| t < CONNECTED_WINDOW)
             {
@@ -354,15 +379,15 @@ impl Gateway {
         let p = self.peers[slot as usize]
             .as_mut()
             .expect("indexed peer exists");
+        let Link::Wg(tunn) = &mut p.link else {
+            return false;
+        };
         if p.endpoint.is_some() {
             return false;
         }
         p.endpoint = Some(endpoint);
-        p.arm_timers(slot, &mut self.timed);
-        match p
-            .tunn
-            .format_handshake_initiation(tx.slot(endpoint, CONTROL_MAX), false)
-        {
+        arm_timers(&mut p.timed, slot, &mut self.timed);
+        match tunn.format_handshake_initiation(tx.slot(endpoint, CONTROL_MAX), false) {
             TunnResult::WriteToNetwork(out) => {
                 let len = out.len();
                 tx.commit(len);
@@ -376,9 +401,12 @@ impl Gateway {
         self.peers
             .iter()
             .flatten()
-            .map(|p| {
-                let (last, tx_bytes, rx_bytes, _, _) = p.tunn.stats();
-                PeerStatus {
+            .filter_map(|p| {
+                let Link::Wg(tunn) = &p.link else {
+                    return None;
+                };
+                let (last, tx_bytes, rx_bytes, _, _) = tunn.stats();
+                Some(PeerStatus {
                     tenant: self.tenants[p.tenant].id.clone(),
                     name: p.device.name.clone(),
                     public_key: p.key,
@@ -386,7 +414,7 @@ impl Gateway {
                     last_handshake_secs: last.map(|d| d.as_secs()),
                     rx_bytes: rx_bytes as u64,
                     tx_bytes: tx_bytes as u64,
-                }
+                })
             })
             .collect()
     }

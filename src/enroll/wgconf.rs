@@ -42,10 +42,12 @@ pub fn allocate_address(tenant: &Tenant) -> Option<IpAddr> {
     }
 }
 
-/// What a device routes into the tunnel: the tenant's pools and its off-ramp networks.
+/// What a device routes into the tunnel: the tenant's pools, its off-ramp networks and the networks of its
+/// connected on-ramps.
 pub fn allowed_ips(tenant: &Tenant) -> Vec<IpNet> {
     let mut allowed: Vec<IpNet> = tenant.pools().collect();
     allowed.extend(tenant.offramp.iter().copied());
+    allowed.extend(tenant.onramp_prefixes.iter().copied());
     allowed
 }
 
@@ -124,6 +126,7 @@ mod tests {
             offramp: Vec::new(),
             egress: Default::default(),
             offramp_allow_local: Vec::new(),
+            onramp_prefixes: Vec::new(),
             audit_recipient: None,
             rules: Vec::new(),
             devices: Vec::new(),

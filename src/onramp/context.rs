@@ -340,6 +340,8 @@ pub enum Status {
     UnknownTenant = 4,
     #[strum(to_string = "too many connections")]
     TooManyConnections = 5,
+    #[strum(to_string = "this client may not claim that site or device")]
+    ClaimNotAllowed = 6,
 }
 
 impl Reply {
@@ -364,6 +366,7 @@ impl Reply {
             3 => Status::TenantNotAllowed,
             4 => Status::UnknownTenant,
             5 => Status::TooManyConnections,
+            6 => Status::ClaimNotAllowed,
             _ => return None,
         };
         Some(Reply {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::tmp::{tempdir, TempDir};
 use super::process::{run, Ran};
+use super::tmp::{tempdir, TempDir};
 
 /// The password of the `postgres` role in every test cluster.
 pub const PASSWORD: &str = "rampart-test-pg";
