@@ -376,7 +376,10 @@ pub fn rewrite_v4(p: &mut [u8], src: SocketAddrV4, dst: SocketAddrV4) -> Result<
 /// Lowers the MSS option of a TCP SYN to `max` (so segments fit the tunnel), patching the checksum. Returns
 /// whether it changed anything.
 pub fn clamp_mss(p: &mut [u8], max: u16) -> bool {
-    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != PROTO_TCP {
+    // Only a TCP header can be patched: not another protocol's payload, nor a later fragment's data (the data
+    // path drops fragments before NAT; this keeps the function safe on its own).
+    let later_fragment = p.len() >= 8 && u16::from_be_bytes([p[6], p[7]]) & 0x1fff != 0;
+    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != PROTO_TCP || later_fragment {
         return false;
     }
     let ihl = usize::from(p[0] & 0xf) * 4;
@@ -650,5 +653,37 @@ mod tests {
         assert!(!clamp_mss(&mut p, 1400), "never raised");
         let mut plain = tcp_packet(sa("1.2.3.4:5"), sa("5.6.7.8:9"), b"x", false);
         assert!(!clamp_mss(&mut plain, 1000), "only SYNs");
+    }
+
+    /// Found by the `nat` fuzz target (in its oracle): bytes that read as a SYN with an MSS option are left alone
+    /// unless they are the TCP header of an unfragmented or first-fragment TCP packet.
+    #[test]
+    fn mss_clamp_touches_only_tcp_headers() {
+        let syn = |proto: u8, frag: u16| {
+            let mut p = Vec::new();
+            PacketBuilder::ipv4([100, 96, 0, 2], [10, 0, 0, 1], 64)
+                .tcp(40000, 22, 1, 64000)
+                .syn()
+                .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+                .unwrap()
+                .write(&mut p, &[])
+                .unwrap();
+            p[9] = proto;
+            p[6..8].copy_from_slice(&frag.to_be_bytes());
+            p
+        };
+        // Positive control: the same bytes as TCP, unfragmented or a first fragment (MF set), are clamped.
+        assert!(clamp_mss(&mut syn(PROTO_TCP, 0), 1380));
+        assert!(clamp_mss(&mut syn(PROTO_TCP, 0x2000), 1380));
+        for (proto, frag, what) in [
+            (1, 0, "ICMP"),
+            (PROTO_UDP, 0, "UDP"),
+            (PROTO_TCP, 0x0010, "a later fragment"),
+        ] {
+            let mut p = syn(proto, frag);
+            let before = p.clone();
+            assert!(!clamp_mss(&mut p, 1380), "{what} clamped");
+            assert_eq!(p, before, "{what} changed");
+        }
     }
 }

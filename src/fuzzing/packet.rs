@@ -736,10 +736,20 @@ fn build_kind(
     }
 }
 
+/// The TCP segment of an unfragmented IPv4 TCP packet. Only those are clamped: the payload of another protocol
+/// may parse as TCP too (the fuzzer found an ICMP packet whose body reads as a SYN with an MSS option).
+fn tcp_of(p: &[u8]) -> Option<(etherparse::Ipv4Slice<'_>, etherparse::TcpSlice<'_>)> {
+    let ip = etherparse::Ipv4Slice::from_slice(p).ok()?;
+    if ip.payload().ip_number != etherparse::IpNumber::TCP || ip.is_payload_fragmented() {
+        return None;
+    }
+    let t = etherparse::TcpSlice::from_slice(ip.payload().payload).ok()?;
+    Some((ip, t))
+}
+
 /// The MSS option of an IPv4 TCP packet, as etherparse reads it.
 fn mss(p: &[u8]) -> Option<u16> {
-    let ip = etherparse::Ipv4Slice::from_slice(p).ok()?;
-    let t = etherparse::TcpSlice::from_slice(ip.payload().payload).ok()?;
+    let (_, t) = tcp_of(p)?;
     t.options_iterator().find_map(|o| match o {
         Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
         _ => None,
@@ -747,8 +757,7 @@ fn mss(p: &[u8]) -> Option<u16> {
 }
 
 fn tcp_flags(p: &[u8]) -> Option<u8> {
-    let ip = etherparse::Ipv4Slice::from_slice(p).ok()?;
-    let t = etherparse::TcpSlice::from_slice(ip.payload().payload).ok()?;
+    let (ip, t) = tcp_of(p)?;
     ip.payload()
         .payload
         .get(13)
