@@ -28,7 +28,7 @@ static IFACES: AtomicU32 = AtomicU32::new(0);
 
 /// apt packages providing the tools the harness runs.
 pub const APT_PACKAGES: &str =
-    "wireguard-go wireguard-tools iproute2 iputils-ping python3 curl nftables util-linux";
+    "wireguard-go wireguard-tools iproute2 iputils-ping python3 curl nftables util-linux postgresql";
 
 /// Fails loudly (never skips) when the harness cannot run here.
 pub fn preflight() {
