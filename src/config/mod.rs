@@ -20,27 +20,28 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
 
 mod admin;
+mod devices;
 mod enroll;
 mod fleet;
 mod ids;
 mod model;
 mod onramp;
 mod raw;
+mod rules;
 mod ui;
 mod validate;
 
 pub use admin::{admin_listen_is_local, AdminToken, MIN_ADMIN_TOKEN_LEN};
+use devices::{check_tenant_devices, check_unique_keys, parse_ssh_keys, DeviceIndex};
 pub use enroll::EnrollSettings;
 pub use fleet::{valid_node_id, FleetSettings};
 pub use ids::*;
 pub use model::*;
 pub use onramp::{OnrampGrant, SeqpacketOnramp};
 pub use raw::*;
+pub use rules::valid_login;
 pub use ui::UiSettings;
-pub use validate::valid_login;
-use validate::{
-    check_tenant_devices, check_unique_keys, line_of, parse_ssh_keys, validate, DeviceIndex,
-};
+use validate::{line_of, validate};
 
 #[cfg(test)]
 mod tests;
