@@ -403,7 +403,14 @@ pub fn clamp_mss(p: &mut [u8], max: u16) -> bool {
                     if old <= max {
                         return false;
                     }
-                    let ck = checksum_update(word(p, ihl + 16), old, max);
+                    // A 16-bit field at an odd offset of the segment adds to the one's-complement sum with
+                    // its bytes swapped (an MSS option after a single NOP sits there).
+                    let (o, n) = if (i + 2 - ihl) % 2 == 1 {
+                        (old.swap_bytes(), max.swap_bytes())
+                    } else {
+                        (old, max)
+                    };
+                    let ck = checksum_update(word(p, ihl + 16), o, n);
                     p[i + 2..i + 4].copy_from_slice(&max.to_be_bytes());
                     p[ihl + 16..ihl + 18].copy_from_slice(&ck.to_be_bytes());
                     return true;
@@ -653,6 +660,34 @@ mod tests {
         assert!(!clamp_mss(&mut p, 1400), "never raised");
         let mut plain = tcp_packet(sa("1.2.3.4:5"), sa("5.6.7.8:9"), b"x", false);
         assert!(!clamp_mss(&mut plain, 1000), "only SYNs");
+    }
+
+    /// Found by the `nat` fuzz target: an MSS option after a single NOP has its value at an odd offset of the
+    /// segment, where a 16-bit field adds to the checksum byte-swapped.
+    #[test]
+    fn mss_at_an_odd_offset_is_clamped_with_valid_checksum() {
+        for pad in [
+            vec![etherparse::TcpOptionElement::Noop],
+            vec![
+                etherparse::TcpOptionElement::Noop,
+                etherparse::TcpOptionElement::Noop,
+                etherparse::TcpOptionElement::Noop,
+            ],
+        ] {
+            let mut opts = pad.clone();
+            opts.push(etherparse::TcpOptionElement::MaximumSegmentSize(1460));
+            let mut p = Vec::new();
+            PacketBuilder::ipv4([100, 96, 0, 2], [10, 0, 0, 1], 64)
+                .tcp(40000, 22, 1, 64000)
+                .syn()
+                .options(&opts)
+                .unwrap()
+                .write(&mut p, &[])
+                .unwrap();
+            assert!(checksums_valid(&p), "control: the built SYN is valid");
+            assert!(clamp_mss(&mut p, 1380), "{} NOPs: not clamped", pad.len());
+            assert!(checksums_valid(&p), "{} NOPs: checksum broken", pad.len());
+        }
     }
 
     /// Found by the `nat` fuzz target (in its oracle): bytes that read as a SYN with an MSS option are left alone
