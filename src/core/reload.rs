@@ -102,8 +102,15 @@ impl Gateway {
                 }
             }
         }
-        for t in &self.tenants {
-            t.counters.peers.set(t.routes.len() as u64);
+        // Devices, not routes: a dual-stack device has two addresses.
+        let mut devices = vec![0u64; self.tenants.len()];
+        for p in self.peers.iter().flatten() {
+            if matches!(p.link, Link::Wg(_)) {
+                devices[p.tenant] += 1;
+            }
+        }
+        for (t, n) in self.tenants.iter().zip(devices) {
+            t.counters.peers.set(n);
         }
         self.rebuild_conn_routes();
         self.recheck_flows(now, tx);

@@ -2256,3 +2256,37 @@ fn reload_keeps_conns_of_remaining_tenants_and_ends_those_of_removed_ones() {
         .open_conn(net.now(), grant("globex", "10.7.0.0/16", None))
         .is_none());
 }
+
+/// `rampart_peers` counts devices, not their routes: a dual-stack device has two addresses and is one peer.
+#[test]
+fn peers_gauge_counts_dual_stack_devices_once() {
+    let keys: Vec<PrivateKey> = (0..2).map(|_| PrivateKey::generate()).collect();
+    let mut text =
+        String::from("[gateway]\nlisten = \"198.18.0.1:51820\"\nstate_dir = \"/nonexistent\"\n");
+    text += "[[tenant]]\nid = \"acme\"\naddress_pool = [\"100.96.0.0/24\", \"fd00:96::/64\"]\n\
+             gateway_address = [\"100.96.0.1\", \"fd00:96::1\"]\n";
+    for (i, k) in keys.iter().enumerate() {
+        text += &format!(
+            "[[tenant.device]]\nname = \"dev{i}\"\npublic_key = \"{}\"\naddress = \"100.96.0.{}\"\nuser = \"u\"\n",
+            k.public_key(),
+            i + 2
+        );
+    }
+    let cfg = Config::from_toml(&text, Path::new("/test/gateway.toml")).unwrap();
+    assert!(
+        cfg.tenants[0]
+            .devices
+            .iter()
+            .all(|d| d.address_v6.is_some()),
+        "control: the devices are dual stack"
+    );
+    let metrics = Arc::new(Metrics::default());
+    let mut gw = Gateway::new(0, &PrivateKey::generate(), metrics.clone(), Instant::now());
+    gw.apply(&cfg, Instant::now(), &mut TxQueue::new());
+    let peers: Vec<u64> = metrics
+        .tenants()
+        .iter()
+        .map(|(_, c)| c.peers.get())
+        .collect();
+    assert_eq!(peers, vec![2], "two devices, four routes");
+}
