@@ -79,17 +79,7 @@ impl Gateway {
     pub fn open_conn(&mut self, now: Instant, grant: ConnGrant) -> Option<u32> {
         let ti = self.tenants.iter().position(|t| t.id == grant.tenant)?;
         let address = grant.prefixes.first()?.network();
-        let slot = match self.free_slots.front() {
-            Some(&(slot, freed)) if now.saturating_duration_since(freed) >= SLOT_QUARANTINE => {
-                self.free_slots.pop_front();
-                slot
-            }
-            _ if self.peers.len() < MAX_SLOTS => {
-                self.peers.push(None);
-                (self.peers.len() - 1) as u32
-            }
-            _ => return None,
-        };
+        let slot = self.take_slot(now)?;
         let seq = self.next_conn_seq;
         self.next_conn_seq += 1;
         self.peers[slot as usize] = Some(Peer {

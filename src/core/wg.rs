@@ -23,20 +23,26 @@ fn arm_timers(flag: &mut bool, slot: u32, timed: &mut Vec<u32>) {
 }
 
 impl Gateway {
-    pub(super) fn add_peer(&mut self, tenant: usize, d: &Device, now: Instant) -> Option<u32> {
-        let slot = match self.free_slots.front() {
+    /// A slot for a new subject (device or on-ramp connection): the oldest freed one once its quarantine is
+    /// over, else a new one; `None` when the worker has `MAX_SLOTS`.
+    pub(super) fn take_slot(&mut self, now: Instant) -> Option<u32> {
+        match self.free_slots.front() {
             Some(&(slot, freed)) if now.saturating_duration_since(freed) >= SLOT_QUARANTINE => {
                 self.free_slots.pop_front();
-                slot
+                Some(slot)
             }
             _ if self.peers.len() < MAX_SLOTS => {
                 self.peers.push(None);
-                (self.peers.len() - 1) as u32
+                Some((self.peers.len() - 1) as u32)
             }
-            _ => {
-                tracing::error!(device = %d.name, "no free peer slot ({MAX_SLOTS} per worker); device not connected");
-                return None;
-            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn add_peer(&mut self, tenant: usize, d: &Device, now: Instant) -> Option<u32> {
+        let Some(slot) = self.take_slot(now) else {
+            tracing::error!(device = %d.name, "no free peer slot ({MAX_SLOTS} per worker); device not connected");
+            return None;
         };
         let index = (slot << WORKER_BITS) | u32::from(self.worker);
         debug_assert!(index < 1 << 24);
