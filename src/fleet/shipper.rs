@@ -375,15 +375,7 @@ fn checkpoints_in(
     let mut stmt = conn.prepare_cached(
         "SELECT seq, hash, at_ms, key_fingerprint, signature FROM checkpoints WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
     )?;
-    let rows = stmt.query_map([after as i64, hi as i64], |r| {
-        Ok(chain::Checkpoint {
-            seq: r.get::<_, i64>(0)? as u64,
-            hash: r.get(1)?,
-            at_ms: r.get(2)?,
-            key_fingerprint: r.get(3)?,
-            signature: r.get(4)?,
-        })
-    })?;
+    let rows = stmt.query_map([after as i64, hi as i64], chain::Checkpoint::from_row)?;
     rows.collect()
 }
 

@@ -203,7 +203,13 @@ pub fn checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
     let mut stmt = conn.prepare(
         "SELECT seq, hash, at_ms, key_fingerprint, signature FROM checkpoints ORDER BY seq",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let rows = stmt.query_map([], Checkpoint::from_row)?;
+    rows.collect()
+}
+
+impl Checkpoint {
+    /// The columns every checkpoint query selects: `seq, hash, at_ms, key_fingerprint, signature`.
+    pub fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
         Ok(Checkpoint {
             seq: r.get::<_, i64>(0)? as u64,
             hash: r.get(1)?,
@@ -211,8 +217,7 @@ pub fn checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
             key_fingerprint: r.get(3)?,
             signature: r.get(4)?,
         })
-    })?;
-    rows.collect()
+    }
 }
 
 pub fn checkpoint_message(seq: u64, hash: &[u8]) -> Vec<u8> {
