@@ -67,13 +67,7 @@ pub(super) fn audit_flows(
             17 => "udp".to_string(),
             p => p.to_string(),
         };
-        let flow = format!("{}:{} -> {}:{}", r.src, r.sport, r.dst, r.dport);
-        let end = match (&r.end_reason, r.ended_ms) {
-            (Some(reason), Some(ms)) => {
-                format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
-            }
-            _ => "open".to_string(),
-        };
+        let (flow, end) = flow_cells(r);
         crate::inert_line!(
             out,
             "{:<24} {:<10} {:<14} {:<14} {:<5} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
@@ -90,6 +84,18 @@ pub(super) fn audit_flows(
         )?;
     }
     Ok(())
+}
+
+/// A flow row's `FLOW` and `END` cells, for the local and the fleet listing.
+fn flow_cells(r: &crate::audit::review::flows::FlowRow) -> (String, String) {
+    let flow = format!("{}:{} -> {}:{}", r.src, r.sport, r.dst, r.dport);
+    let end = match (&r.end_reason, r.ended_ms) {
+        (Some(reason), Some(ms)) => {
+            format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
+        }
+        _ => "open".to_string(),
+    };
+    (flow, end)
 }
 
 pub(super) fn audit_keygen(out: &Path) -> anyhow::Result<()> {
@@ -254,13 +260,7 @@ pub(super) fn audit_flows_fleet(
     )?;
     for r in &rows {
         let f = &r.flow;
-        let flow = format!("{}:{} -> {}:{}", f.src, f.sport, f.dst, f.dport);
-        let end = match (&f.end_reason, f.ended_ms) {
-            (Some(reason), Some(ms)) => {
-                format!("{reason} after {:.1}s", (ms - f.started_ms) as f64 / 1000.0)
-            }
-            _ => "open".to_string(),
-        };
+        let (flow, end) = flow_cells(f);
         crate::inert_line!(
             out,
             "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<44} {:<7} {:<16} {:>16} {:>16}  {end}",
