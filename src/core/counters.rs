@@ -92,7 +92,7 @@ pub enum DropReason {
     GueBadContext,
     /// A keyed site's packet whose authentication tag does not verify.
     GueBadTag,
-    /// A packet for a GUE site larger than the site's `mtu` (never fragmented outside).
+    /// A packet for a GUE site larger than the site's `mtu` (never fragmented; its sender gets ICMP too big).
     GueTooBig,
 }
 

@@ -13,8 +13,9 @@
 //!
 //! Packets for a site are queued by the core under its slot (`ConnOut`); [`Gue::write`] puts a variant 0
 //! header without private data in front (what a Linux `encap gue` tunnel takes) and sends them to the address
-//! the site last sent from, at its `port`. A packet larger than the site's `mtu` is dropped
-//! (`gue_too_big`), never fragmented outside.
+//! the site last sent from, at its `port`. A packet larger than the site's `mtu` is never fragmented: the
+//! core answers its sender with ICMP too big (`ConnLink::mtu`), and one that still arrives here is dropped
+//! (`gue_too_big`).
 //!
 //! The socket is bound to the entry's address (never the wildcard), so replies leave from the address the
 //! site sends to without `IP_PKTINFO`.
@@ -159,6 +160,7 @@ impl Gue {
                 name: DeviceName::onramp_subject(onramp, Some(&s.name), None),
                 user: s.user.clone(),
                 groups: s.groups.clone(),
+                mtu: Some(s.mtu),
             };
             let Some(slot) = gw.open_conn(now, grant) else {
                 tracing::error!(onramp = %onramp, site = %s.name, "no slot for a GUE site; its packets are dropped");
