@@ -81,6 +81,11 @@ struct Setup {
 /// A gateway `gw-a` with `[fleet]` (PostgreSQL) and `[fleet.objects]` (s3s-fs in its namespace), an upstream
 /// host with sshd, and device alice.
 fn setup(tag: &str) -> Setup {
+    setup_with(tag, "")
+}
+
+/// [`setup`] with more `[fleet.objects]` keys.
+fn setup_with(tag: &str, objects_extra: &str) -> Setup {
     let keys = support::tempdir(&format!("reviewer-{tag}"));
     let (reviewer, line) = reviewer_key(keys.path());
     let pg = Postgres::start(tag);
@@ -89,7 +94,7 @@ fn setup(tag: &str) -> Setup {
         "\n[fleet]\nnode_id = \"gw-a\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\nship_interval_ms = 100\n{}",
         pg.url(),
         pg.password_file().display(),
-        s3.objects_toml()
+        s3.objects_toml() + objects_extra
     );
     // The S3 server runs in the gateway's namespace, which the lab creates: the gateway starts before it
     // (an unreachable object store only delays uploads, it does not stop the node).
@@ -421,4 +426,41 @@ fn a_missing_bucket_or_refused_credentials_stop_the_gateway_naming_the_key() {
     s.s3.credential_files();
     std::fs::write(&s.lab.gateway.config, &good).unwrap();
     s.lab.gateway.start();
+}
+
+#[test]
+fn a_recording_larger_than_a_part_goes_up_as_a_multipart_upload_and_replays_verified() {
+    let s = setup_with("multipart", "part_size_mb = 5\n");
+    // About 8 MB of output on a non-terminal channel (recorded whole): two parts.
+    let out = s.client.ssh(
+        &s.dev.ns,
+        &[
+            &format!("root@{UPSTREAM}"),
+            "head -c 6000000 /dev/urandom | base64 -w 0; echo; echo big-$((6*7))",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ups = wait_uploaded(&s, 1);
+    let key = &ups[0].0;
+    let local = local_recordings(&s);
+    let size = std::fs::metadata(&local[0]).unwrap().len();
+    assert!(
+        size > 5 << 20,
+        "the recording must exceed one part: {size} bytes"
+    );
+    assert_eq!(
+        std::fs::read(s.s3.bucket_dir().join(key)).unwrap(),
+        std::fs::read(&local[0]).unwrap(),
+        "the parts were assembled into the recorded file"
+    );
+    let sessions = wait_fleet_sessions(&s, 1);
+    let id = sessions[0]["session_id"].as_str().unwrap().to_owned();
+    let key_arg = s.reviewer.to_str().unwrap().to_owned();
+    let show = review(
+        &s,
+        &["audit", "ssh", "show", &id, "--fleet", "--key", &key_arg],
+    )
+    .expect_ok();
+    assert!(show.contains("verified against its manifest"), "{show}");
 }
