@@ -464,3 +464,54 @@ fn a_recording_larger_than_a_part_goes_up_as_a_multipart_upload_and_replays_veri
     .expect_ok();
     assert!(show.contains("verified against its manifest"), "{show}");
 }
+
+#[test]
+fn with_keep_local_false_the_local_copy_goes_only_after_the_upload_is_confirmed() {
+    let mut s = setup_with("prune", "keep_local = false\n");
+    s.s3.kill();
+    pty_session(&s, "pruned");
+    wait_until(
+        "a failed upload attempt",
+        UPLOADED,
+        Duration::from_millis(200),
+        || {
+            let u = uploads(&s);
+            (u.len() == 1 && u[0].1 == "pending" && u[0].2 >= 1).then_some(())
+        },
+    );
+    let local = local_recordings(&s);
+    assert_eq!(local.len(), 1, "kept while the upload is not confirmed");
+    let recorded = std::fs::read(&local[0]).unwrap();
+    s.s3.start();
+    let ups = wait_uploaded(&s, 1);
+    let key = &ups[0].0;
+    wait_until(
+        "the local copy removed",
+        UPLOADED,
+        Duration::from_millis(200),
+        || local_recordings(&s).is_empty().then_some(()),
+    );
+    assert_eq!(
+        std::fs::read(s.s3.bucket_dir().join(key)).unwrap(),
+        recorded,
+        "the bucket holds what was removed locally"
+    );
+    let sessions = wait_fleet_sessions(&s, 1);
+    let id = sessions[0]["session_id"].as_str().unwrap().to_owned();
+    let key_arg = s.reviewer.to_str().unwrap().to_owned();
+    let ok = review(
+        &s,
+        &[
+            "audit",
+            "ssh",
+            "replay",
+            &id,
+            "--fleet",
+            "--max-idle",
+            "0.05",
+            "--key",
+            &key_arg,
+        ],
+    );
+    assert!(ok.success() && ok.stdout.contains("pruned-42"), "{ok}");
+}
