@@ -6,7 +6,7 @@ CONFIG       ?= configs/gateway.toml
 APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables chromium nodejs postgresql qemu-system-x86
 export CARGO_TERM_COLOR := never
 
-.PHONY: all build release run test deps ui ui-test-deps lint unit e2e bench bench-flows bench-peers bench-onramp fuzz fuzz-build fuzz-merge
+.PHONY: all build release run test deps ui ui-test-deps s3s-fs lint unit e2e bench bench-flows bench-peers bench-onramp fuzz fuzz-build fuzz-merge
 
 all: build
 
@@ -26,6 +26,13 @@ ui:
 ui-test-deps:
 	@if [ ! -f tests/ui/node_modules/.package-lock.json ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules/.package-lock.json ]; then \
 	  npm ci --prefix tests/ui --ignore-scripts --no-audit --no-fund; else echo "ui-test-deps: present"; fi
+
+## The S3 protocol server the fleet tests upload recordings to (s3s-fs from crates.io, a test tool never linked
+## or shipped): built once into target/s3s-fs/bin, skipped when that version is there.
+S3S_FS_VERSION := 0.14.1
+s3s-fs:
+	@if [ -x target/s3s-fs/bin/s3s-fs ] && grep -q '"s3s-fs $(S3S_FS_VERSION) ' target/s3s-fs/.crates.toml 2>/dev/null; then echo "s3s-fs: present"; else \
+	  $(CARGO) install --locked --root target/s3s-fs s3s-fs@$(S3S_FS_VERSION) --features binary; fi
 
 ## Start the gateway in the foreground on the default config (Ctrl-C stops it).
 run: release
@@ -50,7 +57,7 @@ unit: ui
 
 ## End-to-end tests with real wireguard-go clients in network namespaces (root). The `test-hooks` feature
 ## adds control requests only tests use (e.g. stalling the data path to show /health notices).
-e2e: deps ui ui-test-deps
+e2e: deps ui ui-test-deps s3s-fs
 	@for t in tests/e2e_*.rs; do \
 	  [ -e "$$t" ] || continue; \
 	  name=$$(basename $$t .rs); \

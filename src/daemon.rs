@@ -118,6 +118,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Some(f) => Some((f, crate::fleet::Connector::new(f, &cfg.source)?)),
         None => None,
     };
+    // The object store's credentials too (files or environment), for the recording uploader.
+    let objects = match cfg.fleet.as_ref().and_then(|f| f.objects.as_ref()) {
+        Some(o) => Some(crate::fleet::objects::Objects::new(o, &cfg.source)?),
+        None => None,
+    };
     // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
     let mut listeners = Vec::new();
     for e in &cfg.seqpacket_onramps {
@@ -192,6 +197,25 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             Some(s)
         }
         None => None,
+    };
+    // Recordings to the object store: refuses to start on a missing bucket or refused credentials; an
+    // unreachable store only delays uploads (recordings are kept here until each upload is confirmed).
+    let uploader = match (objects, &cfg.fleet) {
+        (Some(o), Some(f)) => {
+            let u = crate::fleet::uploader::start(
+                o,
+                crate::fleet::uploader::UploaderConfig {
+                    node: f.node_id.clone(),
+                    state_dir: g.state_dir.clone(),
+                    audit_db: cfg.audit.path.clone(),
+                    interval: f.ship_interval,
+                },
+                audit.counters().clone(),
+            )?;
+            tracing::info!(node = %f.node_id, "fleet: uploading SSH recordings to the object store");
+            Some(u)
+        }
+        _ => None,
     };
     let audit_counters = audit.counters().clone();
     let ssh = Arc::new(crate::ssh::SshServices::new(
@@ -291,6 +315,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // After the writer: the run's last records (run.end) ship too, if PostgreSQL is reachable.
     if let Some(s) = shipper {
         s.finish();
+    }
+    if let Some(u) = uploader {
+        u.finish();
     }
     let _ = std::fs::remove_file(control::socket_path(&cfg.gateway.state_dir));
     tracing::info!("stopped");

@@ -104,6 +104,22 @@ pub struct FleetGauges {
     pub failures: AtomicU64,
     /// 1 when shipping stopped for good (another gateway ships under this node id).
     pub halted: AtomicU64,
+    /// The recording uploader (`fleet::uploader`, `[fleet.objects]`).
+    pub objects: ObjectGauges,
+}
+
+/// How the recording uploader is doing, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ObjectGauges {
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Recordings whose upload (object and manifest) was confirmed.
+    pub uploaded: AtomicU64,
+    /// Recordings waiting for their upload (the local copy is kept).
+    pub pending: AtomicU64,
+    /// Recordings that cannot be uploaded (another object under the key, local copy gone or changed).
+    pub failed: AtomicU64,
+    /// Upload attempts that failed and will be retried.
+    pub retries: AtomicU64,
 }
 
 /// Losses by kind and reason.
@@ -277,6 +293,33 @@ impl prometheus_client::collector::Collector for AuditCounters {
                 "rampart_fleet_halted",
                 "1 when fleet shipping stopped for good (another gateway ships under this fleet.node_id; see the log).",
                 f.halted.load(Ordering::Relaxed),
+            )?;
+        }
+        let o = &self.fleet.objects;
+        if o.enabled.load(Ordering::Relaxed) {
+            counter(
+                &mut enc,
+                "rampart_fleet_recordings_uploaded",
+                "SSH recordings uploaded to the fleet's object store, manifest included ([fleet.objects]).",
+                o.uploaded.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
+                "rampart_fleet_recordings_pending",
+                "SSH recordings waiting for their upload (kept locally until it is confirmed).",
+                o.pending.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
+                "rampart_fleet_recordings_failed",
+                "SSH recordings that cannot be uploaded (see the log: a different object under the key, or the local copy gone or changed).",
+                o.failed.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "rampart_fleet_recording_upload_retries",
+                "Recording upload attempts that failed and are retried (object store unreachable or erring).",
+                o.retries.load(Ordering::Relaxed),
             )?;
         }
         Ok(())

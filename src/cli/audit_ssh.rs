@@ -2,7 +2,7 @@
 //! and verification are in `audit::review`.
 #![deny(unsafe_code)]
 
-use std::io::Write as _;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub enum SshCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// The sessions of every node of the fleet, from PostgreSQL (`[fleet]`), with a NODE column.
+        #[arg(long)]
+        fleet: bool,
     },
     /// The timeline of one session: channels, commands, exit statuses, recordings.
     Show {
@@ -49,6 +52,9 @@ pub enum SshCommand {
         /// The tenant's reviewer private key, to open sealed fields.
         #[arg(long)]
         key: Option<PathBuf>,
+        /// A session of any node, from PostgreSQL; recordings are checked in the object store.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Plays a session's terminal recordings in this terminal with their original timing.
     Replay {
@@ -66,6 +72,10 @@ pub enum SshCommand {
         channel: Option<u32>,
         #[arg(long)]
         key: Option<PathBuf>,
+        /// A session of any node, from PostgreSQL, its recordings fetched from the fleet's object store
+        /// (`[fleet.objects]`) and verified against their manifest and audit record first.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Finds commands (exec commands, typed lines, SFTP operations) containing TEXT.
     Search {
@@ -122,8 +132,20 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             since,
             limit,
             json,
+            fleet,
         } => {
             let cfg = load(&config)?;
+            if fleet {
+                let since_ms = crate::clock::since_arg(since, crate::clock::unix_ms())?;
+                let f = SessionFilter {
+                    tenant,
+                    user,
+                    target,
+                    since_ms,
+                    limit,
+                };
+                return sessions_fleet(&cfg, &f, json, &mut out);
+            }
             let log = open_log(&cfg)?;
             let now_ms = crate::clock::unix_ms();
             let since_ms = crate::clock::since_arg(since, now_ms)?;
@@ -175,8 +197,16 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        SshCommand::Show { config, id, key } => {
+        SshCommand::Show {
+            config,
+            id,
+            key,
+            fleet,
+        } => {
             let cfg = load(&config)?;
+            if fleet {
+                return show_fleet(&cfg, &id, read_key(key.as_deref())?.as_ref(), &mut out);
+            }
             let log = open_log(&cfg)?;
             let key = read_key(key.as_deref())?;
             let id = ssh_review::resolve_session(&log, &id)?;
@@ -209,8 +239,21 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             max_idle,
             channel,
             key,
+            fleet,
         } => {
             let cfg = load(&config)?;
+            if fleet {
+                let key = read_key(key.as_deref())?;
+                return replay_fleet(
+                    &cfg,
+                    &id,
+                    key.as_ref(),
+                    channel,
+                    speed,
+                    max_idle.map(Duration::from_secs_f64),
+                    &mut out,
+                );
+            }
             let log = open_log(&cfg)?;
             let key = read_key(key.as_deref())?;
             let id = ssh_review::resolve_session(&log, &id)?;
@@ -290,6 +333,154 @@ pub fn run(command: SshCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The fleet's PostgreSQL, and its object store when the config has `[fleet.objects]`.
+fn fleet_review(
+    cfg: &Config,
+) -> anyhow::Result<(
+    tokio::runtime::Runtime,
+    tokio_postgres::Client,
+    Option<crate::fleet::objects::Objects>,
+)> {
+    let (rt, client) = super::audit::fleet_client(cfg)?;
+    let objects = match cfg.fleet.as_ref().and_then(|f| f.objects.as_ref()) {
+        Some(o) => Some(crate::fleet::objects::Objects::new(o, &cfg.source)?),
+        None => None,
+    };
+    Ok((rt, client, objects))
+}
+
+fn sessions_fleet(
+    cfg: &Config,
+    f: &SessionFilter,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (rt, client) = super::audit::fleet_client(cfg)?;
+    let rows = rt.block_on(crate::fleet::ssh_review::sessions(&client, f))?;
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<12} {:<36} {:<24} {:<10} {:<20} {:<14} {:<21} {:<10} {:>3}  END",
+        "NODE", "SESSION", "STARTED", "TENANT", "USER", "DEVICE", "TARGET", "LOGIN", "CH"
+    )?;
+    for f in &rows {
+        let r = &f.session;
+        let end = match (&r.end_reason, r.ended_ms) {
+            (Some(reason), Some(ms)) => {
+                format!("{reason} after {:.1}s", (ms - r.started_ms) as f64 / 1000.0)
+            }
+            _ => "open".into(),
+        };
+        crate::inert_line!(
+            out,
+            "{:<12} {:<36} {:<24} {:<10} {:<20} {:<14} {:<21} {:<10} {:>3}  {end}",
+            f.node,
+            r.session_id,
+            format_ms(r.started_ms),
+            r.tenant,
+            r.user,
+            r.device,
+            r.target,
+            r.login,
+            r.channels
+        )?;
+    }
+    Ok(())
+}
+
+/// The timeline from PostgreSQL, then each recording's state in the object store (verified, or why not).
+fn show_fleet(
+    cfg: &Config,
+    id: &str,
+    key: Option<&ReviewerKey>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (rt, client, objects) = fleet_review(cfg)?;
+    let s = rt.block_on(crate::fleet::ssh_review::session(&client, id))?;
+    writeln!(out, "node {}", s.node)?;
+    ssh_review::show(&s.log, &s.session_id, key, out)?;
+    let prefix = objects
+        .as_ref()
+        .map(|o| o.settings().prefix.clone())
+        .unwrap_or_default();
+    for r in crate::fleet::ssh_review::recordings(&s, &prefix)? {
+        let state = match &objects {
+            None => "not checked (no [fleet.objects] in the config)".to_owned(),
+            Some(o) => match rt.block_on(crate::fleet::ssh_review::fetch_recording(
+                o,
+                &s.session_id,
+                &r,
+            )) {
+                Ok(b) => format!(
+                    "verified against its manifest and audit record ({} bytes)",
+                    b.len()
+                ),
+                Err(e) => format!("NOT VERIFIED: {e}"),
+            },
+        };
+        crate::inert_line!(
+            out,
+            "recording ch{} {}: {state}",
+            r.channel_seq,
+            r.object_key
+        )?;
+    }
+    Ok(())
+}
+
+/// Replays recordings fetched from the object store; each is verified before a byte of it is shown.
+fn replay_fleet(
+    cfg: &Config,
+    id: &str,
+    key: Option<&ReviewerKey>,
+    channel: Option<u32>,
+    speed: f64,
+    max_idle: Option<Duration>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (rt, client, objects) = fleet_review(cfg)?;
+    let Some(objects) = objects else {
+        bail!(
+            "{}: has no [fleet.objects]; replay --fleet fetches recordings from the fleet's object store (docs/fleet.md)",
+            cfg.source.display()
+        );
+    };
+    let s = rt.block_on(crate::fleet::ssh_review::session(&client, id))?;
+    let mut played = 0;
+    for r in crate::fleet::ssh_review::recordings(&s, &objects.settings().prefix)? {
+        if channel.is_some_and(|c| c != r.channel_seq) || (!r.info.pty && channel.is_none()) {
+            continue;
+        }
+        let bytes = rt
+            .block_on(crate::fleet::ssh_review::fetch_recording(
+                &objects,
+                &s.session_id,
+                &r,
+            ))
+            .with_context(|| {
+                format!(
+                    "ch{} of session {} (node {})",
+                    r.channel_seq, s.session_id, s.node
+                )
+            })?;
+        let decoded = ssh_review::decode_recording(&bytes, Path::new(&r.object_key), &r.info, key)?;
+        ssh_review::replay(&decoded, speed, max_idle, out)?;
+        played += 1;
+    }
+    if played == 0 {
+        bail!(
+            "session {} has no terminal recording to replay",
+            s.session_id
+        );
+    }
+    Ok(())
 }
 
 fn export(

@@ -23,6 +23,49 @@ pub struct RawFleet {
     pub postgres_ca_file: Option<String>,
     /// How often the shipper looks for new records (default 1000 ms).
     pub ship_interval_ms: Option<u64>,
+    /// `[fleet.objects]`: SSH recordings uploaded to S3-compatible object storage.
+    pub objects: Option<RawObjects>,
+}
+
+/// `[fleet.objects]`. Credentials come from files or environment variables, never from the config itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjects {
+    /// `https://s3.example:9000` for an S3-compatible server (path-style requests); absent: AWS S3.
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    /// Default `us-east-1`.
+    pub region: Option<String>,
+    /// Prepended to every object key (`rampart/`).
+    pub prefix: Option<String>,
+    pub access_key_id_file: Option<String>,
+    pub access_key_id_env: Option<String>,
+    pub secret_access_key_file: Option<String>,
+    pub secret_access_key_env: Option<String>,
+    /// Keep the local copy of a recording once its upload is confirmed (default true).
+    pub keep_local: Option<bool>,
+    /// Recordings larger than this go up in parts of this size (default 8 MiB, at least 5).
+    pub part_size_mb: Option<u64>,
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    /// The name of an environment variable of the gateway's process.
+    Env(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectSettings {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
+    pub access_key_id: SecretSource,
+    pub secret_access_key: SecretSource,
+    pub keep_local: bool,
+    pub part_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +75,8 @@ pub struct FleetSettings {
     pub postgres_password_file: Option<PathBuf>,
     pub postgres_ca_file: Option<PathBuf>,
     pub ship_interval: Duration,
+    /// `[fleet.objects]`; `None`: recordings stay on the node only.
+    pub objects: Option<ObjectSettings>,
 }
 
 /// Whether `id` is a node id: 1 to 63 of `a-z 0-9 - _ .`, starting with a letter or digit.
@@ -73,11 +118,152 @@ pub(super) fn validate_fleet(
         Some(ms) => Duration::from_millis(ms),
         None => Duration::from_secs(1),
     };
+    let objects = r.objects.map(|o| validate_objects(o, base, c));
     Some(FleetSettings {
+        objects,
         node_id: r.node_id,
         postgres_url: r.postgres_url,
         postgres_password_file: r.postgres_password_file.map(|p| resolve(base, &p)),
         postgres_ca_file: r.postgres_ca_file.map(|p| resolve(base, &p)),
         ship_interval,
     })
+}
+
+/// Whether `b` is an S3 bucket name: 3 to 63 of `a-z 0-9 . -`, starting and ending with a letter or digit.
+fn valid_bucket(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == b'.' || x == b'-')
+        && b.as_bytes()[0].is_ascii_alphanumeric()
+        && b.as_bytes()[b.len() - 1].is_ascii_alphanumeric()
+}
+
+fn valid_env_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && !n.as_bytes()[0].is_ascii_digit()
+}
+
+fn secret_source(
+    what: &str,
+    file: Option<String>,
+    env: Option<String>,
+    base: &Path,
+    c: &mut Collector<'_>,
+) -> SecretSource {
+    let (fk, ek) = (
+        format!("fleet.objects.{what}_file"),
+        format!("fleet.objects.{what}_env"),
+    );
+    match (file, env) {
+        (Some(f), None) => SecretSource::File(resolve(base, &f)),
+        (None, Some(e)) => {
+            if !valid_env_name(&e) {
+                c.push(
+                    ek,
+                    format!("{e:?} is not an environment variable name; write one like \"RAMPART_S3_SECRET\" (A-Z, 0-9, _)"),
+                );
+            }
+            SecretSource::Env(e)
+        }
+        (Some(_), Some(_)) => {
+            c.push(fk, format!("is set together with {ek}; keep one of them"));
+            SecretSource::Env(String::new())
+        }
+        (None, None) => {
+            c.push(
+                fk,
+                format!("is missing; name a file holding it (mode 0600), or an environment variable with {ek} (never the secret itself)"),
+            );
+            SecretSource::Env(String::new())
+        }
+    }
+}
+
+fn validate_objects(o: RawObjects, base: &Path, c: &mut Collector<'_>) -> ObjectSettings {
+    if let Some(e) = &o.endpoint {
+        let ok = e
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+            .filter(|u| {
+                u.path_and_query()
+                    .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+            });
+        if ok.is_none() {
+            c.push(
+                "fleet.objects.endpoint",
+                format!("{e:?} is not an object store URL; write one like \"https://s3.example:9000\" (scheme, host, port; no path), or leave it out for AWS S3"),
+            );
+        }
+    }
+    if !valid_bucket(&o.bucket) {
+        c.push(
+            "fleet.objects.bucket",
+            format!("{:?} is not a bucket name; write 3 to 63 of a-z, 0-9, '.', '-', like \"rampart-recordings\"", o.bucket),
+        );
+    }
+    let region = o.region.unwrap_or_else(|| "us-east-1".into());
+    if region.is_empty()
+        || !region
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        c.push(
+            "fleet.objects.region",
+            format!("{region:?} is not a region; write one like \"us-east-1\""),
+        );
+    }
+    let prefix = o.prefix.unwrap_or_default();
+    if prefix.starts_with('/')
+        || prefix.contains("//")
+        || prefix.split('/').any(|s| s == "." || s == "..")
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        c.push(
+            "fleet.objects.prefix",
+            format!("{prefix:?} is not a key prefix; write a-z, 0-9, '-', '_', '.', '/' without a leading '/', like \"rampart/\""),
+        );
+    }
+    let prefix = if prefix.is_empty() || prefix.ends_with('/') {
+        prefix
+    } else {
+        format!("{prefix}/")
+    };
+    let part_size = match o.part_size_mb {
+        Some(mb) if !(5..=1024).contains(&mb) => {
+            c.push(
+                "fleet.objects.part_size_mb",
+                "must be 5 to 1024 (S3 parts are at least 5 MiB)",
+            );
+            8 << 20
+        }
+        Some(mb) => (mb as usize) << 20,
+        None => 8 << 20,
+    };
+    ObjectSettings {
+        access_key_id: secret_source(
+            "access_key_id",
+            o.access_key_id_file,
+            o.access_key_id_env,
+            base,
+            c,
+        ),
+        secret_access_key: secret_source(
+            "secret_access_key",
+            o.secret_access_key_file,
+            o.secret_access_key_env,
+            base,
+            c,
+        ),
+        endpoint: o.endpoint.map(|e| e.trim_end_matches('/').to_owned()),
+        bucket: o.bucket,
+        region,
+        prefix,
+        keep_local: o.keep_local.unwrap_or(true),
+        part_size,
+    }
 }

@@ -35,7 +35,7 @@ mod validate;
 pub use admin::{admin_listen_is_local, AdminToken, MIN_ADMIN_TOKEN_LEN};
 use devices::{check_tenant_devices, check_unique_keys, parse_ssh_keys, DeviceIndex};
 pub use enroll::EnrollSettings;
-pub use fleet::{valid_node_id, FleetSettings};
+pub use fleet::{valid_node_id, FleetSettings, ObjectSettings, SecretSource};
 pub use gue::{exposed_remotes, outer_is_local, GueKey, GueOnramp, GueSite, DEFAULT_GUE_PORT};
 pub use ids::*;
 pub use model::*;

@@ -515,6 +515,76 @@ fn bad_fleet_values_name_the_key() {
     );
 }
 
+const FLEET_PG: &str =
+    "node_id = \"gw-a\"\npostgres_url = \"postgres://rampart@db.example:5432/rampart\"\n";
+
+#[test]
+fn fleet_objects_take_credentials_from_files_or_env_names() {
+    assert_eq!(
+        load(&with_fleet(FLEET_PG)).unwrap().fleet.unwrap().objects,
+        None,
+        "[fleet] without [fleet.objects] keeps recordings on the node"
+    );
+    let c = load(&with_fleet(&format!(
+        "{FLEET_PG}[fleet.objects]\nendpoint = \"http://127.0.0.1:9000/\"\nbucket = \"rec-ords\"\n\
+         access_key_id_file = \"s3.id\"\nsecret_access_key_env = \"S3_SECRET\"\nprefix = \"fleet\"\n"
+    )))
+    .unwrap();
+    let o = c.fleet.unwrap().objects.unwrap();
+    assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!(o.region, "us-east-1");
+    assert_eq!(o.prefix, "fleet/");
+    assert!(o.keep_local, "the local copy is kept by default");
+    assert_eq!(o.part_size, 8 << 20);
+    assert_eq!(
+        o.access_key_id,
+        super::SecretSource::File("/etc/rampart/s3.id".into())
+    );
+    assert_eq!(
+        o.secret_access_key,
+        super::SecretSource::Env("S3_SECRET".into())
+    );
+}
+
+#[test]
+fn bad_fleet_objects_name_the_key_and_the_fix() {
+    let err = load(&with_fleet(&format!(
+        "{FLEET_PG}[fleet.objects]\nendpoint = \"ftp://x/y\"\nbucket = \"No_Such\"\n\
+         access_key_id_file = \"a\"\naccess_key_id_env = \"A\"\nsecret_access_key_env = \"lower case\"\n\
+         part_size_mb = 1\nprefix = \"/abs\"\n"
+    )))
+    .unwrap_err()
+    .to_string();
+    for key in [
+        "fleet.objects.endpoint",
+        "fleet.objects.bucket",
+        "fleet.objects.access_key_id_file",
+        "fleet.objects.secret_access_key_env",
+        "fleet.objects.part_size_mb",
+        "fleet.objects.prefix",
+    ] {
+        assert!(err.contains(key), "{key} is named: {err}");
+    }
+    let err = load(&with_fleet(&format!(
+        "{FLEET_PG}[fleet.objects]\nbucket = \"recordings\"\n"
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("fleet.objects.access_key_id_file") && err.contains("never the secret itself"),
+        "missing credentials say where to put them: {err}"
+    );
+    let err = load(&with_fleet(&format!(
+        "{FLEET_PG}[fleet.objects]\nbucket = \"recordings\"\nsecret_access_key = \"inline\"\n"
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("secret_access_key"),
+        "an inline secret is refused: {err}"
+    );
+}
+
 const SEQPACKET: &str = r#"
 [[onramp.seqpacket]]
 name = "warp"

@@ -2,7 +2,10 @@
 //! trail. The local SQLite store stays the store of record and the spool; [`shipper`] copies committed
 //! chain entries (every record kind, with its canonical row) and the flows' rows to PostgreSQL, keyed by
 //! `(node_id, chain seq)`, so a record arrives exactly once whatever crashes. [`review`] reads the fleet's
-//! records back (`rampart audit flows --fleet`, `rampart audit verify --fleet`).
+//! records back (`rampart audit flows --fleet`, `rampart audit verify --fleet`). With `[fleet.objects]`,
+//! [`uploader`] puts each finished SSH recording into an S3-compatible bucket ([`objects`]) with a manifest of
+//! its hash, and [`ssh_review`] lists the fleet's SSH sessions and replays recordings fetched from there,
+//! verified first (`rampart audit ssh … --fleet`).
 //!
 //! Must never: decide anything on the data path, or make `fail_closed` depend on PostgreSQL (only the
 //! local spool decides). Start reading at [`shipper::start`].
@@ -13,9 +16,12 @@ use std::time::Duration;
 
 use crate::config::FleetSettings;
 
+pub mod objects;
 pub mod review;
 pub mod schema;
 pub mod shipper;
+pub mod ssh_review;
+pub mod uploader;
 
 /// Why a connection to the fleet's PostgreSQL failed, as the admin fixes it.
 #[derive(Debug, thiserror::Error)]

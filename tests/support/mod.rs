@@ -22,6 +22,7 @@ pub mod netns;
 pub mod pg;
 pub mod probe;
 pub mod process;
+pub mod s3;
 pub mod ssh;
 pub mod tmp;
 pub mod wg_client;

@@ -4,7 +4,7 @@
 //! sealed. Start at [`sessions`], [`show`] and [`load_recording`].
 #![deny(unsafe_code)]
 
-use std::io::{BufRead as _, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +28,45 @@ impl SshLog {
     pub fn open_readonly(path: &Path) -> rusqlite::Result<SshLog> {
         let conn = crate::audit::db::open_readonly(path)?;
         conn.query_row("SELECT count(*) FROM ssh_log", [], |_| Ok(()))?;
+        Ok(SshLog { conn })
+    }
+
+    /// An in-memory log of `rows` (one node's records, shipped to the fleet's PostgreSQL), so fleet review
+    /// runs the same queries and rendering as local review.
+    pub fn from_rows(rows: &[LogRow]) -> rusqlite::Result<SshLog> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(
+            "CREATE TABLE ssh_log (seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+                 tenant TEXT NOT NULL, session_id TEXT NOT NULL, channel_seq INTEGER, device TEXT NOT NULL,
+                 user TEXT NOT NULL, target TEXT NOT NULL, login TEXT NOT NULL, cert_serial TEXT,
+                 rule TEXT NOT NULL, body TEXT NOT NULL);
+             CREATE TABLE chain (seq INTEGER PRIMARY KEY, prev_hash BLOB NOT NULL, hash BLOB NOT NULL);",
+        )?;
+        for r in rows {
+            let k = &r.keys;
+            conn.execute(
+                "INSERT INTO ssh_log VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    r.seq as i64,
+                    r.at_ms,
+                    r.kind,
+                    k.tenant,
+                    k.session_id,
+                    r.channel_seq,
+                    k.device,
+                    k.user,
+                    k.target,
+                    k.login,
+                    k.cert_serial.map(|s| s.to_string()),
+                    k.rule,
+                    r.body
+                ],
+            )?;
+            conn.execute(
+                "INSERT INTO chain VALUES (?1, ?2, ?3)",
+                params![r.seq as i64, r.prev_hash, r.hash],
+            )?;
+        }
         Ok(SshLog { conn })
     }
 
@@ -450,9 +489,26 @@ pub fn load_recording(
     read_plain(&path)
 }
 
+/// Decodes a recording's bytes fetched from elsewhere (the fleet's object store); `label` names it in errors.
+pub fn decode_recording(
+    bytes: &[u8],
+    label: &Path,
+    info: &RecordingInfo,
+    key: Option<&ReviewerKey>,
+) -> Result<DecodedCapture, RecordingError> {
+    if info.format == "ssh-log-cli" || label.extension().is_some_and(|e| e == "cap") {
+        let key = key.ok_or(RecordingError::NeedKey)?;
+        return Ok(capture::decode(bytes, key)?);
+    }
+    plain_from(bytes, label)
+}
+
 fn read_plain(path: &Path) -> Result<DecodedCapture, RecordingError> {
+    plain_from(BufReader::new(std::fs::File::open(path)?), path)
+}
+
+fn plain_from(mut r: impl std::io::BufRead, path: &Path) -> Result<DecodedCapture, RecordingError> {
     let bad = |m: &str| RecordingError::Format(path.to_path_buf(), m.to_owned());
-    let mut r = BufReader::new(std::fs::File::open(path)?);
     let mut magic = String::new();
     r.read_line(&mut magic)?;
     if magic.trim_end() != "rampart-rec-v1" {
