@@ -192,7 +192,7 @@ pub(super) fn audit_http(
 }
 
 /// The fleet's PostgreSQL, for review commands (`[fleet]` of the config).
-fn fleet_client(
+pub(super) fn fleet_client(
     cfg: &crate::config::Config,
 ) -> anyhow::Result<(tokio::runtime::Runtime, tokio_postgres::Client)> {
     let Some(f) = &cfg.fleet else {

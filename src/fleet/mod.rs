@@ -16,6 +16,7 @@ use crate::config::FleetSettings;
 pub mod review;
 pub mod schema;
 pub mod shipper;
+pub mod state;
 
 /// Why a connection to the fleet's PostgreSQL failed, as the admin fixes it.
 #[derive(Debug, thiserror::Error)]
