@@ -235,7 +235,14 @@ async fn publish(
     node: &str,
     applier: &dyn Applier,
 ) -> anyhow::Result<()> {
-    let local = applier.local().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A local file this node cannot read is not a PostgreSQL failure: say so once, retry at the next reload.
+    let local = match applier.local() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(node, "fleet: cannot publish this node's changes: {e}");
+            return Ok(());
+        }
+    };
     let applied = applier.applied();
     let digest = tenant_doc_digest(&local.tenant_doc);
     let tx = client.transaction().await?;
