@@ -37,13 +37,35 @@ struct Running {
     offramp: Arc<crate::offramp::OfframpCounters>,
     enroll_audit: crate::audit::enroll_records::EnrollAuditSink,
     admin_audit: crate::audit::admin_records::AdminAuditSink,
+    /// Fleet mode: the shared state applied now, and the thread that publishes local changes.
+    fleet_applied: Mutex<crate::config::shared::FleetCache>,
+    fleet_sync: Mutex<Option<crate::fleet::state::SyncHandle>>,
 }
 
 impl Running {
-    /// Re-reads the config and registry; applies them only if valid.
+    /// Re-reads the config and registry; applies them only if valid. In fleet mode the node's changes are
+    /// then published to the fleet.
     fn reload(&self) -> Result<String, String> {
+        let msg = self.reload_with(None)?;
+        if let Some(s) = self
+            .fleet_sync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.publish();
+        }
+        Ok(msg)
+    }
+
+    /// [`reload`](Self::reload) with `shared` (a newer state of the fleet) instead of the cached one, kept
+    /// (`state_dir/fleet_state.json`) only if the config it makes is valid and applied.
+    fn reload_with(
+        &self,
+        shared: Option<&crate::config::shared::FleetCache>,
+    ) -> Result<String, String> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let new = Config::load(&self.config_path).map_err(|e| {
+        let new = Config::load_with(&self.config_path, shared).map_err(|e| {
             tracing::error!("reload rejected, gateway unchanged:\n{e}");
             format!("reload rejected, running gateway unchanged:\n{e}")
         })?;
@@ -58,6 +80,12 @@ impl Running {
         let summary = self.onramp.apply(new.clone()).ok_or("data path stopped")?;
         self.config.store(new.clone());
         self.egresses.prepare(&new);
+        if let Some(c) = shared {
+            if let Err(e) = c.store(&new.gateway.state_dir) {
+                tracing::error!(error = %e, "cannot save the fleet's state in state_dir; it applies until the next restart");
+            }
+            *self.fleet_applied.lock().unwrap_or_else(|e| e.into_inner()) = c.clone();
+        }
         let msg = format!(
             "reloaded {}: {} tenants, {} devices ({} added, {} removed, {} updated)",
             self.config_path.display(),
@@ -69,6 +97,42 @@ impl Running {
         );
         tracing::info!("{msg}");
         Ok(msg)
+    }
+}
+
+/// What the fleet's sync thread needs from the running gateway.
+impl crate::fleet::state::Applier for Running {
+    fn local(&self) -> Result<crate::fleet::state::Local, String> {
+        let text = std::fs::read_to_string(&self.config_path)
+            .map_err(|e| format!("cannot read {}: {e}", self.config_path.display()))?;
+        let tenant_doc = crate::config::shared::tenant_doc(&text)
+            .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
+        let state_dir = self.config.current().gateway.state_dir.clone();
+        let mut devices = crate::registry::Registry::open(&state_dir)
+            .load()
+            .map_err(|e| format!("{e:#}"))?;
+        devices.extend(
+            crate::enroll::store::data_path_devices(&state_dir)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(crate::registry::EnrolledDevice::from),
+        );
+        Ok(crate::fleet::state::Local {
+            tenant_doc,
+            devices,
+        })
+    }
+    fn apply_shared(
+        &self,
+        candidate: &crate::config::shared::FleetCache,
+    ) -> Result<String, String> {
+        self.reload_with(Some(candidate))
+    }
+    fn applied(&self) -> crate::config::shared::FleetCache {
+        self.fleet_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -123,6 +187,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Some(o) => Some(crate::fleet::objects::Objects::new(o, &cfg.source)?),
         None => None,
     };
+    let fleet_sync_connector = fleet.as_ref().map(|(_, c)| c.clone());
+    // What the node applied last (Config::load merged it); it serves with this while PostgreSQL is down.
+    let fleet_applied = crate::config::shared::FleetCache::load(&g.state_dir).unwrap_or_default();
     // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
     let mut listeners = Vec::new();
     for e in &cfg.seqpacket_onramps {
@@ -290,7 +357,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         offramp,
         enroll_audit,
         admin_audit,
+        fleet_applied: Mutex::new(fleet_applied),
+        fleet_sync: Mutex::new(None),
     });
+    if let (Some(f), Some(connector)) = (&cfg.fleet, fleet_sync_connector) {
+        let address = g
+            .public_endpoint
+            .clone()
+            .unwrap_or_else(|| g.listen.to_string());
+        let sync = crate::fleet::state::start(f, connector, address, running.clone())?;
+        *running.fleet_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(sync);
+    }
     let l4 = layer4.as_mut().map(|(ns, app, rx)| {
         let events = ns.take_events().expect("namespace events taken once");
         let handoffs = std::mem::replace(rx, tokio::sync::mpsc::channel(1).1);
@@ -309,6 +386,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // Dropping the runtime drops the inspectors' tasks, whose records in progress are emitted on drop.
     drop(rt);
     // L3 of the security review: a client task may still hold `running` here; nothing below needs it alone.
+    let sync = running
+        .fleet_sync
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(s) = sync {
+        s.finish();
+    }
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
     running.onramp.shutdown();
     audit_writer.finish();

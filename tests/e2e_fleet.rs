@@ -70,10 +70,16 @@ fn udp_flows(lab: &Lab, a: &WgClient, b: &WgClient, port: u16, n: usize, tag: &s
 }
 
 fn two_clients(lab: &mut Lab) -> (WgClient, WgClient) {
-    let a = lab.add_client("acme", "alice");
-    let b = lab.add_client("acme", "bob");
-    wait_ping(&a.ns, "100.96.0.1", TUNNEL_UP, "alice -> gateway");
-    wait_ping(&b.ns, "100.96.0.1", TUNNEL_UP, "bob -> gateway");
+    clients_named(lab, "alice", "bob")
+}
+
+/// Two devices with these names. Device names are fleet-wide (the nodes share their devices), so each node
+/// of one fleet enrolls its own.
+fn clients_named(lab: &mut Lab, x: &str, y: &str) -> (WgClient, WgClient) {
+    let a = lab.add_client("acme", x);
+    let b = lab.add_client("acme", y);
+    wait_ping(&a.ns, "100.96.0.1", TUNNEL_UP, &format!("{x} -> gateway"));
+    wait_ping(&b.ns, "100.96.0.1", TUNNEL_UP, &format!("{y} -> gateway"));
     (a, b)
 }
 
@@ -197,7 +203,7 @@ fn two_nodes_carry_traffic_and_their_flows_appear_in_the_fleet_review_exactly_on
     let mut a_lab = node_lab(&pg, "gw-a");
     let mut b_lab = node_lab(&pg, "gw-b");
     let (a1, a2) = two_clients(&mut a_lab);
-    let (b1, b2) = two_clients(&mut b_lab);
+    let (b1, b2) = clients_named(&mut b_lab, "carol", "dave");
     udp_flows(&a_lab, &a1, &a2, 7001, 12, "node-a");
     udp_flows(&b_lab, &b1, &b2, 7002, 9, "node-b");
     // A clean stop ships what the node committed last (the flows' ends, run.end).

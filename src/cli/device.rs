@@ -279,6 +279,20 @@ pub(super) fn device_remove(config: &Path, tenant: &str, name: &str) -> anyhow::
             config.display(),
             config.display()
         ),
+        Some(d) if d.origin == DeviceOrigin::Fleet => {
+            let origin = crate::config::shared::FleetCache::load(&pre.gateway.state_dir)
+                .ok()
+                .and_then(|c| {
+                    c.devices
+                        .into_iter()
+                        .find(|s| s.device.tenant == tenant_id && s.device.name.as_str() == name)
+                        .map(|s| s.origin)
+                })
+                .unwrap_or_else(|| "another node".into());
+            bail!(
+                "device {name:?} in tenant {tenant_id} was enrolled on node {origin} of the fleet; remove it there (`rampart device remove` on {origin}); the change then applies on every node"
+            )
+        }
         Some(_) => {}
     }
     let registry = Registry::open(&pre.gateway.state_dir);

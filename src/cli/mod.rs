@@ -15,6 +15,7 @@ mod audit;
 mod audit_ssh;
 mod device;
 mod enroll;
+mod fleet;
 mod token;
 
 use audit::{audit_flows, audit_http, audit_keygen};
@@ -99,6 +100,11 @@ pub enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Fleet mode (`[fleet]`): the nodes sharing this gateway's PostgreSQL.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::FleetCommand,
     },
     /// Appliance slots and updates.
     System {
@@ -495,6 +501,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 tls,
             } => ca_init(&config, &tenant, tls),
         },
+        Command::Fleet { command } => fleet::run(command),
         Command::System { command } => crate::system::run(command),
         #[cfg(feature = "test-hooks")]
         Command::Debug(DebugCommand::StallDatapath { config, secs }) => {

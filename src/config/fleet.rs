@@ -23,6 +23,9 @@ pub struct RawFleet {
     pub postgres_ca_file: Option<String>,
     /// How often the shipper looks for new records (default 1000 ms).
     pub ship_interval_ms: Option<u64>,
+    /// How often the node reports its heartbeat and re-reads the shared config version, the fallback for a
+    /// missed notification (default 5000 ms).
+    pub heartbeat_interval_ms: Option<u64>,
     /// `[fleet.objects]`: SSH recordings uploaded to S3-compatible object storage.
     pub objects: Option<RawObjects>,
 }
@@ -77,6 +80,7 @@ pub struct FleetSettings {
     pub ship_interval: Duration,
     /// `[fleet.objects]`; `None`: recordings stay on the node only.
     pub objects: Option<ObjectSettings>,
+    pub heartbeat_interval: Duration,
 }
 
 /// Whether `id` is a node id: 1 to 63 of `a-z 0-9 - _ .`, starting with a letter or digit.
@@ -119,6 +123,17 @@ pub(super) fn validate_fleet(
         None => Duration::from_secs(1),
     };
     let objects = r.objects.map(|o| validate_objects(o, base, c));
+    let heartbeat_interval = match r.heartbeat_interval_ms {
+        Some(ms) if ms < 100 => {
+            c.push(
+                "fleet.heartbeat_interval_ms",
+                "must be at least 100 ms; 5000 (the default) suits most fleets",
+            );
+            Duration::from_secs(5)
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => Duration::from_secs(5),
+    };
     Some(FleetSettings {
         objects,
         node_id: r.node_id,
@@ -126,6 +141,7 @@ pub(super) fn validate_fleet(
         postgres_password_file: r.postgres_password_file.map(|p| resolve(base, &p)),
         postgres_ca_file: r.postgres_ca_file.map(|p| resolve(base, &p)),
         ship_interval,
+        heartbeat_interval,
     })
 }
 

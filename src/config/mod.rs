@@ -29,6 +29,7 @@ mod model;
 mod onramp;
 mod raw;
 mod rules;
+pub mod shared;
 mod ui;
 mod validate;
 
@@ -92,8 +93,18 @@ impl Collector<'_> {
 }
 
 impl Config {
-    /// Reads and validates `path` and merges the devices enrolled in its `state_dir`.
+    /// Reads and validates `path` and merges the devices enrolled in its `state_dir` (in fleet mode also the
+    /// fleet's shared state as last applied, `state_dir/fleet_state.json`).
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with(path, None)
+    }
+
+    /// Like [`load`](Self::load); in fleet mode with `shared` instead of the cached shared state (a newer
+    /// version from PostgreSQL, validated here before it applies).
+    pub fn load_with(
+        path: &Path,
+        shared: Option<&shared::FleetCache>,
+    ) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
@@ -103,6 +114,45 @@ impl Config {
             }])
         })?;
         let mut cfg = Config::from_toml(&text, path)?;
+        let mut fleet_devices = Vec::new();
+        if let Some(f) = cfg.fleet.clone() {
+            let cached;
+            let cache = match shared {
+                Some(c) => c,
+                None => {
+                    cached =
+                        shared::FleetCache::load(&cfg.gateway.state_dir).map_err(|message| {
+                            ConfigErrors(vec![ConfigError {
+                                file: shared::path(&cfg.gateway.state_dir).display().to_string(),
+                                key: "(file)".into(),
+                                message,
+                            }])
+                        })?;
+                    &cached
+                }
+            };
+            if let Some(p) = cache.policy_for(&text) {
+                let label = format!(
+                    "{file} with the fleet's policy version {} (published by node {})",
+                    p.version, p.node
+                );
+                let merged = shared::with_tenants(&text, &p.doc).map_err(|message| {
+                    ConfigErrors(vec![ConfigError {
+                        file: label.clone(),
+                        key: "tenant".into(),
+                        message,
+                    }])
+                })?;
+                cfg = Config::from_toml(&merged, path).map_err(|mut e| {
+                    for x in &mut e.0 {
+                        x.file = label.clone();
+                        x.message.push_str("; the running config stays; fix the policy on the node that published it and reload there");
+                    }
+                    e
+                })?;
+            }
+            fleet_devices = cache.remote_devices(&f.node_id);
+        }
         let registry = Registry::open(&cfg.gateway.state_dir);
         let enrolled = registry.load().map_err(|e| {
             ConfigErrors(vec![ConfigError {
@@ -135,6 +185,11 @@ impl Config {
                     crate::enroll::store::path(&cfg.gateway.state_dir)
                         .display()
                         .to_string(),
+                ),
+                (
+                    &fleet_devices[..],
+                    DeviceOrigin::Fleet,
+                    shared::path(&cfg.gateway.state_dir).display().to_string(),
                 ),
             ],
             &registry.path().display().to_string(),

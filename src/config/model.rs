@@ -20,6 +20,8 @@ pub enum DeviceOrigin {
     Enrolled,
     /// Enrolled itself with a token (`rampart enroll`, `POST /v1/enroll`), kept in `state_dir/enroll.db`.
     Token,
+    /// Enrolled on another node of the fleet (`[fleet]`), known from the fleet's shared state.
+    Fleet,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

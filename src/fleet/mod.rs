@@ -22,6 +22,7 @@ pub mod schema;
 pub mod shipper;
 pub mod ssh_review;
 pub mod uploader;
+pub mod state;
 
 /// Why a connection to the fleet's PostgreSQL failed, as the admin fixes it.
 #[derive(Debug, thiserror::Error)]

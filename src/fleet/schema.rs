@@ -68,6 +68,35 @@ CREATE TABLE fleet_checkpoints (
     PRIMARY KEY (node_id, seq)
 );
 ",
+    // 2: shared state (`fleet::state`): the config version, the tenant policy documents, the devices; node
+    // membership (address, applied version, heartbeat) on the nodes' rows.
+    "
+ALTER TABLE fleet_nodes
+    ADD COLUMN address TEXT,
+    ADD COLUMN applied_version BIGINT,
+    ADD COLUMN last_heartbeat TIMESTAMPTZ,
+    ADD COLUMN software TEXT;
+CREATE TABLE fleet_config (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version BIGINT NOT NULL
+);
+INSERT INTO fleet_config (id, version) VALUES (1, 0);
+CREATE TABLE fleet_policy (
+    version BIGINT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE fleet_devices (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    origin_node TEXT NOT NULL,
+    device TEXT NOT NULL,
+    removed BOOLEAN NOT NULL DEFAULT false,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+",
 ];
 
 /// Brings the schema to the newest version; refuses a database a newer Rampart migrated.

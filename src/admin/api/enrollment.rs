@@ -35,6 +35,7 @@ pub(super) fn devices(ctx: &Ctx, caller: &Caller) -> Result<Resp, ApiError> {
                     crate::config::DeviceOrigin::Config => "config",
                     crate::config::DeviceOrigin::Enrolled => "enrolled",
                     crate::config::DeviceOrigin::Token => "token",
+                    crate::config::DeviceOrigin::Fleet => "fleet",
                 },
                 state: "active",
             });
