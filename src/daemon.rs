@@ -20,9 +20,15 @@ use crate::core::{Gateway, Metrics, TxQueue};
 use crate::handoff::ConfigHandle;
 use crate::keys::{PeerKey, PrivateKey};
 use crate::onramp::{Command, Onramp};
+use crate::shutdown::Shutdown;
 
 /// How often last-known device endpoints are saved (used to re-handshake right after a restart).
 const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(15);
+/// On SIGTERM, how long sessions and connections get to end through their normal path (SSH: tell the client,
+/// wait for its channels, write `session.end`) before the rest is dropped with the runtime.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// Then how long the audit writer gets to commit what is queued and sign its last checkpoint.
+const AUDIT_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 struct Running {
     config_path: PathBuf,
@@ -181,11 +187,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let audit_counters = audit.counters().clone();
-    let ssh = Arc::new(crate::ssh::SshServices::new(
-        &g.state_dir,
-        audit.ssh(),
-        crate::ssh::SshLimits::default(),
-    ));
+    // The run's one shutdown: every listener and session of the runtime below watches it.
+    let shutdown = Shutdown::new();
+    let ssh = Arc::new(
+        crate::ssh::SshServices::new(&g.state_dir, audit.ssh(), crate::ssh::SshLimits::default())
+            .with_shutdown(shutdown.child_token()),
+    );
     let http = crate::http::HttpServices::new(audit.http());
     let offramp = Arc::new(crate::offramp::OfframpCounters::default());
     let registry = Arc::new(metrics_registry(
@@ -265,15 +272,22 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         registry,
         public,
         l4,
+        shutdown,
     ));
     // Stops the namespace helper (and its flows) before the data path.
     drop(layer4);
-    // Dropping the runtime drops the inspectors' tasks, whose records in progress are emitted on drop.
+    // Tasks still running past `SHUTDOWN_GRACE` are dropped here; HTTP records in progress are emitted on drop.
     drop(rt);
     // L3 of the security review: a client task may still hold `running` here; nothing below needs it alone.
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
+    // The data path ends every flow (their end records) and stops.
     running.onramp.shutdown();
-    audit_writer.finish();
+    if !audit_writer.finish_within(AUDIT_DRAIN_BOUND) {
+        tracing::error!(
+            bound_secs = AUDIT_DRAIN_BOUND.as_secs(),
+            "the audit writer did not finish in time; records still queued are lost"
+        );
+    }
     // After the writer: the run's last records (run.end) ship too, if PostgreSQL is reachable.
     if let Some(s) = shipper {
         s.finish();
@@ -319,13 +333,21 @@ type Layer4Channels = (
 async fn run_layer4(
     running: Arc<Running>,
     (mut events, handoffs, releases, connector): Layer4Channels,
+    shutdown: Shutdown,
 ) {
     use crate::netns::supervisor::NsEvent;
     let flows = Arc::new(crate::offramp::Flows::new(releases));
     let counters = running.offramp.clone();
+    // Not tracked: it follows the data path's hand-offs for as long as the runtime runs.
     let tracker = tokio::spawn(crate::offramp::track(handoffs, flows.clone()));
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    while let Some(ev) = events.recv().await {
+    loop {
+        let ev = tokio::select! {
+            // The off-ramp's tasks end on the same token, sessions through their own path.
+            () = shutdown.cancelled() => return,
+            ev = events.recv() => ev,
+        };
+        let Some(ev) = ev else { break };
         for t in tasks.drain(..) {
             t.abort();
         }
@@ -353,6 +375,7 @@ async fn run_layer4(
                     )
                     .with_ssh(running.ssh.clone())
                     .with_http(running.http.clone()),
+                    &shutdown,
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),
@@ -377,6 +400,7 @@ async fn serve(
     registry: Arc<crate::metrics::MetricsRegistry>,
     public: PeerKey,
     layer4: Option<Layer4Channels>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let g = &cfg.gateway;
     let admin = TcpListener::bind(g.admin_listen).await.with_context(|| {
@@ -390,19 +414,26 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let enroll =
-        crate::enroll::server::start(running.clone(), running.enroll_audit.clone()).await?;
+    let enroll = crate::enroll::server::start(
+        running.clone(),
+        running.enroll_audit.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
 
-    let ui = crate::admin::web::start(crate::admin::web::UiServices {
-        config: running.config.clone(),
-        live: running.ssh.live().clone(),
-        reload: {
-            let r = running.clone();
-            Box::new(move || r.reload())
+    let ui = crate::admin::web::start(
+        crate::admin::web::UiServices {
+            config: running.config.clone(),
+            live: running.ssh.live().clone(),
+            reload: {
+                let r = running.clone();
+                Box::new(move || r.reload())
+            },
+            audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
+            enroll_audit: running.enroll_audit.clone(),
         },
-        audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
-        enroll_audit: running.enroll_audit.clone(),
-    })
+        shutdown.child_token(),
+    )
     .await?;
     let admin_access = match &g.admin_token {
         None => crate::admin::AdminAccess::Plain,
@@ -426,9 +457,17 @@ async fn serve(
             }
         }
     };
-    let admin_task = tokio::spawn(crate::admin::serve(admin, admin_access, metrics, registry));
-    let control_task = tokio::spawn(serve_control(control, running.clone()));
-    let layer4_task = layer4.map(|ch| tokio::spawn(run_layer4(running.clone(), ch)));
+    shutdown.spawn(crate::admin::serve(
+        admin,
+        admin_access,
+        metrics,
+        registry,
+        shutdown.clone(),
+    ));
+    shutdown.spawn(serve_control(control, running.clone(), shutdown.clone()));
+    if let Some(ch) = layer4 {
+        shutdown.spawn(run_layer4(running.clone(), ch, shutdown.clone()));
+    }
 
     let tenants: Vec<String> = cfg.tenants.iter().map(|t| t.id.to_string()).collect();
     tracing::info!(
@@ -465,18 +504,20 @@ async fn serve(
         }
     }
     tracing::info!("shutting down");
+    // One token for everything: listeners stop accepting, connections close, SSH sessions end with their
+    // records; the tracker says when they are done (bounded).
+    let left = shutdown.run_down(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+            "tasks still running after the shutdown grace; dropping them"
+        );
+    }
     enroll.shutdown().await;
     if let Some(ui) = ui {
         ui.shutdown().await;
     }
-    admin_task.abort();
-    control_task.abort();
-    if let Some(t) = layer4_task {
-        t.abort();
-        let _ = t.await;
-    }
-    let _ = admin_task.await;
-    let _ = control_task.await;
     Ok(())
 }
 
@@ -497,13 +538,17 @@ fn bind_control(state_dir: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-async fn serve_control(listener: UnixListener, running: Arc<Running>) {
+async fn serve_control(listener: UnixListener, running: Arc<Running>, shutdown: Shutdown) {
     loop {
-        let Ok(conn) = control::accept_authorized(&listener).await else {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = control::accept_authorized(&listener) => c,
+        };
+        let Ok(conn) = accepted else {
             continue;
         };
         let running = running.clone();
-        tokio::spawn(async move {
+        shutdown.spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut line = String::new();
             let mut rd = BufReader::new(rd);

@@ -36,6 +36,7 @@ pub mod packet;
 pub mod registry;
 #[allow(unsafe_code)]
 pub mod sandbox;
+pub mod shutdown;
 pub mod ssh;
 #[allow(unsafe_code)]
 pub mod sys;

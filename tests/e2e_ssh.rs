@@ -17,7 +17,7 @@ use std::net::TcpStream as StdStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rampart::audit::ssh_records::{LogRow, SshEvent};
+use rampart::audit::ssh_records::{LogRow, SshEvent, SshLog};
 use rampart::ssh::{trust, SshLimits};
 use support::ssh::*;
 
@@ -1904,6 +1904,88 @@ ports = ["22"]
             .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
         lab.gateway.assert_alive();
+    }
+
+    /// A clean stop (SIGTERM) with an SSH session open through the gateway: the session ends through its
+    /// normal path, so the trail has its `session.end` (reason `shutdown`) and the flow's end, signed, before the
+    /// process exits. Before the gateway's shutdown tracked its tasks, the session's task was dropped with the
+    /// runtime and its end record never written.
+    #[test]
+    fn gateway_sigterm_ends_an_open_ssh_session_with_its_end_records() {
+        let mut lab = Lab::new(&[tenant()]);
+        let host: Host = lab.add_host("up");
+        let ca_line = ca_init(&lab.gateway, "acme");
+        let state = lab.gateway.state_dir();
+        let _sshd = Sshd::start(
+            Some(&host.ns),
+            &lab.dir().join("sshd-up"),
+            UPSTREAM,
+            &[22],
+            &state.join("ssh/acme/user_ca.pub"),
+            HostKey::Plain,
+        );
+        let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
+        let dev = lab.add_client("acme", "alice");
+        wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
+        let target = format!("root@{UPSTREAM}");
+        // The positive control: a session that ends by itself has its end record.
+        let out = client.ssh(&dev.ns, &[&target, "echo done"], None);
+        assert_eq!(text(&out.stdout), "done\n", "{}", text(&out.stderr));
+        let db = state.join("audit.db");
+        wait_rows(&db, "session.end", 1);
+
+        // The session left open: a command that runs for ten minutes.
+        let mut open = dev.exec("ssh");
+        open.args(client.opts())
+            .args([&target, "echo started; exec sleep 600"]);
+        let mut open = support::process::Proc::spawn("ssh-open", open, lab.dir());
+        open.wait_stdout("started", Duration::from_secs(60));
+        let rows = wait_rows(&db, "session.start", 2);
+        let open_id = rows
+            .iter()
+            .rfind(|r| r.kind == "session.start")
+            .unwrap()
+            .keys
+            .session_id
+            .clone();
+
+        let status = lab.gateway.terminate(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "gateway exit: {status:?}\n{}",
+            lab.gateway.log()
+        );
+        let rows = SshLog::open_readonly(&db)
+            .unwrap()
+            .rows_after(0, 1_000_000)
+            .unwrap();
+        let end = rows.iter().find_map(|r| match r.event() {
+            Some(SshEvent::SessionEnd(e)) if r.keys.session_id == open_id => Some(e),
+            _ => None,
+        });
+        let end = end.unwrap_or_else(|| {
+            panic!(
+                "no session.end for the session open at SIGTERM; log:\n{}",
+                lab.gateway.log()
+            )
+        });
+        assert_eq!(end.reason, "shutdown", "{end:?}");
+        // Its flow ended too (the data path ends every flow on the way out), and the trail verifies.
+        let flows = rusqlite::Connection::open(&db).unwrap();
+        let open_flows: i64 = flows
+            .query_row(
+                "SELECT count(*) FROM flows WHERE dport = 22 AND end_reason IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(open_flows, 0, "a flow to port 22 without its end");
+        let verify = lab
+            .gateway
+            .cli(&["audit", "verify"], &["--pubkey", &pinned_key(&lab)])
+            .expect_ok();
+        assert!(verify.starts_with("ok:"), "{verify}");
+        drop(open);
     }
 }
 

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use crate::core::Metrics;
 use crate::handoff::ConfigHandle;
 use crate::metrics::MetricsRegistry;
+use crate::shutdown::Shutdown;
 
 /// Connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 64;
@@ -78,12 +79,13 @@ struct Admin {
     registry: Arc<MetricsRegistry>,
 }
 
-/// Serves the admin listener (until its task is dropped).
+/// Serves the admin listener until `shutdown` fires (connections in flight end with it).
 pub async fn serve(
     listener: TcpListener,
     access: AdminAccess,
     metrics: Arc<Metrics>,
     registry: Arc<MetricsRegistry>,
+    shutdown: Shutdown,
 ) {
     let admin = Arc::new(Admin {
         access,
@@ -92,25 +94,35 @@ pub async fn serve(
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((conn, _)) = accepted else {
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let admin = admin.clone();
-        tokio::spawn(async move {
+        let (admin, stop) = (admin.clone(), shutdown.clone());
+        shutdown.spawn(async move {
             let _slot = slot;
-            match &admin.access {
-                AdminAccess::Plain => connection(conn, admin.clone()).await,
-                AdminAccess::Tls { acceptor, .. } => {
-                    let Ok(Ok(tls)) =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await
-                    else {
-                        return;
-                    };
-                    connection(tls, admin.clone()).await
+            let answer = async {
+                match &admin.access {
+                    AdminAccess::Plain => connection(conn, admin.clone()).await,
+                    AdminAccess::Tls { acceptor, .. } => {
+                        let Ok(Ok(tls)) =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await
+                        else {
+                            return;
+                        };
+                        connection(tls, admin.clone()).await
+                    }
                 }
+            };
+            tokio::select! {
+                () = answer => {}
+                () = stop.cancelled() => {}
             }
         });
     }
@@ -395,7 +407,14 @@ mod tests {
         m.datapath.beat(Instant::now());
         let mut registry = MetricsRegistry::new();
         registry.collect(m.clone());
-        let server = tokio::spawn(serve(listener, AdminAccess::Plain, m, Arc::new(registry)));
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn(serve(
+            listener,
+            AdminAccess::Plain,
+            m,
+            Arc::new(registry),
+            shutdown.clone(),
+        ));
         for (req, want) in [
             ("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK"),
             ("GET /metrics HTTP/1.0\r\n\r\n", "HTTP/1.0 200 OK"),
@@ -421,7 +440,12 @@ mod tests {
                 );
             }
         }
-        server.abort();
+        // The shutdown ends the accept loop (and would end connections in flight).
+        assert_eq!(shutdown.run_down(Duration::from_secs(30)).await, 0);
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -229,8 +229,9 @@ impl UiServer {
     }
 }
 
-/// Starts the listener when `gateway.ui_listen` is set. Errors name the setting to fix.
-pub async fn start(svc: UiServices) -> anyhow::Result<Option<UiServer>> {
+/// Starts the listener when `gateway.ui_listen` is set; `cancel` (the gateway's shutdown, or `shutdown` here)
+/// stops it. Errors name the setting to fix.
+pub async fn start(svc: UiServices, cancel: CancellationToken) -> anyhow::Result<Option<UiServer>> {
     use anyhow::Context as _;
     let cfg = svc.config.current();
     let Some(listen) = cfg.ui.listen else {
@@ -262,7 +263,6 @@ pub async fn start(svc: UiServices) -> anyhow::Result<Option<UiServer>> {
         login_failures: Mutex::new(HashMap::new()),
         verify_lock: Mutex::new(()),
     });
-    let cancel = CancellationToken::new();
     let task = tokio::spawn(accept_loop(tcp, tls, ctx, cancel.clone()));
     Ok(Some(UiServer { cancel, task }))
 }

@@ -175,6 +175,33 @@ enum Ended<R> {
     Closed(R),
     Grace,
     Terminated(String),
+    /// The gateway is stopping.
+    Shutdown,
+}
+
+/// Tells the client why the gateway ends its session, then waits up to `wait` for the connection to close; a
+/// client that does not close is cut (`killer`: a duplicate of its socket).
+async fn disconnect<F>(
+    handle: &server::Handle,
+    mut running: std::pin::Pin<&mut F>,
+    killer: Option<&std::net::TcpStream>,
+    why: String,
+    wait: Duration,
+) -> Result<(), russh::Error>
+where
+    F: std::future::Future<Output = Result<(), russh::Error>>,
+{
+    let bye = handle.disconnect(Disconnect::ByApplication, why, "en".into());
+    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+    if let Ok(r) = tokio::time::timeout(wait, &mut running).await {
+        return r;
+    }
+    if let Some(k) = killer {
+        let _ = k.shutdown(std::net::Shutdown::Both);
+    }
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// Serves one intercepted connection until it ends (see [`super::intercept`]).
@@ -245,68 +272,61 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
             tokio::pin!(running);
             let terminated = session.live.terminated();
             tokio::pin!(terminated);
+            let shutdown = services.shutting_down();
+            tokio::pin!(shutdown);
             let result = tokio::select! {
                 r = &mut running => Ended::Closed(r),
                 _ = &mut grace, if !session.authed.load(Ordering::Relaxed) => Ended::Grace,
                 by = &mut terminated => Ended::Terminated(by),
+                () = &mut shutdown => Ended::Shutdown,
             };
             let result = match result {
                 Ended::Grace if session.authed.load(Ordering::Relaxed) => tokio::select! {
                     r = &mut running => Ended::Closed(r),
                     by = &mut terminated => Ended::Terminated(by),
+                    () = &mut shutdown => Ended::Shutdown,
                 },
                 other => other,
             };
-            let result = match result {
-                Ended::Closed(r) => r,
+            let (reason, error, why, wait) = match result {
+                Ended::Closed(r) => {
+                    match r {
+                        Ok(()) => session.set_end("client_closed", None),
+                        Err(e) => session.set_end("error", Some(e.to_string())),
+                    }
+                    (None, None, "", Duration::ZERO)
+                }
                 Ended::Terminated(by) => {
                     tracing::info!(session = %session.id, tenant = %ctx.tenant, admin = %by, "SSH session terminated by an administrator");
-                    session.set_end(
-                        "terminated",
+                    (
+                        Some("terminated"),
                         Some(format!("terminated by {by} in the review UI")),
-                    );
-                    let bye = handle.disconnect(
-                        Disconnect::ByApplication,
-                        format!("{GATEWAY_NAME}: session terminated by an administrator"),
-                        "en".into(),
-                    );
-                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
-                    match tokio::time::timeout(Duration::from_secs(2), &mut running).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            if let Some(k) = &killer {
-                                let _ = k.shutdown(std::net::Shutdown::Both);
-                            }
-                            tokio::time::timeout(Duration::from_secs(5), &mut running)
-                                .await
-                                .unwrap_or(Ok(()))
-                        }
-                    }
+                        "session terminated by an administrator",
+                        Duration::from_secs(2),
+                    )
                 }
-                Ended::Grace => {
-                    session.set_end("login_timeout", None);
-                    let bye = handle.disconnect(
-                        Disconnect::ByApplication,
-                        format!("{GATEWAY_NAME}: login grace time exceeded"),
-                        "en".into(),
-                    );
-                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
-                    match tokio::time::timeout(Duration::from_secs(1), &mut running).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            if let Some(k) = &killer {
-                                let _ = k.shutdown(std::net::Shutdown::Both);
-                            }
-                            tokio::time::timeout(Duration::from_secs(5), &mut running)
-                                .await
-                                .unwrap_or(Ok(()))
-                        }
-                    }
+                Ended::Grace => (
+                    Some("login_timeout"),
+                    None,
+                    "login grace time exceeded",
+                    Duration::from_secs(1),
+                ),
+                Ended::Shutdown => {
+                    tracing::debug!(session = %session.id, tenant = %ctx.tenant, "gateway stopping: ending the SSH session");
+                    (
+                        Some("shutdown"),
+                        None,
+                        "the gateway is shutting down",
+                        Duration::from_secs(2),
+                    )
                 }
             };
-            match result {
-                Ok(()) => session.set_end("client_closed", None),
-                Err(e) => session.set_end("error", Some(e.to_string())),
+            if let Some(reason) = reason {
+                session.set_end(reason, error);
+                let why = format!("{GATEWAY_NAME}: {why}");
+                if let Err(e) = disconnect(&handle, running, killer.as_ref(), why, wait).await {
+                    session.set_end("error", Some(e.to_string()));
+                }
             }
         }
         Err(e) => session.set_end("error", Some(e.to_string())),
