@@ -1,7 +1,8 @@
 //! The admin side: the listener for `GET /health` and `GET /metrics` (this file: hyper serves it, one request
 //! per connection, bounded head size, time and connections; plain HTTP on loopback, else HTTPS with a bearer
 //! token, see [`AdminAccess`]; `/metrics` is the text of [`MetricsRegistry`], which every part registers into
-//! at start), and the review web UI on its own HTTPS listener (`web`: sign-in, CSRF, CSP; `api`: the JSON API,
+//! at start), and the review web UI on its own HTTPS listener (`web`: the listener and routing; `session`: sign-in, cookies,
+//! API tokens, CSRF; `headers`: error codes, responses, CSP; `api`: the JSON API,
 //! with `trail` for flows, HTTP requests and verification; `assets`: embedded files; `accounts`: `admin.db`;
 //! `audit`: its audit records). It reads counters and the audit store; it never reaches into the core.
 #![deny(unsafe_code)]
@@ -10,6 +11,8 @@ pub mod accounts;
 pub mod api;
 pub mod assets;
 pub mod audit;
+pub mod headers;
+pub mod session;
 pub mod trail;
 pub mod web;
 

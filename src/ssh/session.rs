@@ -18,7 +18,9 @@ use super::handler::ConnHandler;
 use super::recorder::RecordingBudget;
 use super::trust::TenantTrust;
 use super::{unix_ms, SshContext, GATEWAY_NAME};
-use crate::audit::ssh_records::{SessionEnd, SessionKeys, SessionStart, SshEvent, SshRecord};
+use crate::audit::ssh_records::{
+    SessionEnd, SessionEndReason as R, SessionKeys, SessionStart, SshEvent, SshRecord,
+};
 use crate::config::{Recording, SshAuth};
 
 /// What the session's records share, and what [`run`] reads at the end.
@@ -32,7 +34,7 @@ pub struct SessionState {
     pub(super) bytes_c2t: AtomicU64,
     pub(super) bytes_t2c: AtomicU64,
     pub(super) channels: AtomicU32,
-    pub(super) end: Mutex<Option<(String, Option<String>)>>,
+    pub(super) end: Mutex<Option<(R, Option<String>)>>,
     /// Fingerprints of client keys refused under `ssh_auth = "publickey"` (at most a few).
     pub(super) refused_keys: Mutex<Vec<String>>,
     /// What the session's recordings may still take (the rule's caps).
@@ -159,13 +161,13 @@ impl SessionState {
                 decision: format!("refused: {msg}"),
             }),
         );
-        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(("policy".into(), Some(msg)));
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((R::Policy, Some(msg)));
     }
 
-    pub(super) fn set_end(&self, reason: &str, error: Option<String>) {
+    pub(super) fn set_end(&self, reason: R, error: Option<String>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         if end.is_none() {
-            *end = Some((reason.to_owned(), error));
+            *end = Some((reason, error));
         }
     }
 }
@@ -262,7 +264,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
     let running = tokio::select! {
         r = server::run_stream(config, client, handler) => r,
         _ = &mut grace => {
-            session.set_end("login_timeout", None);
+            session.set_end(R::LoginTimeout, None);
             Err(russh::Error::ConnectionTimeout)
         }
     };
@@ -291,22 +293,22 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
             let (reason, error, why, wait) = match result {
                 Ended::Closed(r) => {
                     match r {
-                        Ok(()) => session.set_end("client_closed", None),
-                        Err(e) => session.set_end("error", Some(e.to_string())),
+                        Ok(()) => session.set_end(R::ClientClosed, None),
+                        Err(e) => session.set_end(R::Error, Some(e.to_string())),
                     }
                     (None, None, "", Duration::ZERO)
                 }
                 Ended::Terminated(by) => {
                     tracing::info!(session = %session.id, tenant = %ctx.tenant, admin = %by, "SSH session terminated by an administrator");
                     (
-                        Some("terminated"),
+                        Some(R::Terminated),
                         Some(format!("terminated by {by} in the review UI")),
                         "session terminated by an administrator",
                         Duration::from_secs(2),
                     )
                 }
                 Ended::Grace => (
-                    Some("login_timeout"),
+                    Some(R::LoginTimeout),
                     None,
                     "login grace time exceeded",
                     Duration::from_secs(1),
@@ -314,7 +316,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
                 Ended::Shutdown => {
                     tracing::debug!(session = %session.id, tenant = %ctx.tenant, "gateway stopping: ending the SSH session");
                     (
-                        Some("shutdown"),
+                        Some(R::Shutdown),
                         None,
                         "the gateway is shutting down",
                         Duration::from_secs(2),
@@ -325,11 +327,11 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
                 session.set_end(reason, error);
                 let why = format!("{GATEWAY_NAME}: {why}");
                 if let Err(e) = disconnect(&handle, running, killer.as_ref(), why, wait).await {
-                    session.set_end("error", Some(e.to_string()));
+                    session.set_end(R::Error, Some(e.to_string()));
                 }
             }
         }
-        Err(e) => session.set_end("error", Some(e.to_string())),
+        Err(e) => session.set_end(R::Error, Some(e.to_string())),
     }
     // The client's connection is over: live viewers learn it now, not after the channels' close records.
     session.live.end();
@@ -341,7 +343,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
-        .unwrap_or(("client_closed".into(), None));
+        .unwrap_or((R::ClientClosed, None));
     // Durable under `required` (the client is gone by now: a failure can only be logged; the writer counts the
     // lost record).
     let end = session.emit_required(
