@@ -1461,6 +1461,23 @@ ports = ["22"]
         t
     }
 
+    /// The upstream host (added first, so on `UPSTREAM_NET`) with a real sshd on `ports` that trusts the
+    /// tenant's user CA; returns it, the CA line for the client's known_hosts, and the sshd.
+    fn upstream_sshd(lab: &mut Lab, ports: &[u16]) -> (Host, String, Sshd) {
+        let host: Host = lab.add_host("up");
+        assert_eq!(host.underlay.to_string(), UPSTREAM);
+        let ca_line = ca_init(&lab.gateway, "acme");
+        let sshd = Sshd::start(
+            Some(&host.ns),
+            &lab.dir().join("sshd-up"),
+            UPSTREAM,
+            ports,
+            &lab.gateway.state_dir().join("ssh/acme/user_ca.pub"),
+            HostKey::Plain,
+        );
+        (host, ca_line, sshd)
+    }
+
     fn wait_ends(lab: &Lab, n: usize) -> Vec<LogRow> {
         wait_rows(&lab.gateway.state_dir().join("audit.db"), "session.end", n)
     }
@@ -1468,18 +1485,8 @@ ports = ["22"]
     #[test]
     fn gateway_inspects_ssh_to_an_upstream_host_end_to_end() {
         let mut lab = Lab::new(&[tenant()]);
-        let host: Host = lab.add_host("up");
-        assert_eq!(host.underlay.to_string(), UPSTREAM);
-        let ca_line = ca_init(&lab.gateway, "acme");
+        let (host, ca_line, sshd) = upstream_sshd(&mut lab, &[22, 2222, 2223]);
         let state = lab.gateway.state_dir();
-        let sshd = Sshd::start(
-            Some(&host.ns),
-            &lab.dir().join("sshd-up"),
-            UPSTREAM,
-            &[22, 2222, 2223],
-            &state.join("ssh/acme/user_ca.pub"),
-            HostKey::Plain,
-        );
         let _web = ident_server(&host.ns, lab.dir(), "web-8080", UPSTREAM, 8080, "web");
         let _unlisted = ident_server(&host.ns, lab.dir(), "web-8081", UPSTREAM, 8081, "unlisted");
         // alice's SSH key is registered with the device (for the ssh_auth = "publickey" rule).
@@ -1913,17 +1920,8 @@ ports = ["22"]
     #[test]
     fn gateway_sigterm_ends_an_open_ssh_session_with_its_end_records() {
         let mut lab = Lab::new(&[tenant()]);
-        let host: Host = lab.add_host("up");
-        let ca_line = ca_init(&lab.gateway, "acme");
+        let (_host, ca_line, _sshd) = upstream_sshd(&mut lab, &[22]);
         let state = lab.gateway.state_dir();
-        let _sshd = Sshd::start(
-            Some(&host.ns),
-            &lab.dir().join("sshd-up"),
-            UPSTREAM,
-            &[22],
-            &state.join("ssh/acme/user_ca.pub"),
-            HostKey::Plain,
-        );
         let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
         let dev = lab.add_client("acme", "alice");
         wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
