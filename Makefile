@@ -3,7 +3,7 @@
 
 CARGO        ?= cargo
 CONFIG       ?= configs/gateway.toml
-APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables chromium nodejs postgresql
+APT_PACKAGES := wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat netcat-openbsd curl python3 jq procps nginx openssh-server openssh-client openssh-sftp-server nftables chromium nodejs postgresql qemu-system-x86
 export CARGO_TERM_COLOR := never
 
 .PHONY: all build release run test deps ui ui-test-deps lint unit e2e bench bench-flows bench-peers bench-onramp fuzz fuzz-build fuzz-merge

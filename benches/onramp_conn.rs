@@ -120,6 +120,7 @@ fn main() {
                 name: DeviceName::onramp_subject("bench", None, None),
                 user: UserName::parse("onramp:bench").unwrap(),
                 groups: Vec::new(),
+                mtu: None,
             },
         )
         .expect("conn");

@@ -138,6 +138,19 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         tracing::info!(onramp = %e.name, path = %e.path.display(), "SEQPACKET on-ramp listening");
         listeners.push(l);
     }
+    let mut gue_listeners = Vec::new();
+    for e in &cfg.gue_onramps {
+        let l = crate::onramp::gue::bind(e).with_context(|| {
+            format!(
+                "cannot bind the GUE on-ramp socket {} ([[onramp.gue]] {:?} listen in {}); write an address of this host, or a free port",
+                e.listen,
+                e.name,
+                config_path.display()
+            )
+        })?;
+        tracing::info!(onramp = %e.name, listen = %e.listen, sites = e.sites.len(), "GUE on-ramp listening");
+        gue_listeners.push(l);
+    }
     let egresses = crate::egress::Egresses::new();
     // Everything above may need root; from here on the gateway is `gateway.user`, sandboxed (no thread may
     // exist before this: see `sandbox`).
@@ -237,7 +250,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let app = layer4.as_ref().map(|(_, app, _)| app.clone());
     let seqpacket =
         crate::onramp::seqpacket::Seqpacket::new(listeners, cfg.clone(), metrics.clone());
-    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app, seqpacket)
+    let gue = crate::onramp::gue::Gue::new(gue_listeners, cfg.clone(), metrics.clone());
+    let onramp = Onramp::spawn(socket, gateway, metrics.clone(), audit, app, seqpacket, gue)
         .context("cannot start the data path")?;
     onramp.send(Command::LocalAddresses(local_addresses(&cfg)));
     let restored = load_endpoints(&g.state_dir);

@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod context;
+pub mod gue;
 pub mod seqpacket;
 
 use std::fs::File;
@@ -84,13 +85,14 @@ impl Onramp {
         audit: AuditSink,
         app: Option<AppSide>,
         seqpacket: seqpacket::Seqpacket,
+        gue: gue::Gue,
     ) -> std::io::Result<Onramp> {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
         let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
-            .spawn(move || pump(socket, gateway, metrics, audit, app, seqpacket, rx))?;
+            .spawn(move || pump(socket, gateway, metrics, audit, app, seqpacket, gue, rx))?;
         Ok(Onramp {
             commands: tx,
             thread: std::sync::Mutex::new(Some(thread)),
@@ -124,6 +126,7 @@ impl Onramp {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the pump owns every data-path socket
 fn pump(
     socket: UdpSocket,
     mut gw: Gateway,
@@ -131,6 +134,7 @@ fn pump(
     audit: AuditSink,
     app: Option<AppSide>,
     mut seqpacket: seqpacket::Seqpacket,
+    mut gue: gue::Gue,
     commands: Receiver<Command>,
 ) {
     let mut fds = Vec::new();
@@ -224,6 +228,8 @@ fn pump(
             q.clear();
         }
     };
+    gue.start(&mut gw, Instant::now(), &mut tx);
+    flush(&mut tx);
     loop {
         let now = Instant::now();
         metrics.datapath.beat(now);
@@ -237,6 +243,8 @@ fn pump(
             tuns.as_ref().map_or(-1, |(_, dn)| dn.as_raw_fd()),
         ]);
         seqpacket.fds(&mut fds);
+        let seq_end = fds.len();
+        gue.fds(&mut fds);
         ready.resize(fds.len(), false);
         metrics.global.wakeups.add(1);
         if let Err(e) = sys::poll_readable(&fds, wait, &mut ready) {
@@ -282,7 +290,11 @@ fn pump(
                 flush(&mut tx);
             }
         }
-        seqpacket.handle(&mut gw, now, &ready[3..], &mut tx);
+        seqpacket.handle(&mut gw, now, &ready[3..seq_end], &mut tx);
+        if tx.len() >= TX_FLUSH_AT {
+            flush(&mut tx);
+        }
+        gue.handle(&mut gw, now, &ready[seq_end..], &mut tx);
         if tx.len() >= TX_FLUSH_AT {
             flush(&mut tx);
         }
@@ -329,12 +341,15 @@ fn pump(
         // namespace.
         emit(&mut gw);
         write_tuns(&mut gw, &mut tuns);
+        gue.write(&mut gw);
         seqpacket.write(&mut gw);
         loop {
             match commands.try_recv() {
                 Ok(Command::Apply(cfg, reply)) => {
                     let summary = gw.apply(&cfg, Instant::now(), &mut tx);
+                    gue.apply(cfg.clone(), &mut gw, Instant::now(), &mut tx);
                     seqpacket.apply(cfg, &mut gw, Instant::now(), &mut tx);
+                    gue.write(&mut gw);
                     seqpacket.write(&mut gw);
                     flush(&mut tx);
                     emit(&mut gw);
@@ -375,6 +390,7 @@ fn pump(
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     seqpacket.shutdown();
+                    gue.shutdown();
                     gw.shutdown(Instant::now());
                     emit(&mut gw);
                     return;

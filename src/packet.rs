@@ -301,6 +301,8 @@ pub enum Unreachable {
     NoRoute,
     /// Policy rejected the flow (ICMP communication administratively prohibited).
     Prohibited,
+    /// Larger than the next hop's MTU, given here (ICMP fragmentation needed / ICMPv6 packet too big).
+    TooBig(u16),
 }
 
 fn write_ip_header(
@@ -363,14 +365,26 @@ pub fn build_unreachable(
         IpAddr::V4(_) => (
             PROTO_ICMP,
             3u8,
-            if why == Unreachable::NoRoute { 1u8 } else { 13 },
+            match why {
+                Unreachable::NoRoute => 1u8,
+                Unreachable::Prohibited => 13,
+                Unreachable::TooBig(_) => 4,
+            },
             (v.l4_offset + 8).min(v.len),
         ),
         // RFC 4443: as much of the invoking packet as fits in the minimum MTU.
         IpAddr::V6(_) => (
             PROTO_ICMPV6,
-            1,
-            if why == Unreachable::NoRoute { 3 } else { 1 },
+            if matches!(why, Unreachable::TooBig(_)) {
+                2
+            } else {
+                1
+            },
+            match why {
+                Unreachable::NoRoute => 3,
+                Unreachable::Prohibited => 1,
+                Unreachable::TooBig(_) => 0,
+            },
             v.len.min(1280 - 48),
         ),
     };
@@ -380,6 +394,10 @@ pub fn build_unreachable(
     msg[..8].fill(0);
     msg[0] = ty;
     msg[1] = code;
+    if let Unreachable::TooBig(mtu) = why {
+        // RFC 1191: next-hop MTU in the low half of the second word; RFC 4443: the whole word.
+        msg[6..8].copy_from_slice(&mtu.to_be_bytes());
+    }
     msg[8..].copy_from_slice(&orig[..quote]);
     let init = if protocol == PROTO_ICMPV6 {
         pseudo_sum(from, v.src, protocol, msg_len)

@@ -77,6 +77,17 @@ impl DeviceName {
     /// The subject name of a connected on-ramp's connection: `onramp`, `onramp/site`, `onramp/site/device` or
     /// `onramp/-/device` (each part already a valid name). The `/` no device name has keeps it apart from
     /// WireGuard devices in records and policy.
+    /// The site of an on-ramp subject (`onramp/site[/device]`; a device's own name never holds a '/').
+    pub fn onramp_site(&self) -> Option<&str> {
+        self.0.split('/').nth(1).filter(|s| *s != "-")
+    }
+
+    /// Any subject name, on-ramp ones included (tests).
+    #[cfg(test)]
+    pub fn onramp_subject_for_test(name: &str) -> DeviceName {
+        DeviceName(name.to_string())
+    }
+
     pub fn onramp_subject(onramp: &str, site: Option<&str>, device: Option<&str>) -> DeviceName {
         let mut s = onramp.to_string();
         if site.is_some() || device.is_some() {

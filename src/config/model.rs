@@ -55,8 +55,8 @@ pub struct Tenant {
     pub egress: Egress,
     /// Appliance `host:port`s this tenant may reach through the off-ramp (explicit opt-in).
     pub offramp_allow_local: Vec<SocketAddr>,
-    /// Inner networks of the tenant's connected on-ramps (`[[onramp.seqpacket.tenant]] prefixes`): devices
-    /// route them into the tunnel.
+    /// Inner networks of the tenant's on-ramps (`[[onramp.seqpacket.tenant]] prefixes`,
+    /// `[[onramp.gue.site]] inner_prefixes`): devices route them into the tunnel.
     pub onramp_prefixes: Vec<IpNet>,
     /// Reviewer public key (base64 X25519) that recordings and sensitive audit fields are encrypted to.
     pub audit_recipient: Option<String>,
@@ -373,6 +373,8 @@ pub struct Rule {
     pub users: Vec<UserName>,
     pub groups: Vec<String>,
     pub devices: Vec<DeviceName>,
+    /// On-ramp sites the subject must be one of (empty = any subject, sites or not).
+    pub sites: Vec<String>,
     /// `None` = anywhere.
     pub dst: Option<Vec<DstMatch>>,
     pub proto: Proto,
@@ -505,6 +507,8 @@ pub struct Config {
     pub tenants: Vec<Tenant>,
     /// `[[onramp.seqpacket]]` entries.
     pub seqpacket_onramps: Vec<super::SeqpacketOnramp>,
+    /// `[[onramp.gue]]` entries.
+    pub gue_onramps: Vec<super::GueOnramp>,
 }
 
 impl Device {

@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_BAD_PACKETS: u32 = 100;
 pub struct RawOnramps {
     #[serde(default)]
     pub seqpacket: Vec<RawSeqpacket>,
+    #[serde(default)]
+    pub gue: Vec<super::gue::RawGue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,7 +97,7 @@ impl SeqpacketOnramp {
 }
 
 pub(super) fn validate_onramps(
-    raw: Option<RawOnramps>,
+    raw: Vec<RawSeqpacket>,
     tenants: &[Tenant],
     base: &Path,
     c: &mut Collector<'_>,
@@ -103,7 +105,7 @@ pub(super) fn validate_onramps(
     let mut out = Vec::new();
     let mut names = std::collections::HashSet::new();
     let mut paths = std::collections::HashSet::new();
-    for (i, r) in raw.unwrap_or_default().seqpacket.into_iter().enumerate() {
+    for (i, r) in raw.into_iter().enumerate() {
         let key = format!("onramp.seqpacket[{i}]");
         let mut ok = true;
         if !valid_ident(&r.name, 32) {

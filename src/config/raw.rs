@@ -56,6 +56,8 @@ pub struct RawRule {
     pub users: Option<Vec<String>>,
     pub groups: Option<Vec<String>>,
     pub devices: Option<Vec<String>>,
+    /// On-ramp sites (`[[onramp.gue.site]] name`, a SEQPACKET context's site) the flow's subject must be.
+    pub sites: Option<Vec<String>>,
     pub dst: Option<Vec<String>>,
     pub proto: Option<String>,
     pub ports: Option<Vec<String>>,

@@ -78,6 +78,15 @@ pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Opt
     };
     let inspect = action.map(|a| validate_inspect(a, &r, key, c));
     let (users, groups, devices) = validate_identity(r.users, r.groups, r.devices, key, c);
+    let sites = r.sites.unwrap_or_default();
+    for s in &sites {
+        if !valid_ident(s, 64) {
+            c.push(
+                format!("{key}.sites"),
+                format!("{s:?} is not a site name: use 1-64 letters, digits, '-', '_' or '.', like \"branch-7\""),
+            );
+        }
+    }
     let dst = r.dst.map(|list| {
         list.iter()
             .filter_map(|d| {
@@ -174,6 +183,7 @@ pub(super) fn validate_rule(r: RawRule, key: &str, c: &mut Collector<'_>) -> Opt
         users,
         groups,
         devices,
+        sites,
         dst,
         proto,
         ports,

@@ -203,10 +203,22 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
     }
     check_unique_keys(&tenants, c);
     warn_shared_offramp(&tenants);
-    let seqpacket_onramps = super::onramp::validate_onramps(raw.onramp, &tenants, base, c);
-    for g in seqpacket_onramps.iter().flat_map(|e| &e.tenants) {
-        if let Some(t) = tenants.iter_mut().find(|t| t.id == g.tenant) {
-            for p in &g.prefixes {
+    let onramps = raw.onramp.unwrap_or_default();
+    let seqpacket_onramps = super::onramp::validate_onramps(onramps.seqpacket, &tenants, base, c);
+    let gue_onramps = super::gue::validate_gue(onramps.gue, &tenants, base, c);
+    let onramp_nets = seqpacket_onramps
+        .iter()
+        .flat_map(|e| &e.tenants)
+        .map(|g| (&g.tenant, &g.prefixes))
+        .chain(
+            gue_onramps
+                .iter()
+                .flat_map(|e| &e.sites)
+                .map(|s| (&s.tenant, &s.inner_prefixes)),
+        );
+    for (tenant, prefixes) in onramp_nets {
+        if let Some(t) = tenants.iter_mut().find(|t| &t.id == tenant) {
+            for p in prefixes {
                 if !t.onramp_prefixes.contains(p) {
                     t.onramp_prefixes.push(*p);
                 }
@@ -231,6 +243,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
         fleet,
         tenants,
         seqpacket_onramps,
+        gue_onramps,
     }
 }
 
@@ -506,6 +519,7 @@ pub(super) fn empty(path: &Path) -> Config {
         fleet: None,
         tenants: Vec::new(),
         seqpacket_onramps: Vec::new(),
+        gue_onramps: Vec::new(),
     }
 }
 

@@ -16,6 +16,8 @@ pub struct ConnLink {
     pub prefixes: Vec<ipnet::IpNet>,
     /// Order of acceptance: a newer connection wins the routes of prefixes it shares with an older one.
     pub seq: u64,
+    /// Largest packet it takes (a GUE site's `mtu`); larger ones are answered with ICMP too big.
+    pub mtu: Option<u16>,
 }
 
 /// What the shell hands the core for an accepted connection.
@@ -27,6 +29,8 @@ pub struct ConnGrant {
     pub name: DeviceName,
     pub user: UserName,
     pub groups: Vec<String>,
+    /// Largest packet the subject takes (`None`: any).
+    pub mtu: Option<u16>,
 }
 
 /// Packets for on-ramp connections, back to back in one reusable buffer, each tagged with its slot.
@@ -75,6 +79,17 @@ impl Peer {
 }
 
 impl Gateway {
+    /// The largest packet the subject in `slot` takes, when it has a limit (a GUE site).
+    pub(super) fn conn_mtu(&self, slot: u32) -> Option<u16> {
+        match self.peers.get(slot as usize) {
+            Some(Some(Peer {
+                link: Link::Conn(c),
+                ..
+            })) => c.mtu,
+            _ => None,
+        }
+    }
+
     /// Gives an accepted connection a slot. `None`: the tenant is not configured, or no slot is free.
     pub fn open_conn(&mut self, now: Instant, grant: ConnGrant) -> Option<u32> {
         let ti = self.tenants.iter().position(|t| t.id == grant.tenant)?;
@@ -86,6 +101,7 @@ impl Gateway {
             link: Link::Conn(Box::new(ConnLink {
                 prefixes: grant.prefixes,
                 seq,
+                mtu: grant.mtu,
             })),
             key: PeerKey([0; 32]),
             tenant: ti,

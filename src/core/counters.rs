@@ -78,6 +78,22 @@ pub enum DropReason {
     OnrampRefused,
     /// A packet for an on-ramp connection whose socket was full (the client does not read fast enough).
     OnrampBackpressure,
+    /// A GUE datagram from an outer source address that is no configured site's.
+    GueUnknownSource,
+    /// A GUE datagram that is not a data message of variant 0 or 1 carrying IPv4/IPv6 (truncated, reserved
+    /// variant, another payload protocol, or longer than any packet).
+    GueMalformed,
+    /// A GUE header with flags set (extension fields this gateway does not read; Linux `encap-remcsum`).
+    GueFlags,
+    /// A GUE control message (C bit): not for the data path, ignored.
+    GueControl,
+    /// A keyed site's packet without a valid context: no or malformed private data, another key id, or a
+    /// tenant or site name that is not the site's.
+    GueBadContext,
+    /// A keyed site's packet whose authentication tag does not verify.
+    GueBadTag,
+    /// A packet for a GUE site larger than the site's `mtu` (never fragmented; its sender gets ICMP too big).
+    GueTooBig,
 }
 
 impl DropReason {
@@ -226,6 +242,9 @@ pub struct GlobalCounters {
     pub onramp_connections: Counter,
     /// On-ramp connections closed by the gateway after `max_bad_packets` non-IP datagrams.
     pub onramp_closed_bad: Counter,
+    /// GUE datagrams received and sent on the `[[onramp.gue]]` sockets.
+    pub gue_rx: Counter,
+    pub gue_tx: Counter,
     /// Drops that cannot be attributed to a tenant.
     pub unattributed: TrafficCounters,
 }
@@ -391,6 +410,22 @@ impl prometheus_client::collector::Collector for super::Metrics {
         ] {
             counter(&mut enc, name, help, v)?;
         }
+        family(
+            &mut enc,
+            "rampart_onramp_datagrams",
+            "Datagrams received and sent by the unconnected (GUE) on-ramp's sockets.",
+            C,
+            [
+                (
+                    &[("onramp", "gue"), ("direction", "rx")][..],
+                    g.gue_rx.get(),
+                ),
+                (
+                    &[("onramp", "gue"), ("direction", "tx")][..],
+                    g.gue_tx.get(),
+                ),
+            ],
+        )?;
         for (name, help, v) in [
             (
                 "rampart_udp_gso_enabled",

@@ -50,6 +50,7 @@ struct CompiledRule {
     users: Vec<UserName>,
     groups: Vec<String>,
     devices: Vec<DeviceName>,
+    sites: Vec<String>,
     dst: Option<Vec<IpNet>>,
     proto: Proto,
     ports: Vec<(u16, u16)>,
@@ -99,6 +100,7 @@ impl Policy {
                 users: r.users.clone(),
                 groups: r.groups.clone(),
                 devices: r.devices.clone(),
+                sites: r.sites.clone(),
                 dst,
                 proto: r.proto,
                 ports: r.ports.clone(),
@@ -156,6 +158,10 @@ impl CompiledRule {
         (self.users.is_empty() || self.users.contains(s.user))
             && (self.groups.is_empty() || self.groups.iter().any(|g| s.groups.contains(g)))
             && (self.devices.is_empty() || self.devices.contains(s.device))
+            && (self.sites.is_empty()
+                || s.device
+                    .onramp_site()
+                    .is_some_and(|site| self.sites.iter().any(|x| x == site)))
             && self
                 .dst
                 .as_ref()
@@ -244,6 +250,40 @@ user = "svc"
             },
         );
         (d.action, p.rule_id(&d).to_string())
+    }
+
+    #[test]
+    fn sites_match_the_site_of_an_onramp_subject_only() {
+        let text = CFG.replace(
+            "[[tenant.rule]]\nid = \"eng-ssh\"",
+            "[[tenant.rule]]\nid = \"branch-web\"\naction = \"allow\"\nsites = [\"branch-7\"]\nproto = \"tcp\"\nports = [\"80\"]\n[[tenant.rule]]\nid = \"eng-ssh\"",
+        );
+        let c = Config::from_toml(&text, Path::new("/t.toml")).unwrap();
+        let p = Policy::compile(&c.tenants[0]);
+        let user = UserName::parse("onramp:gue/branch-7").unwrap();
+        let eval_as = |name: &str| {
+            let device = DeviceName::onramp_subject_for_test(name);
+            let d = p.evaluate(
+                &Subject {
+                    user: &user,
+                    groups: &[],
+                    device: &device,
+                },
+                &Target {
+                    dst: "198.51.100.7".parse().unwrap(),
+                    protocol: PROTO_TCP,
+                    dport: Some(80),
+                },
+            );
+            p.rule_id(&d).to_string()
+        };
+        // Positive control: the site, through a GUE and a SEQPACKET on-ramp (with a device behind it).
+        assert_eq!(eval_as("gue/branch-7"), "branch-web");
+        assert_eq!(eval_as("warp/branch-7/laptop"), "branch-web");
+        // Another site, an on-ramp subject without a site, and a device named like the site are not it.
+        assert_eq!(eval_as("gue/branch-8"), DEFAULT_DENY_ID);
+        assert_eq!(eval_as("warp/-/branch-7"), DEFAULT_DENY_ID);
+        assert_eq!(eval_as("branch-7"), DEFAULT_DENY_ID);
     }
 
     #[test]

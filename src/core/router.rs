@@ -251,6 +251,27 @@ impl Gateway {
             }
             (_, _) => initiator_slot,
         };
+        if let Some(mtu) = self.conn_mtu(dst_slot) {
+            if pkt.len() > usize::from(mtu) && dst_slot != src_slot {
+                // Never fragmented on the way: the sender is told the site's MTU, as a router would.
+                counters.count_drop(DropReason::GueTooBig);
+                let gw = self.tenants[ti]
+                    .gateway_addresses
+                    .iter()
+                    .find(|a| a.is_ipv4() == view.src.is_ipv4())
+                    .copied();
+                let is_icmp_error = packet::icmp_error(pkt, &view).is_some();
+                if let (Some(gw), false) = (gw, is_icmp_error) {
+                    let why = Unreachable::TooBig(mtu);
+                    if let Some(n) =
+                        packet::build_unreachable(pkt, &view, gw, why, &mut self.build_buf)
+                    {
+                        self.send_built(src_slot, n, tx);
+                    }
+                }
+                return;
+            }
+        }
         if dst_slot != src_slot && packet::decrement_ttl(pkt, &view) == Hop::Expired {
             return counters.count_drop(DropReason::TtlExpired);
         }

@@ -2033,7 +2033,46 @@ fn grant(tenant: &str, prefix: &str, site: Option<&str>) -> conn::ConnGrant {
         name: DeviceName::onramp_subject("warp", site, None),
         user: UserName::parse("onramp:warp").unwrap(),
         groups: vec!["sites".into()],
+        mtu: None,
     }
+}
+
+#[test]
+fn a_packet_larger_than_a_sites_mtu_is_answered_with_fragmentation_needed() {
+    let mut net = two_tenants();
+    net.handshake(0);
+    let now = net.now();
+    let site = net
+        .gw
+        .open_conn(
+            now,
+            conn::ConnGrant {
+                mtu: Some(576),
+                ..grant("acme", "10.7.0.0/16", Some("branch-7"))
+            },
+        )
+        .unwrap();
+    // Positive control: a packet that fits reaches the site.
+    net.send(0, &udp(ip("100.96.0.2"), ip("10.7.0.5"), &[7; 500]));
+    let out = conn_out(&mut net);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, site);
+    // Too big: not sent (never fragmented), the device is told the site's MTU.
+    net.send(0, &udp(ip("100.96.0.2"), ip("10.7.0.5"), &[7; 1000]));
+    assert!(conn_out(&mut net).is_empty());
+    let icmp = net.clients[0]
+        .inbox
+        .last()
+        .expect("an ICMP error to the device");
+    assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 4), "{icmp:?}");
+    assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 576);
+    assert_eq!(
+        &icmp[12..16],
+        &[100, 96, 0, 1],
+        "from the tenant's gateway address"
+    );
+    assert_eq!(&icmp[16..20], &[100, 96, 0, 2]);
+    assert_eq!(net.tenant("acme").drops(DropReason::GueTooBig), 1);
 }
 
 /// Packets the core queued for connections, drained.

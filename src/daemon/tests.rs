@@ -59,6 +59,7 @@ fn the_registry_exports_every_part_and_parses() {
         "rampart_handoffs_dropped_total",
         "rampart_onramp_accepted_total",
         "rampart_onramp_closed_bad_packets_total",
+        "rampart_onramp_datagrams_total",
         // off-ramp
         "rampart_offramp_tcp_connections_total",
         "rampart_offramp_tcp_connect_failures_total",

@@ -1,7 +1,8 @@
 //! Targets for what the gateway reads from files and its helper: `config` (TOML that validates must apply to a
 //! gateway, reload and allocate addresses without panicking), `registry` (`devices.json` merged into a config
 //! and applied), `netns_proto` (the helper's control messages: decode, re-encode, decode again) and
-//! `onramp_context` (the RCX1 context of the SEQPACKET and GUE on-ramps: parse, emit, parse again).
+//! `onramp_context` (the RCX1 context of the SEQPACKET and GUE on-ramps: parse, emit, parse again) and
+//! `onramp_gue` (a GUE datagram: header check, then a keyed site's verification).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -145,4 +146,56 @@ pub(super) fn onramp_context(data: &[u8]) {
     let mut second = [0u8; MAX_LEN];
     let n2 = back.emit(&mut second).expect("emits again");
     assert_eq!(&first[..n], &second[..n2]);
+}
+
+/// A GUE datagram: the header check stays inside the datagram, and a keyed site's verification never accepts
+/// bytes it did not seal itself (a verified packet verifies once, and not with its inner packet changed) and
+/// never panics.
+pub(super) fn onramp_gue(data: &[u8]) {
+    use crate::onramp::gue::auth::{ReplayWindow, SiteKey};
+    use crate::onramp::gue::header::{self, Gue};
+    let key = SiteKey::new(7, &[0x5a; 32]);
+    let mut window = ReplayWindow::default();
+    match header::parse(data) {
+        Ok(Gue::Data {
+            private, payload, ..
+        }) => {
+            assert!(payload < data.len());
+            assert!(header::proto_of(&data[payload..]).is_some());
+            if payload > 0 {
+                let inner = &data[payload..];
+                let ok = key.verify(&mut window, "acme", "b7", &data[..4], private, inner);
+                if ok.is_ok() {
+                    // Only a sealed packet verifies (the seed corpus has one): once, and not with any bit of
+                    // the inner packet changed.
+                    let again = key.verify(&mut window, "acme", "b7", &data[..4], private, inner);
+                    assert!(again.is_err(), "a counter verified twice");
+                    let mut changed = inner.to_vec();
+                    changed[inner.len() - 1] ^= 1;
+                    let mut fresh = ReplayWindow::default();
+                    let forged =
+                        key.verify(&mut fresh, "acme", "b7", &data[..4], private, &changed);
+                    assert!(forged.is_err(), "a changed packet verified");
+                }
+            }
+            // What the gateway would send back for this inner packet parses to the same packet.
+            let inner = &data[payload..];
+            let proto = header::proto_of(inner).expect("checked");
+            let mut out = header::data_header(proto, 0)
+                .expect("no private data")
+                .to_vec();
+            out.extend_from_slice(inner);
+            assert_eq!(
+                header::parse(&out),
+                Ok(Gue::Data {
+                    variant: 0,
+                    proto,
+                    private: &[],
+                    payload: 4
+                })
+            );
+        }
+        Ok(Gue::Control { .. }) => assert_eq!(data[0] >> 5, 1),
+        Err(_) => {}
+    }
 }

@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("registry", files::registry),
     ("netns_proto", files::netns_proto),
     ("onramp_context", files::onramp_context),
+    ("onramp_gue", files::onramp_gue),
     ("tls_client_hello", inspect::tls_client_hello),
     ("http_request", inspect::http_request),
     ("http_path", inspect::http_path),

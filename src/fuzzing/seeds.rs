@@ -867,6 +867,34 @@ fn context_seeds() -> Seeds {
     out
 }
 
+/// GUE datagrams: what Linux sends, variant 1, private data, a keyed site's sealed packet, flags, control.
+fn gue_seeds() -> Seeds {
+    use crate::onramp::gue::auth::SiteKey;
+    let v4 = vec![
+        0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 10, 7, 0, 2, 10, 0, 0, 1,
+    ];
+    let mut v6 = vec![0u8; 40];
+    v6[0] = 0x60;
+    let with = |h: &[u8], p: &[u8], i: &[u8]| [h, p, i].concat();
+    let key = SiteKey::new(7, &[0x5a; 32]);
+    let len = SiteKey::sealed_len();
+    let h = crate::onramp::gue::header::data_header(4, len).expect("fits");
+    let mut private = vec![0u8; len];
+    key.seal(1, &h, &v4, &mut private).expect("seals");
+    vec![
+        ("linux-v4".into(), with(&[0, 4, 0, 0], &[], &v4)),
+        ("linux-v6".into(), with(&[0, 41, 0, 0], &[], &v6)),
+        ("variant1".into(), v4.clone()),
+        ("private".into(), with(&[1, 4, 0, 0], &[1, 2, 3, 4], &v4)),
+        ("keyed".into(), with(&h, &private, &v4)),
+        (
+            "remcsum-flag".into(),
+            with(&[2, 4, 0, 1], &[0x80, 0, 0, 0, 0, 0, 0, 0], &v4),
+        ),
+        ("control".into(), vec![0x20, 1, 0, 0, 0, 0, 0, 0]),
+    ]
+}
+
 /// Every generated seed, by target.
 fn all() -> Vec<(&'static str, Seeds)> {
     vec![
@@ -879,6 +907,7 @@ fn all() -> Vec<(&'static str, Seeds)> {
         ("registry", registry_seeds()),
         ("netns_proto", netns_seeds()),
         ("onramp_context", context_seeds()),
+        ("onramp_gue", gue_seeds()),
         ("tls_client_hello", rustls_hellos()),
         ("http_request", http_request_seeds()),
         ("http_path", http_path_seeds()),

@@ -194,6 +194,20 @@ impl<'a> Context<'a> {
         Some(())
     }
 
+    /// Where the value of `field` starts in `buf`, a context [`parse`](Self::parse) accepted (a GUE MAC is
+    /// computed with the tag's value zeroed, so the verifier must find it in the bytes as sent).
+    pub fn value_offset(buf: &[u8], field: Field) -> Option<usize> {
+        let total = usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])).min(buf.len());
+        let mut at = HEADER;
+        while at + 2 <= total && buf[at] != PAD {
+            if buf[at] == field as u8 {
+                return Some(at + 2);
+            }
+            at += 2 + usize::from(buf[at + 1]);
+        }
+        None
+    }
+
     /// The labels as `(key, value)` pairs, in the order sent.
     pub fn label_pairs(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
         self.labels

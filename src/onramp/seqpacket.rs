@@ -372,6 +372,7 @@ impl Seqpacket {
                 name: name.clone(),
                 user: grant.user.clone(),
                 groups: grant.groups.clone(),
+                mtu: None,
             },
         );
         let Some(slot) = slot else {

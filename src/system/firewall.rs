@@ -4,13 +4,14 @@
 //! needs (neighbour discovery, router advertisements), and one rule per listener the config exposes off the box:
 //! WireGuard (`gateway.listen`, UDP) and, when set to a non-loopback address, the admin (`gateway.admin_listen`),
 //! enrollment (`gateway.enroll_listen`) and review UI (`gateway.ui_listen`) listeners (TCP). A listener on a
-//! specific address is opened only for that destination address.
+//! specific address is opened only for that destination address. Each GUE site (`[[onramp.gue.site]]`) is
+//! let in only from its `remote` addresses to its entry's `listen`.
 //!
 //! Forward, default drop: the appliance routes nothing (the gateway's data path runs in its own namespaces and
 //! sockets, not through the host's forward chain).
 //!
 //! Output: what the gateway's user (`gateway.user`) sends is limited to replies (established/related),
-//! loopback, WireGuard from its listening port, and new connections to each tenant's `offramp` networks out
+//! loopback, WireGuard and GUE from their listening ports, and new connections to each tenant's `offramp` networks out
 //! of the interface its `egress.interface` names (and with its `egress.fwmark`); a tenant that names no
 //! interface leaves through the main routing table, so its networks are allowed out of any interface. A
 //! tenant with `egress.netns` connects from that namespace, whose own firewall applies. Everything else the
@@ -112,6 +113,28 @@ pub fn ruleset(cfg: Option<&Config>) -> String {
             o.what
         );
     }
+    // GUE sites: only from their outer source addresses (an unkeyed site is known by that address alone).
+    for g in cfg.map(|c| &c.gue_onramps[..]).unwrap_or_default() {
+        let dst = match g.listen {
+            SocketAddr::V4(a) => format!("ip daddr {} ", a.ip()),
+            SocketAddr::V6(a) => format!("ip6 daddr {} ", a.ip()),
+        };
+        for site in &g.sites {
+            for r in &site.remotes {
+                let src = match r {
+                    std::net::IpAddr::V4(a) => format!("ip saddr {a} "),
+                    std::net::IpAddr::V6(a) => format!("ip6 saddr {a} "),
+                };
+                let _ = writeln!(
+                    s,
+                    "\t\t{src}{dst}udp dport {} accept comment \"GUE site {} (onramp.gue {})\"",
+                    g.listen.port(),
+                    site.name,
+                    g.name
+                );
+            }
+        }
+    }
     s.push_str(
         "\t}\n\
          \tchain forward {\n\
@@ -145,6 +168,14 @@ fn gateway_output(s: &mut String, cfg: &Config) {
          \t\tudp sport {} accept comment \"WireGuard (gateway.listen)\"",
         cfg.gateway.listen.port()
     );
+    for g in &cfg.gue_onramps {
+        let _ = writeln!(
+            s,
+            "\t\tudp sport {} accept comment \"GUE replies to sites (onramp.gue {})\"",
+            g.listen.port(),
+            g.name
+        );
+    }
     for t in &cfg.tenants {
         if t.offramp.is_empty() {
             continue;
@@ -231,6 +262,22 @@ mod tests {
             ["udp dport 51820 accept comment \"WireGuard (gateway.listen)\""],
             "{r}"
         );
+    }
+
+    #[test]
+    fn gue_sites_are_let_in_from_their_remotes_only() {
+        let text = "[gateway]\nlisten = \"0.0.0.0:51820\"\nprivate_key_file = \"gateway.key\"\nstate_dir = \"state\"\nuser = \"rampart\"\n\
+                    [[tenant]]\nid = \"acme\"\naddress_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n\
+                    [[onramp.gue]]\nlisten = \"192.0.2.10\"\n[[onramp.gue.site]]\nname = \"b7\"\ntenant = \"acme\"\n\
+                    remote = [\"198.18.7.2\", \"198.18.7.3\"]\ninner_prefixes = \"10.7.0.0/16\"\n";
+        let cfg = Config::from_toml(text, Path::new("/etc/rampart/rampart.toml")).unwrap();
+        let r = ruleset(Some(&cfg));
+        for src in ["198.18.7.2", "198.18.7.3"] {
+            let want = format!("ip saddr {src} ip daddr 192.0.2.10 udp dport 6080 accept comment \"GUE site b7 (onramp.gue gue)\"");
+            assert!(r.contains(&want), "{want} missing:\n{r}");
+        }
+        assert_eq!(r.matches("udp dport 6080").count(), 2, "{r}");
+        assert!(r.contains("udp sport 6080 accept"), "{r}");
     }
 
     #[test]
