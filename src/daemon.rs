@@ -20,9 +20,15 @@ use crate::core::{Gateway, Metrics, TxQueue};
 use crate::handoff::ConfigHandle;
 use crate::keys::{PeerKey, PrivateKey};
 use crate::onramp::{Command, Onramp};
+use crate::shutdown::Shutdown;
 
 /// How often last-known device endpoints are saved (used to re-handshake right after a restart).
 const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(15);
+/// On SIGTERM, how long sessions and connections get to end through their normal path (SSH: tell the client,
+/// wait for its channels, write `session.end`) before the rest is dropped with the runtime.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// Then how long the audit writer gets to commit what is queued and sign its last checkpoint.
+const AUDIT_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 struct Running {
     config_path: PathBuf,
@@ -285,11 +291,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         _ => None,
     };
     let audit_counters = audit.counters().clone();
-    let ssh = Arc::new(crate::ssh::SshServices::new(
-        &g.state_dir,
-        audit.ssh(),
-        crate::ssh::SshLimits::default(),
-    ));
+    // The run's one shutdown: every listener and session of the runtime below watches it.
+    let shutdown = Shutdown::new();
+    let ssh = Arc::new(
+        crate::ssh::SshServices::new(&g.state_dir, audit.ssh(), crate::ssh::SshLimits::default())
+            .with_shutdown(shutdown.child_token()),
+    );
     let http = crate::http::HttpServices::new(audit.http());
     let offramp = Arc::new(crate::offramp::OfframpCounters::default());
     let registry = Arc::new(metrics_registry(
@@ -380,10 +387,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         registry,
         public,
         l4,
+        shutdown,
     ));
     // Stops the namespace helper (and its flows) before the data path.
     drop(layer4);
-    // Dropping the runtime drops the inspectors' tasks, whose records in progress are emitted on drop.
+    // Tasks still running past `SHUTDOWN_GRACE` are dropped here; HTTP records in progress are emitted on drop.
     drop(rt);
     // L3 of the security review: a client task may still hold `running` here; nothing below needs it alone.
     let sync = running
@@ -395,8 +403,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         s.finish();
     }
     save_endpoints(&cfg.gateway.state_dir, &running.onramp.status());
+    // The data path ends every flow (their end records) and stops.
     running.onramp.shutdown();
-    audit_writer.finish();
+    if !audit_writer.finish_within(AUDIT_DRAIN_BOUND) {
+        tracing::error!(
+            bound_secs = AUDIT_DRAIN_BOUND.as_secs(),
+            "the audit writer did not finish in time; records still queued are lost"
+        );
+    }
     // After the writer: the run's last records (run.end) ship too, if PostgreSQL is reachable.
     if let Some(s) = shipper {
         s.finish();
@@ -445,13 +459,21 @@ type Layer4Channels = (
 async fn run_layer4(
     running: Arc<Running>,
     (mut events, handoffs, releases, connector): Layer4Channels,
+    shutdown: Shutdown,
 ) {
     use crate::netns::supervisor::NsEvent;
     let flows = Arc::new(crate::offramp::Flows::new(releases));
     let counters = running.offramp.clone();
+    // Not tracked: it follows the data path's hand-offs for as long as the runtime runs.
     let tracker = tokio::spawn(crate::offramp::track(handoffs, flows.clone()));
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    while let Some(ev) = events.recv().await {
+    loop {
+        let ev = tokio::select! {
+            // The off-ramp's tasks end on the same token, sessions through their own path.
+            () = shutdown.cancelled() => return,
+            ev = events.recv() => ev,
+        };
+        let Some(ev) = ev else { break };
         for t in tasks.drain(..) {
             t.abort();
         }
@@ -479,6 +501,7 @@ async fn run_layer4(
                     )
                     .with_ssh(running.ssh.clone())
                     .with_http(running.http.clone()),
+                    &shutdown,
                 ) {
                     Ok(t) => tasks = t,
                     Err(e) => tracing::error!(error = %e, "cannot serve the upgrade listener"),
@@ -503,6 +526,7 @@ async fn serve(
     registry: Arc<crate::metrics::MetricsRegistry>,
     public: PeerKey,
     layer4: Option<Layer4Channels>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let g = &cfg.gateway;
     let admin = TcpListener::bind(g.admin_listen).await.with_context(|| {
@@ -516,19 +540,26 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let enroll =
-        crate::enroll::server::start(running.clone(), running.enroll_audit.clone()).await?;
+    let enroll = crate::enroll::server::start(
+        running.clone(),
+        running.enroll_audit.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
 
-    let ui = crate::admin::web::start(crate::admin::web::UiServices {
-        config: running.config.clone(),
-        live: running.ssh.live().clone(),
-        reload: {
-            let r = running.clone();
-            Box::new(move || r.reload())
+    let ui = crate::admin::web::start(
+        crate::admin::web::UiServices {
+            config: running.config.clone(),
+            live: running.ssh.live().clone(),
+            reload: {
+                let r = running.clone();
+                Box::new(move || r.reload())
+            },
+            audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
+            enroll_audit: running.enroll_audit.clone(),
         },
-        audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
-        enroll_audit: running.enroll_audit.clone(),
-    })
+        shutdown.child_token(),
+    )
     .await?;
     let admin_access = match &g.admin_token {
         None => crate::admin::AdminAccess::Plain,
@@ -552,9 +583,17 @@ async fn serve(
             }
         }
     };
-    let admin_task = tokio::spawn(crate::admin::serve(admin, admin_access, metrics, registry));
-    let control_task = tokio::spawn(serve_control(control, running.clone()));
-    let layer4_task = layer4.map(|ch| tokio::spawn(run_layer4(running.clone(), ch)));
+    shutdown.spawn(crate::admin::serve(
+        admin,
+        admin_access,
+        metrics,
+        registry,
+        shutdown.clone(),
+    ));
+    shutdown.spawn(serve_control(control, running.clone(), shutdown.clone()));
+    if let Some(ch) = layer4 {
+        shutdown.spawn(run_layer4(running.clone(), ch, shutdown.clone()));
+    }
 
     let tenants: Vec<String> = cfg.tenants.iter().map(|t| t.id.to_string()).collect();
     tracing::info!(
@@ -591,18 +630,20 @@ async fn serve(
         }
     }
     tracing::info!("shutting down");
+    // One token for everything: listeners stop accepting, connections close, SSH sessions end with their
+    // records; the tracker says when they are done (bounded).
+    let left = shutdown.run_down(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+            "tasks still running after the shutdown grace; dropping them"
+        );
+    }
     enroll.shutdown().await;
     if let Some(ui) = ui {
         ui.shutdown().await;
     }
-    admin_task.abort();
-    control_task.abort();
-    if let Some(t) = layer4_task {
-        t.abort();
-        let _ = t.await;
-    }
-    let _ = admin_task.await;
-    let _ = control_task.await;
     Ok(())
 }
 
@@ -623,13 +664,17 @@ fn bind_control(state_dir: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-async fn serve_control(listener: UnixListener, running: Arc<Running>) {
+async fn serve_control(listener: UnixListener, running: Arc<Running>, shutdown: Shutdown) {
     loop {
-        let Ok(conn) = control::accept_authorized(&listener).await else {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = control::accept_authorized(&listener) => c,
+        };
+        let Ok(conn) = accepted else {
             continue;
         };
         let running = running.clone();
-        tokio::spawn(async move {
+        shutdown.spawn(async move {
             let (rd, mut wr) = conn.into_split();
             let mut line = String::new();
             let mut rd = BufReader::new(rd);
@@ -773,150 +818,4 @@ pub(crate) fn parse_endpoints(text: &str) -> Vec<(PeerKey, SocketAddr)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::metrics::exposition;
-
-    /// `/metrics` as the daemon builds it: every part's families are in one exposition that parses, with the
-    /// names and labels dashboards read.
-    #[test]
-    fn the_registry_exports_every_part_and_parses() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = crate::audit::PipelineOptions::new(
-            dir.path().join("audit.db"),
-            dir.path().join("audit_signing_key"),
-        );
-        let (audit, writer) = crate::audit::start(opts).unwrap();
-        let core = Arc::new(Metrics::default());
-        let acme = core.tenant(&crate::config::TenantId::parse("acme").unwrap());
-        acme.rx_bytes.add(1500);
-        acme.count_drop(crate::core::DropReason::PolicyDenied);
-        core.global.handoffs_dropped.add(1);
-        let offramp = crate::offramp::OfframpCounters::default();
-        offramp.udp_queue_full.inc();
-        let http = crate::http::HttpServices::new(audit.http());
-        http.count_decision("allow");
-        let ssh =
-            crate::ssh::SshServices::new(dir.path(), audit.ssh(), crate::ssh::SshLimits::default());
-        audit.counters().lost(
-            crate::audit::RecordKind::Ssh,
-            crate::audit::LossReason::QueueFull,
-            2,
-        );
-        let registry = metrics_registry(&core, audit.counters(), &offramp, &http, &ssh);
-        let text = registry.encode();
-        let (families, _) = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let has = |name: &str, kind: &str| families.iter().any(|(f, k)| f == name && k == kind);
-        let counters = [
-            // core, per tenant
-            "rampart_handshakes_total",
-            "rampart_rx_packets_total",
-            "rampart_rx_bytes_total",
-            "rampart_tx_packets_total",
-            "rampart_tx_bytes_total",
-            "rampart_flows_started_total",
-            "rampart_dropped_packets_total",
-            // core, gateway-wide
-            "rampart_datagrams_received_total",
-            "rampart_datagrams_sent_total",
-            "rampart_udp_receive_calls_total",
-            "rampart_udp_send_calls_total",
-            "rampart_udp_send_trains_total",
-            "rampart_udp_send_train_datagrams_total",
-            "rampart_udp_gso_fallbacks_total",
-            "rampart_datapath_wakeups_total",
-            "rampart_cookie_replies_total",
-            "rampart_send_errors_total",
-            "rampart_tun_write_errors_total",
-            "rampart_udp_receive_errors_total",
-            "rampart_refusals_unrecorded_total",
-            "rampart_handoffs_dropped_total",
-            "rampart_onramp_accepted_total",
-            "rampart_onramp_closed_bad_packets_total",
-            "rampart_onramp_datagrams_total",
-            // off-ramp
-            "rampart_offramp_tcp_connections_total",
-            "rampart_offramp_tcp_connect_failures_total",
-            "rampart_offramp_udp_flows_total",
-            "rampart_offramp_unknown_slot_total",
-            "rampart_offramp_flows_cut_total",
-            "rampart_offramp_udp_queue_full_total",
-            // inspectors
-            "rampart_http_connections_total",
-            "rampart_http_decisions_total",
-            "rampart_ssh_connections_total",
-            "rampart_ssh_preauth_timeouts_total",
-            "rampart_ssh_trust_unavailable_total",
-            // audit
-            "rampart_audit_records_written_total",
-            "rampart_audit_records_lost_total",
-            "rampart_audit_gap_records_total",
-            "rampart_audit_checkpoints_total",
-            "rampart_audit_evictions_total",
-            "rampart_audit_recordings_evicted_total",
-            "rampart_audit_quota_exceeded_total",
-            "rampart_audit_records_dropped_total",
-        ];
-        let gauges = [
-            "rampart_peers",
-            "rampart_peers_connected",
-            "rampart_flows",
-            "rampart_udp_gso_enabled",
-            "rampart_nat_slots",
-            "rampart_nat_slots_closing",
-            "rampart_peers_timed",
-            "rampart_onramp_connections",
-            "rampart_audit_over_quota",
-        ];
-        for f in counters {
-            assert!(has(f, "counter"), "no counter family {f}:\n{text}");
-        }
-        for f in gauges {
-            assert!(has(f, "gauge"), "no gauge family {f}:\n{text}");
-        }
-        assert_eq!(
-            families.len(),
-            counters.len() + gauges.len(),
-            "a family without a check here:\n{text}"
-        );
-        let v = |name: &str, labels: &[(&str, &str)]| exposition::value(&text, name, labels);
-        assert_eq!(
-            v("rampart_rx_bytes_total", &[("tenant", "acme")]),
-            Some(1500.0)
-        );
-        assert_eq!(
-            v(
-                "rampart_dropped_packets_total",
-                &[("tenant", "acme"), ("reason", "policy_denied")]
-            ),
-            Some(1.0)
-        );
-        assert_eq!(
-            v(
-                "rampart_dropped_packets_total",
-                &[("tenant", ""), ("reason", "no_route")]
-            ),
-            Some(0.0)
-        );
-        assert_eq!(v("rampart_handoffs_dropped_total", &[]), Some(1.0));
-        assert_eq!(
-            v("rampart_http_decisions_total", &[("decision", "allow")]),
-            Some(1.0)
-        );
-        assert_eq!(v("rampart_offramp_udp_queue_full_total", &[]), Some(1.0));
-        assert_eq!(
-            v(
-                "rampart_audit_records_lost_total",
-                &[("kind", "ssh"), ("reason", "queue_full")]
-            ),
-            Some(2.0)
-        );
-        assert_eq!(v("rampart_audit_records_dropped_total", &[]), Some(2.0));
-        // Help texts end with one period (the registry adds one to what parts register).
-        for l in text.lines().filter(|l| l.starts_with("# HELP ")) {
-            assert!(l.ends_with('.') && !l.ends_with(".."), "{l}");
-        }
-        drop((audit, http, ssh));
-        writer.finish();
-    }
-}
+mod tests;

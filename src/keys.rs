@@ -2,9 +2,12 @@
 //! 32 bytes), generating new ones from the OS RNG, and reading/writing the gateway's private key file.
 //!
 //! `keys::openssh`: OpenSSH Ed25519 keys (new, written 0600), for the SSH inspector and the audit signing key.
+//! `keys::recipient`: a tenant's audit recipient key (X25519), checked by `config`, sealed to by `audit::capture`.
 //!
 //! Private keys never appear in `Debug` output or logs.
 #![deny(unsafe_code)]
+
+pub mod recipient;
 
 use std::fmt;
 use std::path::Path;

@@ -19,6 +19,7 @@ pub mod core;
 pub mod daemon;
 pub mod egress;
 pub mod enroll;
+pub mod enrolled;
 pub mod fleet;
 /// Fuzz target bodies (`fuzz/`), also replayed over the committed corpus by `cargo test`.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -36,6 +37,7 @@ pub mod packet;
 pub mod registry;
 #[allow(unsafe_code)]
 pub mod sandbox;
+pub mod shutdown;
 pub mod ssh;
 #[allow(unsafe_code)]
 pub mod sys;

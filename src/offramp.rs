@@ -32,6 +32,7 @@ use crate::egress::Egresses;
 use crate::handoff::{ConfigHandle, FlowContext, Handoff, SlotLease, SlotReleases};
 use crate::netns::supervisor::NsConnector;
 use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::shutdown::Shutdown;
 
 /// How long a connection to an upstream host may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,7 +203,8 @@ pub async fn track(mut handoffs: Receiver<Handoff>, flows: Arc<Flows>) {
 }
 
 /// Serves one namespace generation: TCP accept loop and UDP relay. Returns the tasks (abort them when the
-/// namespace goes away).
+/// namespace goes away). Every task is tracked by `shutdown`: when it fires the loops stop accepting, proxied
+/// connections and relays close, and SSH sessions end through their own path (with their records).
 pub fn serve(
     tcp: std::net::TcpListener,
     udp: std::net::UdpSocket,
@@ -210,20 +212,22 @@ pub fn serve(
     counters: Arc<OfframpCounters>,
     connector: NsConnector,
     env: InspectEnv,
+    shutdown: &Shutdown,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     tcp.set_nonblocking(true)?;
     udp.set_nonblocking(true)?;
     let tcp = TcpListener::from_std(tcp)?;
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     Ok(vec![
-        tokio::spawn(accept_loop(
+        shutdown.spawn(accept_loop(
             tcp,
             flows.clone(),
             counters.clone(),
             connector,
             env.clone(),
+            shutdown.clone(),
         )),
-        tokio::spawn(udp_loop(udp, flows, counters, env)),
+        shutdown.spawn(udp_loop(udp, flows, counters, env, shutdown.clone())),
     ])
 }
 
@@ -233,9 +237,14 @@ async fn accept_loop(
     counters: Arc<OfframpCounters>,
     connector: NsConnector,
     env: InspectEnv,
+    shutdown: Shutdown,
 ) {
     loop {
-        let (conn, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (conn, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "upgrade listener accept failed");
@@ -243,13 +252,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (flows, counters, connector, env) = (
+        let (flows, counters, connector, env, stop) = (
             flows.clone(),
             counters.clone(),
             connector.clone(),
             env.clone(),
+            shutdown.clone(),
         );
-        tokio::spawn(async move {
+        shutdown.spawn(async move {
             let SocketAddr::V4(slot) = peer else { return };
             let Some((flow, lease)) = flows.claim(slot, true).await else {
                 counters.unknown_slot.inc();
@@ -264,6 +274,9 @@ async fn accept_loop(
             legs.hold(&conn);
             harden(&conn);
             let work = proxy_tcp(conn, flow.clone(), &counters, &connector, &env, &legs);
+            // An SSH session sees the gateway stop itself and ends with its records; a plain or HTTP
+            // connection just closes (an HTTP request in flight is recorded as its inspector is dropped).
+            let ends_itself = matches!(flow.inspect, Inspect::Ssh(_));
             tokio::select! {
                 () = work => {}
                 () = flow.ended() => {
@@ -271,6 +284,7 @@ async fn accept_loop(
                     tracing::debug!(seq = flow.seq, "flow ended by the data path; closing both legs");
                     legs.abort();
                 }
+                () = stop.cancelled(), if !ends_itself => {}
             }
             drop(legs);
             drop(lease);
@@ -486,11 +500,16 @@ async fn udp_loop(
     flows: Arc<Flows>,
     counters: Arc<OfframpCounters>,
     env: InspectEnv,
+    shutdown: Shutdown,
 ) {
     let mut relays: HashMap<SocketAddrV4, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, peer) = match ns.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = ns.recv_from(&mut buf) => r,
+        };
+        let (n, peer) = match received {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "upgrade UDP receive failed");
@@ -510,8 +529,9 @@ async fn udp_loop(
                     flows.clone(),
                     counters.clone(),
                     env.clone(),
+                    shutdown.clone(),
                 );
-                tokio::spawn(task);
+                shutdown.spawn(task);
                 relays.insert(slot, tx);
                 // Forget relays that ended (bounded work: only when the map grows past its live size).
                 if relays.len() > 1024 && relays.len().is_power_of_two() {
@@ -534,6 +554,7 @@ async fn udp_flow(
     flows: Arc<Flows>,
     counters: Arc<OfframpCounters>,
     env: InspectEnv,
+    shutdown: Shutdown,
 ) {
     let Some((flow, lease)) = flows.claim(slot, false).await else {
         counters.unknown_slot.inc();
@@ -565,6 +586,7 @@ async fn udp_flow(
                 counters.cut.inc();
                 break;
             }
+            () = shutdown.cancelled() => break,
             dg = rx.recv() => match dg {
                 Some(dg) => { let _ = up.send(&dg).await; }
                 None => break,

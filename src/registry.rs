@@ -5,31 +5,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DeviceName, TenantId, UserName};
-use crate::keys::PeerKey;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrolledDevice {
-    pub tenant: TenantId,
-    pub name: DeviceName,
-    pub public_key: PeerKey,
-    pub address: IpAddr,
-    pub user: UserName,
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// SSH client keys (authorized_keys lines, `device add --ssh-key`) for `ssh_auth = "publickey"`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_keys: Vec<String>,
-    /// Unix seconds.
-    pub enrolled_at: u64,
-}
+pub use crate::config::EnrolledDevice;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +98,7 @@ pub fn render(devices: &[EnrolledDevice]) -> Result<String, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DeviceName, TenantId, UserName};
 
     #[test]
     fn store_then_load_round_trips() {

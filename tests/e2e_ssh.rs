@@ -17,7 +17,7 @@ use std::net::TcpStream as StdStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rampart::audit::ssh_records::{LogRow, SshEvent};
+use rampart::audit::ssh_records::{LogRow, SshEvent, SshLog};
 use rampart::ssh::{trust, SshLimits};
 use support::ssh::*;
 
@@ -1461,6 +1461,23 @@ ports = ["22"]
         t
     }
 
+    /// The upstream host (added first, so on `UPSTREAM_NET`) with a real sshd on `ports` that trusts the
+    /// tenant's user CA; returns it, the CA line for the client's known_hosts, and the sshd.
+    fn upstream_sshd(lab: &mut Lab, ports: &[u16]) -> (Host, String, Sshd) {
+        let host: Host = lab.add_host("up");
+        assert_eq!(host.underlay.to_string(), UPSTREAM);
+        let ca_line = ca_init(&lab.gateway, "acme");
+        let sshd = Sshd::start(
+            Some(&host.ns),
+            &lab.dir().join("sshd-up"),
+            UPSTREAM,
+            ports,
+            &lab.gateway.state_dir().join("ssh/acme/user_ca.pub"),
+            HostKey::Plain,
+        );
+        (host, ca_line, sshd)
+    }
+
     fn wait_ends(lab: &Lab, n: usize) -> Vec<LogRow> {
         wait_rows(&lab.gateway.state_dir().join("audit.db"), "session.end", n)
     }
@@ -1468,18 +1485,8 @@ ports = ["22"]
     #[test]
     fn gateway_inspects_ssh_to_an_upstream_host_end_to_end() {
         let mut lab = Lab::new(&[tenant()]);
-        let host: Host = lab.add_host("up");
-        assert_eq!(host.underlay.to_string(), UPSTREAM);
-        let ca_line = ca_init(&lab.gateway, "acme");
+        let (host, ca_line, sshd) = upstream_sshd(&mut lab, &[22, 2222, 2223]);
         let state = lab.gateway.state_dir();
-        let sshd = Sshd::start(
-            Some(&host.ns),
-            &lab.dir().join("sshd-up"),
-            UPSTREAM,
-            &[22, 2222, 2223],
-            &state.join("ssh/acme/user_ca.pub"),
-            HostKey::Plain,
-        );
         let _web = ident_server(&host.ns, lab.dir(), "web-8080", UPSTREAM, 8080, "web");
         let _unlisted = ident_server(&host.ns, lab.dir(), "web-8081", UPSTREAM, 8081, "unlisted");
         // alice's SSH key is registered with the device (for the ssh_auth = "publickey" rule).
@@ -1904,6 +1911,79 @@ ports = ["22"]
             .expect_ok();
         assert!(verify.starts_with("ok:"), "{verify}");
         lab.gateway.assert_alive();
+    }
+
+    /// A clean stop (SIGTERM) with an SSH session open through the gateway: the session ends through its
+    /// normal path, so the trail has its `session.end` (reason `shutdown`) and the flow's end, signed, before the
+    /// process exits. Before the gateway's shutdown tracked its tasks, the session's task was dropped with the
+    /// runtime and its end record never written.
+    #[test]
+    fn gateway_sigterm_ends_an_open_ssh_session_with_its_end_records() {
+        let mut lab = Lab::new(&[tenant()]);
+        let (_host, ca_line, _sshd) = upstream_sshd(&mut lab, &[22]);
+        let state = lab.gateway.state_dir();
+        let client = SshClient::new(&lab.dir().join("alice-ssh"), &ca_line);
+        let dev = lab.add_client("acme", "alice");
+        wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "alice -> gateway");
+        let target = format!("root@{UPSTREAM}");
+        // The positive control: a session that ends by itself has its end record.
+        let out = client.ssh(&dev.ns, &[&target, "echo done"], None);
+        assert_eq!(text(&out.stdout), "done\n", "{}", text(&out.stderr));
+        let db = state.join("audit.db");
+        wait_rows(&db, "session.end", 1);
+
+        // The session left open: a command that runs for ten minutes.
+        let mut open = dev.exec("ssh");
+        open.args(client.opts())
+            .args([&target, "echo started; exec sleep 600"]);
+        let mut open = support::process::Proc::spawn("ssh-open", open, lab.dir());
+        open.wait_stdout("started", Duration::from_secs(60));
+        let rows = wait_rows(&db, "session.start", 2);
+        let open_id = rows
+            .iter()
+            .rfind(|r| r.kind == "session.start")
+            .unwrap()
+            .keys
+            .session_id
+            .clone();
+
+        let status = lab.gateway.terminate(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "gateway exit: {status:?}\n{}",
+            lab.gateway.log()
+        );
+        let rows = SshLog::open_readonly(&db)
+            .unwrap()
+            .rows_after(0, 1_000_000)
+            .unwrap();
+        let end = rows.iter().find_map(|r| match r.event() {
+            Some(SshEvent::SessionEnd(e)) if r.keys.session_id == open_id => Some(e),
+            _ => None,
+        });
+        let end = end.unwrap_or_else(|| {
+            panic!(
+                "no session.end for the session open at SIGTERM; log:\n{}",
+                lab.gateway.log()
+            )
+        });
+        assert_eq!(end.reason, "shutdown", "{end:?}");
+        // Its flow ended too (the data path ends every flow on the way out), and the trail verifies.
+        let flows = rusqlite::Connection::open(&db).unwrap();
+        let open_flows: i64 = flows
+            .query_row(
+                "SELECT count(*) FROM flows WHERE dport = 22 AND end_reason IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(open_flows, 0, "a flow to port 22 without its end");
+        let verify = lab
+            .gateway
+            .cli(&["audit", "verify"], &["--pubkey", &pinned_key(&lab)])
+            .expect_ok();
+        assert!(verify.starts_with("ok:"), "{verify}");
+        drop(open);
     }
 }
 

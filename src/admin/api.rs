@@ -29,7 +29,9 @@ use enrollment::{
 use sessions::{list_sessions, live, recording, session_detail, terminate};
 
 use super::accounts::Role;
-use super::web::{full, json, me, read_json, ApiError, Caller, Ctx, ErrorCode, Resp};
+use super::headers::{full, json, ApiError, ErrorCode, Resp};
+use super::session::me;
+use super::web::{read_json, Caller, Ctx};
 use crate::audit::admin_records::AdminEvent;
 use crate::audit::review::ssh::{self as review, CastMeta, SessionFilter, SessionSummary, SshLog};
 use crate::audit::ssh_records::{Secret, SshEvent};

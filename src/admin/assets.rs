@@ -4,7 +4,7 @@
 
 use http::StatusCode;
 
-use super::web::{full, Resp};
+use super::headers::{full, Resp};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/ui_assets.rs"));

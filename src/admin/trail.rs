@@ -12,7 +12,8 @@ use http::StatusCode;
 use serde::Serialize;
 
 use super::accounts::Scope;
-use super::web::{json, ApiError, Caller, Ctx, ErrorCode, Resp};
+use super::headers::{json, ApiError, ErrorCode, Resp};
+use super::web::{Caller, Ctx};
 use crate::audit::review::flows::{self, FlowFilter, FlowLinks, FlowRow, FlowStore};
 use crate::audit::review::http::{self as http_review, HttpFilter, HttpRow};
 use crate::audit::review::verify;

@@ -445,6 +445,33 @@ impl AuditWriter {
         let _ = self.tx.send(Msg::Stop);
         let _ = self.thread.join();
     }
+
+    /// [`finish`](Self::finish), waiting at most `bound` (a store that hangs must not hold up a stop
+    /// forever); returns whether the writer finished. Past the bound the thread is left to the process's exit.
+    pub fn finish_within(self, bound: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + bound;
+        // `send` waits while the queue is full: a bounded wait for a free place, else the stop is not sent.
+        let mut stop = Msg::Stop;
+        loop {
+            match self.tx.try_send(stop) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    stop = m;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(TrySendError::Full(_)) => return false,
+            }
+        }
+        while !self.thread.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = self.thread.join();
+        true
+    }
 }
 
 /// Opens the store (migrating its schema), loads or creates the signing key, and starts the writer. Fails

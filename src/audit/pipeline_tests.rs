@@ -299,3 +299,22 @@ fn review_pages_are_scoped_before_the_limit_and_follow_their_cursor() {
         [1000]
     );
 }
+
+/// The shutdown's bounded drain: what was queued before it is committed, and the writer stops.
+#[test]
+fn finish_within_commits_what_is_queued_and_stops_the_writer() {
+    let dir_tmp = tempdir("finish-within");
+    let opts = options(dir_tmp.path());
+    let db = opts.db.clone();
+    let (sink, writer) = start(opts).unwrap();
+    for host in ["a.example", "b.example", "c.example"] {
+        sink.http().emit(http("acme", host, 1000, 1));
+    }
+    assert!(writer.finish_within(Duration::from_secs(30)));
+    let hosts: Vec<String> = all_http(&db).into_iter().map(|r| r.record.host).collect();
+    assert_eq!(hosts.len(), 3, "{hosts:?}");
+    // After the stop, a record is refused (counted), not committed.
+    sink.http().emit(http("acme", "late.example", 2000, 1));
+    assert_eq!(all_http(&db).len(), 3);
+    assert!(sink.http().dropped() >= 1);
+}

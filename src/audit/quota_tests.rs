@@ -355,7 +355,7 @@ fn recordings_over_their_quota_go_with_the_oldest_ended_session_and_open_session
             SshEvent::SessionEnd(SessionEnd {
                 started_ms: 0,
                 duration_ms: 1,
-                reason: "client_closed".into(),
+                reason: crate::audit::ssh_records::SessionEndReason::ClientClosed,
                 error: None,
                 bytes_client_to_target: 1,
                 bytes_target_to_client: 1,

@@ -171,12 +171,36 @@ pub struct CertInfo {
     pub ca_fp: String,
 }
 
+/// Why an SSH session ended; stored as its snake_case name (the spelling of the free text it replaced).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum SessionEndReason {
+    ClientClosed,
+    LoginTimeout,
+    UpstreamFailed,
+    /// Refused by the rule (logins, keys, required recording unavailable).
+    Policy,
+    /// By an administrator in the review UI.
+    Terminated,
+    Error,
+    /// The gateway stopped (SIGTERM).
+    Shutdown,
+}
+
+impl PartialEq<&str> for SessionEndReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_ref() == *other
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionEnd {
     pub started_ms: i64,
     pub duration_ms: i64,
-    /// `client_closed` | `login_timeout` | `upstream_failed` | `policy` | `terminated` (by an admin) | `error`.
-    pub reason: String,
+    pub reason: SessionEndReason,
     pub error: Option<String>,
     pub bytes_client_to_target: u64,
     pub bytes_target_to_client: u64,

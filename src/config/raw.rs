@@ -195,3 +195,22 @@ pub struct RawDevice {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_keys: Vec<String>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// A device enrolled at runtime, as `state_dir/devices.json` (`registry`) holds it and `enroll.db`'s
+/// active devices are read; `Config::merge_enrolled` validates them like configured ones.
+pub struct EnrolledDevice {
+    pub tenant: super::TenantId,
+    pub name: super::DeviceName,
+    pub public_key: crate::keys::PeerKey,
+    pub address: std::net::IpAddr,
+    pub user: super::UserName,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// SSH client keys (authorized_keys lines, `device add --ssh-key`) for `ssh_auth = "publickey"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// Unix seconds.
+    pub enrolled_at: u64,
+}

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::registry::EnrolledDevice;
+use crate::config::EnrolledDevice;
 
 /// What the fleet's PostgreSQL said at `version`, as this node applied it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -125,7 +125,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             );
         }
         let audit_recipient = rt.audit_recipient.filter(|r| {
-            let ok = crate::audit::capture::RecipientKey::from_base64(r).is_ok();
+            let ok = crate::keys::recipient::RecipientKey::from_base64(r).is_ok();
             if !ok {
                 c.push(
                     format!("{key}.audit_recipient"),

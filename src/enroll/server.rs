@@ -73,10 +73,11 @@ impl EnrollServer {
 
 /// Starts the watcher, and the listener when `gateway.enroll_listen` is set (minting its certificate on
 /// first start); records go to `sink`. Errors (address in use, unreadable certificate) name the setting to
-/// fix.
+/// fix. `cancel` (the gateway's shutdown, or `shutdown` here) stops them.
 pub async fn start(
     gateway: Arc<dyn GatewayHandle>,
     sink: crate::audit::enroll_records::EnrollAuditSink,
+    cancel: CancellationToken,
 ) -> anyhow::Result<EnrollServer> {
     use anyhow::Context as _;
     let cfg = gateway.config();
@@ -85,7 +86,6 @@ pub async fn start(
         super::audit::AuditLog::Pipeline(sink.clone()),
     )?);
     let state_dir = cfg.gateway.state_dir.clone();
-    let cancel = CancellationToken::new();
     // Everything that can fail comes before the first task holds the gateway.
     let mut listener = None;
     if let Some(listen) = cfg.enroll.listen {

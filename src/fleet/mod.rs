@@ -21,8 +21,8 @@ pub mod review;
 pub mod schema;
 pub mod shipper;
 pub mod ssh_review;
-pub mod uploader;
 pub mod state;
+pub mod uploader;
 
 /// Why a connection to the fleet's PostgreSQL failed, as the admin fixes it.
 #[derive(Debug, thiserror::Error)]

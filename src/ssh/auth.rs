@@ -13,6 +13,7 @@ use russh::Disconnect;
 use super::handler::ConnHandler;
 use super::upstream;
 use super::GATEWAY_NAME;
+use crate::audit::ssh_records::SessionEndReason as R;
 use crate::audit::ssh_records::{SessionStart, SshEvent};
 use crate::config::{valid_login, Recording, SshAuth};
 
@@ -32,7 +33,7 @@ impl ConnHandler {
             k.login = login.to_owned();
         }
         if !valid_login(login) {
-            self.failure = Some((format!("invalid login name {login:?}"), "policy"));
+            self.failure = Some((format!("invalid login name {login:?}"), R::Policy));
             return Auth::Accept;
         }
         if !self.ctx.settings.login_allowed(login, &self.ctx.user) {
@@ -45,7 +46,7 @@ impl ConnHandler {
                     self.ctx.rule,
                     allowed.join(", ")
                 ),
-                "policy",
+                R::Policy,
             ));
             return Auth::Accept;
         }
@@ -55,13 +56,13 @@ impl ConnHandler {
                     format!(
                         "session refused: recording is required but the recording store is unavailable ({e})"
                     ),
-                    "policy",
+                    R::Policy,
                 ));
                 return Auth::Accept;
             }
         }
         let Some(stream) = self.upstream_stream.take() else {
-            self.failure = Some(("internal error: no target connection".into(), "error"));
+            self.failure = Some(("internal error: no target connection".into(), R::Error));
             return Auth::Accept;
         };
         let key_id = format!(
@@ -95,7 +96,7 @@ impl ConnHandler {
                 if let Some(ev) = e.host_key_event {
                     self.session.emit(None, ev);
                 }
-                self.failure = Some((e.message, "upstream_failed"));
+                self.failure = Some((e.message, R::UpstreamFailed));
             }
             Err(_) => {
                 self.failure = Some((
@@ -103,7 +104,7 @@ impl ConnHandler {
                         "cannot open session to target {}: timed out after {:?}",
                         self.ctx.dst, limits.upstream_timeout
                     ),
-                    "upstream_failed",
+                    R::UpstreamFailed,
                 ))
             }
         }
@@ -195,7 +196,7 @@ impl ConnHandler {
             .collect();
         if let Some((msg, reason)) = self.failure.clone() {
             tracing::info!(session = %self.session.id, tenant = %self.ctx.tenant, device = %self.ctx.device,
-                reason, "SSH session refused");
+                %reason, "SSH session refused");
             tracing::debug!(session = %self.session.id, error = %msg, "SSH session refused");
             let start = self.start_event(format!("refused: {msg}"));
             self.session.emit(None, SshEvent::SessionStart(start));
@@ -216,7 +217,7 @@ impl ConnHandler {
             let msg = format!(
                 "session refused: recording is required but the audit log is unavailable ({e})"
             );
-            self.session.set_end("policy", Some(msg.clone()));
+            self.session.set_end(R::Policy, Some(msg.clone()));
             self.upstream = None;
             session.disconnect(
                 Disconnect::ByApplication,

@@ -37,7 +37,7 @@ pub struct ConnHandler {
     pub(super) upstream_stream: Option<TcpStream>,
     pub(super) upstream: Option<Upstream>,
     /// Why the session cannot go on (told to the client right after authentication, G6).
-    pub(super) failure: Option<(String, &'static str)>,
+    pub(super) failure: Option<(String, crate::audit::ssh_records::SessionEndReason)>,
     pub(super) preauth: Option<super::PreauthGuard>,
     pub(super) channels: HashMap<ChannelId, Bridge>,
     pub(super) next_seq: u32,

@@ -40,6 +40,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::audit::capture::RecipientKey;
 use crate::audit::ssh_records::SshAuditSink;
@@ -96,6 +97,9 @@ pub struct SshServices {
     preauth: Arc<Preauth>,
     live: Arc<live::LiveSessions>,
     counters: SshCounters,
+    /// Cancelled when the gateway stops: open sessions then end through their normal path (`session.end`
+    /// with reason `shutdown`).
+    shutdown: CancellationToken,
 }
 
 /// What the SSH inspector counts (`prometheus-client` counters: atomic adds).
@@ -119,7 +123,19 @@ impl SshServices {
             limits,
             live: Arc::new(live::LiveSessions::default()),
             counters: SshCounters::default(),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Ends every open session (cleanly, with its records) when `token` is cancelled.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> SshServices {
+        self.shutdown = token;
+        self
+    }
+
+    /// Completes when the gateway stops.
+    pub fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.shutdown.cancelled()
     }
 
     /// Registers the inspector's counters (names without `_total`: the encoder adds it).

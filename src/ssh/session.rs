@@ -18,7 +18,9 @@ use super::handler::ConnHandler;
 use super::recorder::RecordingBudget;
 use super::trust::TenantTrust;
 use super::{unix_ms, SshContext, GATEWAY_NAME};
-use crate::audit::ssh_records::{SessionEnd, SessionKeys, SessionStart, SshEvent, SshRecord};
+use crate::audit::ssh_records::{
+    SessionEnd, SessionEndReason as R, SessionKeys, SessionStart, SshEvent, SshRecord,
+};
 use crate::config::{Recording, SshAuth};
 
 /// What the session's records share, and what [`run`] reads at the end.
@@ -32,7 +34,7 @@ pub struct SessionState {
     pub(super) bytes_c2t: AtomicU64,
     pub(super) bytes_t2c: AtomicU64,
     pub(super) channels: AtomicU32,
-    pub(super) end: Mutex<Option<(String, Option<String>)>>,
+    pub(super) end: Mutex<Option<(R, Option<String>)>>,
     /// Fingerprints of client keys refused under `ssh_auth = "publickey"` (at most a few).
     pub(super) refused_keys: Mutex<Vec<String>>,
     /// What the session's recordings may still take (the rule's caps).
@@ -159,13 +161,13 @@ impl SessionState {
                 decision: format!("refused: {msg}"),
             }),
         );
-        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(("policy".into(), Some(msg)));
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((R::Policy, Some(msg)));
     }
 
-    pub(super) fn set_end(&self, reason: &str, error: Option<String>) {
+    pub(super) fn set_end(&self, reason: R, error: Option<String>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         if end.is_none() {
-            *end = Some((reason.to_owned(), error));
+            *end = Some((reason, error));
         }
     }
 }
@@ -175,6 +177,33 @@ enum Ended<R> {
     Closed(R),
     Grace,
     Terminated(String),
+    /// The gateway is stopping.
+    Shutdown,
+}
+
+/// Tells the client why the gateway ends its session, then waits up to `wait` for the connection to close; a
+/// client that does not close is cut (`killer`: a duplicate of its socket).
+async fn disconnect<F>(
+    handle: &server::Handle,
+    mut running: std::pin::Pin<&mut F>,
+    killer: Option<&std::net::TcpStream>,
+    why: String,
+    wait: Duration,
+) -> Result<(), russh::Error>
+where
+    F: std::future::Future<Output = Result<(), russh::Error>>,
+{
+    let bye = handle.disconnect(Disconnect::ByApplication, why, "en".into());
+    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+    if let Ok(r) = tokio::time::timeout(wait, &mut running).await {
+        return r;
+    }
+    if let Some(k) = killer {
+        let _ = k.shutdown(std::net::Shutdown::Both);
+    }
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// Serves one intercepted connection until it ends (see [`super::intercept`]).
@@ -235,7 +264,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
     let running = tokio::select! {
         r = server::run_stream(config, client, handler) => r,
         _ = &mut grace => {
-            session.set_end("login_timeout", None);
+            session.set_end(R::LoginTimeout, None);
             Err(russh::Error::ConnectionTimeout)
         }
     };
@@ -245,71 +274,64 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
             tokio::pin!(running);
             let terminated = session.live.terminated();
             tokio::pin!(terminated);
+            let shutdown = services.shutting_down();
+            tokio::pin!(shutdown);
             let result = tokio::select! {
                 r = &mut running => Ended::Closed(r),
                 _ = &mut grace, if !session.authed.load(Ordering::Relaxed) => Ended::Grace,
                 by = &mut terminated => Ended::Terminated(by),
+                () = &mut shutdown => Ended::Shutdown,
             };
             let result = match result {
                 Ended::Grace if session.authed.load(Ordering::Relaxed) => tokio::select! {
                     r = &mut running => Ended::Closed(r),
                     by = &mut terminated => Ended::Terminated(by),
+                    () = &mut shutdown => Ended::Shutdown,
                 },
                 other => other,
             };
-            let result = match result {
-                Ended::Closed(r) => r,
+            let (reason, error, why, wait) = match result {
+                Ended::Closed(r) => {
+                    match r {
+                        Ok(()) => session.set_end(R::ClientClosed, None),
+                        Err(e) => session.set_end(R::Error, Some(e.to_string())),
+                    }
+                    (None, None, "", Duration::ZERO)
+                }
                 Ended::Terminated(by) => {
                     tracing::info!(session = %session.id, tenant = %ctx.tenant, admin = %by, "SSH session terminated by an administrator");
-                    session.set_end(
-                        "terminated",
+                    (
+                        Some(R::Terminated),
                         Some(format!("terminated by {by} in the review UI")),
-                    );
-                    let bye = handle.disconnect(
-                        Disconnect::ByApplication,
-                        format!("{GATEWAY_NAME}: session terminated by an administrator"),
-                        "en".into(),
-                    );
-                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
-                    match tokio::time::timeout(Duration::from_secs(2), &mut running).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            if let Some(k) = &killer {
-                                let _ = k.shutdown(std::net::Shutdown::Both);
-                            }
-                            tokio::time::timeout(Duration::from_secs(5), &mut running)
-                                .await
-                                .unwrap_or(Ok(()))
-                        }
-                    }
+                        "session terminated by an administrator",
+                        Duration::from_secs(2),
+                    )
                 }
-                Ended::Grace => {
-                    session.set_end("login_timeout", None);
-                    let bye = handle.disconnect(
-                        Disconnect::ByApplication,
-                        format!("{GATEWAY_NAME}: login grace time exceeded"),
-                        "en".into(),
-                    );
-                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
-                    match tokio::time::timeout(Duration::from_secs(1), &mut running).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            if let Some(k) = &killer {
-                                let _ = k.shutdown(std::net::Shutdown::Both);
-                            }
-                            tokio::time::timeout(Duration::from_secs(5), &mut running)
-                                .await
-                                .unwrap_or(Ok(()))
-                        }
-                    }
+                Ended::Grace => (
+                    Some(R::LoginTimeout),
+                    None,
+                    "login grace time exceeded",
+                    Duration::from_secs(1),
+                ),
+                Ended::Shutdown => {
+                    tracing::debug!(session = %session.id, tenant = %ctx.tenant, "gateway stopping: ending the SSH session");
+                    (
+                        Some(R::Shutdown),
+                        None,
+                        "the gateway is shutting down",
+                        Duration::from_secs(2),
+                    )
                 }
             };
-            match result {
-                Ok(()) => session.set_end("client_closed", None),
-                Err(e) => session.set_end("error", Some(e.to_string())),
+            if let Some(reason) = reason {
+                session.set_end(reason, error);
+                let why = format!("{GATEWAY_NAME}: {why}");
+                if let Err(e) = disconnect(&handle, running, killer.as_ref(), why, wait).await {
+                    session.set_end(R::Error, Some(e.to_string()));
+                }
             }
         }
-        Err(e) => session.set_end("error", Some(e.to_string())),
+        Err(e) => session.set_end(R::Error, Some(e.to_string())),
     }
     // The client's connection is over: live viewers learn it now, not after the channels' close records.
     session.live.end();
@@ -321,7 +343,7 @@ pub async fn run(client: TcpStream, upstream: TcpStream, ctx: Arc<SshContext>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
-        .unwrap_or(("client_closed".into(), None));
+        .unwrap_or((R::ClientClosed, None));
     // Durable under `required` (the client is gone by now: a failure can only be logged; the writer counts the
     // lost record).
     let end = session.emit_required(

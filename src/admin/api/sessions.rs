@@ -319,7 +319,7 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             }
             Some(SshEvent::SessionEnd(e)) => {
                 view.ended_ms = Some(r.at_ms);
-                view.end_reason = Some(e.reason);
+                view.end_reason = Some(e.reason.to_string());
                 view.end_error = e.error;
                 if view.status == "open" {
                     view.status = "ended";

@@ -1,6 +1,6 @@
 //! Reviewer keys as `ssh-log-cli generate-key-pair` writes them: standard padded base64 of the raw 32-byte X25519
-//! key, 44 bytes, no trailing newline. The public half ([`RecipientKey`]) is configured on the gateway per tenant;
-//! the private half ([`ReviewerKey`]) stays with the reviewer.
+//! key, 44 bytes, no trailing newline. The public half ([`RecipientKey`], in `keys::recipient` so the config can
+//! check it) is configured on the gateway per tenant; the private half ([`ReviewerKey`]) stays with the reviewer.
 
 use std::fmt;
 use std::path::Path;
@@ -11,72 +11,8 @@ use hpke::{Deserializable, Kem as _, Serializable};
 
 use super::{CaptureError, Kem};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    #[error(
-        "the key ends with a newline or contains whitespace; write it as exactly 44 base64 characters with no \
-         newline (ssh-log-cli rejects such a key file too; `printf %s KEY > FILE` writes it correctly)"
-    )]
-    Whitespace,
-    #[error("the key is not base64; expected 44 characters as `rampart audit keygen` prints them")]
-    NotBase64,
-    #[error(
-        "the key decodes to {0} bytes; an X25519 reviewer key is 32 bytes (44 base64 characters)"
-    )]
-    Length(usize),
-    #[error("the public key is a low-order X25519 point that no one holds the private key for; generate a real one")]
-    LowOrder,
-}
-
-fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
-    if text.bytes().any(|b| b.is_ascii_whitespace()) {
-        return Err(KeyError::Whitespace);
-    }
-    // Like the reference reader, accept the key with or without `=` padding.
-    let bytes = STANDARD
-        .decode(text)
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
-        .map_err(|_| KeyError::NotBase64)?;
-    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
-}
-
-/// A tenant's reviewer public key: captures are encrypted to it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RecipientKey([u8; 32]);
-
-impl RecipientKey {
-    pub fn from_base64(text: &str) -> Result<RecipientKey, KeyError> {
-        decode32(text).map(RecipientKey)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    pub(super) fn hpke(&self) -> Result<<Kem as hpke::Kem>::PublicKey, KeyError> {
-        <Kem as hpke::Kem>::PublicKey::from_bytes(&self.0)
-            .map_err(|_| KeyError::Length(self.0.len()))
-    }
-}
-
-impl fmt::Display for RecipientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&STANDARD.encode(self.0))
-    }
-}
-
-impl fmt::Debug for RecipientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RecipientKey({self})")
-    }
-}
-
-impl std::str::FromStr for RecipientKey {
-    type Err = KeyError;
-    fn from_str(s: &str) -> Result<Self, KeyError> {
-        RecipientKey::from_base64(s)
-    }
-}
+use crate::keys::recipient::decode32;
+pub use crate::keys::recipient::{KeyError, RecipientKey};
 
 /// A reviewer's private key, needed only to decode. `Debug` never prints it.
 #[derive(Clone)]
@@ -102,7 +38,7 @@ impl ReviewerKey {
     pub fn public(&self) -> RecipientKey {
         let mut out = [0u8; 32];
         out.copy_from_slice(&Kem::sk_to_pk(&self.0).to_bytes());
-        RecipientKey(out)
+        RecipientKey::from_bytes(out)
     }
 
     pub(super) fn hpke(&self) -> &<Kem as hpke::Kem>::PrivateKey {

@@ -50,7 +50,7 @@ pub use writer::{
     CaptureFile, CaptureSummary, CaptureWriter, Sha256Writer, DEFAULT_BLOCK_TARGET, MAX_RECORD_DATA,
 };
 
-type Kem = hpke::kem::X25519HkdfSha256;
+use crate::keys::recipient::Kem;
 type Kdf = hpke::kdf::HkdfSha256;
 type Aead = hpke::aead::ChaCha20Poly1305;
 

@@ -192,9 +192,11 @@ pub fn sessions(log: &SshLog, f: &SessionFilter) -> rusqlite::Result<Vec<Session
             .rev()
             .find(|x| x.kind == "session.end");
         let (ended_ms, end_reason, channels) = match end.as_ref().and_then(|e| e.event()) {
-            Some(SshEvent::SessionEnd(e)) => {
-                (end.as_ref().map(|x| x.at_ms), Some(e.reason), e.channels)
-            }
+            Some(SshEvent::SessionEnd(e)) => (
+                end.as_ref().map(|x| x.at_ms),
+                Some(e.reason.to_string()),
+                e.channels,
+            ),
             _ => (None, None, 0),
         };
         out.push(SessionSummary {
