@@ -1,6 +1,7 @@
 //! The WireGuard on-ramp IO shell: one UDP socket for every peer of every tenant, pumped by a dedicated thread
-//! that owns the `core::Gateway`. It receives in batches (`recvmmsg`), hands each datagram to the core, runs the
-//! timer tick, and sends what the core queued: trains of equal-size datagrams per destination, each train one
+//! that owns the `core::Gateway`. It receives in batches (`recvmmsg`), hands each datagram to the core, sleeps
+//! until the core's next deadline (`Gateway::poll_timeout`, at most `MAX_WAIT`) and then runs what is due
+//! (`Gateway::handle_timeout`), and sends what the core queued: trains of equal-size datagrams per destination, each train one
 //! UDP GSO message, many per `sendmmsg` (`sys::UdpSender`, which falls back to one datagram per message on a
 //! socket without GSO). It decides nothing itself.
 //!
@@ -10,7 +11,7 @@
 //! every other flow event to the audit sink.
 //!
 //! Control (reloads, status queries, a new namespace) reaches the thread over a channel and is applied between
-//! batches, so the core never needs a lock.
+//! batches, so the core never needs a lock; each command also wakes the thread (a socket pair it polls).
 #![deny(unsafe_code)]
 
 pub mod context;
@@ -21,15 +22,16 @@ use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
+use std::os::unix::net::UnixDatagram;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::core::{
-    tx::BUF_SIZE, ApplySummary, FlowEvent, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK,
+    tx::BUF_SIZE, ApplySummary, Dest, FlowEvent, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK,
 };
 use crate::handoff::{Handoff, SlotReleases};
 use crate::keys::PeerKey;
@@ -42,7 +44,10 @@ const TUN_BATCH: usize = 64;
 
 /// Hand-offs queued towards the application side before the data path holds them back itself.
 pub const HANDOFF_QUEUE: usize = 16_384;
-/// Control commands waiting for the pump (it takes them between batches, at least every `TIMER_TICK`); a sender
+/// The longest the pump sleeps even when the core asks for no wakeup: it beats the data-path heartbeat
+/// (`/health` wants one within 5 s) and collects the off-ramp's slot releases at least this often.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Control commands waiting for the pump (it takes them between batches; sending one wakes it); a sender
 /// finding the queue full waits for room.
 const COMMAND_QUEUE: usize = 64;
 
@@ -72,6 +77,8 @@ pub enum Command {
 /// Handle to the running data-path thread.
 pub struct Onramp {
     commands: SyncSender<Command>,
+    /// Written after each command so the pump wakes for it (it may sleep up to `MAX_WAIT` otherwise).
+    waker: UnixDatagram,
     /// Taken by the first `shutdown`; shared so that a task still holding the gateway can never keep it alive.
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -90,17 +97,28 @@ impl Onramp {
         sys::set_recv_timeout(&socket, TIMER_TICK)?;
         sys::set_socket_buffers(&socket, 8 << 20);
         let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE);
+        let (waker, wake) = UnixDatagram::pair()?;
+        waker.set_nonblocking(true)?;
+        wake.set_nonblocking(true)?;
         let thread = std::thread::Builder::new()
             .name("rampart-onramp".into())
-            .spawn(move || pump(socket, gateway, metrics, audit, app, seqpacket, gue, rx))?;
+            .spawn(move || {
+                pump(
+                    socket, gateway, metrics, audit, app, seqpacket, gue, rx, wake,
+                )
+            })?;
         Ok(Onramp {
             commands: tx,
+            waker,
             thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
     pub fn send(&self, cmd: Command) -> bool {
-        self.commands.send(cmd).is_ok()
+        let sent = self.commands.send(cmd).is_ok();
+        // A full socket means a wakeup is pending already.
+        let _ = self.waker.send(&[0]);
+        sent
     }
 
     /// Applies a new configuration and waits for the summary.
@@ -136,6 +154,7 @@ fn pump(
     mut seqpacket: seqpacket::Seqpacket,
     mut gue: gue::Gue,
     commands: Receiver<Command>,
+    wake: UnixDatagram,
 ) {
     let mut fds = Vec::new();
     let mut ready = Vec::new();
@@ -146,16 +165,13 @@ fn pump(
     let mut tx = TxQueue::new();
     // The upgrade and downgrade TUNs of the gateway's namespace, when the layer-4 path is on.
     let mut tuns: Option<(File, File)> = None;
-    let mut next_tick = Instant::now();
     let mut recv_errors_in_a_row = 0u32;
-    let mut events = Vec::new();
     // Releases the application side could not take yet (its queue was full); they are never dropped, or the
     // sockets of an ended flow would stay open.
     let mut held: std::collections::VecDeque<Handoff> = std::collections::VecDeque::new();
     let mut emit = |gw: &mut Gateway| {
-        gw.take_events(&mut events);
         let Some(app) = &app else {
-            for ev in events.drain(..) {
+            while let Some(ev) = gw.poll_event() {
                 audit.offer(ev);
             }
             return;
@@ -166,7 +182,7 @@ fn pump(
                 break;
             }
         }
-        for ev in events.drain(..) {
+        while let Some(ev) = gw.poll_event() {
             let h = match ev {
                 FlowEvent::Upgraded(u) => Handoff::Upgraded(u),
                 FlowEvent::Released { seq, slot } => Handoff::Released { seq, slot },
@@ -210,22 +226,20 @@ fn pump(
         }
     };
     let write_tuns = |gw: &mut Gateway, tuns: &mut Option<(File, File)>| {
-        for downgrade in [false, true] {
-            let q = if downgrade {
-                gw.downgrade_queue()
-            } else {
-                gw.tun_queue()
+        while let Some(t) = gw.poll_transmit() {
+            let Some((up, dn)) = tuns.as_mut() else {
+                continue; // no namespace: dropped
             };
-            if let Some((up, dn)) = tuns.as_mut() {
-                let f = if downgrade { dn } else { up };
-                for (_, p) in q.iter() {
-                    // A full TUN queue drops the packet; TCP in the namespace recovers.
-                    if f.write(p).is_err() {
-                        metrics.global.tun_write_errors.add(1);
-                    }
+            let f = match t.dest {
+                Dest::UpgradeTun => up,
+                Dest::DowngradeTun => dn,
+            };
+            for p in t.train.datagrams() {
+                // A full TUN queue drops the packet; TCP in the namespace recovers.
+                if f.write(p).is_err() {
+                    metrics.global.tun_write_errors.add(1);
                 }
             }
-            q.clear();
         }
     };
     gue.start(&mut gw, Instant::now(), &mut tx);
@@ -233,9 +247,10 @@ fn pump(
     loop {
         let now = Instant::now();
         metrics.datapath.beat(now);
-        let wait = next_tick
-            .saturating_duration_since(now)
-            .max(std::time::Duration::from_millis(1));
+        let deadline = gw.poll_timeout().map(|(at, _)| at);
+        let wait = deadline.map_or(MAX_WAIT, |at| {
+            at.saturating_duration_since(now).min(MAX_WAIT)
+        });
         fds.clear();
         fds.extend([
             socket.as_raw_fd(),
@@ -245,11 +260,16 @@ fn pump(
         seqpacket.fds(&mut fds);
         let seq_end = fds.len();
         gue.fds(&mut fds);
+        let woken_at = fds.len();
+        fds.push(wake.as_raw_fd());
         ready.resize(fds.len(), false);
         metrics.global.wakeups.add(1);
         if let Err(e) = sys::poll_readable(&fds, wait, &mut ready) {
             tracing::error!(error = %e, "poll failed");
             std::thread::sleep(TIMER_TICK);
+        }
+        if ready[woken_at] {
+            while wake.recv(&mut [0u8; 16]).is_ok() {}
         }
         let (udp_ready, up_ready, dn_ready) = (ready[0], ready[1], ready[2]);
         if udp_ready {
@@ -294,7 +314,7 @@ fn pump(
         if tx.len() >= TX_FLUSH_AT {
             flush(&mut tx);
         }
-        gue.handle(&mut gw, now, &ready[seq_end..], &mut tx);
+        gue.handle(&mut gw, now, &ready[seq_end..woken_at], &mut tx);
         if tx.len() >= TX_FLUSH_AT {
             flush(&mut tx);
         }
@@ -327,9 +347,8 @@ fn pump(
                 tuns = None;
             }
         }
-        if now >= next_tick {
-            gw.handle_timers(now, &mut tx);
-            next_tick = now + TIMER_TICK;
+        if deadline.is_some_and(|at| at <= now) {
+            gw.handle_timeout(now, &mut tx);
         }
         if let Some(app) = &app {
             for (slot, seq) in app.releases.take() {

@@ -92,7 +92,8 @@ impl Gateway {
 
     /// Gives an accepted connection a slot. `None`: the tenant is not configured, or no slot is free.
     pub fn open_conn(&mut self, now: Instant, grant: ConnGrant) -> Option<u32> {
-        let ti = self.tenants.iter().position(|t| t.id == grant.tenant)?;
+        self.advance(now);
+        let ti = TenantIdx::new(self.tenants.iter().position(|t| t.id == grant.tenant)?);
         let address = grant.prefixes.first()?.network();
         let slot = self.take_slot(now)?;
         let seq = self.next_conn_seq;
@@ -134,6 +135,7 @@ impl Gateway {
         pkt: &mut [u8],
         tx: &mut TxQueue,
     ) -> bool {
+        self.advance(now);
         let Some(Some(p)) = self.peers.get(slot as usize) else {
             return false;
         };
@@ -222,7 +224,7 @@ impl Gateway {
             match self.tenants.iter().position(|t| t.id == id) {
                 Some(ti) => {
                     if let Some(p) = self.peers[slot as usize].as_mut() {
-                        p.tenant = ti;
+                        p.tenant = TenantIdx::new(ti);
                     }
                 }
                 None => {
@@ -238,7 +240,7 @@ impl Gateway {
         for t in &mut self.tenants {
             t.conn_routes.clear();
         }
-        let mut conns: Vec<(u64, u32, usize)> = Vec::new();
+        let mut conns: Vec<(u64, u32, TenantIdx)> = Vec::new();
         for (slot, p) in self.peers.iter().enumerate() {
             if let Some(Peer {
                 link: Link::Conn(c),

@@ -45,7 +45,24 @@ pub struct Upgraded {
     pub inspect: crate::config::Inspect,
 }
 
-/// Flow lifecycle events, drained by the shell with `take_events`.
+/// Where a `Transmit` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// The upgrade TUN (`up0`): packets of upgraded flows into the namespace.
+    UpgradeTun,
+    /// The downgrade TUN (`dn0`): a destination device's answers to a downgraded connection.
+    DowngradeTun,
+}
+
+/// Packets for one TUN of the namespace, from `Gateway::poll_transmit`: a train of datagrams in the core's
+/// buffer (its `to` is unused).
+#[derive(Debug, Clone, Copy)]
+pub struct Transmit<'a> {
+    pub dest: Dest,
+    pub train: Train<'a>,
+}
+
+/// Flow lifecycle events, drained by the shell with `Gateway::poll_event`.
 #[derive(Debug, Clone)]
 pub enum FlowEvent {
     Start(Box<FlowStart>),

@@ -506,6 +506,19 @@ impl FlowTable {
         self.table.iter().copied().collect()
     }
 
+    /// The earliest idle deadline scheduled (ms), after dropping entries of flows removed or replaced since; a
+    /// live flow's activity may have pushed its deadline later (`expire` re-schedules it then).
+    pub fn next_deadline(&mut self) -> Option<u64> {
+        while let Some(&Reverse((deadline, idx, gen))) = self.deadlines.peek() {
+            let f = &self.slab[idx as usize];
+            if f.live && f.generation == gen {
+                return Some(deadline);
+            }
+            self.deadlines.pop();
+        }
+        None
+    }
+
     /// Removes flows idle past their timeout, at most `budget` heap entries per call (bounded work per tick).
     pub fn expire(&mut self, now_ms: u64, budget: usize, out: &mut Vec<Expired>) {
         for _ in 0..budget {

@@ -1,38 +1,36 @@
 //! The sans-IO gateway core: tenants, devices (each a boringtun `Tunn`), and the verdict for every datagram.
 //!
-//! It never touches sockets, files or threads. The IO shell (`onramp`) drives it:
-//! 1. `Gateway::apply` with a validated `Config` at start and on every reload;
-//! 2. for each received UDP datagram, `Gateway::handle_datagram(now, from, datagram, scratch, tx)`;
-//! 3. every `TIMER_TICK`, `Gateway::handle_timers(now, tx)`;
-//! 4. after each batch, send every train in the `TxQueue` (`TxQueue::trains`, one GSO message each) and
-//!    `TxQueue::clear` it, and drain flow lifecycle events with `Gateway::take_events` (they feed the audit
-//!    trail);
-//! 5. before exiting, `Gateway::shutdown` ends every flow (so no flow record is left open).
+//! It never touches sockets, files, threads or clocks. The IO shell (`onramp`) drives it; how is documented on
+//! `Gateway`.
 //!
-//! `now` only moves forward. Every decrypted packet belongs to exactly one flow (`flow_table`); a flow's route
+//! Every decrypted packet belongs to exactly one flow (`flow_table`); a flow's route
 //! and policy decision (`policy`) are computed at its first packet and memoized, as a router would.
 //!
 //! Output is written into buffers the caller owns (`TxQueue` lanes are reused, never freed), so the hot path
 //! does not allocate. A bad datagram is never an error: it is dropped and counted by `DropReason`.
 //!
 //! Clock: boringtun reads `Instant::now()` internally; the core itself takes `now` only where it keeps time of
-//! its own (slot quarantine).
+//! its own (timers, flow deadlines, slot quarantine) and never reads a clock.
 #![deny(unsafe_code)]
 
 pub mod conn;
 pub mod counters;
 mod events;
 pub mod flow_table;
+mod ids;
 pub mod nat;
 pub mod policy;
 mod refused;
 mod reload;
 mod router;
+mod timers;
 pub mod tx;
 mod upgrade;
+mod verdict;
 mod wg;
 
-pub use events::{ApplySummary, FlowEvent, FlowStart, PeerStatus, Upgraded};
+pub use events::{ApplySummary, Dest, FlowEvent, FlowStart, PeerStatus, Transmit, Upgraded};
+use ids::TenantIdx;
 use router::subject;
 use upgrade::nat_key;
 
@@ -58,9 +56,12 @@ pub use flow_table::EndReason;
 use flow_table::{Flow, FlowKey, FlowTable, FlowTarget, KeyDir, Transition, IN, OUT};
 use nat::{DowngradeNat, NatKey, SlotPool, UpgradeNat};
 use policy::{Policy, Subject, Target};
-pub use tx::TxQueue;
+pub use timers::TimerKind;
+pub use tx::{Train, TxQueue};
+pub use verdict::Verdict;
 
-/// How often the shell must call `handle_timers`.
+/// The granularity of the core's timers: periodic ones (armed peers' timers, the handshake gate) run once per
+/// tick, and every deadline is rounded up to a tick boundary so wakeups coalesce.
 pub const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Handshake initiations per second (all peers together) before cookies are demanded.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 200;
@@ -76,7 +77,7 @@ pub const MAX_WORKERS: usize = 1 << WORKER_BITS;
 pub const MAX_SLOTS: usize = 1 << (24 - WORKER_BITS);
 /// A peer counts as connected while its last handshake is younger than this (REJECT_AFTER_TIME).
 const CONNECTED_WINDOW: Duration = Duration::from_secs(180);
-/// Most idle flows examined per timer tick (bounded work; the rest expire on later ticks).
+/// Most idle flows examined per `handle_timeout` (bounded work; the rest expire on later ticks).
 const EXPIRY_BUDGET: usize = 20_000;
 /// At most one "flow limit reached" warning per this many milliseconds.
 const LIMIT_WARN_EVERY_MS: u64 = 10_000;
@@ -146,7 +147,7 @@ enum Link {
 struct Peer {
     link: Link,
     key: PeerKey,
-    tenant: usize,
+    tenant: TenantIdx,
     device: Arc<Device>,
     /// Where the device was last seen sending authenticated traffic from.
     endpoint: Option<SocketAddr>,
@@ -178,6 +179,26 @@ struct TenantState {
 }
 
 /// The gateway state of one data-path worker.
+///
+/// How a shell drives it (`onramp::pump` is the one in production, `core::tests` and `core::sim` drive it in
+/// memory):
+/// - **configure**: `apply` with a validated `Config` at start and on every reload; `set_local_addresses`,
+///   `set_admit_new_flows` (cleared while the audit trail refuses records under a fail-closed policy).
+/// - **input** (`handle_*`, each with `now`): `handle_datagram` for each UDP datagram, `handle_conn_packet`
+///   (and `open_conn`/`close_conn`) for connected on-ramps, `handle_tun_packet` / `handle_downgrade_tun_packet`
+///   for packets leaving the namespace, `handle_slot_closed` when the application side closed an upgraded
+///   flow's sockets, `handle_restored_endpoint` after a restart.
+/// - **time**: `poll_timeout` gives the next deadline and why (`TimerKind`); `None` means no wakeup is needed
+///   until new input. Sleep until then (or until input arrives) and call `handle_timeout(now)`, which runs
+///   only what is due. Calling it early is harmless.
+/// - **output**, after each batch of input, in this order: send the caller's `TxQueue` (UDP trains, written
+///   during `handle_*`; caller-owned so one `sendmmsg` sends the whole batch without a copy), then drain
+///   `poll_event` (hand-offs before the namespace sees the packets that need them), then `poll_transmit`
+///   (trains for the namespace's TUNs) and `conn_queue` (packets for connected on-ramps).
+/// - **end**: `shutdown` ends every flow (so no flow record is left open); drain `poll_event` once more.
+///
+/// Time only moves forward: a `now` earlier than one seen before is taken as that one. boringtun reads its
+/// own clock inside `Tunn`; that is the one place the core does not control time.
 pub struct Gateway {
     worker: u8,
     secret: x25519::StaticSecret,
@@ -209,10 +230,11 @@ pub struct Gateway {
     /// Live flows per tenant number.
     flow_counts: Vec<usize>,
     /// Tenant number -> index in `tenants` (`None`: no longer configured).
-    tenant_by_num: Vec<Option<usize>>,
+    tenant_by_num: Vec<Option<TenantIdx>>,
     /// The appliance's own addresses (never off-ramp destinations), kept current by the shell.
     local_addrs: Vec<IpAddr>,
-    events: Vec<FlowEvent>,
+    /// Flow events not yet taken by `poll_event`, oldest first.
+    events: VecDeque<FlowEvent>,
     /// Cleared by the shell while the audit trail cannot take records and policy says fail closed.
     admit_new_flows: bool,
     last_limit_warn_ms: Option<u64>,
@@ -223,15 +245,24 @@ pub struct Gateway {
     /// Retired upgrade slots awaiting the application side's report that their sockets are closed:
     /// slot -> (flow seq, downgrade slot, the device that opened the flow).
     closing: HashMap<SocketAddrV4, Closing>,
-    /// Packets for the upgrade TUN (the address of each entry is unused).
+    /// Packets for the upgrade TUN (the address of each entry is unused), drained by `poll_transmit`.
     tun_out: TxQueue,
-    /// Packets for the downgrade TUN.
+    /// Packets for the downgrade TUN, drained by `poll_transmit` after `tun_out`.
     dn_out: TxQueue,
+    /// Where `poll_transmit` is: the queue (0 upgrade, 1 downgrade) and the next train in it.
+    tun_cursor: (u8, usize),
     /// Packets for on-ramp connections, by slot.
     conn_out: conn::ConnOut,
     /// On-ramp connections the core ended (their tenant is gone); the shell closes them.
     conns_ended: Vec<u32>,
     next_conn_seq: u64,
+    /// The latest `now` given to any `handle_*` (time only moves forward).
+    now: Instant,
+    timers: timers::TimerHeap,
+    /// Handshake initiations were seen recently: the gate's count is reset once a second until then.
+    gate_busy_until: Option<Instant>,
+    /// Flow, NAT or peer counts changed since the gauges were last set.
+    gauges_dirty: bool,
 }
 
 impl Gateway {
@@ -269,7 +300,7 @@ impl Gateway {
             flow_counts: Vec::new(),
             tenant_by_num: Vec::new(),
             local_addrs: Vec::new(),
-            events: Vec::new(),
+            events: VecDeque::new(),
             admit_new_flows: true,
             last_limit_warn_ms: None,
             build_buf: vec![0u8; 2048].into_boxed_slice(),
@@ -283,22 +314,47 @@ impl Gateway {
                 (1024, 65_535),
             )),
             tun_out: TxQueue::new(),
+            tun_cursor: (0, 0),
             dn_out: TxQueue::new(),
             closing: HashMap::new(),
             conn_out: conn::ConnOut::default(),
             conns_ended: Vec::new(),
             next_conn_seq: 1,
+            now,
+            timers: timers::TimerHeap::default(),
+            gate_busy_until: None,
+            gauges_dirty: false,
         }
     }
 
-    /// Packets the core wants written to the downgrade TUN; drained like `tun_queue`.
-    pub fn downgrade_queue(&mut self) -> &mut TxQueue {
-        &mut self.dn_out
+    /// The next train of packets the core wants written to a TUN of the namespace (`None`: nothing more; the
+    /// queues are then empty and keep their buffers). The train borrows the core's buffer: write each of its
+    /// datagrams (`Train::datagrams`) to the TUN `dest` names before polling again.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        loop {
+            let (q, i) = self.tun_cursor;
+            let (dest, queue) = match q {
+                0 => (Dest::UpgradeTun, &mut self.tun_out),
+                1 => (Dest::DowngradeTun, &mut self.dn_out),
+                _ => {
+                    self.tun_cursor = (0, 0);
+                    return None;
+                }
+            };
+            if i < queue.train_count() {
+                self.tun_cursor.1 += 1;
+                let queue = if q == 0 { &self.tun_out } else { &self.dn_out };
+                return queue.train(i).map(|train| Transmit { dest, train });
+            }
+            queue.clear();
+            self.tun_cursor = (q + 1, 0);
+        }
     }
 
-    /// Packets the core wants written to the upgrade TUN; the shell writes and clears them after each batch.
-    pub fn tun_queue(&mut self) -> &mut TxQueue {
-        &mut self.tun_out
+    /// The oldest flow event not yet taken (audit records, and the hand-off of upgraded flows to the
+    /// application side). A `Start` always comes before the events of its flow (an `Upgraded` included).
+    pub fn poll_event(&mut self) -> Option<FlowEvent> {
+        self.events.pop_front()
     }
 
     /// The appliance's own addresses (every interface's, plus what it listens on): never off-ramp destinations.
@@ -307,7 +363,7 @@ impl Gateway {
     }
 
     /// The index in `tenants` of the tenant with stable number `num`.
-    fn tenant_index(&self, num: u32) -> Option<usize> {
+    fn tenant_index(&self, num: u32) -> Option<TenantIdx> {
         self.tenant_by_num.get(num as usize).copied().flatten()
     }
 
@@ -319,11 +375,6 @@ impl Gateway {
     /// fail-closed policy). Existing flows are not affected.
     pub fn set_admit_new_flows(&mut self, admit: bool) {
         self.admit_new_flows = admit;
-    }
-
-    /// Moves the pending flow events into `out`.
-    pub fn take_events(&mut self, out: &mut Vec<FlowEvent>) {
-        out.append(&mut self.events);
     }
 
     pub fn flow_count(&self) -> usize {
@@ -340,5 +391,7 @@ impl Gateway {
     }
 }
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

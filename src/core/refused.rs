@@ -39,6 +39,17 @@ pub(super) struct Tally {
     next_flush_ms: u64,
 }
 
+impl Tally {
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// When the tallied attempts are summarized (ms since the core's epoch).
+    pub(super) fn next_flush_ms(&self) -> u64 {
+        self.next_flush_ms
+    }
+}
+
 impl Gateway {
     /// Takes one token from the device's new-flow bucket (refilled at `flows.device_new_flows_per_sec`, up to
     /// the burst); `false` when it is empty.
@@ -112,7 +123,7 @@ impl Gateway {
         );
     }
 
-    /// Emits the summaries when their interval is over (from the timer).
+    /// Emits the summaries when their interval is over (`TimerKind::DenySummary`).
     pub(super) fn flush_refused_due(&mut self, now: Instant) {
         if !self.refused.by_key.is_empty() && self.ms(now) >= self.refused.next_flush_ms {
             self.flush_refused(now);
@@ -128,7 +139,7 @@ impl Gateway {
             let seq = self.next_flow_seq;
             self.next_flow_seq += 1;
             let at = |ms: u64| self.epoch + Duration::from_millis(ms);
-            self.events.push(FlowEvent::Start(Box::new(FlowStart {
+            self.events.push_back(FlowEvent::Start(Box::new(FlowStart {
                 seq,
                 tenant: a.tenant,
                 device: a.device.name.clone(),
@@ -143,7 +154,7 @@ impl Gateway {
                 dst_device: None,
                 at: at(a.first_ms),
             })));
-            self.events.push(FlowEvent::End {
+            self.events.push_back(FlowEvent::End {
                 seq,
                 at: at(a.last_ms),
                 packets: [a.count, 0],

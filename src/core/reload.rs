@@ -9,11 +9,13 @@ impl Gateway {
     /// Live flows are re-checked against the new policy and routes: a flow that is no longer allowed ends
     /// (`PolicyRevoked` / `PeerRemoved`), and TCP connections are reset on both sides (RSTs queued in `tx`).
     pub fn apply(&mut self, cfg: &Config, now: Instant, tx: &mut TxQueue) -> ApplySummary {
+        self.advance(now);
+        self.gauges_dirty = true;
         let mut summary = ApplySummary::default();
-        let mut wanted: HashMap<PeerKey, (usize, &Device)> = HashMap::new();
+        let mut wanted: HashMap<PeerKey, (TenantIdx, &Device)> = HashMap::new();
         for (ti, t) in cfg.tenants.iter().enumerate() {
             for d in &t.devices {
-                wanted.insert(d.public_key, (ti, d));
+                wanted.insert(d.public_key, (TenantIdx::new(ti), d));
             }
         }
         // Remove peers that are gone or moved to another tenant (a tenant move gets a fresh tunnel). `peer.tenant`
@@ -27,7 +29,7 @@ impl Gateway {
                     .expect("indexed peer exists");
                 wanted
                     .get(*k)
-                    .is_none_or(|(ti, _)| cfg.tenants[*ti].id != self.tenants[peer.tenant].id)
+                    .is_none_or(|(ti, _)| cfg.tenants[ti.get()].id != self.tenants[peer.tenant].id)
             })
             .map(|(k, _)| *k)
             .collect();
@@ -64,7 +66,7 @@ impl Gateway {
             .collect();
         self.tenant_by_num = vec![None; self.tenant_nums.len()];
         for (i, t) in self.tenants.iter().enumerate() {
-            self.tenant_by_num[t.num as usize] = Some(i);
+            self.tenant_by_num[t.num as usize] = Some(TenantIdx::new(i));
         }
         self.flows.set_timeouts(&cfg.flows);
         self.max_flows = cfg.flows.max_flows;
@@ -106,7 +108,7 @@ impl Gateway {
         let mut devices = vec![0u64; self.tenants.len()];
         for p in self.peers.iter().flatten() {
             if matches!(p.link, Link::Wg(_)) {
-                devices[p.tenant] += 1;
+                devices[p.tenant.get()] += 1;
             }
         }
         for (t, n) in self.tenants.iter().zip(devices) {
@@ -250,7 +252,7 @@ impl Gateway {
     /// (`flows.device_max_flows`): an ended flow lingers `LINGER_MS` at most, and a device opens new ones no
     /// faster than its token bucket, so closed connections cannot starve a device of new ones.
     pub(super) fn push_end(&mut self, f: &Flow, now: Instant, reason: EndReason) {
-        self.events.push(FlowEvent::End {
+        self.events.push_back(FlowEvent::End {
             seq: f.seq,
             at: now,
             packets: f.packets,
@@ -280,7 +282,8 @@ impl Gateway {
                 initiator: Some(f.src_slot),
             },
         );
-        self.events.push(FlowEvent::Released { seq: f.seq, slot });
+        self.events
+            .push_back(FlowEvent::Released { seq: f.seq, slot });
     }
 
     /// The application side closed every socket of the flow `seq` on `slot`: the slot (and its downgrade
@@ -289,6 +292,8 @@ impl Gateway {
         if self.closing.get(&slot).is_none_or(|c| c.seq != seq) {
             return;
         }
+        self.advance(now);
+        self.gauges_dirty = true;
         let c = self.closing.remove(&slot).expect("checked above");
         let now_ms = self.ms(now);
         self.upgrade_nat.release_slot(slot, now_ms);
@@ -301,11 +306,14 @@ impl Gateway {
     pub(super) fn forget_flow(&mut self, f: &Flow) {
         let n = &mut self.flow_counts[f.key.tenant() as usize];
         *n = n.saturating_sub(1);
+        self.gauges_dirty = true;
         self.retire_upgrade(f);
     }
 
     /// Ends every upgraded flow (their kernel sockets lived in a namespace that is gone); TCP devices get a RST.
     pub fn end_upgraded_flows(&mut self, now: Instant, tx: &mut TxQueue) {
+        self.advance(now);
+        self.gauges_dirty = true;
         for idx in self.flows.indices() {
             let f = self.flows.get(idx);
             if !matches!(f.target, FlowTarget::Upgrade(..))

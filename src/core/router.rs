@@ -54,7 +54,7 @@ pub(super) fn subject(p: &Peer) -> Subject<'_> {
 
 impl Gateway {
     /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
-    pub(super) fn route_of(&self, ti: usize, src_slot: u32, dst: IpAddr) -> Option<Route> {
+    pub(super) fn route_of(&self, ti: TenantIdx, src_slot: u32, dst: IpAddr) -> Option<Route> {
         let t = &self.tenants[ti];
         if t.gateway_addresses.contains(&dst) {
             return Some(Route::Local);
@@ -79,7 +79,7 @@ impl Gateway {
     /// off-ramp networks say: not its own addresses (`set_local_addresses`), loopback, unspecified,
     /// link-local (cloud metadata), multicast or broadcast, the gateway's internal NAT ranges, nor any
     /// tenant's device pool. A tenant's `offramp_allow_local` lists the exceptions it was explicitly given.
-    pub(super) fn offramp_forbidden(&self, ti: usize, dst: IpAddr, dport: u16) -> bool {
+    pub(super) fn offramp_forbidden(&self, ti: TenantIdx, dst: IpAddr, dport: u16) -> bool {
         let t = &self.tenants[ti];
         if t.offramp_allow_local.contains(&SocketAddr::new(dst, dport)) {
             return false;
@@ -111,6 +111,8 @@ impl Gateway {
                 .any(|o| o.pools.iter().any(|p| p.contains(&dst)))
     }
 
+    /// Decides what happens to an inner packet from the subject in `src_slot` (`decide`), then does it and
+    /// counts it (`carry`).
     pub(super) fn route_inner(
         &mut self,
         now: Instant,
@@ -118,32 +120,42 @@ impl Gateway {
         pkt: &mut [u8],
         tx: &mut TxQueue,
     ) {
+        let ti = self.peers[src_slot as usize]
+            .as_ref()
+            .expect("caller holds slot")
+            .tenant;
+        let verdict = self.decide(now, src_slot, ti, pkt);
+        self.carry(src_slot, ti, pkt, verdict, tx);
+    }
+
+    /// The verdict for one inner packet: anti-spoofing, flow lookup (or a new flow: route, limits, policy),
+    /// flow accounting, and the rewrites the verdict needs (TTL, echo reply, upgrade NAT, downgrade NAT).
+    fn decide(&mut self, now: Instant, src_slot: u32, ti: TenantIdx, pkt: &mut [u8]) -> Verdict {
         let src_peer = self.peers[src_slot as usize]
             .as_ref()
             .expect("caller holds slot");
-        let ti = src_peer.tenant;
         let tenant = &self.tenants[ti];
         let view = match packet::parse_ip(pkt) {
             Ok(v) => v,
             Err(packet::PacketError::ExtensionHeader) => {
-                return tenant.counters.count_drop(DropReason::Ipv6ExtensionHeader)
+                return Verdict::Drop(DropReason::Ipv6ExtensionHeader)
             }
             Err(packet::PacketError::Malformed) => {
-                return tenant.counters.count_drop(DropReason::InvalidInnerPacket)
+                return Verdict::Drop(DropReason::InvalidInnerPacket)
             }
         };
         if !src_peer.sends_from(view.src) {
-            return tenant.counters.count_drop(DropReason::SpoofedSource);
+            return Verdict::Drop(DropReason::SpoofedSource);
         }
         if view.fragment {
             // Fragments after the first carry no ports, so port rules could not be enforced on them.
-            return tenant.counters.count_drop(DropReason::Fragment);
+            return Verdict::Drop(DropReason::Fragment);
         }
         let Ok(t) = packet::parse_transport(pkt, &view) else {
-            return tenant.counters.count_drop(DropReason::MalformedTransport);
+            return Verdict::Drop(DropReason::MalformedTransport);
         };
         if let Some(quote) = packet::icmp_error(pkt, &view) {
-            return self.route_icmp_error(src_slot, ti, pkt, &view, quote, tx);
+            return self.route_icmp_error(src_slot, ti, pkt, &view, quote);
         }
         let (key, dir) = FlowKey::new(
             tenant.num,
@@ -167,9 +179,9 @@ impl Gateway {
         }
         let idx = match existing {
             Some(i) => i,
-            None => match self.start_flow(now, ti, src_slot, key, dir, &view, &t, pkt, tx) {
-                Some(i) => i,
-                None => return,
+            None => match self.start_flow(now, ti, src_slot, key, dir, &view, &t) {
+                Ok(i) => i,
+                Err(verdict) => return verdict,
             },
         };
         let now_ms = self.ms(now);
@@ -179,49 +191,43 @@ impl Gateway {
             // The destination device answering the gateway's downgraded connection: back into the namespace.
             // Not counted in the flow (its counters follow the initiator's leg).
             let f = self.flows.get(idx);
-            let counters = self.tenants[ti].counters.clone();
-            match nat_key(f) {
+            return match nat_key(f) {
                 Some(key) if self.downgrade_nat.to_kernel(pkt, &key).is_some() => {
-                    let buf = self.dn_out.slot(UNADDRESSED, pkt.len());
-                    buf[..pkt.len()].copy_from_slice(pkt);
-                    self.dn_out.commit(pkt.len());
+                    Verdict::Downgrade
                 }
-                _ => counters.count_drop(DropReason::NatStale),
-            }
-            return;
+                _ => Verdict::Drop(DropReason::NatStale),
+            };
         }
         // L7: within an echo flow the responder only answers; a request from it would be a new question that
         // no policy decided.
         if side == IN && packet::is_echo_request(pkt, &view) {
-            return self.tenants[ti]
-                .counters
-                .count_drop(DropReason::IcmpUnrelated);
+            return Verdict::Drop(DropReason::IcmpUnrelated);
         }
         let tcp = (view.protocol == PROTO_TCP).then(|| segment(pkt, &view, &t));
         let refused = matches!(flow.action, Action::Deny | Action::Reject);
         if !refused && !flow.admits(side, tcp.as_ref()) {
-            return self.tenants[ti].counters.count_drop(DropReason::FlowEnded);
+            return Verdict::Drop(DropReason::FlowEnded);
         }
         // A packet that dies at this hop changes nothing (a RST with TTL 1 ends no flow).
         if matches!(flow.target, FlowTarget::Peer(_)) && packet::ttl(pkt, &view) <= 1 {
-            return self.tenants[ti].counters.count_drop(DropReason::TtlExpired);
+            return Verdict::Drop(DropReason::TtlExpired);
         }
         let transition = flow.record(side, view.len, tcp, now_ms);
         let (action, target, initiator_slot, seq) =
             (flow.action, flow.target, flow.src_slot, flow.seq);
         match transition {
             Transition::None => {}
-            Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
+            Transition::Established => self
+                .events
+                .push_back(FlowEvent::Established { seq, at: now }),
             Transition::Ended(reason) => self.record_end(idx, now, reason),
         }
-        let counters = self.tenants[ti].counters.clone();
         match action {
             Action::Allow | Action::Proxy | Action::InspectSsh | Action::InspectHttp => {}
-            Action::Deny => return counters.count_drop(DropReason::PolicyDenied),
+            Action::Deny => return Verdict::Drop(DropReason::PolicyDenied),
+            // Either side: a rejected flow's responder only sends after a reload cut the flow.
             Action::Reject => {
-                // Either side: a rejected flow's responder only sends after a reload cut the flow.
-                self.reject(src_slot, ti, pkt, &view, &t, Unreachable::Prohibited, tx);
-                return counters.count_drop(DropReason::PolicyRejected);
+                return Verdict::Reject(Unreachable::Prohibited, DropReason::PolicyRejected)
             }
         }
         let dst_slot = match (side, target) {
@@ -231,51 +237,33 @@ impl Gateway {
                     self.flows.get_mut(idx).record(IN, len, None, now_ms);
                     src_slot
                 }
-                LocalReply::NotHandled => return counters.count_drop(DropReason::NoLocalService),
+                LocalReply::NotHandled => return Verdict::Drop(DropReason::NoLocalService),
             },
             (OUT, FlowTarget::Peer(dst)) => dst,
             (OUT, FlowTarget::Upgrade(slot, _)) => {
                 // Into the gateway's namespace: NAT to `slot -> listener`; the kernel there terminates it.
                 if self.upgrade_nat.inbound(pkt, slot).is_err() {
-                    return counters.count_drop(DropReason::OfframpUnsupported);
+                    return Verdict::Drop(DropReason::OfframpUnsupported);
                 }
                 nat::clamp_mss(pkt, UPGRADE_MSS);
-                let buf = self.tun_out.slot(UNADDRESSED, pkt.len());
-                buf[..pkt.len()].copy_from_slice(pkt);
-                self.tun_out.commit(pkt.len());
-                return;
+                return Verdict::Upgrade;
             }
             // Replies of upgraded flows come out of the namespace (`handle_tun_packet`), never from a device.
             (_, FlowTarget::Upgrade(..) | FlowTarget::Offramp) => {
-                return counters.count_drop(DropReason::NoRoute)
+                return Verdict::Drop(DropReason::NoRoute)
             }
             (_, _) => initiator_slot,
         };
         if let Some(mtu) = self.conn_mtu(dst_slot) {
             if pkt.len() > usize::from(mtu) && dst_slot != src_slot {
                 // Never fragmented on the way: the sender is told the site's MTU, as a router would.
-                counters.count_drop(DropReason::GueTooBig);
-                let gw = self.tenants[ti]
-                    .gateway_addresses
-                    .iter()
-                    .find(|a| a.is_ipv4() == view.src.is_ipv4())
-                    .copied();
-                let is_icmp_error = packet::icmp_error(pkt, &view).is_some();
-                if let (Some(gw), false) = (gw, is_icmp_error) {
-                    let why = Unreachable::TooBig(mtu);
-                    if let Some(n) =
-                        packet::build_unreachable(pkt, &view, gw, why, &mut self.build_buf)
-                    {
-                        self.send_built(src_slot, n, tx);
-                    }
-                }
-                return;
+                return Verdict::TooBig(mtu);
             }
         }
         if dst_slot != src_slot && packet::decrement_ttl(pkt, &view) == Hop::Expired {
-            return counters.count_drop(DropReason::TtlExpired);
+            return Verdict::Drop(DropReason::TtlExpired);
         }
-        self.send_to_peer(dst_slot, pkt, &counters, tx);
+        Verdict::Forward(dst_slot)
     }
 
     /// L7 of the security review: an ICMP error from a device goes only to the other device of the flow it
@@ -285,16 +273,14 @@ impl Gateway {
     fn route_icmp_error(
         &mut self,
         src_slot: u32,
-        ti: usize,
+        ti: TenantIdx,
         pkt: &mut [u8],
         view: &IpView,
         quote: Option<packet::Quoted>,
-        tx: &mut TxQueue,
-    ) {
-        let counters = self.tenants[ti].counters.clone();
+    ) -> Verdict {
         // The quoted packet travelled from the error's destination to its source.
         let Some(q) = quote.filter(|q| q.src == view.dst && q.dst == view.src) else {
-            return counters.count_drop(DropReason::IcmpUnrelated);
+            return Verdict::Drop(DropReason::IcmpUnrelated);
         };
         let (key, _) = FlowKey::new(
             self.tenants[ti].num,
@@ -314,49 +300,43 @@ impl Gateway {
             }
         });
         let Some(dst_slot) = dst_slot else {
-            return counters.count_drop(DropReason::IcmpUnrelated);
+            return Verdict::Drop(DropReason::IcmpUnrelated);
         };
         if packet::decrement_ttl(pkt, view) == Hop::Expired {
-            return counters.count_drop(DropReason::TtlExpired);
+            return Verdict::Drop(DropReason::TtlExpired);
         }
-        self.send_to_peer(dst_slot, pkt, &counters, tx);
+        Verdict::Forward(dst_slot)
     }
 
-    /// Routes, limits and decides a new flow; records its start. `None` when no flow is created (the packet
-    /// has been dropped and counted).
+    /// Routes, limits and decides a new flow; records its start. `Err`: no flow is created, and the verdict
+    /// for the packet says why.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_flow(
         &mut self,
         now: Instant,
-        ti: usize,
+        ti: TenantIdx,
         src_slot: u32,
         key: FlowKey,
         dir: KeyDir,
         view: &IpView,
         t: &Transport,
-        pkt: &[u8],
-        tx: &mut TxQueue,
-    ) -> Option<u32> {
-        let counters = self.tenants[ti].counters.clone();
+    ) -> Result<u32, Verdict> {
         let Some(route) = self.route_of(ti, src_slot, view.dst) else {
-            self.reject(src_slot, ti, pkt, view, t, Unreachable::NoRoute, tx);
-            counters.count_drop(DropReason::NoRoute);
-            return None;
+            return Err(Verdict::Reject(Unreachable::NoRoute, DropReason::NoRoute));
         };
         let now_ms = self.ms(now);
         if !self.take_new_flow_token(src_slot, now_ms) {
-            counters.count_drop(DropReason::FlowRateLimited);
-            return None;
+            return Err(Verdict::Drop(DropReason::FlowRateLimited));
         }
         if route == Route::Offramp && self.offramp_forbidden(ti, view.dst, t.dport) {
-            self.reject(src_slot, ti, pkt, view, t, Unreachable::Prohibited, tx);
             self.note_refused(src_slot, view, t, Action::Reject, None, now_ms);
-            counters.count_drop(DropReason::OfframpForbidden);
-            return None;
+            return Err(Verdict::Reject(
+                Unreachable::Prohibited,
+                DropReason::OfframpForbidden,
+            ));
         }
         if !self.admit_new_flows {
-            counters.count_drop(DropReason::AuditUnavailable);
-            return None;
+            return Err(Verdict::Drop(DropReason::AuditUnavailable));
         }
         let peer = self.peers[src_slot as usize]
             .as_ref()
@@ -383,13 +363,11 @@ impl Gateway {
                 decision.action
             };
             self.note_refused(src_slot, view, t, action, decision.rule, now_ms);
-            if action == Action::Reject {
-                self.reject(src_slot, ti, pkt, view, t, Unreachable::Prohibited, tx);
-                counters.count_drop(DropReason::PolicyRejected);
+            return Err(if action == Action::Reject {
+                Verdict::Reject(Unreachable::Prohibited, DropReason::PolicyRejected)
             } else {
-                counters.count_drop(DropReason::PolicyDenied);
-            }
-            return None;
+                Verdict::Drop(DropReason::PolicyDenied)
+            });
         }
         let tenant = &self.tenants[ti];
         let num = tenant.num as usize;
@@ -397,13 +375,11 @@ impl Gateway {
             .as_ref()
             .is_some_and(|p| p.live_flows >= self.device_max_flows)
         {
-            counters.count_drop(DropReason::DeviceFlowLimit);
-            return None;
+            return Err(Verdict::Drop(DropReason::DeviceFlowLimit));
         }
         if self.flows.len() >= self.max_flows
             || tenant.max_flows.is_some_and(|m| self.flow_counts[num] >= m)
         {
-            counters.count_drop(DropReason::FlowLimit);
             if self
                 .last_limit_warn_ms
                 .is_none_or(|t| now_ms >= t + LIMIT_WARN_EVERY_MS)
@@ -411,7 +387,7 @@ impl Gateway {
                 self.last_limit_warn_ms = Some(now_ms);
                 tracing::warn!(tenant = %tenant.id, flows = self.flows.len(), tenant_flows = self.flow_counts[num], "flow limit reached; new flows are dropped until some end");
             }
-            return None;
+            return Err(Verdict::Drop(DropReason::FlowLimit));
         }
         let peer = self.peers[src_slot as usize]
             .as_ref()
@@ -433,12 +409,10 @@ impl Gateway {
             Route::Offramp if !upgrade => FlowTarget::Offramp,
             Route::Offramp | Route::Peer(_) => {
                 let (IpAddr::V4(s), IpAddr::V4(d)) = (view.src, view.dst) else {
-                    counters.count_drop(DropReason::OfframpUnsupported);
-                    return None;
+                    return Err(Verdict::Drop(DropReason::OfframpUnsupported));
                 };
                 if !Transport::has_ports(view.protocol) {
-                    counters.count_drop(DropReason::OfframpUnsupported);
-                    return None;
+                    return Err(Verdict::Drop(DropReason::OfframpUnsupported));
                 }
                 let (src, dst) = (SocketAddrV4::new(s, t.sport), SocketAddrV4::new(d, t.dport));
                 let nat_key = NatKey {
@@ -448,8 +422,7 @@ impl Gateway {
                     dst,
                 };
                 let Ok(slot) = self.upgrade_nat.claim(nat_key, now_ms) else {
-                    counters.count_drop(DropReason::NatExhausted);
-                    return None;
+                    return Err(Verdict::Drop(DropReason::NatExhausted));
                 };
                 let splice_peer = match route {
                     Route::Peer(p) => Some(p),
@@ -460,26 +433,26 @@ impl Gateway {
                         Ok(d) => Some(d),
                         Err(_) => {
                             self.upgrade_nat.release(&nat_key, now_ms);
-                            counters.count_drop(DropReason::NatExhausted);
-                            return None;
+                            return Err(Verdict::Drop(DropReason::NatExhausted));
                         }
                     },
                     None => None,
                 };
-                self.events.push(FlowEvent::Upgraded(Box::new(Upgraded {
-                    seq,
-                    slot,
-                    protocol: view.protocol,
-                    src,
-                    dst,
-                    tenant: tenant.id.clone(),
-                    device: device.clone(),
-                    user: user.clone(),
-                    groups: Arc::from(peer_groups.as_slice()),
-                    rule: rule.clone(),
-                    downgrade,
-                    inspect: tenant.policy.inspect(&decision),
-                })));
+                self.events
+                    .push_back(FlowEvent::Upgraded(Box::new(Upgraded {
+                        seq,
+                        slot,
+                        protocol: view.protocol,
+                        src,
+                        dst,
+                        tenant: tenant.id.clone(),
+                        device: device.clone(),
+                        user: user.clone(),
+                        groups: Arc::from(peer_groups.as_slice()),
+                        rule: rule.clone(),
+                        downgrade,
+                        inspect: tenant.policy.inspect(&decision),
+                    })));
                 FlowTarget::Upgrade(slot, splice_peer)
             }
         };
@@ -514,12 +487,13 @@ impl Gateway {
         };
         self.events.insert(at, start);
         tracing::trace!(seq, action = decision.action.as_str(), "flow start");
-        counters.flows_started.add(1);
+        self.tenants[ti].counters.flows_started.add(1);
         self.flow_counts[num] += 1;
+        self.gauges_dirty = true;
         if let Some(p) = self.peers[src_slot as usize].as_mut() {
             p.live_flows += 1;
         }
-        Some(self.flows.insert(Flow::new(
+        Ok(self.flows.insert(Flow::new(
             key,
             dir,
             seq,
@@ -537,7 +511,7 @@ impl Gateway {
     pub(super) fn reject(
         &mut self,
         src_slot: u32,
-        ti: usize,
+        ti: TenantIdx,
         pkt: &[u8],
         v: &IpView,
         t: &Transport,

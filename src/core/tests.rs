@@ -139,6 +139,16 @@ impl Net {
         self.settle();
     }
 
+    /// Time passes to the core's next deadline (if it asked for one) and the timers due then run.
+    fn run_timers(&mut self) {
+        let now = self.now();
+        if let Some((at, _)) = self.gw.poll_timeout() {
+            self.skew += at.saturating_duration_since(now);
+        }
+        let now = self.now();
+        self.gw.handle_timeout(now, &mut self.tx);
+    }
+
     fn settle(&mut self) {
         for _ in 0..64 {
             if self.tx.is_empty() {
@@ -704,7 +714,7 @@ proptest! {
             };
             let before = counted(&net);
             net.gw.handle_datagram(Instant::now(), from, &dg, &mut net.scratch, &mut net.tx);
-            let emitted = !net.tx.is_empty() || !net.gw.tun_queue().is_empty();
+            let emitted = !net.tx.is_empty() || net.gw.poll_transmit().is_some();
             let after = counted(&net);
             let (drops, rx, hs) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
             prop_assert_eq!(after.3 - before.3, 1, "datagram not counted");
@@ -716,7 +726,7 @@ proptest! {
                 prop_assert!(drops + rx + hs == 1 || emitted, "a datagram was not accounted: {:?}", dg);
             }
             net.tx.clear();
-            net.gw.tun_queue().clear();
+            while net.gw.poll_transmit().is_some() {}
         }
     }
 }
@@ -749,8 +759,17 @@ fn tcp(
 }
 
 fn events(net: &mut Net) -> Vec<FlowEvent> {
+    std::iter::from_fn(|| net.gw.poll_event()).collect()
+}
+
+/// The packets `poll_transmit` gives for `dest`; every other transmit is drained too.
+fn transmits(gw: &mut Gateway, dest: Dest) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    net.gw.take_events(&mut out);
+    while let Some(t) = gw.poll_transmit() {
+        if t.dest == dest {
+            out.extend(t.train.datagrams().map(<[u8]>::to_vec));
+        }
+    }
     out
 }
 
@@ -798,7 +817,7 @@ fn denied_port_is_dropped_and_recorded_with_its_rule() {
 fn summarise_refusals(net: &mut Net) -> Vec<FlowEvent> {
     net.skew += FlowSettings::default().deny_summary + Duration::from_millis(1);
     let now = net.now();
-    net.gw.handle_timers(now, &mut net.tx);
+    net.gw.handle_timeout(now, &mut net.tx);
     events(net)
 }
 
@@ -980,7 +999,7 @@ fn idle_flows_end_by_timeout_and_shutdown_ends_the_rest() {
     net.send(0, &tcp(a, 1000, b, 5201, 1, "S", b""));
     let _ = events(&mut net);
     let later = Instant::now() + Duration::from_secs(61);
-    net.gw.handle_timers(later, &mut net.tx);
+    net.gw.handle_timeout(later, &mut net.tx);
     net.tx.clear();
     let evs = events(&mut net);
     assert_eq!(
@@ -1043,10 +1062,7 @@ fn offramp_net() -> Net {
 }
 
 fn take_tun(net: &mut Net) -> Vec<Vec<u8>> {
-    let q = net.gw.tun_queue();
-    let out = q.iter().map(|(_, p)| p.to_vec()).collect();
-    q.clear();
-    out
+    transmits(&mut net.gw, Dest::UpgradeTun)
 }
 
 #[test]
@@ -1251,9 +1267,7 @@ fn proxy_between_devices_splices_an_upgraded_and_a_downgraded_leg() {
     );
     // B answers; the answer goes back into the namespace to the proxy's socket.
     net.send(1, &tcp(b, 22, a, 40000, 900, "SA", b""));
-    let q = net.gw.downgrade_queue();
-    let back: Vec<Vec<u8>> = q.iter().map(|(_, p)| p.to_vec()).collect();
-    q.clear();
+    let back = transmits(&mut net.gw, Dest::DowngradeTun);
     assert_eq!(back.len(), 1);
     assert_eq!(nat::ports_v4(&back[0]), Some((nat_dst, ksrc)));
     assert!(
@@ -1586,7 +1600,7 @@ fn one_device_cannot_fill_the_table_or_the_audit_trail() {
     // Once its flows expire and its bucket refills, the device opens flows again.
     net.skew += FlowSettings::default().udp_timeout + Duration::from_secs(1);
     let now = net.now();
-    net.gw.handle_timers(now, &mut net.tx);
+    net.gw.handle_timeout(now, &mut net.tx);
     net.send(0, &tcp(a, 50_000, b, 5201, 1, "S", b""));
     assert!(net.clients[1]
         .inbox
@@ -1858,7 +1872,7 @@ fn simulate(seed: u64, steps: usize) {
             2 => {
                 net.skew += Duration::from_secs(rng.below(90) as u64);
                 let now = net.now();
-                net.gw.handle_timers(now, &mut net.tx);
+                net.gw.handle_timeout(now, &mut net.tx);
                 net.settle();
             }
             _ => {
@@ -1872,8 +1886,7 @@ fn simulate(seed: u64, steps: usize) {
             }
         }
         // Events first: a packet's flow starts in the same step that delivers it.
-        let mut evs = Vec::new();
-        net.gw.take_events(&mut evs);
+        let evs = events(&mut net);
         for e in evs {
             match e {
                 FlowEvent::Start(s) => {
@@ -1938,8 +1951,7 @@ fn simulate(seed: u64, steps: usize) {
         }
     }
     net.gw.shutdown(net.now());
-    let mut evs = Vec::new();
-    net.gw.take_events(&mut evs);
+    let evs = events(&mut net);
     for e in evs {
         if let FlowEvent::End { seq, packets, .. } = e {
             let n = ends.entry(seq).or_default();
@@ -1991,8 +2003,7 @@ fn sim_tagged(p: &[u8], tenant: usize) -> Option<(usize, SimKey)> {
 fn timers_run_only_for_active_peers() {
     let mut net = two_tenants();
     let timed = |net: &mut Net| {
-        let now = net.now();
-        net.gw.handle_timers(now, &mut net.tx);
+        net.run_timers();
         net.metrics.global.peers_timed.get()
     };
     assert_eq!(

@@ -182,14 +182,23 @@ impl TxQueue {
 
     /// The queued trains: in the order each was started, so every destination's datagrams stay in order.
     pub fn trains(&self) -> impl Iterator<Item = Train<'_>> {
-        self.trains.iter().map(|t| {
-            let l = &self.lanes[t.lane];
-            Train {
-                to: l.to,
-                seg: t.seg,
-                segments: t.segments,
-                data: &l.buf[t.start..t.start + t.len],
-            }
+        (0..self.trains.len()).filter_map(|i| self.train(i))
+    }
+
+    /// How many trains are queued.
+    pub fn train_count(&self) -> usize {
+        self.trains.len()
+    }
+
+    /// The `i`th queued train (in `trains` order).
+    pub fn train(&self, i: usize) -> Option<Train<'_>> {
+        let t = self.trains.get(i)?;
+        let l = &self.lanes[t.lane];
+        Some(Train {
+            to: l.to,
+            seg: t.seg,
+            segments: t.segments,
+            data: &l.buf[t.start..t.start + t.len],
         })
     }
 

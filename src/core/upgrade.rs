@@ -20,6 +20,7 @@ impl Gateway {
     /// A packet the gateway's namespace sent out of the upgrade TUN (a reply on an upgraded flow): un-NAT it to
     /// `dst -> src` of the original flow and encrypt it to the device that opened the flow.
     pub fn handle_tun_packet(&mut self, now: Instant, pkt: &mut [u8], tx: &mut TxQueue) {
+        self.advance(now);
         let unattributed = &self.metrics.global.unattributed;
         let Some((_, slot)) = nat::ports_v4(pkt) else {
             return unattributed.count_drop(DropReason::NatStale);
@@ -65,7 +66,9 @@ impl Gateway {
         let (seq, initiator) = (flow.seq, flow.src_slot);
         match transition {
             Transition::None => {}
-            Transition::Established => self.events.push(FlowEvent::Established { seq, at: now }),
+            Transition::Established => self
+                .events
+                .push_back(FlowEvent::Established { seq, at: now }),
             Transition::Ended(reason) => self.record_end(idx, now, reason),
         }
         self.send_to_peer(initiator, pkt, &counters, tx);

@@ -14,7 +14,7 @@ fn data_slot(len: usize) -> usize {
 }
 
 /// Joins the peer in `slot` (whose `timed` flag is `flag`) to `timed` (the peers whose timers run on every
-/// tick), once.
+/// `TimerKind::PeerTimers` tick), once.
 fn arm_timers(flag: &mut bool, slot: u32, timed: &mut Vec<u32>) {
     if !*flag {
         *flag = true;
@@ -39,7 +39,7 @@ impl Gateway {
         }
     }
 
-    pub(super) fn add_peer(&mut self, tenant: usize, d: &Device, now: Instant) -> Option<u32> {
+    pub(super) fn add_peer(&mut self, tenant: TenantIdx, d: &Device, now: Instant) -> Option<u32> {
         let Some(slot) = self.take_slot(now) else {
             tracing::error!(device = %d.name, "no free peer slot ({MAX_SLOTS} per worker); device not connected");
             return None;
@@ -77,6 +77,7 @@ impl Gateway {
             }
             self.free_slots.push_back((slot, now));
             self.timed.retain(|&s| s != slot);
+            self.gauges_dirty = true;
             for c in self.closing.values_mut() {
                 if c.initiator == Some(slot) {
                     c.initiator = None;
@@ -94,6 +95,7 @@ impl Gateway {
         scratch: &mut [u8],
         tx: &mut TxQueue,
     ) {
+        self.advance(now);
         let g = &self.metrics.global;
         g.datagrams_rx.add(1);
         let packet = match Tunn::parse_incoming_packet(datagram) {
@@ -102,6 +104,8 @@ impl Gateway {
         };
         let slot = match packet {
             Packet::HandshakeInit(_) => {
+                // The gate's count must be reset (once a second) for a while after every initiation.
+                self.gate_busy_until = Some(now + super::timers::GATE_BUSY);
                 // Gate before any DH: under load this answers with a cookie reply instead.
                 let half = match self.gate.verify_packet(
                     Some(from.ip()),
@@ -299,32 +303,8 @@ impl Gateway {
         }
     }
 
-    /// Drives every peer's timers (handshake retries, keepalives, expiry) and resets the handshake gate.
-    /// Also expires idle flows (bounded work per call).
-    pub fn handle_timers(&mut self, now: Instant, tx: &mut TxQueue) {
-        self.gate.reset_count();
-        self.flush_refused_due(now);
-        let mut expired = Vec::new();
-        self.flows.expire(self.ms(now), EXPIRY_BUDGET, &mut expired);
-        for e in expired {
-            if e.idle {
-                self.push_end(&e.flow, now, EndReason::IdleTimeout);
-            }
-            self.forget_flow(&e.flow);
-        }
-        for t in &self.tenants {
-            t.counters
-                .flows
-                .set(self.flow_counts[t.num as usize] as u64);
-        }
-        self.metrics
-            .global
-            .nat_slots
-            .set(self.upgrade_nat.len() as u64);
-        self.metrics
-            .global
-            .nat_slots_closing
-            .set(self.closing.len() as u64);
+    /// Drives the timers of every armed peer (handshake retries, keepalives, expiry); from `handle_timeout`.
+    pub(super) fn run_peer_timers(&mut self, tx: &mut TxQueue) {
         let mut connected = vec![0u64; self.tenants.len()];
         let mut i = 0;
         while i < self.timed.len() {
@@ -361,7 +341,7 @@ impl Gateway {
                 .time_since_last_handshake()
                 .is_some_and(|t| t < CONNECTED_WINDOW)
             {
-                connected[p.tenant] += 1;
+                connected[p.tenant.get()] += 1;
             }
             i += 1;
         }

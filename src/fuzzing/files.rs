@@ -37,7 +37,7 @@ fn apply_everywhere(cfg: &Config) {
     let other = harness_config(0);
     gw.apply(&other, now + Duration::from_millis(2), &mut tx);
     gw.apply(cfg, now + Duration::from_millis(3), &mut tx);
-    gw.handle_timers(now + Duration::from_millis(4), &mut tx);
+    gw.handle_timeout(now + Duration::from_millis(4), &mut tx);
     let _ = gw.peer_status();
     gw.shutdown(now + Duration::from_millis(5));
     let _ = cfg.restart_only_differences(&other);

@@ -28,7 +28,7 @@ use super::packet::build;
 use super::Input;
 use crate::config::Config;
 use crate::core::{
-    tx, DropReason, FlowEvent, Gateway, Metrics, TxQueue, Upgraded, UPGRADE_LISTENER,
+    tx, Dest, DropReason, FlowEvent, Gateway, Metrics, TxQueue, Upgraded, UPGRADE_LISTENER,
 };
 use crate::keys::PrivateKey;
 use crate::packet;
@@ -335,12 +335,13 @@ impl World {
         self.gw.shutdown(self.now);
         self.gw.apply(&self.configs[0], self.now, &mut self.tx);
         self.gw.set_admit_new_flows(true);
-        // A timer tick also resets the handshake gate, so earlier inputs never put this one "under load".
-        self.gw.handle_timers(self.now, &mut self.tx);
+        // A tick later the timers run (the handshake gate's reset among them), so earlier inputs never put this
+        // one "under load".
+        self.now += crate::core::TIMER_TICK;
+        self.gw.handle_timeout(self.now, &mut self.tx);
         self.tx.clear();
-        self.gw.tun_queue().clear();
-        self.gw.downgrade_queue().clear();
-        self.gw.take_events(&mut Vec::new());
+        while self.gw.poll_transmit().is_some() {}
+        while self.gw.poll_event().is_some() {}
         self.upgraded.clear();
     }
 
@@ -443,9 +444,7 @@ impl World {
     }
 
     fn collect_events(&mut self) {
-        let mut evs = Vec::new();
-        self.gw.take_events(&mut evs);
-        for e in evs {
+        while let Some(e) = self.gw.poll_event() {
             match e {
                 FlowEvent::Upgraded(u) => {
                     reach(|r| {
@@ -463,46 +462,49 @@ impl World {
     /// Checks the packets the gateway queued for its namespace and returns how many there were.
     fn drain_tun_queues(&mut self, valid_input: bool) -> usize {
         let mut n = 0;
-        for (_, p) in self.gw.tun_queue().iter() {
-            n += 1;
-            let (src, dst) =
-                crate::core::nat::ports_v4(p).expect("upgrade TUN packets are IPv4 TCP/UDP");
-            assert_eq!(
-                dst, UPGRADE_LISTENER,
-                "upgraded packet not NAT-ed to the listener"
-            );
-            assert_eq!(
-                src.ip().octets()[..2],
-                [100, 64],
-                "upgraded packet source outside the slot range"
-            );
-            if valid_input {
-                assert_eq!(
-                    checksums_ok(p),
-                    Some(true),
-                    "checksum of an upgraded packet"
-                );
+        while let Some(t) = self.gw.poll_transmit() {
+            for p in t.train.datagrams() {
+                n += 1;
+                match t.dest {
+                    Dest::UpgradeTun => {
+                        let (src, dst) = crate::core::nat::ports_v4(p)
+                            .expect("upgrade TUN packets are IPv4 TCP/UDP");
+                        assert_eq!(
+                            dst, UPGRADE_LISTENER,
+                            "upgraded packet not NAT-ed to the listener"
+                        );
+                        assert_eq!(
+                            src.ip().octets()[..2],
+                            [100, 64],
+                            "upgraded packet source outside the slot range"
+                        );
+                        if valid_input {
+                            assert_eq!(
+                                checksums_ok(p),
+                                Some(true),
+                                "checksum of an upgraded packet"
+                            );
+                        }
+                    }
+                    Dest::DowngradeTun => {
+                        let (src, _) = crate::core::nat::ports_v4(p)
+                            .expect("downgrade TUN packets are IPv4 TCP/UDP");
+                        assert_eq!(
+                            src.ip().octets()[..2],
+                            [100, 65],
+                            "downgrade answer source outside its range"
+                        );
+                        if valid_input {
+                            assert_eq!(
+                                checksums_ok(p),
+                                Some(true),
+                                "checksum of a downgraded packet"
+                            );
+                        }
+                    }
+                }
             }
         }
-        for (_, p) in self.gw.downgrade_queue().iter() {
-            n += 1;
-            let (src, _) =
-                crate::core::nat::ports_v4(p).expect("downgrade TUN packets are IPv4 TCP/UDP");
-            assert_eq!(
-                src.ip().octets()[..2],
-                [100, 65],
-                "downgrade answer source outside its range"
-            );
-            if valid_input {
-                assert_eq!(
-                    checksums_ok(p),
-                    Some(true),
-                    "checksum of a downgraded packet"
-                );
-            }
-        }
-        self.gw.tun_queue().clear();
-        self.gw.downgrade_queue().clear();
         reach(|r| r.to_namespace += n as u64);
         n
     }
@@ -632,7 +634,7 @@ pub(crate) fn core_inner(data: &[u8]) {
                     // Time passes (flows expire, slots leave quarantine).
                     let ms = u64::from(inp.u16()) * 32;
                     w.now += Duration::from_millis(ms);
-                    w.gw.handle_timers(w.now, &mut w.tx);
+                    w.gw.handle_timeout(w.now, &mut w.tx);
                     let d = w.settle(None);
                     w.check_delivered(&d, None, false);
                     w.collect_events();
