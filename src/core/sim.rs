@@ -447,6 +447,7 @@ fn a_flow_asks_for_a_wakeup_at_its_idle_deadline_not_sooner() {
                 name: DeviceName::onramp_subject("sim", None, None),
                 user: UserName::parse("onramp:sim").unwrap(),
                 groups: Vec::new(),
+                mtu: None,
             },
         )
         .expect("slot");
