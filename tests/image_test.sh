@@ -8,6 +8,9 @@
 # namespace tunnels to the gateway in the VM (127.0.0.1:8443/tcp reaches the enrollment listener). Nothing is routed in the root namespace. One VM at a time.
 # Serial logs are kept in build/image-test/. Closing line: "image-test: N passed, M failed".
 set -uo pipefail
+# With pipefail, `producer | grep -q` can fail although it matched: grep exits at the first match and a
+# producer still writing (bash's echo writes line by line) dies of SIGPIPE. Output in variables is matched with
+# here-strings (`grep -q RE <<<"$X"`), piped output with `grep RE >/dev/null`, which reads to the end.
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 img_dir=$(realpath "${1:-$repo/build/image}")
@@ -88,7 +91,7 @@ vm_mark() { VM_MARK=$(stat -c %s "$VM_LOG"); }
 wait_for() {
     local pat=$1 deadline=$((SECONDS + $2))
     while [ $SECONDS -lt $deadline ]; do
-        if since_mark | grep -aqE -e "$pat"; then
+        if since_mark | grep -aE -e "$pat" >/dev/null; then
             log "  [$VM_NAME] +$((SECONDS - VM_T0))s $(since_mark | grep -aE -e "$pat" | head -n 1)"
             return 0
         fi
@@ -108,7 +111,7 @@ guest_run() {
     printf 'echo @@""B%d; %s; echo @@""E%d rc=$?\n' "$GN" "$1" "$GN" >&"$VM_IN"
     while [ $SECONDS -lt $deadline ]; do
         seg=$(tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r')
-        if echo "$seg" | grep -aqE "^@@E$GN rc=[0-9]+"; then
+        if grep -aqE "^@@E$GN rc=[0-9]+" <<<"$seg"; then
             GUEST_OUT=$(echo "$seg" | sed -n "/^@@B$GN\$/,/^@@E$GN rc=/p" | sed '1d;$d')
             GUEST_RC=$(echo "$seg" | sed -n "s/^@@E$GN rc=\([0-9]*\).*/\1/p" | head -n 1)
             return 0
@@ -131,7 +134,7 @@ expect_guest() {
         return 1
     fi
     for pat in "$@"; do
-        if ! echo "$GUEST_OUT" | grep -aqE -e "$pat"; then
+        if ! grep -aqE -e "$pat" <<<"$GUEST_OUT"; then
             log "  [$VM_NAME] '$cmd' output lacks /$pat/:"
             echo "$GUEST_OUT" | sed 's/^/      /'
             return 1
@@ -149,7 +152,7 @@ guest_send() { printf '%s\n' "$1" >&"$VM_IN"; }
 wait_after() {
     local from=$1 pat=$2 deadline=$((SECONDS + $3))
     while [ $SECONDS -lt $deadline ]; do
-        tail -c +$((from + 1)) "$VM_LOG" | tr -d '\r' | grep -aqE -e "$pat" && return 0
+        tail -c +$((from + 1)) "$VM_LOG" | tr -d '\r' | grep -aE -e "$pat" >/dev/null && return 0
         kill -0 "$VM_PID" 2>/dev/null || return 1
         sleep 0.5
     done
@@ -184,7 +187,7 @@ console_refuses_root_without_password() {
     printf 'echo @@""PW%d; id -u\n' "$n" >&"$VM_IN"
     wait_after "$start" "^@@PW$n\$|Password: " 60 ||
         { log "  [$VM_NAME] the console neither ran the typed command nor asked for a password"; return 1; }
-    if tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | grep -aqE "^@@PW$n\$"; then
+    if tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | grep -aE "^@@PW$n\$" >/dev/null; then
         log "  [$VM_NAME] ATTACK WORKED: a command typed at the serial console ran without a login:"
         tail -c +$((start + 1)) "$VM_LOG" | tr -d '\r' | sed -n "/^@@PW$n\$/,+1p" | sed 's/^/      /'
         return 1
@@ -223,7 +226,7 @@ vm_powerdown() {
     VM_PID=
     exec {VM_IN}>&-
     if [ "$rc" != 0 ]; then log "  [$VM_NAME] qemu exited $rc after powerdown"; return 1; fi
-    since_mark | grep -aq 'MARK shutdown-clean' || { log "  [$VM_NAME] no 'MARK shutdown-clean' before poweroff"; return 1; }
+    since_mark | grep -a 'MARK shutdown-clean' >/dev/null || { log "  [$VM_NAME] no 'MARK shutdown-clean' before poweroff"; return 1; }
     log "  [$VM_NAME] powered off cleanly (qemu rc 0) at +$((SECONDS - VM_T0))s"
 }
 
@@ -353,7 +356,7 @@ firewall_check() {
         'hook forward priority filter; policy drop;' 'meta skuid .*jump gateway_out' 'udp sport 51820 accept' \
         'counter packets [0-9]+ bytes [0-9]+ reject with icmpx admin-prohibited' ||
         return 1
-    if echo "$GUEST_OUT" | grep -aqE 'dport (9999|8443)'; then
+    if grep -aqE 'dport (9999|8443)' <<<"$GUEST_OUT"; then
         log "  the ruleset opens a port it should not:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1
     fi
     expect_guest 'mkdir -p /run/probe && echo rampart-probe >/run/probe/probe.txt && httpd -p 9999 -h /run/probe && wget -q -O- http://127.0.0.1:9999/probe.txt' \
@@ -366,10 +369,10 @@ firewall_check() {
     ip netns exec "$NS" busybox httpd -f -p 127.0.0.1:8099 -h "$work/www" &
     HTTPD_PID=$!
     egress_as root
-    echo "$GUEST_OUT" | grep -aq '^rampart-egress' ||
+    grep -aq '^rampart-egress' <<<"$GUEST_OUT" ||
         { log "  root in the guest cannot GET the test namespace's page: $GUEST_OUT"; return 1; }
     egress_as rampart
-    if echo "$GUEST_OUT" | grep -aq 'rampart-egress' || ! echo "$GUEST_OUT" | grep -aq 'No route to host'; then
+    if grep -aq 'rampart-egress' <<<"$GUEST_OUT" || ! grep -aq 'No route to host' <<<"$GUEST_OUT"; then
         log "  the gateway's user was not refused by the output policy: '$GUEST_OUT'"; return 1
     fi
     log "  egress: root gets the page from 10.0.2.2:8099, the gateway's user is refused ($(echo "$GUEST_OUT" | head -n 1))"
@@ -379,14 +382,14 @@ firewall_check() {
     [ "$out" = rampart-probe ] || { log "  control failed: without the policy, port 9999 answered '$out'"; return 1; }
     log "  control: without the policy, port 9999 answers from the test namespace"
     egress_as rampart
-    echo "$GUEST_OUT" | grep -aq '^rampart-egress' ||
+    grep -aq '^rampart-egress' <<<"$GUEST_OUT" ||
         { log "  control failed: without the policy the gateway's user still cannot GET the page: '$GUEST_OUT'"; return 1; }
     log "  control: without the policy, the gateway's user gets the page"
     expect_guest '/usr/lib/rampart/firewall-up' || return 1
     out=$(probe_9999)
     [ -z "$out" ] || { log "  port 9999 answered after firewall-up reloaded the policy: '$out'"; return 1; }
     egress_as rampart
-    echo "$GUEST_OUT" | grep -aq 'No route to host' ||
+    grep -aq 'No route to host' <<<"$GUEST_OUT" ||
         { log "  the gateway's user got through after firewall-up reloaded the policy: '$GUEST_OUT'"; return 1; }
     kill "$HTTPD_PID" 2>/dev/null; wait "$HTTPD_PID" 2>/dev/null; HTTPD_PID=
     log "  firewall-up reloaded the policy: port 9999 closed and the gateway's user refused again"
@@ -582,7 +585,7 @@ test_first_boot_creates_config_and_prints_enrollment_hint() {
         gateway_runs_unprivileged &&
         expect_guest 'ls -A /boot/efi/rampart; grep -c "^root:[$]6[$]" /data/system/shadow; ls -l /etc/shadow' \
             '^1$' '/etc/shadow -> /data/system/shadow' &&
-        { ! echo "$GUEST_OUT" | grep -q console-password || { log "  the password seed is still on the ESP"; false; }; } &&
+        { ! grep -q console-password <<<"$GUEST_OUT" || { log "  the password seed is still on the ESP"; false; }; } &&
         { ! grep -aqF "$CONSOLE_PW" "$VM_LOG" || { log "  the console password appeared on the serial console"; false; }; } &&
         expect_guest 'rampart system status' '^a +/dev/vda2 +good \*booted' '^b +/dev/vda3 +empty' \
             '^next boot: slot a' 'health: healthy' &&
@@ -624,7 +627,7 @@ refuse_update() {
     if [ "$GUEST_RC" = 0 ]; then
         log "  [$VM_NAME] update from $1 was accepted:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1
     fi
-    echo "$GUEST_OUT" | grep -aqE -e "$2" ||
+    grep -aqE -e "$2" <<<"$GUEST_OUT" ||
         { log "  [$VM_NAME] update from $1 refused without /$2/:"; echo "$GUEST_OUT" | sed 's/^/      /'; return 1; }
     log "  refused $1: $(echo "$GUEST_OUT" | grep -aE -e "$2" | head -n 1 | cut -c1-220)"
 }
