@@ -226,14 +226,22 @@ fn a_shared_policy_that_does_not_validate_is_refused_and_the_running_config_stay
     wait_ping(&bob.ns, GW_ADDR, TUNNEL_UP, "bob -> gateway");
     let bob_addr = bob.address().to_string();
     wait_ping(&alice.ns, &bob_addr, TUNNEL_UP, "alice -> bob (allowed)");
-    let applied = |lab: &Lab| {
-        node(&fleet_status(lab, &[]), "gw-a").and_then(|n| n["applied_version"].as_i64())
-    };
+    // The node publishes its devices after each `device add` (asynchronously): wait until both are shared and
+    // the node has applied the newest version, so no publish of its own can land after the bad document.
     let (before, _) = wait_until(
-        "gw-a applied a version",
+        "gw-a published alice and bob and applied the newest version",
         APPLIED,
         Duration::from_millis(200),
-        || applied(&lab).filter(|v| *v > 0),
+        || {
+            let shared = pg.psql(
+                "SELECT count(*) FROM fleet_devices WHERE tenant = 'acme' AND name IN ('alice', 'bob') AND NOT removed",
+            );
+            let s = fleet_status(&lab, &[]);
+            let n = node(&s, "gw-a")?;
+            (shared.trim() == "2" && n["lag"] == 0)
+                .then(|| n["applied_version"].as_i64())
+                .flatten()
+        },
     );
     // Another node (here: SQL) publishes a document with an unknown action, and notifies.
     let bad = "[[tenant]]\nid = \"acme\"\nname = \"Tenant acme\"\naddress_pool = \"100.96.0.0/24\"\ngateway_address = \"100.96.0.1\"\n\n[[tenant.rule]]\nid = \"deny-typo\"\naction = \"dney\"\n";
