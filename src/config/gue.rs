@@ -348,38 +348,15 @@ fn validate_site(
         );
         ok = false;
     }
-    let mut inner_prefixes = Vec::new();
-    for p in s.inner_prefixes.items() {
-        let Ok(net) = p.parse::<IpNet>() else {
-            c.push(
-                format!("{key}.inner_prefixes"),
-                format!("{p:?} is not a CIDR; write it like \"10.7.0.0/16\""),
-            );
-            ok = false;
-            continue;
-        };
-        let net = net.trunc();
-        let clash = tenant
-            .pools()
-            .any(|pool| pool.contains(&net) || net.contains(&pool))
-            || tenant.gateway_addresses().any(|a| net.contains(&a));
-        if clash {
-            c.push(
-                format!("{key}.inner_prefixes"),
-                format!("{p} overlaps the tenant's address pool or gateway address; a site's networks must be its own (it could otherwise send as a device)"),
-            );
-            ok = false;
-            continue;
-        }
-        inner_prefixes.push(net);
-    }
-    if inner_prefixes.is_empty() && ok {
-        c.push(
-            format!("{key}.inner_prefixes"),
-            "empty; list the inner source networks of the site, like [\"10.7.0.0/16\"]",
-        );
-        ok = false;
-    }
+    let inner_prefixes = super::onramp::source_networks(
+        &s.inner_prefixes,
+        tenant,
+        &format!("{key}.inner_prefixes"),
+        "of the site",
+        c,
+    );
+    ok &= inner_prefixes.is_some();
+    let inner_prefixes = inner_prefixes.unwrap_or_default();
     let mtu = match s.mtu {
         None => DEFAULT_SITE_MTU,
         Some(m @ 576..=9000) => m,

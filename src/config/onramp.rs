@@ -237,39 +237,15 @@ fn validate_grant(
         return None;
     };
     let mut ok = true;
-    let mut prefixes = Vec::new();
-    for p in t.prefixes.items() {
-        let Ok(net) = p.parse::<IpNet>() else {
-            c.push(
-                format!("{key}.prefixes"),
-                format!("{p:?} is not a CIDR; write it like \"10.7.0.0/16\""),
-            );
-            ok = false;
-            continue;
-        };
-        let net = net.trunc();
-        // The connection's sources must never include a device's or the gateway's address: it could spoof them.
-        let clash = tenant
-            .pools()
-            .any(|pool| pool.contains(&net) || net.contains(&pool))
-            || tenant.gateway_addresses().any(|a| net.contains(&a));
-        if clash {
-            c.push(
-                format!("{key}.prefixes"),
-                format!("{p} overlaps the tenant's address pool or gateway address; on-ramp sources must be their own networks (a connection could otherwise send as a device)"),
-            );
-            ok = false;
-            continue;
-        }
-        prefixes.push(net);
-    }
-    if prefixes.is_empty() && ok {
-        c.push(
-            format!("{key}.prefixes"),
-            "empty; list the inner source networks this tenant's connections use, like [\"10.7.0.0/16\"]",
-        );
-        ok = false;
-    }
+    let prefixes = source_networks(
+        &t.prefixes,
+        tenant,
+        &format!("{key}.prefixes"),
+        "this tenant's connections use",
+        c,
+    );
+    ok &= prefixes.is_some();
+    let prefixes = prefixes.unwrap_or_default();
     let mut names = |field: &str, v: Option<Vec<String>>| -> Option<Vec<String>> {
         let v = v?;
         for n in &v {
@@ -300,4 +276,50 @@ fn validate_grant(
         user,
         groups: t.groups,
     })
+}
+
+/// The inner source networks of an on-ramp grant or GUE site (`field` names the key): CIDRs, truncated, at
+/// least one, none overlapping the tenant's device pools or gateway addresses (a source there could send as a
+/// device). `None` once every problem is reported.
+pub(super) fn source_networks(
+    list: &AddrList,
+    tenant: &Tenant,
+    field: &str,
+    whose: &str,
+    c: &mut Collector<'_>,
+) -> Option<Vec<IpNet>> {
+    let mut ok = true;
+    let mut nets = Vec::new();
+    for p in list.items() {
+        let Ok(net) = p.parse::<IpNet>() else {
+            c.push(
+                field,
+                format!("{p:?} is not a CIDR; write it like \"10.7.0.0/16\""),
+            );
+            ok = false;
+            continue;
+        };
+        let net = net.trunc();
+        let clash = tenant
+            .pools()
+            .any(|pool| pool.contains(&net) || net.contains(&pool))
+            || tenant.gateway_addresses().any(|a| net.contains(&a));
+        if clash {
+            c.push(
+                field,
+                format!("{p} overlaps the tenant's address pool or gateway address; on-ramp sources must be networks of their own (they could otherwise send as a device)"),
+            );
+            ok = false;
+            continue;
+        }
+        nets.push(net);
+    }
+    if nets.is_empty() && ok {
+        c.push(
+            field,
+            format!("empty; list the inner source networks {whose}, like [\"10.7.0.0/16\"]"),
+        );
+        ok = false;
+    }
+    ok.then_some(nets)
 }
