@@ -64,49 +64,7 @@ pub(super) fn validate_admin_token(
     let file = resolve(base, file);
     let make = MAKE_TOKEN.replace("FILE", &file.display().to_string());
     let key = "gateway.admin_token_file";
-    let meta = match std::fs::metadata(&file) {
-        Ok(m) if m.is_file() => m,
-        Ok(_) => {
-            c.push(
-                key,
-                format!(
-                    "{} is not a regular file; create it: `{make}`",
-                    file.display()
-                ),
-            );
-            return None;
-        }
-        Err(e) => {
-            c.push(
-                key,
-                format!("cannot read {}: {e}; create it: `{make}`", file.display()),
-            );
-            return None;
-        }
-    };
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        c.push(
-            key,
-            format!(
-                "{} is mode {mode:04o}: other users can read the admin token; `chmod 600 {}`",
-                file.display(),
-                file.display()
-            ),
-        );
-        return None;
-    }
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) => {
-            c.push(
-                key,
-                format!("cannot read {}: {e}; create it: `{make}`", file.display()),
-            );
-            return None;
-        }
-    };
+    let text = super::validate::read_private_file(&file, key, "admin token", &make, c)?;
     let secret = text.trim();
     if secret.len() < MIN_ADMIN_TOKEN_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
         c.push(

@@ -427,50 +427,8 @@ fn validate_site(
 
 /// Reads a site key: a regular file only its owner can read, holding 64 hex digits.
 fn read_key(file: &Path, key: &str, c: &mut Collector<'_>) -> Option<[u8; GUE_KEY_LEN]> {
-    use std::os::unix::fs::PermissionsExt as _;
     let make = MAKE_KEY.replace("FILE", &file.display().to_string());
-    let meta = match std::fs::metadata(file) {
-        Ok(m) if m.is_file() => m,
-        Ok(_) => {
-            c.push(
-                key,
-                format!(
-                    "{} is not a regular file; create it: `{make}`",
-                    file.display()
-                ),
-            );
-            return None;
-        }
-        Err(e) => {
-            c.push(
-                key,
-                format!("cannot read {}: {e}; create it: `{make}`", file.display()),
-            );
-            return None;
-        }
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        c.push(
-            key,
-            format!(
-                "{} is mode {mode:04o}: other users can read the site key; `chmod 600 {}`",
-                file.display(),
-                file.display()
-            ),
-        );
-        return None;
-    }
-    let text = match std::fs::read_to_string(file) {
-        Ok(t) => t,
-        Err(e) => {
-            c.push(
-                key,
-                format!("cannot read {}: {e}; create it: `{make}`", file.display()),
-            );
-            return None;
-        }
-    };
+    let text = super::validate::read_private_file(file, key, "site key", &make, c)?;
     let hex = text.trim();
     let mut secret = [0u8; GUE_KEY_LEN];
     let valid = hex.len() == 2 * GUE_KEY_LEN

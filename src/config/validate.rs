@@ -558,6 +558,60 @@ pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// The text of a secret file (`key` names the setting, `what` the secret): a regular file that only its owner
+/// can read. Every problem is reported with the command that makes a good one (`make`); `None` then.
+pub(super) fn read_private_file(
+    file: &Path,
+    key: &str,
+    what: &str,
+    make: &str,
+    c: &mut Collector<'_>,
+) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cannot_read = |e: std::io::Error, c: &mut Collector<'_>| {
+        c.push(
+            key,
+            format!("cannot read {}: {e}; create it: `{make}`", file.display()),
+        );
+    };
+    let meta = match std::fs::metadata(file) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => {
+            c.push(
+                key,
+                format!(
+                    "{} is not a regular file; create it: `{make}`",
+                    file.display()
+                ),
+            );
+            return None;
+        }
+        Err(e) => {
+            cannot_read(e, c);
+            return None;
+        }
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        c.push(
+            key,
+            format!(
+                "{} is mode {mode:04o}: other users can read the {what}; `chmod 600 {}`",
+                file.display(),
+                file.display()
+            ),
+        );
+        return None;
+    }
+    match std::fs::read_to_string(file) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            cannot_read(e, c);
+            None
+        }
+    }
+}
+
 pub(super) fn validate_egress(
     raw: Option<RawEgress>,
     base: &Path,
