@@ -196,3 +196,50 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
 }
+
+/// Tells [`start_worker`] whether the worker started; dropped unsaid, it counts as a failed start.
+pub struct Ready(std::sync::mpsc::Sender<anyhow::Result<()>>);
+
+impl Ready {
+    pub fn started(&self) {
+        let _ = self.0.send(Ok(()));
+    }
+
+    pub fn failed(&self, e: anyhow::Error) {
+        let _ = self.0.send(Err(e));
+    }
+}
+
+/// Runs `body` on a thread `name` with a current-thread runtime of its own, and waits (at most 120 s) until
+/// the body says it started (`Ready::started`) or failed (`Ready::failed`: the thread is joined and the error
+/// returned). `what` names the worker in errors.
+pub fn start_worker<F, Fut>(
+    name: &str,
+    what: &str,
+    body: F,
+) -> anyhow::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce(Ready) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || match runtime() {
+            Ok(rt) => rt.block_on(body(Ready(tx))),
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the {what} thread: {e}"))?;
+    let first = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the {what} did not start")));
+    match first {
+        Ok(()) => Ok(thread),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}

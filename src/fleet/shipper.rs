@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use rusqlite::Connection;
 use tokio::sync::Notify;
 
@@ -90,52 +89,26 @@ pub fn start(
         flag: AtomicBool::new(false),
         wake: Notify::new(),
     });
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let node = settings.node_id.clone();
     let interval = settings.ship_interval;
     let stop2 = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("rampart-fleet".into())
-        .spawn(move || {
-            let rt = match super::runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let first = open_session(&connector, &node).await;
-                let session = match first {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        Some(s)
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let g = &counters.fleet;
-                g.enabled.store(true, Ordering::Relaxed);
-                g.up.store(1, Ordering::Relaxed);
-                if let Some(s) = &session {
-                    g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
-                }
-                run(connector, node, db, interval, stop2, session, &counters).await;
-            });
-        })
-        .context("cannot start the fleet shipper thread")?;
-    let first = ready_rx
-        .recv_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the fleet shipper did not start")));
-    match first {
-        Ok(()) => Ok(ShipperHandle { thread, stop }),
-        Err(e) => {
-            let _ = thread.join();
-            Err(e)
+    let thread = super::start_worker("rampart-fleet", "fleet shipper", move |ready| async move {
+        let session = match open_session(&connector, &node).await {
+            Ok(s) => {
+                ready.started();
+                Some(s)
+            }
+            Err(e) => return ready.failed(e),
+        };
+        let g = &counters.fleet;
+        g.enabled.store(true, Ordering::Relaxed);
+        g.up.store(1, Ordering::Relaxed);
+        if let Some(s) = &session {
+            g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
         }
-    }
+        run(connector, node, db, interval, stop2, session, &counters).await;
+    })?;
+    Ok(ShipperHandle { thread, stop })
 }
 
 /// Connects, migrates, and reads (or creates) this node's row.

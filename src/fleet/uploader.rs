@@ -245,45 +245,24 @@ pub fn start(
     let outbox_file = outbox_path(&cfg.state_dir);
     let outbox = open_outbox(&outbox_file)
         .with_context(|| format!("cannot open the upload outbox {}", outbox_file.display()))?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let stop2 = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("rampart-objects".into())
-        .spawn(move || {
-            let rt = match super::runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                match objects.check().await {
-                    Ok(()) => {}
-                    Err(ObjectError::Config(m)) => {
-                        let _ = ready_tx.send(Err(anyhow::anyhow!("{m}")));
-                        return;
-                    }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "the fleet's object store is not reachable; SSH recordings are kept here and uploaded when it is"
-                    ),
-                }
-                let _ = ready_tx.send(Ok(()));
-                run(objects, cfg, outbox, stop2, counters).await;
-            });
-        })
-        .context("cannot start the recording uploader thread")?;
-    let first = ready_rx
-        .recv_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the recording uploader did not start")));
-    match first {
-        Ok(()) => Ok(UploaderHandle { thread, stop }),
-        Err(e) => {
-            let _ = thread.join();
-            Err(e)
-        }
-    }
+    let thread = super::start_worker(
+        "rampart-objects",
+        "recording uploader",
+        move |ready| async move {
+            match objects.check().await {
+                Ok(()) => {}
+                Err(ObjectError::Config(m)) => return ready.failed(anyhow::anyhow!("{m}")),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the fleet's object store is not reachable; SSH recordings are kept here and uploaded when it is"
+                ),
+            }
+            ready.started();
+            run(objects, cfg, outbox, stop2, counters).await;
+        },
+    )?;
+    Ok(UploaderHandle { thread, stop })
 }
 
 async fn run(
