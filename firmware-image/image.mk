@@ -8,6 +8,8 @@
 IMAGE_CARGO ?= $(or $(CARGO),cargo)
 IMAGE_OUT   ?= $(CURDIR)/build/image
 IMAGE_WORK  ?= $(CURDIR)/build/image-work
+# The cargo target directory of the gateway the image ships (`make test` gives it its own, see the Makefile).
+IMAGE_TARGET ?= $(CURDIR)/target
 
 .PHONY: image image-deps image-test
 
@@ -15,8 +17,8 @@ image-deps:
 	@$(CURDIR)/firmware-image/scripts/deps.sh
 
 image: image-deps ui
-	nice $(IMAGE_CARGO) build --release
-	nice $(CURDIR)/firmware-image/scripts/build.sh --rampart $(CURDIR)/target/release/rampart \
+	nice $(IMAGE_CARGO) build --release --target-dir $(IMAGE_TARGET)
+	nice $(CURDIR)/firmware-image/scripts/build.sh --rampart $(IMAGE_TARGET)/release/rampart \
 		--out $(IMAGE_OUT) --work $(IMAGE_WORK)
 
 image-test: image
