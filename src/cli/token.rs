@@ -231,7 +231,7 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
         } => {
             let cfg = load(&config)?;
             let now = crate::enroll::unix_now();
-            let rows = admin::list_tokens(&cfg.gateway.state_dir)?;
+            let rows = admin::tokens_of(&cfg)?;
             let mut o = std::io::stdout().lock();
             if !json {
                 writeln!(

@@ -149,7 +149,7 @@ fn token_view(t: &crate::enroll::store::TokenRow, now: i64) -> TokenView {
 pub(super) fn tokens(ctx: &Ctx, caller: &Caller) -> Result<Resp, ApiError> {
     let cfg = ctx.config();
     let now = crate::clock::unix_secs() as i64;
-    let items: Vec<TokenView> = crate::enroll::admin::list_tokens(&cfg.gateway.state_dir)
+    let items: Vec<TokenView> = crate::enroll::admin::tokens_of(&cfg)
         .map_err(ApiError::internal)?
         .iter()
         .filter(|t| caller.account.sees(t.tenant.as_str()))
@@ -252,7 +252,7 @@ pub(super) fn qr_svg(text: &str) -> Option<String> {
 pub(super) fn revoke_token(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
     let cfg = ctx.config();
     let tid = crate::enroll::admin::parse_token_id(id).map_err(admin_error)?;
-    let row = crate::enroll::admin::list_tokens(&cfg.gateway.state_dir)
+    let row = crate::enroll::admin::tokens_of(&cfg)
         .map_err(ApiError::internal)?
         .into_iter()
         .find(|t| t.id == tid && caller.account.sees(t.tenant.as_str()))
