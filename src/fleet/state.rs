@@ -1,11 +1,12 @@
 //! Shared state of a fleet: devices, the tenant policy document and a monotonically increasing config
 //! version in PostgreSQL (`fleet_config`, `fleet_policy`, `fleet_devices`), and node membership
-//! (`fleet_nodes`: address, applied version, heartbeat).
+//! (`fleet_nodes`: address, applied version, heartbeat, enrollment URL).
 //!
 //! One thread per node ([`start`]) keeps the node and PostgreSQL in step:
 //! - after every local reload (`rampart reload`, `device add/remove`, a token enrollment) it publishes the
 //!   node's own changes: the devices enrolled on this node, and the config file's `[[tenant]]` tables when
 //!   they changed since the last synchronisation; a change bumps the version and `NOTIFY rampart_config`;
+//!   it also mirrors the credentials of the node's self-enrolled devices (`fleet::enrollment::mirror`);
 //! - on a notification, and at every heartbeat (the fallback for a missed notification or an outage), it
 //!   reads the version; a newer one goes through the node's validated reload path ([`Applier`]), and only
 //!   a config that validates applies and is kept (`state_dir/fleet_state.json`, `config::shared`).
