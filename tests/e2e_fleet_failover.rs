@@ -4,7 +4,8 @@
 //! real wireguard-go device set up by the real `rampart enroll` client.
 //!
 //! - a token created on node A is spent fleet-wide: its first use enrolls the device through A, its second
-//!   (last) use works through B (the control), the next use is refused on B; a fresh token works on B;
+//!   (last) use works through B (the control), the next use is refused on B; a one-use token spent through A
+//!   and B at once enrolls exactly one device; a fresh token works on B;
 //! - with PostgreSQL stopped B refuses an enrollment with a clear error; restarted, the same token enrolls
 //!   (the control);
 //! - the device's credential works on B: its config refreshed from B names B's endpoint and key; a key
@@ -191,6 +192,45 @@ fn tokens_and_credentials_are_shared_and_a_watched_device_fails_over_when_its_no
     assert!(
         listed.contains("\"used\":2") || listed.contains("\"used\": 2"),
         "{listed}"
+    );
+    // A one-use token spent through A and B at the same moment: exactly one enrollment gets it. (Addresses are
+    // allocated by each node against the devices it knows: let A learn B's device first.)
+    wait_until(
+        "node A knows the desktop (enrolled on B)",
+        APPLIED,
+        Duration::from_millis(200),
+        || knows(&a, "desktop").then_some(()),
+    );
+    let (race, _) = mint(&a, Some("1"));
+    let results: Vec<Ran> = std::thread::scope(|sc| {
+        let runs: Vec<_> = [(&a_url, "race-a"), (&b_url, "race-b")]
+            .into_iter()
+            .map(|(url, name)| {
+                let (ns, dir, race) = (&ns, &dir, &race);
+                sc.spawn(move || {
+                    enroll(ns, dir, url, race, &dir.join(format!("{name}.conf")), name)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won = results.iter().filter(|r| r.success()).count();
+    assert_eq!(
+        won, 1,
+        "a one-use token enrolled {won} devices: {results:?}"
+    );
+    let lost = results.iter().find(|r| !r.success()).unwrap();
+    assert!(lost.stderr.contains("token_used_up"), "{lost}");
+    let winner = if results[0].success() {
+        "race-a"
+    } else {
+        "race-b"
+    };
+    wait_until(
+        "both nodes know the race's winner",
+        APPLIED,
+        Duration::from_millis(200),
+        || (knows(&a, winner) && knows(&b, winner)).then_some(()),
     );
     // A fresh token (created on A) works on B.
     let (fresh, _) = mint(&a, Some("1"));
