@@ -5,7 +5,8 @@
 //!
 //! - a token created on node A is spent fleet-wide: its first use enrolls the device through A, its second
 //!   (last) use works through B (the control), the next use is refused on B; a one-use token spent through A
-//!   and B at once enrolls exactly one device; a fresh token works on B;
+//!   and B at once enrolls exactly one device; a fresh token works on B; a token revoked on B is refused
+//!   through A (its sibling is not);
 //! - with PostgreSQL stopped B refuses an enrollment with a clear error; restarted, the same token enrolls
 //!   (the control);
 //! - the device's credential works on B: its config refreshed from B names B's endpoint and key; a key
@@ -236,6 +237,30 @@ fn tokens_and_credentials_are_shared_and_a_watched_device_fails_over_when_its_no
     let (fresh, _) = mint(&a, Some("1"));
     let r = enroll(&ns, &dir, &b_url, &fresh, &dir.join("fresh.conf"), "fresh");
     assert!(r.success(), "a fresh token through B: {r}");
+
+    // A token revoked on B enrolls nowhere: refused through A; its sibling, not revoked, enrolls through A.
+    let (revoked, _) = mint(&a, Some("1"));
+    let (sibling, _) = mint(&a, Some("1"));
+    let id = &revoked[5..21];
+    b.gateway.cli(&["token", "revoke"], &[id]).expect_ok();
+    let r = enroll(&ns, &dir, &a_url, &revoked, &dir.join("rv.conf"), "revoked");
+    assert!(!r.success(), "a token revoked on B enrolled through A: {r}");
+    assert!(r.stderr.contains("token_revoked"), "{r}");
+    let r = enroll(
+        &ns,
+        &dir,
+        &a_url,
+        &sibling,
+        &dir.join("sib.conf"),
+        "sibling",
+    );
+    assert!(r.success(), "the sibling token through A: {r}");
+    wait_until(
+        "node B knows the sibling (enrolled on A)",
+        APPLIED,
+        Duration::from_millis(200),
+        || knows(&b, "sibling").then_some(()),
+    );
 
     // PostgreSQL down: B refuses an enrollment with a clear error; back up, the same token works (control).
     let (later, _) = mint(&a, Some("1"));

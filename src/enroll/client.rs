@@ -692,6 +692,18 @@ mod tests {
         assert_eq!(m.device_token.as_deref(), Some("rpd1_x"));
         assert_eq!(m.config_version.as_deref(), Some("v1"));
         assert_eq!(m.private_key, Some(key.to_base64()));
+        assert_eq!(m.peer_public_key.as_deref(), Some("k"));
+        assert!(m.fleet_urls.is_empty(), "a single gateway lists no fleet");
+        // In a fleet every live node's URL is kept, in order.
+        let fleet = DeviceReply {
+            enroll_urls: vec![
+                "rampart://a:1/?pin=sha256:00".into(),
+                "rampart://b:1/?pin=sha256:11".into(),
+            ],
+            ..reply
+        };
+        let m = FileMeta::parse(&render_file(&fleet, &key, None));
+        assert_eq!(m.fleet_urls, fleet.enroll_urls);
     }
 
     #[test]
