@@ -591,6 +591,7 @@ async fn serve(
             },
             audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
             enroll_audit: running.enroll_audit.clone(),
+            shared_enrollment: running.shared_enrollment.clone(),
         },
         shutdown.child_token(),
     )

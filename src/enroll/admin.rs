@@ -72,8 +72,10 @@ pub struct NewToken {
     pub row: TokenRow,
 }
 
+/// `shared`: the fleet's tokens (`SharedEnrollment::from_config` for the CLI), `None` for `enroll.db`.
 pub fn create_token(
     cfg: &Config,
+    shared: Option<&SharedEnrollment>,
     req: TokenRequest,
     actor: &str,
     now: i64,
@@ -108,7 +110,7 @@ pub fn create_token(
         failures: 0,
         locked_until: None,
     };
-    match SharedEnrollment::from_config(cfg).map_err(AdminError::Fleet)? {
+    match shared {
         // Fleet mode: valid on every node at once.
         Some(f) => f.insert_token(&row).map_err(AdminError::Fleet)?,
         None => {
@@ -135,9 +137,12 @@ pub fn create_token(
     })
 }
 
-/// Every token of `cfg`'s gateway, or of the fleet with `[fleet]` (no secrets), oldest first.
-pub fn tokens_of(cfg: &Config) -> Result<Vec<TokenRow>, AdminError> {
-    match SharedEnrollment::from_config(cfg).map_err(AdminError::Fleet)? {
+/// Every token of `cfg`'s gateway, or of the fleet (`shared`), no secrets, oldest first.
+pub fn tokens_of(
+    cfg: &Config,
+    shared: Option<&SharedEnrollment>,
+) -> Result<Vec<TokenRow>, AdminError> {
+    match shared {
         Some(f) => f.tokens().map_err(AdminError::Fleet),
         None => list_tokens(&cfg.gateway.state_dir),
     }
@@ -163,13 +168,14 @@ pub fn parse_token_id(s: &str) -> Result<PublicId, AdminError> {
 /// Revokes a token: it enrolls nothing from now on (devices it enrolled stay; remove them one by one).
 pub fn revoke_token(
     cfg: &Config,
+    shared: Option<&SharedEnrollment>,
     id: &str,
     actor: &str,
     now: i64,
     audit: &AuditLog,
 ) -> Result<TokenRow, AdminError> {
     let id = parse_token_id(id)?;
-    let (row, changed) = match SharedEnrollment::from_config(cfg).map_err(AdminError::Fleet)? {
+    let (row, changed) = match shared {
         // Fleet mode: invalid on every node at once.
         Some(f) => {
             let Some(row) = f.token(&id).map_err(AdminError::Fleet)? else {
