@@ -46,6 +46,8 @@ struct Running {
     /// Fleet mode: the shared state applied now, and the thread that publishes local changes.
     fleet_applied: Mutex<crate::config::shared::FleetCache>,
     fleet_sync: Mutex<Option<crate::fleet::state::SyncHandle>>,
+    /// Fleet mode: the shared enrollment tokens and device credentials, for the enrollment service.
+    shared_enrollment: Option<crate::fleet::enrollment::SharedEnrollment>,
 }
 
 impl Running {
@@ -123,9 +125,15 @@ impl crate::fleet::state::Applier for Running {
                 .into_iter()
                 .map(crate::registry::EnrolledDevice::from),
         );
+        let credentials = match crate::enroll::store::Store::open_readonly(&state_dir) {
+            Ok(Some(store)) => store.devices().map_err(|e| e.to_string())?,
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(e.to_string()),
+        };
         Ok(crate::fleet::state::Local {
             tenant_doc,
             devices,
+            credentials,
         })
     }
     fn apply_shared(
@@ -194,6 +202,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let fleet_sync_connector = fleet.as_ref().map(|(_, c)| c.clone());
+    // Shared enrollment tokens and device credentials (the enrollment service's connections).
+    let shared_enrollment = fleet.as_ref().map(|(f, c)| {
+        crate::fleet::enrollment::SharedEnrollment::new(c.clone(), &f.node_id, f.heartbeat_interval)
+    });
     // What the node applied last (Config::load merged it); it serves with this while PostgreSQL is down.
     let fleet_applied = crate::config::shared::FleetCache::load(&g.state_dir).unwrap_or_default();
     // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
@@ -366,13 +378,34 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         admin_audit,
         fleet_applied: Mutex::new(fleet_applied),
         fleet_sync: Mutex::new(None),
+        shared_enrollment,
     });
     if let (Some(f), Some(connector)) = (&cfg.fleet, fleet_sync_connector) {
         let address = g
             .public_endpoint
             .clone()
             .unwrap_or_else(|| g.listen.to_string());
-        let sync = crate::fleet::state::start(f, connector, address, running.clone())?;
+        // The enrollment listener's public URL with its pin, offered to devices for failover (Mode A).
+        let enroll_url = match (
+            cfg.enroll.listen,
+            crate::enroll::admin::listener_authority(&cfg),
+        ) {
+            (Some(_), Some(authority)) => {
+                let identity = crate::enroll::admin::listener_identity(&cfg).with_context(|| {
+                    format!(
+                        "enrollment listener certificate (gateway.enroll_listen, [enroll] tls_cert/tls_key in {})",
+                        cfg.source.display()
+                    )
+                })?;
+                Some(crate::enroll::admin::enrollment_url(
+                    &authority,
+                    &identity.pins.url_pin(),
+                    None,
+                ))
+            }
+            _ => None,
+        };
+        let sync = crate::fleet::state::start(f, connector, address, enroll_url, running.clone())?;
         *running.fleet_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(sync);
     }
     let l4 = layer4.as_mut().map(|(ns, app, rx)| {
@@ -543,6 +576,7 @@ async fn serve(
     let enroll = crate::enroll::server::start(
         running.clone(),
         running.enroll_audit.clone(),
+        running.shared_enrollment.clone(),
         shutdown.child_token(),
     )
     .await?;
@@ -557,6 +591,7 @@ async fn serve(
             },
             audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
             enroll_audit: running.enroll_audit.clone(),
+            shared_enrollment: running.shared_enrollment.clone(),
         },
         shutdown.child_token(),
     )

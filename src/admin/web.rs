@@ -56,6 +56,9 @@ pub struct UiServices {
     pub audit: super::audit::AdminAudit,
     /// Token and device changes are enrollment records too.
     pub enroll_audit: crate::audit::enroll_records::EnrollAuditSink,
+    /// Fleet mode: the shared enrollment tokens (the daemon's connector: the password file may be unreadable
+    /// once sandboxed).
+    pub shared_enrollment: Option<crate::fleet::enrollment::SharedEnrollment>,
 }
 
 pub struct Ctx {

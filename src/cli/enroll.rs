@@ -43,6 +43,25 @@ pub struct EnrollArgs {
     /// Remove the device of --out from the gateway, and the file.
     #[arg(long)]
     pub leave: bool,
+    /// Keep the device of --out connected (failover Mode A, for a fleet of gateways): refresh the file every
+    /// --interval and apply changes to --interface; when its gateway node is gone (--api-failures failed
+    /// refreshes in a row, or no handshake for --handshake-timeout), move it to the next live node the file
+    /// lists and apply that with `wg syncconf`. Runs until stopped.
+    #[arg(long, conflicts_with_all = ["refresh", "rotate", "leave"], requires = "interface")]
+    pub watch: bool,
+    /// The WireGuard interface the file configures (for --watch).
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// Seconds between two looks of --watch.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub interval: u64,
+    /// --watch: seconds without a handshake after which the node counts as gone (WireGuard's reject-after
+    /// time by default; a working tunnel with PersistentKeepalive handshakes at least every two minutes).
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: u64,
+    /// --watch: failed refreshes in a row after which the node counts as gone.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub api_failures: u32,
     /// Headless settings (url, pin, token_file, device_id, name, out), used when no URL is given.
     #[arg(long, default_value = HEADLESS_FILE)]
     pub config: PathBuf,
@@ -89,7 +108,7 @@ pub(super) fn run(a: EnrollArgs) -> anyhow::Result<()> {
     let env_token = std::env::var("RAMPART_ENROLL_TOKEN")
         .ok()
         .filter(|t| !t.trim().is_empty());
-    let maintain = a.refresh || a.rotate || a.leave;
+    let maintain = a.refresh || a.rotate || a.leave || a.watch;
     let headless = match &a.url {
         Some(_) => None,
         // Maintenance only needs the file's `out`, when there is a headless file at all.
@@ -106,9 +125,25 @@ pub(super) fn run(a: EnrollArgs) -> anyhow::Result<()> {
 
     if maintain {
         if out == Path::new("-") {
-            bail!("--refresh, --rotate and --leave work on a config file: pass --out FILE");
+            bail!(
+                "--refresh, --rotate, --leave and --watch work on a config file: pass --out FILE"
+            );
         }
-        if a.leave {
+        if a.watch {
+            let settings = crate::enroll::failover::WatchSettings {
+                interface: a.interface.clone().unwrap_or_default(),
+                interval: std::time::Duration::from_secs(a.interval),
+                handshake_timeout: std::time::Duration::from_secs(a.handshake_timeout),
+                api_failures: a.api_failures,
+            };
+            eprintln!(
+                "rampart enroll --watch: keeping {} current on {} (every {}s)",
+                out.display(),
+                settings.interface,
+                a.interval
+            );
+            crate::enroll::failover::Watcher::new(&out, settings).run()?;
+        } else if a.leave {
             client::leave(&out)?;
             eprintln!("left the gateway; removed {}", out.display());
         } else if a.rotate {

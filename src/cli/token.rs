@@ -144,8 +144,14 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             };
             let identity = admin::listener_identity(&cfg)?;
             let authority = host.or_else(|| admin::listener_authority(&cfg));
-            let new =
-                admin::create_token(&cfg, req, &actor(), crate::enroll::unix_now(), &spool(&cfg))?;
+            let new = admin::create_token(
+                &cfg,
+                shared(&cfg)?.as_ref(),
+                req,
+                &actor(),
+                crate::enroll::unix_now(),
+                &spool(&cfg),
+            )?;
             let pin = identity.pins.url_pin();
             let url = authority
                 .as_deref()
@@ -231,7 +237,7 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
         } => {
             let cfg = load(&config)?;
             let now = crate::enroll::unix_now();
-            let rows = admin::list_tokens(&cfg.gateway.state_dir)?;
+            let rows = admin::tokens_of(&cfg, shared(&cfg)?.as_ref())?;
             let mut o = std::io::stdout().lock();
             if !json {
                 writeln!(
@@ -292,8 +298,14 @@ pub(super) fn run(cmd: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Revoke { config, id } => {
             let cfg = load(&config)?;
-            let t =
-                admin::revoke_token(&cfg, &id, &actor(), crate::enroll::unix_now(), &spool(&cfg))?;
+            let t = admin::revoke_token(
+                &cfg,
+                shared(&cfg)?.as_ref(),
+                &id,
+                &actor(),
+                crate::enroll::unix_now(),
+                &spool(&cfg),
+            )?;
             eprintln!(
                 "revoked {} (tenant {}, used {} times); devices it enrolled stay until removed",
                 masked(Kind::Enrollment, &t.id),
@@ -464,4 +476,11 @@ pub(super) fn audit_enroll(
         )?;
     }
     Ok(())
+}
+
+/// With `[fleet]`, the fleet's shared tokens (reads the PostgreSQL password file).
+fn shared(
+    cfg: &crate::config::Config,
+) -> anyhow::Result<Option<crate::fleet::enrollment::SharedEnrollment>> {
+    crate::fleet::enrollment::SharedEnrollment::from_config(cfg)
 }

@@ -1,5 +1,5 @@
 //! Admin operations on enrollment, for the CLI (`rampart token ...`, `rampart device approve/remove`) and the
-//! admin web UI: mint, list and revoke tokens; approve and remove self-enrolled devices; the enrollment URL.
+//! admin web UI: mint, list and revoke tokens (in `enroll.db`, or with `[fleet]` in the fleet's PostgreSQL); approve and remove self-enrolled devices; the enrollment URL.
 //!
 //! These change the store and write the audit record (to the pipeline inside the gateway, to the spool from
 //! the CLI: `enroll::audit::AuditLog`); making a running gateway apply a device change is the caller's job
@@ -15,6 +15,7 @@ use super::secret::{Credential, Kind, PublicId};
 use super::store::{DeviceRow, Store, StoreError, TokenRow};
 use super::tls::{Identity, TlsError};
 use crate::config::{Config, TenantId, UserName};
+use crate::fleet::enrollment::SharedEnrollment;
 use crate::registry::Registry;
 
 /// Longest token lifetime (Tailscale's limit): a token is a standing invitation.
@@ -43,6 +44,9 @@ pub enum AdminError {
     Tls(#[from] TlsError),
     #[error("device registry: {0:#}")]
     Registry(anyhow::Error),
+    /// Fleet mode: tokens live in the fleet's PostgreSQL.
+    #[error("enrollment tokens are shared through the fleet's PostgreSQL ([fleet]): {0:#}")]
+    Fleet(anyhow::Error),
 }
 
 /// What an admin asks for when minting a token.
@@ -68,8 +72,10 @@ pub struct NewToken {
     pub row: TokenRow,
 }
 
+/// `shared`: the fleet's tokens (`SharedEnrollment::from_config` for the CLI), `None` for `enroll.db`.
 pub fn create_token(
     cfg: &Config,
+    shared: Option<&SharedEnrollment>,
     req: TokenRequest,
     actor: &str,
     now: i64,
@@ -104,10 +110,16 @@ pub fn create_token(
         failures: 0,
         locked_until: None,
     };
-    let mut store = Store::open(&cfg.gateway.state_dir)?;
-    let tx = store.begin()?;
-    tx.insert_token(&row)?;
-    tx.commit()?;
+    match shared {
+        // Fleet mode: valid on every node at once.
+        Some(f) => f.insert_token(&row).map_err(AdminError::Fleet)?,
+        None => {
+            let mut store = Store::open(&cfg.gateway.state_dir)?;
+            let tx = store.begin()?;
+            tx.insert_token(&row)?;
+            tx.commit()?;
+        }
+    }
     audit.record(
         Event::new(EventKind::TokenCreated, Actor::Admin(actor.to_string()))
             .token(&row.id)
@@ -125,7 +137,18 @@ pub fn create_token(
     })
 }
 
-/// Every token (no secrets), oldest first.
+/// Every token of `cfg`'s gateway, or of the fleet (`shared`), no secrets, oldest first.
+pub fn tokens_of(
+    cfg: &Config,
+    shared: Option<&SharedEnrollment>,
+) -> Result<Vec<TokenRow>, AdminError> {
+    match shared {
+        Some(f) => f.tokens().map_err(AdminError::Fleet),
+        None => list_tokens(&cfg.gateway.state_dir),
+    }
+}
+
+/// Every token of `enroll.db` (no secrets), oldest first.
 pub fn list_tokens(state_dir: &Path) -> Result<Vec<TokenRow>, AdminError> {
     match Store::open_readonly(state_dir)? {
         Some(s) => Ok(s.tokens()?),
@@ -145,19 +168,32 @@ pub fn parse_token_id(s: &str) -> Result<PublicId, AdminError> {
 /// Revokes a token: it enrolls nothing from now on (devices it enrolled stay; remove them one by one).
 pub fn revoke_token(
     cfg: &Config,
+    shared: Option<&SharedEnrollment>,
     id: &str,
     actor: &str,
     now: i64,
     audit: &AuditLog,
 ) -> Result<TokenRow, AdminError> {
     let id = parse_token_id(id)?;
-    let mut store = Store::open(&cfg.gateway.state_dir)?;
-    let tx = store.begin()?;
-    let Some(row) = tx.token(&id)? else {
-        return Err(AdminError::NoToken(id.to_string()));
+    let (row, changed) = match shared {
+        // Fleet mode: invalid on every node at once.
+        Some(f) => {
+            let Some(row) = f.token(&id).map_err(AdminError::Fleet)? else {
+                return Err(AdminError::NoToken(id.to_string()));
+            };
+            (row, f.revoke_token(&id, now).map_err(AdminError::Fleet)?)
+        }
+        None => {
+            let mut store = Store::open(&cfg.gateway.state_dir)?;
+            let tx = store.begin()?;
+            let Some(row) = tx.token(&id)? else {
+                return Err(AdminError::NoToken(id.to_string()));
+            };
+            let changed = tx.revoke_token(&id, now)?;
+            tx.commit()?;
+            (row, changed)
+        }
     };
-    let changed = tx.revoke_token(&id, now)?;
-    tx.commit()?;
     if changed {
         audit.record(
             Event::new(EventKind::TokenRevoked, Actor::Admin(actor.to_string()))

@@ -105,8 +105,13 @@ pub struct DeviceReply {
     pub device_token: Option<String>,
     pub interface: Interface,
     pub peers: Vec<Peer>,
-    /// Changes whenever anything in `interface` or `peers` changes; also the `ETag`.
+    /// Changes whenever anything in `interface`, `peers` or `enroll_urls` changes; also the `ETag`.
     pub config_version: String,
+    /// Fleet mode: the enrollment URLs (`rampart://HOST:PORT/?pin=...`) of every live node, the answering
+    /// node's first; `rampart enroll --watch` moves the device to the next one when its node is gone
+    /// (failover Mode A). Absent on a single gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enroll_urls: Vec<String>,
 }
 
 impl DeviceReply {
@@ -190,8 +195,12 @@ pub enum ErrorCode {
     BodyTimeout,
     NotFound,
     MethodNotAllowed,
-    /// The gateway cannot serve enrollments right now (its config does not load, the store fails).
+    /// The gateway cannot serve enrollments right now (its config does not load, the store fails, fleet mode
+    /// and the fleet's PostgreSQL is unreachable).
     Unavailable,
+    /// Fleet mode: this change (key rotation, leaving) must be made on the node the device was enrolled on,
+    /// which the message names.
+    WrongNode,
 }
 
 impl ErrorCode {
@@ -200,7 +209,7 @@ impl ErrorCode {
             ErrorCode::TokenInvalid | ErrorCode::DeviceTokenInvalid => 401,
             ErrorCode::TokenExpired | ErrorCode::TokenUsedUp | ErrorCode::TokenRevoked => 410,
             ErrorCode::TokenLocked | ErrorCode::RateLimited => 429,
-            ErrorCode::KeyInUse | ErrorCode::DeviceIdInUse => 409,
+            ErrorCode::KeyInUse | ErrorCode::DeviceIdInUse | ErrorCode::WrongNode => 409,
             ErrorCode::PendingApproval => 403,
             ErrorCode::AddressPoolFull | ErrorCode::Unavailable => 503,
             ErrorCode::BadRequest => 400,
@@ -230,6 +239,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::WrongNode => "wrong_node",
         }
     }
 }
@@ -272,6 +282,7 @@ mod tests {
             ErrorCode::PendingApproval,
             ErrorCode::AddressPoolFull,
             ErrorCode::Unavailable,
+            ErrorCode::WrongNode,
         ] {
             assert_eq!(
                 serde_json::to_value(c).unwrap(),
@@ -308,6 +319,7 @@ mod tests {
                 ],
                 persistent_keepalive: 25,
             }],
+            enroll_urls: vec![],
             config_version: "x".into(),
         };
         let body = r.wg_quick_body();

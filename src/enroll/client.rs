@@ -3,7 +3,8 @@
 //!
 //! The file carries what later calls need as comment lines (wg-quick ignores them): the listener URL with its
 //! pin, the device token and the config version (`rampart-url`, `rampart-device-token`,
-//! `rampart-config-version`). `refresh`, `rotate` and `leave` read them back.
+//! `rampart-config-version`; in a fleet also `rampart-fleet-url`, one per live node). `refresh`, `rotate`,
+//! `leave` and the failover watcher (`failover`) read them back.
 //!
 //! Never: send the private key anywhere, talk to a server whose certificate does not match the pin, or
 //! write the config where another user can read it.
@@ -167,6 +168,9 @@ pub fn meta_comments(reply: &DeviceReply, url: Option<&str>) -> String {
     if let Some(t) = &reply.device_token {
         s.push_str(&format!("# rampart-device-token = {t}\n"));
     }
+    for u in &reply.enroll_urls {
+        s.push_str(&format!("# rampart-fleet-url = {u}\n"));
+    }
     s.push_str(&format!(
         "# rampart-config-version = {}\n",
         reply.config_version
@@ -181,6 +185,10 @@ pub struct FileMeta {
     pub device_token: Option<String>,
     pub config_version: Option<String>,
     pub private_key: Option<String>,
+    /// Fleet mode: every live node's enrollment URL when the file was last written (failover Mode A).
+    pub fleet_urls: Vec<String>,
+    /// The gateway's public key (the first `[Peer]`).
+    pub peer_public_key: Option<String>,
 }
 
 impl FileMeta {
@@ -195,12 +203,16 @@ impl FileMeta {
                         "rampart-url" => m.url = v,
                         "rampart-device-token" => m.device_token = v,
                         "rampart-config-version" => m.config_version = v,
+                        "rampart-fleet-url" => m.fleet_urls.extend(v),
                         _ => {}
                     }
                 }
             } else if let Some((k, v)) = line.split_once('=') {
                 if k.trim().eq_ignore_ascii_case("privatekey") {
                     m.private_key = Some(v.trim().to_string());
+                } else if k.trim().eq_ignore_ascii_case("publickey") && m.peer_public_key.is_none()
+                {
+                    m.peer_public_key = Some(v.trim().to_string());
                 }
             }
         }
@@ -498,6 +510,26 @@ fn with_token(mut reply: DeviceReply, token: String) -> DeviceReply {
     reply
 }
 
+/// Fetches the device's config from the enrollment listener at `url` (another node of the fleet) and rewrites
+/// `path` with it, naming `url` as the device's listener from now on.
+pub fn refresh_from(path: &Path, url: &EnrollUrl) -> Result<DeviceReply, ClientError> {
+    let s = saved(path)?;
+    let r = runtime()?.block_on(call(
+        url,
+        Method::GET,
+        "/v1/devices/self",
+        Some(&s.token),
+        None,
+        None,
+    ))?;
+    let reply = with_token(device_reply(r)?, s.token);
+    write_private(
+        path,
+        &render_file(&reply, &s.key, Some(&url.without_token())),
+    )?;
+    Ok(reply)
+}
+
 /// Fetches the device's current config and rewrites `path` if it changed.
 pub fn refresh(path: &Path) -> Result<Refreshed, ClientError> {
     let s = saved(path)?;
@@ -660,6 +692,18 @@ mod tests {
         assert_eq!(m.device_token.as_deref(), Some("rpd1_x"));
         assert_eq!(m.config_version.as_deref(), Some("v1"));
         assert_eq!(m.private_key, Some(key.to_base64()));
+        assert_eq!(m.peer_public_key.as_deref(), Some("k"));
+        assert!(m.fleet_urls.is_empty(), "a single gateway lists no fleet");
+        // In a fleet every live node's URL is kept, in order.
+        let fleet = DeviceReply {
+            enroll_urls: vec![
+                "rampart://a:1/?pin=sha256:00".into(),
+                "rampart://b:1/?pin=sha256:11".into(),
+            ],
+            ..reply
+        };
+        let m = FileMeta::parse(&render_file(&fleet, &key, None));
+        assert_eq!(m.fleet_urls, fleet.enroll_urls);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!   allocation and wg-quick rendering of `wgconf`;
 //! - the device itself, WARP-style: it makes its own key pair and sends only the public key with an
 //!   enrollment token to the HTTPS listener (`server`, `service`); it gets its configuration and a device token
-//!   to refresh it, rotate its key and leave. `client` is that device side (`rampart enroll`).
+//!   to refresh it, rotate its key and leave. `client` is that device side (`rampart enroll`), `failover` its
+//!   watcher that moves a device to another node of a fleet when its node is gone (`rampart enroll --watch`).
 //!
 //! Tokens and self-enrolled devices live in `state_dir/enroll.db` (`store`); their credentials' wire forms are
 //! in `secret`, the HTTP API's bodies and error codes in `api`, the listener's certificate and pins in `tls`,
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod client;
+pub mod failover;
 pub mod limit;
 pub mod secret;
 pub mod server;

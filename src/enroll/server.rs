@@ -77,14 +77,14 @@ impl EnrollServer {
 pub async fn start(
     gateway: Arc<dyn GatewayHandle>,
     sink: crate::audit::enroll_records::EnrollAuditSink,
+    fleet: Option<crate::fleet::enrollment::SharedEnrollment>,
     cancel: CancellationToken,
 ) -> anyhow::Result<EnrollServer> {
     use anyhow::Context as _;
     let cfg = gateway.config();
-    let service = Arc::new(Service::new(
-        gateway,
-        super::audit::AuditLog::Pipeline(sink.clone()),
-    )?);
+    let service = Arc::new(
+        Service::new(gateway, super::audit::AuditLog::Pipeline(sink.clone()))?.with_fleet(fleet),
+    );
     let state_dir = cfg.gateway.state_dir.clone();
     // Everything that can fail comes before the first task holds the gateway.
     let mut listener = None;

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -26,6 +26,7 @@ use super::store::{DeviceRow, Store, StoreError, TokenRow, TokenState};
 use super::wgconf::{allocate_address, DEVICE_MTU, PERSISTENT_KEEPALIVE};
 use crate::config::{Config, Device, DeviceName, DeviceOrigin, Tenant};
 use crate::core::PeerStatus;
+use crate::fleet::enrollment::SharedEnrollment;
 use crate::keys::{PeerKey, PrivateKey};
 use crate::registry::Registry;
 
@@ -71,6 +72,11 @@ pub struct Service {
     audit: AuditLog,
     lockout_failures: u32,
     lockout: Duration,
+    /// Fleet mode: tokens are checked and spent in PostgreSQL, device credentials are mirrored there and
+    /// looked up there for devices enrolled on other nodes.
+    fleet: Option<SharedEnrollment>,
+    /// The fleet's enrollment URLs last read (used while PostgreSQL is unreachable).
+    enroll_urls: Mutex<Vec<String>>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -82,6 +88,16 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     err(
         ErrorCode::Unavailable,
         "the gateway cannot serve this request now; try again later (the gateway's log says why)",
+    )
+}
+
+/// The fleet's PostgreSQL failed: enrollment cannot be checked (tokens live there in fleet mode).
+fn fleet_unavailable(e: anyhow::Error) -> ApiError {
+    tracing::error!(error = %format!("{e:#}"), "enrollment request failed: the fleet's PostgreSQL");
+    err(
+        ErrorCode::Unavailable,
+        "this gateway cannot reach the fleet's database, where enrollment tokens and devices are checked; try \
+         again later, or through another gateway of the fleet",
     )
 }
 
@@ -180,7 +196,79 @@ impl Service {
             lockout: cfg.enroll.lockout,
             gateway_key,
             gateway,
+            fleet: None,
+            enroll_urls: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Fleet mode (`Some`): tokens and device credentials shared through the fleet's PostgreSQL.
+    pub fn with_fleet(mut self, fleet: Option<SharedEnrollment>) -> Service {
+        self.fleet = fleet;
+        self
+    }
+
+    /// A token by id: from the fleet's PostgreSQL in fleet mode, else from `enroll.db`.
+    fn load_token(&self, id: &PublicId) -> Result<Option<TokenRow>, ApiError> {
+        if let Some(f) = &self.fleet {
+            return f.token(id).map_err(fleet_unavailable);
+        }
+        match Store::open_readonly(&self.state_dir)? {
+            Some(s) => Ok(s.token(id)?),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes one use of the token (fleet mode: one statement in PostgreSQL, so two nodes cannot both spend
+    /// the last use; a use taken there is not given back if the local commit then fails).
+    fn consume_token(
+        &self,
+        tx: &super::store::Tx<'_>,
+        id: &PublicId,
+        now: i64,
+    ) -> Result<bool, ApiError> {
+        match &self.fleet {
+            Some(f) => f.consume_token(id, now).map_err(fleet_unavailable),
+            None => Ok(tx.consume_token(id, now)?),
+        }
+    }
+
+    /// Fleet mode: copies this node's self-enrolled devices (credentials: hashes only) to PostgreSQL, so other
+    /// nodes answer them at once. A failure only delays that: the sync thread mirrors them again at its next
+    /// publish (every reload, and when PostgreSQL is back).
+    fn mirror(&self) {
+        let Some(f) = &self.fleet else {
+            return;
+        };
+        let devices = match Store::open_readonly(&self.state_dir) {
+            Ok(Some(s)) => s.devices(),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
+        let result = devices
+            .map_err(anyhow::Error::from)
+            .and_then(|d| f.mirror(&d));
+        if let Err(e) = result {
+            tracing::warn!(error = %format!("{e:#}"), "fleet: device credentials not shared yet; retried at the next publish");
+        }
+    }
+
+    /// A change to a device that is not in this node's store: in fleet mode it belongs to another node.
+    fn not_here(&self, d: &DeviceRow) -> ApiError {
+        let Some(f) = &self.fleet else {
+            return device_token_invalid();
+        };
+        match f.device(&d.id) {
+            Ok(Some((_, origin))) => err(
+                ErrorCode::WrongNode,
+                format!(
+                    "device {} was enrolled on gateway node {origin}; rotate its key or leave through that node (this \
+                     node only refreshes its config)",
+                    d.api_id()
+                ),
+            ),
+            Ok(None) => device_token_invalid(),
+            Err(e) => fleet_unavailable(e),
+        }
     }
 
     pub fn gateway(&self) -> &Arc<dyn GatewayHandle> {
@@ -262,7 +350,11 @@ impl Service {
         let cfg = self.load_config()?;
         let mut store = Store::open(&self.state_dir)?;
         let tx = store.begin()?;
-        let Some(tok) = tx.token(cred.id())? else {
+        let tok = match &self.fleet {
+            Some(_) => self.load_token(cred.id())?,
+            None => tx.token(cred.id())?,
+        };
+        let Some(tok) = tok else {
             return Err(token_invalid());
         };
         let refuse = |code: ErrorCode, msg: &str| -> ApiError {
@@ -291,6 +383,7 @@ impl Service {
             let dt = Credential::generate(Kind::Device, Some(d.id.clone()));
             tx.set_device_token(&d.id, &dt.hash())?;
             tx.commit()?;
+            self.mirror();
             self.audit.record(
                 Event::new(EventKind::DeviceEnrollRetried, Actor::Device)
                     .device(d)
@@ -319,7 +412,7 @@ impl Service {
                         "this public key belongs to another device; generate a new key pair",
                     ));
                 }
-                if !tx.consume_token(&tok.id, now)? {
+                if !self.consume_token(&tx, &tok.id, now)? {
                     return Err(refuse(
                         ErrorCode::TokenUsedUp,
                         "this enrollment token has been used up",
@@ -328,6 +421,7 @@ impl Service {
                 let dt = Credential::generate(Kind::Device, Some(d.id.clone()));
                 tx.set_key(&d.id, &key, Some(&dt.hash()), now)?;
                 tx.commit()?;
+                self.mirror();
                 drop(_lock);
                 let d = DeviceRow {
                     public_key: key,
@@ -368,7 +462,7 @@ impl Service {
                 "no free device name; send another name",
             ));
         };
-        if !tx.consume_token(&tok.id, now)? {
+        if !self.consume_token(&tx, &tok.id, now)? {
             return Err(refuse(
                 ErrorCode::TokenUsedUp,
                 "this enrollment token has been used up",
@@ -404,6 +498,7 @@ impl Service {
         tx.insert_device(&d)?;
         tx.commit()?;
         drop(_lock);
+        self.mirror();
         tracing::info!(tenant = %d.tenant, device = %d.name, token = %tok.id, state = d.state.as_str(), "device enrolled with a token");
         self.audit.record(
             Event::new(EventKind::DeviceEnrolled, Actor::Device)
@@ -424,11 +519,7 @@ impl Service {
     /// Checks the token before any expensive work: unknown ids, wrong secrets (counted; `lockout_failures` in a
     /// row lock the token), locked, revoked and expired tokens stop here.
     fn check_token(&self, cred: &Credential, origin: &Origin, now: i64) -> Result<(), ApiError> {
-        let known = match Store::open_readonly(&self.state_dir)? {
-            Some(s) => s.token(cred.id())?,
-            None => None,
-        };
-        let Some(tok) = known else {
+        let Some(tok) = self.load_token(cred.id())? else {
             let e = token_invalid();
             self.refused(origin, None, &e);
             return Err(e);
@@ -443,10 +534,19 @@ impl Service {
             return Err(e);
         }
         if !tok.secret_hash.matches(&cred.hash()) {
-            let mut store = Store::open(&self.state_dir)?;
-            let tx = store.begin()?;
-            let locked = tx.record_failure(&tok.id, now, self.lockout_failures, self.lockout)?;
-            tx.commit()?;
+            let locked = match &self.fleet {
+                Some(f) => f
+                    .record_failure(&tok.id, now, self.lockout_failures, self.lockout)
+                    .map_err(fleet_unavailable)?,
+                None => {
+                    let mut store = Store::open(&self.state_dir)?;
+                    let tx = store.begin()?;
+                    let locked =
+                        tx.record_failure(&tok.id, now, self.lockout_failures, self.lockout)?;
+                    tx.commit()?;
+                    locked
+                }
+            };
             let e = token_invalid();
             self.refused(origin, Some(&tok), &e);
             if let Some(until) = locked {
@@ -462,10 +562,14 @@ impl Service {
             return Err(e);
         }
         if tok.failures > 0 {
-            let mut store = Store::open(&self.state_dir)?;
-            let tx = store.begin()?;
-            tx.reset_failures(&tok.id)?;
-            tx.commit()?;
+            if let Some(f) = &self.fleet {
+                f.reset_failures(&tok.id).map_err(fleet_unavailable)?;
+            } else {
+                let mut store = Store::open(&self.state_dir)?;
+                let tx = store.begin()?;
+                tx.reset_failures(&tok.id)?;
+                tx.commit()?;
+            }
         }
         if let Some(e) = final_state(&tok, now) {
             self.refused(origin, Some(&tok), &e);
@@ -479,10 +583,20 @@ impl Service {
         let cred = bearer
             .and_then(|b| Credential::parse(Kind::Device, b).ok())
             .ok_or_else(device_token_invalid)?;
-        let Some(store) = Store::open_readonly(&self.state_dir)? else {
-            return Err(device_token_invalid());
+        let local = match Store::open_readonly(&self.state_dir)? {
+            Some(store) => store.device(cred.id())?,
+            None => None,
         };
-        match store.device(cred.id())? {
+        // Fleet mode: a device enrolled on another node (its credential mirrored to PostgreSQL).
+        let found = match (local, &self.fleet) {
+            (Some(d), _) => Some(d),
+            (None, Some(f)) => f
+                .device(cred.id())
+                .map_err(fleet_unavailable)?
+                .map(|(d, _)| d),
+            (None, None) => None,
+        };
+        match found {
             Some(d) if d.token_hash.matches(&cred.hash()) => Ok(d),
             _ => Err(device_token_invalid()),
         }
@@ -530,7 +644,7 @@ impl Service {
         let tx = store.begin()?;
         let devices = tx.devices()?;
         let Some(cur) = devices.iter().find(|x| x.id == d.id) else {
-            return Err(device_token_invalid());
+            return Err(self.not_here(d));
         };
         if key_in_use(&cfg, &devices, &key, Some(&d.id)) {
             return Err(err(
@@ -541,6 +655,7 @@ impl Service {
         tx.set_key(&d.id, &key, None, now)?;
         tx.commit()?;
         drop(lock);
+        self.mirror();
         let d = DeviceRow {
             public_key: key,
             key_set_at: now,
@@ -562,9 +677,12 @@ impl Service {
         let lock = self.lock()?;
         let mut store = Store::open(&self.state_dir)?;
         let tx = store.begin()?;
-        tx.delete_device(&d.id)?;
+        if !tx.delete_device(&d.id)? && self.fleet.is_some() {
+            return Err(self.not_here(d));
+        }
         tx.commit()?;
         drop(lock);
+        self.mirror();
         self.audit.record(
             Event::new(EventKind::DeviceLeft, Actor::Device)
                 .device(d)
@@ -660,6 +778,7 @@ impl Service {
         }
         tx.commit()?;
         drop(lock);
+        self.mirror();
         for d in &gone {
             tracing::info!(tenant = %d.tenant, device = %d.name, "ephemeral device removed: not seen for its timeout");
             self.audit.record(
@@ -689,7 +808,19 @@ impl Service {
                 d.tenant, d.name
             )));
         };
-        device_reply(cfg, t, d, self.gateway_key, device_token, host)
+        let mut reply = device_reply(cfg, t, d, self.gateway_key, device_token, host)?;
+        if let Some(f) = &self.fleet {
+            let mut cached = self.enroll_urls.lock().unwrap_or_else(|e| e.into_inner());
+            match f.enroll_urls() {
+                Ok(urls) => *cached = urls,
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "fleet: enrollment URLs not read; the last ones are sent")
+                }
+            }
+            reply.enroll_urls = cached.clone();
+            reply.config_version = config_version(&reply);
+        }
+        Ok(reply)
     }
 }
 
@@ -771,15 +902,29 @@ pub fn device_reply(
         tenant: d.tenant.to_string(),
         state: d.state,
     };
-    let canon = serde_json::to_vec(&(&device, &interface, &peers)).unwrap_or_default();
-    let digest = Sha256::digest(&canon);
-    Ok(DeviceReply {
+    let mut reply = DeviceReply {
         device,
         device_token,
         interface,
         peers,
-        config_version: super::tls::hex(&digest[..8]),
-    })
+        config_version: String::new(),
+        enroll_urls: Vec::new(),
+    };
+    reply.config_version = config_version(&reply);
+    Ok(reply)
+}
+
+/// The reply's `config_version` (its `ETag`): a digest of what the device's file holds. The fleet's
+/// enrollment URLs count only when there are any, so a single gateway's versions stay what they were.
+fn config_version(r: &DeviceReply) -> String {
+    let canon = if r.enroll_urls.is_empty() {
+        serde_json::to_vec(&(&r.device, &r.interface, &r.peers))
+    } else {
+        serde_json::to_vec(&(&r.device, &r.interface, &r.peers, &r.enroll_urls))
+    }
+    .unwrap_or_default();
+    let digest = Sha256::digest(&canon);
+    super::tls::hex(&digest[..8])
 }
 
 #[cfg(test)]

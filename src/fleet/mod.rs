@@ -5,7 +5,8 @@
 //! records back (`rampart audit flows --fleet`, `rampart audit verify --fleet`). With `[fleet.objects]`,
 //! [`uploader`] puts each finished SSH recording into an S3-compatible bucket ([`objects`]) with a manifest of
 //! its hash, and [`ssh_review`] lists the fleet's SSH sessions and replays recordings fetched from there,
-//! verified first (`rampart audit ssh … --fleet`).
+//! verified first (`rampart audit ssh … --fleet`). [`enrollment`] shares the enrollment tokens and the
+//! self-enrolled devices' credentials, and lists the nodes' enrollment URLs for failover (Mode A).
 //!
 //! Must never: decide anything on the data path, or make `fail_closed` depend on PostgreSQL (only the
 //! local spool decides). Start reading at [`shipper::start`].
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use crate::config::FleetSettings;
 
+pub mod enrollment;
 pub mod objects;
 pub mod review;
 pub mod schema;

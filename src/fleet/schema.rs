@@ -97,6 +97,48 @@ CREATE TABLE fleet_devices (
     PRIMARY KEY (tenant, name)
 );
 ",
+    // 3: shared enrollment (`fleet::enrollment`): the enrollment tokens (a use is taken by one statement, so
+    // two nodes cannot both spend the last one), the self-enrolled devices' credentials (only the hash of the
+    // device token) so any node answers `/v1/devices/self`, and each node's public enrollment URL for
+    // failover.
+    "
+ALTER TABLE fleet_nodes ADD COLUMN enroll_url TEXT;
+CREATE TABLE fleet_tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash BYTEA NOT NULL,
+    tenant TEXT NOT NULL,
+    \"user\" TEXT,
+    groups TEXT NOT NULL,
+    max_uses BIGINT,
+    used BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    ephemeral_secs BIGINT,
+    preapproved BOOLEAN NOT NULL,
+    revoked_at BIGINT,
+    created_by TEXT NOT NULL,
+    note TEXT NOT NULL,
+    last_used_at BIGINT,
+    failures BIGINT NOT NULL DEFAULT 0,
+    locked_until BIGINT
+);
+CREATE TABLE fleet_device_credentials (
+    id TEXT PRIMARY KEY,
+    origin_node TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    \"user\" TEXT NOT NULL,
+    groups TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    token_hash BYTEA NOT NULL,
+    enrolled_at BIGINT NOT NULL,
+    key_set_at BIGINT NOT NULL
+);
+CREATE INDEX fleet_device_credentials_by_node ON fleet_device_credentials (origin_node);
+",
 ];
 
 /// Brings the schema to the newest version; refuses a database a newer Rampart migrated.

@@ -1,11 +1,12 @@
 //! Shared state of a fleet: devices, the tenant policy document and a monotonically increasing config
 //! version in PostgreSQL (`fleet_config`, `fleet_policy`, `fleet_devices`), and node membership
-//! (`fleet_nodes`: address, applied version, heartbeat).
+//! (`fleet_nodes`: address, applied version, heartbeat, enrollment URL).
 //!
 //! One thread per node ([`start`]) keeps the node and PostgreSQL in step:
 //! - after every local reload (`rampart reload`, `device add/remove`, a token enrollment) it publishes the
 //!   node's own changes: the devices enrolled on this node, and the config file's `[[tenant]]` tables when
 //!   they changed since the last synchronisation; a change bumps the version and `NOTIFY rampart_config`;
+//!   it also mirrors the credentials of the node's self-enrolled devices (`fleet::enrollment::mirror`);
 //! - on a notification, and at every heartbeat (the fallback for a missed notification or an outage), it
 //!   reads the version; a newer one goes through the node's validated reload path ([`Applier`]), and only
 //!   a config that validates applies and is kept (`state_dir/fleet_state.json`, `config::shared`).
@@ -39,6 +40,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Local {
     pub tenant_doc: String,
     pub devices: Vec<EnrolledDevice>,
+    /// The self-enrolled devices of this node's `enroll.db` (pending ones too), whose credentials (the hash of
+    /// the device token) are mirrored to `fleet_device_credentials`.
+    pub credentials: Vec<crate::enroll::store::DeviceRow>,
 }
 
 /// The running gateway, as the sync thread uses it.
@@ -82,6 +86,7 @@ pub fn start(
     settings: &FleetSettings,
     connector: Connector,
     address: String,
+    enroll_url: Option<String>,
     applier: Arc<dyn Applier>,
 ) -> anyhow::Result<SyncHandle> {
     let wake = Arc::new(Wake::default());
@@ -93,7 +98,9 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("rampart-fleet-sync".into())
         .spawn(move || match super::runtime() {
-            Ok(rt) => rt.block_on(run(connector, node, address, interval, applier, w)),
+            Ok(rt) => rt.block_on(run(
+                connector, node, address, enroll_url, interval, applier, w,
+            )),
             Err(e) => tracing::error!(error = %e, "fleet sync cannot start a runtime"),
         })
         .context("cannot start the fleet sync thread")?;
@@ -144,10 +151,16 @@ async fn run(
     connector: Connector,
     node: String,
     address: String,
+    enroll_url: Option<String>,
     interval: Duration,
     applier: Arc<dyn Applier>,
     wake: Arc<Wake>,
 ) {
+    let beat = Beat {
+        node: &node,
+        address: &address,
+        enroll_url: enroll_url.as_deref(),
+    };
     let mut session: Option<Session> = None;
     let mut backoff = Duration::from_millis(250);
     let mut warned_down = false;
@@ -157,7 +170,7 @@ async fn run(
     loop {
         if wake.stop.load(Ordering::SeqCst) {
             if let Some(s) = &session {
-                let _ = heartbeat(&s.client, &node, &address, applier.applied().version).await;
+                let _ = heartbeat(&s.client, &beat, applier.applied().version).await;
             }
             return;
         }
@@ -197,7 +210,7 @@ async fn run(
             }
             sync(&mut s.client, &*applier, &mut refused).await?;
             if Instant::now() >= next_beat {
-                heartbeat(&s.client, &node, &address, applier.applied().version).await?;
+                heartbeat(&s.client, &beat, applier.applied().version).await?;
                 next_beat = Instant::now() + interval;
             }
             Ok::<_, anyhow::Error>(())
@@ -342,6 +355,7 @@ async fn publish(
     } else {
         tx.rollback().await?;
     }
+    super::enrollment::mirror(client, node, &local.credentials).await?;
     // The file as of now is synchronised (published, adopted or unchanged): remember it even if nothing
     // changed, so the shared document applies from now on.
     if applied.file_digest.as_deref() != Some(digest.as_str()) {
@@ -446,20 +460,33 @@ async fn sync(
     Ok(())
 }
 
+/// What a heartbeat says about this node.
+struct Beat<'a> {
+    node: &'a str,
+    address: &'a str,
+    /// `rampart://HOST:PORT/?pin=...` of its enrollment listener, offered to devices for failover.
+    enroll_url: Option<&'a str>,
+}
+
 async fn heartbeat(
     client: &tokio_postgres::Client,
-    node: &str,
-    address: &str,
+    beat: &Beat<'_>,
     applied: i64,
 ) -> anyhow::Result<()> {
     client
         .execute(
-            "INSERT INTO fleet_nodes (node_id, address, applied_version, last_heartbeat, software)
-             VALUES ($1, $2, $3, now(), $4)
+            "INSERT INTO fleet_nodes (node_id, address, applied_version, last_heartbeat, software, enroll_url)
+             VALUES ($1, $2, $3, now(), $4, $5)
              ON CONFLICT (node_id) DO UPDATE
              SET address = EXCLUDED.address, applied_version = EXCLUDED.applied_version,
-                 last_heartbeat = now(), software = EXCLUDED.software",
-            &[&node, &address, &applied, &env!("CARGO_PKG_VERSION")],
+                 last_heartbeat = now(), software = EXCLUDED.software, enroll_url = EXCLUDED.enroll_url",
+            &[
+                &beat.node,
+                &beat.address,
+                &applied,
+                &env!("CARGO_PKG_VERSION"),
+                &beat.enroll_url,
+            ],
         )
         .await?;
     Ok(())

@@ -66,6 +66,17 @@ pub fn write_config_listen(
     listen: &str,
     extra: &str,
 ) -> PathBuf {
+    write_config_at(dir, tenants, listen, UNDERLAY_ADDR, extra)
+}
+
+/// Like `write_config_listen`, with `public_endpoint` on `underlay` (a second node of a fleet).
+pub fn write_config_at(
+    dir: &Path,
+    tenants: &[TenantSpec],
+    listen: &str,
+    underlay: &str,
+    extra: &str,
+) -> PathBuf {
     // `extra` may name its own admin listener.
     let admin = if extra.contains("admin_listen") {
         String::new()
@@ -74,7 +85,7 @@ pub fn write_config_listen(
     };
     let mut s = format!(
         "[gateway]\nlisten = \"{listen}\"\nprivate_key_file = \"gateway.key\"\n\
-         state_dir = \"state\"\n{admin}public_endpoint = \"{UNDERLAY_ADDR}:{PORT}\"\n{extra}\n"
+         state_dir = \"state\"\n{admin}public_endpoint = \"{underlay}:{PORT}\"\n{extra}\n"
     );
     // A value written as a TOML list is kept as is; anything else is a string.
     let value = |v: &str| {

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::gateway::{write_config_listen, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
+use super::gateway::{write_config_at, Gateway, TenantSpec, PORT, UNDERLAY_ADDR};
 use super::netns::{link, Netns};
 use super::process::tail;
 use super::wg_client::{ClientConfig, WgClient};
@@ -85,6 +85,8 @@ pub struct Lab {
     pub id: String,
     /// Namespaces of clients added from now on keep IPv6 on (see `Netns::create_with`).
     pub ipv6_clients: bool,
+    /// The gateway's underlay address (`UNDERLAY_ADDR` unless made with `Lab::at_underlay`).
+    pub underlay: String,
     next_link: u8,
     dir: TempDir,
 }
@@ -123,6 +125,28 @@ impl Lab {
         extra: &str,
         setup: impl FnOnce(&mut Gateway),
     ) -> Lab {
+        Lab::build(tenants, listen, UNDERLAY_ADDR, extra, setup)
+    }
+
+    /// A gateway on underlay address `underlay` (another 198.18.0.x/32), listening there: a second node of a
+    /// fleet that one device namespace can reach next to the first (`Lab::link_device`).
+    pub fn at_underlay(tenants: &[TenantSpec], underlay: &str, extra: &str) -> Lab {
+        Lab::build(
+            tenants,
+            &format!("{underlay}:{PORT}"),
+            underlay,
+            extra,
+            |_| {},
+        )
+    }
+
+    fn build(
+        tenants: &[TenantSpec],
+        listen: &str,
+        underlay: &str,
+        extra: &str,
+        setup: impl FnOnce(&mut Gateway),
+    ) -> Lab {
         preflight();
         let id = format!(
             "rpt{}x{}",
@@ -131,8 +155,8 @@ impl Lab {
         );
         let dir = super::tempdir(&id);
         let gw_ns = Netns::create_with(&format!("{id}-gw"), listen.starts_with('['));
-        gw_ns.ip(&["addr", "add", &format!("{UNDERLAY_ADDR}/32"), "dev", "lo"]);
-        let config = write_config_listen(dir.path(), tenants, listen, extra);
+        gw_ns.ip(&["addr", "add", &format!("{underlay}/32"), "dev", "lo"]);
+        let config = write_config_at(dir.path(), tenants, listen, underlay, extra);
         let mut gateway = Gateway::new(config, dir.path(), &gw_ns);
         let check = gateway.cli(&["check-config"], &[]);
         assert!(check.success(), "generated config rejected: {check}");
@@ -143,6 +167,7 @@ impl Lab {
             gw_ns,
             id,
             ipv6_clients: false,
+            underlay: underlay.to_string(),
             next_link: 1,
             dir,
         }
@@ -154,7 +179,7 @@ impl Lab {
 
     /// `host:port` clients use to reach the gateway.
     pub fn endpoint(&self) -> String {
-        format!("{UNDERLAY_ADDR}:{PORT}")
+        format!("{}:{PORT}", self.underlay)
     }
 
     fn take_link(&mut self) -> u8 {
@@ -180,11 +205,31 @@ impl Lab {
         ns.ip(&[
             "route",
             "add",
-            &format!("{UNDERLAY_ADDR}/32"),
+            &format!("{}/32", self.underlay),
             "via",
             &format!("198.18.{l}.1"),
         ]);
         (ns, Ipv4Addr::new(198, 18, l, 2), l)
+    }
+
+    /// Links `ns` (a device of another lab) to this gateway too, on 198.18.`subnet`.0/24 (pick one no lab
+    /// uses: 200 and up), with a route to this gateway's underlay address only.
+    pub fn link_device(&self, ns: &Netns, subnet: u8) {
+        link(
+            ns,
+            &format!("eth{subnet}"),
+            &format!("198.18.{subnet}.2/24"),
+            &self.gw_ns,
+            &format!("x{subnet}"),
+            &format!("198.18.{subnet}.1/24"),
+        );
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", self.underlay),
+            "via",
+            &format!("198.18.{subnet}.1"),
+        ]);
     }
 
     /// Enrolls device `name` in `tenant` with `rampart device add` and brings up a wireguard-go

@@ -149,12 +149,13 @@ fn token_view(t: &crate::enroll::store::TokenRow, now: i64) -> TokenView {
 pub(super) fn tokens(ctx: &Ctx, caller: &Caller) -> Result<Resp, ApiError> {
     let cfg = ctx.config();
     let now = crate::clock::unix_secs() as i64;
-    let items: Vec<TokenView> = crate::enroll::admin::list_tokens(&cfg.gateway.state_dir)
-        .map_err(ApiError::internal)?
-        .iter()
-        .filter(|t| caller.account.sees(t.tenant.as_str()))
-        .map(|t| token_view(t, now))
-        .collect();
+    let items: Vec<TokenView> =
+        crate::enroll::admin::tokens_of(&cfg, ctx.svc.shared_enrollment.as_ref())
+            .map_err(ApiError::internal)?
+            .iter()
+            .filter(|t| caller.account.sees(t.tenant.as_str()))
+            .map(|t| token_view(t, now))
+            .collect();
     Ok(json(StatusCode::OK, &serde_json::json!({ "items": items })))
 }
 
@@ -202,8 +203,15 @@ pub(super) fn create_token(
         preapproved: !body.pending,
         note: body.note.chars().take(200).collect(),
     };
-    let t = crate::enroll::admin::create_token(&cfg, req, &caller.actor(), now, &enroll_audit(ctx))
-        .map_err(admin_error)?;
+    let t = crate::enroll::admin::create_token(
+        &cfg,
+        ctx.svc.shared_enrollment.as_ref(),
+        req,
+        &caller.actor(),
+        now,
+        &enroll_audit(ctx),
+    )
+    .map_err(admin_error)?;
     let url = crate::enroll::admin::listener_authority(&cfg).and_then(|authority| {
         let pins = crate::enroll::admin::listener_identity(&cfg).ok()?.pins;
         Some(crate::enroll::admin::enrollment_url(
@@ -252,14 +260,21 @@ pub(super) fn qr_svg(text: &str) -> Option<String> {
 pub(super) fn revoke_token(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
     let cfg = ctx.config();
     let tid = crate::enroll::admin::parse_token_id(id).map_err(admin_error)?;
-    let row = crate::enroll::admin::list_tokens(&cfg.gateway.state_dir)
+    let row = crate::enroll::admin::tokens_of(&cfg, ctx.svc.shared_enrollment.as_ref())
         .map_err(ApiError::internal)?
         .into_iter()
         .find(|t| t.id == tid && caller.account.sees(t.tenant.as_str()))
         .ok_or_else(ApiError::not_found)?;
     let now = crate::clock::unix_secs() as i64;
-    crate::enroll::admin::revoke_token(&cfg, id, &caller.actor(), now, &enroll_audit(ctx))
-        .map_err(admin_error)?;
+    crate::enroll::admin::revoke_token(
+        &cfg,
+        ctx.svc.shared_enrollment.as_ref(),
+        id,
+        &caller.actor(),
+        now,
+        &enroll_audit(ctx),
+    )
+    .map_err(admin_error)?;
     ctx.svc.audit.emit(
         AdminEvent::TokenRevoked,
         &caller.actor(),

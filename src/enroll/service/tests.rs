@@ -90,7 +90,8 @@ impl World {
             note: String::new(),
         };
         f(&mut req);
-        let t = admin::create_token(&self.cfg(), req, "test", unix_now(), &self.spool()).unwrap();
+        let t =
+            admin::create_token(&self.cfg(), None, req, "test", unix_now(), &self.spool()).unwrap();
         (t.token, t.row.id)
     }
 
@@ -286,7 +287,7 @@ fn expired_revoked_and_malformed_tokens_create_nothing() {
         .unwrap_err();
     assert_eq!(e.error, ErrorCode::TokenExpired);
     let (revoked, id) = w.token(|_| {});
-    admin::revoke_token(&w.cfg(), id.as_str(), "test", unix_now(), &w.spool()).unwrap();
+    admin::revoke_token(&w.cfg(), None, id.as_str(), "test", unix_now(), &w.spool()).unwrap();
     assert_eq!(code(w.enroll(&revoked, &key())), ErrorCode::TokenRevoked);
     for bad in [
         "",
