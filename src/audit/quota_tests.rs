@@ -15,7 +15,7 @@ use super::ssh_records::{
     SshEvent, SshRecord,
 };
 use super::*;
-use crate::core::EndReason;
+use crate::core::{EndReason, FlowSeq};
 
 /// Flows 1..=OPEN start first and stay open; the closed ones follow.
 const OPEN: u64 = 3;
@@ -55,7 +55,7 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
 
 fn end(seq: u64) -> FlowEvent {
     FlowEvent::End {
-        seq,
+        seq: FlowSeq::new(seq),
         at: Instant::now(),
         packets: [1, 1],
         bytes: [10, 20],
