@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use rampart::config::{Action, FlowSettings};
 use rampart::core::flow_table::{Flow, FlowKey, FlowTable, FlowTarget};
+use rampart::core::{FlowSeq, PeerSlot};
 
 const FLOWS: usize = 1_000_000;
 const ROUNDS: usize = 5;
@@ -67,9 +68,9 @@ fn main() {
                 t.insert(Flow::new(
                     *k,
                     *d,
-                    i as u64,
-                    0,
-                    FlowTarget::Peer(1),
+                    FlowSeq::new(i as u64),
+                    PeerSlot::new(0),
+                    FlowTarget::Peer(PeerSlot::new(1)),
                     Action::Allow,
                     Some(0),
                     0,

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::config::{Config, DeviceName, Inspect, TenantId, UserName};
-use crate::core::Upgraded;
+use crate::core::{FlowSeq, Upgraded};
 
 /// Who a flow belongs to: the WireGuard peer that opened it.
 #[derive(Debug, Clone)]
@@ -28,6 +28,7 @@ pub struct Identity {
 /// One upgraded flow, as the layer-4/7 shells see it. The accepted connection's peer address is `slot`.
 #[derive(Debug)]
 pub struct FlowContext {
+    /// The core's `FlowSeq`, as the number logs and audit records show.
     pub seq: u64,
     pub identity: Identity,
     pub protocol: u8,
@@ -50,7 +51,7 @@ pub struct FlowContext {
 impl FlowContext {
     pub fn new(u: &Upgraded) -> FlowContext {
         FlowContext {
-            seq: u.seq,
+            seq: u.seq.get(),
             identity: Identity {
                 tenant: u.tenant.clone(),
                 device: u.device.clone(),
@@ -140,10 +141,10 @@ pub struct SlotLease {
 }
 
 impl SlotLease {
-    pub fn new(slot: SocketAddrV4, seq: u64, releases: Arc<SlotReleases>) -> SlotLease {
+    pub fn new(slot: SocketAddrV4, seq: FlowSeq, releases: Arc<SlotReleases>) -> SlotLease {
         SlotLease {
             slot,
-            seq,
+            seq: seq.get(),
             releases,
         }
     }

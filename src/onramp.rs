@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::core::{
-    tx::BUF_SIZE, ApplySummary, Dest, FlowEvent, Gateway, Metrics, PeerStatus, TxQueue, TIMER_TICK,
+    tx::BUF_SIZE, ApplySummary, Dest, FlowEvent, FlowSeq, Gateway, Metrics, PeerStatus, TxQueue,
+    TIMER_TICK,
 };
 use crate::handoff::{Handoff, SlotReleases};
 use crate::keys::PeerKey;
@@ -185,7 +186,10 @@ fn pump(
         while let Some(ev) = gw.poll_event() {
             let h = match ev {
                 FlowEvent::Upgraded(u) => Handoff::Upgraded(u),
-                FlowEvent::Released { seq, slot } => Handoff::Released { seq, slot },
+                FlowEvent::Released { seq, slot } => Handoff::Released {
+                    seq: seq.get(),
+                    slot,
+                },
                 ev => {
                     audit.offer(ev);
                     continue;
@@ -352,7 +356,7 @@ fn pump(
         }
         if let Some(app) = &app {
             for (slot, seq) in app.releases.take() {
-                gw.handle_slot_closed(now, slot, seq);
+                gw.handle_slot_closed(now, slot, FlowSeq::new(seq));
             }
         }
         flush(&mut tx);

@@ -305,7 +305,7 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
     ssh.emit(record(
         Some(1),
         SshEvent::ChannelOpen(ChannelOpen {
-            kind: "session".into(),
+            kind: ChannelKind::Session,
             program: "subsystem".into(),
             subsystem: Some(format!("sftp{EVIL}")),
             pty: Some(PtyRequest {
@@ -325,7 +325,7 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
                 orig_port: 1,
                 rule: None,
             }),
-            decision: "allowed".into(),
+            decision: ChannelDecision::Allowed,
             deny_reason: None,
         }),
     ));
@@ -333,8 +333,8 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
         Some(1),
         SshEvent::Command(Command {
             seq: 1,
-            source: "exec".into(),
-            confidence: "exact".into(),
+            source: CommandSource::Exec,
+            confidence: Confidence::Exact,
             command: CommandText::new(format!("ls {EVIL}").as_bytes(), None),
         }),
     ));

@@ -17,7 +17,10 @@ use std::net::TcpStream as StdStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rampart::audit::ssh_records::{LogRow, SshEvent, SshLog};
+use rampart::audit::ssh_records::{
+    ChannelDecision, ChannelKind, CommandSource, Confidence, HostKeyChange, HostKeyTrust, LogRow,
+    RecordingFormat, SshEvent, SshLog,
+};
 use rampart::ssh::{trust, SshLimits};
 use support::ssh::*;
 
@@ -105,8 +108,8 @@ fn loopback_pty_shell_is_recorded_typed_lines_logged_and_replayed() {
     let lines: Vec<String> = events(&rows, "command")
         .into_iter()
         .filter_map(|e| match e {
-            SshEvent::Command(c) if c.source == "input_line" => {
-                assert_eq!(c.confidence, "heuristic");
+            SshEvent::Command(c) if c.source == CommandSource::InputLine => {
+                assert_eq!(c.confidence, Confidence::Heuristic);
                 c.command.text.open(None)
             }
             _ => None,
@@ -343,7 +346,7 @@ fn loopback_local_forwarding_follows_the_rule_and_the_flow_policy() {
         assert!(
             events(&rows, "channel.open").iter().any(|e| matches!(e,
                 SshEvent::ChannelOpen(o) if o.tcpip.as_ref().is_some_and(|t| format!("{}:{}", t.host, t.port) == to)
-                    && o.decision == "denied"
+                    && o.decision == ChannelDecision::Denied
                     && o.deny_reason.as_deref().is_some_and(|r| r.contains(why)))),
             "no denied channel.open for {to} ({why})"
         );
@@ -354,7 +357,7 @@ fn loopback_local_forwarding_follows_the_rule_and_the_flow_policy() {
         opens
             .iter()
             .filter(
-                |e| matches!(e, SshEvent::ChannelOpen(o) if o.decision == "allowed"
+                |e| matches!(e, SshEvent::ChannelOpen(o) if o.decision == ChannelDecision::Allowed
                 && o.tcpip.as_ref().is_some_and(|t| t.rule.as_deref() == Some("fwd-ok")))
             )
             .count(),
@@ -375,7 +378,7 @@ fn loopback_local_forwarding_follows_the_rule_and_the_flow_policy() {
     assert_ne!(out.status.code(), Some(0));
     let rows = gw2.wait_rows("channel.open", 1);
     assert!(events(&rows, "channel.open").iter().any(|e| matches!(e,
-        SshEvent::ChannelOpen(o) if o.kind == "direct-tcpip" && o.decision == "denied"
+        SshEvent::ChannelOpen(o) if o.kind == ChannelKind::DirectTcpip && o.decision == ChannelDecision::Denied
             && o.deny_reason.as_deref().is_some_and(|r| r.contains("allow_forwarding")))));
 }
 
@@ -976,9 +979,9 @@ fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
         start.client_key_fp,
         text(&fp.stdout)
     );
-    assert_eq!(start.target_host_key_trust.as_deref(), Some("tofu"));
+    assert_eq!(start.target_host_key_trust, Some(HostKeyTrust::Tofu));
     assert!(events(&rows, "host_key").iter().any(|e| matches!(e,
-        SshEvent::HostKey(h) if h.change == "pinned")));
+        SshEvent::HostKey(h) if h.change == HostKeyChange::Pinned)));
     // The target's key changes: refused, loudly recorded.
     let pins = gw.state.join("ssh/acme/known_targets");
     let pinned = std::fs::read_to_string(&pins).unwrap();
@@ -999,7 +1002,7 @@ fn loopback_exit_signals_publickey_auth_and_a_changed_target_key() {
     assert!(text(&out.stderr).contains("host key changed"));
     let rows = gw.wait_rows("session.end", 2);
     assert!(events(&rows, "host_key").iter().any(|e| matches!(e,
-        SshEvent::HostKey(h) if h.change == "changed" && h.pinned_fingerprint.is_some())));
+        SshEvent::HostKey(h) if h.change == HostKeyChange::Changed && h.pinned_fingerprint.is_some())));
 }
 
 /// Issue 11, finding 6: under `ssh_auth = "publickey"` only keys registered for the device log in.
@@ -1176,14 +1179,14 @@ fn loopback_a_target_host_ca_requires_a_certificate_naming_the_target() {
     let out = try_target(&named);
     assert_eq!(text(&out.stdout), "reached\n", "{}", text(&out.stderr));
     let rows = gw.wait_rows("session.end", 4);
-    let trusts: Vec<Option<String>> = events(&rows, "session.start")
+    let trusts: Vec<Option<HostKeyTrust>> = events(&rows, "session.start")
         .into_iter()
         .filter_map(|e| match e {
             SshEvent::SessionStart(s) if s.decision == "allowed" => Some(s.target_host_key_trust),
             _ => None,
         })
         .collect();
-    assert_eq!(trusts, [Some("ca".to_string())]);
+    assert_eq!(trusts, [Some(HostKeyTrust::Ca)]);
     // The trust files are read again when they change (no restart): without the CA, the plain target is
     // pinned on first use (so it was reachable all along); with the CA back, it is refused again, pin or not.
     std::fs::remove_file(&trusted).unwrap();
@@ -1753,7 +1756,7 @@ ports = ["22"]
         // Forwarded channels name the flow rule that decided them, for the reviewer too.
         let fwd = rows
             .iter()
-            .find(|r| matches!(r.event(), Some(SshEvent::ChannelOpen(o)) if o.kind == "direct-tcpip" && o.decision == "allowed"))
+            .find(|r| matches!(r.event(), Some(SshEvent::ChannelOpen(o)) if o.kind == ChannelKind::DirectTcpip && o.decision == ChannelDecision::Allowed))
             .unwrap();
         let shown = lab
             .gateway
@@ -1878,14 +1881,17 @@ ports = ["22"]
                 "the env value is in {f} in plaintext"
             );
         }
-        let formats: Vec<String> = events(&rows, "channel.close")
+        let formats: Vec<RecordingFormat> = events(&rows, "channel.close")
             .into_iter()
             .filter_map(|e| match e {
                 SshEvent::ChannelClose(c) => c.recording.map(|r| r.format),
                 _ => None,
             })
             .collect();
-        assert_eq!(formats, ["ssh-log-cli", "ssh-log-cli"]);
+        assert_eq!(
+            formats,
+            [RecordingFormat::SshLogCli, RecordingFormat::SshLogCli]
+        );
         let pty_session = rows
             .iter()
             .find(|r| matches!(r.event(), Some(SshEvent::ChannelOpen(o)) if o.program == "shell"))

@@ -9,7 +9,7 @@ use super::review::flows::{FlowFilter, FlowStore};
 use super::review::http::{query, HttpFilter};
 use super::*;
 use crate::config::{Action, DeviceName, TenantId, UserName};
-use crate::core::{EndReason, FlowStart};
+use crate::core::{EndReason, FlowSeq, FlowStart};
 
 /// A temp dir, removed when the guard drops (also after a failure).
 pub(crate) fn tempdir(tag: &str) -> tempfile::TempDir {
@@ -28,7 +28,7 @@ pub(crate) fn options(dir: &std::path::Path) -> PipelineOptions {
 
 pub(crate) fn flow_start(tenant: &str, seq: u64) -> FlowEvent {
     FlowEvent::Start(Box::new(FlowStart {
-        seq,
+        seq: FlowSeq::new(seq),
         tenant: TenantId::parse(tenant).unwrap(),
         device: DeviceName::parse("laptop").unwrap(),
         user: UserName::parse("alice@example.com").unwrap(),
@@ -99,7 +99,7 @@ fn records_of_every_kind_commit_and_an_http_record_links_to_its_flow_at_once() {
     sink.http().emit(http("acme", "a.example", 1000, 7));
     sink.http().emit(http("acme", "b.example", 2000, 99));
     sink.offer(FlowEvent::End {
-        seq: 7,
+        seq: FlowSeq::new(7),
         at: Instant::now(),
         packets: [3, 4],
         bytes: [300, 400],
@@ -229,7 +229,7 @@ fn a_full_queue_drops_and_counts_per_kind() {
     wait("a dropped record", || {
         seq += 1;
         sink.offer(FlowEvent::Established {
-            seq,
+            seq: FlowSeq::new(seq),
             at: Instant::now(),
         });
         c.lost_total(RecordKind::Flow, LossReason::QueueFull) > 0

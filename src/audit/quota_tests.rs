@@ -11,11 +11,11 @@ use russh::keys::ssh_key::PublicKey;
 use super::pipeline_tests::{flow_start, http, options, tempdir};
 use super::review::verify::{verify, VerifyReport};
 use super::ssh_records::{
-    file_sha256, ChannelClose, Command, CommandText, RecordingInfo, SessionEnd, SessionKeys,
-    SshEvent, SshRecord,
+    file_sha256, ChannelClose, Command, CommandSource, CommandText, Confidence, RecordingFormat,
+    RecordingInfo, SessionEnd, SessionKeys, SshEvent, SshRecord,
 };
 use super::*;
-use crate::core::EndReason;
+use crate::core::{EndReason, FlowSeq};
 
 /// Flows 1..=OPEN start first and stay open; the closed ones follow.
 const OPEN: u64 = 3;
@@ -55,7 +55,7 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
 
 fn end(seq: u64) -> FlowEvent {
     FlowEvent::End {
-        seq,
+        seq: FlowSeq::new(seq),
         at: Instant::now(),
         packets: [1, 1],
         bytes: [10, 20],
@@ -303,8 +303,8 @@ fn ssh_channel(dir: &Path, sink: &AuditSink, session: &str) -> PathBuf {
         1,
         SshEvent::Command(Command {
             seq: 0,
-            source: "exec".into(),
-            confidence: "exact".into(),
+            source: CommandSource::Exec,
+            confidence: Confidence::Exact,
             command: CommandText::new(b"id", None),
         }),
     ));
@@ -321,7 +321,7 @@ fn ssh_channel(dir: &Path, sink: &AuditSink, session: &str) -> PathBuf {
             bytes_out: 1,
             recording: Some(RecordingInfo {
                 path: rel,
-                format: "rampart-rec-v1".into(),
+                format: RecordingFormat::RampartRecV1,
                 pty: false,
                 sha256: Some(sha),
                 size,

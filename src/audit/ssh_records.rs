@@ -151,8 +151,7 @@ pub struct SessionStart {
     pub auth_method: String,
     pub client_key_fp: Option<String>,
     pub target_host_key_fp: Option<String>,
-    /// `pinned` | `tofu` | `ca`.
-    pub target_host_key_trust: Option<String>,
+    pub target_host_key_trust: Option<HostKeyTrust>,
     pub cert: Option<CertInfo>,
     pub recording: crate::config::Recording,
     pub capture_input: bool,
@@ -209,8 +208,7 @@ pub struct SessionEnd {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelOpen {
-    /// `session` | `direct-tcpip`.
-    pub kind: String,
+    pub kind: ChannelKind,
     /// `shell` | `exec` | `subsystem` | `direct-tcpip`.
     pub program: String,
     pub subsystem: Option<String>,
@@ -218,8 +216,7 @@ pub struct ChannelOpen {
     pub env: Vec<EnvVar>,
     pub command: Option<CommandText>,
     pub tcpip: Option<Tcpip>,
-    /// `allowed` | `denied`.
-    pub decision: String,
+    pub decision: ChannelDecision,
     pub deny_reason: Option<String>,
 }
 
@@ -291,8 +288,7 @@ pub struct ChannelClose {
 pub struct RecordingInfo {
     /// Relative to `state_dir`.
     pub path: String,
-    /// `ssh-log-cli` (sealed container) | `rampart-rec-v1` (plaintext).
-    pub format: String,
+    pub format: RecordingFormat,
     pub pty: bool,
     pub sha256: Option<String>,
     pub size: u64,
@@ -303,19 +299,109 @@ pub struct RecordingInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     pub seq: u32,
-    /// `exec` | `input_line` | `sftp_op`.
-    pub source: String,
-    /// `exact` | `heuristic`.
-    pub confidence: String,
+    pub source: CommandSource,
+    pub confidence: Confidence,
     pub command: CommandText,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostKeyEvent {
-    /// `pinned` (first use) | `changed` (mismatch; refused).
-    pub change: String,
+    pub change: HostKeyChange,
     pub fingerprint: String,
     pub pinned_fingerprint: Option<String>,
+}
+
+/// What kind of channel a client opened (the SSH channel type, RFC 4254).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+pub enum ChannelKind {
+    #[serde(rename = "session")]
+    #[strum(serialize = "session")]
+    Session,
+    #[serde(rename = "direct-tcpip")]
+    #[strum(serialize = "direct-tcpip")]
+    DirectTcpip,
+}
+
+/// Whether a channel (or the program it asked for) was allowed.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ChannelDecision {
+    Allowed,
+    Denied,
+}
+
+/// Where a command record's text came from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum CommandSource {
+    /// The `exec` request's command line.
+    Exec,
+    /// A line typed into a shell, reconstructed from the input stream.
+    InputLine,
+    /// An SFTP request.
+    SftpOp,
+}
+
+/// How sure the record is that the command ran as shown.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Confidence {
+    Exact,
+    Heuristic,
+}
+
+/// How a recording file is stored.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+pub enum RecordingFormat {
+    /// Sealed to the tenant's reviewer key (an `ssh-log-cli` container).
+    #[serde(rename = "ssh-log-cli")]
+    #[strum(serialize = "ssh-log-cli")]
+    SshLogCli,
+    /// Plaintext.
+    #[serde(rename = "rampart-rec-v1")]
+    #[strum(serialize = "rampart-rec-v1")]
+    RampartRecV1,
+}
+
+/// How a target's host key was accepted.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum HostKeyTrust {
+    /// Matches the key pinned earlier.
+    Pinned,
+    /// First contact: pinned now.
+    Tofu,
+    /// A certificate from the tenant's trusted target host CA.
+    Ca,
+}
+
+/// What happened to a target's pinned host key.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::AsRefStr, strum::Display,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum HostKeyChange {
+    /// First use: the key is pinned now.
+    Pinned,
+    /// The key no longer matches its pin; the session was refused.
+    Changed,
 }
 
 /// The SSH inspector's handle on the audit pipeline. Cloning is cheap.
@@ -441,6 +527,112 @@ impl SshAuditPaths {
 mod tests {
     use super::*;
 
+    /// The wire spelling of each value (what the hash chain covers and older stores hold) and its `Display`.
+    fn pins<T>(cases: &[(T, &str)])
+    where
+        T: Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Display
+            + PartialEq
+            + std::fmt::Debug,
+    {
+        for (v, wire) in cases {
+            assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(wire));
+            assert_eq!(v.to_string(), *wire);
+            assert_eq!(
+                &serde_json::from_value::<T>(serde_json::json!(wire)).unwrap(),
+                v
+            );
+        }
+    }
+
+    #[test]
+    fn channel_kind_wire_strings() {
+        pins(&[
+            (ChannelKind::Session, "session"),
+            (ChannelKind::DirectTcpip, "direct-tcpip"),
+        ]);
+    }
+
+    #[test]
+    fn channel_decision_wire_strings() {
+        pins(&[
+            (ChannelDecision::Allowed, "allowed"),
+            (ChannelDecision::Denied, "denied"),
+        ]);
+    }
+
+    #[test]
+    fn command_source_wire_strings() {
+        pins(&[
+            (CommandSource::Exec, "exec"),
+            (CommandSource::InputLine, "input_line"),
+            (CommandSource::SftpOp, "sftp_op"),
+        ]);
+    }
+
+    #[test]
+    fn confidence_wire_strings() {
+        pins(&[
+            (Confidence::Exact, "exact"),
+            (Confidence::Heuristic, "heuristic"),
+        ]);
+    }
+
+    #[test]
+    fn recording_format_wire_strings() {
+        pins(&[
+            (RecordingFormat::SshLogCli, "ssh-log-cli"),
+            (RecordingFormat::RampartRecV1, "rampart-rec-v1"),
+        ]);
+    }
+
+    #[test]
+    fn host_key_trust_wire_strings() {
+        pins(&[
+            (HostKeyTrust::Pinned, "pinned"),
+            (HostKeyTrust::Tofu, "tofu"),
+            (HostKeyTrust::Ca, "ca"),
+        ]);
+    }
+
+    #[test]
+    fn host_key_change_wire_strings() {
+        pins(&[
+            (HostKeyChange::Pinned, "pinned"),
+            (HostKeyChange::Changed, "changed"),
+        ]);
+    }
+
+    /// A whole record body as written before the fields were enums (free strings), byte for byte.
+    #[test]
+    fn record_bodies_are_unchanged() {
+        let open = SshEvent::ChannelOpen(ChannelOpen {
+            kind: ChannelKind::DirectTcpip,
+            program: "direct-tcpip".into(),
+            subsystem: None,
+            pty: None,
+            env: vec![],
+            command: None,
+            tcpip: None,
+            decision: ChannelDecision::Denied,
+            deny_reason: Some("forwarding is off".into()),
+        });
+        assert_eq!(
+            serde_json::to_string(&open).unwrap(),
+            r#"{"event":"channel_open","kind":"direct-tcpip","program":"direct-tcpip","subsystem":null,"pty":null,"env":[],"command":null,"tcpip":null,"decision":"denied","deny_reason":"forwarding is off"}"#
+        );
+        let key = SshEvent::HostKey(HostKeyEvent {
+            change: HostKeyChange::Changed,
+            fingerprint: "SHA256:a".into(),
+            pinned_fingerprint: Some("SHA256:b".into()),
+        });
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            r#"{"event":"host_key","change":"changed","fingerprint":"SHA256:a","pinned_fingerprint":"SHA256:b"}"#
+        );
+    }
+
     fn rec(i: u32) -> SshRecord {
         SshRecord {
             at_ms: 1_700_000_000_000 + i64::from(i),
@@ -457,8 +649,8 @@ mod tests {
             channel_seq: Some(i),
             event: SshEvent::Command(Command {
                 seq: i,
-                source: "exec".into(),
-                confidence: "exact".into(),
+                source: CommandSource::Exec,
+                confidence: Confidence::Exact,
                 command: CommandText::new(format!("echo {i}").as_bytes(), None),
             }),
         }

@@ -8,7 +8,7 @@ use super::http_records::HttpRecord;
 use super::pipeline_tests::{flow_start, http, options, tempdir};
 use super::verify_tests::{broken, last_seq, run, sql, Store};
 use super::*;
-use crate::core::EndReason;
+use crate::core::{EndReason, FlowSeq};
 
 /// Flows 1..=3 with a plain request, a blocked one, a TLS connection passed through and a failed request,
 /// the flows' ends, then one more request (the store's last record before `run.end`).
@@ -62,7 +62,7 @@ fn http_store(tag: &str) -> Store {
     });
     for i in 1..=3 {
         sink.offer(FlowEvent::End {
-            seq: i,
+            seq: FlowSeq::new(i),
             at: std::time::Instant::now(),
             packets: [1, 1],
             bytes: [10, 20],

@@ -10,7 +10,7 @@ use super::pipeline_tests::{flow_start, http, options, tempdir};
 use super::review::verify::{pick_head, verify, VerifyReport};
 use super::tables::chain::{self, Checkpoint};
 use super::*;
-use crate::core::EndReason;
+use crate::core::{EndReason, FlowSeq};
 
 pub(super) struct Store {
     pub(super) dir: PathBuf,
@@ -43,7 +43,7 @@ fn store_with(tag: &str, extra: impl FnOnce(&AuditSink)) -> Store {
         sink.http()
             .emit(http("acme", &format!("h{i}.example"), 1000 + i as i64, i));
         sink.offer(FlowEvent::End {
-            seq: i,
+            seq: FlowSeq::new(i),
             at: Instant::now(),
             packets: [1, 1],
             bytes: [10, 20],

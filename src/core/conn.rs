@@ -37,18 +37,18 @@ pub struct ConnGrant {
 #[derive(Debug, Default)]
 pub struct ConnOut {
     buf: Vec<u8>,
-    items: Vec<(u32, usize, usize)>,
+    items: Vec<(PeerSlot, usize, usize)>,
 }
 
 impl ConnOut {
-    pub(super) fn push(&mut self, slot: u32, pkt: &[u8]) {
+    pub(super) fn push(&mut self, slot: PeerSlot, pkt: &[u8]) {
         let start = self.buf.len();
         self.buf.extend_from_slice(pkt);
         self.items.push((slot, start, pkt.len()));
     }
 
     /// `(slot, packet)` in the order they were queued.
-    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (PeerSlot, &[u8])> + '_ {
         self.items
             .iter()
             .map(|&(slot, start, len)| (slot, &self.buf[start..start + len]))
@@ -80,8 +80,8 @@ impl Peer {
 
 impl Gateway {
     /// The largest packet the subject in `slot` takes, when it has a limit (a GUE site).
-    pub(super) fn conn_mtu(&self, slot: u32) -> Option<u16> {
-        match self.peers.get(slot as usize) {
+    pub(super) fn conn_mtu(&self, slot: PeerSlot) -> Option<u16> {
+        match self.peers.get(slot.index()) {
             Some(Some(Peer {
                 link: Link::Conn(c),
                 ..
@@ -91,14 +91,14 @@ impl Gateway {
     }
 
     /// Gives an accepted connection a slot. `None`: the tenant is not configured, or no slot is free.
-    pub fn open_conn(&mut self, now: Instant, grant: ConnGrant) -> Option<u32> {
+    pub fn open_conn(&mut self, now: Instant, grant: ConnGrant) -> Option<PeerSlot> {
         self.advance(now);
         let ti = TenantIdx::new(self.tenants.iter().position(|t| t.id == grant.tenant)?);
         let address = grant.prefixes.first()?.network();
         let slot = self.take_slot(now)?;
         let seq = self.next_conn_seq;
         self.next_conn_seq += 1;
-        self.peers[slot as usize] = Some(Peer {
+        self.peers[slot] = Some(Peer {
             link: Link::Conn(Box::new(ConnLink {
                 prefixes: grant.prefixes,
                 seq,
@@ -131,12 +131,12 @@ impl Gateway {
     pub fn handle_conn_packet(
         &mut self,
         now: Instant,
-        slot: u32,
+        slot: PeerSlot,
         pkt: &mut [u8],
         tx: &mut TxQueue,
     ) -> bool {
         self.advance(now);
-        let Some(Some(p)) = self.peers.get(slot as usize) else {
+        let Some(Some(p)) = self.peers.get(slot.index()) else {
             return false;
         };
         if !matches!(p.link, Link::Conn(_)) {
@@ -154,8 +154,8 @@ impl Gateway {
     }
 
     /// A packet for the connection in `slot` could not be written (its socket is full): counted, never silent.
-    pub fn count_conn_drop(&self, slot: u32, reason: DropReason) {
-        match self.peers.get(slot as usize) {
+    pub fn count_conn_drop(&self, slot: PeerSlot, reason: DropReason) {
+        match self.peers.get(slot.index()) {
             Some(Some(p)) => self.tenants[p.tenant].counters.count_drop(reason),
             _ => self.metrics.global.unattributed.count_drop(reason),
         }
@@ -163,9 +163,9 @@ impl Gateway {
 
     /// The connection in `slot` closed: its slot is freed and its flows end as a removed device's do (TCP
     /// connections to devices are reset).
-    pub fn close_conn(&mut self, now: Instant, slot: u32, tx: &mut TxQueue) {
+    pub fn close_conn(&mut self, now: Instant, slot: PeerSlot, tx: &mut TxQueue) {
         if !matches!(
-            self.peers.get(slot as usize),
+            self.peers.get(slot.index()),
             Some(Some(Peer {
                 link: Link::Conn(_),
                 ..
@@ -178,8 +178,8 @@ impl Gateway {
         self.recheck_flows(now, tx);
     }
 
-    fn drop_conn_slot(&mut self, slot: u32, now: Instant) {
-        if let Some(p) = self.peers[slot as usize].take() {
+    fn drop_conn_slot(&mut self, slot: PeerSlot, now: Instant) {
+        if let Some(p) = self.peers[slot].take() {
             tracing::info!(subject = %p.device.name, "on-ramp connection closed");
         }
         self.free_slots.push_back((slot, now));
@@ -197,12 +197,12 @@ impl Gateway {
     }
 
     /// Connections the core ended by itself (a reload removed their tenant): the shell closes them.
-    pub fn take_ended_conns(&mut self, out: &mut Vec<u32>) {
+    pub fn take_ended_conns(&mut self, out: &mut Vec<PeerSlot>) {
         out.append(&mut self.conns_ended);
     }
 
     /// Before a reload replaces the tenant list: each connection's slot and tenant id.
-    pub(super) fn conn_tenants(&self) -> Vec<(u32, TenantId)> {
+    pub(super) fn conn_tenants(&self) -> Vec<(PeerSlot, TenantId)> {
         self.peers
             .iter()
             .enumerate()
@@ -212,18 +212,18 @@ impl Gateway {
                         link: Link::Conn(_),
                         ..
                     },
-                ) => Some((s as u32, self.tenants[p.tenant].id.clone())),
+                ) => Some((PeerSlot::from_index(s), self.tenants[p.tenant].id.clone())),
                 _ => None,
             })
             .collect()
     }
 
     /// After a reload: each connection follows its tenant to its new index, or ends when the tenant is gone.
-    pub(super) fn remap_conns(&mut self, conns: Vec<(u32, TenantId)>, now: Instant) {
+    pub(super) fn remap_conns(&mut self, conns: Vec<(PeerSlot, TenantId)>, now: Instant) {
         for (slot, id) in conns {
             match self.tenants.iter().position(|t| t.id == id) {
                 Some(ti) => {
-                    if let Some(p) = self.peers[slot as usize].as_mut() {
+                    if let Some(p) = self.peers[slot].as_mut() {
                         p.tenant = TenantIdx::new(ti);
                     }
                 }
@@ -240,7 +240,7 @@ impl Gateway {
         for t in &mut self.tenants {
             t.conn_routes.clear();
         }
-        let mut conns: Vec<(u64, u32, TenantIdx)> = Vec::new();
+        let mut conns: Vec<(u64, PeerSlot, TenantIdx)> = Vec::new();
         for (slot, p) in self.peers.iter().enumerate() {
             if let Some(Peer {
                 link: Link::Conn(c),
@@ -248,7 +248,7 @@ impl Gateway {
                 ..
             }) = p
             {
-                conns.push((c.seq, slot as u32, *tenant));
+                conns.push((c.seq, PeerSlot::from_index(slot), *tenant));
             }
         }
         conns.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
@@ -256,7 +256,7 @@ impl Gateway {
             if let Some(Some(Peer {
                 link: Link::Conn(c),
                 ..
-            })) = self.peers.get(slot as usize)
+            })) = self.peers.get(slot.index())
             {
                 let routes = &mut self.tenants[ti].conn_routes;
                 routes.extend(c.prefixes.iter().map(|&n| (n, slot)));

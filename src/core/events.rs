@@ -6,7 +6,7 @@ use super::*;
 /// A flow began: who, from which device, to where, and what policy decided.
 #[derive(Debug, Clone)]
 pub struct FlowStart {
-    pub seq: u64,
+    pub seq: FlowSeq,
     pub tenant: TenantId,
     pub device: DeviceName,
     pub user: UserName,
@@ -26,7 +26,7 @@ pub struct FlowStart {
 /// `UPGRADE_LISTENER` and uses this to know what it really is.
 #[derive(Debug, Clone)]
 pub struct Upgraded {
-    pub seq: u64,
+    pub seq: FlowSeq,
     pub slot: SocketAddrV4,
     pub protocol: u8,
     /// The device side of the original flow.
@@ -69,11 +69,11 @@ pub enum FlowEvent {
     /// A flow was handed to layer 4 (for the application side, not the audit trail).
     Upgraded(Box<Upgraded>),
     Established {
-        seq: u64,
+        seq: FlowSeq,
         at: Instant,
     },
     End {
-        seq: u64,
+        seq: FlowSeq,
         at: Instant,
         packets: [u64; 2],
         bytes: [u64; 2],
@@ -83,7 +83,7 @@ pub enum FlowEvent {
     /// upstream, inspector) and report it with `Gateway::handle_slot_closed`; until then the slot is never
     /// given to another flow.
     Released {
-        seq: u64,
+        seq: FlowSeq,
         slot: SocketAddrV4,
     },
 }

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 
 use hashbrown::HashTable;
 
+use super::{FlowSeq, PeerSlot};
 use crate::config::{Action, FlowSettings};
 use crate::packet::{
     PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -112,11 +113,11 @@ pub enum FlowTarget {
     /// Answered by the gateway itself.
     Local,
     /// The destination device's peer slot.
-    Peer(u32),
+    Peer(PeerSlot),
     /// Upgraded: the initiator's packets go, NAT-ed from this slot, into the gateway's namespace where a
     /// kernel socket terminates them; replies come back out of the namespace. With a peer slot, the stream is
     /// spliced to a downgraded connection towards that device (`proxy` between devices).
-    Upgrade(std::net::SocketAddrV4, Option<u32>),
+    Upgrade(std::net::SocketAddrV4, Option<PeerSlot>),
     /// An upstream network the flow was not carried to (denied or rejected by policy).
     Offramp,
 }
@@ -142,10 +143,10 @@ pub const IN: usize = 1;
 pub struct Flow {
     pub key: FlowKey,
     /// Unique within this gateway run; names the flow in audit records.
-    pub seq: u64,
+    pub seq: FlowSeq,
     /// Canonical direction of the initiator's packets.
     pub initiator: KeyDir,
-    pub src_slot: u32,
+    pub src_slot: PeerSlot,
     pub target: FlowTarget,
     pub action: Action,
     pub rule: Option<u16>,
@@ -235,8 +236,8 @@ impl Flow {
     pub fn new(
         key: FlowKey,
         dir: KeyDir,
-        seq: u64,
-        src_slot: u32,
+        seq: FlowSeq,
+        src_slot: PeerSlot,
         target: FlowTarget,
         action: Action,
         rule: Option<u16>,
@@ -594,7 +595,16 @@ mod tests {
 
     fn established() -> Flow {
         let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
-        let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, Some(0), 0);
+        let mut f = Flow::new(
+            k,
+            d,
+            FlowSeq::new(1),
+            PeerSlot::new(0),
+            FlowTarget::Peer(PeerSlot::new(1)),
+            Action::Allow,
+            Some(0),
+            0,
+        );
         f.record(OUT, 60, seg(TCP_SYN, 100, 0, 1), 0);
         f.record(IN, 60, seg(TCP_SYN | TCP_ACK, 500, 101, 1), 1);
         f.record(OUT, 1000, seg(TCP_ACK, 101, 501, 960), 2);
@@ -604,7 +614,16 @@ mod tests {
     #[test]
     fn tcp_lifecycle_start_established_fin() {
         let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 40000, ip("100.96.0.3"), 22);
-        let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, Some(0), 0);
+        let mut f = Flow::new(
+            k,
+            d,
+            FlowSeq::new(1),
+            PeerSlot::new(0),
+            FlowTarget::Peer(PeerSlot::new(1)),
+            Action::Allow,
+            Some(0),
+            0,
+        );
         assert_eq!(
             f.record(OUT, 60, seg(TCP_SYN, 100, 0, 1), 0),
             Transition::None
@@ -650,7 +669,16 @@ mod tests {
     #[test]
     fn a_rst_answering_the_syn_ends_the_flow() {
         let (k, d) = FlowKey::new(1, PROTO_TCP, ip("100.96.0.2"), 1, ip("100.96.0.3"), 2);
-        let mut f = Flow::new(k, d, 1, 0, FlowTarget::Peer(1), Action::Allow, None, 0);
+        let mut f = Flow::new(
+            k,
+            d,
+            FlowSeq::new(1),
+            PeerSlot::new(0),
+            FlowTarget::Peer(PeerSlot::new(1)),
+            Action::Allow,
+            None,
+            0,
+        );
         f.record(OUT, 40, seg(TCP_SYN, 1, 0, 1), 0);
         assert_eq!(
             f.record(IN, 40, seg(TCP_RST | TCP_ACK, 0, 99, 0), 0),
@@ -698,9 +726,9 @@ mod tests {
         let i = t.insert(Flow::new(
             k,
             d,
-            1,
-            0,
-            FlowTarget::Peer(1),
+            FlowSeq::new(1),
+            PeerSlot::new(0),
+            FlowTarget::Peer(PeerSlot::new(1)),
             Action::Allow,
             None,
             0,
@@ -735,10 +763,10 @@ mod tests {
                 let (k, dir) = FlowKey::new(tenant, PROTO_TCP, a.0, a.1, b.0, b.1);
                 let idx = match t.lookup(&k) {
                     Some(i) => i,
-                    None => t.insert(Flow::new(k, dir, 0, tenant, FlowTarget::Local, Action::Allow, None, 0)),
+                    None => t.insert(Flow::new(k, dir, FlowSeq::new(0), PeerSlot::new(tenant), FlowTarget::Local, Action::Allow, None, 0)),
                 };
                 prop_assert_eq!(t.get(idx).key.tenant(), tenant);
-                prop_assert_eq!(t.get(idx).src_slot, tenant, "the flow found was created by this tenant");
+                prop_assert_eq!(t.get(idx).src_slot, PeerSlot::new(tenant), "the flow found was created by this tenant");
                 distinct.insert((tenant, a.min(b), a.max(b)));
             }
             prop_assert_eq!(t.len(), distinct.len(), "one flow per tenant and 5-tuple, both directions");
@@ -758,7 +786,7 @@ mod tests {
                 let (k, dir) = FlowKey::new(1, PROTO_UDP, ip(hosts[usize::from(s)]), sp, ip(hosts[usize::from(d)]), dp);
                 let idx = match t.lookup(&k) {
                     Some(i) => i,
-                    None => t.insert(Flow::new(k, dir, 0, 0, FlowTarget::Local, Action::Allow, None, now)),
+                    None => t.insert(Flow::new(k, dir, FlowSeq::new(0), PeerSlot::new(0), FlowTarget::Local, Action::Allow, None, now)),
                 };
                 let f = t.get_mut(idx);
                 prop_assert_eq!(f.key, k);

@@ -31,6 +31,7 @@ mod wg;
 
 pub use events::{ApplySummary, Dest, FlowEvent, FlowStart, PeerStatus, Transmit, Upgraded};
 use ids::TenantIdx;
+pub use ids::{FlowSeq, PeerSlot};
 use router::subject;
 use upgrade::nat_key;
 
@@ -129,10 +130,10 @@ impl Metrics {
 /// A retired upgrade slot (see `Gateway::closing`).
 #[derive(Debug, Clone, Copy)]
 struct Closing {
-    seq: u64,
+    seq: FlowSeq,
     downgrade: Option<SocketAddrV4>,
     /// The device that opened the flow (the close handshake's last segments still go to it), while it exists.
-    initiator: Option<u32>,
+    initiator: Option<PeerSlot>,
 }
 
 /// How packets reach a peer: its WireGuard tunnel, or a connected on-ramp's connection (the core queues its
@@ -172,9 +173,9 @@ struct TenantState {
     offramp_allow_local: Vec<SocketAddr>,
     pools: Vec<ipnet::IpNet>,
     /// Device address -> peer slot. Addresses are per tenant: two tenants may use the same ones.
-    routes: HashMap<IpAddr, u32>,
+    routes: HashMap<IpAddr, PeerSlot>,
     /// On-ramp connections' source prefixes -> slot, newest connection first.
-    conn_routes: Vec<(ipnet::IpNet, u32)>,
+    conn_routes: Vec<(ipnet::IpNet, PeerSlot)>,
     counters: Arc<TrafficCounters>,
 }
 
@@ -211,9 +212,9 @@ pub struct Gateway {
     /// The peers whose timers run on each tick: those with a session, a handshake or queued packets (armed by
     /// any datagram from or packet to them, dropped when boringtun reports the connection expired). An idle
     /// peer costs nothing per tick, so a tick is O(active peers), not O(configured devices).
-    timed: Vec<u32>,
-    free_slots: VecDeque<(u32, Instant)>,
-    by_key: HashMap<PeerKey, u32>,
+    timed: Vec<PeerSlot>,
+    free_slots: VecDeque<(PeerSlot, Instant)>,
+    by_key: HashMap<PeerKey, PeerSlot>,
     tenants: Vec<TenantState>,
     metrics: Arc<Metrics>,
     epoch: Instant,
@@ -225,7 +226,7 @@ pub struct Gateway {
     /// Refused flows, tallied per device, destination and rule until the next summary.
     refused: refused::Tally,
     deny_summary_ms: u64,
-    next_flow_seq: u64,
+    next_flow_seq: FlowSeq,
     tenant_nums: HashMap<TenantId, u32>,
     /// Live flows per tenant number.
     flow_counts: Vec<usize>,
@@ -254,7 +255,7 @@ pub struct Gateway {
     /// Packets for on-ramp connections, by slot.
     conn_out: conn::ConnOut,
     /// On-ramp connections the core ended (their tenant is gone); the shell closes them.
-    conns_ended: Vec<u32>,
+    conns_ended: Vec<PeerSlot>,
     next_conn_seq: u64,
     /// The latest `now` given to any `handle_*` (time only moves forward).
     now: Instant,
@@ -295,7 +296,7 @@ impl Gateway {
             ),
             refused: refused::Tally::default(),
             deny_summary_ms: FlowSettings::default().deny_summary.as_millis() as u64,
-            next_flow_seq: 1,
+            next_flow_seq: FlowSeq::FIRST,
             tenant_nums: HashMap::new(),
             flow_counts: Vec::new(),
             tenant_by_num: Vec::new(),

@@ -11,7 +11,7 @@ const MAX_KEYS: usize = 16_384;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    slot: u32,
+    slot: PeerSlot,
     protocol: u8,
     dst: IpAddr,
     action: Action,
@@ -53,9 +53,9 @@ impl Tally {
 impl Gateway {
     /// Takes one token from the device's new-flow bucket (refilled at `flows.device_new_flows_per_sec`, up to
     /// the burst); `false` when it is empty.
-    pub(super) fn take_new_flow_token(&mut self, slot: u32, now_ms: u64) -> bool {
+    pub(super) fn take_new_flow_token(&mut self, slot: PeerSlot, now_ms: u64) -> bool {
         let (rate, burst) = self.new_flow_rate;
-        let Some(p) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+        let Some(p) = self.peers.get_mut(slot.index()).and_then(Option::as_mut) else {
             return false;
         };
         let elapsed = now_ms.saturating_sub(p.refilled_ms);
@@ -72,7 +72,7 @@ impl Gateway {
     /// Tallies a refused attempt of the device in `slot`.
     pub(super) fn note_refused(
         &mut self,
-        slot: u32,
+        slot: PeerSlot,
         view: &IpView,
         t: &Transport,
         action: Action,
@@ -92,7 +92,7 @@ impl Gateway {
             a.bytes += view.len as u64;
             return;
         }
-        let Some(p) = self.peers.get(slot as usize).and_then(Option::as_ref) else {
+        let Some(p) = self.peers.get(slot.index()).and_then(Option::as_ref) else {
             return;
         };
         if self.refused.by_key.len() >= MAX_KEYS {
@@ -137,7 +137,7 @@ impl Gateway {
         keys.sort_by_key(|(_, a)| a.first_ms); // records in the order the attempts began
         for (k, a) in keys {
             let seq = self.next_flow_seq;
-            self.next_flow_seq += 1;
+            self.next_flow_seq = seq.next();
             let at = |ms: u64| self.epoch + Duration::from_millis(ms);
             self.events.push_back(FlowEvent::Start(Box::new(FlowStart {
                 seq,

@@ -24,9 +24,7 @@ impl Gateway {
             .by_key
             .iter()
             .filter(|(k, &slot)| {
-                let peer = self.peers[slot as usize]
-                    .as_ref()
-                    .expect("indexed peer exists");
+                let peer = self.peers[slot].as_ref().expect("indexed peer exists");
                 wanted
                     .get(*k)
                     .is_none_or(|(ti, _)| cfg.tenants[ti.get()].id != self.tenants[peer.tenant].id)
@@ -81,9 +79,7 @@ impl Gateway {
         for key in keys {
             let (ti, d) = wanted[key];
             if let Some(&slot) = self.by_key.get(key) {
-                let peer = self.peers[slot as usize]
-                    .as_mut()
-                    .expect("indexed peer exists");
+                let peer = self.peers[slot].as_mut().expect("indexed peer exists");
                 if *peer.device != *d {
                     summary.updated += 1;
                     peer.device = Arc::new(d.clone());
@@ -100,7 +96,7 @@ impl Gateway {
             if let Some(p) = p.as_ref().filter(|p| matches!(p.link, Link::Wg(_))) {
                 let routes = &mut self.tenants[p.tenant].routes;
                 for a in p.device.addresses() {
-                    routes.insert(a, slot as u32);
+                    routes.insert(a, PeerSlot::from_index(slot));
                 }
             }
         }
@@ -127,7 +123,7 @@ impl Gateway {
             let (src, sport, dst, dport) = f.endpoints();
             let verdict = match (
                 self.tenant_index(f.key.tenant()),
-                self.peers.get(f.src_slot as usize),
+                self.peers.get(f.src_slot.index()),
             ) {
                 (Some(ti), Some(Some(p))) if p.tenant == ti && p.sends_from(src) => {
                     let t = &self.tenants[ti];
@@ -174,7 +170,7 @@ impl Gateway {
                     if was_open_tcp {
                         self.reset_both_sides(idx, src, sport, dst, dport, tx);
                     }
-                    tracing::debug!(seq, reason = reason.as_str(), "flow cut after reload");
+                    tracing::debug!(%seq, reason = reason.as_str(), "flow cut after reload");
                     if was_open_tcp && tcp_layer3 {
                         // Keep the cut connection as a lingering rejected flow: a segment still in flight
                         // (which the RSTs above may not match exactly) is answered with a RST built from its
@@ -259,7 +255,7 @@ impl Gateway {
             bytes: f.bytes,
             reason,
         });
-        if let Some(Some(p)) = self.peers.get_mut(f.src_slot as usize) {
+        if let Some(Some(p)) = self.peers.get_mut(f.src_slot.index()) {
             p.live_flows = p.live_flows.saturating_sub(1);
         }
     }
@@ -288,7 +284,7 @@ impl Gateway {
 
     /// The application side closed every socket of the flow `seq` on `slot`: the slot (and its downgrade
     /// address) go into quarantine, after which a new flow may have them.
-    pub fn handle_slot_closed(&mut self, now: Instant, slot: SocketAddrV4, seq: u64) {
+    pub fn handle_slot_closed(&mut self, now: Instant, slot: SocketAddrV4, seq: FlowSeq) {
         if self.closing.get(&slot).is_none_or(|c| c.seq != seq) {
             return;
         }

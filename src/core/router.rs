@@ -26,7 +26,7 @@ pub(super) fn segment(pkt: &[u8], view: &IpView, t: &Transport) -> flow_table::S
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
     Local,
-    Peer(u32),
+    Peer(PeerSlot),
     /// An upstream network of the tenant, reached through the gateway host.
     Offramp,
 }
@@ -54,7 +54,7 @@ pub(super) fn subject(p: &Peer) -> Subject<'_> {
 
 impl Gateway {
     /// Where a packet from the device in `src_slot` to `dst` goes within tenant `ti`; `None`: no route.
-    pub(super) fn route_of(&self, ti: TenantIdx, src_slot: u32, dst: IpAddr) -> Option<Route> {
+    pub(super) fn route_of(&self, ti: TenantIdx, src_slot: PeerSlot, dst: IpAddr) -> Option<Route> {
         let t = &self.tenants[ti];
         if t.gateway_addresses.contains(&dst) {
             return Some(Route::Local);
@@ -116,11 +116,11 @@ impl Gateway {
     pub(super) fn route_inner(
         &mut self,
         now: Instant,
-        src_slot: u32,
+        src_slot: PeerSlot,
         pkt: &mut [u8],
         tx: &mut TxQueue,
     ) {
-        let ti = self.peers[src_slot as usize]
+        let ti = self.peers[src_slot]
             .as_ref()
             .expect("caller holds slot")
             .tenant;
@@ -130,10 +130,14 @@ impl Gateway {
 
     /// The verdict for one inner packet: anti-spoofing, flow lookup (or a new flow: route, limits, policy),
     /// flow accounting, and the rewrites the verdict needs (TTL, echo reply, upgrade NAT, downgrade NAT).
-    fn decide(&mut self, now: Instant, src_slot: u32, ti: TenantIdx, pkt: &mut [u8]) -> Verdict {
-        let src_peer = self.peers[src_slot as usize]
-            .as_ref()
-            .expect("caller holds slot");
+    fn decide(
+        &mut self,
+        now: Instant,
+        src_slot: PeerSlot,
+        ti: TenantIdx,
+        pkt: &mut [u8],
+    ) -> Verdict {
+        let src_peer = self.peers[src_slot].as_ref().expect("caller holds slot");
         let tenant = &self.tenants[ti];
         let view = match packet::parse_ip(pkt) {
             Ok(v) => v,
@@ -272,7 +276,7 @@ impl Gateway {
     /// dropped. Errors never start flows of their own.
     fn route_icmp_error(
         &mut self,
-        src_slot: u32,
+        src_slot: PeerSlot,
         ti: TenantIdx,
         pkt: &mut [u8],
         view: &IpView,
@@ -315,7 +319,7 @@ impl Gateway {
         &mut self,
         now: Instant,
         ti: TenantIdx,
-        src_slot: u32,
+        src_slot: PeerSlot,
         key: FlowKey,
         dir: KeyDir,
         view: &IpView,
@@ -338,9 +342,7 @@ impl Gateway {
         if !self.admit_new_flows {
             return Err(Verdict::Drop(DropReason::AuditUnavailable));
         }
-        let peer = self.peers[src_slot as usize]
-            .as_ref()
-            .expect("caller holds slot");
+        let peer = self.peers[src_slot].as_ref().expect("caller holds slot");
         let tenant = &self.tenants[ti];
         let dport = Transport::has_ports(view.protocol).then_some(t.dport);
         let decision = tenant.policy.evaluate(
@@ -371,7 +373,7 @@ impl Gateway {
         }
         let tenant = &self.tenants[ti];
         let num = tenant.num as usize;
-        if self.peers[src_slot as usize]
+        if self.peers[src_slot]
             .as_ref()
             .is_some_and(|p| p.live_flows >= self.device_max_flows)
         {
@@ -389,9 +391,7 @@ impl Gateway {
             }
             return Err(Verdict::Drop(DropReason::FlowLimit));
         }
-        let peer = self.peers[src_slot as usize]
-            .as_ref()
-            .expect("caller holds slot");
+        let peer = self.peers[src_slot].as_ref().expect("caller holds slot");
         let rule = tenant.policy.rule_id(&decision);
         let carried = decision.action == Action::Allow || decision.action.is_layer4();
         // Carried at layer 4: allowed flows to upstream networks, and `proxy`/`inspect_*` flows (also between
@@ -456,11 +456,9 @@ impl Gateway {
                 FlowTarget::Upgrade(slot, splice_peer)
             }
         };
-        self.next_flow_seq += 1;
+        self.next_flow_seq = seq.next();
         let dst_device = match route {
-            Route::Peer(s) => self.peers[s as usize]
-                .as_ref()
-                .map(|p| p.device.name.clone()),
+            Route::Peer(s) => self.peers[s].as_ref().map(|p| p.device.name.clone()),
             Route::Local | Route::Offramp => None,
         };
         let tenant = &self.tenants[ti];
@@ -486,11 +484,11 @@ impl Gateway {
             self.events.len()
         };
         self.events.insert(at, start);
-        tracing::trace!(seq, action = decision.action.as_str(), "flow start");
+        tracing::trace!(%seq, action = decision.action.as_str(), "flow start");
         self.tenants[ti].counters.flows_started.add(1);
         self.flow_counts[num] += 1;
         self.gauges_dirty = true;
-        if let Some(p) = self.peers[src_slot as usize].as_mut() {
+        if let Some(p) = self.peers[src_slot].as_mut() {
             p.live_flows += 1;
         }
         Ok(self.flows.insert(Flow::new(
@@ -510,7 +508,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn reject(
         &mut self,
-        src_slot: u32,
+        src_slot: PeerSlot,
         ti: TenantIdx,
         pkt: &[u8],
         v: &IpView,

@@ -428,7 +428,7 @@ fn unauthenticated_datagram_never_moves_an_endpoint() {
     let index = 1u32 << (8 + WORKER_BITS);
     assert_eq!(
         net.gw.slot_of(index),
-        Some(1),
+        Some(PeerSlot::new(1)),
         "the forgery names dev1's slot"
     );
     forged.extend_from_slice(&index.to_le_bytes());
@@ -631,7 +631,7 @@ fn slots_are_quarantined_before_reuse() {
     let t0 = Instant::now();
     let tenants = ["acme", "acme", "globex", "globex"];
     let full = config_for(&net.clients, &tenants);
-    let acme_slots: Vec<u32> = net.clients[..2]
+    let acme_slots: Vec<PeerSlot> = net.clients[..2]
         .iter()
         .map(|c| net.gw.by_key[&c.key.public_key()])
         .collect();
@@ -642,7 +642,7 @@ fn slots_are_quarantined_before_reuse() {
     // Re-adding right away must not reuse the freed slots (late packets could reach the new peer).
     net.gw
         .apply(&full, t0 + Duration::from_secs(1), &mut TxQueue::new());
-    let slots: Vec<u32> = net.clients[..2]
+    let slots: Vec<PeerSlot> = net.clients[..2]
         .iter()
         .map(|c| net.gw.by_key[&c.key.public_key()])
         .collect();
@@ -658,7 +658,7 @@ fn slots_are_quarantined_before_reuse() {
         t0 + SLOT_QUARANTINE + Duration::from_secs(5),
         &mut TxQueue::new(),
     );
-    let slots: Vec<u32> = net.clients[..2]
+    let slots: Vec<PeerSlot> = net.clients[..2]
         .iter()
         .map(|c| net.gw.by_key[&c.key.public_key()])
         .collect();
@@ -1324,7 +1324,7 @@ fn from_namespace(slot: SocketAddrV4, flags: &str, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn released(evs: &[FlowEvent]) -> Vec<(u64, SocketAddrV4)> {
+fn released(evs: &[FlowEvent]) -> Vec<(FlowSeq, SocketAddrV4)> {
     evs.iter()
         .filter_map(|e| match e {
             FlowEvent::Released { seq, slot } => Some((*seq, *slot)),
@@ -1333,7 +1333,7 @@ fn released(evs: &[FlowEvent]) -> Vec<(u64, SocketAddrV4)> {
         .collect()
 }
 
-fn upgraded_slot(evs: &[FlowEvent]) -> Option<(u64, SocketAddrV4)> {
+fn upgraded_slot(evs: &[FlowEvent]) -> Option<(FlowSeq, SocketAddrV4)> {
     evs.iter().find_map(|e| match e {
         FlowEvent::Upgraded(u) => Some((u.seq, u.slot)),
         _ => None,
@@ -1839,12 +1839,12 @@ fn simulate(seed: u64, steps: usize) {
         net.handshake(i);
     }
     let mut seen = [0usize; 6];
-    let mut flows: HashMap<SimKey, u64> = HashMap::new();
-    let mut starts: HashMap<u64, FlowStart> = HashMap::new();
-    let mut delivered: HashMap<u64, u64> = HashMap::new();
-    let mut ends: HashMap<u64, u64> = HashMap::new();
+    let mut flows: HashMap<SimKey, FlowSeq> = HashMap::new();
+    let mut starts: HashMap<FlowSeq, FlowStart> = HashMap::new();
+    let mut delivered: HashMap<FlowSeq, u64> = HashMap::new();
+    let mut ends: HashMap<FlowSeq, u64> = HashMap::new();
     let mut next_id = 0u64;
-    let mut end_packets: HashMap<u64, u64> = HashMap::new();
+    let mut end_packets: HashMap<FlowSeq, u64> = HashMap::new();
     for step in 0..steps {
         match rng.below(20) {
             0 => {
@@ -2087,14 +2087,14 @@ fn a_packet_larger_than_a_sites_mtu_is_answered_with_fragmentation_needed() {
 }
 
 /// Packets the core queued for connections, drained.
-fn conn_out(net: &mut Net) -> Vec<(u32, Vec<u8>)> {
+fn conn_out(net: &mut Net) -> Vec<(PeerSlot, Vec<u8>)> {
     let q = net.gw.conn_queue();
     let out = q.iter().map(|(s, p)| (s, p.to_vec())).collect();
     q.clear();
     out
 }
 
-fn conn_send(net: &mut Net, slot: u32, mut pkt: Vec<u8>) -> bool {
+fn conn_send(net: &mut Net, slot: PeerSlot, mut pkt: Vec<u8>) -> bool {
     let now = net.now();
     let ok = net.gw.handle_conn_packet(now, slot, &mut pkt, &mut net.tx);
     net.settle();
@@ -2228,7 +2228,7 @@ fn conn_spoofing_a_device_address_or_sending_garbage_is_dropped_and_counted() {
     ));
     assert_eq!(net.clients[0].inbox.len(), 1);
     // A WireGuard datagram naming the connection's slot as receiver index is unknown.
-    assert!(net.gw.slot_of(slot << (8 + WORKER_BITS)).is_none());
+    assert!(net.gw.slot_of(slot.get() << (8 + WORKER_BITS)).is_none());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use super::*;
 pub enum Verdict {
     /// To the peer in this slot (encrypted to a device, queued for a connection); the packet is already
     /// rewritten for the hop (TTL decremented, or turned into the gateway's echo reply to its sender).
-    Forward(u32),
+    Forward(PeerSlot),
     /// Into the upgrade TUN: already NAT-ed to its slot and the listener, MSS clamped.
     Upgrade,
     /// Into the downgrade TUN: a destination device's answer on a downgraded connection, already NAT-ed.
@@ -28,7 +28,7 @@ impl Gateway {
     /// Carries out `verdict` for `pkt` from the subject in `src_slot` (tenant index `ti`), and counts it.
     pub(super) fn carry(
         &mut self,
-        src_slot: u32,
+        src_slot: PeerSlot,
         ti: TenantIdx,
         pkt: &[u8],
         verdict: Verdict,

@@ -15,7 +15,7 @@ fn data_slot(len: usize) -> usize {
 
 /// Joins the peer in `slot` (whose `timed` flag is `flag`) to `timed` (the peers whose timers run on every
 /// `TimerKind::PeerTimers` tick), once.
-fn arm_timers(flag: &mut bool, slot: u32, timed: &mut Vec<u32>) {
+fn arm_timers(flag: &mut bool, slot: PeerSlot, timed: &mut Vec<PeerSlot>) {
     if !*flag {
         *flag = true;
         timed.push(slot);
@@ -25,7 +25,7 @@ fn arm_timers(flag: &mut bool, slot: u32, timed: &mut Vec<u32>) {
 impl Gateway {
     /// A slot for a new subject (device or on-ramp connection): the oldest freed one once its quarantine is
     /// over, else a new one; `None` when the worker has `MAX_SLOTS`.
-    pub(super) fn take_slot(&mut self, now: Instant) -> Option<u32> {
+    pub(super) fn take_slot(&mut self, now: Instant) -> Option<PeerSlot> {
         match self.free_slots.front() {
             Some(&(slot, freed)) if now.saturating_duration_since(freed) >= SLOT_QUARANTINE => {
                 self.free_slots.pop_front();
@@ -33,18 +33,23 @@ impl Gateway {
             }
             _ if self.peers.len() < MAX_SLOTS => {
                 self.peers.push(None);
-                Some((self.peers.len() - 1) as u32)
+                Some(PeerSlot::from_index(self.peers.len() - 1))
             }
             _ => None,
         }
     }
 
-    pub(super) fn add_peer(&mut self, tenant: TenantIdx, d: &Device, now: Instant) -> Option<u32> {
+    pub(super) fn add_peer(
+        &mut self,
+        tenant: TenantIdx,
+        d: &Device,
+        now: Instant,
+    ) -> Option<PeerSlot> {
         let Some(slot) = self.take_slot(now) else {
             tracing::error!(device = %d.name, "no free peer slot ({MAX_SLOTS} per worker); device not connected");
             return None;
         };
-        let index = (slot << WORKER_BITS) | u32::from(self.worker);
+        let index = (slot.get() << WORKER_BITS) | u32::from(self.worker);
         debug_assert!(index < 1 << 24);
         let tunn = Tunn::new(
             self.secret.clone(),
@@ -54,7 +59,7 @@ impl Gateway {
             index,
             Some(self.mac1_only.clone()),
         );
-        self.peers[slot as usize] = Some(Peer {
+        self.peers[slot] = Some(Peer {
             link: Link::Wg(tunn),
             key: d.public_key,
             tenant,
@@ -66,13 +71,13 @@ impl Gateway {
             refilled_ms: self.ms(now),
         });
         self.by_key.insert(d.public_key, slot);
-        tracing::debug!(device = %d.name, slot, "peer added");
+        tracing::debug!(device = %d.name, %slot, "peer added");
         Some(slot)
     }
 
     pub(super) fn remove_peer(&mut self, key: PeerKey, now: Instant) {
         if let Some(slot) = self.by_key.remove(&key) {
-            if let Some(p) = self.peers[slot as usize].take() {
+            if let Some(p) = self.peers[slot].take() {
                 tracing::info!(device = %p.device.name, "device removed; tunnel closed");
             }
             self.free_slots.push_back((slot, now));
@@ -150,13 +155,13 @@ impl Gateway {
     }
 
     /// The peer slot a receiver index names, if it belongs to this worker and is occupied.
-    pub(super) fn slot_of(&self, receiver_idx: u32) -> Option<u32> {
-        let slot = receiver_idx >> (8 + WORKER_BITS);
+    pub(super) fn slot_of(&self, receiver_idx: u32) -> Option<PeerSlot> {
+        let slot = PeerSlot::new(receiver_idx >> (8 + WORKER_BITS));
         let worker = (receiver_idx >> 8) & (MAX_WORKERS as u32 - 1);
         // On-ramp connections have slots too, but no receiver index: a datagram naming one is unknown.
         (worker == u32::from(self.worker)
             && matches!(
-                self.peers.get(slot as usize),
+                self.peers.get(slot.index()),
                 Some(Some(Peer {
                     link: Link::Wg(_),
                     ..
@@ -169,14 +174,14 @@ impl Gateway {
     pub(super) fn decapsulate(
         &mut self,
         now: Instant,
-        slot: u32,
+        slot: PeerSlot,
         from: SocketAddr,
         datagram: &[u8],
         is_data: bool,
         scratch: &mut [u8],
         tx: &mut TxQueue,
     ) {
-        let peer = self.peers[slot as usize].as_mut().expect("slot_of checked");
+        let peer = self.peers[slot].as_mut().expect("slot_of checked");
         let counters = &self.tenants[peer.tenant].counters;
         let Link::Wg(tunn) = &mut peer.link else {
             return counters.count_drop(DropReason::MalformedDatagram);
@@ -245,8 +250,8 @@ impl Gateway {
     }
 
     /// Encrypts the first `n` bytes of `build_buf` to the peer in `slot`.
-    pub(super) fn send_built(&mut self, slot: u32, n: usize, tx: &mut TxQueue) {
-        let Some(p) = self.peers[slot as usize].as_mut() else {
+    pub(super) fn send_built(&mut self, slot: PeerSlot, n: usize, tx: &mut TxQueue) {
+        let Some(p) = self.peers[slot].as_mut() else {
             return;
         };
         let tunn = match &mut p.link {
@@ -265,13 +270,13 @@ impl Gateway {
     /// Encrypts an inner packet to the peer in `slot` and queues it for its endpoint.
     pub(super) fn send_to_peer(
         &mut self,
-        slot: u32,
+        slot: PeerSlot,
         pkt: &[u8],
         counters: &TrafficCounters,
         tx: &mut TxQueue,
     ) {
         // A flow may outlive its peer until the next reload re-checks it: never trust the slot.
-        let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+        let Some(peer) = self.peers.get_mut(slot.index()).and_then(Option::as_mut) else {
             return counters.count_drop(DropReason::DestinationOffline);
         };
         let tunn = match &mut peer.link {
@@ -309,7 +314,7 @@ impl Gateway {
         let mut i = 0;
         while i < self.timed.len() {
             let slot = self.timed[i];
-            let Some(p) = self.peers[slot as usize].as_mut().filter(|p| p.timed) else {
+            let Some(p) = self.peers[slot].as_mut().filter(|p| p.timed) else {
                 self.timed.swap_remove(i);
                 continue;
             };
@@ -362,9 +367,7 @@ impl Gateway {
         let Some(&slot) = self.by_key.get(&key) else {
             return false;
         };
-        let p = self.peers[slot as usize]
-            .as_mut()
-            .expect("indexed peer exists");
+        let p = self.peers[slot].as_mut().expect("indexed peer exists");
         let Link::Wg(tunn) = &mut p.link else {
             return false;
         };

@@ -169,7 +169,7 @@ fn enqueue(audit: &Connection, outbox: &mut Connection, prefix: &str) -> rusqlit
             "INSERT OR IGNORE INTO uploads (seq, tenant, session_id, channel_seq, path, format, object_key, sha256,
                  size, state)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending')",
-            params![seq, tenant, session_id, channel_seq, rec.path, rec.format, key, sha256, rec.size as i64],
+            params![seq, tenant, session_id, channel_seq, rec.path, rec.format.as_ref(), key, sha256, rec.size as i64],
         )?;
     }
     tx.execute("UPDATE cursor SET seq = ?1 WHERE id = 1", [last])?;
@@ -395,7 +395,7 @@ mod tests {
                 bytes_out: 2,
                 recording: Some(RecordingInfo {
                     path: format!("recordings/acme/s{i}/1.cap"),
-                    format: "ssh-log-cli".into(),
+                    format: crate::audit::ssh_records::RecordingFormat::SshLogCli,
                     pty: true,
                     sha256: Some("ab".into()),
                     size: 2,

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use crate::config::{Config, DeviceName, GueSite};
 use crate::core::conn::ConnGrant;
-use crate::core::{DropReason, Gateway, Metrics, TxQueue};
+use crate::core::{DropReason, Gateway, Metrics, PeerSlot, TxQueue};
 use crate::sys;
 use auth::{AuthError, ReplayWindow, SiteKey};
 use header::Gue as Parsed;
@@ -65,7 +65,7 @@ pub fn bind(entry: &crate::config::GueOnramp) -> std::io::Result<Listener> {
 struct Site {
     listener: usize,
     cfg: GueSite,
-    slot: u32,
+    slot: PeerSlot,
     key: Option<SiteKey>,
     window: ReplayWindow,
     /// Where the site last sent from (its first `remote` until it sends).
@@ -84,7 +84,7 @@ struct Socket {
 pub struct Gue {
     sockets: Vec<Socket>,
     sites: Vec<Site>,
-    by_slot: HashMap<u32, usize>,
+    by_slot: HashMap<PeerSlot, usize>,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     rx: sys::RecvBatch,

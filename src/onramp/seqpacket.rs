@@ -25,7 +25,7 @@ use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockFlag, SockTyp
 use super::context::{Context, Reply, Status};
 use crate::config::{Config, DeviceName, OnrampGrant, SeqpacketOnramp, TenantId};
 use crate::core::conn::ConnGrant;
-use crate::core::{DropReason, Gateway, Metrics, TxQueue};
+use crate::core::{DropReason, Gateway, Metrics, PeerSlot, TxQueue};
 
 /// Datagrams read from one connection per loop turn (the others and the WireGuard socket get their turn).
 const CONN_BATCH: usize = 64;
@@ -105,7 +105,7 @@ enum State {
     /// once it has been read (closing with it unread would reset the connection before the client reads).
     Refusing(Status),
     Open {
-        slot: u32,
+        slot: PeerSlot,
         session: u64,
         tenant: TenantId,
         site: Option<String>,
@@ -131,12 +131,12 @@ struct Conn {
 pub struct Seqpacket {
     listeners: Vec<Listener>,
     conns: Vec<Conn>,
-    by_slot: HashMap<u32, usize>,
+    by_slot: HashMap<PeerSlot, usize>,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     buf: Vec<u8>,
     next_session: u64,
-    ended: Vec<u32>,
+    ended: Vec<PeerSlot>,
 }
 
 impl Seqpacket {

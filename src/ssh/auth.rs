@@ -172,7 +172,7 @@ impl ConnHandler {
             auth_method: self.auth_method.clone(),
             client_key_fp: self.client_key_fp.clone(),
             target_host_key_fp: up.map(|u| u.host_key_fp.clone()),
-            target_host_key_trust: up.map(|u| u.host_key_trust.as_str().to_owned()),
+            target_host_key_trust: up.map(|u| u.host_key_trust),
             cert: up.map(|u| u.cert.clone()),
             recording: self.ctx.settings.recording,
             capture_input: self.ctx.settings.capture_input,

@@ -22,7 +22,8 @@ use super::session::SessionState;
 use super::sftp::SftpParser;
 use crate::audit::capture::{ExitInfo, PtyInfo};
 use crate::audit::ssh_records::{
-    ChannelClose, Command, CommandText, EnvVar, PtyRequest, RecordingInfo, SshEvent,
+    ChannelClose, Command, CommandSource, CommandText, Confidence, EnvVar, PtyRequest,
+    RecordingInfo, SshEvent,
 };
 use crate::config::Recording;
 
@@ -122,8 +123,8 @@ impl ChannelShared {
                     st.command_seq += 1;
                     events.push(SshEvent::Command(Command {
                         seq: st.command_seq,
-                        source: "input_line".into(),
-                        confidence: "heuristic".into(),
+                        source: CommandSource::InputLine,
+                        confidence: Confidence::Heuristic,
                         command,
                     }));
                 }
@@ -135,8 +136,8 @@ impl ChannelShared {
                     let seq = st.command_seq;
                     events.push(SshEvent::Command(Command {
                         seq,
-                        source: "sftp_op".into(),
-                        confidence: "exact".into(),
+                        source: CommandSource::SftpOp,
+                        confidence: Confidence::Exact,
                         command: CommandText::new(op.describe().as_bytes(), recipient),
                     }));
                 }
@@ -198,13 +199,13 @@ impl ChannelShared {
         };
         if let Some(r) = recorder {
             let path = r.rel_path().to_owned();
-            let pty = r.is_pty();
+            let (pty, format) = (r.is_pty(), r.format());
             close.recording = Some(
                 tokio::task::spawn_blocking(move || r.finish(Some(exit)))
                     .await
                     .unwrap_or_else(|e| RecordingInfo {
                         path,
-                        format: String::new(),
+                        format,
                         pty,
                         sha256: None,
                         size: 0,

@@ -20,7 +20,8 @@ use super::sftp::SftpParser;
 use super::{unix_ms, GATEWAY_NAME};
 use crate::audit::capture::PtyInfo;
 use crate::audit::ssh_records::{
-    ChannelOpen, Command, CommandText, EnvVar, PtyRequest, Secret, SshEvent, Tcpip,
+    ChannelDecision, ChannelKind, ChannelOpen, Command, CommandSource, CommandText, Confidence,
+    EnvVar, PtyRequest, Secret, SshEvent, Tcpip,
 };
 use crate::config::Recording;
 use crate::handoff::Identity;
@@ -112,19 +113,19 @@ impl ConnHandler {
             }
         };
         let mut open = ChannelOpen {
-            kind: "direct-tcpip".into(),
+            kind: ChannelKind::DirectTcpip,
             program: "direct-tcpip".into(),
             subsystem: None,
             pty: None,
             env: Vec::new(),
             command: None,
             tcpip: Some(tcpip),
-            decision: "allowed".into(),
+            decision: ChannelDecision::Allowed,
             deny_reason: None,
         };
         if let Some(why) = refused {
             tracing::debug!(session = %self.session.id, reason = %why, "SSH forwarding refused");
-            open.decision = "denied".into();
+            open.decision = ChannelDecision::Denied;
             open.deny_reason = Some(why);
             self.session.emit(None, SshEvent::ChannelOpen(open));
             reply
@@ -149,7 +150,7 @@ impl ConnHandler {
                 self.spawn_pump(id, upch, shared, session);
             }
             Err(e) => {
-                open.decision = "denied".into();
+                open.decision = ChannelDecision::Denied;
                 open.deny_reason = Some(format!("target refused: {e}"));
                 self.session.emit(None, SshEvent::ChannelOpen(open));
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -323,14 +324,14 @@ impl ConnHandler {
             (st.pty.clone(), st.pty_request.clone(), st.env.clone())
         };
         let mut open = ChannelOpen {
-            kind: "session".into(),
+            kind: ChannelKind::Session,
             program: program.into(),
             subsystem: subsystem.map(str::to_owned),
             pty: pty_request,
             env,
             command: command.map(|c| CommandText::new(c, recipient.as_ref())),
             tcpip: None,
-            decision: "allowed".into(),
+            decision: ChannelDecision::Allowed,
             deny_reason: None,
         };
         let mode = self.ctx.settings.recording;
@@ -382,8 +383,8 @@ impl ConnHandler {
             };
             let ev = SshEvent::Command(Command {
                 seq,
-                source: "exec".into(),
-                confidence: "exact".into(),
+                source: CommandSource::Exec,
+                confidence: Confidence::Exact,
                 command: text,
             });
             if let Err(e) = self.session.emit_required(Some(shared.seq), ev).await {
@@ -437,7 +438,7 @@ impl ConnHandler {
     ) -> Result<(), russh::Error> {
         tracing::warn!(session = %self.session.id, reason = %why, "SSH program refused (recording required)");
         let seq = self.channels.get(&channel).map(|b| b.shared.seq);
-        open.decision = "denied".into();
+        open.decision = ChannelDecision::Denied;
         open.deny_reason = Some(why.clone());
         self.session.emit(seq, SshEvent::ChannelOpen(open));
         let msg = format!(

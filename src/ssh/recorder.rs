@@ -24,14 +24,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::audit::capture::{CaptureFile, ExitInfo, PtyInfo, RecipientKey, Sha256Writer, Source};
-use crate::audit::ssh_records::RecordingInfo;
+use crate::audit::ssh_records::{RecordingFormat, RecordingInfo};
 
 /// Code of a client record carrying a terminal resize, data `"<cols>x<rows>"`.
 pub const CODE_RESIZE: u32 = 0x7273_0001;
 /// First line of a plaintext recording.
 pub const PLAIN_MAGIC: &str = "rampart-rec-v1";
-pub const FORMAT_SEALED: &str = "ssh-log-cli";
-pub const FORMAT_PLAIN: &str = "rampart-rec-v1";
 
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Bytes a record adds to the data in the file (plaintext framing; the sealed container's is similar).
@@ -243,18 +241,32 @@ impl ChannelRecorder {
         self.pty
     }
 
+    /// How the file is stored.
+    pub fn format(&self) -> RecordingFormat {
+        match self.sink {
+            Some(Sink::Sealed(_)) => RecordingFormat::SshLogCli,
+            Some(Sink::Plain { .. }) | None => RecordingFormat::RampartRecV1,
+        }
+    }
+
     /// Finishes the file and returns what the channel's close record says about it. Blocking file work.
     pub fn finish(mut self, exit: Option<ExitInfo>) -> RecordingInfo {
         let sink = self.sink.take();
         let (format, result) = match sink {
             Some(Sink::Sealed(c)) => (
-                FORMAT_SEALED,
+                RecordingFormat::SshLogCli,
                 (*c).finish_hashed(exit)
                     .map(|(summary, sha256)| (sha256, summary.file_size))
                     .map_err(|e| e.to_string()),
             ),
-            Some(Sink::Plain { out, tmp }) => (FORMAT_PLAIN, finish_plain(out, &tmp, &self.path)),
-            None => (FORMAT_PLAIN, Err("the recording was not started".into())),
+            Some(Sink::Plain { out, tmp }) => (
+                RecordingFormat::RampartRecV1,
+                finish_plain(out, &tmp, &self.path),
+            ),
+            None => (
+                RecordingFormat::RampartRecV1,
+                Err("the recording was not started".into()),
+            ),
         };
         let mut error = self.error.take();
         let (sha256, size) = match result {
@@ -266,7 +278,7 @@ impl ChannelRecorder {
         };
         RecordingInfo {
             path: self.rel_path.clone(),
-            format: format.into(),
+            format,
             pty: self.pty,
             complete: error.is_none() && sha256.is_some(),
             sha256,

@@ -126,26 +126,7 @@ pub fn ca_init(state_dir: &Path, tenant: &str) -> Result<CaInit, TrustError> {
     })
 }
 
-/// How a target's host key was accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostKeyTrust {
-    /// Matches the key pinned earlier.
-    Pinned,
-    /// First contact: pinned now.
-    Tofu,
-    /// A certificate from the tenant's trusted target host CA.
-    Ca,
-}
-
-impl HostKeyTrust {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HostKeyTrust::Pinned => "pinned",
-            HostKeyTrust::Tofu => "tofu",
-            HostKeyTrust::Ca => "ca",
-        }
-    }
-}
+pub use crate::audit::ssh_records::HostKeyTrust;
 
 /// Outcome of checking a target's host key.
 #[derive(Debug, Clone, PartialEq, Eq)]

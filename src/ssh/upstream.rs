@@ -14,7 +14,7 @@ use russh::Preferred;
 use tokio::net::TcpStream;
 
 use super::trust::{HostKeyTrust, HostKeyVerdict, TenantTrust};
-use crate::audit::ssh_records::{CertInfo, HostKeyEvent, SshEvent};
+use crate::audit::ssh_records::{CertInfo, HostKeyChange, HostKeyEvent, SshEvent};
 
 /// Host certificate types asked of targets when the tenant trusts a target host CA, most preferred first.
 const HOST_CERT_ALGORITHMS: &[Algorithm] = &[
@@ -141,7 +141,7 @@ pub async fn connect(
         Some(Ok(HostKeyVerdict::Accept { trust, fingerprint })) => {
             let event = (trust == HostKeyTrust::Tofu).then(|| {
                 SshEvent::HostKey(HostKeyEvent {
-                    change: "pinned".into(),
+                    change: HostKeyChange::Pinned,
                     fingerprint: fingerprint.clone(),
                     pinned_fingerprint: None,
                 })
@@ -164,7 +164,7 @@ pub async fn connect(
                      (possible interception; an admin can remove the pin from the tenant's known_targets)"
                 ),
                 host_key_event: Some(SshEvent::HostKey(HostKeyEvent {
-                    change: "changed".into(),
+                    change: HostKeyChange::Changed,
                     fingerprint,
                     pinned_fingerprint: Some(pinned),
                 })),

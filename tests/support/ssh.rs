@@ -398,7 +398,9 @@ pub fn exec_commands(rows: &[LogRow]) -> Vec<String> {
     events(rows, "command")
         .into_iter()
         .filter_map(|e| match e {
-            SshEvent::Command(c) if c.source == "exec" => c.command.text.open(None),
+            SshEvent::Command(c) if c.source == ssh_records::CommandSource::Exec => {
+                c.command.text.open(None)
+            }
             _ => None,
         })
         .collect()

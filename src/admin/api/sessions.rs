@@ -2,6 +2,7 @@
 //! (`GET /sessions/{id}`), recordings (`cast` rendered, `blob` as stored), the live view and terminate.
 
 use super::*;
+use crate::audit::ssh_records::{CommandSource, Confidence, RecordingFormat};
 
 fn open_log(cfg: &Config) -> Result<Option<SshLog>, ApiError> {
     if !cfg.audit.path.exists() {
@@ -195,7 +196,7 @@ struct ChannelView {
 
 #[derive(Serialize)]
 struct RecordingView {
-    format: String,
+    format: RecordingFormat,
     sealed: bool,
     pty: bool,
     size: u64,
@@ -213,8 +214,8 @@ struct CommandView {
     at_ms: i64,
     /// Seconds from the start of its channel's recording.
     t: f64,
-    source: String,
-    confidence: String,
+    source: CommandSource,
+    confidence: Confidence,
     text: Secret,
     truncated: bool,
     /// The exit status of an exec channel (typed lines have none of their own).
@@ -327,7 +328,7 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             }
             Some(SshEvent::ChannelOpen(o)) => view.channels.push(ChannelView {
                 seq: r.channel_seq.unwrap_or(0),
-                kind: o.kind,
+                kind: o.kind.to_string(),
                 program: o.program,
                 subsystem: o.subsystem,
                 pty: o.pty,
@@ -355,7 +356,7 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
                             .is_ok_and(|(got, _)| got == *want)
                         });
                         RecordingView {
-                            sealed: rec.format == crate::ssh::recorder::FORMAT_SEALED,
+                            sealed: rec.format == RecordingFormat::SshLogCli,
                             format: rec.format,
                             pty: rec.pty,
                             size: rec.size,
@@ -379,13 +380,13 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
                     channel: r.channel_seq,
                     at_ms: r.at_ms,
                     t: (r.at_ms - opened).max(0) as f64 / 1000.0,
-                    source: c.source.clone(),
+                    source: c.source,
                     confidence: c.confidence,
                     text: c.command.text,
                     truncated: c.command.truncated,
                     exit_status: None,
                 };
-                if c.source == "sftp_op" {
+                if c.source == CommandSource::SftpOp {
                     view.files.push(cmd);
                 } else {
                     view.commands.push(cmd);
@@ -394,7 +395,11 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             _ => {}
         }
     }
-    for cmd in view.commands.iter_mut().filter(|c| c.source == "exec") {
+    for cmd in view
+        .commands
+        .iter_mut()
+        .filter(|c| c.source == CommandSource::Exec)
+    {
         cmd.exit_status = view
             .channels
             .iter()
@@ -457,7 +462,7 @@ pub(super) fn recording(
             "this channel has no finished recording (a live session's channels are watched with /live)",
         ));
     };
-    let sealed = info.format == crate::ssh::recorder::FORMAT_SEALED;
+    let sealed = info.format == RecordingFormat::SshLogCli;
     let path = cfg.gateway.state_dir.join(&info.path);
     let body = match (what, sealed) {
         ("blob", true) => std::fs::read(&path).map_err(ApiError::internal)?,

@@ -13,7 +13,9 @@ use serde::Serialize;
 use rusqlite::{params, Connection};
 
 use crate::audit::capture::{self, DecodedCapture, Header, PtyInfo, Record, ReviewerKey, Source};
-use crate::audit::ssh_records::{RecordingInfo, SessionKeys, SshEvent};
+use crate::audit::ssh_records::{
+    ChannelDecision, CommandSource, RecordingFormat, RecordingInfo, SessionKeys, SshEvent,
+};
 use crate::audit::tables::chain::Checkpoint;
 use crate::audit::tables::ssh::LogRow;
 use crate::clock::format_ms;
@@ -293,7 +295,7 @@ fn describe(ev: &SshEvent, login: &str, key: Option<&ReviewerKey>) -> String {
                 s.auth_method,
                 s.decision,
                 s.target_host_key_fp.as_deref().unwrap_or("-"),
-                s.target_host_key_trust.as_deref().unwrap_or("-"),
+                s.target_host_key_trust.as_ref().map_or("-", |t| t.as_ref()),
                 s.recording.as_str()
             )
         }
@@ -332,7 +334,7 @@ fn describe(ev: &SshEvent, login: &str, key: Option<&ReviewerKey>) -> String {
             for e in &o.env {
                 s += &format!(" env {}={:?}", e.name, e.value.show(key));
             }
-            if o.decision != "allowed" {
+            if o.decision != ChannelDecision::Allowed {
                 s += &format!(
                     " DENIED ({})",
                     o.deny_reason.as_deref().unwrap_or("no reason")
@@ -386,7 +388,7 @@ fn describe(ev: &SshEvent, login: &str, key: Option<&ReviewerKey>) -> String {
         SshEvent::HostKey(h) => match &h.pinned_fingerprint {
             Some(p) => format!(
                 "TARGET HOST KEY {}: now {}, pinned {p}",
-                h.change.to_uppercase(),
+                h.change.as_ref().to_uppercase(),
                 h.fingerprint
             ),
             None => format!("target host key {}: {}", h.change, h.fingerprint),
@@ -404,7 +406,7 @@ pub struct Hit {
     pub user: String,
     pub target: String,
     pub login: String,
-    pub source: String,
+    pub source: CommandSource,
     pub text: String,
 }
 
@@ -484,7 +486,7 @@ pub fn load_recording(
     key: Option<&ReviewerKey>,
 ) -> Result<DecodedCapture, RecordingError> {
     let path = state_dir.join(&info.path);
-    if info.format == "ssh-log-cli" || path.extension().is_some_and(|e| e == "cap") {
+    if info.format == RecordingFormat::SshLogCli || path.extension().is_some_and(|e| e == "cap") {
         let key = key.ok_or(RecordingError::NeedKey)?;
         return Ok(capture::decode_file(&path, key)?);
     }
@@ -498,7 +500,7 @@ pub fn decode_recording(
     info: &RecordingInfo,
     key: Option<&ReviewerKey>,
 ) -> Result<DecodedCapture, RecordingError> {
-    if info.format == "ssh-log-cli" || label.extension().is_some_and(|e| e == "cap") {
+    if info.format == RecordingFormat::SshLogCli || label.extension().is_some_and(|e| e == "cap") {
         let key = key.ok_or(RecordingError::NeedKey)?;
         return Ok(capture::decode(bytes, key)?);
     }

@@ -37,7 +37,7 @@ pub fn write(
                 )?
                 .execute(params![
                     run_id,
-                    s.seq as i64,
+                    s.seq.get() as i64,
                     s.tenant.as_str(),
                     s.device.as_str(),
                     s.user.as_str(),
@@ -61,7 +61,7 @@ pub fn write(
                     "UPDATE flows SET established_ms = ?3, est_chain = ?4
                      WHERE run_id = ?1 AND seq = ?2 AND est_chain IS NULL AND end_chain IS NULL",
                 )?
-                .execute(params![run_id, *flow as i64, at_ms, seq as i64])?;
+                .execute(params![run_id, flow.get() as i64, at_ms, seq as i64])?;
             (ESTABLISHED, at_ms, n)
         }
         FlowEvent::End {
@@ -80,7 +80,7 @@ pub fn write(
                 )?
                 .execute(params![
                     run_id,
-                    *flow as i64,
+                    flow.get() as i64,
                     at_ms,
                     packets[0] as i64,
                     bytes[0] as i64,
