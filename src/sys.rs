@@ -258,6 +258,7 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
         let segments = if flags & libc::MSG_CTRUNC != 0 {
             Segments::Malformed
         } else {
+            #[allow(clippy::unnecessary_cast)] // size_t with glibc, socklen_t with musl
             let written = (h.msg_hdr.msg_controllen as usize).min(cmsg_len);
             // SAFETY: `cmsgs[i]` is `cmsg_len` initialised bytes (u64 words viewed as bytes, no padding).
             let control = unsafe {

@@ -778,10 +778,8 @@ mod tests {
                     prop_assert_eq!(t.find(&k), want);
                 }
                 match op {
-                    0 | 1 => {
-                        if t.lookup(&k).is_none() {
-                            t.insert(Flow::new(k, dir, 0, 0, FlowTarget::Local, Action::Allow, None, now));
-                        }
+                    0 | 1 if t.lookup(&k).is_none() => {
+                        t.insert(Flow::new(k, dir, 0, 0, FlowTarget::Local, Action::Allow, None, now));
                     }
                     2 => {
                         if let Some(i) = t.lookup(&k) {
