@@ -121,6 +121,15 @@ if mfiles:
         sends = (f"; {tx / calls:.1f} datagrams per send call" if calls else "") + (
             f", {in_trains / tx * 100:.0f} % of them in {int(trains)} GSO trains of {in_trains / trains:.1f}"
             if trains and tx else "")
-        print(f"- {p.name}: datagrams rx {int(kv.get('rampart_datagrams_received_total', 0))}, "
+        rx = kv.get('rampart_datagrams_received_total', 0)
+        rcalls = kv.get('rampart_udp_receive_calls_total', 0)
+        rtrains = kv.get('rampart_udp_receive_trains_total', 0)
+        in_rtrains = kv.get('rampart_udp_receive_train_datagrams_total', 0)
+        recvs = (f" ({rx / rcalls:.1f} per receive call" if rcalls else " (") + (
+            f", GRO {'on' if kv.get('rampart_udp_gro_enabled') else 'off'}"
+            if 'rampart_udp_gro_enabled' in kv else "") + (
+            f", {in_rtrains / rx * 100:.0f} % in {int(rtrains)} GRO trains of {in_rtrains / rtrains:.1f}"
+            if rtrains and rx else "") + ")"
+        print(f"- {p.name}: datagrams rx {int(rx)}{recvs}, "
               f"tx {int(tx)}{sends}; drops by reason: "
               + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))

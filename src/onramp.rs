@@ -1,5 +1,7 @@
 //! The WireGuard on-ramp IO shell: one UDP socket for every peer of every tenant, pumped by a dedicated thread
-//! that owns the `core::Gateway`. It receives in batches (`recvmmsg`), hands each datagram to the core, sleeps
+//! that owns the `core::Gateway`. It receives in batches (`recvmmsg`, with UDP GRO where the kernel allows it:
+//! a train of datagrams from one source arrives as one message, split back with `sys::split_gro` and handed to
+//! `Gateway::handle_datagrams` in one call), hands each datagram to the core, sleeps
 //! until the core's next deadline (`Gateway::poll_timeout`, at most `MAX_WAIT`) and then runs what is due
 //! (`Gateway::handle_timeout`), and sends what the core queued: trains of equal-size datagrams per destination, each train one
 //! UDP GSO message, many per `sendmmsg` (`sys::UdpSender`, which falls back to one datagram per message on a
@@ -31,7 +33,8 @@ use std::time::{Duration, Instant};
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::core::{
-    tx::BUF_SIZE, ApplySummary, Dest, FlowEvent, FlowSeq, Gateway, Metrics, PeerStatus, TxQueue,
+    tx::BUF_SIZE, ApplySummary, Dest, DropReason, FlowEvent, FlowSeq, Gateway, Metrics, PeerStatus,
+    TxQueue,
     TIMER_TICK,
 };
 use crate::handoff::{Handoff, SlotReleases};
@@ -161,6 +164,15 @@ fn pump(
     let mut ready = Vec::new();
     let mut sender = sys::UdpSender::new(&socket);
     metrics.global.gso_enabled.set(u64::from(sender.gso()));
+    // Remembered for this socket: without it, every message is one datagram.
+    let gro = sys::enable_gro(&socket);
+    metrics.global.gro_enabled.set(u64::from(gro));
+    const {
+        assert!(
+            BUF_SIZE >= sys::GRO_BUF_SIZE,
+            "a coalesced train must fit a receive buffer"
+        )
+    };
     let mut rx = sys::RecvBatch::new(BUF_SIZE);
     let mut scratch = vec![0u8; BUF_SIZE];
     let mut tx = TxQueue::new();
@@ -301,15 +313,35 @@ fn pump(
         }
         let now = Instant::now();
         gw.set_admit_new_flows(audit.admits_new_flows());
-        for &(i, from, len, truncated) in &rx.meta {
-            if truncated {
-                metrics
+        for r in &rx.meta {
+            let msg = &rx.bufs[r.buf][..r.len];
+            match r.segments {
+                sys::Segments::One if !r.truncated => {
+                    gw.handle_datagram(now, r.from, msg, &mut scratch, &mut tx)
+                }
+                sys::Segments::Gro(seg) if !r.truncated => match sys::split_gro(msg, seg) {
+                    Ok(train) => {
+                        let n = r.len.div_ceil(seg);
+                        if n > 1 {
+                            metrics.global.recv_trains.add(1);
+                            metrics.global.recv_train_datagrams.add(n as u64);
+                        }
+                        gw.handle_datagrams(now, r.from, train, &mut scratch, &mut tx);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "coalesced UDP message refused");
+                        metrics
+                            .global
+                            .unattributed
+                            .count_drop(DropReason::MalformedDatagram);
+                    }
+                },
+                // Cut short, or where one datagram ends is unknown: dropped whole, counted once.
+                _ => metrics
                     .global
                     .unattributed
-                    .count_drop(crate::core::DropReason::MalformedDatagram);
-                continue;
+                    .count_drop(DropReason::MalformedDatagram),
             }
-            gw.handle_datagram(now, from, &rx.bufs[i][..len], &mut scratch, &mut tx);
             if tx.len() >= TX_FLUSH_AT {
                 flush(&mut tx);
             }

@@ -1,4 +1,5 @@
-//! The one place for raw syscalls: batched UDP receive/send (`recvmmsg`/`sendmmsg`) and socket options.
+//! The one place for raw syscalls: batched UDP receive/send (`recvmmsg`/`sendmmsg`, UDP GRO receive trains and
+//! GSO send trains) and socket options.
 //! Every `unsafe` block says why it is sound.
 
 use std::io;
@@ -13,19 +14,127 @@ pub const BATCH: usize = 32;
 /// Receive buffers for one batch, reused across calls.
 pub struct RecvBatch {
     pub bufs: Vec<Box<[u8]>>,
-    /// Per received datagram: the index of its buffer, source, length, and whether it was cut short
-    /// (larger than its buffer). A datagram whose source cannot be read is skipped without shifting the
+    /// One control buffer per message, for the `UDP_GRO` cmsg.
+    cmsgs: Vec<[u64; CMSG_WORDS]>,
+    /// Per received message, in order. A message whose source cannot be read is skipped without shifting the
     /// others off their buffers.
-    pub meta: Vec<(usize, SocketAddr, usize, bool)>,
+    pub meta: Vec<Received>,
+}
+
+/// Room for the control messages of one received datagram: `UDP_GRO` needs `CMSG_SPACE(4)` = 24 bytes.
+const CMSG_WORDS: usize = 8;
+
+/// One message `recv_batch` received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Index of its buffer in `RecvBatch::bufs`.
+    pub buf: usize,
+    pub from: SocketAddr,
+    pub len: usize,
+    /// Larger than its buffer: cut short, to be dropped.
+    pub truncated: bool,
+    /// What the message is made of: one datagram, or (on a socket with `UDP_GRO`) a coalesced train.
+    pub segments: Segments,
+}
+
+/// The datagrams inside one received message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segments {
+    /// One datagram (no `UDP_GRO` cmsg).
+    One,
+    /// A train the kernel coalesced (`UDP_GRO`): datagrams of this many bytes, the last possibly shorter.
+    Gro(usize),
+    /// The control data could not be read (cut short, or a `UDP_GRO` cmsg of the wrong size or segment size
+    /// 0): where one datagram ends is unknown, so the whole message is dropped.
+    Malformed,
+}
+
+/// The most segments a coalesced message may claim. The kernel coalesces at most 64 (`UDP_GRO_CNT_MAX`);
+/// more means the segment size is not what it seems.
+pub const MAX_GRO_SEGMENTS: usize = 128;
+
+/// Why a coalesced message cannot be split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GroError {
+    #[error("segment size 0")]
+    ZeroSegment,
+    #[error("more than {MAX_GRO_SEGMENTS} segments")]
+    TooManySegments,
+}
+
+/// Splits a message the kernel coalesced with `UDP_GRO` into its datagrams: `seg` bytes each, the last one
+/// possibly shorter, in the order they were sent, without copying. An empty message has no datagrams.
+pub fn split_gro(msg: &[u8], seg: usize) -> Result<std::slice::Chunks<'_, u8>, GroError> {
+    if seg == 0 {
+        return Err(GroError::ZeroSegment);
+    }
+    if msg.len().div_ceil(seg) > MAX_GRO_SEGMENTS {
+        return Err(GroError::TooManySegments);
+    }
+    Ok(msg.chunks(seg))
+}
+
+/// Reads the segment size out of a received message's control data (the `msg_controllen` bytes the kernel
+/// wrote): `Segments::Gro(size)` for a `UDP_GRO` cmsg, `Segments::One` without one. Anything that does not
+/// parse (a header running past the end, a `UDP_GRO` payload that is not one `int`, a size of 0 or above
+/// 65,535) is `Segments::Malformed`; other cmsgs are skipped.
+pub fn gro_segments(control: &[u8]) -> Segments {
+    let hdr = size_of::<libc::cmsghdr>();
+    let align = |n: usize| n.next_multiple_of(size_of::<usize>());
+    let mut off = 0;
+    let mut found = Segments::One;
+    while control.len().saturating_sub(off) >= hdr {
+        // SAFETY: `hdr` bytes at `off` are in bounds (checked above); cmsghdr holds only integers, so any bit
+        // pattern is a valid value, and `read_unaligned` needs no alignment.
+        let c: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(control[off..].as_ptr().cast::<libc::cmsghdr>()) };
+        let len = c.cmsg_len as usize;
+        if len < hdr || len > control.len() - off {
+            return Segments::Malformed;
+        }
+        if c.cmsg_level == libc::SOL_UDP && c.cmsg_type == libc::UDP_GRO {
+            let data = &control[off + hdr..off + len];
+            let Ok(raw) = <[u8; size_of::<libc::c_int>()]>::try_from(data) else {
+                return Segments::Malformed;
+            };
+            let seg = libc::c_int::from_ne_bytes(raw);
+            if !(1..=i32::from(u16::MAX)).contains(&seg) {
+                return Segments::Malformed;
+            }
+            found = Segments::Gro(seg as usize);
+        }
+        off = off.saturating_add(align(len));
+    }
+    found
 }
 
 impl RecvBatch {
+    /// Buffers of `buf_size` bytes; on a socket with `UDP_GRO` they must hold a whole coalesced train
+    /// (`GRO_BUF_SIZE`), or the kernel cuts it short.
     pub fn new(buf_size: usize) -> RecvBatch {
         RecvBatch {
             bufs: (0..BATCH)
                 .map(|_| vec![0u8; buf_size].into_boxed_slice())
                 .collect(),
+            cmsgs: vec![[0; CMSG_WORDS]; BATCH],
             meta: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
+/// The receive buffer a `UDP_GRO` socket needs: the largest UDP payload (a coalesced train is at most one).
+pub const GRO_BUF_SIZE: usize = 65_535;
+
+/// Asks the kernel to coalesce datagrams for `sock` (`UDP_GRO`): a train of equal-size datagrams from one
+/// source then arrives as one message with the segment size in a cmsg (`recv_batch` reads it into
+/// `Received::segments`). `false` where the kernel refuses the option (older than 5.0, or not UDP): the socket
+/// then receives datagram by datagram, as before. The caller remembers the answer for the socket.
+pub fn enable_gro(sock: &UdpSocket) -> bool {
+    match setsockopt_int(sock, libc::SOL_UDP, libc::UDP_GRO, 1) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(error = %e, "UDP GRO refused on the WireGuard socket: receiving datagrams one by one");
+            false
         }
     }
 }
@@ -99,17 +208,19 @@ fn from_socket_addr(
     }
 }
 
-/// Receives up to `BATCH` datagrams: blocks for the first (up to the socket's receive timeout), then takes
-/// whatever else is queued without waiting. Returns `Ok(0)` on timeout.
+/// Receives up to `BATCH` messages: blocks for the first (up to the socket's receive timeout), then takes
+/// whatever else is queued without waiting. Returns `Ok(0)` on timeout. On a socket with `UDP_GRO` a message
+/// may be a coalesced train (`Received::segments`; split it with `split_gro`).
 pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
     batch.meta.clear();
-    let n = batch.bufs.len().min(BATCH);
+    let n = batch.bufs.len().min(batch.cmsgs.len()).min(BATCH);
     // SAFETY: all-zero bytes are valid for these plain C structs.
     let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
     // SAFETY: as above.
     let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
     // SAFETY: as above.
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+    let cmsg_len = size_of::<[u64; CMSG_WORDS]>();
     for i in 0..n {
         iovs[i] = libc::iovec {
             iov_base: batch.bufs[i].as_mut_ptr().cast(),
@@ -119,9 +230,11 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
         hdrs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
+        hdrs[i].msg_hdr.msg_control = batch.cmsgs[i].as_mut_ptr().cast();
+        hdrs[i].msg_hdr.msg_controllen = cmsg_len as _;
     }
-    // SAFETY: every header points at a live iovec, buffer and address slot owned by this frame or `batch`,
-    // each valid for the lengths given; the kernel writes at most those lengths.
+    // SAFETY: every header points at a live iovec, buffer, address slot and control buffer owned by this frame
+    // or `batch`, each valid for the lengths given; the kernel writes at most those lengths.
     let r = unsafe {
         libc::recvmmsg(
             sock.as_raw_fd(),
@@ -140,11 +253,27 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
             _ => Err(e),
         };
     }
-    for i in 0..r as usize {
-        let len = hdrs[i].msg_len as usize;
-        let truncated = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+    for (i, h) in hdrs.iter().enumerate().take(r as usize) {
+        let flags = h.msg_hdr.msg_flags;
+        let segments = if flags & libc::MSG_CTRUNC != 0 {
+            Segments::Malformed
+        } else {
+            #[allow(clippy::unnecessary_cast)] // size_t with glibc, socklen_t with musl
+            let written = (h.msg_hdr.msg_controllen as usize).min(cmsg_len);
+            // SAFETY: `cmsgs[i]` is `cmsg_len` initialised bytes (u64 words viewed as bytes, no padding).
+            let control = unsafe {
+                std::slice::from_raw_parts(batch.cmsgs[i].as_ptr().cast::<u8>(), cmsg_len)
+            };
+            gro_segments(&control[..written])
+        };
         if let Some(from) = to_socket_addr(&addrs[i]) {
-            batch.meta.push((i, from, len, truncated));
+            batch.meta.push(Received {
+                buf: i,
+                from,
+                len: h.msg_len as usize,
+                truncated: flags & libc::MSG_TRUNC != 0,
+                segments,
+            });
         }
     }
     Ok(batch.meta.len())
@@ -568,10 +697,11 @@ mod tests {
         while got.len() < 40 {
             let n = recv_batch(&b, &mut batch).unwrap();
             assert!(n > 0, "timed out after {} datagrams", got.len());
-            for &(i, from, len, trunc) in &batch.meta {
-                assert_eq!(from, a.local_addr().unwrap());
-                assert!(!trunc);
-                got.push(batch.bufs[i][..len].to_vec());
+            for r in &batch.meta {
+                assert_eq!(r.from, a.local_addr().unwrap());
+                assert!(!r.truncated);
+                assert_eq!(r.segments, Segments::One, "no UDP_GRO on this socket");
+                got.push(batch.bufs[r.buf][..r.len].to_vec());
             }
         }
         assert_eq!(got, payloads);
@@ -584,9 +714,9 @@ mod tests {
         while got.len() < n {
             let k = recv_batch(sock, &mut batch).unwrap();
             assert!(k > 0, "timed out after {} of {n} datagrams", got.len());
-            for &(i, from, len, trunc) in &batch.meta {
-                assert!(!trunc);
-                got.push((from, batch.bufs[i][..len].to_vec()));
+            for r in &batch.meta {
+                assert!(!r.truncated);
+                got.push((r.from, batch.bufs[r.buf][..r.len].to_vec()));
             }
         }
         got
@@ -703,6 +833,184 @@ mod tests {
         recv_n(&b, 11);
     }
 
+    /// A GSO train sent over loopback to a socket with `UDP_GRO` arrives as one coalesced message with its
+    /// segment size, and splits back into exactly the datagrams sent. The control: the same train to a socket
+    /// without `UDP_GRO` arrives datagram by datagram (so the probe can tell the two apart).
+    #[test]
+    fn gro_receives_a_gso_train_as_one_message() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let plain = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&b, &plain] {
+            set_recv_timeout(s, Duration::from_secs(5)).unwrap();
+        }
+        assert!(enable_gro(&b), "this kernel has UDP_GRO");
+        let want: Vec<Vec<u8>> = (0..21)
+            .map(|i| datagram(5, i, if i == 20 { 301 } else { 1000 }))
+            .collect();
+        let train: Vec<u8> = want.concat();
+        let mut sender = UdpSender::new(&a);
+        for to in [b.local_addr().unwrap(), plain.local_addr().unwrap()] {
+            let st = sender.send(&a, [(to, 1000, 21, &train[..])].into_iter());
+            assert_eq!((st.sent, st.trains), (21, 1));
+        }
+
+        let mut batch = RecvBatch::new(GRO_BUF_SIZE);
+        assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1, "one message");
+        let r = batch.meta[0];
+        assert_eq!(r.from, a.local_addr().unwrap());
+        assert!(!r.truncated);
+        assert_eq!((r.segments, r.len), (Segments::Gro(1000), train.len()));
+        let got: Vec<&[u8]> = split_gro(&batch.bufs[r.buf][..r.len], 1000)
+            .unwrap()
+            .collect();
+        assert_eq!(got, want.iter().map(Vec::as_slice).collect::<Vec<_>>());
+
+        let got: Vec<Vec<u8>> = recv_n(&plain, 21).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(got, want, "without UDP_GRO: 21 separate datagrams");
+    }
+
+    /// Control data holding one cmsg of `level`/`ty` with `data`, as the kernel lays it out.
+    fn cmsg(level: libc::c_int, ty: libc::c_int, data: &[u8]) -> Vec<u8> {
+        // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
+        let (space, len) = unsafe {
+            (
+                libc::CMSG_SPACE(data.len() as u32) as usize,
+                libc::CMSG_LEN(data.len() as u32) as usize,
+            )
+        };
+        let mut out = vec![0u8; space];
+        // SAFETY: all-zero is a valid cmsghdr.
+        let mut h: libc::cmsghdr = unsafe { zeroed() };
+        h.cmsg_len = len as _;
+        h.cmsg_level = level;
+        h.cmsg_type = ty;
+        // SAFETY: `out` has at least size_of::<cmsghdr>() bytes (CMSG_SPACE includes the header).
+        unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<libc::cmsghdr>(), h) };
+        let hdr = size_of::<libc::cmsghdr>();
+        out[hdr..hdr + data.len()].copy_from_slice(data);
+        out
+    }
+
+    fn gro_cmsg(seg: libc::c_int) -> Vec<u8> {
+        cmsg(libc::SOL_UDP, libc::UDP_GRO, &seg.to_ne_bytes())
+    }
+
+    #[test]
+    fn gro_cmsg_is_read_and_odd_ones_are_refused() {
+        assert_eq!(gro_segments(&[]), Segments::One);
+        assert_eq!(gro_segments(&gro_cmsg(1420)), Segments::Gro(1420));
+        assert_eq!(gro_segments(&gro_cmsg(65_535)), Segments::Gro(65_535));
+        // Another cmsg first (IP_TOS, one byte padded to the alignment) is skipped.
+        let mut two = cmsg(libc::IPPROTO_IP, libc::IP_TOS, &[0x10]);
+        two.extend(gro_cmsg(1000));
+        assert_eq!(gro_segments(&two), Segments::Gro(1000));
+        assert_eq!(
+            gro_segments(&cmsg(libc::IPPROTO_IP, libc::IP_TOS, &[0x10])),
+            Segments::One
+        );
+        for bad in [0, -1, 65_536, libc::c_int::MAX] {
+            assert_eq!(gro_segments(&gro_cmsg(bad)), Segments::Malformed, "{bad}");
+        }
+        assert_eq!(
+            gro_segments(&cmsg(libc::SOL_UDP, libc::UDP_GRO, &1420u16.to_ne_bytes())),
+            Segments::Malformed,
+            "the kernel writes an int"
+        );
+        assert_eq!(split_gro(&[1, 2, 3], 0).unwrap_err(), GroError::ZeroSegment);
+        assert_eq!(
+            split_gro(&[0; 129], 1).unwrap_err(),
+            GroError::TooManySegments
+        );
+        assert_eq!(split_gro(&[0; 128], 1).unwrap().count(), 128);
+        assert_eq!(split_gro(&[], 1000).unwrap().count(), 0);
+    }
+
+    proptest::proptest! {
+        /// Splitting a coalesced message gives exactly the datagrams that were sent, byte for byte, in order:
+        /// any segment size, any number of full segments, a last one of any length up to the segment size.
+        #[test]
+        fn split_gro_gives_back_the_datagrams_sent(
+            seg in 1usize..2000,
+            full in 0usize..64,
+            last in 0usize..2000,
+            seed in proptest::prelude::any::<u8>(),
+        ) {
+            let last = last % seg + 1;
+            let mut sent: Vec<Vec<u8>> = (0..full).map(|i| datagram(seed, i, seg)).collect();
+            sent.push(datagram(seed ^ 0x5a, full, last));
+            let msg = sent.concat();
+            let got: Vec<&[u8]> = split_gro(&msg, seg).unwrap().collect();
+            proptest::prop_assert_eq!(got, sent.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        }
+
+        /// Any length and segment size: refused or split into pieces that cover the message exactly, all of
+        /// the segment size but the last; never a panic.
+        #[test]
+        fn split_gro_never_panics(len in 0usize..70_000, seg in 0usize..70_000) {
+            let msg = vec![7u8; len];
+            match split_gro(&msg, seg) {
+                Err(GroError::ZeroSegment) => proptest::prop_assert_eq!(seg, 0),
+                Err(GroError::TooManySegments) => {
+                    proptest::prop_assert!(len.div_ceil(seg) > MAX_GRO_SEGMENTS)
+                }
+                Ok(parts) => {
+                    let parts: Vec<usize> = parts.map(<[u8]>::len).collect();
+                    proptest::prop_assert_eq!(parts.iter().sum::<usize>(), len);
+                    if let Some((l, rest)) = parts.split_last() {
+                        proptest::prop_assert!(rest.iter().all(|&p| p == seg));
+                        proptest::prop_assert!(*l >= 1 && *l <= seg);
+                    }
+                }
+            }
+        }
+
+        /// Arbitrary control bytes never panic, and a segment size read from them is a real one.
+        #[test]
+        fn gro_segments_never_panics(control in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96)) {
+            if let Segments::Gro(s) = gro_segments(&control) {
+                proptest::prop_assert!((1..=65_535).contains(&s));
+            }
+        }
+
+        /// A valid `UDP_GRO` cmsg cut short anywhere, or with a length field that runs past the end or under
+        /// the header, is refused (`One` only when not even a header is left).
+        #[test]
+        fn cut_or_lying_gro_cmsg_is_refused(
+            seg in 1i32..=65_535,
+            cut in 0usize..24,
+            lie in proptest::prelude::any::<u16>(),
+        ) {
+            let full = gro_cmsg(seg);
+            let hdr = size_of::<libc::cmsghdr>();
+            // SAFETY: CMSG_LEN only computes a size.
+            let used = unsafe { libc::CMSG_LEN(4) } as usize;
+            let cut = cut.min(full.len());
+            let want = if cut >= used {
+                Segments::Gro(seg as usize)
+            } else if cut >= hdr {
+                Segments::Malformed
+            } else {
+                Segments::One
+            };
+            proptest::prop_assert_eq!(gro_segments(&full[..cut]), want);
+            let lie = usize::from(lie);
+            let mut lying = full.clone();
+            let mut h: libc::cmsghdr =
+                // SAFETY: `lying` holds a whole header; any bit pattern is a valid cmsghdr.
+                unsafe { std::ptr::read_unaligned(lying.as_ptr().cast::<libc::cmsghdr>()) };
+            h.cmsg_len = lie as _;
+            // SAFETY: as above, writing it back.
+            unsafe { std::ptr::write_unaligned(lying.as_mut_ptr().cast::<libc::cmsghdr>(), h) };
+            let got = gro_segments(&lying);
+            if lie < hdr || lie > lying.len() || (lie != used) {
+                proptest::prop_assert_ne!(got, Segments::Gro(seg as usize) , "len {}", lie);
+            } else {
+                proptest::prop_assert_eq!(got, Segments::Gro(seg as usize));
+            }
+        }
+    }
+
     #[test]
     fn oversized_datagram_is_flagged_truncated() {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -711,6 +1019,6 @@ mod tests {
         a.send_to(&[7u8; 3000], b.local_addr().unwrap()).unwrap();
         let mut batch = RecvBatch::new(1024);
         assert_eq!(recv_batch(&b, &mut batch).unwrap(), 1);
-        assert!(batch.meta[0].3);
+        assert!(batch.meta[0].truncated);
     }
 }

@@ -219,6 +219,12 @@ pub struct GlobalCounters {
     pub gso_fallbacks: Counter,
     /// 1 while the WireGuard socket sends trains with GSO, 0 once it fell back for good (gauge).
     pub gso_enabled: Counter,
+    /// Coalesced messages received (UDP GRO): more than one datagram each.
+    pub recv_trains: Counter,
+    /// Datagrams that arrived inside those (recv_train_datagrams / recv_trains = mean train length).
+    pub recv_train_datagrams: Counter,
+    /// 1 while the WireGuard socket receives with UDP GRO, 0 where the kernel refused it (gauge).
+    pub gro_enabled: Counter,
     /// Turns of the data-path loop (each one `poll` return: traffic, or the timer tick when idle).
     pub wakeups: Counter,
     pub cookie_replies: Counter,
@@ -362,6 +368,16 @@ impl prometheus_client::collector::Collector for super::Metrics {
                 g.send_train_datagrams.get(),
             ),
             (
+                "rampart_udp_receive_trains",
+                "Coalesced messages received on the WireGuard socket (UDP GRO): several datagrams from one source each.",
+                g.recv_trains.get(),
+            ),
+            (
+                "rampart_udp_receive_train_datagrams",
+                "Datagrams received inside coalesced messages (mean train length = this / rampart_udp_receive_trains_total).",
+                g.recv_train_datagrams.get(),
+            ),
+            (
                 "rampart_udp_gso_fallbacks",
                 "GSO trains the kernel refused and that were sent again as separate datagrams.",
                 g.gso_fallbacks.get(),
@@ -431,6 +447,11 @@ impl prometheus_client::collector::Collector for super::Metrics {
                 "rampart_udp_gso_enabled",
                 "1 while the WireGuard socket sends GSO trains, 0 after it fell back to single datagrams.",
                 g.gso_enabled.get(),
+            ),
+            (
+                "rampart_udp_gro_enabled",
+                "1 while the WireGuard socket receives with UDP GRO, 0 where the kernel refused it.",
+                g.gro_enabled.get(),
             ),
             ("rampart_nat_slots", "NAT slots held by upgraded flows.", g.nat_slots.get()),
             (

@@ -412,6 +412,8 @@ pub struct FlowTable {
     free: Vec<u32>,
     deadlines: BinaryHeap<Reverse<(u64, u32, u32)>>,
     timeouts: Timeouts,
+    /// The flow `find` found last: consecutive packets of a train mostly belong to one flow.
+    recent: u32,
 }
 
 impl FlowTable {
@@ -423,6 +425,7 @@ impl FlowTable {
             slab: Vec::new(),
             free: Vec::new(),
             deadlines: BinaryHeap::new(),
+            recent: u32::MAX,
             timeouts: Timeouts {
                 tcp_established: ms(settings.tcp_established_timeout),
                 tcp_transitory: ms(settings.tcp_transitory_timeout),
@@ -451,6 +454,21 @@ impl FlowTable {
         self.table
             .find(self.hasher.hash_one(key), |&i| slab[i as usize].key == *key)
             .copied()
+    }
+
+    /// `lookup` for the data path: a packet of the flow found last (the next segment of a train) is answered
+    /// by comparing its key with that flow's, without hashing. Same answer as `lookup`: keys are unique among
+    /// live flows, and a removed flow is not live.
+    #[inline]
+    pub fn find(&mut self, key: &FlowKey) -> Option<u32> {
+        if let Some(f) = self.slab.get(self.recent as usize) {
+            if f.live && f.key == *key {
+                return Some(self.recent);
+            }
+        }
+        let i = self.lookup(key)?;
+        self.recent = i;
+        Some(i)
     }
 
     #[inline]
@@ -770,6 +788,41 @@ mod tests {
                 distinct.insert((tenant, a.min(b), a.max(b)));
             }
             prop_assert_eq!(t.len(), distinct.len(), "one flow per tenant and 5-tuple, both directions");
+        }
+
+        /// `find` (with its last-flow shortcut) answers exactly as `lookup`, through inserts, removals that free a
+        /// slab slot for reuse by another key, and idle expiry; runs of one key (trains) are the common case.
+        #[test]
+        fn find_answers_as_lookup(
+            ops in proptest::collection::vec((0u8..6, 0u16..4, 1usize..4, 0u64..40_000), 1..300)
+        ) {
+            let mut t = table();
+            let mut now = 0u64;
+            for (op, port, run, dt) in ops {
+                now += dt;
+                let (k, dir) = FlowKey::new(1, PROTO_UDP, ip("100.96.0.2"), port, ip("100.96.0.3"), 53);
+                for _ in 0..run {
+                    let want = t.lookup(&k);
+                    prop_assert_eq!(t.find(&k), want);
+                }
+                match op {
+                    0 | 1 if t.lookup(&k).is_none() => {
+                        t.insert(Flow::new(k, dir, 0, 0, FlowTarget::Local, Action::Allow, None, now));
+                    }
+                    2 => {
+                        if let Some(i) = t.lookup(&k) {
+                            t.remove(i);
+                        }
+                    }
+                    3 => {
+                        let mut out = Vec::new();
+                        t.expire(now, usize::MAX, &mut out);
+                    }
+                    _ => {}
+                }
+                let want = t.lookup(&k);
+                prop_assert_eq!(t.find(&k), want);
+            }
         }
 
         /// Every packet maps to exactly one flow; counters add up to what was sent; expiry leaves no stray entry.

@@ -169,7 +169,7 @@ impl Gateway {
             view.dst,
             t.dport,
         );
-        let mut existing = self.flows.lookup(&key);
+        let mut existing = self.flows.find(&key);
         if let Some(i) = existing {
             // A fresh SYN on a connection that already ended (the client reused its port while the old flow
             // lingers) opens a new flow: new decision, new NAT slot, new record.

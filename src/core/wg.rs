@@ -101,6 +101,37 @@ impl Gateway {
         tx: &mut TxQueue,
     ) {
         self.advance(now);
+        self.handle_one_datagram(now, from, datagram, scratch, tx);
+    }
+
+    /// Handles the datagrams of one received message from `from`, in order: a train the kernel coalesced
+    /// (UDP GRO, split by the shell with `sys::split_gro`), or a single datagram. Each datagram is still
+    /// authenticated, decrypted and routed on its own, so a bad one in the middle drops only itself (counted);
+    /// what consecutive datagrams share is not done again: the clock moves once per train, the peer comes from
+    /// the receiver index by a `Vec` index (no hash), and the flow table answers the next packet of the flow it
+    /// found last without hashing (`FlowTable::find`).
+    pub fn handle_datagrams<'a>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagrams: impl IntoIterator<Item = &'a [u8]>,
+        scratch: &mut [u8],
+        tx: &mut TxQueue,
+    ) {
+        self.advance(now);
+        for d in datagrams {
+            self.handle_one_datagram(now, from, d, scratch, tx);
+        }
+    }
+
+    fn handle_one_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut [u8],
+        tx: &mut TxQueue,
+    ) {
         let g = &self.metrics.global;
         g.datagrams_rx.add(1);
         let packet = match Tunn::parse_incoming_packet(datagram) {
@@ -186,7 +217,8 @@ impl Gateway {
         let Link::Wg(tunn) = &mut peer.link else {
             return counters.count_drop(DropReason::MalformedDatagram);
         };
-        let had_session = tunn.time_since_last_handshake().is_some();
+        // Only a handshake's log line needs it, and it reads the clock: not per data packet.
+        let had_session = !is_data && tunn.time_since_last_handshake().is_some();
         let result = tunn.decapsulate(Some(from.ip()), datagram, scratch);
         // Only what boringtun authenticated arms the peer's timers: forged datagrams naming a receiver index
         // must not make every configured peer cost a timer run per tick.

@@ -207,9 +207,16 @@ impl Gue {
                 }
                 let n = self.rx.meta.len();
                 for k in 0..n {
-                    let (bi, from, len, truncated) = self.rx.meta[k];
+                    let sys::Received {
+                        buf: bi,
+                        from,
+                        len,
+                        truncated,
+                        segments,
+                    } = self.rx.meta[k];
                     self.metrics.global.gue_rx.add(1);
-                    if truncated {
+                    // GUE sockets do not ask for UDP_GRO: anything but one datagram is not understood.
+                    if truncated || segments != sys::Segments::One {
                         self.metrics
                             .global
                             .unattributed
