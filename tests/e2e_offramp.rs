@@ -621,6 +621,10 @@ fn bench_offramp() {
     t.rules.push_str(&format!(
         "[[tenant.rule]]\nid = \"iperf\"\naction = \"allow\"\ndst = [\"{UPSTREAM_NET}\"]\nproto = \"tcp\"\nports = [\"5201\"]\n"
     ));
+    // The per-device new-flow limit (1,000/s by default) would be what is measured; lift it.
+    t.rules.push_str(
+        "[flows]\ndevice_new_flows_per_sec = 1000000\ndevice_new_flows_burst = 1000000\ndevice_max_flows = 1000000\n",
+    );
     let mut lab = Lab::new(&[t]);
     let host = lab.add_host("up");
     assert_eq!(host.underlay.to_string(), UPSTREAM);
