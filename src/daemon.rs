@@ -309,7 +309,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         crate::ssh::SshServices::new(&g.state_dir, audit.ssh(), crate::ssh::SshLimits::default())
             .with_shutdown(shutdown.child_token()),
     );
-    let http = crate::http::HttpServices::new(audit.http());
+    let http = crate::http::HttpServices::new(audit.http()).with_shutdown(shutdown.child_token());
     let offramp = Arc::new(crate::offramp::OfframpCounters::default());
     let registry = Arc::new(metrics_registry(
         &metrics,
@@ -408,11 +408,31 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         let sync = crate::fleet::state::start(f, connector, address, enroll_url, running.clone())?;
         *running.fleet_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(sync);
     }
-    let l4 = layer4.as_mut().map(|(ns, app, rx)| {
-        let events = ns.take_events().expect("namespace events taken once");
-        let handoffs = std::mem::replace(rx, tokio::sync::mpsc::channel(1).1);
-        (events, handoffs, app.releases.clone(), ns.connector())
-    });
+    // The off-ramp and the inspectors get threads of their own (ARCHITECTURE.md, threads and runtimes).
+    let proxy = match &layer4 {
+        Some(_) => {
+            let n = g.proxy_threads.unwrap_or_else(default_proxy_threads);
+            let t = crate::offramp::ProxyThreads::start(n)
+                .context("cannot start the off-ramp proxy threads")?;
+            tracing::info!(threads = t.len(), "off-ramp proxy threads started");
+            Some(t)
+        }
+        None => None,
+    };
+    let l4 = layer4
+        .as_mut()
+        .zip(proxy.as_ref())
+        .map(|((ns, app, rx), proxy)| {
+            let events = ns.take_events().expect("namespace events taken once");
+            let handoffs = std::mem::replace(rx, tokio::sync::mpsc::channel(1).1);
+            (
+                events,
+                handoffs,
+                app.releases.clone(),
+                ns.connector(),
+                proxy.pool(),
+            )
+        });
     let result = rt.block_on(serve(
         running.clone(),
         cfg.clone(),
@@ -426,6 +446,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(layer4);
     // Tasks still running past `SHUTDOWN_GRACE` are dropped here; HTTP records in progress are emitted on drop.
     drop(rt);
+    drop(proxy);
     // L3 of the security review: a client task may still hold `running` here; nothing below needs it alone.
     let sync = running
         .fleet_sync
@@ -480,25 +501,35 @@ fn needs_layer4(cfg: &Config) -> bool {
         .any(|t| !t.offramp.is_empty() || t.rules.iter().any(|r| r.action.is_layer4()))
 }
 
+/// Threads of the layer-4/7 runtime when `gateway.proxy_threads` is absent: the cores left after the data
+/// path's one, at least 1 (so 1 on a 2-core box: the data path and the proxy each get a core) and at most 4.
+fn default_proxy_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
 type Layer4Channels = (
     tokio::sync::mpsc::Receiver<crate::netns::supervisor::NsEvent>,
     tokio::sync::mpsc::Receiver<crate::handoff::Handoff>,
     Arc<crate::handoff::SlotReleases>,
     crate::netns::supervisor::NsConnector,
+    crate::offramp::ProxyPool,
 );
 
 /// Follows the namespace helper's lifecycle: each new namespace gets its TUN handed to the data path and its
 /// listener/UDP socket served by the off-ramp proxy; a dead namespace ends its flows.
 async fn run_layer4(
     running: Arc<Running>,
-    (mut events, handoffs, releases, connector): Layer4Channels,
+    (mut events, handoffs, releases, connector, pool): Layer4Channels,
     shutdown: Shutdown,
 ) {
     use crate::netns::supervisor::NsEvent;
     let flows = Arc::new(crate::offramp::Flows::new(releases));
     let counters = running.offramp.clone();
     // Not tracked: it follows the data path's hand-offs for as long as the runtime runs.
-    let tracker = tokio::spawn(crate::offramp::track(handoffs, flows.clone()));
+    let tracker = crate::offramp::spawn_tracker(handoffs, flows.clone(), &pool);
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
         let ev = tokio::select! {
@@ -534,6 +565,7 @@ async fn run_layer4(
                     )
                     .with_ssh(running.ssh.clone())
                     .with_http(running.http.clone()),
+                    &pool,
                     &shutdown,
                 ) {
                     Ok(t) => tasks = t,

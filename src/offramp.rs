@@ -12,11 +12,18 @@
 //! and the upstream are closed with a RST, and when the last task is gone its `SlotLease` reports the slot
 //! closed, which is the only way the data path gives the slot to another flow. This module decides nothing:
 //! policy was applied by the core when the flow started.
+//!
+//! Threads: everything here (and the HTTP and SSH inspectors it hands flows to) runs on [`ProxyThreads`], the
+//! layer-4/7 runtime, never on the runtime that serves admin and control: bulk copying cannot delay
+//! `/metrics`, a reload or the shutdown. Plain streams are copied with `splice(2)` (`splice`).
 #![deny(unsafe_code)]
+
+mod splice;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -202,9 +209,118 @@ pub async fn track(mut handoffs: Receiver<Handoff>, flows: Arc<Flows>) {
     }
 }
 
-/// Serves one namespace generation: TCP accept loop and UDP relay. Returns the tasks (abort them when the
-/// namespace goes away). Every task is tracked by `shutdown`: when it fires the loops stop accepting, proxied
-/// connections and relays close, and SSH sessions end through their own path (with their records).
+/// The layer-4/7 runtime: `n` threads (`rampart-proxy-N`), each with a current-thread tokio runtime. The
+/// accept loop and the UDP relay run on the first; each accepted connection goes to the next thread in turn
+/// and stays there (its inspector's tasks too). Dropping it stops the runtimes (tasks still on them are
+/// dropped: an HTTP record in progress is emitted then) and joins the threads.
+pub struct ProxyThreads {
+    pool: ProxyPool,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Where new off-ramp work is spawned (clone = same threads).
+#[derive(Clone)]
+pub struct ProxyPool {
+    handles: Arc<[tokio::runtime::Handle]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl ProxyPool {
+    /// The runtime of the first thread (the accept loop and the UDP relay).
+    fn first(&self) -> &tokio::runtime::Handle {
+        &self.handles[0]
+    }
+
+    /// The runtime of the next connection, round robin.
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+}
+
+impl ProxyThreads {
+    /// Starts `n` (at least 1) threads, each running its runtime until dropped.
+    pub fn start(n: usize) -> std::io::Result<ProxyThreads> {
+        let mut t = ProxyThreads {
+            pool: ProxyPool {
+                handles: Arc::from(Vec::new()),
+                next: Arc::new(AtomicUsize::new(0)),
+            },
+            stops: Vec::new(),
+            threads: Vec::new(),
+        };
+        let mut handles = Vec::new();
+        for i in 0..n.max(1) {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("rampart-proxy-{i}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => {
+                            let _ = ready_tx.send(Ok(rt.handle().clone()));
+                            // Ends when the sender is dropped too (a failed start below).
+                            let _ = rt.block_on(stop_rx);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })?;
+            t.stops.push(stop_tx);
+            t.threads.push(thread);
+            // `t` stops and joins the threads started so far if this one failed.
+            let handle = ready_rx.recv().map_err(|_| {
+                std::io::Error::other("the proxy thread ended before its runtime was ready")
+            })??;
+            handles.push(handle);
+        }
+        t.pool.handles = Arc::from(handles);
+        Ok(t)
+    }
+
+    pub fn pool(&self) -> ProxyPool {
+        self.pool.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
+impl Drop for ProxyThreads {
+    fn drop(&mut self) {
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Consumes the data path's hand-offs.
+pub fn spawn_tracker(
+    handoffs: Receiver<Handoff>,
+    flows: Arc<Flows>,
+    pool: &ProxyPool,
+) -> JoinHandle<()> {
+    pool.first().spawn(track(handoffs, flows))
+}
+
+/// Serves one namespace generation on `pool`: TCP accept loop and UDP relay. Returns the tasks (abort them
+/// when the namespace goes away). Every task is tracked by `shutdown`: when it fires the loops stop
+/// accepting, proxied connections and relays close, and HTTP connections (after the requests in flight) and
+/// SSH sessions end through their own paths (with their records).
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     tcp: std::net::TcpListener,
     udp: std::net::UdpSocket,
@@ -212,22 +328,32 @@ pub fn serve(
     counters: Arc<OfframpCounters>,
     connector: NsConnector,
     env: InspectEnv,
+    pool: &ProxyPool,
     shutdown: &Shutdown,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     tcp.set_nonblocking(true)?;
     udp.set_nonblocking(true)?;
+    // Registered with the first proxy thread's reactor, where their loops run.
+    let _in = pool.first().enter();
     let tcp = TcpListener::from_std(tcp)?;
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     Ok(vec![
-        shutdown.spawn(accept_loop(
-            tcp,
-            flows.clone(),
-            counters.clone(),
-            connector,
-            env.clone(),
-            shutdown.clone(),
-        )),
-        shutdown.spawn(udp_loop(udp, flows, counters, env, shutdown.clone())),
+        shutdown.spawn_on(
+            accept_loop(
+                tcp,
+                flows.clone(),
+                counters.clone(),
+                connector,
+                env.clone(),
+                pool.clone(),
+                shutdown.clone(),
+            ),
+            pool.first(),
+        ),
+        shutdown.spawn_on(
+            udp_loop(udp, flows, counters, env, shutdown.clone()),
+            pool.first(),
+        ),
     ])
 }
 
@@ -237,6 +363,7 @@ async fn accept_loop(
     counters: Arc<OfframpCounters>,
     connector: NsConnector,
     env: InspectEnv,
+    pool: ProxyPool,
     shutdown: Shutdown,
 ) {
     loop {
@@ -259,7 +386,18 @@ async fn accept_loop(
             env.clone(),
             shutdown.clone(),
         );
-        shutdown.spawn(async move {
+        // With more than one thread, the connection's socket moves to the thread that serves it (registered
+        // with that thread's reactor there).
+        let conn = if pool.handles.len() > 1 {
+            match conn.into_std() {
+                Ok(c) => Err(c),
+                Err(_) => continue,
+            }
+        } else {
+            Ok(conn)
+        };
+        shutdown.spawn_on(async move {
+            let Ok(conn) = conn.or_else(TcpStream::from_std) else { return };
             let SocketAddr::V4(slot) = peer else { return };
             let Some((flow, lease)) = flows.claim(slot, true).await else {
                 counters.unknown_slot.inc();
@@ -274,9 +412,10 @@ async fn accept_loop(
             legs.hold(&conn);
             harden(&conn);
             let work = proxy_tcp(conn, flow.clone(), &counters, &connector, &env, &legs);
-            // An SSH session sees the gateway stop itself and ends with its records; a plain or HTTP
-            // connection just closes (an HTTP request in flight is recorded as its inspector is dropped).
-            let ends_itself = matches!(flow.inspect, Inspect::Ssh(_));
+            // An SSH session sees the gateway stop itself and ends with its records; an HTTP connection
+            // finishes the requests in flight (hyper's graceful shutdown) and records them; a plain
+            // connection just closes.
+            let ends_itself = matches!(flow.inspect, Inspect::Ssh(_) | Inspect::Http);
             tokio::select! {
                 () = work => {}
                 () = flow.ended() => {
@@ -288,7 +427,7 @@ async fn accept_loop(
             }
             drop(legs);
             drop(lease);
-        });
+        }, pool.pick());
     }
 }
 
@@ -441,7 +580,7 @@ fn reconnect_leg(
 
 /// The plain layer-4 proxy: bytes both ways until both sides are done.
 async fn splice(mut conn: TcpStream, mut upstream: TcpStream, seq: u64) {
-    match tokio::io::copy_bidirectional(&mut conn, &mut upstream).await {
+    match splice::bidirectional(&mut conn, &mut upstream).await {
         Ok((up, down)) => tracing::trace!(seq, up, down, "off-ramp connection done"),
         Err(e) => tracing::trace!(seq, error = %e, "off-ramp connection ended with an error"),
     }
@@ -580,6 +719,11 @@ async fn udp_flow(
     };
     counters.udp_flows.inc();
     let mut buf = vec![0u8; 65_536];
+    // One idle timer per flow, pushed back lazily: a datagram only stamps `last`; when the timer fires
+    // early it is reset to `last + UDP_IDLE` (no timer per datagram).
+    let mut last = tokio::time::Instant::now();
+    let idle = tokio::time::sleep_until(last + UDP_IDLE);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             () = flow.ended() => {
@@ -588,14 +732,24 @@ async fn udp_flow(
             }
             () = shutdown.cancelled() => break,
             dg = rx.recv() => match dg {
-                Some(dg) => { let _ = up.send(&dg).await; }
+                Some(dg) => {
+                    last = tokio::time::Instant::now();
+                    let _ = up.send(&dg).await;
+                }
                 None => break,
             },
-            r = tokio::time::timeout(UDP_IDLE, up.recv(&mut buf)) => match r {
-                Ok(Ok(n)) => { let _ = ns.send_to(&buf[..n], slot).await; }
-                Ok(Err(_)) => {}
-                Err(_) => break,
-            },
+            r = up.recv(&mut buf) => {
+                last = tokio::time::Instant::now();
+                if let Ok(n) = r {
+                    let _ = ns.send_to(&buf[..n], slot).await;
+                }
+            }
+            () = idle.as_mut() => {
+                if last.elapsed() >= UDP_IDLE {
+                    break;
+                }
+                idle.as_mut().reset(last + UDP_IDLE);
+            }
         }
     }
     drop(up);

@@ -34,6 +34,15 @@ impl Shutdown {
         self.tracker.spawn(task)
     }
 
+    /// Runs `task` on the runtime of `handle` (another thread's), tracked like `spawn`.
+    pub fn spawn_on<F>(&self, task: F, handle: &tokio::runtime::Handle) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn_on(task, handle)
+    }
+
     /// Completes once the shutdown has begun.
     pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
         self.token.cancelled()

@@ -952,17 +952,65 @@ fn plain_http_is_inspected_streamed_kept_alive_upgraded_ruled_and_audited() {
         ],
     );
     assert!(r.success(), "{r}");
-    let status = lab.gateway.terminate(Duration::from_secs(30));
+    // A request in flight when the gateway is told to stop finishes (hyper's graceful shutdown) with its whole
+    // response, and is recorded: the origin holds the response after its first line until the gateway has
+    // begun shutting down. Positive control for the hold: the first line is there before the signal.
+    let hold = lab.dir().join("hold-shutdown");
+    let held = PathBuf::from(format!("{}.held", hold.display()));
+    let body = lab.dir().join("in-flight.out");
+    let mut cmd = dev.ns.exec("curl");
+    cmd.args(["-sS", "--fail", "--max-time", "120", "-N", "-o"])
+        .arg(&body)
+        .arg(format!("{base}/chunked?n=20&hold={}", hold.display()));
+    let mut in_flight = Proc::spawn("curl-in-flight", cmd, lab.dir());
+    wait_until(
+        "the origin to hold its response",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || held.exists().then_some(()),
+    );
+    wait_until(
+        "the first line to reach the device",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || {
+            std::fs::read_to_string(&body)
+                .is_ok_and(|b| b.starts_with("line 0\n"))
+                .then_some(())
+        },
+    );
+    lab.gateway.signal("TERM");
+    wait_until(
+        "the gateway to begin its shutdown",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || lab.gateway.log().contains("shutting down").then_some(()),
+    );
+    std::fs::write(&hold, "").unwrap();
+    in_flight.finish(Duration::from_secs(60));
+    let got = std::fs::read_to_string(&body).unwrap();
+    let want: String = (0..20).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(got, want, "the response in flight was cut by the shutdown");
+    let status = lab.gateway.wait_exit(Duration::from_secs(60));
     assert!(
         status.is_some_and(|s| s.success()),
         "gateway exit: {status:?}"
     );
     let out = lab.gateway.cli(&["audit", "http"], &["--json"]).expect_ok();
+    let records = json_lines(&out);
     assert!(
-        json_lines(&out)
-            .iter()
-            .any(|r| is(r, "path", "/last/../small")),
+        records.iter().any(|r| is(r, "path", "/last/../small")),
         "request before shutdown not recorded:\n{out}"
+    );
+    assert!(
+        records.iter().any(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/chunked"))
+                && r["status"] == 200
+                && r["resp_bytes"].as_u64() == Some(want.len() as u64)
+        }),
+        "the request in flight at shutdown is not recorded with its whole response:\n{out}"
     );
 
     // The HTTP records are in the signed chain (issue 11, finding 15): `audit verify` with the pinned key and the

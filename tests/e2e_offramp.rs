@@ -549,3 +549,159 @@ ports = ["5202", "8081"]
     ));
     eprintln!("{}", rows.join("\n"));
 }
+
+/// Seconds of CPU (user + system, all threads) the process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The median of three or more samples (sorted by the first field).
+fn median<T: Copy>(mut v: Vec<(f64, T)>) -> (f64, T) {
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v[v.len() / 2]
+}
+
+/// One wrk run of `secs` with `conns` connections, a new TCP connection per request (`Connection: close`):
+/// requests (= connections) per second and the number of socket errors wrk reported.
+fn wrk_close(ns: &support::netns::Netns, url: &str, conns: u32, secs: u32) -> (f64, u64) {
+    let r = ns.run(
+        "wrk",
+        &[
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "-H",
+            "Connection: close",
+            url,
+        ],
+        Duration::from_secs(secs as u64 + 60),
+    );
+    assert!(r.success(), "wrk (apt install wrk): {r}");
+    let rps = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    // "Socket errors: connect 0, read 0, write 0, timeout 0"
+    let errors = r
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|e| {
+            e.split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(!r.stdout.contains("Non-2xx"), "errors during the run: {r}");
+    (rps, errors)
+}
+
+/// Benchmark (not part of `make test`) of the off-ramp proxy, issue 14 step 6: download through the upgrade
+/// path (device -> WireGuard -> gateway -> namespace -> proxy -> iperf3 on the upstream host, `-R`), as Gbit/s
+/// per gateway core at full speed and gateway CPU at a steady 100 Mbit/s, and new connections per second
+/// (wrk, 100 concurrent, a new connection per request) against the same load from the upstream host's own
+/// namespace (direct, no gateway). Medians of 3. Needs `wrk` (apt). `RAMPART_E2E_BIN` runs another build of
+/// the gateway (a before/after pair in the same conditions).
+/// `cargo test --release --test e2e_offramp bench_offramp -- --ignored --nocapture`; results in
+/// docs/benchmarks.md.
+#[test]
+#[ignore = "benchmark; run by hand"]
+fn bench_offramp() {
+    let mut t = acme();
+    t.rules.push_str(&format!(
+        "[[tenant.rule]]\nid = \"iperf\"\naction = \"allow\"\ndst = [\"{UPSTREAM_NET}\"]\nproto = \"tcp\"\nports = [\"5201\"]\n"
+    ));
+    // The per-device new-flow limit (1,000/s by default) would be what is measured; lift it.
+    t.rules.push_str(
+        "[flows]\ndevice_new_flows_per_sec = 1000000\ndevice_new_flows_burst = 1000000\ndevice_max_flows = 1000000\n",
+    );
+    let mut lab = Lab::new(&[t]);
+    let host = lab.add_host("up");
+    assert_eq!(host.underlay.to_string(), UPSTREAM);
+    let _nginx = Nginx::start(&host, &lab.dir().join("up"), &[("small", 100)]);
+    let dev = lab.add_client("acme", "laptop");
+    wait_ping(&dev.ns, GW_ADDR, TUNNEL_UP, "laptop -> gateway");
+    let mut cmd = host.ns.exec("iperf3");
+    cmd.args(["-s", "-B", UPSTREAM, "-p", "5201"]);
+    let _iperf = Proc::spawn("iperf3-server", cmd, lab.dir());
+    let pid = lab.gateway.pid();
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // (Mbit/s received by the device, gateway CPU % of one core over the run, Gbit/s per gateway core)
+    let download = |rate: Option<&str>| -> (f64, f64, f64) {
+        let mut args = vec!["-c", UPSTREAM, "-p", "5201", "-R", "-t", "5", "-J"];
+        if let Some(b) = rate {
+            args.extend(["-b", b]);
+        }
+        wait_until(
+            "iperf3 to connect through the off-ramp",
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || {
+                let c0 = cpu_secs(pid);
+                let t0 = std::time::Instant::now();
+                let r = dev.ns.run("iperf3", &args, Duration::from_secs(60));
+                let (cpu, wall) = (cpu_secs(pid) - c0, t0.elapsed().as_secs_f64());
+                let v: serde_json::Value = serde_json::from_str(&r.stdout).ok()?;
+                let bits = v["end"]["sum_received"]["bytes"].as_f64()? * 8.0;
+                let bps = v["end"]["sum_received"]["bits_per_second"].as_f64()?;
+                Some((bps / 1e6, cpu / wall * 100.0, bits / 1e9 / cpu.max(0.01)))
+            },
+        )
+        .0
+    };
+    let mut rows = vec![format!(
+        "load average before: {}",
+        loadavg
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )];
+    let mut full = Vec::new();
+    let mut light = Vec::new();
+    let mut via = Vec::new();
+    let mut direct = Vec::new();
+    let url = format!("http://{UPSTREAM}/small");
+    // Round robin, so slow drift of the machine is spread over every row.
+    for _ in 0..3 {
+        let (mbps, cpu, per_core) = download(None);
+        full.push((per_core, (mbps, cpu)));
+        let (mbps, cpu, _) = download(Some("100M"));
+        light.push((cpu, mbps));
+        let c0 = cpu_secs(pid);
+        let t0 = std::time::Instant::now();
+        let (rps, errors) = wrk_close(&dev.ns, &url, 100, 5);
+        let cpu = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+        via.push((rps, (cpu, errors)));
+        let (rps, errors) = wrk_close(&host.ns, &url, 100, 5);
+        direct.push((rps, errors));
+    }
+    let (per_core, (mbps, cpu)) = median(full);
+    rows.push(format!(
+        "| off-ramp download, iperf3 -R TCP 1 stream | {mbps:.0} Mbit/s | gw CPU {cpu:.0} % | {per_core:.2} Gbit/s per gateway core |"
+    ));
+    let (cpu, mbps) = median(light);
+    rows.push(format!(
+        "| off-ramp download, steady 100 Mbit/s | {mbps:.0} Mbit/s | gw CPU {cpu:.1} % | |"
+    ));
+    let (rps, (cpu, errors)) = median(via);
+    rows.push(format!(
+        "| off-ramp, wrk -c100, new connection per request | {rps:.0} connections/s | gw CPU {cpu:.0} % | socket errors {errors} |"
+    ));
+    let (rps, errors) = median(direct);
+    rows.push(format!(
+        "| direct (upstream host to nginx, no gateway), same | {rps:.0} connections/s | | socket errors {errors} |"
+    ));
+    eprintln!("{}", rows.join("\n"));
+    lab.gateway.assert_alive();
+}

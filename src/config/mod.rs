@@ -18,6 +18,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../configs/gateway.toml");
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
 /// Default admin (metrics, health) listen address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
+/// Most threads `gateway.proxy_threads` may ask for.
+pub const MAX_PROXY_THREADS: u64 = 64;
 
 mod admin;
 mod devices;
@@ -199,6 +201,9 @@ impl Config {
         }
         if a.user != b.user {
             out.push("gateway.user");
+        }
+        if a.proxy_threads != b.proxy_threads {
+            out.push("gateway.proxy_threads");
         }
         if self.audit != new.audit {
             out.push("audit");

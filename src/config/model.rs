@@ -492,6 +492,9 @@ pub struct GatewaySettings {
     /// `gateway.user`: the system user `rampart run` drops to after start, sandboxed (`sandbox`); `None`
     /// keeps it root.
     pub user: Option<String>,
+    /// `gateway.proxy_threads`: worker threads of the layer-4/7 runtime; `None`: sized from the cores
+    /// (`daemon`).
+    pub proxy_threads: Option<usize>,
 }
 
 /// The validated configuration. Immutable; a reload builds a new one and swaps the `Arc`.

@@ -95,6 +95,9 @@ pub struct RawGateway {
     pub ui_listen: Option<String>,
     /// The unprivileged system user `rampart run` becomes after start (and sandboxes); absent: stays root.
     pub user: Option<String>,
+    /// Worker threads of the layer-4/7 runtime (off-ramp proxy, HTTP and SSH inspectors); absent: one per
+    /// core beyond the data path's, at least 1 and at most 4.
+    pub proxy_threads: Option<u64>,
 }
 
 /// A value written as one string or as a list of them (`"100.96.0.0/24"` or `["100.96.0.0/24", "fd00::/64"]`).

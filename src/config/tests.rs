@@ -67,6 +67,28 @@ fn bad_values_name_key_and_fix() {
 }
 
 #[test]
+fn proxy_threads_is_a_restart_only_count_in_range() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.gateway.proxy_threads, None);
+    let with = |n: &str| {
+        GOOD.replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"state\"\nproxy_threads = {n}"),
+        )
+    };
+    let two = load(&with("2")).unwrap();
+    assert_eq!(two.gateway.proxy_threads, Some(2));
+    assert_eq!(c.restart_only_differences(&two), ["gateway.proxy_threads"]);
+    for bad in ["0", "65"] {
+        let err = load(&with(bad)).unwrap_err().to_string();
+        assert!(
+            err.contains("gateway.proxy_threads") && err.contains("write 1 to 64"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn all_problems_reported_at_once() {
     let text = GOOD
         .replace("listen = \"127.0.0.1:51820\"", "listen = \"nowhere\"")

@@ -64,6 +64,17 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             );
         }
     }
+    let proxy_threads = g.proxy_threads.and_then(|n| {
+        if (1..=MAX_PROXY_THREADS).contains(&n) {
+            Some(n as usize)
+        } else {
+            c.push(
+                "gateway.proxy_threads",
+                format!("{n} is out of range; write 1 to {MAX_PROXY_THREADS} (threads of the off-ramp proxy and the inspectors), or remove the key to size it from the cores"),
+            );
+            None
+        }
+    });
     let flows = validate_flows(raw.flows, c);
     let audit = validate_audit(raw.audit, &state_dir, base, c);
     let enroll = super::enroll::validate_enroll(raw.enroll, g.enroll_listen.as_deref(), base, c);
@@ -235,6 +246,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, path: &Path, c: &mut Collect
             admin_token,
             public_endpoint: g.public_endpoint,
             user,
+            proxy_threads,
         },
         flows,
         audit,
@@ -513,6 +525,7 @@ pub(super) fn empty(path: &Path) -> Config {
             admin_token: None,
             public_endpoint: None,
             user: None,
+            proxy_threads: None,
         },
         enroll: super::EnrollSettings::default(),
         ui: super::UiSettings::default(),

@@ -36,6 +36,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::audit::http_records::{HttpAuditSink, HttpRecord};
 use crate::config::{Config, FailurePolicy, Tenant};
@@ -58,6 +59,9 @@ const RELAY_BUFFER: usize = 64 * 1024;
 #[derive(Clone, Default)]
 pub struct HttpServices {
     inner: Arc<ServicesInner>,
+    /// The gateway's shutdown: connections stop taking requests, finish the ones in flight (their records
+    /// are written) and close.
+    stop: CancellationToken,
 }
 
 #[derive(Default)]
@@ -104,7 +108,18 @@ impl HttpServices {
                 tls: Mutex::default(),
                 counters: HttpCounters::default(),
             }),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// Connections end gracefully when `stop` is cancelled (the gateway's shutdown).
+    pub fn with_shutdown(mut self, stop: CancellationToken) -> HttpServices {
+        self.stop = stop;
+        self
+    }
+
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        &self.stop
     }
 
     /// Registers the inspector's counters (names without `_total`: the encoder adds it).
@@ -227,7 +242,12 @@ pub async fn inspect(
         sink: services.sink(),
     };
     let mut first = [0u8; 1];
-    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, client.peek(&mut first)).await {
+    let peeked = tokio::select! {
+        // Shutting down: a connection without a request yet just closes.
+        () = services.stop.cancelled() => return,
+        p = tokio::time::timeout(FIRST_BYTE_TIMEOUT, client.peek(&mut first)) => p,
+    };
+    match peeked {
         Ok(Ok(1)) => {}
         Ok(_) => return,
         Err(_) => {
@@ -382,15 +402,19 @@ async fn inspect_tls(
                 return;
             }
             g.add_bytes(seen.len() as u64, 0);
-            let r = tokio::io::copy_bidirectional_with_sizes(
+            let relay = tokio::io::copy_bidirectional_with_sizes(
                 &mut client,
                 &mut upstream,
                 RELAY_BUFFER,
                 RELAY_BUFFER,
-            )
-            .await;
-            if let Ok((up, down)) = r {
-                g.add_bytes(up, down);
+            );
+            tokio::select! {
+                r = relay => if let Ok((up, down)) = r {
+                    g.add_bytes(up, down);
+                },
+                // Shutting down: an opaque stream has no request boundary to wait for; it closes like a
+                // plain off-ramp connection (recorded as its guard drops).
+                () = ctx.services.stop.cancelled() => {}
             }
         }
         TlsAction::Decrypt => {
@@ -737,5 +761,90 @@ user = "alice"
         assert_eq!((&a[..], &b[..], &c[..]), (&b"3"[..], &b"3"[..], &b"3"[..]));
         drop(sender);
         inspector.abort();
+    }
+
+    /// The gateway's shutdown while a response streams: the inspector finishes that response (hyper's
+    /// graceful shutdown), then closes the connection and returns. Raw sockets on both sides, so the test
+    /// decides exactly when each byte is sent.
+    #[tokio::test]
+    async fn shutdown_finishes_the_response_in_flight_then_closes() {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml(CONFIG, &dir_tmp.path().join("gateway.toml")).unwrap();
+        let config = ConfigHandle::new(Arc::new(cfg));
+        let stop = CancellationToken::new();
+        let services = HttpServices::default().with_shutdown(stop.clone());
+        let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = origin.local_addr().unwrap();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let origin_task = tokio::spawn(async move {
+            let (s, _) = origin.accept().await.unwrap();
+            let mut s = tokio::io::BufReader::new(s);
+            let mut line = String::new();
+            while s.read_line(&mut line).await.unwrap() > 2 {
+                line.clear();
+            }
+            let s = s.get_mut();
+            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nline 0\n\r\n")
+                .await
+                .unwrap();
+            released.await.unwrap();
+            s.write_all(b"7\r\nline 1\n\r\n0\r\n\r\n").await.unwrap();
+        });
+        let std::net::SocketAddr::V4(dst) = origin_addr else {
+            unreachable!()
+        };
+        let flow = Arc::new(FlowContext::new(&crate::core::Upgraded {
+            seq: 1,
+            slot: "100.64.0.1:1024".parse().unwrap(),
+            protocol: 6,
+            src: "100.96.0.2:40000".parse().unwrap(),
+            dst,
+            tenant: crate::config::TenantId::parse("acme").unwrap(),
+            device: crate::config::DeviceName::parse("laptop").unwrap(),
+            user: crate::config::UserName::parse("alice").unwrap(),
+            groups: Arc::from(Vec::new()),
+            rule: Arc::from("web"),
+            downgrade: None,
+            inspect: crate::config::Inspect::Http,
+        }));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut device = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        let upstream = TcpStream::connect(origin_addr).await.unwrap();
+        let reconnect: Reconnect =
+            Arc::new(move || Box::pin(async move { TcpStream::connect(origin_addr).await }));
+        let inspector = tokio::spawn(async move {
+            inspect(accepted, upstream, flow, &config, &services, reconnect).await;
+        });
+        device
+            .write_all(b"GET /stream HTTP/1.1\r\nHost: origin\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("line 0") {
+            let n = device.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the first chunk: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        stop.cancel();
+        release.send(()).unwrap();
+        let read_rest = device.read_to_end(&mut got);
+        tokio::time::timeout(Duration::from_secs(30), read_rest)
+            .await
+            .expect("the connection closes after the response")
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.contains("line 1") && text.ends_with("0\r\n\r\n"),
+            "the response in flight was cut: {text:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(30), inspector)
+            .await
+            .expect("the inspector returns")
+            .unwrap();
+        origin_task.await.unwrap();
     }
 }

@@ -85,12 +85,18 @@ where
             Err(_) => std::future::pending().await,
         }
     };
+    let stop = ctx_for_close.flow.services.stop().clone();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
         () = origin_gone => {
             // The origin closed and cannot be re-opened: finish the request in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = stop.cancelled() => {
+            // The gateway is shutting down: no new requests; the ones in flight finish and are recorded.
             conn.as_mut().graceful_shutdown();
             conn.await
         }

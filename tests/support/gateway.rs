@@ -154,7 +154,9 @@ impl Gateway {
                 c
             }
         };
-        cmd.args(["netns", "exec", &self.ns, BIN, "run", "-c"])
+        // RAMPART_E2E_BIN: another build of the gateway (benchmarks compare two builds in one setup).
+        let bin = std::env::var("RAMPART_E2E_BIN").unwrap_or_else(|_| BIN.into());
+        cmd.args(["netns", "exec", &self.ns, &bin, "run", "-c"])
             .arg(&self.config)
             .env(
                 "RAMPART_LOG",

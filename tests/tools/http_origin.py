@@ -2,7 +2,8 @@
 """Test origin application behind nginx (tests/e2e_http.rs), standard library only.
 
   POST /upload   reads the body (Content-Length or chunked), answers {"sha256": ..., "bytes": ...}
-  GET  /chunked  answers with a chunked body of N numbered lines (?n=N, default 50)
+  GET  /chunked  answers with a chunked body of N numbered lines (?n=N, default 50); with ?hold=PATH it sends
+                 the first line, creates PATH.held and sends the rest only once PATH exists (at most 120 s)
   GET  /ws       with `Upgrade`: answers 101 and then echoes every byte until the peer closes
   GET  /ws       without `Upgrade`: 200 and a JSON object of the `Upgrade` and `HTTP2-Settings` it received
   CONNECT h:p    a forward-proxy tunnel to h:p (200, then bytes both ways)
@@ -21,8 +22,10 @@ import json
 import select
 import socket
 import socketserver
+import os
 import ssl
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -158,10 +161,16 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/plain")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            hold = parse_qs(url.query).get("hold", [None])[0]
             for i in range(n):
                 line = ("line %d\n" % i).encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                 self.wfile.flush()
+                if hold and i == 0:
+                    open(hold + ".held", "w").close()
+                    deadline = time.time() + 120
+                    while not os.path.exists(hold) and time.time() < deadline:
+                        time.sleep(0.05)
             self.wfile.write(b"0\r\n\r\n")
             return
         self.send_error(404)
