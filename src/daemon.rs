@@ -46,6 +46,8 @@ struct Running {
     /// Fleet mode: the shared state applied now, and the thread that publishes local changes.
     fleet_applied: Mutex<crate::config::shared::FleetCache>,
     fleet_sync: Mutex<Option<crate::fleet::state::SyncHandle>>,
+    /// Fleet mode: what the review UI reads the fleet's records and recordings with.
+    fleet_review: Option<Arc<crate::fleet::ReviewAccess>>,
 }
 
 impl Running {
@@ -194,6 +196,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let fleet_sync_connector = fleet.as_ref().map(|(_, c)| c.clone());
+    let fleet_review = fleet.as_ref().map(|(_, c)| {
+        Arc::new(crate::fleet::ReviewAccess {
+            connector: c.clone().for_review(),
+            objects: objects.clone(),
+        })
+    });
     // What the node applied last (Config::load merged it); it serves with this while PostgreSQL is down.
     let fleet_applied = crate::config::shared::FleetCache::load(&g.state_dir).unwrap_or_default();
     // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
@@ -264,6 +272,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
                 f,
                 connector,
                 cfg.audit.path.clone(),
+                g.state_dir.join("audit_signing_key.pub"),
                 audit.counters().clone(),
             )?;
             tracing::info!(node = %f.node_id, "fleet: shipping audit records to PostgreSQL");
@@ -366,6 +375,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         admin_audit,
         fleet_applied: Mutex::new(fleet_applied),
         fleet_sync: Mutex::new(None),
+        fleet_review,
     });
     if let (Some(f), Some(connector)) = (&cfg.fleet, fleet_sync_connector) {
         let address = g
@@ -557,6 +567,7 @@ async fn serve(
             },
             audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
             enroll_audit: running.enroll_audit.clone(),
+            fleet: running.fleet_review.clone(),
         },
         shutdown.child_token(),
     )

@@ -56,6 +56,8 @@ pub struct UiServices {
     pub audit: super::audit::AdminAudit,
     /// Token and device changes are enrollment records too.
     pub enroll_audit: crate::audit::enroll_records::EnrollAuditSink,
+    /// With `[fleet]`: the fleet's records for `fleet=1` calls (`api::fleet`).
+    pub fleet: Option<std::sync::Arc<crate::fleet::ReviewAccess>>,
 }
 
 pub struct Ctx {

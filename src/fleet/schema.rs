@@ -97,6 +97,21 @@ CREATE TABLE fleet_devices (
     PRIMARY KEY (tenant, name)
 );
 ",
+    // 3: reserved for the enrollment/failover branch's migration 3 (issue 17); this placeholder is replaced
+    // by it at merge.
+    "SELECT 1;",
+    // 4: each node's audit signing public keys, against which `verify --fleet` checks the shipped
+    // checkpoints' signatures. A key is a row of its own and rows are never updated: a node whose key
+    // changed has two rows, both shown by `verify --fleet` (a change is recorded, never overwritten).
+    "
+CREATE TABLE fleet_node_keys (
+    node_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    published_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (node_id, fingerprint)
+);
+",
 ];
 
 /// Brings the schema to the newest version; refuses a database a newer Rampart migrated.
