@@ -616,3 +616,88 @@ async fn verify_checkpoints(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::tables::chain::Head;
+
+    /// The canonical rows the shipper sends, made by the store's own insert and `canonical`, parse back into
+    /// the records that went in.
+    #[test]
+    fn shipped_http_and_enrollment_rows_parse_back_into_their_records() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        crate::audit::db::migrate(&mut conn).unwrap();
+        let mut head = Head::empty();
+        let rec = HttpRecord {
+            at_ms: 1_700_000_000_123,
+            ref_id: "r-1".into(),
+            flow_seq: 7,
+            tenant: "acme".into(),
+            device: "alice".into(),
+            user: "alice@acme".into(),
+            src: "100.96.0.2:40000".into(),
+            dst: "100.96.0.3:8000".into(),
+            scheme: "http".into(),
+            sni: None,
+            method: "GET".into(),
+            host: "bob".into(),
+            path: "/x?y=1".into(),
+            status: Some(200),
+            req_bytes: 0,
+            resp_bytes: 12,
+            duration_ms: 3,
+            flow_rule: "web".into(),
+            rule: Some("log-all".into()),
+            decision: "logged".into(),
+            error: None,
+        };
+        http::insert(&conn, &mut head, 1, &rec).unwrap();
+        let text = http::canonical(&conn, head.seq)
+            .unwrap()
+            .unwrap()
+            .to_string();
+        let (flow_id, back) = parse_http(&text).unwrap();
+        assert_eq!(flow_id, None, "no flow row for seq 7 in this store");
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&rec).unwrap()
+        );
+        assert!(parse_http("[1,2]").is_err());
+
+        let e = crate::audit::enroll_records::EnrollRecord {
+            at_ms: 1_700_000_000_456,
+            event: crate::audit::enroll_records::EnrollEvent::TokenCreated,
+            actor: "root".into(),
+            tenant: Some("acme".into()),
+            device: None,
+            device_name: None,
+            token: Some("tok1".into()),
+            source: None,
+            detail: serde_json::json!({"uses": 1}),
+        };
+        enroll::insert(&conn, &mut head, &e).unwrap();
+        let text = enroll::canonical(&conn, head.seq)
+            .unwrap()
+            .unwrap()
+            .to_string();
+        let row = parse_enroll(head.seq as i64, &text).unwrap();
+        assert_eq!(
+            (
+                row.seq,
+                row.at_ms,
+                row.event.as_str(),
+                row.tenant.as_deref(),
+                row.token.as_deref()
+            ),
+            (
+                head.seq as i64,
+                e.at_ms,
+                "token_created",
+                Some("acme"),
+                Some("tok1")
+            )
+        );
+        assert_eq!(row.detail, e.detail);
+    }
+}
