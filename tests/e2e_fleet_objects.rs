@@ -857,9 +857,14 @@ fn the_review_api_of_node_a_lists_a_session_of_node_b_and_serves_its_recording_v
     let (code, body) = api(&a, &token, &blob);
     assert_eq!((code, body == stored), (200, true));
     // The reads are node A's admin records, naming the node and the object.
-    let reads = rampart_with_stdin(&a.gateway.config, &["audit", "admin", "--json"], "");
-    assert!(
-        reads.contains("recording_read") && reads.contains("gw-b") && reads.contains(&key),
-        "{reads}"
+    wait_until(
+        "node A's admin record of the recording read",
+        UPLOADED,
+        Duration::from_millis(300),
+        || {
+            let reads = rampart_with_stdin(&a.gateway.config, &["audit", "admin", "--json"], "");
+            (reads.contains("recording_read") && reads.contains("gw-b") && reads.contains(&key))
+                .then_some(())
+        },
     );
 }
