@@ -530,7 +530,7 @@ fn throttle_loopback(s: &Setup, rate: Option<&str>) {
         Some(rate) => s.lab.gw_ns.run(
             "tc",
             &[
-                "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate, "burst", "64kb",
+                "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate, "burst", "512kb",
                 "latency", "5s",
             ],
             Duration::from_secs(10),
