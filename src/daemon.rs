@@ -48,6 +48,8 @@ struct Running {
     fleet_sync: Mutex<Option<crate::fleet::state::SyncHandle>>,
     /// Fleet mode: the shared enrollment tokens and device credentials, for the enrollment service.
     shared_enrollment: Option<crate::fleet::enrollment::SharedEnrollment>,
+    /// Fleet mode: what the review UI reads the fleet's records and recordings with.
+    fleet_review: Option<Arc<crate::fleet::ReviewAccess>>,
 }
 
 impl Running {
@@ -206,6 +208,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let shared_enrollment = fleet.as_ref().map(|(f, c)| {
         crate::fleet::enrollment::SharedEnrollment::new(c.clone(), &f.node_id, f.heartbeat_interval)
     });
+    let fleet_review = fleet.as_ref().map(|(_, c)| {
+        Arc::new(crate::fleet::ReviewAccess {
+            connector: c.clone().for_review(),
+            objects: objects.clone(),
+        })
+    });
     // What the node applied last (Config::load merged it); it serves with this while PostgreSQL is down.
     let fleet_applied = crate::config::shared::FleetCache::load(&g.state_dir).unwrap_or_default();
     // On-ramp sockets are made (and their mode set) with the privileges the gateway starts with.
@@ -276,6 +284,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
                 f,
                 connector,
                 cfg.audit.path.clone(),
+                g.state_dir.join("audit_signing_key.pub"),
                 audit.counters().clone(),
             )?;
             tracing::info!(node = %f.node_id, "fleet: shipping audit records to PostgreSQL");
@@ -379,6 +388,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         fleet_applied: Mutex::new(fleet_applied),
         fleet_sync: Mutex::new(None),
         shared_enrollment,
+        fleet_review,
     });
     if let (Some(f), Some(connector)) = (&cfg.fleet, fleet_sync_connector) {
         let address = g
@@ -624,6 +634,7 @@ async fn serve(
             audit: crate::admin::audit::AdminAudit::new(running.admin_audit.clone()),
             enroll_audit: running.enroll_audit.clone(),
             shared_enrollment: running.shared_enrollment.clone(),
+            fleet: running.fleet_review.clone(),
         },
         shutdown.child_token(),
     )

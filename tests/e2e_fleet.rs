@@ -1,6 +1,7 @@
 //! End-to-end acceptance of fleet mode's first slice with a real PostgreSQL (Debian's, one cluster per test,
 //! `support::pg`) and real wireguard-go devices through two `rampart run` nodes: each node ships its audit
-//! records to PostgreSQL exactly once (`audit flows --fleet`, `audit verify --fleet`), also across a
+//! records to PostgreSQL exactly once (`audit flows|http|enroll --fleet` equal each node's own review,
+//! `audit verify --fleet` checks chains, rows and the checkpoints' signatures), also across a
 //! PostgreSQL crash (`pg_ctl stop -m immediate`) during traffic and a `kill -9` of a node in the middle of a
 //! shipping transaction; a wrong password or an unreachable server at start is refused naming the key.
 //!
@@ -24,9 +25,12 @@ use support::{wait_ping, wait_until, Lab, TenantSpec};
 const TUNNEL_UP: Duration = Duration::from_secs(30);
 const SHIPPED: Duration = Duration::from_secs(60);
 
+/// Allows everything; TCP to port 8000 of devices bob and dave goes through the HTTP inspector.
 fn tenant() -> TenantSpec {
     let mut t = TenantSpec::new("acme", "100.96.0.0/24", "100.96.0.1");
-    t.rules = ALLOW_ALL.to_string();
+    t.rules = format!(
+        "[[tenant.rule]]\nid = \"web\"\naction = \"inspect_http\"\ndst = [\"bob\", \"dave\"]\nproto = \"tcp\"\nports = [\"8000\"]\n{ALLOW_ALL}"
+    );
     t
 }
 
@@ -67,6 +71,78 @@ fn udp_flows(lab: &Lab, a: &WgClient, b: &WgClient, port: u16, n: usize, tag: &s
         || (udp_log(lab.dir(), &rx).matches(tag).count() >= n).then_some(()),
     );
     let _ = receiver.kill();
+}
+
+/// A web server (python3 http.server) on `server`'s address, port 8000, and `n` requests to it from `client`
+/// (through the node's HTTP inspector, rule `web`).
+fn http_requests(lab: &Lab, client: &WgClient, server: &WgClient, n: usize, tag: &str) {
+    let www = lab.dir().join(format!("{tag}-www"));
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join(format!("{tag}.txt")), tag).unwrap();
+    let mut cmd = server.ns.exec("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        "8000",
+        "--bind",
+        &server.address().to_string(),
+        "--directory",
+    ])
+    .arg(&www);
+    let mut srv = Proc::spawn(&format!("{tag}-http"), cmd, lab.dir());
+    let url = format!("http://{}:8000/{tag}.txt", server.address());
+    let get = || {
+        client.ns.run(
+            "curl",
+            &["-s", "--max-time", "10", &url],
+            Duration::from_secs(30),
+        )
+    };
+    wait_until(
+        &format!("{url} served through the inspector"),
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || (get().stdout == tag).then_some(()),
+    );
+    for _ in 1..n {
+        assert_eq!(get().stdout, tag, "GET {url}");
+    }
+    let _ = srv.kill();
+}
+
+/// A record as review shows it, without the keys that differ between the local and the fleet review.
+fn comparable(v: &Value, drop: &[&str]) -> Value {
+    let mut v = v.clone();
+    for k in drop {
+        v.as_object_mut().unwrap().remove(*k);
+    }
+    v
+}
+
+/// The node's HTTP records in the fleet review equal its own review's, record for record.
+fn assert_same_http(lab: &Lab, node: &str) -> usize {
+    let local: Vec<Value> =
+        json_lines(&lab.gateway.cli(&["audit", "http"], &["--json"]).expect_ok())
+            .iter()
+            .map(|v| comparable(v, &["id"]))
+            .collect();
+    let fleet: Vec<Value> = json_lines(
+        &lab.gateway
+            .cli(&["audit", "http"], &["--fleet", "--json", "--node", node])
+            .expect_ok(),
+    )
+    .iter()
+    .map(|v| {
+        assert_eq!(v["node"], node);
+        comparable(v, &["node", "chain_seq"])
+    })
+    .collect();
+    assert!(!local.is_empty(), "node {node} recorded HTTP requests");
+    assert_eq!(
+        local, fleet,
+        "node {node}: the fleet's HTTP records differ from the node's own review"
+    );
+    local.len()
 }
 
 fn two_clients(lab: &mut Lab) -> (WgClient, WgClient) {
@@ -206,6 +282,29 @@ fn two_nodes_carry_traffic_and_their_flows_appear_in_the_fleet_review_exactly_on
     let (b1, b2) = clients_named(&mut b_lab, "carol", "dave");
     udp_flows(&a_lab, &a1, &a2, 7001, 12, "node-a");
     udp_flows(&b_lab, &b1, &b2, 7002, 9, "node-b");
+    http_requests(&a_lab, &a1, &a2, 3, "web-a");
+    http_requests(&b_lab, &b1, &b2, 4, "web-b");
+    // An enrollment record on each node (a token minted there).
+    for lab in [&a_lab, &b_lab] {
+        lab.gateway
+            .cli(&["token", "create"], &["--tenant", "acme", "--json"])
+            .expect_ok();
+        wait_until(
+            "the token_created record in the node's store",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || {
+                let v = json_lines(
+                    &lab.gateway
+                        .cli(&["audit", "enroll"], &["--json"])
+                        .expect_ok(),
+                );
+                v.iter()
+                    .any(|r| r["event"] == "token_created" && r["spooled"] == false)
+                    .then_some(())
+            },
+        );
+    }
     // A clean stop ships what the node committed last (the flows' ends, run.end).
     a_lab
         .gateway
@@ -257,6 +356,92 @@ fn two_nodes_carry_traffic_and_their_flows_appear_in_the_fleet_review_exactly_on
         "table names the nodes:\n{table}"
     );
 
+    // HTTP requests: each node's records in the fleet review, equal to its own review; both in one listing,
+    // ordered by (time, node, seq), newest first.
+    let a_http = assert_same_http(&a_lab, "gw-a");
+    let b_http = assert_same_http(&b_lab, "gw-b");
+    assert!(a_http >= 3 && b_http >= 4, "{a_http} {b_http}");
+    let all = json_lines(
+        &b_lab
+            .gateway
+            .cli(&["audit", "http"], &["--fleet", "--json"])
+            .expect_ok(),
+    );
+    assert_eq!(
+        all.len(),
+        a_http + b_http,
+        "both nodes' requests, once each"
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|r| r["node"] == "gw-a" && r["path"] == "/web-a.txt")
+            .count(),
+        a_http
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|r| r["node"] == "gw-b" && r["path"] == "/web-b.txt")
+            .count(),
+        b_http
+    );
+    let keys: Vec<(i64, String, i64)> = all
+        .iter()
+        .map(|r| {
+            (
+                r["at_ms"].as_i64().unwrap(),
+                r["node"].as_str().unwrap().to_string(),
+                r["chain_seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort_by(|x, y| y.cmp(x));
+    assert_eq!(
+        keys, sorted,
+        "fleet HTTP records ordered by time, node, seq"
+    );
+    let table = a_lab
+        .gateway
+        .cli(&["audit", "http"], &["--fleet"])
+        .expect_ok();
+    assert!(
+        table.contains("NODE") && table.contains("gw-a") && table.contains("/web-b.txt"),
+        "{table}"
+    );
+    // Enrollment records: the same on both sides, for each node.
+    for (lab, node) in [(&a_lab, "gw-a"), (&b_lab, "gw-b")] {
+        let local: Vec<Value> = json_lines(
+            &lab.gateway
+                .cli(&["audit", "enroll"], &["--json"])
+                .expect_ok(),
+        )
+        .iter()
+        .map(|v| comparable(v, &["spooled"]))
+        .collect();
+        let fleet: Vec<Value> = json_lines(
+            &lab.gateway
+                .cli(&["audit", "enroll"], &["--fleet", "--json", "--node", node])
+                .expect_ok(),
+        )
+        .iter()
+        .map(|v| comparable(v, &["node"]))
+        .collect();
+        assert!(
+            local.iter().any(|r| r["event"] == "token_created"),
+            "{local:?}"
+        );
+        // The fleet lists by time, the local review by chain entry: compare in entry order.
+        let by_seq = |mut v: Vec<Value>| {
+            v.sort_by_key(|r| r["seq"].as_i64());
+            v
+        };
+        assert_eq!(
+            by_seq(local),
+            by_seq(fleet),
+            "node {node}: enrollment records differ"
+        );
+    }
+
     // verify --fleet passes on what was shipped (the positive control) ...
     let ok = verify_fleet(&a_lab);
     assert!(ok.success(), "verify --fleet on an intact fleet: {ok}");
@@ -281,6 +466,57 @@ fn two_nodes_carry_traffic_and_their_flows_appear_in_the_fleet_review_exactly_on
         !ok.stdout.contains(" 0 checkpoints"),
         "checkpoints shipped: {ok}"
     );
+    assert_eq!(
+        ok.stdout.matches("checkpoints signed with SHA256:").count(),
+        2,
+        "each node published its signing key: {ok}"
+    );
+    // A checkpoint's signature forged (node A's valid signature put on node B's last checkpoint): refused,
+    // naming node and checkpoint; put back, it verifies again.
+    pg.psql("CREATE TABLE cp_saved AS SELECT * FROM fleet_checkpoints");
+    pg.psql("UPDATE fleet_checkpoints SET signature = (SELECT signature FROM fleet_checkpoints WHERE node_id = 'gw-a' ORDER BY seq DESC LIMIT 1) WHERE node_id = 'gw-b' AND seq = (SELECT max(seq) FROM fleet_checkpoints WHERE node_id = 'gw-b')");
+    let last_b = pg
+        .psql("SELECT max(seq) FROM fleet_checkpoints WHERE node_id = 'gw-b'")
+        .trim()
+        .to_string();
+    let bad = verify_fleet(&a_lab);
+    assert!(
+        !bad.success()
+            && bad.stdout.contains("node gw-b")
+            && bad.stdout.contains(&format!(
+                "checkpoint at entry {last_b}: its signature does not verify with node gw-b's key"
+            )),
+        "a forged checkpoint signature must fail: {bad}"
+    );
+    pg.psql("UPDATE fleet_checkpoints c SET signature = s.signature FROM cp_saved s WHERE c.node_id = s.node_id AND c.seq = s.seq");
+    assert!(
+        verify_fleet(&a_lab).success(),
+        "restored signature verifies"
+    );
+    // An altered signature (one character of the base64 body changed).
+    pg.psql("UPDATE fleet_checkpoints SET signature = overlay(signature placing (CASE WHEN substr(signature, 60, 1) = 'A' THEN 'B' ELSE 'A' END) from 60 for 1) WHERE node_id = 'gw-a' AND seq = (SELECT min(seq) FROM fleet_checkpoints WHERE node_id = 'gw-a')");
+    let bad = verify_fleet(&a_lab);
+    assert!(
+        !bad.success()
+            && bad.stdout.contains("node gw-a")
+            && bad.stdout.contains("its signature does not verify"),
+        "an altered checkpoint signature must fail: {bad}"
+    );
+    pg.psql("UPDATE fleet_checkpoints c SET signature = s.signature FROM cp_saved s WHERE c.node_id = s.node_id AND c.seq = s.seq");
+    assert!(
+        verify_fleet(&a_lab).success(),
+        "restored signature verifies"
+    );
+    // The published key swapped for node A's (so B's checkpoints would need A's key): refused too.
+    pg.psql("CREATE TABLE keys_saved AS SELECT * FROM fleet_node_keys");
+    pg.psql("UPDATE fleet_node_keys SET public_key = (SELECT public_key FROM fleet_node_keys WHERE node_id = 'gw-a') WHERE node_id = 'gw-b'");
+    let bad = verify_fleet(&a_lab);
+    assert!(
+        !bad.success() && bad.stdout.contains("does not have that fingerprint"),
+        "a swapped published key must fail: {bad}"
+    );
+    pg.psql("UPDATE fleet_node_keys k SET public_key = s.public_key FROM keys_saved s WHERE k.node_id = s.node_id AND k.fingerprint = s.fingerprint");
+    assert!(verify_fleet(&a_lab).success(), "restored key verifies");
     // ... and fails, naming the node and the entry, when a shipped flow row is altered in PostgreSQL ...
     pg.psql("UPDATE fleet_flows SET bytes_out = bytes_out + 1000 WHERE node_id = 'gw-b' AND dport = 7002 AND start_chain = (SELECT min(start_chain) FROM fleet_flows WHERE node_id = 'gw-b' AND dport = 7002)");
     let bad = verify_fleet(&a_lab);

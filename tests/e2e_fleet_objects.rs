@@ -4,7 +4,8 @@
 //! records reach a real PostgreSQL (`support::pg`); `rampart audit ssh sessions|show|replay --fleet` list it
 //! and replay the recording fetched from the bucket, verified first. A tampered object is refused (the
 //! untampered one is the control). With the S3 server killed (by PID) the recording stays local and pending,
-//! survives a `kill -9` of the gateway, and is uploaded exactly once when both are back.
+//! survives a `kill -9` of the gateway, and is uploaded exactly once when both are back; killed in the middle
+//! of a multipart upload (after a part arrived), the upload is retried whole once it is back.
 //!
 //! Run: `make s3s-fs`, then `cargo test --features test-hooks --test e2e_fleet_objects -- --test-threads=1`
 //! (root).
@@ -86,12 +87,18 @@ fn setup(tag: &str) -> Setup {
 
 /// [`setup`] with more `[fleet.objects]` keys.
 fn setup_with(tag: &str, objects_extra: &str) -> Setup {
+    setup_node(tag, "gw-a", objects_extra, "127.0.0.1")
+}
+
+/// [`setup_with`] for node `node`, the S3 server listening on `s3_host`.
+fn setup_node(tag: &str, node: &str, objects_extra: &str, s3_host: &str) -> Setup {
     let keys = support::tempdir(&format!("reviewer-{tag}"));
     let (reviewer, line) = reviewer_key(keys.path());
     let pg = Postgres::start(tag);
     let mut s3 = S3::prepare(tag);
+    s3.host = s3_host.to_string();
     let fleet = format!(
-        "\n[fleet]\nnode_id = \"gw-a\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\nship_interval_ms = 100\n{}",
+        "\n[fleet]\nnode_id = \"{node}\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\nship_interval_ms = 100\n{}",
         pg.url(),
         pg.password_file().display(),
         s3.objects_toml() + objects_extra
@@ -514,4 +521,350 @@ fn with_keep_local_false_the_local_copy_goes_only_after_the_upload_is_confirmed(
         ],
     );
     assert!(ok.success() && ok.stdout.contains("pruned-42"), "{ok}");
+}
+
+/// Limits the gateway namespace's loopback (where s3s-fs listens, and nothing the session needs) to a rate at
+/// which a 5 MB part takes seconds, so the test can stop the server between parts; `None` lifts it.
+fn throttle_loopback(s: &Setup, rate: Option<&str>) {
+    let r = match rate {
+        Some(rate) => s.lab.gw_ns.run(
+            "tc",
+            &[
+                "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate, "burst", "512kb",
+                "latency", "5s",
+            ],
+            Duration::from_secs(10),
+        ),
+        None => s.lab.gw_ns.run(
+            "tc",
+            &["qdisc", "del", "dev", "lo", "root"],
+            Duration::from_secs(10),
+        ),
+    };
+    assert!(r.success(), "tc: {r}");
+}
+
+#[test]
+fn the_s3_server_killed_mid_multipart_upload_the_upload_is_retried_and_ends_whole_and_verified() {
+    let mut s = setup_with("midupload", "part_size_mb = 5\n");
+    throttle_loopback(&s, Some("16mbit"));
+    // About 8 MB of output on a non-terminal channel (recorded whole): two parts.
+    let out = s.client.ssh(
+        &s.dev.ns,
+        &[
+            &format!("root@{UPSTREAM}"),
+            "head -c 6000000 /dev/urandom | base64 -w 0; echo; echo cut-$((6*7))",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The first part has arrived whole: freeze the server in the middle of the upload, then kill it.
+    let parts = wait_until(
+        "a part of the multipart upload at the S3 server",
+        UPLOADED,
+        Duration::from_millis(20),
+        || {
+            let p = s.s3.upload_parts();
+            (!p.is_empty()).then_some(p)
+        },
+    )
+    .0;
+    s.s3.pause();
+    let ups = uploads(&s);
+    assert_eq!(
+        (ups.len(), ups[0].1.as_str()),
+        (1, "pending"),
+        "the upload was still running when the server stopped: {ups:?}"
+    );
+    assert!(
+        s.s3.objects().is_empty(),
+        "nothing completed in the bucket yet: {:?}",
+        s.s3.objects()
+    );
+    s.s3.kill();
+    // The interrupted upload fails and is retried; meanwhile the recording stays here.
+    wait_until(
+        "the interrupted upload counted as a failed attempt",
+        UPLOADED,
+        Duration::from_millis(200),
+        || {
+            let u = uploads(&s);
+            (u[0].1 == "pending" && u[0].2 >= 1).then_some(())
+        },
+    );
+    let local = local_recordings(&s);
+    assert_eq!(
+        local.len(),
+        1,
+        "the local copy is kept until the upload is confirmed"
+    );
+    let recorded = std::fs::read(&local[0]).unwrap();
+    assert!(
+        recorded.len() > 5 << 20,
+        "more than one part: {}",
+        recorded.len()
+    );
+    assert!(
+        s.lab
+            .gateway
+            .metrics()
+            .value("rampart_fleet_recording_upload_retries_total", &[])
+            >= 1.0
+    );
+    // The server comes back (unthrottled): the upload is redone and completes once.
+    throttle_loopback(&s, None);
+    s.s3.start();
+    let ups = wait_uploaded(&s, 1);
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    let key = &ups[0].0;
+    assert_eq!(
+        s.s3.objects(),
+        vec![key.clone(), format!("{key}.manifest.json")],
+        "exactly the recording and its manifest: no second copy"
+    );
+    assert_eq!(
+        std::fs::read(s.s3.bucket_dir().join(key)).unwrap(),
+        recorded,
+        "the object is byte-identical to the recording"
+    );
+    assert_eq!(
+        local_recordings(&s).len(),
+        1,
+        "kept (keep_local defaults to true)"
+    );
+    // The parts of the interrupted upload could not be aborted while the server was dead; the completed
+    // upload's parts are gone (the server assembled them).
+    let left = s.s3.upload_parts();
+    assert!(
+        left.iter().all(|p| parts
+            .iter()
+            .any(|q| p.split(".part-").next() == q.split(".part-").next())),
+        "only the interrupted upload's parts may remain: {left:?} (interrupted: {parts:?})"
+    );
+    // Reviewed from the fleet: the recording fetched from the bucket verifies against its manifest and the
+    // audit record.
+    let sessions = wait_fleet_sessions(&s, 1);
+    let id = sessions[0]["session_id"].as_str().unwrap().to_owned();
+    let key_arg = s.reviewer.to_str().unwrap().to_owned();
+    let show = review(
+        &s,
+        &["audit", "ssh", "show", &id, "--fleet", "--key", &key_arg],
+    )
+    .expect_ok();
+    assert!(show.contains("verified against its manifest"), "{show}");
+}
+
+/// The review UI of node gw-a (in its own lab).
+const UI: &str = "127.0.0.1:8444";
+/// The link between the two nodes' namespaces: gw-a's end, and gw-b's (where gw-b's S3 server answers).
+const LINK_A: &str = "198.19.200.1";
+const LINK_B: &str = "198.19.200.2";
+
+/// A veth pair between two namespaces this test created, so node A reaches node B's S3 server.
+fn link(a: &support::netns::Netns, b: &support::netns::Netns) {
+    let (va, vb) = (
+        format!("rfa{}", std::process::id() % 100_000),
+        format!("rfb{}", std::process::id() % 100_000),
+    );
+    a.ip(&[
+        "link",
+        "add",
+        &va,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&["addr", "add", &format!("{LINK_A}/30"), "dev", &va]);
+    a.ip(&["link", "set", &va, "up"]);
+    b.ip(&["addr", "add", &format!("{LINK_B}/30"), "dev", &vb]);
+    b.ip(&["link", "set", &vb, "up"]);
+}
+
+/// `rampart ARGS -c CONFIG` with `stdin`; its stdout.
+fn rampart_with_stdin(config: &Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "rampart {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `GET path` on node A's review API with an API token: the status and the body.
+fn api(lab: &Lab, token: &str, path: &str) -> (u16, Vec<u8>) {
+    let body = lab.dir().join("api-body");
+    let _ = std::fs::remove_file(&body);
+    let r = lab.gw_ns.run(
+        "curl",
+        &[
+            "-sk",
+            "--max-time",
+            "60",
+            "-o",
+            body.to_str().unwrap(),
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &format!("https://{UI}{path}"),
+        ],
+        Duration::from_secs(90),
+    );
+    let code = r.stdout.trim().parse().unwrap_or(0);
+    (code, std::fs::read(&body).unwrap_or_default())
+}
+
+fn api_json(lab: &Lab, token: &str, path: &str) -> Value {
+    let (code, body) = api(lab, token, path);
+    assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[test]
+fn the_review_api_of_node_a_lists_a_session_of_node_b_and_serves_its_recording_verified_from_the_bucket(
+) {
+    // Node gw-b records (its S3 server listens on its link to gw-a too); node gw-a serves the review UI and
+    // reads the fleet: PostgreSQL for the records, the bucket for the recording.
+    let s = setup_node("api", "gw-b", "", "0.0.0.0");
+    let b_cfg = std::fs::read_to_string(&s.lab.gateway.config).unwrap();
+    let line = b_cfg
+        .lines()
+        .find(|l| l.starts_with("audit_recipient"))
+        .unwrap()
+        .to_string()
+        + "\n";
+    let a_extra = format!(
+        "ui_listen = \"{UI}\"\n\n[fleet]\nnode_id = \"gw-a\"\npostgres_url = \"{}\"\npostgres_password_file = \"{}\"\nship_interval_ms = 100\n{}",
+        s.pg.url(),
+        s.pg.password_file().display(),
+        s.s3
+            .objects_toml()
+            .replace(&s.s3.endpoint(), &format!("http://{LINK_B}:{}", s.s3.port)),
+    );
+    // Node A starts before the link exists: an unreachable object store only delays its uploads.
+    let a = Lab::with_settings(&[tenant(&line)], &a_extra);
+    link(&a.gw_ns, &s.lab.gw_ns);
+    rampart_with_stdin(
+        &a.gateway.config,
+        &[
+            "admin",
+            "create",
+            "--name",
+            "root",
+            "--role",
+            "admin",
+            "--all-tenants",
+            "--password-stdin",
+        ],
+        "root password for the fleet e2e\n",
+    );
+    let token = rampart_with_stdin(&a.gateway.config, &["admin", "token", "--name", "root"], "")
+        .trim()
+        .to_string();
+
+    pty_session(&s, "fleetui");
+    let ups = wait_uploaded(&s, 1);
+    let key = ups[0].0.clone();
+    let id = wait_fleet_sessions(&s, 1)[0]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Listed by node A with its node; node A's own store does not have it (the control: it comes from the
+    // fleet); the node filter narrows.
+    let fleet = api_json(&a, &token, "/api/v1/sessions?fleet=1");
+    let items = fleet["items"].as_array().unwrap();
+    let mine: Vec<&Value> = items.iter().filter(|x| x["session_id"] == id).collect();
+    assert_eq!(mine.len(), 1, "{fleet}");
+    assert_eq!(mine[0]["node"], "gw-b");
+    assert_eq!(mine[0]["user"], "alice@acme.example");
+    let local = api_json(&a, &token, "/api/v1/sessions");
+    assert!(
+        !local.to_string().contains(&id),
+        "node A did not record the session itself: {local}"
+    );
+    let only_a = api_json(&a, &token, "/api/v1/sessions?fleet=1&node=gw-a");
+    assert_eq!(only_a["items"].as_array().unwrap().len(), 0, "{only_a}");
+    let only_b = api_json(&a, &token, "/api/v1/sessions?fleet=1&node=gw-b");
+    assert_eq!(only_b["items"].as_array().unwrap().len(), 1, "{only_b}");
+    // Flows and HTTP records of the fleet, each with its node.
+    let flows = api_json(&a, &token, "/api/v1/flows?fleet=1&node=gw-b");
+    assert!(
+        flows["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["node"] == "gw-b" && f["dport"] == 22 && f["action"] == "inspect_ssh"),
+        "{flows}"
+    );
+    let http = api_json(&a, &token, "/api/v1/http?fleet=1");
+    assert!(http["items"].is_array(), "{http}");
+    let (code, body) = api(&a, &token, "/api/v1/flows?fleet=1&bogus=1");
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+
+    // The recording: the channel from the fleet's show, the bytes from the bucket, verified first.
+    let show = review(&s, &["audit", "ssh", "show", &id, "--fleet"]).expect_ok();
+    let ch: u32 = show
+        .lines()
+        .find_map(|l| l.strip_prefix("recording ch"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no recording line in {show}"));
+    let blob = format!("/api/v1/sessions/{id}/channels/{ch}/blob?fleet=1");
+    let stored = std::fs::read(s.s3.bucket_dir().join(&key)).unwrap();
+    let (code, body) = api(&a, &token, &blob);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, stored, "node A serves the sealed recording as stored");
+    let (code, _) = api(
+        &a,
+        &token,
+        &format!("/api/v1/sessions/{id}/channels/{ch}/blob"),
+    );
+    assert_eq!(code, 404, "without fleet=1 node A has no such session");
+    // A changed object in the bucket is refused, not served; put back, it is served again.
+    let mut bad = stored.clone();
+    let i = bad.len() / 2;
+    bad[i] ^= 0x55;
+    std::fs::write(s.s3.bucket_dir().join(&key), &bad).unwrap();
+    let (code, body) = api(&a, &token, &blob);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        code == 409 && text.contains("recording_unverified"),
+        "a tampered recording must be refused: {code} {text}"
+    );
+    std::fs::write(s.s3.bucket_dir().join(&key), &stored).unwrap();
+    let (code, body) = api(&a, &token, &blob);
+    assert_eq!((code, body == stored), (200, true));
+    // The reads are node A's admin records, naming the node and the object.
+    wait_until(
+        "node A's admin record of the recording read",
+        UPLOADED,
+        Duration::from_millis(300),
+        || {
+            let reads = rampart_with_stdin(&a.gateway.config, &["audit", "admin", "--json"], "");
+            (reads.contains("recording_read") && reads.contains("gw-b") && reads.contains(&key))
+                .then_some(())
+        },
+    );
 }

@@ -21,6 +21,7 @@ use hyper::body::{Frame, Incoming};
 use serde::Serialize;
 
 mod enrollment;
+mod fleet;
 mod sessions;
 
 use enrollment::{
@@ -54,6 +55,9 @@ pub async fn route(
         (&Method::GET, ["me"]) => Ok(json(StatusCode::OK, &me(&ctx, &caller))),
         (&Method::GET, ["sessions"]) => {
             let q = query_pairs(req.uri().query())?;
+            if fleet::wanted(&q) {
+                return blocking(move || fleet::list_sessions(&ctx, &caller, &q)).await;
+            }
             blocking(move || list_sessions(&ctx, &caller, &q)).await
         }
         (&Method::GET, ["sessions", id]) => {
@@ -70,16 +74,26 @@ pub async fn route(
                 .get(http::header::ACCEPT_ENCODING)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("gzip"));
+            if fleet::wanted(&query_pairs(req.uri().query())?) {
+                return blocking(move || fleet::recording(&ctx, &caller, &id, ch, &what, gzip))
+                    .await;
+            }
             blocking(move || recording(&ctx, &caller, &id, ch, &what, gzip)).await
         }
         (&Method::GET, ["sessions", id, "live"]) => live(&ctx, &caller, id),
         (&Method::POST, ["sessions", id, "terminate"]) => terminate(&ctx, &caller, id),
         (&Method::GET, ["flows"]) => {
             let q = query_pairs(req.uri().query())?;
+            if fleet::wanted(&q) {
+                return blocking(move || fleet::list_flows(&ctx, &caller, &q)).await;
+            }
             blocking(move || super::trail::list_flows(&ctx, &caller, &q)).await
         }
         (&Method::GET, ["http"]) => {
             let q = query_pairs(req.uri().query())?;
+            if fleet::wanted(&q) {
+                return blocking(move || fleet::list_http(&ctx, &caller, &q)).await;
+            }
             blocking(move || super::trail::list_http(&ctx, &caller, &q)).await
         }
         (&Method::GET, ["verify"]) => {

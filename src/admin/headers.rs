@@ -39,6 +39,8 @@ pub enum ErrorCode {
     NotLive,
     LiveSealed,
     Unavailable,
+    /// A recording fetched from the fleet's object store does not match its manifest or audit record.
+    RecordingUnverified,
     Internal,
 }
 
@@ -56,7 +58,9 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::NotLive | ErrorCode::LiveSealed => StatusCode::CONFLICT,
+            ErrorCode::NotLive | ErrorCode::LiveSealed | ErrorCode::RecordingUnverified => {
+                StatusCode::CONFLICT
+            }
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

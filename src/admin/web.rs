@@ -59,6 +59,8 @@ pub struct UiServices {
     /// Fleet mode: the shared enrollment tokens (the daemon's connector: the password file may be unreadable
     /// once sandboxed).
     pub shared_enrollment: Option<crate::fleet::enrollment::SharedEnrollment>,
+    /// With `[fleet]`: the fleet's records for `fleet=1` calls (`api::fleet`).
+    pub fleet: Option<std::sync::Arc<crate::fleet::ReviewAccess>>,
 }
 
 pub struct Ctx {

@@ -1,4 +1,5 @@
-//! `rampart audit flows|http|keygen`: the flow and HTTP review commands.
+//! `rampart audit flows|http|keygen`: the flow and HTTP review commands, and the fleet's review and verification
+//! (`--fleet`: flows, HTTP, enrollment records, `verify`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -225,6 +226,7 @@ pub(super) fn audit_flows_fleet(
     let filter = FleetFlowFilter {
         node,
         tenant,
+        tenant_in: None,
         user,
         device,
         since_ms,
@@ -280,6 +282,102 @@ pub(super) fn audit_flows_fleet(
     Ok(())
 }
 
+/// `rampart audit http --fleet`: the local command's columns after NODE and SEQ.
+pub(super) fn audit_http_fleet(
+    config: &Path,
+    mut filter: crate::fleet::review::FleetHttpFilter,
+    since: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    filter.since_ms = since_arg(since, unix_ms())?;
+    let (rt, client) = fleet_client(&cfg)?;
+    let rows = rt.block_on(crate::fleet::review::http_records(&client, &filter))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
+        "TIME", "NODE", "SEQ", "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS",
+        "DECISION", "RULE", "REF"
+    )?;
+    for r in &rows {
+        let rec = &r.record;
+        crate::inert_line!(
+            out,
+            "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
+            format_ms(rec.at_ms),
+            r.node,
+            r.chain_seq,
+            rec.tenant,
+            rec.user,
+            rec.device,
+            rec.method,
+            rec.host,
+            rec.path,
+            rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            rec.req_bytes,
+            rec.resp_bytes,
+            rec.duration_ms,
+            rec.decision,
+            rec.rule.as_deref().unwrap_or("-"),
+            if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
+            r.flow_id
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
+        )?;
+    }
+    Ok(())
+}
+
+/// `rampart audit enroll --fleet`: the local command's columns after NODE and SEQ.
+pub(super) fn audit_enroll_fleet(
+    config: &Path,
+    mut filter: crate::fleet::review::FleetEnrollFilter,
+    since: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    filter.since_ms = since_arg(since, unix_ms())?;
+    let (rt, client) = fleet_client(&cfg)?;
+    let rows = rt.block_on(crate::fleet::review::enroll_records(&client, &filter))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &rows {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<12} {:>8} {:<22} {:<10} {:<20} {:<16} {:<14} {:<16} DETAIL",
+        "TIME", "NODE", "SEQ", "EVENT", "TENANT", "DEVICE", "TOKEN", "ACTOR", "SOURCE"
+    )?;
+    for e in &rows {
+        let r = &e.row;
+        crate::inert_line!(
+            out,
+            "{:<24} {:<12} {:>8} {:<22} {:<10} {:<20} {:<16} {:<14} {:<16} {}",
+            format_ms(r.at_ms),
+            e.node,
+            r.seq,
+            r.event,
+            r.tenant.as_deref().unwrap_or("-"),
+            r.device_name.as_deref().unwrap_or("-"),
+            r.token.as_deref().unwrap_or("-"),
+            r.actor,
+            r.source.as_deref().unwrap_or("-"),
+            r.detail,
+        )?;
+    }
+    Ok(())
+}
+
 /// `rampart audit verify --fleet`: exits non-zero at the first break of any node.
 pub(super) fn verify_fleet(config: &Path, json: bool) -> anyhow::Result<()> {
     let cfg = load(config)?;
@@ -320,6 +418,16 @@ pub(super) fn verify_fleet(config: &Path, json: bool) -> anyhow::Result<()> {
             )?;
             if !kinds.is_empty() {
                 crate::inert_line!(out, "  {}", kinds.join(", "))?;
+            }
+            match r.keys.as_slice() {
+                [] => {}
+                [k] => crate::inert_line!(out, "  checkpoints signed with {k}")?,
+                ks => crate::inert_line!(
+                    out,
+                    "  signing key CHANGED: {} published keys, oldest first: {}",
+                    ks.len(),
+                    ks.join(", ")
+                )?,
             }
         }
         if report.nodes.is_empty() {

@@ -205,6 +205,12 @@ pub enum AuditCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// The requests of every node of the fleet, from PostgreSQL (`[fleet]`), with NODE and SEQ columns.
+        #[arg(long)]
+        fleet: bool,
+        /// With --fleet: only this node's requests (`--flow` ids are per node).
+        #[arg(long, requires = "fleet")]
+        node: Option<String>,
     },
     /// SSH sessions seen by the SSH inspector (`inspect_ssh` flows): list, show, replay, search, export.
     Ssh {
@@ -246,6 +252,13 @@ pub enum AuditCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// The records of every node of the fleet, from PostgreSQL (`[fleet]`), with NODE and SEQ columns
+        /// (records still in a node's local spool are not there yet).
+        #[arg(long)]
+        fleet: bool,
+        /// With --fleet: only this node's records.
+        #[arg(long, requires = "fleet")]
+        node: Option<String>,
     },
     /// Check that the audit trail is whole and unaltered: the hash chain over every record (flows, HTTP,
     /// SSH, gap and eviction records), each recording's sha256, and the checkpoints' signatures with a public
@@ -482,7 +495,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 since,
                 limit,
                 json,
-            } => token::audit_enroll(&config, tenant, device, event, since, limit, json),
+                fleet,
+                node,
+            } => {
+                if fleet {
+                    let filter = crate::fleet::review::FleetEnrollFilter {
+                        node,
+                        tenant,
+                        device,
+                        event,
+                        since_ms: None,
+                        limit,
+                    };
+                    audit::audit_enroll_fleet(&config, filter, since, json)
+                } else {
+                    token::audit_enroll(&config, tenant, device, event, since, limit, json)
+                }
+            }
             AuditCommand::Http {
                 config,
                 tenant,
@@ -492,7 +521,24 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 since,
                 limit,
                 json,
-            } => audit_http(&config, tenant, user, host, flow, since, limit, json),
+                fleet,
+                node,
+            } => {
+                if fleet {
+                    let filter = crate::fleet::review::FleetHttpFilter {
+                        node,
+                        tenant,
+                        user,
+                        host,
+                        flow_id: flow,
+                        limit,
+                        ..Default::default()
+                    };
+                    audit::audit_http_fleet(&config, filter, since, json)
+                } else {
+                    audit_http(&config, tenant, user, host, flow, since, limit, json)
+                }
+            }
         },
         Command::Ca { command } => match command {
             CaCommand::Init {

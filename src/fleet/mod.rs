@@ -26,6 +26,13 @@ pub mod ssh_review;
 pub mod state;
 pub mod uploader;
 
+/// What the review UI reads the fleet with: PostgreSQL and, with `[fleet.objects]`, the bucket.
+#[derive(Clone)]
+pub struct ReviewAccess {
+    pub connector: Connector,
+    pub objects: Option<objects::Objects>,
+}
+
 /// Why a connection to the fleet's PostgreSQL failed, as the admin fixes it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

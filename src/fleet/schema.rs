@@ -139,6 +139,18 @@ CREATE TABLE fleet_device_credentials (
 );
 CREATE INDEX fleet_device_credentials_by_node ON fleet_device_credentials (origin_node);
 ",
+    // 4: each node's audit signing public keys, against which `verify --fleet` checks the shipped
+    // checkpoints' signatures. A key is a row of its own and rows are never updated: a node whose key
+    // changed has two rows, both shown by `verify --fleet` (a change is recorded, never overwritten).
+    "
+CREATE TABLE fleet_node_keys (
+    node_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    published_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (node_id, fingerprint)
+);
+",
 ];
 
 /// Brings the schema to the newest version; refuses a database a newer Rampart migrated.

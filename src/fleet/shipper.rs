@@ -13,14 +13,20 @@
 //! PostgreSQL. Rows are keyed by `(node_id, seq)` with `ON CONFLICT DO NOTHING` on top, so even a replayed
 //! batch cannot make a second copy. While PostgreSQL is unreachable records simply wait in the local store
 //! (which `fail_closed` alone decides on) and the shipper retries with backoff.
+//!
+//! Signing keys: the node publishes its audit signing public key (`state_dir/audit_signing_key.pub`) in
+//! `fleet_node_keys` when it connects, and in the same transaction as the first checkpoint a key signed, so
+//! `verify --fleet` can check every shipped checkpoint's signature. A new key is a new row, never an update.
 #![deny(unsafe_code)]
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
+use russh::keys::ssh_key::{HashAlg, PublicKey};
 use tokio::sync::Notify;
 
 use super::Connector;
@@ -57,6 +63,8 @@ struct Session {
     shipped_seq: u64,
     shipped_hash: Option<Vec<u8>>,
     checkpoint_seq: u64,
+    /// Fingerprints of this node's signing keys already in `fleet_node_keys`.
+    published: HashSet<String>,
 }
 
 /// Why a batch did not ship.
@@ -77,12 +85,14 @@ impl From<tokio_postgres::Error> for ShipError {
     }
 }
 
-/// Starts the shipper for the store at `db`. Connects, migrates the fleet schema and registers the node
-/// first, and fails (naming the key to fix) if PostgreSQL is unreachable or refuses the login.
+/// Starts the shipper for the store at `db`, whose checkpoints are signed by the key whose public half is
+/// `signing_pub`. Connects, migrates the fleet schema and registers the node first, and fails (naming the
+/// key to fix) if PostgreSQL is unreachable or refuses the login.
 pub fn start(
     settings: &FleetSettings,
     connector: Connector,
     db: PathBuf,
+    signing_pub: PathBuf,
     counters: Arc<AuditCounters>,
 ) -> anyhow::Result<ShipperHandle> {
     let stop = Arc::new(Stop {
@@ -93,7 +103,7 @@ pub fn start(
     let interval = settings.ship_interval;
     let stop2 = stop.clone();
     let thread = super::start_worker("rampart-fleet", "fleet shipper", move |ready| async move {
-        let session = match open_session(&connector, &node).await {
+        let session = match open_session(&connector, &node, &signing_pub).await {
             Ok(s) => {
                 ready.started();
                 Some(s)
@@ -106,13 +116,18 @@ pub fn start(
         if let Some(s) = &session {
             g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
         }
-        run(connector, node, db, interval, stop2, session, &counters).await;
+        let paths = (db, signing_pub);
+        run(connector, node, paths, interval, stop2, session, &counters).await;
     })?;
     Ok(ShipperHandle { thread, stop })
 }
 
-/// Connects, migrates, and reads (or creates) this node's row.
-async fn open_session(connector: &Connector, node: &str) -> anyhow::Result<Session> {
+/// Connects, migrates, reads (or creates) this node's row, and publishes its signing key.
+async fn open_session(
+    connector: &Connector,
+    node: &str,
+    signing_pub: &Path,
+) -> anyhow::Result<Session> {
     let mut client = connector.connect().await?;
     super::schema::migrate(&mut client).await.map_err(|e| {
         anyhow::anyhow!(
@@ -134,18 +149,66 @@ async fn open_session(connector: &Connector, node: &str) -> anyhow::Result<Sessi
         )
         .await
         .map_err(|e| anyhow::anyhow!("reading node {node}: {}", super::error_text(&e)))?;
+    if let Some((fp, text)) = signing_key(signing_pub) {
+        client
+            .execute(
+                "INSERT INTO fleet_node_keys (node_id, fingerprint, public_key) VALUES ($1, $2, $3)
+                 ON CONFLICT (node_id, fingerprint) DO NOTHING",
+                &[&node, &fp, &text],
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "publishing node {node}'s audit signing key: {}",
+                    super::error_text(&e)
+                )
+            })?;
+    }
+    let published = client
+        .query(
+            "SELECT fingerprint FROM fleet_node_keys WHERE node_id = $1",
+            &[&node],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("reading node {node}'s keys: {}", super::error_text(&e)))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(Session {
         client,
         shipped_seq: row.get::<_, i64>(0) as u64,
         shipped_hash: row.get(1),
         checkpoint_seq: row.get::<_, i64>(2) as u64,
+        published,
     })
+}
+
+/// The node's audit signing public key as `(SHA256 fingerprint, OpenSSH text)`; `None` (logged) when it
+/// cannot be read: the checkpoints still ship, and `verify --fleet` names the ones it cannot check.
+fn signing_key(path: &Path) -> Option<(String, String)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the audit signing public key to publish it to the fleet");
+            return None;
+        }
+    };
+    match PublicKey::from_openssh(text.trim()) {
+        Ok(k) => Some((
+            k.fingerprint(HashAlg::Sha256).to_string(),
+            text.trim().to_string(),
+        )),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the audit signing public key is not an OpenSSH public key; not published to the fleet");
+            None
+        }
+    }
 }
 
 async fn run(
     connector: Connector,
     node: String,
-    db: PathBuf,
+    (db, signing_pub): (PathBuf, PathBuf),
     interval: Duration,
     stop: Arc<Stop>,
     mut session: Option<Session>,
@@ -171,7 +234,7 @@ async fn run(
             session = None;
         }
         if session.is_none() {
-            match open_session(&connector, &node).await {
+            match open_session(&connector, &node, &signing_pub).await {
                 Ok(s) => {
                     tracing::info!(node = %node, shipped_seq = s.shipped_seq, "fleet PostgreSQL reachable again; shipping resumes");
                     g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
@@ -211,7 +274,7 @@ async fn run(
         let (Some(s), Some(conn)) = (session.as_mut(), local.as_ref()) else {
             continue;
         };
-        let result = ship_batch(s, conn, &node).await;
+        let result = ship_batch(s, conn, &node, &signing_pub).await;
         g.shipped_seq.store(s.shipped_seq, Ordering::Relaxed);
         match result {
             Ok(n) if n >= BATCH => continue,
@@ -353,7 +416,12 @@ fn checkpoints_in(
 }
 
 /// Ships the next batch; returns how many chain entries it shipped.
-async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<usize, ShipError> {
+async fn ship_batch(
+    s: &mut Session,
+    conn: &Connection,
+    node: &str,
+    signing_pub: &Path,
+) -> Result<usize, ShipError> {
     // One read transaction: entries, records, flows and checkpoints from the same snapshot.
     let snapshot = conn.unchecked_transaction()?;
     let entries = chain::entries_after(&snapshot, s.shipped_seq, BATCH)?;
@@ -408,6 +476,26 @@ async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<us
         .last()
         .map(|c| c.seq)
         .unwrap_or(s.checkpoint_seq);
+    // A checkpoint signed by a key not yet published: publish it with the checkpoint (normally the key was
+    // published at connect; this covers a key read only after that).
+    let mut new_keys: Vec<(String, String)> = Vec::new();
+    for c in &checkpoints {
+        if s.published.contains(&c.key_fingerprint)
+            || new_keys.iter().any(|k| k.0 == c.key_fingerprint)
+        {
+            continue;
+        }
+        match signing_key(signing_pub) {
+            Some(k) if k.0 == c.key_fingerprint => new_keys.push(k),
+            _ => tracing::warn!(
+                node,
+                checkpoint = c.seq,
+                fingerprint = %c.key_fingerprint,
+                "a checkpoint is signed by a key other than {}; it ships, and verify --fleet reports it",
+                signing_pub.display()
+            ),
+        }
+    }
 
     let tx = s.client.transaction().await?;
     tx.execute(
@@ -466,6 +554,14 @@ async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<us
             .await?;
         }
     }
+    for (fp, text) in &new_keys {
+        tx.execute(
+            "INSERT INTO fleet_node_keys (node_id, fingerprint, public_key) VALUES ($1, $2, $3)
+             ON CONFLICT (node_id, fingerprint) DO NOTHING",
+            &[&node, fp, text],
+        )
+        .await?;
+    }
     for c in &checkpoints {
         tx.execute(
             "INSERT INTO fleet_checkpoints (node_id, seq, hash, at_ms, key_fingerprint, signature)
@@ -506,5 +602,6 @@ async fn ship_batch(s: &mut Session, conn: &Connection, node: &str) -> Result<us
     s.shipped_seq = hi;
     s.shipped_hash = last_hash;
     s.checkpoint_seq = new_cp;
+    s.published.extend(new_keys.into_iter().map(|k| k.0));
     Ok(entries.len())
 }

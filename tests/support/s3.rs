@@ -29,6 +29,8 @@ pub fn bin() -> PathBuf {
 pub struct S3 {
     dir: TempDir,
     ns: Option<String>,
+    /// The address it listens on: 127.0.0.1, or 0.0.0.0 to be reached from a namespace linked to its own.
+    pub host: String,
     pub port: u16,
     proc: Option<Proc>,
 }
@@ -43,6 +45,7 @@ impl S3 {
         let s = S3 {
             dir,
             ns: None,
+            host: "127.0.0.1".into(),
             port: 19000,
             proc: None,
         };
@@ -93,7 +96,7 @@ impl S3 {
         let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", &ns])
             .arg(bin())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--host", &self.host, "--port", &self.port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
             .arg(self.dir.path().join("data"));
         self.proc = Some(Proc::spawn("s3s-fs", cmd, self.dir.path()));
@@ -127,6 +130,27 @@ impl S3 {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    /// Freezes the server (SIGSTOP to the PID this guard started): it keeps its sockets but answers nothing.
+    pub fn pause(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.signal("STOP");
+        }
+    }
+
+    /// The parts of multipart uploads the server holds (`.upload_id-<id>.part-<n>` files, written whole
+    /// then renamed into place, so a listed part has fully arrived).
+    pub fn upload_parts(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.dir.path().join("data"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload_id-") && n.contains(".part-"))
+            .collect();
+        out.sort();
+        out
     }
 
     pub fn log(&self) -> String {
