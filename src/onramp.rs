@@ -34,8 +34,7 @@ use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::core::{
     tx::BUF_SIZE, ApplySummary, Dest, DropReason, FlowEvent, FlowSeq, Gateway, Metrics, PeerStatus,
-    TxQueue,
-    TIMER_TICK,
+    TxQueue, TIMER_TICK,
 };
 use crate::handoff::{Handoff, SlotReleases};
 use crate::keys::PeerKey;

@@ -807,7 +807,7 @@ mod tests {
                 }
                 match op {
                     0 | 1 if t.lookup(&k).is_none() => {
-                        t.insert(Flow::new(k, dir, 0, 0, FlowTarget::Local, Action::Allow, None, now));
+                        t.insert(Flow::new(k, dir, FlowSeq::new(0), PeerSlot::new(0), FlowTarget::Local, Action::Allow, None, now));
                     }
                     2 => {
                         if let Some(i) = t.lookup(&k) {

@@ -795,7 +795,7 @@ user = "alice"
             unreachable!()
         };
         let flow = Arc::new(FlowContext::new(&crate::core::Upgraded {
-            seq: 1,
+            seq: crate::core::FlowSeq::new(1),
             slot: "100.64.0.1:1024".parse().unwrap(),
             protocol: 6,
             src: "100.96.0.2:40000".parse().unwrap(),

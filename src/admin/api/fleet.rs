@@ -345,7 +345,7 @@ pub(super) fn recording(
         };
         Ok((s.node, k.tenant, meta, rec, bytes))
     })?;
-    let sealed = rec.info.format == crate::ssh::recorder::FORMAT_SEALED;
+    let sealed = rec.info.format == crate::audit::ssh_records::RecordingFormat::SshLogCli;
     let body = match (what, sealed) {
         ("blob", true) => bytes.to_vec(),
         ("blob", false) => {
