@@ -347,7 +347,7 @@ fn review_output_shows_escape_sequences_from_devices_inert() {
         host: format!("intranet{EVIL}"),
         path: format!("/x{EVIL}"),
         scheme: "http".into(),
-        decision: "allow".into(),
+        decision: rampart::audit::http_records::HttpDecision::Allow,
         ..Default::default()
     });
     writer.finish();

@@ -6,7 +6,7 @@
 //! Never: update or delete a row.
 #![deny(unsafe_code)]
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{AuditSink, LossReason, Record, RecordKind};
 
@@ -44,9 +44,53 @@ pub struct HttpRecord {
     /// The deciding `[[tenant.http_rule]]` (or a built-in reason such as `upstream-cert-untrusted`); `None`:
     /// no rule matched (allowed).
     pub rule: Option<String>,
-    /// `allow`, `log`, `block`, `passthrough` or `error`.
-    pub decision: String,
+    pub decision: HttpDecision,
     pub error: Option<String>,
+}
+
+/// What the inspector did with a request or TLS connection; written as its lowercase name (`allow`, ...).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::AsRefStr,
+    strum::Display,
+    strum::EnumString,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum HttpDecision {
+    /// No rule blocked it (also the start of every record, before a rule decides).
+    #[default]
+    Allow,
+    /// Allowed, and a `log` rule matched.
+    Log,
+    /// Refused with a block page, or a TLS connection refused on its server name.
+    Block,
+    /// A TLS connection passed through without decryption.
+    Passthrough,
+    /// The upstream failed or the request was cut.
+    Error,
+}
+
+impl rusqlite::ToSql for HttpDecision {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_ref().into())
+    }
+}
+
+impl rusqlite::types::FromSql for HttpDecision {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        s.parse().map_err(|_| {
+            rusqlite::types::FromSqlError::Other(format!("unknown HTTP decision {s:?}").into())
+        })
+    }
 }
 
 /// The HTTP inspector's handle on the audit pipeline. Cloning is cheap.
@@ -77,5 +121,40 @@ impl HttpAuditSink {
             .iter()
             .map(|r| c.lost_total(RecordKind::Http, *r))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HttpDecision;
+
+    /// The spelling is the wire format: JSON records, the `http_requests` table the hash chain covers, metrics
+    /// labels and `--decision` filters all use it.
+    #[test]
+    fn decisions_keep_their_wire_spelling() {
+        let all = [
+            (HttpDecision::Allow, "allow"),
+            (HttpDecision::Log, "log"),
+            (HttpDecision::Block, "block"),
+            (HttpDecision::Passthrough, "passthrough"),
+            (HttpDecision::Error, "error"),
+        ];
+        for (d, s) in all {
+            assert_eq!(serde_json::to_value(d).unwrap(), serde_json::json!(s));
+            assert_eq!(d.as_ref(), s);
+            assert_eq!(d.to_string(), s);
+            assert_eq!(s.parse::<HttpDecision>().unwrap(), d);
+        }
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let back: HttpDecision = conn
+            .query_row("SELECT ?1", [HttpDecision::Passthrough], |r| r.get(0))
+            .unwrap();
+        assert_eq!(back, HttpDecision::Passthrough);
+        let bad: rusqlite::Result<HttpDecision> =
+            conn.query_row("SELECT 'logged'", [], |r| r.get(0));
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown HTTP decision \"logged\""));
     }
 }

@@ -63,7 +63,7 @@ pub(crate) fn http(tenant: &str, host: &str, at_ms: i64, flow_seq: u64) -> HttpR
         resp_bytes: 10,
         duration_ms: 3,
         flow_rule: "web".into(),
-        decision: "allow".into(),
+        decision: super::http_records::HttpDecision::Allow,
         ..Default::default()
     }
 }

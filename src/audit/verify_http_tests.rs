@@ -37,7 +37,7 @@ fn http_store(tag: &str) -> Store {
         ref_id: "r-blocked".into(),
         path: "/admin/panel".into(),
         status: Some(403),
-        decision: "block".into(),
+        decision: super::http_records::HttpDecision::Block,
         rule: Some("no-admin".into()),
         ..http("acme", "b.example", 1002, 2)
     });
@@ -50,13 +50,13 @@ fn http_store(tag: &str) -> Store {
         status: None,
         req_bytes: 500,
         resp_bytes: 900,
-        decision: "passthrough".into(),
+        decision: super::http_records::HttpDecision::Passthrough,
         ..http("acme", "c.example", 1003, 3)
     });
     h.emit(HttpRecord {
         ref_id: "r-error".into(),
         status: None,
-        decision: "error".into(),
+        decision: super::http_records::HttpDecision::Error,
         error: Some("upstream reset the connection".into()),
         ..http("acme", "a.example", 1004, 1)
     });

@@ -222,7 +222,9 @@ fn parse_http(text: &str) -> Result<(Option<i64>, HttpRecord), String> {
             duration_ms: n(17)? as u64,
             flow_rule: s(18)?,
             rule: opt_s(19),
-            decision: s(20)?,
+            decision: s(20)?
+                .parse()
+                .map_err(|_| "column 20 is not an HTTP decision".to_string())?,
             error: opt_s(21),
         },
     ))
@@ -649,7 +651,7 @@ mod tests {
             duration_ms: 3,
             flow_rule: "web".into(),
             rule: Some("log-all".into()),
-            decision: "logged".into(),
+            decision: crate::audit::http_records::HttpDecision::Log,
             error: None,
         };
         http::insert(&conn, &mut head, 1, &rec).unwrap();

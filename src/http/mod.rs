@@ -38,7 +38,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::http_records::{HttpAuditSink, HttpRecord};
+use crate::audit::http_records::{HttpAuditSink, HttpDecision, HttpRecord};
 use crate::config::{Config, FailurePolicy, Tenant};
 use crate::handoff::{ConfigHandle, FlowContext};
 pub use origin::Reconnect;
@@ -215,7 +215,7 @@ impl FlowCtx {
     }
 
     pub fn emit(&self, r: HttpRecord) {
-        self.services.count_decision(&r.decision);
+        self.services.count_decision(r.decision.as_ref());
         if let Some(s) = &self.sink {
             s.emit(r);
         }
@@ -275,7 +275,7 @@ pub async fn inspect(
 fn tls_record(
     ctx: &FlowCtx,
     sni: Option<&str>,
-    decision: &str,
+    decision: HttpDecision,
     rule: Option<String>,
 ) -> HttpRecord {
     let u = &ctx.upgraded;
@@ -289,7 +289,7 @@ fn tls_record(
             .map(str::to_string)
             .unwrap_or_else(|| u.dst.ip().to_string()),
         path: "-".into(),
-        decision: decision.into(),
+        decision,
         rule,
         ..ctx.base_record()
     }
@@ -372,8 +372,10 @@ async fn inspect_tls(
     };
     match action {
         TlsAction::Reject { rule, alert } => {
-            let mut g =
-                RecordGuard::new(&ctx, tls_record(&ctx, sni.as_deref(), "block", Some(rule)));
+            let mut g = RecordGuard::new(
+                &ctx,
+                tls_record(&ctx, sni.as_deref(), HttpDecision::Block, Some(rule)),
+            );
             g.record_mut().error = Some(match alert {
                 TlsAlert::NoApplicationProtocol => format!(
                     "refused before decryption: the ClientHello offers only protocols that are not HTTP \
@@ -391,7 +393,7 @@ async fn inspect_tls(
             tls::refuse(client, alert).await;
         }
         TlsAction::Passthrough { why, rule } => {
-            let mut record = tls_record(&ctx, sni.as_deref(), "passthrough", rule);
+            let mut record = tls_record(&ctx, sni.as_deref(), HttpDecision::Passthrough, rule);
             if why == NoDecrypt::AllowedAlpn {
                 // The protocol is part of what the reviewer sees: `tls+imap`.
                 record.scheme =
@@ -428,7 +430,7 @@ async fn inspect_tls(
                         tls_record(
                             &ctx,
                             sni.as_deref(),
-                            "block",
+                            HttpDecision::Block,
                             Some("tls-ca-unavailable".into()),
                         ),
                     );

@@ -26,7 +26,7 @@ use super::origin::{Body, Origin};
 use super::policy::{self, Identity, RequestFacts};
 use super::rewrite;
 use super::FlowCtx;
-use crate::audit::http_records::HttpRecord;
+use crate::audit::http_records::{HttpDecision, HttpRecord};
 use crate::config::HttpAction;
 
 /// Headers (and the whole idle time between keep-alive requests) must arrive within this.
@@ -119,7 +119,7 @@ where
                     .unwrap_or_else(|| u.dst.ip().to_string()),
                 path: "-".into(),
                 status: Some(status),
-                decision: "error".into(),
+                decision: HttpDecision::Error,
                 rule: Some("malformed-request".into()),
                 error: Some(h.to_string()),
                 ..ctx_for_close.flow.base_record()
@@ -242,11 +242,11 @@ fn page(
     rule: &str,
     detail: &str,
     mut guard: RecordGuard,
-    decision: &str,
+    decision: HttpDecision,
 ) -> Response<Body> {
     let r = guard.record_mut();
     r.status = Some(status.as_u16());
-    r.decision = decision.to_string();
+    r.decision = decision;
     r.rule = Some(rule.to_string());
     let body = super::page::render(status, rule, &r.ref_id, &r.host, detail);
     guard.add_bytes(0, body.len() as u64);
@@ -309,7 +309,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             } else {
                 raw_path
             },
-            decision: "allow".into(),
+            decision: HttpDecision::Allow,
             ..flow.base_record()
         },
     );
@@ -320,7 +320,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             "tenant-removed",
             "This network is no longer configured on the gateway.",
             guard,
-            "block",
+            HttpDecision::Block,
         );
     };
     if !flow.audit_admits(&cfg) {
@@ -329,7 +329,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             "audit-unavailable",
             "The gateway cannot record requests right now and is set to refuse them until it can.",
             guard,
-            "block",
+            HttpDecision::Block,
         );
     }
     let path = match path {
@@ -343,7 +343,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
                     "The gateway does not forward this path: {why}. Ask for the plain form of the address."
                 ),
                 guard,
-                "block",
+                HttpDecision::Block,
             );
         }
     };
@@ -362,7 +362,11 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
         },
     );
     guard.record.rule = verdict.rule.clone();
-    guard.record.decision = verdict.action.as_str().to_string();
+    guard.record.decision = match verdict.action {
+        HttpAction::Allow => HttpDecision::Allow,
+        HttpAction::Log => HttpDecision::Log,
+        HttpAction::Block => HttpDecision::Block,
+    };
     if verdict.action == HttpAction::Block {
         let rule = verdict.rule.unwrap_or_default();
         let detail = if rule == policy::CONNECT_REFUSED {
@@ -370,7 +374,13 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
         } else {
             "The gateway's policy blocks this request."
         };
-        return page(StatusCode::FORBIDDEN, &rule, detail, guard, "block");
+        return page(
+            StatusCode::FORBIDDEN,
+            &rule,
+            detail,
+            guard,
+            HttpDecision::Block,
+        );
     }
     // Decrypted: the name the device verified must be the host it asks for (no domain fronting).
     if let Some(sni) = &ctx.sni {
@@ -380,13 +390,21 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
                 "sni-host-mismatch",
                 "The requested host differs from the TLS server name of this connection.",
                 guard,
-                "block",
+                HttpDecision::Block,
             );
         }
     }
     let origin = match &ctx.origin {
         Ok(o) => o,
-        Err(f) => return page(StatusCode::BAD_GATEWAY, f.rule, &f.detail, guard, "block"),
+        Err(f) => {
+            return page(
+                StatusCode::BAD_GATEWAY,
+                f.rule,
+                &f.detail,
+                guard,
+                HttpDecision::Block,
+            )
+        }
     };
     let lease = match origin.lease().await {
         Ok(l) => l,
@@ -397,7 +415,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
                 "upstream-unreachable",
                 "The gateway could not reach the site.",
                 guard,
-                "error",
+                HttpDecision::Error,
             );
         }
     };
@@ -408,7 +426,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
             "bad-request",
             "The request could not be forwarded.",
             guard,
-            "error",
+            HttpDecision::Error,
         );
     }
     let body_failed = Arc::new(AtomicBool::new(false));
@@ -430,7 +448,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
                     "bad-request-body",
                     "The request body was malformed or cut short.",
                     guard,
-                    "error",
+                    HttpDecision::Error,
                 );
             }
             return page(
@@ -438,7 +456,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
                 "upstream-error",
                 "The site did not answer the request.",
                 guard,
-                "error",
+                HttpDecision::Error,
             );
         }
     };
@@ -456,7 +474,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Response<Body>
                 "upstream-error",
                 "The site switched to a protocol the gateway does not allow.",
                 guard,
-                "error",
+                HttpDecision::Error,
             );
         };
         // The record names the protocol the connection switched to: `http+websocket`.
