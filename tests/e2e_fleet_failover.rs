@@ -5,7 +5,8 @@
 //!
 //! - a token created on node A is spent fleet-wide: its first use enrolls the device through A, its second
 //!   (last) use works through B (the control), the next use is refused on B; a one-use token spent through A
-//!   and B at once enrolls exactly one device; a fresh token works on B; a token revoked on B is refused
+//!   and B at once enrolls exactly one device; two devices enrolling into one tenant through A and B at once
+//!   get two addresses; a fresh token works on B; a token revoked on B is refused
 //!   through A (its sibling is not);
 //! - with PostgreSQL stopped B refuses an enrollment with a clear error; restarted, the same token enrolls
 //!   (the control);
@@ -233,6 +234,44 @@ fn tokens_and_credentials_are_shared_and_a_watched_device_fails_over_when_its_no
         Duration::from_millis(200),
         || (knows(&a, winner) && knows(&b, winner)).then_some(()),
     );
+    // Two devices enrolling into one tenant through A and B at the same moment, neither node having heard of
+    // the other's device: PostgreSQL places them, so they get two addresses (both enroll: the
+    // control that the race ran; before the placement was one transaction both nodes picked the same free
+    // address from their identical views).
+    let (ta, _) = mint(&a, Some("1"));
+    let (tb, _) = mint(&b, Some("1"));
+    let files: Vec<std::path::PathBuf> = ["twin-a", "twin-b"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.conf")))
+        .collect();
+    let twins: Vec<Ran> = std::thread::scope(|sc| {
+        let runs: Vec<_> = [
+            (&a_url, &ta, &files[0], "twin-a"),
+            (&b_url, &tb, &files[1], "twin-b"),
+        ]
+        .into_iter()
+        .map(|(url, token, out, name)| {
+            let (ns, dir) = (&ns, &dir);
+            sc.spawn(move || enroll(ns, dir, url, token, out, name))
+        })
+        .collect();
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        twins.iter().all(Ran::success),
+        "both concurrent enrollments: {twins:?}"
+    );
+    let (ca, cb) = (config(&files[0]), config(&files[1]));
+    assert_ne!(
+        ca.addresses, cb.addresses,
+        "two devices enrolled at once through A and B got one address:\n{}\n{}",
+        ca.text, cb.text
+    );
+    eprintln!(
+        "concurrent enrollments through A and B: {:?} / {:?}",
+        ca.addresses, cb.addresses
+    );
+
     // A fresh token (created on A) works on B.
     let (fresh, _) = mint(&a, Some("1"));
     let r = enroll(&ns, &dir, &b_url, &fresh, &dir.join("fresh.conf"), "fresh");

@@ -23,10 +23,10 @@ use super::api::{
 use super::audit::{Actor, AuditLog, Event, EventKind};
 use super::secret::{Credential, Kind, PublicId};
 use super::store::{DeviceRow, Store, StoreError, TokenRow, TokenState};
-use super::wgconf::{allocate_address, DEVICE_MTU, PERSISTENT_KEEPALIVE};
+use super::wgconf::{allocate_address, free_addresses, DEVICE_MTU, PERSISTENT_KEEPALIVE};
 use crate::config::{Config, Device, DeviceName, DeviceOrigin, Tenant};
 use crate::core::PeerStatus;
-use crate::fleet::enrollment::SharedEnrollment;
+use crate::fleet::enrollment::{Placed, SharedEnrollment};
 use crate::keys::{PeerKey, PrivateKey};
 use crate::registry::Registry;
 
@@ -35,6 +35,9 @@ use crate::registry::Registry;
 pub const RETRY_WINDOW: Duration = Duration::from_secs(600);
 /// Longest `device_id`, `os` and `hostname` kept.
 const MAX_TEXT: usize = 128;
+/// Fleet mode: free addresses of this node's view offered to PostgreSQL, which takes the first no other
+/// node's device holds (a pool with more devices elsewhere than this is refused as full until they sync).
+const FLEET_CANDIDATES: usize = 4096;
 
 /// What the enrollment service needs from the running gateway.
 pub trait GatewayHandle: Send + Sync + 'static {
@@ -450,31 +453,15 @@ impl Service {
             ));
         }
         let view = with_pending(tenant, &devices);
-        let Some(address) = allocate_address(&view) else {
-            tracing::warn!(tenant = %tenant.id, pool = %tenant.address_pool, "enrollment refused: address pool full");
-            return Err(refuse(ErrorCode::AddressPoolFull, "the tenant's address pool is full; ask an admin to widen it or remove unused devices"));
-        };
         let taken: HashSet<String> = view.devices.iter().map(|d| d.name.to_string()).collect();
         let base = wanted.unwrap_or_else(|| DeviceName::parse("device").expect("valid name"));
-        let Some(name) = unique_name(&base, &taken) else {
-            return Err(refuse(
-                ErrorCode::BadRequest,
-                "no free device name; send another name",
-            ));
-        };
-        if !self.consume_token(&tx, &tok.id, now)? {
-            return Err(refuse(
-                ErrorCode::TokenUsedUp,
-                "this enrollment token has been used up",
-            ));
-        }
         let dt = Credential::generate(Kind::Device, None);
         let state = if tok.preapproved {
             DeviceState::Active
         } else {
             DeviceState::Pending
         };
-        let d = DeviceRow {
+        let device = |address: IpAddr, name: DeviceName| DeviceRow {
             id: dt.id().clone(),
             tenant: tok.tenant.clone(),
             name,
@@ -484,7 +471,7 @@ impl Service {
             address,
             state,
             token_id: tok.id.clone(),
-            hw_id,
+            hw_id: hw_id.clone(),
             token_hash: dt.hash(),
             enrolled_at: now,
             key_set_at: now,
@@ -494,6 +481,55 @@ impl Service {
             ephemeral_secs: tok.ephemeral_secs,
             os: clean_text(req.os.as_deref()),
             hostname: clean_text(req.hostname.as_deref()),
+        };
+        let pool_full = || {
+            tracing::warn!(tenant = %tenant.id, pool = %tenant.address_pool, "enrollment refused: address pool full");
+            refuse(ErrorCode::AddressPoolFull, "the tenant's address pool is full; ask an admin to widen it or remove unused devices")
+        };
+        let no_name = || {
+            refuse(
+                ErrorCode::BadRequest,
+                "no free device name; send another name",
+            )
+        };
+        let used_up = || {
+            refuse(
+                ErrorCode::TokenUsedUp,
+                "this enrollment token has been used up",
+            )
+        };
+        let d = match &self.fleet {
+            None => {
+                let address = allocate_address(&view).ok_or_else(pool_full)?;
+                let name = unique_name(&base, &taken).ok_or_else(no_name)?;
+                if !tx.consume_token(&tok.id, now)? {
+                    return Err(used_up());
+                }
+                device(address, name)
+            }
+            // Address, name and the token's use are taken in PostgreSQL in one transaction, against the other
+            // nodes' devices too (they may not have reached this node's config yet).
+            Some(f) => {
+                let candidates: Vec<IpAddr> =
+                    free_addresses(&view).take(FLEET_CANDIDATES).collect();
+                let placed = f.place_device(
+                    &tok.id,
+                    now,
+                    &tok.tenant,
+                    &candidates,
+                    |address, elsewhere| {
+                        let mut all = taken.clone();
+                        all.extend(elsewhere.iter().cloned());
+                        unique_name(&base, &all).map(|name| device(address, name))
+                    },
+                );
+                match placed.map_err(fleet_unavailable)? {
+                    Placed::Device(d) => *d,
+                    Placed::PoolFull => return Err(pool_full()),
+                    Placed::NoName => return Err(no_name()),
+                    Placed::TokenSpent => return Err(used_up()),
+                }
+            }
         };
         tx.insert_device(&d)?;
         tx.commit()?;

@@ -20,26 +20,26 @@ const MAX_PROBES: usize = 1 << 20;
 /// The first free host address of `tenant`'s pool: not the network or broadcast address, not the gateway, not
 /// a device's.
 pub fn allocate_address(tenant: &Tenant) -> Option<IpAddr> {
+    free_addresses(tenant).next()
+}
+
+/// The free host addresses of `tenant`'s pool in allocation order (at most `MAX_PROBES` probed).
+pub fn free_addresses(tenant: &Tenant) -> impl Iterator<Item = IpAddr> + '_ {
     let used: HashSet<IpAddr> = tenant
         .devices
         .iter()
         .flat_map(|d| d.addresses())
         .chain(tenant.gateway_addresses())
         .collect();
-    // In a dual-stack tenant the IPv6 address follows the IPv4 one: both must be free.
-    let free = |a: &IpAddr| {
-        !used.contains(a) && tenant.derived_v6(*a).is_none_or(|v6| !used.contains(&v6))
+    // In a dual-stack tenant the IPv6 address follows the IPv4 one: both must be free. Hosts of an IPv6 pool
+    // skip the first (the subnet-router anycast address).
+    let hosts: Box<dyn Iterator<Item = IpAddr>> = match tenant.address_pool {
+        IpNet::V4(p) => Box::new(p.hosts().map(IpAddr::V4)),
+        IpNet::V6(p) => Box::new(p.hosts().skip(1).map(IpAddr::V6)),
     };
-    let pool = tenant.address_pool;
-    match pool {
-        IpNet::V4(p) => p.hosts().map(IpAddr::V4).take(MAX_PROBES).find(free),
-        IpNet::V6(p) => p
-            .hosts()
-            .skip(1)
-            .map(IpAddr::V6)
-            .take(MAX_PROBES)
-            .find(|a| !used.contains(a)),
-    }
+    hosts.take(MAX_PROBES).filter(move |a| {
+        !used.contains(a) && tenant.derived_v6(*a).is_none_or(|v6| !used.contains(&v6))
+    })
 }
 
 /// What a device routes into the tunnel: the tenant's pools, its off-ramp networks and the networks of its

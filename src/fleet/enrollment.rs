@@ -19,6 +19,8 @@
 //! `enroll.db` for tokens).
 #![deny(unsafe_code)]
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -208,6 +210,63 @@ impl SharedEnrollment {
         })
     }
 
+    /// A new device's place in the fleet, taken in one transaction under a per-tenant lock: the first of
+    /// `candidates` (addresses free on this node, in allocation order) that no other node's self-enrolled
+    /// device holds, one use of the token, and the device's credential row. So two nodes enrolling into one
+    /// tenant at the same moment never hand out one address (nor one name) and never both spend the last use.
+    /// `build` makes the device for the chosen address, given the tenant's device names on other nodes
+    /// (`None`: no free name). Nothing is written unless every step succeeds.
+    pub fn place_device<F>(
+        &self,
+        token: &PublicId,
+        now: i64,
+        tenant: &TenantId,
+        candidates: &[IpAddr],
+        build: F,
+    ) -> anyhow::Result<Placed>
+    where
+        F: FnOnce(IpAddr, &HashSet<String>) -> Option<DeviceRow>,
+    {
+        self.call(async |c| {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('rampart-enroll:' || $1))",
+                &[&tenant.as_str()],
+            )
+            .await?;
+            let rows = tx
+                .query(
+                    "SELECT address, name FROM fleet_device_credentials WHERE tenant = $1",
+                    &[&tenant.as_str()],
+                )
+                .await?;
+            let held: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+            let names: HashSet<String> = rows.iter().map(|r| r.get(1)).collect();
+            let Some(address) = candidates.iter().find(|a| !held.contains(&a.to_string())) else {
+                return Ok(Placed::PoolFull);
+            };
+            let Some(d) = build(*address, &names) else {
+                return Ok(Placed::NoName);
+            };
+            let spent = tx
+                .query_opt(
+                    "UPDATE fleet_tokens SET used = used + 1, last_used_at = $2
+                     WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2
+                       AND (max_uses IS NULL OR used < max_uses)
+                       AND (locked_until IS NULL OR locked_until <= $2)
+                     RETURNING used",
+                    &[&token.as_str(), &now],
+                )
+                .await?;
+            if spent.is_none() {
+                return Ok(Placed::TokenSpent);
+            }
+            upsert_credential(&tx, &self.node, &d).await?;
+            tx.commit().await?;
+            Ok(Placed::Device(Box::new(d)))
+        })
+    }
+
     /// A self-enrolled device of any node by its id, with the node it was enrolled on.
     pub fn device(&self, id: &PublicId) -> anyhow::Result<Option<(DeviceRow, String)>> {
         self.call(async |c| {
@@ -247,35 +306,58 @@ pub async fn mirror(c: &mut Client, node: &str, devices: &[DeviceRow]) -> anyhow
     )
     .await?;
     for d in devices {
-        tx.execute(
-            "INSERT INTO fleet_device_credentials (id, origin_node, tenant, name, \"user\", groups, public_key,
-                 address, state, token_id, token_hash, enrolled_at, key_set_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT (id) DO UPDATE
-             SET tenant = EXCLUDED.tenant, name = EXCLUDED.name, \"user\" = EXCLUDED.\"user\",
-                 groups = EXCLUDED.groups, public_key = EXCLUDED.public_key, address = EXCLUDED.address,
-                 state = EXCLUDED.state, token_id = EXCLUDED.token_id, token_hash = EXCLUDED.token_hash,
-                 enrolled_at = EXCLUDED.enrolled_at, key_set_at = EXCLUDED.key_set_at
-             WHERE fleet_device_credentials.origin_node = EXCLUDED.origin_node",
-            &[
-                &d.id.as_str(),
-                &node,
-                &d.tenant.as_str(),
-                &d.name.as_str(),
-                &d.user.as_str(),
-                &groups_text(&d.groups),
-                &d.public_key.to_string(),
-                &d.address.to_string(),
-                &d.state.as_str(),
-                &d.token_id.as_str(),
-                &&d.token_hash.0[..],
-                &d.enrolled_at,
-                &d.key_set_at,
-            ],
-        )
-        .await?;
+        upsert_credential(&tx, node, d).await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// What [`SharedEnrollment::place_device`] did.
+#[derive(Debug)]
+pub enum Placed {
+    /// The device holds its address in the fleet, the token's use is taken.
+    Device(Box<DeviceRow>),
+    /// Every candidate address is held by a device of another node.
+    PoolFull,
+    /// `build` found no free name.
+    NoName,
+    /// The token was used up, revoked, expired or locked meanwhile.
+    TokenSpent,
+}
+
+/// Writes (or updates, if it is `node`'s) one device's credential row.
+async fn upsert_credential(
+    tx: &tokio_postgres::Transaction<'_>,
+    node: &str,
+    d: &DeviceRow,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "INSERT INTO fleet_device_credentials (id, origin_node, tenant, name, \"user\", groups, public_key,
+             address, state, token_id, token_hash, enrolled_at, key_set_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (id) DO UPDATE
+         SET tenant = EXCLUDED.tenant, name = EXCLUDED.name, \"user\" = EXCLUDED.\"user\",
+             groups = EXCLUDED.groups, public_key = EXCLUDED.public_key, address = EXCLUDED.address,
+             state = EXCLUDED.state, token_id = EXCLUDED.token_id, token_hash = EXCLUDED.token_hash,
+             enrolled_at = EXCLUDED.enrolled_at, key_set_at = EXCLUDED.key_set_at
+         WHERE fleet_device_credentials.origin_node = EXCLUDED.origin_node",
+        &[
+            &d.id.as_str(),
+            &node,
+            &d.tenant.as_str(),
+            &d.name.as_str(),
+            &d.user.as_str(),
+            &groups_text(&d.groups),
+            &d.public_key.to_string(),
+            &d.address.to_string(),
+            &d.state.as_str(),
+            &d.token_id.as_str(),
+            &&d.token_hash.0[..],
+            &d.enrolled_at,
+            &d.key_set_at,
+        ],
+    )
+    .await?;
     Ok(())
 }
 
