@@ -159,37 +159,51 @@ pub(super) fn audit_http(
         }
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
-        "TIME", "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS", "DECISION",
-        "RULE", "REF"
-    )?;
+    http_table_head(&mut out, &format!("{:<24}", "TIME"))?;
     for r in &rows {
-        let rec = &r.record;
-        crate::inert_line!(
-            out,
-            "{:<24} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
-            format_ms(rec.at_ms),
-            rec.tenant,
-            rec.user,
-            rec.device,
-            rec.method,
-            rec.host,
-            rec.path,
-            rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-            rec.req_bytes,
-            rec.resp_bytes,
-            rec.duration_ms,
-            rec.decision,
-            rec.rule.as_deref().unwrap_or("-"),
-            if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
-            r.flow_id
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
-        )?;
+        let lead = format!("{:<24}", format_ms(r.record.at_ms));
+        http_table_row(&mut out, &lead, &r.record, r.flow_id)?;
     }
     Ok(())
+}
+
+/// The columns `audit http` and `audit http --fleet` share, after `lead` (time, or time, node and sequence).
+fn http_table_head(out: &mut impl std::io::Write, lead: &str) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{lead} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
+        "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS", "DECISION", "RULE",
+        "REF"
+    )
+}
+
+/// One record in the columns of [`http_table_head`]; text from devices is shown inert.
+fn http_table_row(
+    out: &mut impl std::io::Write,
+    lead: &str,
+    rec: &crate::audit::http_records::HttpRecord,
+    flow_id: Option<i64>,
+) -> std::io::Result<()> {
+    crate::inert_line!(
+        out,
+        "{lead} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
+        rec.tenant,
+        rec.user,
+        rec.device,
+        rec.method,
+        rec.host,
+        rec.path,
+        rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+        rec.req_bytes,
+        rec.resp_bytes,
+        rec.duration_ms,
+        rec.decision,
+        rec.rule.as_deref().unwrap_or("-"),
+        if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
+        flow_id
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
+    )
 }
 
 /// The fleet's PostgreSQL, for review commands (`[fleet]` of the config).
@@ -300,37 +314,18 @@ pub(super) fn audit_http_fleet(
         }
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} FLOW",
-        "TIME", "NODE", "SEQ", "TENANT", "USER", "DEVICE", "METHOD", "HOST", "PATH", "STATUS", "UP", "DOWN", "MS",
-        "DECISION", "RULE", "REF"
+    http_table_head(
+        &mut out,
+        &format!("{:<24} {:<12} {:>8}", "TIME", "NODE", "SEQ"),
     )?;
     for r in &rows {
-        let rec = &r.record;
-        crate::inert_line!(
-            out,
-            "{:<24} {:<12} {:>8} {:<10} {:<14} {:<14} {:<7} {:<28} {:<32} {:>6} {:>10} {:>10} {:>7}  {:<11} {:<16} {:<12} {}",
-            format_ms(rec.at_ms),
+        let lead = format!(
+            "{:<24} {:<12} {:>8}",
+            format_ms(r.record.at_ms),
             r.node,
-            r.chain_seq,
-            rec.tenant,
-            rec.user,
-            rec.device,
-            rec.method,
-            rec.host,
-            rec.path,
-            rec.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-            rec.req_bytes,
-            rec.resp_bytes,
-            rec.duration_ms,
-            rec.decision,
-            rec.rule.as_deref().unwrap_or("-"),
-            if rec.ref_id.is_empty() { "-" } else { &rec.ref_id },
-            r.flow_id
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| format!("seq {}", rec.flow_seq)),
-        )?;
+            r.chain_seq
+        );
+        http_table_row(&mut out, &lead, &r.record, r.flow_id)?;
     }
     Ok(())
 }
