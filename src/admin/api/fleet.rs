@@ -11,13 +11,12 @@
 #![deny(unsafe_code)]
 
 use std::future::Future;
-use std::io::Write as _;
 use std::path::Path;
 
 use http::StatusCode;
 use serde::Serialize;
 
-use super::super::headers::{full, json, ApiError, ErrorCode, Resp};
+use super::super::headers::{json, ApiError, ErrorCode, Resp};
 use super::super::web::{Caller, Ctx};
 use super::MAX_PAGE;
 use crate::admin::accounts::Scope;
@@ -379,23 +378,5 @@ pub(super) fn recording(
         Some(caller.source),
         serde_json::json!({ "channel": ch, "form": what, "node": node, "object": rec.object_key }),
     );
-    let ctype = if what == "blob" {
-        "application/octet-stream"
-    } else {
-        "application/x-asciicast"
-    };
-    if gzip {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        if enc.write_all(&body).is_ok() {
-            if let Ok(z) = enc.finish() {
-                let mut r = full(StatusCode::OK, ctype, z);
-                r.headers_mut().insert(
-                    http::header::CONTENT_ENCODING,
-                    http::HeaderValue::from_static("gzip"),
-                );
-                return Ok(r);
-            }
-        }
-    }
-    Ok(full(StatusCode::OK, ctype, body))
+    Ok(super::sessions::recording_response(what, gzip, body))
 }

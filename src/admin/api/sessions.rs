@@ -506,6 +506,11 @@ pub(super) fn recording(
         Some(caller.source),
         serde_json::json!({ "channel": ch, "form": what }),
     );
+    Ok(recording_response(what, gzip, body))
+}
+
+/// A recording as `blob` (the sealed container) or `cast` (asciicast), gzip-encoded when the browser takes it.
+pub(super) fn recording_response(what: &str, gzip: bool, body: Vec<u8>) -> Resp {
     let ctype = if what == "blob" {
         "application/octet-stream"
     } else {
@@ -520,11 +525,11 @@ pub(super) fn recording(
                     http::header::CONTENT_ENCODING,
                     http::HeaderValue::from_static("gzip"),
                 );
-                return Ok(r);
+                return r;
             }
         }
     }
-    Ok(full(StatusCode::OK, ctype, body))
+    full(StatusCode::OK, ctype, body)
 }
 
 pub(super) fn live(ctx: &Arc<Ctx>, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
