@@ -120,6 +120,6 @@ test: deps image-deps lint unit
 	if [ $$irc -ne 0 ]; then tail -n 60 build/image-build.log; echo "make image failed: build/image-build.log"; \
 	else tail -n 1 build/image-build.log; fi; \
 	[ $$rc -eq 0 ] && [ $$irc -eq 0 ] || exit 1; \
-	$(CURDIR)/tests/image_test.sh $(IMAGE_OUT)
+	IMAGE_TARGET=$(CURDIR)/target/image $(CURDIR)/tests/image_test.sh $(IMAGE_OUT)
 
 include firmware-image/image.mk

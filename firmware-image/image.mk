@@ -22,4 +22,4 @@ image: image-deps ui
 		--out $(IMAGE_OUT) --work $(IMAGE_WORK)
 
 image-test: image
-	$(CURDIR)/tests/image_test.sh $(IMAGE_OUT)
+	IMAGE_TARGET=$(IMAGE_TARGET) $(CURDIR)/tests/image_test.sh $(IMAGE_OUT)

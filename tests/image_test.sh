@@ -3,6 +3,9 @@
 #
 #   tests/image_test.sh [IMAGE_DIR]     (default build/image, as written by `make image`)
 #
+# The host side's `rampart enroll` is the image's own build: $IMAGE_TARGET/release/rampart (IMAGE_TARGET as in
+# firmware-image/image.mk, default target/).
+#
 # Every VM runs inside a network namespace this script creates (rpimg<PID>): QEMU's user-mode network forwards
 # 127.0.0.1:51820/udp and 127.0.0.1:8080/tcp of that namespace to the guest, and a wireguard-go client in the same
 # namespace tunnels to the gateway in the VM (127.0.0.1:8443/tcp reaches the enrollment listener). Nothing is routed in the root namespace. One VM at a time.
@@ -530,7 +533,7 @@ sign_payload() {
 # `rampart enroll` against the pin the console showed (a wrong pin is refused first, creating nothing), and the
 # enrolled device's tunnel pings the tenant gateway.
 self_enroll() {
-    local pin=$1 url token bad rampart=$repo/target/release/rampart
+    local pin=$1 url token bad rampart=${IMAGE_TARGET:-$repo/target}/release/rampart
     expect_guest 'rampart token create -c /data/config/gateway.toml --tenant default --host 127.0.0.1:8443' \
         '^token +rpe1_' 'rampart://127\.0\.0\.1:8443/' || return 1
     url=$(echo "$GUEST_OUT" | grep -aoE "rampart://127\.0\.0\.1:8443/[^[:space:]']*" | head -n 1)
