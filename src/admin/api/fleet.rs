@@ -294,7 +294,7 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             Some(r) if caller.account.sees(&r.keys.tenant) => {}
             _ => return Err(ApiError::not_found()),
         }
-        let mut view = super::sessions::session_view(&s.log, &rows, |_| None)?;
+        let mut view = super::sessions::session_view(&rows, &[], |_| None)?;
         view.node = Some(s.node);
         Ok(view)
     })?;

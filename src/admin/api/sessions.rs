@@ -281,7 +281,8 @@ fn scoped_rows(
 pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
     let cfg = ctx.config();
     let (log, rows) = scoped_rows(&cfg, caller, id)?;
-    let mut view = session_view(&log, &rows, |rec| {
+    let checkpoints = log.checkpoints().map_err(ApiError::internal)?;
+    let mut view = session_view(&rows, &checkpoints, |rec| {
         rec.sha256.as_ref().map(|want| {
             crate::audit::ssh_records::file_sha256(&cfg.gateway.state_dir.join(&rec.path))
                 .is_ok_and(|(got, _)| got == *want)
@@ -301,12 +302,12 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
     Ok(json(StatusCode::OK, &view))
 }
 
-/// One session's view from its rows (`rows` non-empty, in chain order) and the log they came from (this
-/// node's store, or a node's records from the fleet: `api::fleet`). `intact` checks a recording's bytes
-/// against the hash its close record names (`None`: cannot be checked here).
+/// One session's view from its rows (`rows` non-empty, in chain order) and the checkpoints of the chain they
+/// are in (this node's store; none for a node's records read from the fleet: `api::fleet`). `intact` checks a
+/// recording's bytes against the hash its close record names (`None`: cannot be checked here).
 pub(super) fn session_view(
-    log: &SshLog,
     rows: &[crate::audit::ssh_records::LogRow],
+    checkpoints: &[crate::audit::tables::chain::Checkpoint],
     intact: impl Fn(&crate::audit::ssh_records::RecordingInfo) -> Option<bool>,
 ) -> Result<SessionView, ApiError> {
     let k = rows[0].keys.clone();
@@ -444,13 +445,7 @@ pub(super) fn session_view(
             .chain(view.files.iter())
             .any(|c| c.text.is_sealed());
     let last_seq = rows.iter().map(|r| r.seq).max().unwrap_or(0);
-    if let Some(cp) = log
-        .checkpoints()
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .rev()
-        .find(|cp| cp.seq >= last_seq)
-    {
+    if let Some(cp) = checkpoints.iter().rev().find(|cp| cp.seq >= last_seq) {
         view.chain.signed = view.chain.chained == view.chain.records;
         view.chain.last_checkpoint_ms = Some(cp.at_ms);
     }
