@@ -99,9 +99,29 @@ try {
   await page.waitForSelector(`#sessions tbody tr[data-session='${env.SESSION}']`);
   await shot(page, "fleet-sessions");
 
-  // The session opens from the fleet, and its recording (sealed, from the bucket) plays in the page.
   const href = await page.locator(`#sessions tbody tr[data-session='${env.SESSION}'] a`).first().getAttribute("href");
   check("its link opens it from the fleet", /fleet=1/.test(href), href);
+
+  // Flows: node B's SSH flow only with All nodes on, in the Node column.
+  const flowNodes = () => page.locator("#flows tbody tr").evaluateAll((rs) => rs.map((r) => r.dataset.node ?? "local"));
+  await page.goto(base + "/ui/flows");
+  await page.waitForSelector("body[data-ready='1']");
+  const flowsOff = await flowNodes();
+  await page.check("input[name=fleet]");
+  await page.waitForURL(/[?&]fleet=1/);
+  const flowsOn = await until("node B's flow", async () => {
+    const n = await flowNodes();
+    return n.includes(env.NODE) ? n : null;
+  }).catch((e) => String(e));
+  const flowHead = await page.locator("#flows thead th").first().textContent();
+  check("flows: node B's flow is listed under gw-b only with All nodes on", !flowsOff.includes(env.NODE) && Array.isArray(flowsOn) && flowHead === "Node", JSON.stringify({ flowsOff, flowsOn, flowHead }));
+  await page.goto(base + "/ui/http?fleet=1");
+  await page.waitForSelector("body[data-ready='1']");
+  const httpHead = await page.locator("#requests thead th").first().textContent();
+  const httpStatus = await page.textContent("#status");
+  check("HTTP requests: All nodes lists the fleet's (a Node column, no error)", httpHead === "Node" && /of all nodes/.test(httpStatus), `${httpHead} ${httpStatus}`);
+
+  // The session opens from the fleet, and its recording (sealed, from the bucket) plays in the page.
   const ch = await openWithKey(page, base + href);
   const nodeText = await page.textContent("#node");
   check("the session page names node gw-b", nodeText.includes(env.NODE), nodeText);

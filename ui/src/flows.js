@@ -54,6 +54,7 @@ async function load() {
   }));
   status.replaceChildren(el("p", { class: "muted" }, `${page.items.length} flow(s)${fleet ? " of all nodes" : ""}${page.next_cursor ? ", older ones on the next page" : ""}`));
   nextLink(document.getElementById("next"), "/ui/flows", params, page.next_cursor);
+  document.body.dataset.ready = "1";
 }
 
 load();

@@ -35,6 +35,7 @@ async function load() {
   }));
   status.replaceChildren(el("p", { class: "muted" }, `${page.items.length} request(s)${fleet ? " of all nodes" : ""}${page.next_cursor ? ", older ones on the next page" : ""}`));
   nextLink(document.getElementById("next"), "/ui/http", params, page.next_cursor);
+  document.body.dataset.ready = "1";
 }
 
 load();
