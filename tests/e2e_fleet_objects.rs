@@ -654,6 +654,7 @@ fn the_s3_server_killed_mid_multipart_upload_the_upload_is_retried_and_ends_whol
     assert!(show.contains("verified against its manifest"), "{show}");
 }
 
+const ROOT_PW: &str = "root password for the fleet e2e";
 /// The review UI of node gw-a (in its own lab).
 const UI: &str = "127.0.0.1:8444";
 /// The link between the two nodes' namespaces: gw-a's end, and gw-b's (where gw-b's S3 server answers).
@@ -777,7 +778,7 @@ fn the_review_api_of_node_a_lists_a_session_of_node_b_and_serves_its_recording_v
             "--all-tenants",
             "--password-stdin",
         ],
-        "root password for the fleet e2e\n",
+        &format!("{ROOT_PW}\n"),
     );
     let token = rampart_with_stdin(&a.gateway.config, &["admin", "token", "--name", "root"], "")
         .trim()
@@ -867,4 +868,98 @@ fn the_review_api_of_node_a_lists_a_session_of_node_b_and_serves_its_recording_v
                 .then_some(())
         },
     );
+
+    // The same session detail the page shows, from the fleet, with its node; not on node A without fleet=1.
+    let detail = api_json(&a, &token, &format!("/api/v1/sessions/{id}?fleet=1"));
+    assert_eq!(detail["node"], "gw-b", "{detail}");
+    assert!(
+        detail["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["seq"] == ch && c["recording"]["sealed"] == true),
+        "{detail}"
+    );
+    let (code, _) = api(&a, &token, &format!("/api/v1/sessions/{id}"));
+    assert_eq!(code, 404, "without fleet=1 node A has no such session");
+    assert_eq!(api_json(&a, &token, "/api/v1/me")["fleet_node"], "gw-a");
+
+    // The pages, in a real browser on node A: listed under gw-b with "All nodes" on (not with it off), and
+    // the recording plays from the bucket; a changed object shows a clear refusal.
+    browser_check(&a, &s, &id, &key);
+}
+
+/// Runs `tests/ui/fleet.mjs` (playwright-core driving Debian's chromium) in node A's namespace, where its UI
+/// listens; its `STEP tamper|restore` change the session's object in node B's bucket and put it back.
+fn browser_check(a: &Lab, s: &Setup, id: &str, key: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for p in [
+        PathBuf::from("/usr/bin/chromium"),
+        PathBuf::from("/usr/bin/node"),
+        repo.join("tests/ui/node_modules/playwright-core"),
+    ] {
+        assert!(
+            p.exists(),
+            "missing {} (make deps, make ui-test-deps)",
+            p.display()
+        );
+    }
+    let shots = repo.join("target/ui-shots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let object = s.s3.bucket_dir().join(key);
+    let stored = std::fs::read(&object).unwrap();
+    let mut node = Command::new("ip")
+        .args(["netns", "exec", a.gw_ns.name(), "node"])
+        .arg(repo.join("tests/ui/fleet.mjs"))
+        .env("UI_URL", format!("https://{UI}"))
+        .env("ROOT_PW", ROOT_PW)
+        .env("SESSION", id)
+        .env("NODE", "gw-b")
+        .env("MARKER", "fleetui-42")
+        .env("KEY_FILE", &s.reviewer)
+        .env("SHOTS", &shots)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node runs");
+    let mut to_node = node.stdin.take().unwrap();
+    let from_node = BufReader::new(node.stdout.take().unwrap());
+    let mut result = None;
+    for line in from_node.lines() {
+        let line = line.unwrap();
+        eprintln!("browser: {line}");
+        match line.as_str() {
+            "STEP tamper" => {
+                let mut bad = stored.clone();
+                let i = bad.len() / 2;
+                bad[i] ^= 0x55;
+                std::fs::write(&object, bad).unwrap();
+                writeln!(to_node, "GO").unwrap();
+            }
+            "STEP restore" => {
+                std::fs::write(&object, &stored).unwrap();
+                writeln!(to_node, "GO").unwrap();
+            }
+            l if l.starts_with("RESULT ") => result = Some(l["RESULT ".len()..].to_owned()),
+            _ => {}
+        }
+    }
+    let status = node.wait().unwrap();
+    std::fs::write(&object, &stored).unwrap();
+    let result: Value =
+        serde_json::from_str(&result.expect("the browser script reported")).unwrap();
+    let failed: Vec<&Value> = result["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] != true)
+        .collect();
+    assert!(
+        failed.is_empty() && status.success(),
+        "browser checks failed: {failed:#?}"
+    );
+    assert!(result["checks"].as_array().unwrap().len() >= 10, "{result}");
 }

@@ -62,6 +62,9 @@ pub async fn route(
         }
         (&Method::GET, ["sessions", id]) => {
             let id = id.to_string();
+            if fleet::wanted(&query_pairs(req.uri().query())?) {
+                return blocking(move || fleet::session_detail(&ctx, &caller, &id)).await;
+            }
             blocking(move || session_detail(&ctx, &caller, &id)).await
         }
         (&Method::GET, ["sessions", id, "channels", ch, what @ ("cast" | "blob")]) => {

@@ -198,6 +198,9 @@ pub struct Me {
     pub tenants: super::accounts::Scope,
     pub csrf: Option<String>,
     pub idle_timeout_secs: u64,
+    /// With `[fleet]`: this node's id; the review pages then offer "All nodes" (`fleet=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_node: Option<String>,
 }
 
 pub fn me(ctx: &Ctx, c: &Caller) -> Me {
@@ -207,6 +210,12 @@ pub fn me(ctx: &Ctx, c: &Caller) -> Me {
         tenants: c.account.scope.clone(),
         csrf: c.csrf.clone(),
         idle_timeout_secs: ctx.config().ui.idle_timeout.as_secs(),
+        fleet_node: ctx
+            .svc
+            .fleet
+            .as_ref()
+            .and(ctx.config().fleet.as_ref())
+            .map(|f| f.node_id.clone()),
     }
 }
 

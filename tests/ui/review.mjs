@@ -136,6 +136,7 @@ try {
   await page.waitForSelector("#sessions tbody tr");
   const rows = await page.locator("#sessions tbody tr").count();
   check("the admin sees the four sessions", rows === 4, rows);
+  check("without [fleet] the pages offer no All nodes switch", !(await page.isVisible("input[name=fleet]")) && (await page.locator("#sessions thead th").first().textContent()) === "Started");
   const cookies = await page.context().cookies();
   const c = cookies.find((x) => x.name === "__Host-rampart_session");
   check("session cookie is __Host-, Secure, HttpOnly, SameSite=Strict", c && c.secure && c.httpOnly && c.sameSite === "Strict", JSON.stringify(c));

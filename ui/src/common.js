@@ -129,3 +129,38 @@ export function nextLink(a, page, params, cursor) {
   a.href = page + "?" + next;
   a.classList.remove("hidden");
 }
+
+/// "All nodes" on a list page. With `[fleet]` (`me.fleet_node`) the form's `.fleet` box (the `fleet` switch
+/// and the `node` filter, both kept in the URL) is shown; with the switch on, the page lists what every node
+/// shipped (`fleet=1`), which takes only the filters in `allowed`: the others are greyed out (kept in the URL
+/// for when the switch goes off). Without `[fleet]` the page is as it always was. Returns whether the list is
+/// the fleet's; `query` (the API query from `filterForm`) is narrowed to match.
+export function fleetView(form, query, allowed) {
+  const box = form.querySelector(".fleet");
+  const on = !!me?.fleet_node && query.get("fleet") === "1";
+  if (me?.fleet_node) {
+    box.classList.remove("hidden");
+    box.title = `this gateway is node ${me.fleet_node} of a fleet`;
+    form.elements.fleet.addEventListener("change", () => form.requestSubmit());
+  }
+  if (!on) {
+    query.delete("fleet");
+    query.delete("node");
+    if (form.elements.node) form.elements.node.disabled = true;
+    return false;
+  }
+  for (const input of form.elements) {
+    if (input.name && input.name !== "fleet" && !allowed.includes(input.name)) {
+      input.disabled = true;
+      input.title = "not available with All nodes";
+    }
+  }
+  for (const k of [...query.keys()]) if (!allowed.includes(k)) query.delete(k);
+  query.set("fleet", "1");
+  return true;
+}
+
+/// The Node column of a list page that shows the fleet.
+export function nodeColumn(table) {
+  document.querySelector(`#${table} thead tr`).prepend(el("th", {}, "Node"));
+}

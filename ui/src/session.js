@@ -2,6 +2,10 @@ import { api, el, start, timeCell, duration, showError } from "/ui/assets/common
 import { importReviewerKey, decodeCapture, toAsciicast, openSealed, sha256Hex } from "/ui/assets/capture.js";
 
 const id = new URLSearchParams(location.search).get("id") ?? "";
+// A session of another node (`fleet=1`, from the sessions page with "All nodes"): its records come from the
+// fleet's PostgreSQL and its recordings from the fleet's object store, verified by the gateway first.
+const fleet = new URLSearchParams(location.search).get("fleet") === "1";
+const fleetQuery = fleet ? "?fleet=1" : "";
 const status = document.getElementById("status");
 let session = null;
 let reviewerKey = null;
@@ -27,19 +31,21 @@ function drawMeta(s) {
     : `${chain.chained} of ${chain.records} records chained; ${chain.last_checkpoint_ms ? "newest records not yet signed" : "no checkpoint covers them yet"}`;
   document.getElementById("meta").replaceChildren(
     ...meta("Session", s.id),
+    ...(s.node ? meta("Node", el("span", { id: "node" }, `${s.node} (read from the fleet: its records as shipped to PostgreSQL, its recordings from the object store)`)) : []),
     ...meta("Correlation", `device ${s.device} (WireGuard peer of ${s.user}, tenant ${s.tenant}) → flow from ${start.client_addr ?? "?"} to ${s.target} → SSH session ${s.id} as ${s.login || "?"} → ${s.channels.length} channel(s)`),
     ...meta("Started", timeCell(s.started_ms)),
     ...meta("Ended", s.ended_ms ? [timeCell(s.ended_ms), ` (${s.end_reason}${s.end_error ? ": " + s.end_error : ""}, after ${duration(s.ended_ms - s.started_ms)})`] : s.status),
     ...meta("Rule", s.rule),
     ...meta("Authentication", `${start.auth_method ?? "?"}${start.client_key_fp ? " key " + start.client_key_fp : ""}; target key ${start.target_host_key_fp ?? "?"} (${start.target_host_key_trust ?? "?"})`),
     ...meta("Recording", `${start.recording ?? "?"}${start.capture_input ? ", typed lines captured" : ""}${s.sealed ? ", sealed to the tenant's reviewer key" : ""}`),
-    ...meta("Hash chain", el("span", { class: chain.signed ? "ok" : "muted", id: "chain" }, chainText)),
-    ...meta("Verification", [
+    ...meta("Hash chain", el("span", { class: chain.signed ? "ok" : "muted", id: "chain" }, s.node ? `${chain.chained} of ${chain.records} records chained in node ${s.node}'s chain (checked by rampart audit verify --fleet)` : chainText)),
+    // The verify button checks this node's own store, which does not hold another node's session.
+    ...(s.node ? [] : meta("Verification", [
       el("span", { class: "muted", id: "verify" }, "not checked in this view "),
       el("button", { type: "button", id: "verify-run", onclick: () => drawVerify(s) }, "Verify the audit chain"),
-    ]),
+    ])),
   );
-  if (s.status === "live") {
+  if (s.status === "live" && !s.node) {
     document.getElementById("meta").append(...meta("Live", el("a", { href: "/ui/live?id=" + encodeURIComponent(s.id) }, "watch this session live")));
   }
 }
@@ -161,20 +167,34 @@ async function seekTo(seq, i) {
   }
 }
 
+/// A recording that cannot be played says why instead of showing an empty player.
+function recordingError(v, e) {
+  v.el.replaceChildren();
+  v.el.classList.add("hidden");
+  if (e?.code === "recording_unverified") {
+    v.message.dataset.status = "unverified";
+    v.message.replaceChildren(el("p", { class: "error", role: "alert" },
+      "Not shown: the recording in the fleet's object store does not match its audit record (changed or damaged after it was uploaded). ",
+      el("span", { class: "muted" }, e.message)));
+  } else {
+    showError(v.message, e);
+  }
+}
+
 async function loadPlain(ch) {
   const v = views.get(ch.seq);
   try {
-    const r = await api(`/api/v1/sessions/${encodeURIComponent(id)}/channels/${ch.seq}/cast`);
+    const r = await api(`/api/v1/sessions/${encodeURIComponent(id)}/channels/${ch.seq}/cast${fleetQuery}`);
     await mountPlayer(ch.seq, await r.text());
   } catch (e) {
-    showError(v.message, e);
+    recordingError(v, e);
   }
 }
 
 async function loadSealed(ch) {
   const v = views.get(ch.seq);
   try {
-    const r = await api(`/api/v1/sessions/${encodeURIComponent(id)}/channels/${ch.seq}/blob`);
+    const r = await api(`/api/v1/sessions/${encodeURIComponent(id)}/channels/${ch.seq}/blob${fleetQuery}`);
     const bytes = new Uint8Array(await r.arrayBuffer());
     // The chained close record names the capture's sha256: a changed file is refused before decryption.
     const got = await sha256Hex(bytes);
@@ -184,7 +204,7 @@ async function loadSealed(ch) {
     const decoded = await decodeCapture(bytes, reviewerKey);
     await mountPlayer(ch.seq, toAsciicast(decoded, { session_id: id, channel_seq: ch.seq }));
   } catch (e) {
-    showError(v.message, e);
+    recordingError(v, e);
   }
 }
 
@@ -235,7 +255,7 @@ function drawChannels() {
 async function load() {
   await start("SSH session");
   try {
-    session = await api("/api/v1/sessions/" + encodeURIComponent(id));
+    session = await api("/api/v1/sessions/" + encodeURIComponent(id) + fleetQuery);
   } catch (e) {
     showError(status, e);
     return;

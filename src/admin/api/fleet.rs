@@ -269,6 +269,45 @@ pub(super) fn list_sessions(
     ))
 }
 
+/// `GET /api/v1/sessions/{id}?fleet=1`: a session of any node as the local call shows one, with its `node`,
+/// from the records the node shipped. Its recordings are checked when they are fetched (`recording`), so
+/// `intact` is not known here; a shipped log has no checkpoints, so `chain.signed` is false.
+pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
+    let a = access(ctx)?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(ApiError::not_found());
+    }
+    let id = id.to_owned();
+    let view = with_pg(a, |c| async move {
+        let s = crate::fleet::ssh_review::session(&c, &id)
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %format!("{e:#}"), "review UI: fleet session lookup");
+                ApiError::not_found()
+            })?;
+        let rows = s
+            .log
+            .session_rows(&s.session_id)
+            .map_err(ApiError::internal)?;
+        match rows.first() {
+            Some(r) if caller.account.sees(&r.keys.tenant) => {}
+            _ => return Err(ApiError::not_found()),
+        }
+        let mut view = super::sessions::session_view(&rows, &[], |_| None)?;
+        view.node = Some(s.node);
+        Ok(view)
+    })?;
+    ctx.svc.audit.emit(
+        AdminEvent::SessionRead,
+        &caller.actor(),
+        Some(&view.tenant),
+        Some(&view.id),
+        Some(caller.source),
+        serde_json::json!({ "node": view.node }),
+    );
+    Ok(json(StatusCode::OK, &view))
+}
+
 /// `GET /api/v1/sessions/{id}/channels/{ch}/cast|blob?fleet=1`: a recording of any node, from the object
 /// store, verified first; as the local call, a sealed one only as `blob` (opened in the page).
 pub(super) fn recording(

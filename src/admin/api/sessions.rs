@@ -236,15 +236,18 @@ struct ChainView {
 }
 
 #[derive(Serialize)]
-struct SessionView {
-    id: String,
-    tenant: String,
+pub(super) struct SessionView {
+    /// The node that recorded it, for a session read from the fleet (`?fleet=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) node: Option<String>,
+    pub(super) id: String,
+    pub(super) tenant: String,
     user: String,
     device: String,
     target: String,
     login: String,
     rule: String,
-    status: &'static str,
+    pub(super) status: &'static str,
     sealed: bool,
     started_ms: i64,
     ended_ms: Option<i64>,
@@ -278,8 +281,38 @@ fn scoped_rows(
 pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
     let cfg = ctx.config();
     let (log, rows) = scoped_rows(&cfg, caller, id)?;
+    let checkpoints = log.checkpoints().map_err(ApiError::internal)?;
+    let mut view = session_view(&rows, &checkpoints, |rec| {
+        rec.sha256.as_ref().map(|want| {
+            crate::audit::ssh_records::file_sha256(&cfg.gateway.state_dir.join(&rec.path))
+                .is_ok_and(|(got, _)| got == *want)
+        })
+    })?;
+    if ctx.svc.live.is_live(id) {
+        view.status = "live";
+    }
+    ctx.svc.audit.emit(
+        AdminEvent::SessionRead,
+        &caller.actor(),
+        Some(&view.tenant),
+        Some(id),
+        Some(caller.source),
+        serde_json::json!({}),
+    );
+    Ok(json(StatusCode::OK, &view))
+}
+
+/// One session's view from its rows (`rows` non-empty, in chain order) and the checkpoints of the chain they
+/// are in (this node's store; none for a node's records read from the fleet: `api::fleet`). `intact` checks a
+/// recording's bytes against the hash its close record names (`None`: cannot be checked here).
+pub(super) fn session_view(
+    rows: &[crate::audit::ssh_records::LogRow],
+    checkpoints: &[crate::audit::tables::chain::Checkpoint],
+    intact: impl Fn(&crate::audit::ssh_records::RecordingInfo) -> Option<bool>,
+) -> Result<SessionView, ApiError> {
     let k = rows[0].keys.clone();
     let mut view = SessionView {
+        node: None,
         id: k.session_id.clone(),
         tenant: k.tenant.clone(),
         user: k.user.clone(),
@@ -306,7 +339,7 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             last_checkpoint_ms: None,
         },
     };
-    for r in &rows {
+    for r in rows {
         // Login is known only after authentication; later records carry it.
         if view.login.is_empty() {
             view.login = r.keys.login.clone();
@@ -349,12 +382,7 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
                     ch.bytes_in = c.bytes_in;
                     ch.bytes_out = c.bytes_out;
                     ch.recording = c.recording.map(|rec| {
-                        let intact = rec.sha256.as_ref().map(|want| {
-                            crate::audit::ssh_records::file_sha256(
-                                &cfg.gateway.state_dir.join(&rec.path),
-                            )
-                            .is_ok_and(|(got, _)| got == *want)
-                        });
+                        let intact = intact(&rec);
                         RecordingView {
                             sealed: rec.format == RecordingFormat::SshLogCli,
                             format: rec.format,
@@ -406,9 +434,6 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             .find(|ch| Some(ch.seq) == cmd.channel)
             .and_then(|ch| ch.exit_status);
     }
-    if ctx.svc.live.is_live(id) {
-        view.status = "live";
-    }
     // Sealing is per recording and per text (a tenant may have got its reviewer key after this session).
     view.sealed = view
         .channels
@@ -420,25 +445,11 @@ pub(super) fn session_detail(ctx: &Ctx, caller: &Caller, id: &str) -> Result<Res
             .chain(view.files.iter())
             .any(|c| c.text.is_sealed());
     let last_seq = rows.iter().map(|r| r.seq).max().unwrap_or(0);
-    if let Some(cp) = log
-        .checkpoints()
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .rev()
-        .find(|cp| cp.seq >= last_seq)
-    {
+    if let Some(cp) = checkpoints.iter().rev().find(|cp| cp.seq >= last_seq) {
         view.chain.signed = view.chain.chained == view.chain.records;
         view.chain.last_checkpoint_ms = Some(cp.at_ms);
     }
-    ctx.svc.audit.emit(
-        AdminEvent::SessionRead,
-        &caller.actor(),
-        Some(&view.tenant),
-        Some(id),
-        Some(caller.source),
-        serde_json::json!({}),
-    );
-    Ok(json(StatusCode::OK, &view))
+    Ok(view)
 }
 
 pub(super) fn recording(
