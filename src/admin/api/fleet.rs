@@ -384,27 +384,18 @@ pub(super) fn recording(
         Ok((s.node, k.tenant, meta, rec, bytes))
     })?;
     let sealed = rec.info.format == crate::audit::ssh_records::RecordingFormat::SshLogCli;
-    let body = match (what, sealed) {
-        ("blob", true) => bytes.to_vec(),
-        ("blob", false) => {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                "this recording is not sealed; fetch its cast",
-            ))
-        }
-        (_, true) => {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                "this recording is sealed to the tenant's reviewer key; fetch its blob and open it in the page",
-            ))
-        }
-        (_, false) => {
+    let body = match super::sessions::recording_form(what, sealed)? {
+        super::sessions::Form::Blob => bytes.to_vec(),
+        super::sessions::Form::Cast => {
             let decoded =
                 review::decode_recording(&bytes, Path::new(&rec.object_key), &rec.info, None)
                     .map_err(ApiError::internal)?;
             let mut out = Vec::new();
             review::write_cast(&decoded, &meta, &mut out).map_err(|e| {
-                ApiError::new(ErrorCode::NotFound, format!("cannot show as a terminal: {e}"))
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("cannot show as a terminal: {e}"),
+                )
             })?;
             out
         }

@@ -475,21 +475,9 @@ pub(super) fn recording(
     };
     let sealed = info.format == RecordingFormat::SshLogCli;
     let path = cfg.gateway.state_dir.join(&info.path);
-    let body = match (what, sealed) {
-        ("blob", true) => std::fs::read(&path).map_err(ApiError::internal)?,
-        ("blob", false) => {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                "this recording is not sealed; fetch its cast",
-            ))
-        }
-        (_, true) => {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                "this recording is sealed to the tenant's reviewer key; fetch its blob and open it in the page",
-            ))
-        }
-        (_, false) => {
+    let body = match recording_form(what, sealed)? {
+        Form::Blob => std::fs::read(&path).map_err(ApiError::internal)?,
+        Form::Cast => {
             let decoded = review::load_recording(&cfg.gateway.state_dir, &info, None)
                 .map_err(ApiError::internal)?;
             let k = &rows[0].keys;
@@ -504,7 +492,10 @@ pub(super) fn recording(
             };
             let mut out = Vec::new();
             review::write_cast(&decoded, &meta, &mut out).map_err(|e| {
-                ApiError::new(ErrorCode::NotFound, format!("cannot show as a terminal: {e}"))
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("cannot show as a terminal: {e}"),
+                )
             })?;
             out
         }
@@ -518,6 +509,31 @@ pub(super) fn recording(
         serde_json::json!({ "channel": ch, "form": what }),
     );
     Ok(recording_response(what, gzip, body))
+}
+
+/// The form of a recording a request may have.
+pub(super) enum Form {
+    /// The sealed container, opened by the page with the reviewer key.
+    Blob,
+    /// A plain recording as asciicast.
+    Cast,
+}
+
+/// What `what` (`blob` or `cast`) gets of a recording: a sealed one only as its blob, a plain one only as its
+/// cast; the other asks are `not_found` with what to fetch instead.
+pub(super) fn recording_form(what: &str, sealed: bool) -> Result<Form, ApiError> {
+    match (what == "blob", sealed) {
+        (true, true) => Ok(Form::Blob),
+        (false, false) => Ok(Form::Cast),
+        (true, false) => Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this recording is not sealed; fetch its cast",
+        )),
+        (false, true) => Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this recording is sealed to the tenant's reviewer key; fetch its blob and open it in the page",
+        )),
+    }
 }
 
 /// A recording as `blob` (the sealed container) or `cast` (asciicast), gzip-encoded when the browser takes it.
