@@ -74,7 +74,7 @@ impl<'a> Params<'a> {
     }
 
     /// A numeric filter (`flow`, `id`).
-    fn number(&self, k: &str) -> Result<Option<i64>, ApiError> {
+    pub(super) fn number(&self, k: &str) -> Result<Option<i64>, ApiError> {
         self.get(k)
             .map(|v| {
                 v.parse::<i64>().map_err(|_| {
@@ -92,7 +92,10 @@ impl<'a> Params<'a> {
     }
 
     /// The caller's scope as a query filter; an explicit tenant outside it is `not_found`.
-    fn scope(&self, caller: &Caller) -> Result<(Option<String>, Option<Vec<String>>), ApiError> {
+    pub(super) fn scope(
+        &self,
+        caller: &Caller,
+    ) -> Result<(Option<String>, Option<Vec<String>>), ApiError> {
         let tenant = self.get("tenant");
         if tenant.as_ref().is_some_and(|t| !caller.account.sees(t)) {
             return Err(ApiError::new(

@@ -18,15 +18,12 @@ use serde::Serialize;
 
 use super::super::headers::{json, ApiError, ErrorCode, Resp};
 use super::super::web::{Caller, Ctx};
-use super::MAX_PAGE;
-use crate::admin::accounts::Scope;
+use crate::admin::trail::Params;
 use crate::audit::admin_records::AdminEvent;
 use crate::audit::review::ssh::{self as review, CastMeta, SessionFilter};
 use crate::fleet::objects::ObjectError;
 use crate::fleet::review::{FleetFlowFilter, FleetHttpFilter};
 use crate::fleet::ReviewAccess;
-
-const DEFAULT_PAGE: usize = 50;
 
 /// Whether a list call asks for the fleet (`fleet=1`, `fleet=true` or a bare `fleet`).
 pub(super) fn wanted(q: &[(String, String)]) -> bool {
@@ -71,69 +68,10 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// The query parameters a fleet list call takes, checked.
-struct Params<'a>(&'a [(String, String)]);
-
-impl Params<'_> {
-    fn new<'a>(q: &'a [(String, String)], allowed: &[&str]) -> Result<Params<'a>, ApiError> {
-        for (k, _) in q {
-            if k != "fleet" && !allowed.contains(&k.as_str()) {
-                return Err(ApiError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "unknown filter {k:?}; with fleet=1 this call takes {}",
-                        allowed.join(", ")
-                    ),
-                ));
-            }
-        }
-        Ok(Params(q))
-    }
-
-    fn get(&self, k: &str) -> Option<String> {
-        self.0
-            .iter()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.clone())
-    }
-
-    fn limit(&self) -> Result<usize, ApiError> {
-        match self.get("limit") {
-            Some(l) => l
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| {
-                    ApiError::new(ErrorCode::BadRequest, format!("limit is 1-{MAX_PAGE}"))
-                }),
-            None => Ok(DEFAULT_PAGE),
-        }
-    }
-
-    fn from(&self) -> Result<Option<i64>, ApiError> {
-        self.get("from")
-            .map(|v| {
-                crate::clock::parse_since(&v, crate::clock::unix_ms())
-                    .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("from: {e}")))
-            })
-            .transpose()
-    }
-
-    /// The caller's scope: an explicit tenant outside it is `not_found`.
-    fn scope(&self, caller: &Caller) -> Result<(Option<String>, Option<Vec<String>>), ApiError> {
-        let tenant = self.get("tenant");
-        if tenant.as_ref().is_some_and(|t| !caller.account.sees(t)) {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                "no such tenant (or not one of yours)",
-            ));
-        }
-        let tenant_in = match &caller.account.scope {
-            Scope::All => None,
-            Scope::Tenants(t) => Some(t.clone()),
-        };
-        Ok((tenant, tenant_in))
-    }
+/// The query parameters of a fleet list call: `allowed` and `fleet` itself.
+fn params<'a>(q: &'a [(String, String)], allowed: &[&str]) -> Result<Params<'a>, ApiError> {
+    let all: Vec<&str> = allowed.iter().copied().chain(["fleet"]).collect();
+    Params::new(q, &all)
 }
 
 #[derive(Serialize)]
@@ -149,7 +87,7 @@ pub(super) fn list_flows(
     caller: &Caller,
     q: &[(String, String)],
 ) -> Result<Resp, ApiError> {
-    let p = Params::new(q, &["node", "tenant", "user", "device", "from", "limit"])?;
+    let p = params(q, &["node", "tenant", "user", "device", "from", "limit"])?;
     let (tenant, tenant_in) = p.scope(caller)?;
     let f = FleetFlowFilter {
         node: p.get("node"),
@@ -157,7 +95,7 @@ pub(super) fn list_flows(
         tenant_in,
         user: p.get("user"),
         device: p.get("device"),
-        since_ms: p.from()?,
+        since_ms: p.time("from", crate::clock::unix_ms())?,
         limit: p.limit()?,
     };
     let items = with_pg(access(ctx)?, |c| async move {
@@ -180,24 +118,14 @@ pub(super) fn list_http(
     caller: &Caller,
     q: &[(String, String)],
 ) -> Result<Resp, ApiError> {
-    let p = Params::new(
+    let p = params(
         q,
         &[
             "node", "tenant", "user", "device", "host", "decision", "flow", "from", "limit",
         ],
     )?;
     let (tenant, tenant_in) = p.scope(caller)?;
-    let flow_id = p
-        .get("flow")
-        .map(|v| {
-            v.parse::<i64>().map_err(|_| {
-                ApiError::new(
-                    ErrorCode::BadRequest,
-                    format!("flow: {v:?} is not a number"),
-                )
-            })
-        })
-        .transpose()?;
+    let flow_id = p.number("flow")?;
     let f = FleetHttpFilter {
         node: p.get("node"),
         tenant,
@@ -207,7 +135,7 @@ pub(super) fn list_http(
         host: p.get("host"),
         decision: p.get("decision"),
         flow_id,
-        since_ms: p.from()?,
+        since_ms: p.time("from", crate::clock::unix_ms())?,
         limit: p.limit()?,
     };
     let items = with_pg(access(ctx)?, |c| async move {
@@ -230,7 +158,7 @@ pub(super) fn list_sessions(
     caller: &Caller,
     q: &[(String, String)],
 ) -> Result<Resp, ApiError> {
-    let p = Params::new(
+    let p = params(
         q,
         &[
             "node", "tenant", "user", "device", "target", "from", "limit",
@@ -242,7 +170,7 @@ pub(super) fn list_sessions(
         tenant,
         user: p.get("user"),
         target: p.get("target"),
-        since_ms: p.from()?,
+        since_ms: p.time("from", crate::clock::unix_ms())?,
         limit: usize::MAX,
     };
     let all = with_pg(access(ctx)?, |c| async move {
