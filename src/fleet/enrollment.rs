@@ -32,6 +32,14 @@ use crate::enroll::api::DeviceState;
 use crate::enroll::secret::{PublicId, SecretHash};
 use crate::enroll::store::{DeviceRow, TokenRow};
 
+/// Takes one use of token `$1` if it is still valid at `$2`: the check and the count are one statement, so two
+/// nodes can never both take the last use.
+const TAKE_USE: &str = "UPDATE fleet_tokens SET used = used + 1, last_used_at = $2
+     WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2
+       AND (max_uses IS NULL OR used < max_uses)
+       AND (locked_until IS NULL OR locked_until <= $2)
+     RETURNING used";
+
 /// A node's handle on the shared enrollment tables (cheap to clone; connects per call).
 #[derive(Debug, Clone)]
 pub struct SharedEnrollment {
@@ -197,16 +205,9 @@ impl SharedEnrollment {
     /// so two nodes can never both take the last use.
     pub fn consume_token(&self, id: &PublicId, now: i64) -> anyhow::Result<bool> {
         self.call(async |c| {
-            Ok(c.query_opt(
-                "UPDATE fleet_tokens SET used = used + 1, last_used_at = $2
-                 WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2
-                   AND (max_uses IS NULL OR used < max_uses)
-                   AND (locked_until IS NULL OR locked_until <= $2)
-                 RETURNING used",
-                &[&id.as_str(), &now],
-            )
-            .await?
-            .is_some())
+            Ok(c.query_opt(TAKE_USE, &[&id.as_str(), &now])
+                .await?
+                .is_some())
         })
     }
 
@@ -248,16 +249,7 @@ impl SharedEnrollment {
             let Some(d) = build(*address, &names) else {
                 return Ok(Placed::NoName);
             };
-            let spent = tx
-                .query_opt(
-                    "UPDATE fleet_tokens SET used = used + 1, last_used_at = $2
-                     WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2
-                       AND (max_uses IS NULL OR used < max_uses)
-                       AND (locked_until IS NULL OR locked_until <= $2)
-                     RETURNING used",
-                    &[&token.as_str(), &now],
-                )
-                .await?;
+            let spent = tx.query_opt(TAKE_USE, &[&token.as_str(), &now]).await?;
             if spent.is_none() {
                 return Ok(Placed::TokenSpent);
             }
