@@ -318,14 +318,7 @@ pub(super) fn recording(
             let decoded =
                 review::decode_recording(&bytes, Path::new(&rec.object_key), &rec.info, None)
                     .map_err(ApiError::internal)?;
-            let mut out = Vec::new();
-            review::write_cast(&decoded, &meta, &mut out).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("cannot show as a terminal: {e}"),
-                )
-            })?;
-            out
+            super::sessions::cast_bytes(&decoded, &meta)?
         }
     };
     ctx.svc.audit.emit(

@@ -490,14 +490,7 @@ pub(super) fn recording(
                 login: k.login.clone(),
                 command: None,
             };
-            let mut out = Vec::new();
-            review::write_cast(&decoded, &meta, &mut out).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("cannot show as a terminal: {e}"),
-                )
-            })?;
-            out
+            cast_bytes(&decoded, &meta)?
         }
     };
     ctx.svc.audit.emit(
@@ -509,6 +502,21 @@ pub(super) fn recording(
         serde_json::json!({ "channel": ch, "form": what }),
     );
     Ok(recording_response(what, gzip, body))
+}
+
+/// A decoded recording as asciicast bytes; one that cannot be shown as a terminal is `not_found`, saying why.
+pub(super) fn cast_bytes(
+    decoded: &crate::audit::capture::DecodedCapture,
+    meta: &CastMeta,
+) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::new();
+    review::write_cast(decoded, meta, &mut out).map_err(|e| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("cannot show as a terminal: {e}"),
+        )
+    })?;
+    Ok(out)
 }
 
 /// The form of a recording a request may have.
